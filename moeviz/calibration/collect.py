@@ -1,0 +1,159 @@
+"""One streaming calibration pass: route the calibration tokens through the model once and
+accumulate `CalibrationStats`. No activation is stored, so memory does not grow with the number
+of tokens (except the per-token routing record, capped at `record_tokens`).
+
+How: on a structural copy of the model (the base is never touched), each router gets a forward hook
+that keeps its logits, and each experts module's forward is replaced by moeviz's reference experts
+loop (`experts_forward`) with an observer, so each expert's inputs and intermediate activations are
+summarised while they are computed, at no extra matmul.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from moeviz.calibration.stats import CalibrationStats, LayerStats
+from moeviz.data import TokenSamples
+from moeviz.models.experts import experts_forward
+from moeviz.models.layers import MoELayer, find_moe_layers
+from moeviz.models.loading import LoadedModel
+from moeviz.models.routing import full_distribution
+from moeviz.models.views import structural_copy
+
+ProgressFn = Callable[[int, int], None]
+
+
+class _LayerCollector:
+    """Accumulators for one MoE layer (float64 on the model's device, so sums stay exact enough
+    for brute-force comparison)."""
+
+    def __init__(self, layer: MoELayer, n_domains: int, bins: int, record_cap: int, device):
+        E, H, I, k = layer.num_experts, layer.hidden_size, layer.intermediate_size, layer.top_k
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.layer, self.bins, self.record_cap = layer, bins, record_cap
+        self.kind = layer.adapter.distribution
+        self.routed, self.top1, self.prob_sum, self.gate_sum, self.gate_out = z(E), z(E), z(E), z(E), z(E)
+        self.in_sq, self.in_sq_w, self.down_sq, self.down_sq_w = z(E, H), z(E, H), z(E, I), z(E, I)
+        self.coact, self.domain, self.hist = z(E, E), z(n_domains, E), z(E, bins)
+        self.rec_topk: list[torch.Tensor] = []
+        self.rec_probs: list[torch.Tensor] = []
+        self.n_recorded = 0
+        self.logits: torch.Tensor | None = None
+        self.token_domain: torch.Tensor | None = None  # [T] set before each batch
+
+    # -- router hook: remember this batch's logits [T, E]
+    def router_hook(self, module, args, output):
+        self.logits = output[0].detach().reshape(-1, self.layer.num_experts)
+
+    # -- replacement for experts.forward
+    def experts_forward(self, hidden_states, top_k_index, top_k_weights):
+        E = self.layer.num_experts
+        probs = full_distribution(self.logits, self.kind)  # [T, E], rows sum to 1
+        self.prob_sum += probs.sum(0)
+        # Histogram: bin b of expert e counts tokens with b/B <= p < (b+1)/B; flat index e*B + b.
+        b = (probs * self.bins).long().clamp_(max=self.bins - 1)
+        flat = (torch.arange(E, device=b.device) * self.bins + b).reshape(-1)
+        self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+
+        valid = top_k_index < E  # some routers mark empty slots with an out-of-range id
+        onehot = torch.zeros(probs.shape, dtype=torch.float64, device=probs.device)  # [T, E]
+        onehot.scatter_add_(1, top_k_index.clamp(max=E - 1), valid.double())
+        self.routed += onehot.sum(0)
+        top1 = top_k_index.gather(1, top_k_weights.argmax(dim=1, keepdim=True)).squeeze(1)
+        self.top1 += torch.bincount(top1, minlength=E)[:E].double()
+        self.coact += onehot.T @ onehot
+        self.domain.index_add_(0, self.token_domain.to(onehot.device), onehot)
+
+        room = self.record_cap - self.n_recorded
+        if room > 0:
+            self.rec_topk.append(top_k_index[:room].detach().cpu())
+            self.rec_probs.append(probs[:room].detach().float().cpu())
+            self.n_recorded += min(room, top_k_index.shape[0])
+        return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights, observer=self.observe)
+
+    def observe(self, e, token_idx, gate, x, h, y):
+        g2 = gate.detach().double().pow(2)  # [n]
+        x2 = x.detach().double().pow(2)  # [n, H]
+        h2 = h.detach().double().pow(2)  # [n, I]
+        self.in_sq[e] += x2.sum(0)
+        self.in_sq_w[e] += g2 @ x2
+        self.down_sq[e] += h2.sum(0)
+        self.down_sq_w[e] += g2 @ h2
+        self.gate_sum[e] += gate.detach().double().sum()
+        self.gate_out[e] += (gate.detach().double() * y.detach().double().norm(dim=1)).sum()
+
+    def result(self) -> LayerStats:
+        l = self.layer
+        k, E = l.top_k, l.num_experts
+        cpu = lambda t: t.cpu()  # noqa: E731
+        return LayerStats(
+            layer=l.index, path=l.path, num_experts=E, top_k=k,
+            routed_counts=cpu(self.routed), top1_counts=cpu(self.top1), prob_sum=cpu(self.prob_sum),
+            gate_sum=cpu(self.gate_sum), gate_output_norm=cpu(self.gate_out),
+            input_sq=cpu(self.in_sq), input_sq_weighted=cpu(self.in_sq_w),
+            down_sq=cpu(self.down_sq), down_sq_weighted=cpu(self.down_sq_w),
+            coactivation=cpu(self.coact), domain_counts=cpu(self.domain), prob_hist=cpu(self.hist),
+            record_topk=torch.cat(self.rec_topk) if self.rec_topk else torch.zeros(0, k, dtype=torch.long),
+            record_probs=torch.cat(self.rec_probs) if self.rec_probs else torch.zeros(0, E),
+        )
+
+
+@torch.no_grad()
+def calibrate(
+    loaded: LoadedModel,
+    samples: TokenSamples,
+    batch_size: int = 8,
+    hist_bins: int = 20,
+    record_tokens: int = 4096,
+    progress: ProgressFn | None = None,
+) -> CalibrationStats:
+    """Run the calibration pass over `samples` and return its statistics.
+
+    progress(done_samples, total_samples) is called after every batch.
+    """
+    start = time.perf_counter()
+    view = structural_copy(loaded.model)
+    layers = find_moe_layers(view, loaded.info.model_type)
+    device = loaded.device
+    domains = samples.domain_index()
+    collectors = [_LayerCollector(l, len(samples.domain_names), hist_bins, record_tokens, device) for l in layers]
+    for c in collectors:
+        c.layer.router.register_forward_hook(c.router_hook)
+        c.layer.experts.forward = c.experts_forward  # instance attribute: only this copy is instrumented
+
+    n = samples.n_samples
+    rec_ids, rec_dom = [], []
+    n_rec = 0
+    for start_i in range(0, n, batch_size):
+        ids = samples.input_ids[start_i:start_i + batch_size]  # [B, S]
+        # Domain of each flattened token [B*S], in the order the MoE blocks see them.
+        token_domain = domains[start_i:start_i + batch_size].repeat_interleave(samples.seq_len)
+        for c in collectors:
+            c.token_domain = token_domain
+        view(input_ids=ids.to(device), use_cache=False)
+        if n_rec < record_tokens:
+            take = ids.reshape(-1)[: record_tokens - n_rec]
+            rec_ids.append(take)
+            rec_dom.append(token_domain[: take.numel()])
+            n_rec += take.numel()
+        if progress is not None:
+            progress(min(start_i + batch_size, n), n)
+
+    settings = dict(batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
+                    n_samples=n, seq_len=samples.seq_len, seed=samples.seed)
+    return CalibrationStats(
+        model_fingerprint=loaded.fingerprint,
+        data_fingerprint=samples.fingerprint,
+        settings=settings,
+        n_tokens=samples.n_tokens,
+        domain_names=list(samples.domain_names),
+        domain_tokens=[int((domains == i).sum()) * samples.seq_len for i in range(len(samples.domain_names))],
+        hist_bins=hist_bins,
+        seconds=time.perf_counter() - start,
+        layers=[c.result() for c in collectors],
+        record_token_ids=torch.cat(rec_ids) if rec_ids else torch.zeros(0, dtype=torch.long),
+        record_domains=torch.cat(rec_dom) if rec_dom else torch.zeros(0, dtype=torch.long),
+    )

@@ -1,0 +1,79 @@
+"""A reference forward for fused experts modules that can be observed and altered per expert.
+
+It performs the same operations, in the same order, as transformers' eager experts loop (Mixtral,
+Qwen, OLMoE, DeepSeek-V3, GraniteMoE, PhiMoE and GPT-OSS alike), using the module's own layout flags
+(`is_transposed`, `has_bias`, `has_gate`) and gating (`_apply_gate`, which knows GPT-OSS's clamped,
+interleaved SwiGLU). Calibration uses it to see each expert's inputs, intermediate activations and
+outputs in the same pass that computes them, so collecting statistics costs no extra matmuls.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+
+class ExpertObserver(Protocol):
+    def __call__(
+        self,
+        expert: int,
+        token_idx: torch.Tensor,  # [n] rows of hidden_states routed to this expert
+        gate: torch.Tensor,  # [n] this expert's routing weight for each of those tokens
+        x: torch.Tensor,  # [n, H] expert input
+        h: torch.Tensor,  # [n, I] input of the down projection, act(gate) * up
+        y: torch.Tensor,  # [n, H] expert output before the routing weight
+    ) -> None: ...
+
+
+def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    out = x @ w if transposed else nn.functional.linear(x, w)
+    return out + b if b is not None else out
+
+
+def _gated(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:
+    if getattr(experts, "has_gate", True):
+        return experts._apply_gate(proj)
+    return experts.act_fn(proj)
+
+
+def experts_forward(
+    experts: nn.Module,
+    hidden_states: torch.Tensor,  # [T, H]
+    top_k_index: torch.Tensor,  # [T, k]
+    top_k_weights: torch.Tensor,  # [T, k]
+    observer: ExpertObserver | None = None,
+    input_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Eager MoE expert computation; `observer` sees every expert's tensors, `input_transform(e, x)`
+    may replace an expert's input (used for activation fake-quantization)."""
+    has_gate = getattr(experts, "has_gate", True)
+    has_bias = getattr(experts, "has_bias", False)
+    transposed = getattr(experts, "is_transposed", False)
+    w_in = experts.gate_up_proj if has_gate else experts.up_proj
+    b_in = (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias) if has_bias else None
+    b_out = experts.down_proj_bias if has_bias else None
+    num_experts = w_in.shape[0]
+
+    final = torch.zeros_like(hidden_states)
+    with torch.no_grad():
+        # [T, k] -> one-hot [T, k, E+1] -> [E+1, k, T]: which (slot, token) pairs each expert serves.
+        # Index E catches sentinel ids some routers use for "no expert".
+        expert_mask = nn.functional.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
+        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in expert_hit:
+        e = int(expert_idx[0])
+        if e == num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(expert_mask[e])
+        x = hidden_states[token_idx]
+        if input_transform is not None:
+            x = input_transform(e, x)
+        h = _gated(experts, _project(x, w_in[e], b_in[e] if b_in is not None else None, transposed))
+        y = _project(h, experts.down_proj[e], b_out[e] if b_out is not None else None, transposed)
+        gate = top_k_weights[token_idx, top_k_pos]
+        if observer is not None:
+            observer(e, token_idx, gate, x, h, y)
+        final.index_add_(0, token_idx, (y * gate[:, None]).to(final.dtype))
+    return final

@@ -1,0 +1,267 @@
+"""Load a Hugging Face MoE causal LM (local folder or hub id) safely, with clear errors.
+
+Checks happen before any weight is read: the source exists, has a config, ships safetensors, has MoE
+layers (found on a meta-device copy built from the config), and fits in the memory available.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moeviz.errors import InsufficientMemoryError, ModelSourceError
+from moeviz.models.layers import MoELayer, find_moe_layers, require_moe_layers
+from moeviz.models.memory import DTYPE_BYTES, available_bytes, human_bytes
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "sample_data" / "demo-moe"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Headroom for activations, the compressed copies of touched tensors and the rest of the process.
+MEMORY_HEADROOM = 1.3
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class ModelInfo:
+    """JSON-serialisable summary of a loaded model."""
+
+    source: str
+    architecture: str
+    model_type: str
+    dtype: str
+    device: str
+    num_parameters: int
+    num_layers: int
+    num_moe_layers: int
+    num_experts: int
+    top_k: int
+    family: str
+    routing_rule: str
+    fingerprint: str
+    expert_parameters: int = 0
+    layers: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and the description of its MoE layers. The model is in eval mode with
+    gradients off and is treated as read-only: compression works on copies of the tensors it touches."""
+
+    model: nn.Module
+    tokenizer: object
+    layers: list[MoELayer]
+    info: ModelInfo
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info.fingerprint
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ModelSourceError(f"unsupported dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_source(source: str | os.PathLike | None) -> tuple[str, Path | None]:
+    """(source string, local folder or None for a hub id). Raises ModelSourceError with what was found."""
+    if source is None or str(source).strip() in ("", "demo"):
+        source = DEMO_MODEL_DIR
+    text = str(source).strip()
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            found = sorted(p.name for p in path.iterdir())[:8]
+            raise ModelSourceError(
+                f"folder {path} has no config.json (found: {', '.join(found) or 'nothing'}); "
+                "point to a Hugging Face model folder saved with save_pretrained"
+            )
+        weights = list(path.glob("*.safetensors"))
+        if not weights:
+            pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+            what = f"only pickle weights ({', '.join(pickled[:3])})" if pickled else "no weight files"
+            raise ModelSourceError(
+                f"folder {path} has {what}; moeviz loads weights from safetensors only "
+                "(re-save the model with save_pretrained(..., safe_serialization=True))"
+            )
+        return str(path), path
+    if path.exists():
+        raise ModelSourceError(f"{path} is a file, not a model folder; pass the folder that holds config.json")
+    if _HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        return text, None
+    raise ModelSourceError(
+        f"model folder {path} does not exist, and {text!r} is not a Hugging Face hub id (owner/name)"
+    )
+
+
+def _load_config(source: str, local: Path | None, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise ModelSourceError(
+                f"{source} needs custom code from its repository; moeviz runs it only if you turn on "
+                "trust_remote_code (only do so for repositories you trust)"
+            ) from e
+        raise ModelSourceError(f"cannot read the config of {source}: {e}") from e
+    except OSError as e:
+        if local is None:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or "connect" in str(
+                e
+            ).lower()
+            why = "the Hugging Face Hub is not reachable (offline?)" if offline else str(e).splitlines()[0]
+            raise ModelSourceError(
+                f"cannot load hub model {source!r}: {why}. Download it where there is network "
+                f"(`huggingface-cli download {source} --local-dir DIR`) and pass the folder instead"
+            ) from e
+        raise ModelSourceError(f"cannot read the config in {local}: {e}") from e
+
+
+def weight_dtype(config, dtype: torch.dtype | str) -> torch.dtype:
+    """The dtype weights will have once loaded ('auto' = the checkpoint's dtype)."""
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        if isinstance(dtype, str):
+            dtype = DTYPES.get(dtype, torch.float32)
+    return dtype
+
+
+def check_memory(num_parameters: int, config, dtype, device: str, device_map) -> int:
+    """Bytes the weights need in `dtype`; InsufficientMemoryError if that (with headroom) won't fit."""
+    need = num_parameters * DTYPE_BYTES.get(weight_dtype(config, dtype), 4)
+    if device_map == "auto":
+        have = available_bytes("cpu") + sum(available_bytes(f"cuda:{i}") for i in range(torch.cuda.device_count()))
+        where = "all devices (device_map='auto')"
+    else:
+        have = available_bytes(device)
+        where = str(device)
+    if need * MEMORY_HEADROOM > have:
+        name = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        raise InsufficientMemoryError(
+            f"{name} needs about {human_bytes(need)} for its weights (plus {int((MEMORY_HEADROOM - 1) * 100)}% "
+            f"headroom) but only {human_bytes(have)} is available on {where}. Pick a smaller model, "
+            "a 16-bit dtype, or spread it over GPUs with device_map='auto'."
+        )
+    return need
+
+
+def fingerprint_folder(folder: Path) -> str:
+    """Content identity of a model folder: config + every safetensors file (full hash when small,
+    header + size when large, so fingerprinting a 100 GB model stays instant)."""
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in sorted(folder.glob("*.safetensors")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            if size <= 64 * 2**20:
+                h.update(fh.read())
+            else:
+                header_len = int.from_bytes(fh.read(8), "little")
+                h.update(fh.read(header_len))
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(source: str, local: Path | None, config) -> str:
+    if local is not None:
+        return fingerprint_folder(local)
+    commit = getattr(config, "_commit_hash", None) or ""
+    return hashlib.sha256(f"{source}@{commit}".encode()).hexdigest()[:16]
+
+
+def load_model(
+    source: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str = "cpu",
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+    check_memory_first: bool = True,
+) -> LoadedModel:
+    """Load an MoE causal LM and its tokenizer.
+
+    source: a local folder, a hub id ("owner/name"), or None / "demo" for the bundled demo model.
+    dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
+    device: where to put the whole model; `device_map="auto"` instead spreads it with accelerate.
+    trust_remote_code: off by default; turn on only for repositories you trust.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, local = resolve_source(source)
+    torch_dtype = resolve_dtype(dtype)
+    config = _load_config(source, local, trust_remote_code)
+    architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+
+    # Refuse non-MoE models, and models too large, before reading any weight: inspect a weightless
+    # copy built on the meta device.
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise ModelSourceError(f"{architecture} ({config.model_type}) is not a causal LM transformers can build: {e}")
+    require_moe_layers(skeleton)
+    num_parameters = sum(p.numel() for p in skeleton.parameters())
+    del skeleton
+    if check_memory_first:
+        check_memory(num_parameters, config, torch_dtype, device, device_map)
+
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelSourceError(f"cannot load {source}: {str(e).splitlines()[0]}") from e
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    layers = require_moe_layers(model)
+    first = layers[0]
+    info = ModelInfo(
+        source=source,
+        architecture=type(model).__name__,
+        model_type=config.model_type,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        device=str(next(model.parameters()).device),
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        num_layers=int(getattr(config, "num_hidden_layers", len(layers))),
+        num_moe_layers=len(layers),
+        num_experts=first.num_experts,
+        top_k=first.top_k,
+        family=first.adapter.name,
+        routing_rule=first.routing_rule,
+        fingerprint=_fingerprint(source, local, config),
+        expert_parameters=sum(l.experts.gate_up_proj.numel() if l.has_gate else l.experts.up_proj.numel()
+                              for l in layers) + sum(l.experts.down_proj.numel() for l in layers),
+        layers=[l.to_dict() for l in layers],
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, layers=layers, info=info)
+
+
+def describe_model(model: nn.Module) -> list[MoELayer]:
+    """The MoE layers of an already-built model (e.g. one you constructed yourself)."""
+    return require_moe_layers(model)
+
+
+__all__ = ["LoadedModel", "ModelInfo", "load_model", "describe_model", "find_moe_layers", "DEMO_MODEL_DIR"]

@@ -1,0 +1,101 @@
+"""How a router turns logits into top-k expert choices, as pure functions.
+
+Every function takes `logits` of shape [T, E] (T tokens, E experts) and returns
+`(weights [T, k], indices [T, k])`, mirroring the family's own router module so that moeviz can
+re-route tokens when experts are removed (`allowed`: a bool mask [E], False for removed experts,
+which can then never be chosen) and compute the full router distribution for drift metrics.
+
+The family adapters in `moeviz.models.adapters` pick one of these and are tested to reproduce the
+transformers router modules exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _mask_logits(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    if allowed is None:
+        return logits
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+def softmax_then_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    normalize: bool,
+    allowed: torch.Tensor | None = None,
+    cast_back: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral, Qwen2/3-MoE, OLMoE: softmax over all experts, keep the k largest, optionally renormalise.
+
+    `cast_back`: Qwen/OLMoE cast the weights back to the logits' dtype; Mixtral keeps float32.
+    """
+    probs = F.softmax(_mask_logits(logits, allowed), dim=-1, dtype=torch.float)
+    weights, indices = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if cast_back:
+        weights = weights.to(logits.dtype)
+    return weights, indices
+
+
+def topk_then_softmax(
+    logits: torch.Tensor, top_k: int, allowed: torch.Tensor | None = None, weights_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GraniteMoE, GPT-OSS: keep the k largest logits, softmax over those k only."""
+    top_logits, indices = torch.topk(_mask_logits(logits, allowed), top_k, dim=-1)
+    weights = F.softmax(top_logits, dim=-1, dtype=top_logits.dtype)
+    if weights_dtype is not None:
+        weights = weights.to(weights_dtype)
+    return weights, indices
+
+
+def sigmoid_group_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    correction_bias: torch.Tensor | None,
+    normalize: bool,
+    scaling: float,
+    allowed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3: sigmoid scores, choose among the best `topk_group` of `n_group` expert groups.
+
+    Selection uses scores + correction bias; the returned weights are the plain sigmoid scores of the
+    chosen experts, optionally renormalised, times `routed_scaling_factor`.
+    """
+    T, E = logits.shape
+    scores = logits.sigmoid()
+    choice = scores if correction_bias is None else scores + correction_bias
+    choice = _mask_logits(choice, allowed)
+    # [T, E] -> [T, n_group, E/n_group]; a group's score is the sum of its two best experts.
+    grouped = choice.view(T, n_group, E // n_group)
+    group_scores = grouped.topk(min(2, E // n_group), dim=-1)[0].sum(dim=-1)  # [T, n_group]
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+    indices = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if normalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, indices
+
+
+def full_distribution(logits: torch.Tensor, kind: str, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """The router's full probability distribution over experts, [T, E] float32, rows summing to 1.
+
+    `kind="softmax"`: softmax of the logits (softmax and top-k-softmax routers alike).
+    `kind="sigmoid"`: sigmoid scores normalised to sum to 1 (DeepSeek-V3), so that routing drift
+    (KL divergence) and probability histograms mean the same thing for every family.
+    """
+    logits = _mask_logits(logits.float(), allowed)
+    if kind == "softmax":
+        return F.softmax(logits, dim=-1)
+    if kind == "sigmoid":
+        scores = logits.sigmoid()
+        return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    raise ValueError(f"unknown router distribution kind {kind!r}; expected 'softmax' or 'sigmoid'")
