@@ -1,0 +1,187 @@
+"""Keep-masks from importance scores: unstructured per-row and semi-structured N:M.
+
+All masks are boolean, ``True`` = keep, same shape as the scores ``[..., out, in]``. Leading dims
+batch independent matrices (e.g. all experts of a layer, ``[E, out, in]``); every function works
+row by row, so batching never mixes experts.
+
+Ordering rule (shared by every function here, so results are reproducible and testable): entries of
+a row are ranked by ``(score, column index)`` ascending, and the lowest-ranked ones are pruned. With
+equal scores (e.g. an all-zero row) the entry with the *smaller column index* is pruned first. The
+number pruned is therefore always exact, whatever the ties.
+
+Per-row count: ``k = round(sparsity * in)`` with round-half-to-even (Python's ``round``, which is
+also ``torch.round``), computed in float64.
+
+Scores must not contain NaN (NaN has no place in an ordering); this is checked.
+
+Speed (why three entry points): selecting the k-th value of each row (``torch.kthvalue``) is about
+an order of magnitude slower than one elementwise pass over the weights on CPU, because every
+row does its own small quickselect. The UI changes sparsity far more often than scores, so
+:func:`row_ranks` pays for one stable sort per score tensor, and :func:`mask_from_ranks` turns the
+cached ranks into a mask at any sparsity with a single comparison (cheaper than ``abs(W)``, since it
+reads int16 and writes bool). :func:`unstructured_row_mask` is the one-shot path
+(kthvalue + exact tie fix-up), which is faster than a full sort when the scores are used once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .allocation import validate_ratio
+
+def _check_scores(scores: torch.Tensor) -> None:
+    if scores.dim() < 2:
+        raise ValueError(f"scores must be at least 2-D [..., out, in], got shape {tuple(scores.shape)}")
+    if scores.is_floating_point() and bool(torch.isnan(scores).any()):
+        raise ValueError("scores contain NaN; cannot rank them")
+
+
+def prune_counts(sparsity: float | torch.Tensor, in_features: int, lead_shape: tuple[int, ...]) -> torch.Tensor:
+    """Number of entries to prune per row, ``round(sparsity * in)``, as int64.
+
+    ``sparsity`` is a float (same for every matrix) or a tensor of shape ``lead_shape`` (e.g. one
+    ratio per expert, ``[E]``). Returns shape ``lead_shape`` (``[]`` for a float). Each ratio must
+    lie in [0, 1).
+    """
+    if isinstance(sparsity, torch.Tensor):
+        if tuple(sparsity.shape) != tuple(lead_shape):
+            raise ValueError(
+                f"per-matrix sparsity must have the scores' leading shape {tuple(lead_shape)}, "
+                f"got {tuple(sparsity.shape)}"
+            )
+        s = sparsity.detach().to(dtype=torch.float64, device="cpu")
+        if s.numel():
+            bad = s[(s < 0) | (s >= 1) | torch.isnan(s)]
+            if bad.numel():
+                validate_ratio(float(bad[0]), "sparsity")  # raises with the offending value
+        return torch.round(s * in_features).to(torch.int64)
+    validate_ratio(sparsity, "sparsity")
+    return torch.tensor(round(float(sparsity) * in_features), dtype=torch.int64)
+
+
+def _row_mask_fixed_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask pruning exactly ``k`` entries of every row of ``scores`` ([rows..., in])."""
+    n = scores.shape[-1]
+    if k <= 0:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    # v = k-th smallest score of each row: [..., out, 1]. Everything strictly above v is kept.
+    v = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    keep = scores > v
+    # Without ties at v exactly n - k entries survive. Rows with ties at v prune too many: there we
+    # prune only the `need` lowest-index entries equal to v and keep the rest of them.
+    kept = keep.sum(dim=-1, dtype=torch.int32)
+    bad = kept != (n - k)
+    if bool(bad.any()):
+        rows_v = v[bad]  # [R, 1]
+        rows_s = scores[bad]  # [R, in]
+        eq = rows_s == rows_v
+        need = k - (rows_s < rows_v).sum(dim=-1, keepdim=True)  # ties to prune per row, >= 1
+        # cumsum counts equal entries from the left, so the first `need` of them are pruned.
+        keep_eq = eq & (torch.cumsum(eq, dim=-1) > need)
+        keep[bad] = keep[bad] | keep_eq
+    return keep
+
+
+def unstructured_row_mask(scores: torch.Tensor, sparsity: float | torch.Tensor) -> torch.Tensor:
+    """Prune exactly ``round(sparsity * in)`` lowest-score entries in every row.
+
+    Args:
+        scores: ``[..., out, in]`` importance scores.
+        sparsity: a ratio in [0, 1), or a tensor of shape ``scores.shape[:-2]`` with one ratio per
+            matrix (e.g. per expert ``[E]`` for scores ``[E, out, in]``).
+
+    Returns: bool keep-mask, shape of ``scores``.
+    """
+    _check_scores(scores)
+    k = prune_counts(sparsity, scores.shape[-1], tuple(scores.shape[:-2]))
+    if k.dim() == 0:
+        return _row_mask_fixed_k(scores, int(k))
+    # Per-matrix counts: kthvalue takes one k per call, so run once per distinct k (experts sharing
+    # a ratio are done together). [..., out, in] -> [B, out, in], k [...] -> [B].
+    flat = scores.reshape(-1, *scores.shape[-2:])
+    k_flat = k.reshape(-1)
+    keep = torch.empty(flat.shape, dtype=torch.bool, device=scores.device)
+    for kv in torch.unique(k_flat).tolist():
+        idx = (k_flat == kv).nonzero().squeeze(1).to(scores.device)
+        keep[idx] = _row_mask_fixed_k(flat[idx], int(kv))
+    return keep.reshape(scores.shape)
+
+
+def row_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """Rank of every entry within its row: 0 = pruned first, by ``(score, column index)``.
+
+    Shape of ``scores``; int16 when ``in <= 32767`` (half the memory of int32, and the comparison
+    in :func:`mask_from_ranks` is cheaper), else int32. Cache this per score tensor and call
+    :func:`mask_from_ranks` for each new sparsity.
+    """
+    _check_scores(scores)
+    n = scores.shape[-1]
+    dtype = torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32
+    # A stable sort orders equal scores by column index, which is exactly the tie rule.
+    order = torch.sort(scores, dim=-1, stable=True).indices  # [..., out, in]: column at each rank
+    ranks = torch.empty(scores.shape, dtype=dtype, device=scores.device)
+    # Invert the permutation: ranks[..., order[r]] = r.
+    ar = torch.arange(n, dtype=dtype, device=scores.device).expand(scores.shape)
+    return ranks.scatter_(-1, order, ar)
+
+
+def mask_from_ranks(ranks: torch.Tensor, sparsity: float | torch.Tensor) -> torch.Tensor:
+    """Keep-mask from :func:`row_ranks` output; identical to :func:`unstructured_row_mask`.
+
+    ``sparsity`` as in :func:`unstructured_row_mask`. One elementwise comparison.
+    """
+    if ranks.dim() < 2:
+        raise ValueError(f"ranks must be at least 2-D [..., out, in], got shape {tuple(ranks.shape)}")
+    k = prune_counts(sparsity, ranks.shape[-1], tuple(ranks.shape[:-2]))
+    if k.dim() == 0:
+        return ranks >= int(k)
+    # [...] -> [..., 1, 1] so each matrix compares against its own count.
+    return ranks >= k.to(device=ranks.device, dtype=ranks.dtype)[..., None, None]
+
+
+def _parse_nm(n: int, m: int, in_features: int) -> None:
+    if not (isinstance(n, int) and isinstance(m, int)) or isinstance(n, bool) or isinstance(m, bool):
+        raise ValueError(f"N:M needs integer n and m, got n={n!r}, m={m!r}")
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < n < m (n = entries pruned per group of m), got n={n}, m={m}")
+    if in_features % m != 0:
+        raise ValueError(
+            f"N:M with m={m} needs the input dimension to be divisible by m, got in={in_features}"
+        )
+
+
+# Up to this group size the pairwise-comparison kernel is used; above it, a stable sort.
+_PAIRWISE_MAX_M = 8
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M keep-mask: in each group of ``m`` consecutive inputs of a row, prune the ``n`` lowest.
+
+    Note the convention: ``n`` is the number *pruned* per group, so ``nm_mask(s, 2, 4)`` is the
+    usual 2:4 pattern (50 %), and ``nm_mask(s, 1, 4)`` keeps 3 of every 4. Requires ``0 < n < m``
+    and ``in % m == 0``. Ties: lower column index pruned first (module docstring).
+    """
+    _check_scores(scores)
+    _parse_nm(n, m, scores.shape[-1])
+    # [..., out, in] -> [..., out, in/m, m]: one group per last-dim slice.
+    groups = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
+    if m > _PAIRWISE_MAX_M:
+        # Rank inside each group via a stable argsort, then keep ranks >= n.
+        return (row_ranks(groups) >= n).reshape(scores.shape)
+
+    # Small m: rank_i = #{j < i: s_j <= s_i} + #{j > i: s_j < s_i}, i.e. how many entries of the
+    # group come before entry i in (score, index) order. One comparison per unordered pair
+    # (m(m-1)/2 in all, 6 for m=4): c = (s_j <= s_i) for j < i says j precedes i, and its negation
+    # says i precedes j. Elementwise ops on [..., out, in/m] slices; no per-group selection calls,
+    # which is what makes this several times faster than topk over tiny groups.
+    cols = [groups[..., i] for i in range(m)]  # m strided views, each [..., out, in/m]
+    rank = [torch.zeros(cols[0].shape, dtype=torch.uint8, device=scores.device) for _ in range(m)]
+    for i in range(m):
+        for j in range(i):
+            j_before_i = cols[j] <= cols[i]
+            rank[i] += j_before_i
+            rank[j] += ~j_before_i
+    keep = torch.stack([r >= n for r in rank], dim=-1)  # [..., out, in/m, m]
+    return keep.reshape(scores.shape)

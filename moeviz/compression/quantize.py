@@ -1,0 +1,122 @@
+"""Round-to-nearest (RTN) fake quantization of weights and activations.
+
+"Fake" means values are quantized and immediately dequantized: the result is a float tensor that
+holds exactly the values a b-bit kernel would compute with, so quality can be measured without
+integer kernels. Storage sizes of the real packed format are in :mod:`moeviz.compression.formats`.
+
+Weights are quantized per output channel and per group of ``group_size`` consecutive input
+columns (``group_size`` None or -1: one group per whole row). For each group:
+
+* symmetric:  ``scale = max|w| / qmax`` with ``qmax = 2**(b-1) - 1`` and
+  ``q = clamp(round(w / scale), -qmax, qmax)``. We use the *restricted* signed range
+  [-qmax, qmax] (e.g. [-7, 7] for 4 bits, ternary {-1, 0, 1} for 2 bits) rather than the full
+  [-qmax-1, qmax]: the grid is then symmetric, so ``-max|w|`` and ``+max|w|`` are both exact and
+  the round-off bound holds at both ends; the cost is one unused code.
+* asymmetric: the range is first widened to contain 0 (``min <- min(min, 0)``,
+  ``max <- max(max, 0)``, as GPTQ does) so that 0 is exactly representable and pruned weights
+  stay exactly zero; ``scale = (max - min) / (2**b - 1)``, integer zero point
+  ``z = round(-min / scale)`` in [0, 2**b - 1], ``q = clamp(round(w / scale) + z, 0, 2**b - 1)``,
+  dequantized ``(q - z) * scale``.
+
+A group whose scale would be 0 (all zeros) gets scale 1, so it dequantizes to exact zeros instead of
+NaN. Both schemes guarantee ``|w - dequantized| <= scale / 2`` elementwise. Arithmetic is float32;
+the dequantized tensor is cast back to the input dtype (for bf16/fp16 inputs that cast adds its own
+rounding on top of the grid). Scales are kept in float32 here; the storage accounting charges an
+fp16 scale per group, whose relative rounding (2**-11) is far below the quantization step.
+
+``bits=16`` means "not quantized": the weight is returned unchanged (a copy), with no scales.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8, 16)
+
+
+@dataclass
+class QuantizedWeight:
+    """Result of :func:`quantize_weight`.
+
+    ``scales`` (and ``zero_points``) have shape ``[..., out, n_groups]``; ``zero_points`` is None for
+    symmetric quantization. For ``bits == 16`` both are None. ``group_size`` is the effective
+    group size (the row length when one group spans the row).
+    """
+
+    dequantized: torch.Tensor
+    scales: torch.Tensor | None
+    zero_points: torch.Tensor | None
+    bits: int
+    group_size: int
+    symmetric: bool
+
+
+def check_bits(bits) -> int:
+    """Validate a bit width; returns it as int."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits!r}; supported: {SUPPORTED_BITS} (16 = unquantized)")
+    return int(bits)
+
+
+def _effective_group_size(group_size, in_features: int) -> int:
+    if group_size is None or group_size == -1:
+        return in_features
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"group_size must be a positive int, -1 or None, got {group_size!r}")
+    if in_features % group_size != 0:
+        raise ValueError(
+            f"group_size {group_size} must divide the input dimension {in_features} "
+            "(use -1/None for one group per row)"
+        )
+    return group_size
+
+
+def quantize_weight(
+    weight: torch.Tensor, bits: int, group_size: int | None = 128, symmetric: bool = True
+) -> QuantizedWeight:
+    """RTN fake-quantize ``weight`` ``[..., out, in]`` per output row and input-column group."""
+    bits = check_bits(bits)
+    if weight.dim() < 2:
+        raise ValueError(f"weight must be at least 2-D [..., out, in], got shape {tuple(weight.shape)}")
+    in_features = weight.shape[-1]
+    gs = _effective_group_size(group_size, in_features)
+    if bits == 16:
+        return QuantizedWeight(weight.detach().clone(), None, None, 16, gs, symmetric)
+
+    # [..., out, in] -> [..., out, in/gs, gs]: statistics are taken over the last dim.
+    w = weight.detach().to(torch.float32).reshape(*weight.shape[:-1], in_features // gs, gs)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = w.abs().amax(dim=-1, keepdim=True) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+        deq = q * scale
+        zero = None
+    else:
+        qmax = 2**bits - 1
+        w_min = w.amin(dim=-1, keepdim=True).clamp(max=0.0)
+        w_max = w.amax(dim=-1, keepdim=True).clamp(min=0.0)
+        scale = (w_max - w_min) / qmax
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.clamp(torch.round(-w_min / scale), 0, qmax)
+        q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
+        deq = (q - zero) * scale
+        zero = zero.squeeze(-1)  # [..., out, in/gs]
+    deq = deq.reshape(weight.shape).to(weight.dtype)  # back to [..., out, in]
+    return QuantizedWeight(deq, scale.squeeze(-1), zero, bits, gs, symmetric)
+
+
+def fake_quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-token symmetric RTN: each row of ``x`` (``[..., tokens, features]``, last dim = features)
+    gets its own scale ``max|x_row| / (2**(b-1) - 1)``. ``bits=16`` returns ``x`` itself (no copy:
+    this runs inside forward hooks on every token)."""
+    bits = check_bits(bits)
+    if bits == 16:
+        return x
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.to(torch.float32)
+    scale = xf.abs().amax(dim=-1, keepdim=True) / qmax  # [..., tokens, 1]
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.clamp(torch.round(xf / scale), -qmax, qmax) * scale).to(x.dtype)
