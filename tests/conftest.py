@@ -1,0 +1,35 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: hub lookups fail fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import FAMILIES, save_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """family -> folder of a saved tiny random model (built once per test session)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {family: save_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def loaded_tiny(tiny_model_dirs):
+    """family -> LoadedModel, loaded through moeviz.load_model (cached for the session; read-only)."""
+    from moeviz.models import load_model
+
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = load_model(tiny_model_dirs[family])
+        return cache[family]
+
+    return get

@@ -1,0 +1,172 @@
+"""One-pass calibration statistics: invariants, brute-force recomputation, the base model untouched."""
+
+import pytest
+import torch
+
+from moeviz.calibration import CalibrationStats, calibrate
+from moeviz.calibration.collect import _LayerCollector
+from moeviz.data import Document, tokenize_documents
+from moeviz.models.layers import find_moe_layers
+from moeviz.models.routing import full_distribution
+from moeviz.models.views import structural_copy
+from tiny_models import FAMILIES
+
+ALL = list(FAMILIES)
+DOCS = [
+    Document("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 12, "prose"),
+    Document("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n" * 8, "code"),
+]
+
+
+def samples_for(lm, n=6, seq_len=16, seed=0):
+    return tokenize_documents(DOCS, lm.tokenizer, n, seq_len, seed=seed, source="test docs")
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_invariants_and_base_untouched(family, loaded_tiny):
+    lm = loaded_tiny(family)
+    samples = samples_for(lm)
+    before = {n: p.clone() for n, p in lm.model.state_dict().items()}
+    logits_before = lm.model(input_ids=samples.input_ids).logits
+    calls = []
+    stats = calibrate(lm, samples, batch_size=4, record_tokens=50, progress=lambda d, t: calls.append((d, t)))
+    T = samples.n_tokens
+    assert calls[-1] == (samples.n_samples, samples.n_samples) and [c[0] for c in calls] == sorted(c[0] for c in calls)
+    for l in stats.layers:
+        k, E = l.top_k, l.num_experts
+        assert l.routed_counts.sum() == T * k
+        assert l.top1_counts.sum() == T
+        torch.testing.assert_close(l.prob_sum.sum().item(), float(T), rtol=1e-5, atol=1e-3)
+        assert torch.equal(l.coactivation.diag(), l.routed_counts)
+        assert torch.equal(l.coactivation, l.coactivation.T)
+        # Each token contributes k·(k-1) ordered pairs off the diagonal.
+        assert (l.coactivation.sum() - l.coactivation.diag().sum()) == T * k * (k - 1)
+        assert torch.equal(l.domain_counts.sum(0), l.routed_counts)
+        assert l.prob_hist.sum() == T * E
+        assert l.record_topk.shape == (50, k) and l.record_probs.shape == (50, E)
+        assert torch.isclose(l.utilization().sum(), torch.tensor(1.0, dtype=l.utilization().dtype))
+    assert stats.record_token_ids.shape == (50,)
+    assert sum(stats.domain_tokens) == T
+    after = lm.model.state_dict()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert torch.equal(lm.model(input_ids=samples.input_ids).logits, logits_before)
+    assert "forward" not in vars(lm.layers[0].experts)  # the base's experts were never patched
+
+
+@pytest.mark.parametrize("family", ALL)
+def test_instrumented_forward_gives_the_same_logits(family, loaded_tiny):
+    lm = loaded_tiny(family)
+    samples = samples_for(lm)
+    view = structural_copy(lm.model)
+    for layer in find_moe_layers(view):
+        c = _LayerCollector(layer, len(samples.domain_names), 10, 0, "cpu")
+        c.token_domain = torch.zeros(samples.n_tokens, dtype=torch.long)
+        layer.router.register_forward_hook(c.router_hook)
+        layer.experts.forward = c.experts_forward
+    ours = view(input_ids=samples.input_ids).logits
+    base = lm.model(input_ids=samples.input_ids).logits
+    torch.testing.assert_close(ours, base, rtol=1e-5, atol=1e-5)
+
+
+def brute_force_stats(lm, samples):
+    """Recompute every statistic with plain Python loops over tokens and their chosen experts."""
+    captured = {}
+    hooks = [
+        layer.block.register_forward_pre_hook(
+            lambda m, args, i=i: captured.setdefault(i, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+        )
+        for i, layer in enumerate(lm.layers)
+    ]
+    try:
+        for row in samples.input_ids:
+            lm.model(input_ids=row[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    domains = samples.domain_index().repeat_interleave(samples.seq_len)
+    out = []
+    for i, layer in enumerate(lm.layers):
+        hidden = torch.cat(captured[i])  # [T, H] in sample order
+        E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        r = dict(in_sq=torch.zeros(E, H, dtype=torch.float64), in_sq_w=torch.zeros(E, H, dtype=torch.float64),
+                 down_sq=torch.zeros(E, I, dtype=torch.float64), down_sq_w=torch.zeros(E, I, dtype=torch.float64),
+                 routed=torch.zeros(E, dtype=torch.float64), gate_sum=torch.zeros(E, dtype=torch.float64),
+                 domain=torch.zeros(len(samples.domain_names), E, dtype=torch.float64),
+                 prob_sum=torch.zeros(E, dtype=torch.float64))
+        logits, weights, indices = layer.router(hidden)
+        probs = full_distribution(logits, layer.adapter.distribution)
+        for t in range(hidden.shape[0]):
+            x = hidden[t].double()
+            r["prob_sum"] += probs[t].double()
+            for s in range(layer.top_k):
+                e, g = int(indices[t, s]), float(weights[t, s])
+                gate_up = layer.experts.gate_up_proj[e]
+                if layer.transposed:
+                    pre = hidden[t] @ gate_up + layer.experts.gate_up_proj_bias[e]
+                else:
+                    pre = torch.nn.functional.linear(hidden[t], gate_up)
+                h = layer.experts._apply_gate(pre[None])[0].double()
+                r["routed"][e] += 1
+                r["gate_sum"][e] += g
+                r["domain"][domains[t], e] += 1
+                for j in range(H):
+                    r["in_sq"][e, j] += x[j] ** 2
+                    r["in_sq_w"][e, j] += (g * x[j]) ** 2
+                for j in range(I):
+                    r["down_sq"][e, j] += h[j] ** 2
+                    r["down_sq_w"][e, j] += (g * h[j]) ** 2
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe"])
+def test_norms_equal_brute_force(family, loaded_tiny):
+    lm = loaded_tiny(family)
+    samples = samples_for(lm, n=3, seq_len=8)
+    stats = calibrate(lm, samples, batch_size=2)
+    for layer_stats, ref in zip(stats.layers, brute_force_stats(lm, samples)):
+        assert torch.equal(layer_stats.routed_counts, ref["routed"])
+        torch.testing.assert_close(layer_stats.domain_counts, ref["domain"])
+        for ours, key in [("input_sq", "in_sq"), ("input_sq_weighted", "in_sq_w"), ("down_sq", "down_sq"),
+                          ("down_sq_weighted", "down_sq_w"), ("gate_sum", "gate_sum"), ("prob_sum", "prob_sum")]:
+            torch.testing.assert_close(getattr(layer_stats, ours), ref[key], rtol=2e-4, atol=1e-5, msg=ours)
+
+
+def test_weighted_norms_equal_plain_norms_times_gate_when_gates_constant(loaded_tiny):
+    """With equal routing weights g for every token, Σ(g·x)² = g²·Σx²: the MoE-Pruner statistic
+    reduces to Wanda's (up to a constant), as the two metrics should."""
+    lm = loaded_tiny("granitemoe")  # top-k then softmax: we force equal logits among the chosen k
+    layer = lm.layers[0]
+    view = structural_copy(lm.model)
+    vlayer = find_moe_layers(view)[0]
+    samples = samples_for(lm, n=2, seq_len=8)
+    c = _LayerCollector(vlayer, len(samples.domain_names), 10, 0, "cpu")
+    c.token_domain = torch.zeros(samples.n_tokens, dtype=torch.long)
+    hidden = torch.randn(samples.n_tokens, layer.hidden_size)
+    c.logits = torch.zeros(samples.n_tokens, layer.num_experts)
+    idx = torch.stack([torch.randperm(layer.num_experts)[: layer.top_k] for _ in range(samples.n_tokens)])
+    g = 1.0 / layer.top_k
+    c.experts_forward(hidden, idx, torch.full(idx.shape, g))
+    torch.testing.assert_close(c.in_sq_w, c.in_sq * g**2)
+    torch.testing.assert_close(c.down_sq_w, c.down_sq * g**2)
+
+
+def test_save_load_round_trip(loaded_tiny, tmp_path):
+    lm = loaded_tiny("qwen3_moe")
+    stats = calibrate(lm, samples_for(lm), batch_size=3, record_tokens=20)
+    stats.save(tmp_path / "stats")
+    back = CalibrationStats.load(tmp_path / "stats")
+    assert back.fingerprint == stats.fingerprint and back.meta() == stats.meta()
+    for a, b in zip(stats.layers, back.layers):
+        for name in a.tensor_names():
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(back.record_token_ids, stats.record_token_ids)
+
+
+def test_fingerprint_changes_with_data_and_settings(loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    a = calibrate(lm, samples_for(lm, seed=0), batch_size=3)
+    b = calibrate(lm, samples_for(lm, seed=1), batch_size=3)
+    c = calibrate(lm, samples_for(lm, seed=0), batch_size=3, hist_bins=7)
+    assert len({a.fingerprint, b.fingerprint, c.fingerprint}) == 3
+    assert a.fingerprint == calibrate(lm, samples_for(lm, seed=0), batch_size=3).fingerprint
