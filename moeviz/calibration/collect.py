@@ -75,15 +75,17 @@ class _LayerCollector:
         return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights, observer=self.observe)
 
     def observe(self, e, token_idx, gate, x, h, y):
-        g2 = gate.detach().double().pow(2)  # [n]
-        x2 = x.detach().double().pow(2)  # [n, H]
-        h2 = h.detach().double().pow(2)  # [n, I]
+        # Per-batch sums in float32 (cheap), accumulated across batches in float64 (exact enough).
+        g = gate.detach().float()  # [n]
+        g2 = g * g
+        x2 = x.detach().float().square()  # [n, H]
+        h2 = h.detach().float().square()  # [n, I]
         self.in_sq[e] += x2.sum(0)
         self.in_sq_w[e] += g2 @ x2
         self.down_sq[e] += h2.sum(0)
         self.down_sq_w[e] += g2 @ h2
-        self.gate_sum[e] += gate.detach().double().sum()
-        self.gate_out[e] += (gate.detach().double() * y.detach().double().norm(dim=1)).sum()
+        self.gate_sum[e] += g.sum()
+        self.gate_out[e] += g @ y.detach().float().norm(dim=1)
 
     def result(self) -> LayerStats:
         l = self.layer
