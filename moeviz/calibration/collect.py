@@ -72,7 +72,10 @@ class _LayerCollector:
             self.rec_topk.append(top_k_index[:room].detach().cpu())
             self.rec_probs.append(probs[:room].detach().float().cpu())
             self.n_recorded += min(room, top_k_index.shape[0])
-        return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights, observer=self.observe)
+        # Honour activation fake-quantization of a compressed copy (sequential re-calibration).
+        transform = getattr(self.layer.experts, "moeviz_input_transform", None)
+        return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights,
+                               observer=self.observe, input_transform=transform)
 
     def observe(self, e, token_idx, gate, x, h, y):
         # Per-batch sums in float32 (cheap), accumulated across batches in float64 (exact enough).

@@ -15,6 +15,7 @@ from .quantize import (
     quantize_weight,
 )
 from .scores import METRICS, importance_scores
+from .plan import CompressionPlan, Override, PruningSettings, QuantSettings
 
 __all__ = [
     "METRICS",
@@ -37,3 +38,5 @@ __all__ = [
     "validate_ratio",
     "weighted_mean",
 ]
+
+__all__ += ["CompressionPlan", "Override", "PruningSettings", "QuantSettings"]

@@ -1,0 +1,198 @@
+"""`CompressionPlan`: a thin, JSON-serialisable description of one compression configuration.
+
+The plan says *what* to do; `moeviz.compression.apply` does it with the pure tensor functions of
+this package. Settings resolve from general to specific:
+
+    global defaults (pruning, quantization)  ->  per-layer overrides  ->  per-(layer, expert) overrides
+
+N:M structure follows the convention "N of every M consecutive input weights of a row are zeroed"
+("2:4" and "4:8" both prune 50 %). Allocation presets apply to unstructured pruning only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from moeviz.errors import PlanError
+
+METRICS = ("magnitude", "wanda", "moe_pruner")
+ALLOCATIONS = ("uniform", "utilization")
+SUPPORTED_BITS = (2, 3, 4, 8, 16)
+PROJECTIONS = ("gate", "up", "down")
+REMOVAL_SCORES = ("frequency", "reap")
+
+
+@dataclass
+class PruningSettings:
+    metric: str = "moe_pruner"
+    sparsity: float = 0.0  # global target, parameter-weighted over the pruned expert weights
+    structure: str = "unstructured"  # "unstructured" or "N:M", e.g. "2:4", "4:8"
+    projections: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    allocation: str = "uniform"  # how the global target is spread over experts
+    allocation_bounds: tuple[float, float] = (0.0, 0.9)  # per-expert range for "utilization"
+
+
+@dataclass
+class QuantSettings:
+    bits: int = 16  # 16 = not quantized
+    group_size: int = 128  # input columns per scale; -1 = one group per row
+    symmetric: bool = True
+
+
+@dataclass
+class Override:
+    """Per-layer (expert=None) or per-expert settings; None fields inherit."""
+
+    layer: int
+    expert: int | None = None
+    sparsity: float | None = None
+    bits: int | None = None
+
+
+@dataclass
+class CompressionPlan:
+    pruning: PruningSettings = field(default_factory=PruningSettings)
+    quant: QuantSettings = field(default_factory=QuantSettings)
+    overrides: list[Override] = field(default_factory=list)
+    removed_experts: list[tuple[int, int]] = field(default_factory=list)  # (layer, expert)
+    router_sparsity: float = 0.0  # magnitude pruning within the router weight, per expert row
+    router_bits: int = 16
+    activation_bits: int = 16  # per-token fake quantization of the experts' inputs
+    sequential: bool = False  # re-calibrate layer by layer on the already-compressed layers
+    name: str = ""
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["removed_experts"] = [list(x) for x in self.removed_experts]
+        d["pruning"]["allocation_bounds"] = list(self.pruning.allocation_bounds)
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompressionPlan":
+        d = dict(d)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise PlanError(f"plan: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        try:
+            pruning = dict(d.pop("pruning", {}) or {})
+            if "allocation_bounds" in pruning:
+                pruning["allocation_bounds"] = tuple(pruning["allocation_bounds"])
+            plan = cls(
+                pruning=PruningSettings(**pruning),
+                quant=QuantSettings(**(d.pop("quant", {}) or {})),
+                overrides=[Override(**o) for o in d.pop("overrides", [])],
+                removed_experts=[tuple(int(v) for v in x) for x in d.pop("removed_experts", [])],
+                **d,
+            )
+        except TypeError as e:
+            raise PlanError(f"plan: {e}") from e
+        return plan
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompressionPlan":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON: {e.msg} (line {e.lineno})") from e
+
+    # ------------------------------------------------------------------ structure helpers
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for N:M structure, None for unstructured."""
+        s = self.pruning.structure
+        if s == "unstructured":
+            return None
+        n, m = parse_nm(s, "pruning.structure")
+        return n, m
+
+    def is_identity(self) -> bool:
+        return (
+            self.pruning.sparsity == 0 and self.nm() is None and self.quant.bits == 16
+            and not any(o.sparsity or (o.bits not in (None, 16)) for o in self.overrides)
+            and not self.removed_experts and self.router_sparsity == 0 and self.router_bits == 16
+            and self.activation_bits == 16
+        )
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, num_experts: Sequence[int] | None = None, top_k: Sequence[int] | None = None) -> "CompressionPlan":
+        """Raise PlanError naming the field and the reason; with the model's per-layer expert counts
+        and top-k, also check layer / expert indices and expert removal."""
+        p, q = self.pruning, self.quant
+        check_ratio(p.sparsity, "pruning.sparsity")
+        if p.metric not in METRICS:
+            raise PlanError(f"pruning.metric: unknown metric {p.metric!r}; choose one of {', '.join(METRICS)}")
+        if p.structure != "unstructured":
+            parse_nm(p.structure, "pruning.structure")
+        if p.allocation not in ALLOCATIONS:
+            raise PlanError(f"pruning.allocation: unknown preset {p.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        lo, hi = p.allocation_bounds
+        if not 0 <= lo <= hi < 1:
+            raise PlanError(f"pruning.allocation_bounds: need 0 <= low <= high < 1, got ({lo}, {hi})")
+        bad = [x for x in p.projections if x not in PROJECTIONS]
+        if bad or not p.projections:
+            raise PlanError(f"pruning.projections: {bad or 'empty'}; choose among {', '.join(PROJECTIONS)}")
+        check_bits(q.bits, "quant.bits")
+        if not (q.group_size == -1 or (isinstance(q.group_size, int) and q.group_size > 0)):
+            raise PlanError(f"quant.group_size: must be a positive integer or -1 (whole row), got {q.group_size!r}")
+        check_ratio(self.router_sparsity, "router_sparsity")
+        check_bits(self.router_bits, "router_bits")
+        check_bits(self.activation_bits, "activation_bits")
+        n_layers = len(num_experts) if num_experts is not None else None
+        for i, o in enumerate(self.overrides):
+            where = f"overrides[{i}] (layer {o.layer}" + (f", expert {o.expert})" if o.expert is not None else ")")
+            if o.sparsity is not None:
+                check_ratio(o.sparsity, f"{where}.sparsity")
+            if o.bits is not None:
+                check_bits(o.bits, f"{where}.bits")
+            if n_layers is not None:
+                _check_index(o.layer, o.expert, num_experts, where)
+        if num_experts is not None:
+            removed_per_layer: dict[int, set[int]] = {}
+            for layer, expert in self.removed_experts:
+                _check_index(layer, expert, num_experts, f"removed_experts ({layer}, {expert})")
+                removed_per_layer.setdefault(layer, set()).add(expert)
+            for layer, experts in removed_per_layer.items():
+                left = num_experts[layer] - len(experts)
+                if left == 0:
+                    raise PlanError(f"removed_experts: every expert of layer {layer} would be removed; keep at least {top_k[layer] if top_k else 1}")
+                if top_k is not None and left < top_k[layer]:
+                    raise PlanError(
+                        f"removed_experts: layer {layer} would keep {left} experts, fewer than its top-k of "
+                        f"{top_k[layer]}; remove at most {num_experts[layer] - top_k[layer]}"
+                    )
+        return self
+
+
+def check_ratio(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise PlanError(f"{name}: {value!r} is outside [0, 1); a ratio is the fraction of weights to zero")
+    return float(value)
+
+
+def check_bits(value, name: str) -> int:
+    if isinstance(value, bool) or value not in SUPPORTED_BITS:
+        raise PlanError(f"{name}: {value!r} bits is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
+    return int(value)
+
+
+def parse_nm(structure: str, name: str) -> tuple[int, int]:
+    try:
+        n, m = (int(v) for v in str(structure).split(":"))
+    except ValueError:
+        raise PlanError(f"{name}: {structure!r} is neither 'unstructured' nor 'N:M' (e.g. '2:4')") from None
+    if not 0 < n < m:
+        raise PlanError(f"{name}: {structure!r} needs 0 < N < M (N of every M weights are zeroed)")
+    return n, m
+
+
+def _check_index(layer, expert, num_experts, where: str) -> None:
+    if not 0 <= layer < len(num_experts):
+        raise PlanError(f"{where}: layer {layer} does not exist; the model has {len(num_experts)} MoE layers")
+    if expert is not None and not 0 <= expert < num_experts[layer]:
+        raise PlanError(f"{where}: expert {expert} does not exist; layer {layer} has {num_experts[layer]} experts")
