@@ -1,0 +1,325 @@
+"""Persistent store of evaluation runs, on SQLite (stdlib only).
+
+* One file, ``runs.sqlite``, in the data dir (``$MOEVIZ_DATA_DIR``, else the user cache dir).
+* WAL journal + busy timeout: several processes (the app, a CLI sweep) can read while one writes,
+  and concurrent writers wait for each other instead of failing.
+* Every run is written in one transaction, so a sweep killed mid-way keeps each finished run and
+  never leaves a half-written one.
+* The schema is versioned: ``schema_version`` holds the version, ``MIGRATIONS[i]`` brings a database
+  from version i to i + 1, and opening a store applies the missing ones in order. To change the
+  schema, append a migration; never edit one that has shipped.
+
+Plans and metrics are stored as JSON; a few metrics are also copied into numeric columns
+(``DENORMALISED_METRICS``) so the app can filter and sort without parsing JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import sys
+import threading
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+DB_FILENAME = "runs.sqlite"
+BUSY_TIMEOUT_MS = 30_000
+
+# Top-level keys of RunRecord.metrics copied into columns of the same name.
+DENORMALISED_METRICS = (
+    "perplexity",
+    "accuracy",
+    "compression_ratio",
+    "experts_compression_ratio",
+    "measured_decode_ms",
+    "projected_decode_ms",
+    "mean_cv",
+    "mean_topk_overlap",
+)
+
+_MIGRATION_1 = [
+    """
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        sweep_id TEXT,
+        parent_run_id INTEGER REFERENCES runs(id) ON DELETE SET NULL,
+        name TEXT NOT NULL,
+        model_fingerprint TEXT NOT NULL,
+        calibration_fingerprint TEXT,
+        eval_fingerprint TEXT,
+        plan_json TEXT NOT NULL,
+        metrics_json TEXT NOT NULL,
+    """
+    + "".join(f"        {m} REAL,\n" for m in DENORMALISED_METRICS)
+    + """
+        duration_s REAL,
+        created_at TEXT NOT NULL,
+        moeviz_version TEXT
+    )
+    """,
+    "CREATE INDEX runs_model ON runs(model_fingerprint)",
+    "CREATE INDEX runs_sweep ON runs(sweep_id)",
+    "CREATE INDEX runs_parent ON runs(parent_run_id)",
+]
+
+# MIGRATIONS[i] upgrades a database from schema version i to i + 1 (a list of SQL statements).
+MIGRATIONS: list[list[str]] = [_MIGRATION_1]
+
+_BASE_COLUMNS = (
+    "id", "sweep_id", "parent_run_id", "name", "model_fingerprint", "calibration_fingerprint",
+    "eval_fingerprint", "duration_s", "created_at", "moeviz_version",
+)
+
+
+def data_dir() -> Path:
+    """Where moeviz keeps its files: ``$MOEVIZ_DATA_DIR``, else the platform's user cache dir."""
+    env = os.environ.get("MOEVIZ_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    home = Path.home()
+    if sys.platform == "darwin":
+        return home / "Library" / "Caches" / "moeviz"
+    if sys.platform == "win32":
+        local = os.environ.get("LOCALAPPDATA")
+        return (Path(local) if local else home / "AppData" / "Local") / "moeviz" / "Cache"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else home / ".cache") / "moeviz"
+
+
+@dataclass
+class RunRecord:
+    """One evaluated compression plan. ``id`` and ``created_at`` are filled in by the store."""
+
+    name: str
+    model_fingerprint: str
+    plan: dict
+    metrics: dict
+    calibration_fingerprint: str | None = None
+    eval_fingerprint: str | None = None
+    sweep_id: str | None = None
+    parent_run_id: int | None = None  # a recovery run points at its unrecovered parent
+    duration_s: float | None = None
+    created_at: str | None = None  # UTC ISO 8601
+    moeviz_version: str | None = None
+    id: int | None = None
+    extra: dict = field(default_factory=dict)  # denormalised columns as read back (informative)
+
+
+def _jsonable(obj):
+    """Plain JSON: tensors/arrays -> lists, numpy scalars -> numbers, NaN/inf -> None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "tolist"):  # torch.Tensor, numpy array or scalar
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return _jsonable(asdict(obj))
+    return obj
+
+
+def _number(v) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    """Nested dict -> {"a.b": number} for numeric leaves only."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def new_sweep_id() -> str:
+    """A unique id grouping the runs of one sweep: UTC timestamp + random suffix (sortable)."""
+    return datetime.now(timezone.utc).strftime("sweep-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
+
+
+class RunStore:
+    """Runs of every model, in one SQLite file. Safe to share between threads and processes."""
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else data_dir() / DB_FILENAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode (isolation_level=None): transactions are opened explicitly in `_write`,
+        # with BEGIN IMMEDIATE, so DDL in migrations is transactional too.
+        # check_same_thread=False + a lock: Streamlit reruns a script in different threads.
+        self._conn = sqlite3.connect(
+            str(self.path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+        self._lock = threading.RLock()
+        self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self._conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL is durable against process crashes in WAL mode (only an OS crash can lose the
+        # last commits), and much cheaper than FULL's fsync per transaction.
+        self._conn.execute("PRAGMA synchronous = NORMAL")
+        self._conn.execute("PRAGMA foreign_keys = ON")
+        self._migrate()
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self):
+        """One write transaction. BEGIN IMMEDIATE takes the write lock up front: a deferred
+        transaction that reads first and then writes can fail with 'database is locked' at once
+        (without waiting for busy_timeout) when another process committed in between."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _migrate(self) -> None:
+        with self._write() as conn:
+            # Inside the write transaction, so two processes opening a new file migrate it once.
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            version = row[0] if row else 0
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+            if version > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"{self.path} has run-store schema version {version}, newer than this moeviz "
+                    f"({len(MIGRATIONS)}); upgrade moeviz or set MOEVIZ_DATA_DIR to another folder"
+                )
+            for v in range(version, len(MIGRATIONS)):
+                for statement in MIGRATIONS[v]:
+                    conn.execute(statement)
+                conn.execute("UPDATE schema_version SET version = ?", (v + 1,))
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT version FROM schema_version").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- runs --------------------------------------------------------------------------------------
+
+    def add_run(self, record: RunRecord) -> int:
+        """Insert a run in one transaction and return its id (also set on `record`)."""
+        from moeviz import __version__
+
+        created = record.created_at or datetime.now(timezone.utc).isoformat()
+        version = record.moeviz_version or __version__
+        metrics = _jsonable(record.metrics or {})
+        row = {
+            "sweep_id": record.sweep_id,
+            "parent_run_id": record.parent_run_id,
+            "name": record.name,
+            "model_fingerprint": record.model_fingerprint,
+            "calibration_fingerprint": record.calibration_fingerprint,
+            "eval_fingerprint": record.eval_fingerprint,
+            "plan_json": json.dumps(_jsonable(record.plan or {}), allow_nan=False, sort_keys=True),
+            "metrics_json": json.dumps(metrics, allow_nan=False, sort_keys=True),
+            **{m: _number(metrics.get(m)) for m in DENORMALISED_METRICS},
+            "duration_s": _number(record.duration_s),
+            "created_at": created,
+            "moeviz_version": version,
+        }
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self._write() as conn:
+            run_id = conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", tuple(row.values())).lastrowid
+        record.id, record.created_at, record.moeviz_version = run_id, created, version
+        return run_id
+
+    def _select(self, where: str = "", params: tuple = ()) -> list[dict]:
+        with self._lock:
+            cur = self._conn.execute(f"SELECT * FROM runs {where} ORDER BY id", params)
+            names = [c[0] for c in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    @staticmethod
+    def _record(row: dict) -> RunRecord:
+        return RunRecord(
+            plan=json.loads(row["plan_json"]),
+            metrics=json.loads(row["metrics_json"]),
+            extra={m: row[m] for m in DENORMALISED_METRICS},
+            **{c: row[c] for c in _BASE_COLUMNS},
+        )
+
+    def get_run(self, run_id: int) -> RunRecord:
+        rows = self._select("WHERE id = ?", (int(run_id),))
+        if not rows:
+            raise KeyError(f"no run with id {run_id} in {self.path}")
+        return self._record(rows[0])
+
+    def runs(self, model_fingerprint: str | None = None, sweep_id: str | None = None):
+        """pandas.DataFrame, one row per run (ordered by id): the base columns, the denormalised
+        metrics, ``plan_json``, and every other numeric metric flattened as ``"a.b"`` columns."""
+        import pandas as pd
+
+        clauses, params = [], []
+        if model_fingerprint is not None:
+            clauses.append("model_fingerprint = ?")
+            params.append(model_fingerprint)
+        if sweep_id is not None:
+            clauses.append("sweep_id = ?")
+            params.append(sweep_id)
+        rows = self._select(("WHERE " + " AND ".join(clauses)) if clauses else "", tuple(params))
+        base = list(_BASE_COLUMNS) + list(DENORMALISED_METRICS) + ["plan_json"]
+        records = []
+        for r in rows:
+            rec = {c: r[c] for c in base}
+            for k, v in _flatten(json.loads(r["metrics_json"])).items():
+                if k not in rec:
+                    rec[k] = v
+            records.append(rec)
+        df = pd.DataFrame.from_records(records, columns=None if records else base)
+        for m in DENORMALISED_METRICS:
+            df[m] = pd.to_numeric(df[m], errors="coerce")
+        return df
+
+    def pareto(
+        self,
+        model_fingerprint: str,
+        x: str = "compression_ratio",
+        y: str = "accuracy",
+        maximize_x: bool = True,
+        maximize_y: bool = True,
+    ):
+        """The model's runs on the Pareto front of (x, y), sorted by x (runs lacking x or y excluded)."""
+        from moeviz.evaluation.pareto import pareto_front
+
+        df = self.runs(model_fingerprint=model_fingerprint)
+        if df.empty or x not in df or y not in df:
+            return df.iloc[0:0]
+        return pareto_front(df, x, y, maximize_x=maximize_x, maximize_y=maximize_y)
+
+    def delete_run(self, run_id: int) -> bool:
+        """Delete a run (recovery runs that pointed at it keep existing, with parent_run_id NULL)."""
+        with self._write() as conn:
+            return conn.execute("DELETE FROM runs WHERE id = ?", (int(run_id),)).rowcount > 0
+
+    new_sweep_id = staticmethod(new_sweep_id)
+
+
+__all__ = ["DENORMALISED_METRICS", "MIGRATIONS", "RunRecord", "RunStore", "data_dir", "new_sweep_id"]

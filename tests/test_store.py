@@ -1,0 +1,193 @@
+"""Tests of moeviz.store: round trip, concurrent writers, a writer killed mid-sweep, migrations."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from moeviz import store as store_mod
+from moeviz.store import RunRecord, RunStore, data_dir, new_sweep_id
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def record(i: int, model="model-a", **kw) -> RunRecord:
+    return RunRecord(
+        name=f"run {i}",
+        model_fingerprint=model,
+        plan={"sparsity": 0.1 * i, "layers": [{"experts": [0, 1]}]},
+        metrics={
+            "perplexity": 10.0 + i,
+            "accuracy": 0.5 - 0.01 * i,
+            "compression_ratio": 1.0 + 0.5 * i,
+            "per_domain": {"code": {"perplexity": 20.0 + i}},
+            "drift": [0.1, 0.2],
+        },
+        **kw,
+    )
+
+
+def test_data_dir_env_and_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOEVIZ_DATA_DIR", str(tmp_path / "d"))
+    assert data_dir() == tmp_path / "d"
+    assert RunStore().path == tmp_path / "d" / "runs.sqlite"
+    monkeypatch.delenv("MOEVIZ_DATA_DIR")
+    if sys.platform.startswith("linux"):
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert data_dir() == tmp_path / "xdg" / "moeviz"
+
+
+def test_round_trip_and_queries(tmp_path):
+    s = RunStore(tmp_path / "runs.sqlite")
+    assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    sweep = new_sweep_id()
+    assert sweep != new_sweep_id()
+    r0 = record(0, sweep_id=sweep, duration_s=1.5, calibration_fingerprint="cal", eval_fingerprint="ev")
+    id0 = s.add_run(r0)
+    id1 = s.add_run(record(1, sweep_id=sweep))
+    id2 = s.add_run(record(2, model="model-b", parent_run_id=id0))
+    s.add_run(RunRecord(name="nan", model_fingerprint="model-a", plan={}, metrics={"perplexity": float("nan")}))
+
+    got = s.get_run(id0)
+    assert got.plan == r0.plan and got.metrics == r0.metrics
+    assert (got.name, got.sweep_id, got.duration_s, got.calibration_fingerprint) == ("run 0", sweep, 1.5, "cal")
+    assert got.id == id0 and got.created_at.endswith("+00:00") and got.moeviz_version
+    assert s.get_run(id2).parent_run_id == id0
+    assert s.get_run(4).metrics == {"perplexity": None}  # NaN stored as JSON null
+
+    df = s.runs(model_fingerprint="model-a")
+    assert list(df["id"]) == [id0, id1, 4]
+    assert df.loc[df["id"] == id1, "perplexity"].item() == 11.0
+    assert df.loc[df["id"] == id1, "per_domain.code.perplexity"].item() == 21.0
+    assert math.isnan(df.loc[df["id"] == 4, "perplexity"].item())
+    assert "drift" not in df.columns  # lists are not numeric columns
+    assert list(s.runs(sweep_id=sweep)["id"]) == [id0, id1]
+    assert len(s.runs()) == 4
+    assert s.runs(model_fingerprint="nope").empty
+
+    # Pareto on model-a: run 0 (cr 1.0, acc .5) and run 1 (cr 1.5, acc .49) trade off; the NaN run has neither.
+    front = s.pareto("model-a")
+    assert list(front["id"]) == [id0, id1]
+    assert list(s.pareto("model-a", y="perplexity", maximize_y=False)["id"]) == [id0, id1]
+
+    assert s.delete_run(id0) is True and s.delete_run(id0) is False
+    assert s.get_run(id2).parent_run_id is None  # child kept, link cleared
+    with pytest.raises(KeyError):
+        s.get_run(id0)
+    s.close()
+    # Reopening finds the same data.
+    with RunStore(tmp_path / "runs.sqlite") as s2:
+        assert len(s2.runs()) == 3 and s2.schema_version == len(store_mod.MIGRATIONS)
+
+
+def _writer(path: str, tag: str, n: int, barrier) -> None:
+    barrier.wait(60)  # both open (create, migrate) the new file and write at the same moment
+    s = RunStore(path)
+    for i in range(n):
+        s.add_run(record(i, model=tag))
+    s.close()
+
+
+def test_two_processes_write_concurrently(tmp_path):
+    path = str(tmp_path / "runs.sqlite")  # both processes create and migrate the same new file
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_writer, args=(path, tag, 20, barrier)) for tag in ("p1", "p2")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    s = RunStore(path)
+    df = s.runs()
+    assert len(df) == 40
+    assert sorted(df["model_fingerprint"].value_counts().items()) == [("p1", 20), ("p2", 20)]
+    assert sorted(df["name"][df["model_fingerprint"] == "p1"]) == sorted(f"run {i}" for i in range(20))
+
+
+KILL_SCRIPT = """
+import sys, time
+from moeviz.store import RunStore, RunRecord
+s = RunStore(sys.argv[1])
+i = 0
+while True:
+    # A large payload so that writes take a while and a kill can land inside one.
+    s.add_run(RunRecord(name=f"run {i}", model_fingerprint="m", plan={"i": i, "blob": list(range(20000))},
+                        metrics={"i": i, "accuracy": 0.5, "per_layer": [float(j) for j in range(5000)]}))
+    print(i, flush=True)
+    i += 1
+    time.sleep(0.005)
+"""
+
+
+def test_killed_writer_leaves_only_complete_runs(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(5):  # five runs committed (printed after their commit)
+            assert proc.stdout.readline(), "writer exited early"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn.close()
+    s = RunStore(path)
+    df = s.runs()
+    assert len(df) >= 5
+    for run_id in df["id"]:
+        r = s.get_run(int(run_id))
+        i = r.metrics["i"]
+        assert r.name == f"run {i}" and r.plan["i"] == i and len(r.plan["blob"]) == 20000
+        assert len(r.metrics["per_layer"]) == 5000
+    assert sorted(df["name"]) == sorted(f"run {i}" for i in range(len(df)))  # no gaps, no partial run
+    s.add_run(record(0))  # still writable after the crash
+
+
+def test_migrates_older_schema(tmp_path, monkeypatch):
+    # Version 0: a file from before the store existed (no schema_version table).
+    path0 = tmp_path / "v0.sqlite"
+    sqlite3.connect(path0).close()
+    assert RunStore(path0).schema_version == len(store_mod.MIGRATIONS)
+
+    # Version 1 with data, then a hypothetical migration 2 appended: data kept, column added.
+    path = tmp_path / "runs.sqlite"
+    s = RunStore(path)
+    run_id = s.add_run(record(3))
+    s.close()
+    migration_2 = ["ALTER TABLE runs ADD COLUMN energy_j REAL", "UPDATE runs SET energy_j = 7.0"]
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS + [migration_2])
+    s = RunStore(path)
+    assert s.schema_version == 2
+    assert s._conn.execute("SELECT energy_j FROM runs WHERE id = ?", (run_id,)).fetchone()[0] == 7.0
+    assert s.get_run(run_id).metrics == record(3).metrics
+    s.close()
+    RunStore(path).close()  # reopening at the current version applies nothing twice
+
+    # A database newer than the code is refused rather than misread.
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    with pytest.raises(RuntimeError, match="newer"):
+        RunStore(path)
+
+
+def test_failed_write_leaves_nothing(tmp_path):
+    s = RunStore(tmp_path / "runs.sqlite")
+    with pytest.raises(sqlite3.IntegrityError):  # name is NOT NULL
+        s.add_run(RunRecord(name=None, model_fingerprint="m", plan={}, metrics={"accuracy": 1.0}))
+    assert s.runs().empty
+    s.add_run(record(0))
+    assert len(s.runs()) == 1
+    json.dumps(s.runs().drop(columns=["plan_json"]).to_dict("records"))
