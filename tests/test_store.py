@@ -51,7 +51,7 @@ def test_round_trip_and_queries(tmp_path):
     s = RunStore(tmp_path / "runs.sqlite")
     assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     sweep = new_sweep_id()
-    assert sweep != new_sweep_id()
+    assert sweep != new_sweep_id() and s.new_sweep_id().startswith("sweep-")
     r0 = record(0, sweep_id=sweep, duration_s=1.5, calibration_fingerprint="cal", eval_fingerprint="ev")
     id0 = s.add_run(r0)
     id1 = s.add_run(record(1, sweep_id=sweep))
