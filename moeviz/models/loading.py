@@ -196,6 +196,7 @@ def load_model(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     check_memory_first: bool = True,
+    show_progress: bool = False,
 ) -> LoadedModel:
     """Load an MoE causal LM and its tokenizer.
 
@@ -203,6 +204,7 @@ def load_model(
     dtype: "auto" (the checkpoint's), "float32", "bfloat16" or "float16".
     device: where to put the whole model; `device_map="auto"` instead spreads it with accelerate.
     trust_remote_code: off by default; turn on only for repositories you trust.
+    show_progress: show transformers' per-shard loading bar (useful for large checkpoints).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -227,11 +229,19 @@ def load_model(
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if device_map is not None:
         kwargs["device_map"] = device_map
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not show_progress:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelSourceError(f"cannot load {source}: {str(e).splitlines()[0]}") from e
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     if device_map is None:
         model.to(device)
     model.eval()

@@ -1,0 +1,5 @@
+import sys
+
+from moeviz.cli import main
+
+sys.exit(main())

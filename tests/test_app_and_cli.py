@@ -1,0 +1,66 @@
+"""The Streamlit entry point starts, and the CLI runs end to end and reports bad input in one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeviz.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_app_landing_page_runs_on_a_model(tiny_model_dirs):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.run()
+    at.text_input[0].set_value(str(tiny_model_dirs["qwen2_moe"])).run()
+    assert not at.exception
+    assert not at.error
+    assert [m.value for m in at.metric][:4] == ["Qwen2MoeForCausalLM", "2", "6", "2"]
+
+
+def test_app_shows_library_errors_not_tracebacks(tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
+    at.run()
+    at.text_input[0].set_value(str(tmp_path / "missing")).run()
+    assert not at.exception
+    assert "does not exist" in at.error[0].value
+
+
+def test_cli_info_and_calibrate(tiny_model_dirs, tmp_path, capsys):
+    assert main(["info", "--model", str(tiny_model_dirs["olmoe"])]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_moe_layers"] == 2 and info["num_experts"] == 8
+    data = tmp_path / "cal.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "some calibration text number %d. " % i * 8, "domain": "d"})
+                              for i in range(20)))
+    out = tmp_path / "stats"
+    assert main(["calibrate", "--model", str(tiny_model_dirs["olmoe"]), "--data", str(data), "--samples", "4",
+                 "--seq-len", "16", "--out", str(out)]) == 0
+    assert "calibrated 64 tokens" in capsys.readouterr().out
+    from moeviz.calibration import CalibrationStats
+
+    assert CalibrationStats.load(out).n_tokens == 64
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "--model", "/no/such/folder"], "does not exist"),
+    (["calibrate", "--data", "/no/such.txt", "--out", "x"], "does not exist"),
+])
+def test_cli_errors_are_one_line_with_status_2(argv, message, tiny_model_dirs, capsys):
+    if argv[0] == "calibrate":
+        argv = argv[:1] + ["--model", str(tiny_model_dirs["mixtral"])] + argv[1:]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moeviz: error:") and message in err and "\n" not in err
+
+
+def test_console_entry_point_help():
+    out = subprocess.run([sys.executable, "-m", "moeviz", "calibrate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--seq-len" in out.stdout
