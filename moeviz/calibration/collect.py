@@ -114,10 +114,12 @@ def calibrate(
     hist_bins: int = 20,
     record_tokens: int = 4096,
     progress: ProgressFn | None = None,
+    on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> CalibrationStats:
     """Run the calibration pass over `samples` and return its statistics.
 
-    progress(done_samples, total_samples) is called after every batch.
+    progress(done_samples, total_samples) is called after every batch; on_batch(input_ids [B, S],
+    domain ids [B], logits [B, S, V]) lets evaluation score the same forward pass.
     """
     start = time.perf_counter()
     view = structural_copy(loaded.model)
@@ -138,7 +140,9 @@ def calibrate(
         token_domain = domains[start_i:start_i + batch_size].repeat_interleave(samples.seq_len)
         for c in collectors:
             c.token_domain = token_domain
-        view(input_ids=ids.to(device), use_cache=False)
+        out = view(input_ids=ids.to(device), use_cache=False)
+        if on_batch is not None:
+            on_batch(ids, domains[start_i:start_i + batch_size], out.logits)
         if n_rec < record_tokens:
             take = ids.reshape(-1)[: record_tokens - n_rec]
             rec_ids.append(take)

@@ -1,0 +1,261 @@
+"""Evaluate a compressed model against its base on held-out text: the figures the app draws.
+
+Every number is one of: measured by a forward pass on the held-out tokens (perplexity, accuracy,
+routing, drift, CV), measured by a clock on this machine (latency, kind "measured"), computed from
+documented storage formats (compression ratio), or a roofline model (latency, kind "projected").
+
+The base model is evaluated once per (model, eval data) by `Evaluator` and reused for every plan.
+One pass per model gives both the loss (from the logits) and the routing (from the same hooks that
+calibration uses), so routing drift compares base and compressed routing on the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from moeviz.calibration.collect import calibrate
+from moeviz.calibration.stats import CalibrationStats
+from moeviz.compression.apply import CompressedModel
+from moeviz.data import TokenSamples
+from moeviz.evaluation.latency import (
+    ACCELERATORS, active_bytes_per_token, active_flops_per_token, measure_latency, projected_decode_latency,
+)
+from moeviz.evaluation.metrics import TokenLossAccumulator, load_balance_cv, routing_drift, utilization_shift
+from moeviz.models.loading import LoadedModel
+
+DEFAULT_ACCELERATOR = "NVIDIA H100 SXM"
+
+
+@dataclass
+class EvalSettings:
+    batch_size: int = 8
+    record_tokens: int = 4096  # tokens whose full routing is compared for drift
+    measure_latency: bool = True
+    latency_prompt_tokens: int = 64
+    latency_decode_tokens: int = 16
+    latency_repeats: int = 3
+    accelerator: str = DEFAULT_ACCELERATOR  # for projected latency
+
+
+@dataclass
+class ModelRun:
+    """One model's outputs on the eval data: loss summary, routing statistics, measured latency."""
+
+    loss: dict
+    routing: CalibrationStats
+    measured_latency: dict | None
+    seconds: float
+
+
+@dataclass
+class EvalResult:
+    """Everything the app shows for one plan, next to the base model. JSON-serialisable via to_dict()."""
+
+    plan: dict
+    perplexity: float
+    accuracy: float
+    per_domain: dict
+    base_perplexity: float
+    base_accuracy: float
+    base_per_domain: dict
+    compression: dict  # StorageReport.summary(): ratios and bytes (formats documented in formats.py)
+    drift: list[dict]  # per layer: topk_overlap, top1_change_rate, kl
+    load_balance: list[dict]  # per layer: CV from top-k and top-1 counts, base and compressed
+    utilization: dict  # {"base": [L][E], "compressed": [L][E], "shift": [L][E]}
+    latency_measured: dict | None  # kind = "measured", this machine
+    base_latency_measured: dict | None
+    latency_projected: dict  # kind = "projected", roofline on `accelerator`
+    base_latency_projected: dict
+    seconds: float
+    apply_seconds: float
+    eval_tokens: int
+    eval_fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def metrics(self) -> dict:
+        """Flat numeric summary (one row of a sweep table / run store)."""
+        mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
+        m = dict(
+            perplexity=self.perplexity, accuracy=self.accuracy,
+            base_perplexity=self.base_perplexity, base_accuracy=self.base_accuracy,
+            perplexity_increase=self.perplexity / self.base_perplexity - 1,
+            compression_ratio=self.compression["compression_ratio"],
+            experts_compression_ratio=self.compression["experts_compression_ratio"],
+            parameter_bytes=self.compression["compressed_bytes"],
+            projected_decode_ms=self.latency_projected["ms_per_token"],
+            base_projected_decode_ms=self.base_latency_projected["ms_per_token"],
+            mean_cv=mean([l["cv_topk"] for l in self.load_balance]),
+            base_mean_cv=mean([l["base_cv_topk"] for l in self.load_balance]),
+            mean_topk_overlap=mean([d["topk_overlap"] for d in self.drift]),
+            mean_top1_change=mean([d["top1_change_rate"] for d in self.drift]),
+            mean_kl=mean([d["kl"] for d in self.drift]),
+            eval_seconds=self.seconds,
+        )
+        if self.latency_measured:
+            m["measured_decode_ms"] = self.latency_measured["decode_ms_per_token"]
+            m["measured_prefill_tok_s"] = self.latency_measured["prefill_tokens_per_s"]
+        if self.base_latency_measured:
+            m["base_measured_decode_ms"] = self.base_latency_measured["decode_ms_per_token"]
+        for name, d in self.per_domain.items():
+            m[f"perplexity[{name}]"] = d["perplexity"]
+            m[f"accuracy[{name}]"] = d["accuracy"]
+        return m
+
+
+def _top1(record_topk: torch.Tensor, record_probs: torch.Tensor) -> torch.Tensor:
+    """[N] the highest-probability expert among each token's chosen ones (routers may return the
+    top-k unsorted, e.g. DeepSeek-V3's group routing)."""
+    if record_topk.numel() == 0:
+        return record_topk.new_zeros(0)
+    return record_topk.gather(1, record_probs.gather(1, record_topk).argmax(1, keepdim=True)).squeeze(1)
+
+
+def _latency_inputs(loaded: LoadedModel, storage_tensors: list[dict], layers_E: list[int]):
+    """Per-expert stored bytes and MACs per layer, plus dense bytes / MACs read for every token."""
+    L = len(layers_E)
+    expert_bytes = [[0.0] * E for E in layers_E]
+    expert_macs = [[0.0] * E for E in layers_E]
+    router_bytes = router_macs = 0
+    for t in storage_tensors:
+        if t["tensor"] == "router":
+            router_bytes += t["bytes"]
+            router_macs += t["numel"]
+        else:
+            expert_bytes[t["layer"]][t["expert"]] += t["bytes"]
+            if t["format"] != "removed":
+                expert_macs[t["layer"]][t["expert"]] += t["numel"]
+    model = loaded.model
+    all_params = sum(p.numel() for p in model.parameters())
+    all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    exp_params = sum(l.expert_param_count() * l.num_experts for l in loaded.layers)
+    exp_dense_bytes = sum(l.expert_param_count() * l.num_experts * l.weight("down").element_size() for l in loaded.layers)
+    rt_params = sum(l.router.weight.numel() for l in loaded.layers)
+    rt_dense_bytes = sum(l.router.weight.numel() * l.router.weight.element_size() for l in loaded.layers)
+    other_params = all_params - exp_params - rt_params
+    other_bytes = all_bytes - exp_dense_bytes - rt_dense_bytes
+    # Decoding reads one row of an (untied) input embedding table, not the whole table.
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if head is None or head.weight is not emb:
+        other_params -= emb.numel() - emb.shape[1]
+        other_bytes -= (emb.numel() - emb.shape[1]) * emb.element_size()
+    assert L == len(expert_bytes)
+    return expert_bytes, expert_macs, other_bytes + router_bytes, other_params + router_macs
+
+
+class Evaluator:
+    """Evaluates plans against one base model on one held-out token set; the base is run once."""
+
+    def __init__(self, loaded: LoadedModel, samples: TokenSamples, settings: EvalSettings | None = None,
+                 progress=None):
+        self.loaded = loaded
+        self.samples = samples
+        self.settings = settings or EvalSettings()
+        if self.settings.accelerator not in ACCELERATORS:
+            raise ValueError(f"unknown accelerator {self.settings.accelerator!r}; choose one of {sorted(ACCELERATORS)}")
+        self.base = self._run(loaded, progress)
+        self._base_projected = None
+
+    @property
+    def fingerprint(self) -> str:
+        return self.samples.fingerprint
+
+    def _run(self, loaded: LoadedModel, progress=None) -> ModelRun:
+        start = time.perf_counter()
+        acc = TokenLossAccumulator(self.samples.domain_names)
+        s = self.settings
+        routing = calibrate(loaded, self.samples, batch_size=s.batch_size, record_tokens=s.record_tokens,
+                            progress=progress, on_batch=lambda ids, dom, logits: acc.add(logits, ids, dom.tolist()))
+        latency = None
+        if s.measure_latency:
+            prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
+            latency = asdict(measure_latency(loaded.model, prompt, s.latency_decode_tokens, s.latency_repeats))
+        return ModelRun(acc.result(), routing, latency, time.perf_counter() - start)
+
+    def _projected(self, storage_tensors, routing: CalibrationStats) -> dict:
+        eb, em, dense_b, dense_m = _latency_inputs(self.loaded, storage_tensors, [l.num_experts for l in self.loaded.layers])
+        util = [l.utilization().tolist() for l in routing.layers]
+        ks = [l.top_k for l in routing.layers]
+        proj = projected_decode_latency(active_bytes_per_token(eb, ks, util, dense_b),
+                                        active_flops_per_token(em, ks, util, dense_m), self.settings.accelerator)
+        return asdict(proj)
+
+    def evaluate(self, compressed: CompressedModel, progress=None) -> EvalResult:
+        start = time.perf_counter()
+        view = LoadedModel(compressed.model, self.loaded.tokenizer, compressed.layers, self.loaded.info)
+        run = self._run(view, progress)
+        base, comp = self.base.routing, run.routing
+        drift, balance, u_base, u_comp, u_shift = [], [], [], [], []
+        for i, (lb, lc) in enumerate(zip(base.layers, comp.layers)):
+            d = routing_drift(lb.record_topk, lc.record_topk, lb.record_probs, lc.record_probs,
+                              _top1(lb.record_topk, lb.record_probs), _top1(lc.record_topk, lc.record_probs))
+            drift.append(dict(layer=i, **asdict(d)))
+            active = compressed.allowed_experts(i)
+            balance.append(dict(
+                layer=i,
+                base_cv_topk=load_balance_cv(lb.routed_counts), base_cv_top1=load_balance_cv(lb.top1_counts),
+                cv_topk=load_balance_cv(lc.routed_counts, active), cv_top1=load_balance_cv(lc.top1_counts, active),
+            ))
+            u_base.append(lb.utilization().tolist())
+            u_comp.append(lc.utilization().tolist())
+            u_shift.append(utilization_shift(lb.routed_counts, lc.routed_counts).tolist())
+        if self._base_projected is None:
+            from moeviz.compression.apply import Compressor
+            from moeviz.compression.plan import CompressionPlan
+
+            identity = Compressor(self.loaded).apply(CompressionPlan())
+            self._base_projected = self._projected(identity.storage.tensors, base)
+        return EvalResult(
+            plan=compressed.plan.to_dict(),
+            perplexity=run.loss["perplexity"], accuracy=run.loss["accuracy"], per_domain=run.loss["per_domain"],
+            base_perplexity=self.base.loss["perplexity"], base_accuracy=self.base.loss["accuracy"],
+            base_per_domain=self.base.loss["per_domain"],
+            compression=compressed.storage.summary(),
+            drift=drift, load_balance=balance,
+            utilization=dict(base=u_base, compressed=u_comp, shift=u_shift),
+            latency_measured=run.measured_latency, base_latency_measured=self.base.measured_latency,
+            latency_projected=self._projected(compressed.storage.tensors, comp),
+            base_latency_projected=self._base_projected,
+            seconds=time.perf_counter() - start, apply_seconds=compressed.seconds,
+            eval_tokens=self.samples.n_tokens, eval_fingerprint=self.samples.fingerprint,
+        )
+
+
+def load_eval_samples(tokenizer, source=None, seq_len: int = 256, max_samples: int | None = 64) -> TokenSamples:
+    """Held-out evaluation windows: every window of the bundled held-out text (or a file / documents),
+    in a fixed order, capped at `max_samples` (seq_len × max_samples tokens, e.g. 256 × 64 = 16k)."""
+    from moeviz.data import bundled_documents, documents_from_file, tokenize_documents
+
+    if source is None or source == "bundled":
+        docs, name = bundled_documents("heldout"), "bundled held-out text"
+    elif isinstance(source, list):
+        docs, name = source, "given documents"
+    else:
+        docs, name = documents_from_file(source), str(source)
+    samples = tokenize_documents(docs, tokenizer, 0, seq_len, seed=0, source=name, all_windows=True)
+    if max_samples is not None and samples.n_samples > max_samples:
+        samples = _balanced_subset(samples, max_samples)
+    return samples
+
+
+def _balanced_subset(samples: TokenSamples, n: int) -> TokenSamples:
+    """The first windows of each domain, round-robin, so a capped eval set keeps every domain."""
+    by_domain: dict[str, list[int]] = {}
+    for i, d in enumerate(samples.domains):
+        by_domain.setdefault(d, []).append(i)
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for d in sorted(by_domain):
+            if by_domain[d] and len(chosen) < n:
+                chosen.append(by_domain[d].pop(0))
+    chosen.sort()
+    import hashlib
+
+    fp = hashlib.sha256(f"{samples.fingerprint}|{chosen}".encode()).hexdigest()[:16]
+    return TokenSamples(samples.input_ids[chosen], [samples.domains[i] for i in chosen], samples.source,
+                        samples.seed, fp, sorted({samples.domains[i] for i in chosen}))
