@@ -54,3 +54,9 @@ __all__ = [
     "routing_drift_per_layer",
     "utilization_shift",
 ]
+
+from .evaluate import EvalResult, EvalSettings, Evaluator, load_eval_samples  # noqa: E402
+from .sweep import evaluate_plan, grid_plans, plan_label, run_sweep  # noqa: E402
+
+__all__ += ["EvalResult", "EvalSettings", "Evaluator", "evaluate_plan", "grid_plans", "load_eval_samples",
+            "plan_label", "run_sweep"]

@@ -1,0 +1,113 @@
+"""Sweeps: a list of plans evaluated in turn, with progress, cancellation and a run store.
+
+A killed or cancelled sweep keeps every finished run: each is stored in its own transaction as soon
+as it is evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Callable, Iterable, Sequence
+
+import pandas as pd
+
+from moeviz.compression.apply import Compressor
+from moeviz.compression.plan import CompressionPlan
+from moeviz.evaluation.evaluate import EvalResult, Evaluator
+from moeviz.store import RunRecord, RunStore, new_sweep_id
+
+
+def plan_label(plan: CompressionPlan) -> str:
+    """Short human name: "moe_pruner 50% unstructured · 4-bit · −2 experts"."""
+    if plan.name:
+        return plan.name
+    p = plan.pruning
+    parts = []
+    if p.structure != "unstructured":
+        parts.append(f"{p.metric} {p.structure}")
+    elif p.sparsity > 0:
+        parts.append(f"{p.metric} {p.sparsity:.0%}" + (f" ({p.allocation})" if p.allocation != "uniform" else ""))
+    if plan.quant.bits < 16:
+        parts.append(f"{plan.quant.bits}-bit")
+    if plan.removed_experts:
+        parts.append(f"−{len(plan.removed_experts)} experts")
+    if plan.router_sparsity or plan.router_bits < 16:
+        parts.append("router")
+    if plan.activation_bits < 16:
+        parts.append(f"A{plan.activation_bits}")
+    if plan.overrides:
+        parts.append(f"{len(plan.overrides)} overrides")
+    return " · ".join(parts) or "dense (no compression)"
+
+
+def grid_plans(methods: Sequence[str], sparsities: Iterable[float], bits: Iterable[int] = (16,),
+               structure: str = "unstructured", base: CompressionPlan | None = None) -> list[CompressionPlan]:
+    """The method × sparsity × bits grid, each a copy of `base` (default: an empty plan) with those
+    three settings replaced. With an N:M structure the sparsity axis is ignored (it is N/M)."""
+    base = base or CompressionPlan()
+    sparsities = [0.0] if structure != "unstructured" else list(sparsities)
+    plans = []
+    for method in methods:
+        for s in sparsities:
+            for b in bits:
+                plan = copy.deepcopy(base)
+                plan.pruning.metric, plan.pruning.sparsity, plan.pruning.structure = method, float(s), structure
+                plan.quant.bits = int(b)
+                plan.name = ""
+                plan.validate()
+                plans.append(plan)
+    return plans
+
+
+def store_result(store: RunStore, result: EvalResult, plan: CompressionPlan, model_fingerprint: str,
+                 calibration_fingerprint: str | None, sweep_id: str | None = None,
+                 parent_run_id: int | None = None, duration_s: float | None = None) -> int:
+    metrics = {**result.metrics(), "details": result.to_dict()}
+    return store.add_run(RunRecord(
+        name=plan_label(plan), model_fingerprint=model_fingerprint, plan=plan.to_dict(), metrics=metrics,
+        calibration_fingerprint=calibration_fingerprint, eval_fingerprint=result.eval_fingerprint,
+        sweep_id=sweep_id, parent_run_id=parent_run_id, duration_s=duration_s,
+    ))
+
+
+def evaluate_plan(compressor: Compressor, evaluator: Evaluator, plan: CompressionPlan,
+                  store: RunStore | None = None, sweep_id: str | None = None, samples=None):
+    """Apply + evaluate (+ store) one plan: returns (EvalResult, run id or None)."""
+    start = time.perf_counter()
+    compressed = compressor.apply(plan, samples)
+    result = evaluator.evaluate(compressed)
+    run_id = None
+    if store is not None:
+        run_id = store_result(store, result, plan, compressor.loaded.fingerprint,
+                              compressor.stats.fingerprint if compressor.stats else None, sweep_id,
+                              duration_s=time.perf_counter() - start)
+    return result, run_id
+
+
+def run_sweep(compressor: Compressor, evaluator: Evaluator, plans: Sequence[CompressionPlan],
+              store: RunStore | None = None, sweep_id: str | None = None,
+              progress: Callable[[int, int, dict], None] | None = None,
+              should_stop: Callable[[], bool] | None = None, samples=None) -> pd.DataFrame:
+    """Evaluate `plans` in order; one DataFrame row per finished plan.
+
+    progress(done, total, row) after each plan; should_stop() is checked before each plan and a
+    True stops the sweep (the returned frame then has `attrs["cancelled"] = True`).
+    """
+    sweep_id = sweep_id or (new_sweep_id() if store is not None else None)
+    rows, cancelled = [], False
+    for i, plan in enumerate(plans):
+        if should_stop is not None and should_stop():
+            cancelled = True
+            break
+        result, run_id = evaluate_plan(compressor, evaluator, plan, store, sweep_id, samples)
+        row = dict(run_id=run_id, name=plan_label(plan), method=plan.pruning.metric, structure=plan.pruning.structure,
+                   sparsity=plan.pruning.sparsity if plan.nm() is None else plan.nm()[0] / plan.nm()[1],
+                   bits=plan.quant.bits, removed_experts=len(plan.removed_experts), **result.metrics(),
+                   plan_json=plan.to_json(indent=None))
+        rows.append(row)
+        if progress is not None:
+            progress(i + 1, len(plans), row)
+    df = pd.DataFrame(rows)
+    df.attrs.update(cancelled=cancelled, sweep_id=sweep_id)
+    return df

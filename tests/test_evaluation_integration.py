@@ -1,0 +1,133 @@
+"""Evaluating plans on held-out tokens against the base model, sweeps, and the run store."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeviz.calibration import calibrate
+from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
+from moeviz.compression.apply import Compressor
+from moeviz.data import Document, tokenize_documents
+from moeviz.evaluation import EvalSettings, Evaluator, grid_plans, run_sweep
+from moeviz.evaluation.evaluate import _balanced_subset
+from moeviz.store import RunStore
+
+DOCS = [
+    Document("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 30, "prose"),
+    Document("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n" * 20, "code"),
+]
+FAST = EvalSettings(batch_size=4, record_tokens=128, measure_latency=False)
+
+
+@pytest.fixture(scope="module")
+def setup(loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    cal = tokenize_documents(DOCS, lm.tokenizer, 8, 16, seed=0)
+    held = tokenize_documents(DOCS, lm.tokenizer, 6, 24, seed=5)
+    stats = calibrate(lm, cal, batch_size=4)
+    return lm, stats, held, Compressor(lm, stats), Evaluator(lm, held, FAST)
+
+
+def test_perplexity_is_exp_of_mean_cross_entropy_computed_separately(setup):
+    lm, _, held, comp, ev = setup
+    plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5))
+    cm = comp.apply(plan)
+    result = ev.evaluate(cm)
+    with torch.no_grad():
+        logits = cm.model(input_ids=held.input_ids).logits
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), held.input_ids[:, 1:].reshape(-1))
+    assert result.perplexity == pytest.approx(math.exp(float(ce)), rel=1e-5)
+    hits = (logits[:, :-1].argmax(-1) == held.input_ids[:, 1:]).float().mean()
+    assert result.accuracy == pytest.approx(float(hits))
+    code_rows = [i for i, d in enumerate(held.domains) if d == "code"]
+    ce_code = F.cross_entropy(logits[code_rows, :-1].reshape(-1, logits.shape[-1]), held.input_ids[code_rows, 1:].reshape(-1))
+    assert result.per_domain["code"]["perplexity"] == pytest.approx(math.exp(float(ce_code)), rel=1e-5)
+
+
+def test_identity_plan_has_no_drift_and_base_figures(setup):
+    lm, _, _, comp, ev = setup
+    r = ev.evaluate(comp.apply(CompressionPlan()))
+    assert r.perplexity == r.base_perplexity and r.accuracy == r.base_accuracy
+    for d in r.drift:
+        assert d["topk_overlap"] == 1.0 and d["top1_change_rate"] == 0.0 and d["kl"] == pytest.approx(0.0, abs=1e-9)
+    for b in r.load_balance:
+        assert b["cv_topk"] == pytest.approx(b["base_cv_topk"])
+    assert r.compression["compression_ratio"] == 1.0
+    assert r.latency_projected["ms_per_token"] == pytest.approx(r.base_latency_projected["ms_per_token"])
+    assert r.latency_measured is None  # not requested: never invented
+
+
+def test_expert_removal_shows_in_routing_metrics(setup):
+    lm, stats, _, comp, ev = setup
+    r = ev.evaluate(comp.apply(CompressionPlan(removed_experts=[(0, 2)])))
+    assert r.utilization["compressed"][0][2] == 0.0
+    assert r.drift[0]["topk_overlap"] < 1.0 and r.drift[0]["kl"] > 0
+    assert r.drift[1]["topk_overlap"] <= 1.0
+    base_share = r.utilization["base"][0][2]
+    assert r.utilization["shift"][0][2] == pytest.approx(-base_share)
+    counts = torch.tensor(r.utilization["compressed"][0])
+    active = counts[[0, 1, 3]]
+    assert r.load_balance[0]["cv_topk"] == pytest.approx(float(active.std(unbiased=False) / active.mean()), rel=1e-6)
+
+
+def test_projected_latency_falls_with_bits_and_is_labelled(setup):
+    _, _, _, comp, ev = setup
+    ms = []
+    for bits in (16, 8, 4, 2):
+        r = ev.evaluate(comp.apply(CompressionPlan(quant=QuantSettings(bits=bits, group_size=-1))))
+        assert r.latency_projected["kind"] == "projected" and r.latency_projected["device"] == "NVIDIA H100 SXM"
+        ms.append(r.latency_projected["ms_per_token"])
+    assert ms[0] > ms[1] > ms[2] > ms[3]
+
+
+def test_measured_latency_is_real_and_labelled(loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    held = tokenize_documents(DOCS, lm.tokenizer, 2, 16, seed=0)
+    ev = Evaluator(lm, held, EvalSettings(batch_size=2, record_tokens=16, latency_prompt_tokens=8,
+                                          latency_decode_tokens=2, latency_repeats=1))
+    r = ev.evaluate(Compressor(lm).apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.3))))
+    for lat in (r.latency_measured, r.base_latency_measured):
+        assert lat["kind"] == "measured" and lat["decode_ms_per_token"] > 0 and lat["prefill_tokens_per_s"] > 0
+
+
+def test_sweep_rows_store_progress_and_cancel(setup, tmp_path):
+    lm, stats, _, comp, ev = setup
+    plans = grid_plans(["magnitude", "moe_pruner"], [0.25, 0.5], bits=[16, 4], base=CompressionPlan(quant=QuantSettings(group_size=-1)))
+    assert len(plans) == 8 and {p.pruning.metric for p in plans} == {"magnitude", "moe_pruner"}
+    store = RunStore(tmp_path / "runs.sqlite")
+    calls = []
+    df = run_sweep(comp, ev, plans, store=store, progress=lambda d, t, row: calls.append((d, t)))
+    assert len(df) == 8 and calls[-1] == (8, 8) and not df.attrs["cancelled"]
+    stored = store.runs(model_fingerprint=lm.fingerprint, sweep_id=df.attrs["sweep_id"])
+    assert sorted(stored["id"]) == sorted(df["run_id"]) and stored["perplexity"].notna().all()
+    # More sparsity, fewer bytes; 4-bit rows compress more than 16-bit ones.
+    for (method, bits), g in df.groupby(["method", "bits"]):
+        assert g.sort_values("sparsity")["compression_ratio"].is_monotonic_increasing
+    assert (df[df.bits == 4]["compression_ratio"].min() > df[df.bits == 16]["compression_ratio"].max())
+    back = store.get_run(int(df["run_id"].iloc[0]))
+    assert CompressionPlan.from_dict(back.plan) == plans[0]
+    n = iter(range(100))
+    partial = run_sweep(comp, ev, plans, store=store, should_stop=lambda: next(n) >= 3)
+    assert len(partial) == 3 and partial.attrs["cancelled"]
+    assert len(store.runs(sweep_id=partial.attrs["sweep_id"])) == 3
+
+
+def test_base_is_evaluated_once(setup, monkeypatch):
+    lm, _, held, comp, _ = setup
+    calls = []
+    ev = Evaluator(lm, held, FAST)
+    original = Evaluator._run
+    monkeypatch.setattr(Evaluator, "_run", lambda self, loaded, progress=None: calls.append(loaded) or original(self, loaded, progress))
+    for s in (0.2, 0.4):
+        ev.evaluate(comp.apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=s))))
+    assert len(calls) == 2 and all(c is not lm for c in calls)  # only the two compressed models ran
+
+
+def test_balanced_subset_keeps_every_domain(loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    all_windows = tokenize_documents(DOCS, lm.tokenizer, 0, 16, all_windows=True)
+    sub = _balanced_subset(all_windows, 4)
+    assert sub.n_samples == 4 and sorted(sub.domains) == ["code", "code", "prose", "prose"]
+    assert sub.fingerprint != all_windows.fingerprint
