@@ -1,0 +1,54 @@
+"""Shared helpers of the figure modules: palettes, array conversion, empty figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+# Qualitative palette (plotly's D3 + a few extra): 12 distinguishable colours, cycled beyond that.
+QUALITATIVE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b",
+    "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#ad494a",
+]
+
+BASE_COLOR = "#000000"
+
+
+def color_for(i: int, palette: list[str] | None = None) -> str:
+    """The i-th colour of a qualitative palette, cycled."""
+    palette = palette or QUALITATIVE
+    return palette[int(i) % len(palette)]
+
+
+def to_numpy(x) -> np.ndarray:
+    """A torch tensor, list or array as a float numpy array (on CPU)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=float)
+
+
+def empty_figure(message: str, title: str = "") -> go.Figure:
+    """A figure with no data and a centred explanatory annotation (never raises)."""
+    fig = go.Figure()
+    fig.add_annotation(text=message, x=0.5, y=0.5, xref="paper", yref="paper", showarrow=False,
+                       font=dict(size=14, color="#555555"))
+    fig.update_layout(title=title or None, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                      template="plotly_white")
+    return fig
+
+
+def text_color_on(hex_color: str) -> str:
+    """Black or white, whichever reads better on a `#rrggbb` background (WCAG relative luminance)."""
+    h = hex_color.lstrip("#")
+    r, g, b = (int(h[i : i + 2], 16) / 255 for i in (0, 2, 4))
+    lin = [c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4 for c in (r, g, b)]
+    lum = 0.2126 * lin[0] + 0.7152 * lin[1] + 0.0722 * lin[2]
+    return "#000000" if lum > 0.179 else "#ffffff"
+
+
+def interpolate_hex(a: str, b: str, t: float) -> str:
+    """Linear interpolation between two `#rrggbb` colours, t in [0, 1] (clamped)."""
+    t = min(max(float(t), 0.0), 1.0)
+    ca = [int(a.lstrip("#")[i : i + 2], 16) for i in (0, 2, 4)]
+    cb = [int(b.lstrip("#")[i : i + 2], 16) for i in (0, 2, 4)]
+    return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(ca, cb))

@@ -1,0 +1,199 @@
+"""Graphviz DOT of one MoE layer, coloured live by a compression plan.
+
+    input → router (routing rule; router sparsity / bits) → experts (one node each) → weighted sum → output
+                 └──────────────→ shared experts (always active) ─────────────────────↗
+
+The three pruning targets (weights within experts, the router, whole experts) are labelled with note
+nodes. Expert fill goes light → dark with sparsity; removed experts are grey, dashed, "✗ removed".
+Returns DOT source only (no Graphviz binary needed); display with ``st.graphviz_chart(dot)``.
+
+Node names: ``input``, ``router``, ``e{i}`` (one per shown expert), ``more_experts`` (ellipsis, when
+experts are elided), ``shared{i}``, ``sum``, ``output``, ``target_*`` (notes), ``legend_*``.
+"""
+
+from __future__ import annotations
+
+import graphviz
+
+from moeviz.figures._common import interpolate_hex, text_color_on
+
+LIGHT, DARK = "#eef4fb", "#08306b"  # sparsity 0 → 1
+REMOVED_FILL, REMOVED_LINE = "#e0e0e0", "#9e9e9e"
+SHARED_FILL = "#fff3c4"
+MAX_SHOWN = 16  # beyond this: first HEAD, an ellipsis node, last TAIL
+HEAD, TAIL = 12, 2
+
+
+def sparsity_color(sparsity: float) -> str:
+    """Fill colour of an expert with this sparsity (0 → light, 1 → dark), `#rrggbb`."""
+    return interpolate_hex(LIGHT, DARK, sparsity)
+
+
+def _nm_sparsity(structure: str) -> float | None:
+    if structure and ":" in structure:
+        n, m = (int(x) for x in structure.split(":"))
+        return n / m
+    return None
+
+
+def resolve_plan_experts(plan: dict, layer: int, num_experts: int) -> list[dict]:
+    """Per-expert {expert, sparsity, bits, removed} for one layer from a ``CompressionPlan.to_dict()``:
+    global pruning/quant settings, then layer overrides, then (layer, expert) overrides, as the plan
+    documents. Requested sparsity only: an "utilization" allocation is resolved by `apply` with
+    calibration statistics, so pass the `ExpertState`s of an applied plan for exact values."""
+    pruning, quant = plan.get("pruning", {}) or {}, plan.get("quant", {}) or {}
+    base_s = _nm_sparsity(pruning.get("structure", "unstructured"))
+    base_s = float(pruning.get("sparsity", 0.0)) if base_s is None else base_s
+    base_b = int(quant.get("bits", 16))
+    removed = {(int(l), int(e)) for l, e in plan.get("removed_experts", [])}
+    out = []
+    for e in range(num_experts):
+        s, b = base_s, base_b
+        for scope in ("layer", "expert"):
+            for o in plan.get("overrides", []) or []:
+                if int(o.get("layer", -1)) != layer:
+                    continue
+                if (scope == "layer") != (o.get("expert") is None):
+                    continue
+                if scope == "expert" and int(o["expert"]) != e:
+                    continue
+                if o.get("sparsity") is not None:
+                    s = float(o["sparsity"])
+                if o.get("bits") is not None:
+                    b = int(o["bits"])
+        out.append(dict(expert=e, sparsity=s, bits=b, removed=(layer, e) in removed))
+    return out
+
+
+def expert_label(expert: int, sparsity: float = 0.0, bits: int = 16, removed: bool = False) -> str:
+    """"e3 · 50% · 4b", or "e3 ✗ removed"."""
+    if removed:
+        return f"e{expert} ✗ removed"
+    return f"e{expert} · {sparsity:.0%} · {bits}b"
+
+
+def _shown(E: int) -> tuple[list[int], list[int]]:
+    """(experts drawn, experts hidden behind the ellipsis)."""
+    if E <= MAX_SHOWN:
+        return list(range(E)), []
+    return list(range(HEAD)) + list(range(E - TAIL, E)), list(range(HEAD, E - TAIL))
+
+
+def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, plan: dict | None = None,
+                  title: str | None = None) -> str:
+    """DOT source of one MoE layer.
+
+    layer_info: one entry of ``ModelInfo.layers`` (``MoELayer.to_dict()``): num_experts, top_k,
+        routing_rule, hidden_size, intermediate_size, shared_expert_paths, index, path, family.
+    expert_states: ``asdict(ExpertState)`` dicts of an applied plan (others' layers are ignored);
+        they take precedence over `plan` for expert sparsity / bits / removal.
+    plan: ``CompressionPlan.to_dict()``; gives router sparsity / bits and, without expert_states,
+        the requested per-expert settings (see `resolve_plan_experts`).
+    """
+    E = int(layer_info["num_experts"])
+    k = int(layer_info.get("top_k", 0))
+    li = int(layer_info.get("index", 0))
+    per = {d["expert"]: d for d in resolve_plan_experts(plan or {}, li, E)}
+    for st in expert_states or []:
+        if int(st.get("layer", li)) == li and 0 <= int(st["expert"]) < E:
+            per[int(st["expert"])] = dict(expert=int(st["expert"]), sparsity=float(st.get("sparsity", 0.0)),
+                                          bits=int(st.get("bits", 16)), removed=bool(st.get("removed", False)))
+    shown, hidden = _shown(E)
+
+    g = graphviz.Digraph("moe_layer", graph_attr=dict(rankdir="LR", compound="true", fontname="Helvetica",
+                                                      nodesep="0.12", ranksep="0.6", labelloc="t"))
+    g.attr("node", fontname="Helvetica", fontsize="11")
+    g.attr("edge", fontname="Helvetica", fontsize="9", color="#555555")
+    head = title or (f"MoE layer {li}" + (f" ({layer_info['path']})" if layer_info.get("path") else ""))
+    fam = layer_info.get("family")
+    g.attr(label=f"{head}: {E} experts, top-{k}" + (f", {fam}" if fam else ""), fontsize="14")
+
+    hs = layer_info.get("hidden_size")
+    g.node("input", f"input x\\n(hidden {hs})" if hs else "input x", shape="box", style="rounded")
+    rlabel = "router\\n" + str(layer_info.get("routing_rule") or "top-k routing")
+    rs, rb = float((plan or {}).get("router_sparsity", 0.0)), int((plan or {}).get("router_bits", 16))
+    router_fill = sparsity_color(rs)
+    if rs or rb < 16:
+        rlabel += f"\\nrouter weights: {rs:.0%} pruned · {rb}b"
+    g.node("router", rlabel, shape="box", style="filled,bold", fillcolor=router_fill, fontcolor=text_color_on(router_fill))
+    g.edge("input", "router")
+
+    inter = layer_info.get("intermediate_size")
+    with g.subgraph(name="cluster_experts") as c:
+        c.attr(label=f"routed experts (each token uses {k} of {E}" + (f"; intermediate {inter}" if inter else "") + ")",
+               style="rounded,dashed", color="#888888", fontsize="11")
+        for e in shown[:HEAD] + (["more"] if hidden else []) + shown[HEAD:]:
+            if e == "more":
+                n_removed = sum(per[h]["removed"] for h in hidden)
+                extra = f"\\n({n_removed} removed)" if n_removed else ""
+                c.node("more_experts", f"… e{hidden[0]}–e{hidden[-1]}\\n{len(hidden)} more experts{extra}",
+                       shape="box", style="dotted")
+                continue
+            d = per[e]
+            if d["removed"]:
+                c.node(f"e{e}", expert_label(e, removed=True), shape="box", style="filled,dashed",
+                       fillcolor=REMOVED_FILL, color=REMOVED_LINE, fontcolor="#616161")
+            else:
+                fill = sparsity_color(d["sparsity"])
+                c.node(f"e{e}", expert_label(e, d["sparsity"], d["bits"]), shape="box", style="filled,rounded",
+                       fillcolor=fill, fontcolor=text_color_on(fill))
+    order = shown[:HEAD] + (["more"] if hidden else []) + shown[HEAD:]
+    g.node("sum", "Σ weighted sum\\nΣ gᵢ · expertᵢ(x)", shape="circle", fixedsize="false")
+    for e in order:
+        name = "more_experts" if e == "more" else f"e{e}"
+        removed = e != "more" and per[e]["removed"]
+        style = dict(style="dashed", color=REMOVED_LINE) if removed else {}
+        g.edge("router", name, **style)
+        if not removed:
+            g.edge(name, "sum")
+
+    shared = list(layer_info.get("shared_expert_paths") or [])
+    if shared:
+        with g.subgraph(name="cluster_shared") as c:
+            c.attr(label="shared experts (always active, not routed)", style="rounded", color="#c9a227", fontsize="11")
+            for i, p in enumerate(shared):
+                c.node(f"shared{i}", f"shared expert {i}\\n{p.rsplit('.', 1)[-1]}", shape="box",
+                       style="filled,rounded,bold", fillcolor=SHARED_FILL)
+        for i in range(len(shared)):
+            g.edge("input", f"shared{i}", label="always")
+            g.edge(f"shared{i}", "sum")
+    g.node("output", "output", shape="box", style="rounded")
+    g.edge("sum", "output")
+
+    # The three pruning targets of the source text.
+    note = dict(shape="note", style="filled", fillcolor="#fff8e1", fontsize="10", color="#c9a227")
+    dotted = dict(style="dotted", arrowhead="none", color="#c9a227", constraint="false")
+    first = f"e{shown[0]}" if shown else "sum"
+    g.node("target_weights", "pruning target 1:\\nweights within experts\\n(sparsity, N:M, quantization)", **note)
+    g.node("target_router", "pruning target 2:\\nthe router\\n(router sparsity / bits)", **note)
+    g.node("target_experts", "pruning target 3:\\nwhole experts\\n(expert removal)", **note)
+    g.edge("target_router", "router", **dotted)
+    g.edge("target_weights", first, lhead="cluster_experts", **dotted)
+    g.edge("target_experts", f"e{shown[-1]}" if shown else "sum", lhead="cluster_experts", **dotted)
+
+    with g.subgraph(name="cluster_legend") as c:
+        c.attr(label="legend", style="rounded", color="#bbbbbb", fontsize="10")
+        prev = None
+        for s in (0.0, 0.5, 0.9):
+            fill = sparsity_color(s)
+            c.node(f"legend_s{int(s * 100)}", f"{s:.0%} sparsity", shape="box", style="filled,rounded",
+                   fillcolor=fill, fontcolor=text_color_on(fill), fontsize="9")
+            if prev:
+                c.edge(prev, f"legend_s{int(s * 100)}", style="invis")
+            prev = f"legend_s{int(s * 100)}"
+        c.node("legend_removed", "✗ removed expert", shape="box", style="filled,dashed", fillcolor=REMOVED_FILL,
+               color=REMOVED_LINE, fontcolor="#616161", fontsize="9")
+        c.edge(prev, "legend_removed", style="invis")
+        c.node("legend_label", "label: e<id> · sparsity · bits", shape="plaintext", fontsize="9")
+        c.edge("legend_removed", "legend_label", style="invis")
+        if shared:
+            c.node("legend_shared", "shared expert", shape="box", style="filled,rounded,bold", fillcolor=SHARED_FILL,
+                   fontsize="9")
+            c.edge("legend_label", "legend_shared", style="invis")
+    if hidden:
+        g.node("note_elided", f"showing {len(shown)} of {E} experts:\\nfirst {HEAD}, last {TAIL}", shape="plaintext",
+               fontsize="9", fontcolor="#666666")
+    return g.source
+
+
+__all__ = ["expert_label", "moe_layer_dot", "resolve_plan_experts", "sparsity_color"]

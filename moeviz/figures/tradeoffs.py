@@ -1,0 +1,378 @@
+"""Trade-off figures from a sweep DataFrame (`run_sweep`) or a run-store DataFrame (`RunStore.runs()`).
+
+Both frames are accepted: run ids come from ``run_id`` (sweep) or ``id`` (store); the method from a
+``method`` column, else from ``plan_json`` (the plan's pruning metric). Base-model reference values
+come from the ``base_<metric>`` columns (e.g. ``base_accuracy``, ``base_projected_decode_ms``); the
+base model has compression ratio 1.
+
+Accuracy-like fractions are drawn in % (×100); axis titles carry units. Every function returns a
+figure with an explanatory annotation (never raises) for an empty frame or missing columns.
+
+Selection: in `pareto_chart` and `tradeoff_chart`, every point of a run carries ``customdata`` with
+``customdata[0]`` = run id (``None`` when the frame has no ids) and ``customdata[1]`` = run name, so
+``st.plotly_chart(fig, on_select="rerun")`` selections identify runs. Base-model markers carry no
+customdata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from moeviz.evaluation.pareto import pareto_mask
+from moeviz.figures._common import BASE_COLOR, color_for, empty_figure
+
+_TEMPLATE = "plotly_white"
+
+# column -> (axis title with unit, display scale)
+COLUMNS: dict[str, tuple[str, float]] = {
+    "accuracy": ("Next-token accuracy (%)", 100.0),
+    "perplexity": ("Perplexity (held-out, exp of mean NLL; lower is better)", 1.0),
+    "perplexity_increase": ("Perplexity increase over base (%)", 100.0),
+    "compression_ratio": ("Compression ratio (× smaller, stored model bytes)", 1.0),
+    "experts_compression_ratio": ("Experts compression ratio (× smaller, expert weight bytes)", 1.0),
+    "projected_decode_ms": ("Decode latency, projected (device) (ms/token)", 1.0),
+    "measured_decode_ms": ("Decode latency, measured (this machine) (ms/token)", 1.0),
+    "mean_cv": ("Load-balance CV, mean over layers (std/mean, unitless)", 1.0),
+    "mean_topk_overlap": ("Top-k overlap with base, mean over layers (%)", 100.0),
+    "mean_top1_change": ("Top-1 change rate vs base, mean over layers (%)", 100.0),
+    "mean_kl": ("Router KL(base ‖ compressed), mean over layers (nats)", 1.0),
+    "parameter_bytes": ("Stored parameters (bytes)", 1.0),
+    "sparsity": ("Sparsity (%)", 100.0),
+}
+MINIMIZE = {"perplexity", "perplexity_increase", "projected_decode_ms", "measured_decode_ms", "mean_cv",
+            "mean_kl", "mean_top1_change", "parameter_bytes"}
+
+
+def axis_title(col: str) -> str:
+    return COLUMNS.get(col, (col, 1.0))[0]
+
+
+def _scale(col: str) -> float:
+    return COLUMNS.get(col, (col, 1.0))[1]
+
+
+def _fmt(col: str) -> str:
+    """hovertemplate number format for a displayed column."""
+    return ".2f" if _scale(col) != 1 else ".4g"
+
+
+def _is_empty(df) -> bool:
+    return df is None or not isinstance(df, pd.DataFrame) or len(df) == 0
+
+
+def _missing(df: pd.DataFrame, cols) -> list[str]:
+    return [c for c in cols if c not in df.columns or pd.to_numeric(df[c], errors="coerce").notna().sum() == 0]
+
+
+def _guard(df, cols, title: str) -> go.Figure | None:
+    if _is_empty(df):
+        return empty_figure("No runs yet: run a sweep or evaluate a plan to fill this chart.", title)
+    miss = _missing(df, cols)
+    if miss:
+        return empty_figure(f"No values for {', '.join(miss)} in these runs.", title)
+    return None
+
+
+def run_ids(df: pd.DataFrame) -> list:
+    """Run id per row: ``run_id`` (sweep frame) or ``id`` (run store), else None."""
+    for c in ("run_id", "id"):
+        if c in df.columns and df[c].notna().any():
+            return [None if pd.isna(v) else int(v) for v in df[c]]
+    return [None] * len(df)
+
+
+def _plan_metric(plan_json) -> str:
+    try:
+        return json.loads(plan_json)["pruning"]["metric"]
+    except Exception:  # noqa: BLE001 - any malformed plan just falls back
+        return "runs"
+
+
+def methods(df: pd.DataFrame, method_col: str | None = None) -> list[str]:
+    """Method (colour group) per row: `method_col`, ``method``, the plan's pruning metric, or "runs"."""
+    if method_col is not None:
+        return [str(v) for v in df[method_col]]
+    if "method" in df.columns:
+        return [str(v) if not pd.isna(v) else "runs" for v in df["method"]]
+    if "plan_json" in df.columns:
+        return [_plan_metric(v) for v in df["plan_json"]]
+    return ["runs"] * len(df)
+
+
+def _names(df: pd.DataFrame) -> list[str]:
+    return [str(v) for v in df["name"]] if "name" in df.columns else [f"run {i}" for i in range(len(df))]
+
+
+def base_value(df: pd.DataFrame, col: str) -> float | None:
+    """The base model's value of `col`: the first finite ``base_<col>`` (1.0 for compression ratios)."""
+    if col in ("compression_ratio", "experts_compression_ratio"):
+        return 1.0
+    bc = f"base_{col}"
+    if bc in df.columns:
+        vals = pd.to_numeric(df[bc], errors="coerce").dropna()
+        if len(vals):
+            return float(vals.iloc[0])
+    return None
+
+
+def _num(df: pd.DataFrame, col: str) -> np.ndarray:
+    return pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=float)
+
+
+def _method_colors(ms: list[str]) -> dict[str, str]:
+    return {m: color_for(i) for i, m in enumerate(dict.fromkeys(ms))}
+
+
+def _custom(ids: list, names: list[str], rows) -> list[list]:
+    return [[ids[i], names[i]] for i in rows]
+
+
+def add_recovery_arrows(fig: go.Figure, df: pd.DataFrame, x: str, y: str, yref: str = "y") -> int:
+    """Arrow annotations from each parent run's point to its recovery run's point (rows whose
+    ``parent_run_id`` names another row's id). Returns the number of arrows drawn."""
+    if "parent_run_id" not in df.columns:
+        return 0
+    ids = run_ids(df)
+    xs, ys = _num(df, x) * _scale(x), _num(df, y) * _scale(y)
+    pos = {rid: i for i, rid in enumerate(ids) if rid is not None}
+    n = 0
+    for i, parent in enumerate(df["parent_run_id"]):
+        if pd.isna(parent) or int(parent) not in pos:
+            continue
+        j = pos[int(parent)]
+        if not all(math.isfinite(v) for v in (xs[i], ys[i], xs[j], ys[j])):
+            continue
+        fig.add_annotation(x=xs[i], y=ys[i], ax=xs[j], ay=ys[j], xref="x", yref=yref, axref="x", ayref=yref,
+                           showarrow=True, arrowhead=3, arrowsize=1.2, arrowwidth=1.5, arrowcolor="#444444",
+                           text="", hovertext=f"recovery: run {int(parent)} → run {ids[i]}", name="recovery")
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------- main chart
+def infer_latency_kind(latency_col: str) -> str:
+    if "measured" in latency_col:
+        return "measured"
+    if "projected" in latency_col:
+        return "projected"
+    raise ValueError(f"cannot tell whether {latency_col!r} is measured or projected: pass latency_kind")
+
+
+def latency_axis_title(kind: str, device: str | None = None) -> str:
+    if kind == "measured":
+        return "Decode latency, measured (this machine) (ms/token)"
+    if kind == "projected":
+        return f"Decode latency, projected (device{': ' + device if device else ''}) (ms/token)"
+    raise ValueError("latency_kind must be 'measured' or 'projected'")
+
+
+def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col: str = "projected_decode_ms",
+                   ratio_col: str = "compression_ratio", latency_kind: str | None = None,
+                   method_col: str | None = None, device: str | None = None,
+                   show_recovery: bool = True) -> go.Figure:
+    """Compression ratio (x) vs accuracy (left y, solid lines, circles) and decode latency (right y,
+    dotted lines, diamonds), one colour per method, each method sorted by ratio. The base model is a
+    black star at ratio 1 on both axes. The right axis says "projected (device)" or "measured (this
+    machine)" (`latency_kind`, inferred from `latency_col` when None). With ``parent_run_id`` values,
+    recovery arrows go from parent to child on the accuracy axis.
+    """
+    kind = latency_kind or infer_latency_kind(latency_col)
+    ytitle2 = latency_axis_title(kind, device)
+    title = "Accuracy and latency vs compression"
+    guard = _guard(df, [ratio_col, accuracy_col], title)
+    if guard is not None:
+        return guard
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    has_latency = latency_col in df.columns and pd.to_numeric(df[latency_col], errors="coerce").notna().any()
+    ids, names, ms = run_ids(df), _names(df), methods(df, method_col)
+    colors = _method_colors(ms)
+    xr, acc = _num(df, ratio_col), _num(df, accuracy_col) * _scale(accuracy_col)
+    lat = _num(df, latency_col) if has_latency else np.full(len(df), np.nan)
+    for m, color in colors.items():
+        rows = sorted((i for i in range(len(df)) if ms[i] == m and math.isfinite(xr[i])), key=lambda i: xr[i])
+        for values, second, symbol, dash, what, col in (
+            (acc, False, "circle", "solid", "accuracy", accuracy_col),
+            (lat, True, "diamond", "dot", "latency", latency_col),
+        ):
+            keep = [i for i in rows if math.isfinite(values[i])]
+            if not keep:
+                continue
+            unit = "%" if _scale(col) == 100 else (" ms/token" if what == "latency" else "")
+            fig.add_trace(go.Scatter(
+                x=xr[keep], y=values[keep], mode="lines+markers", name=f"{m} · {what}", legendgroup=m,
+                line=dict(color=color, dash=dash), marker=dict(symbol=symbol, size=8, color=color),
+                customdata=_custom(ids, names, keep),
+                hovertemplate=(f"<b>%{{customdata[1]}}</b><br>run %{{customdata[0]}} · {m}<br>"
+                               f"compression %{{x:.3g}}×<br>{what}{' (' + kind + ')' if what == 'latency' else ''}: "
+                               f"%{{y:{_fmt(col)}}}{unit}<extra></extra>"),
+            ), secondary_y=second)
+    b_acc = base_value(df, accuracy_col)
+    if b_acc is not None:
+        fig.add_trace(go.Scatter(x=[1.0], y=[b_acc * _scale(accuracy_col)], mode="markers", name="base model",
+                                 legendgroup="base", marker=dict(symbol="star", size=14, color=BASE_COLOR),
+                                 hovertemplate="<b>base model</b><br>accuracy %{y:.2f}%<extra></extra>"),
+                      secondary_y=False)
+    b_lat = base_value(df, latency_col)
+    if b_lat is not None and has_latency:
+        fig.add_trace(go.Scatter(x=[1.0], y=[b_lat], mode="markers", name="base model · latency", legendgroup="base",
+                                 marker=dict(symbol="star-diamond", size=13, color=BASE_COLOR),
+                                 hovertemplate=f"<b>base model</b><br>latency ({kind}) %{{y:.4g}} ms/token<extra></extra>"),
+                      secondary_y=True)
+    if show_recovery:
+        add_recovery_arrows(fig, df, ratio_col, accuracy_col)
+    fig.update_xaxes(title_text=axis_title(ratio_col))
+    fig.update_yaxes(title_text=axis_title(accuracy_col), secondary_y=False)
+    fig.update_yaxes(title_text=ytitle2, secondary_y=True, showgrid=False)
+    if not has_latency:
+        fig.add_annotation(text=f"no {kind} latency in these runs", xref="paper", yref="paper", x=1, y=1.06,
+                           showarrow=False, font=dict(size=11, color="#777777"))
+    fig.update_layout(title=title + f" (latency {kind})", template=_TEMPLATE, legend=dict(title="Method · metric"),
+                      hovermode="closest")
+    return fig
+
+
+# ---------------------------------------------------------------------------------- per-method lines
+def _per_method_lines(df, y: str, x: str, method_col, log_y: bool, title: str) -> go.Figure:
+    guard = _guard(df, [x, y], title)
+    if guard is not None:
+        return guard
+    ids, names, ms = run_ids(df), _names(df), methods(df, method_col)
+    xs, ys = _num(df, x) * _scale(x), _num(df, y) * _scale(y)
+    fig = go.Figure()
+    for m, color in _method_colors(ms).items():
+        rows = sorted((i for i in range(len(df)) if ms[i] == m and math.isfinite(xs[i]) and math.isfinite(ys[i])),
+                      key=lambda i: xs[i])
+        if not rows:
+            continue
+        fig.add_trace(go.Scatter(
+            x=xs[rows], y=ys[rows], mode="lines+markers", name=m, line=dict(color=color),
+            marker=dict(size=8, color=color), customdata=_custom(ids, names, rows),
+            hovertemplate=(f"<b>%{{customdata[1]}}</b><br>run %{{customdata[0]}} · {m}<br>{axis_title(x)}: "
+                           f"%{{x:{_fmt(x)}}}<br>{axis_title(y)}: %{{y:{_fmt(y)}}}<extra></extra>"),
+        ))
+    b = base_value(df, y)
+    if b is not None:
+        fig.add_hline(y=b * _scale(y), line=dict(color=BASE_COLOR, dash="dash", width=1),
+                      annotation_text=f"base model {b * _scale(y):.4g}", annotation_position="top left")
+        # an invisible trace so the reference line appears in the legend
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="base model",
+                                 line=dict(color=BASE_COLOR, dash="dash", width=1), hoverinfo="skip"))
+    fig.update_layout(title=title, template=_TEMPLATE, xaxis=dict(title=axis_title(x)),
+                      yaxis=dict(title=axis_title(y) + (" (log scale)" if log_y else ""),
+                                 type="log" if log_y else "linear"),
+                      legend=dict(title="Method"))
+    return fig
+
+
+def perplexity_vs_ratio(df: pd.DataFrame, log_y: bool = False, ratio_col: str = "compression_ratio",
+                        method_col: str | None = None) -> go.Figure:
+    """Perplexity vs compression ratio, one line per method (sorted by ratio); base as a dashed line."""
+    return _per_method_lines(df, "perplexity", ratio_col, method_col, log_y, "Perplexity vs compression")
+
+
+def cv_vs_ratio(df: pd.DataFrame, ratio_col: str = "compression_ratio", method_col: str | None = None) -> go.Figure:
+    """Load-balance CV (mean over layers) vs compression ratio per method; base CV dashed."""
+    return _per_method_lines(df, "mean_cv", ratio_col, method_col, False, "Load balance vs compression")
+
+
+# ---------------------------------------------------------------------------------- drift
+def _drift_rows(result) -> list[dict]:
+    if hasattr(result, "drift"):
+        return list(result.drift)
+    if isinstance(result, dict):
+        if "drift" in result:
+            return list(result["drift"])
+        if isinstance(result.get("details"), dict):
+            return list(result["details"].get("drift", []))
+        return []
+    return list(result or [])
+
+
+def drift_per_layer(result) -> go.Figure:
+    """Routing drift of one run per layer: top-k overlap and top-1 change rate (left axis, 0–1) and
+    router KL divergence (right axis, nats). `result`: an `EvalResult`, its ``to_dict()``, a run's
+    metrics dict with ``"details"``, or the drift list (dicts: layer, topk_overlap, top1_change_rate, kl)."""
+    rows = _drift_rows(result)
+    title = "Routing drift per layer (compressed vs base, same tokens)"
+    if not rows:
+        return empty_figure("No routing-drift data in this result.", title)
+    x = [r.get("layer", i) for i, r in enumerate(rows)]
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for key, name, color, symbol in (("topk_overlap", "top-k overlap", color_for(0), "circle"),
+                                     ("top1_change_rate", "top-1 change rate", color_for(3), "square")):
+        fig.add_trace(go.Scatter(x=x, y=[r[key] for r in rows], mode="lines+markers", name=name,
+                                 line=dict(color=color), marker=dict(symbol=symbol, size=8),
+                                 hovertemplate=f"MoE layer %{{x}}<br>{name}: %{{y:.3f}}<extra></extra>"),
+                      secondary_y=False)
+    fig.add_trace(go.Bar(x=x, y=[r["kl"] for r in rows], name="KL(base ‖ compressed)", marker_color="#bbbbbb",
+                         opacity=0.6, hovertemplate="MoE layer %{x}<br>KL: %{y:.4g} nats<extra></extra>"),
+                  secondary_y=True)
+    fig.update_xaxes(title_text="MoE layer (index)", dtick=1)
+    fig.update_yaxes(title_text="Overlap / change rate (fraction of tokens, 0–1)", range=[0, 1.05],
+                     secondary_y=False)
+    fig.update_yaxes(title_text="Router KL divergence (nats per token)", secondary_y=True, showgrid=False,
+                     rangemode="tozero")
+    fig.update_layout(title=title, template=_TEMPLATE, legend=dict(title="Drift measure"))
+    return fig
+
+
+# ---------------------------------------------------------------------------------- pareto
+def pareto_chart(df: pd.DataFrame, x: str = "compression_ratio", y: str = "accuracy",
+                 maximize_x: bool | None = None, maximize_y: bool | None = None,
+                 show_recovery: bool = True) -> go.Figure:
+    """All runs as faint points (trace "all runs") and the Pareto front (trace "Pareto front")
+    highlighted and connected in x order. Direction per objective defaults to maximise, except the
+    columns in `MINIMIZE` (perplexity, latency, CV, KL, …). Every run point has ``customdata[0]`` =
+    run id and ``customdata[1]`` = name. A base-model star is added when a base value is known.
+    Recovery arrows (parent → child) when ``parent_run_id`` is set."""
+    title = f"Pareto front: {axis_title(y).split(' (')[0]} vs {axis_title(x).split(' (')[0]}"
+    guard = _guard(df, [x, y], title)
+    if guard is not None:
+        return guard
+    mx = (x not in MINIMIZE) if maximize_x is None else maximize_x
+    my = (y not in MINIMIZE) if maximize_y is None else maximize_y
+    df = df.reset_index(drop=True)
+    ids, names, ms = run_ids(df), _names(df), methods(df)
+    xs, ys = _num(df, x) * _scale(x), _num(df, y) * _scale(y)
+    mask = pareto_mask(df, x, y, mx, my)
+    finite = [i for i in range(len(df)) if math.isfinite(xs[i]) and math.isfinite(ys[i])]
+    front = sorted(np.flatnonzero(mask).tolist(), key=lambda i: (xs[i], ys[i]))
+    hover = ("<b>%{customdata[1]}</b><br>run %{customdata[0]} · %{customdata[2]}<br>"
+             f"{axis_title(x)}: %{{x:{_fmt(x)}}}<br>{axis_title(y)}: %{{y:{_fmt(y)}}}<extra></extra>")
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=xs[finite], y=ys[finite], mode="markers", name="all runs",
+        marker=dict(size=8, color="#9e9e9e", opacity=0.45),
+        customdata=[[ids[i], names[i], ms[i]] for i in finite], hovertemplate=hover,
+    ))
+    fig.add_trace(go.Scatter(
+        x=xs[front], y=ys[front], mode="lines+markers", name="Pareto front",
+        line=dict(color=color_for(3), width=2), marker=dict(size=11, color=color_for(3), line=dict(width=1, color="#ffffff")),
+        customdata=[[ids[i], names[i], ms[i]] for i in front], hovertemplate=hover,
+    ))
+    bx, by = base_value(df, x), base_value(df, y)
+    if bx is not None and by is not None:
+        fig.add_trace(go.Scatter(x=[bx * _scale(x)], y=[by * _scale(y)], mode="markers", name="base model",
+                                 marker=dict(symbol="star", size=14, color=BASE_COLOR),
+                                 hovertemplate="<b>base model</b><br>%{x:.4g}, %{y:.4g}<extra></extra>"))
+    if show_recovery:
+        add_recovery_arrows(fig, df, x, y)
+    arrows = lambda up: "higher is better" if up else "lower is better"  # noqa: E731
+    fig.update_layout(
+        title=title, template=_TEMPLATE, legend=dict(title="Runs"), clickmode="event+select", dragmode="select",
+        xaxis=dict(title=f"{axis_title(x)} → {arrows(mx)}"), yaxis=dict(title=f"{axis_title(y)} → {arrows(my)}"),
+    )
+    return fig
+
+
+__all__ = [
+    "COLUMNS", "MINIMIZE", "add_recovery_arrows", "axis_title", "base_value", "cv_vs_ratio", "drift_per_layer",
+    "infer_latency_kind", "latency_axis_title", "methods", "pareto_chart", "perplexity_vs_ratio", "run_ids",
+    "tradeoff_chart",
+]

@@ -1,0 +1,332 @@
+"""moeviz.figures: figures carry the data passed in, axis titles with units, and never crash on empty input."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import graphviz
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+import torch
+
+from moeviz.calibration.stats import CalibrationStats, LayerStats
+from moeviz.figures import (
+    coactivation_heatmap, cv_vs_ratio, domain_specialization, drift_per_layer, load_balance_comparison,
+    load_balance_cv_bars, moe_layer_dot, pareto_chart, perplexity_vs_ratio, router_probability_histogram,
+    token_routing_html, token_routing_table, tradeoff_chart, utilization_heatmap,
+)
+
+
+# ------------------------------------------------------------------------------------------ data
+def _layer(i, routed, top1, gate_sum, coact, domain, hist):
+    E = len(routed)
+    z = lambda *s: torch.zeros(*s)  # noqa: E731
+    return LayerStats(
+        layer=2 * i + 1, path=f"model.layers.{2 * i + 1}.mlp", num_experts=E, top_k=2,
+        routed_counts=torch.tensor(routed, dtype=torch.float64), top1_counts=torch.tensor(top1, dtype=torch.float64),
+        prob_sum=z(E), gate_sum=torch.tensor(gate_sum, dtype=torch.float64), gate_output_norm=z(E),
+        input_sq=z(E, 3), input_sq_weighted=z(E, 3), down_sq=z(E, 5), down_sq_weighted=z(E, 5),
+        coactivation=torch.tensor(coact, dtype=torch.float64), domain_counts=torch.tensor(domain, dtype=torch.float64),
+        prob_hist=torch.tensor(hist, dtype=torch.float64), record_topk=torch.zeros(0, 2, dtype=torch.long),
+        record_probs=z(0, E),
+    )
+
+
+@pytest.fixture
+def stats():
+    l0 = _layer(0, routed=[10, 20, 30, 40], top1=[5, 10, 15, 20], gate_sum=[5, 8, 9, 20],
+                coact=[[10, 4, 3, 3], [4, 20, 6, 10], [3, 6, 30, 21], [3, 10, 21, 40]],
+                domain=[[8, 12, 10, 10], [2, 8, 20, 30]],
+                hist=[[40, 5, 3, 2, 0], [30, 10, 5, 4, 1], [20, 15, 10, 4, 1], [10, 10, 10, 10, 10]])
+    l1 = _layer(1, routed=[25, 25, 25, 25], top1=[10, 20, 10, 10], gate_sum=[10, 10, 10, 10],
+                coact=[[25, 10, 10, 5], [10, 25, 5, 10], [10, 5, 25, 10], [5, 10, 10, 25]],
+                domain=[[10, 15, 10, 5], [15, 10, 15, 20]],
+                hist=[[25, 10, 10, 5, 0]] * 4)
+    return CalibrationStats("m", "d", {}, 50, ["code", "prose"], [25, 25], 5, 0.1, layers=[l0, l1])
+
+
+def _titles(fig):
+    return fig.layout.xaxis.title.text, fig.layout.yaxis.title.text
+
+
+def _has_unit(title: str) -> bool:
+    return bool(re.search(r"\((?:[^)]*)\)", title or ""))
+
+
+def _sweep_frame():
+    """Two methods, three runs each, plus hand-checked Pareto front on (ratio ↑, accuracy ↑)."""
+    rows = [
+        # run_id, method, ratio, acc, ppl, lat, cv
+        (1, "wanda", 1.5, 0.40, 12.0, 2.0, 0.30),
+        (2, "wanda", 2.0, 0.35, 14.0, 1.6, 0.35),
+        (3, "wanda", 3.0, 0.20, 30.0, 1.2, 0.50),
+        (4, "magnitude", 1.5, 0.38, 13.0, 2.0, 0.31),  # dominated by 1
+        (5, "magnitude", 2.0, 0.36, 13.5, 1.6, 0.33),  # front
+        (6, "magnitude", 2.5, 0.10, 60.0, 1.4, 0.60),  # dominated by 3
+    ]
+    df = pd.DataFrame(rows, columns=["run_id", "method", "compression_ratio", "accuracy", "perplexity",
+                                     "projected_decode_ms", "mean_cv"])
+    df["name"] = [f"{m} r{r}" for r, m in zip(df.run_id, df.method)]
+    df["base_accuracy"], df["base_perplexity"] = 0.42, 11.0
+    df["base_projected_decode_ms"], df["base_mean_cv"] = 3.0, 0.28
+    return df
+
+
+# ------------------------------------------------------------------------------------------ routing
+def test_utilization_heatmap_values_hover_and_axes(stats):
+    fig = utilization_heatmap(stats)
+    assert isinstance(fig, go.Figure) and len(fig.data) == 1
+    hm = fig.data[0]
+    expected = np.array([[10, 20, 30, 40], [25, 25, 25, 25]]) / 100 * 100  # counts / 100 tokens·k, in %
+    np.testing.assert_allclose(np.array(hm.z, dtype=float), expected)
+    cd = np.array(hm.customdata, dtype=float)
+    np.testing.assert_allclose(cd[0, :, 0], [10, 20, 30, 40])  # token counts
+    np.testing.assert_allclose(cd[0, :, 1], [0.5, 0.4, 0.3, 0.5])  # mean gate = gate_sum / routed
+    assert "%" in hm.colorbar.title.text and "Mean gate" in hm.hovertemplate
+    x, y = _titles(fig)
+    assert "Expert" in x and "layer" in y.lower() and _has_unit(x) and _has_unit(y)
+
+
+def test_router_probability_histogram(stats):
+    fig = router_probability_histogram(stats, 0, experts=[1, 3], log_y=True)
+    assert [t.name for t in fig.data] == ["expert 1", "expert 3"]
+    np.testing.assert_allclose(fig.data[0].y, [30, 10, 5, 4, 1])
+    np.testing.assert_allclose(fig.data[0].x, [0.1, 0.3, 0.5, 0.7, 0.9])
+    assert fig.layout.yaxis.type == "log" and fig.data[0].hovertemplate
+    x, y = _titles(fig)
+    assert "probability" in x.lower() and "count" in y
+    assert len(router_probability_histogram(stats, 1).data) == 4
+    with pytest.raises(IndexError):
+        router_probability_histogram(stats, 0, experts=[7])
+
+
+def test_load_balance_bars_match_stats(stats):
+    fig = load_balance_cv_bars(stats)
+    assert len(fig.data) == 2 and fig.layout.barmode == "group"
+    c = np.array([10, 20, 30, 40.0])
+    np.testing.assert_allclose(fig.data[0].y[0], c.std() / c.mean())
+    np.testing.assert_allclose(fig.data[0].y[1], 0.0)
+    t1 = np.array([10, 20, 10, 10.0])
+    np.testing.assert_allclose(fig.data[1].y[1], t1.std() / t1.mean())
+    assert "CV" in fig.layout.yaxis.title.text and _has_unit(fig.layout.yaxis.title.text)
+
+
+def test_load_balance_comparison_accepts_result_shapes():
+    lb = [dict(layer=0, base_cv_topk=0.2, cv_topk=0.5, base_cv_top1=0.3, cv_top1=0.6),
+          dict(layer=1, base_cv_topk=0.1, cv_topk=0.15, base_cv_top1=0.2, cv_top1=0.25)]
+    for result in (dict(load_balance=lb), dict(details=dict(load_balance=lb)), lb):
+        fig = load_balance_comparison(result)
+        assert [t.name for t in fig.data] == ["base model", "compressed"]
+        assert list(fig.data[0].y) == [0.2, 0.1] and list(fig.data[1].y) == [0.5, 0.15]
+    assert list(load_balance_comparison(lb, counts="top1").data[1].y) == [0.6, 0.25]
+    assert len(load_balance_comparison({}).data) == 0  # empty: annotation, no error
+
+
+def test_coactivation_heatmap_masks_diagonal_and_normalizes(stats):
+    fig = coactivation_heatmap(stats, 0, normalize=True)
+    z = np.array(fig.data[0].z, dtype=float)
+    assert np.isnan(np.diag(z)).all()
+    assert z[1, 3] == pytest.approx(100 * 10 / 20) and z[3, 1] == pytest.approx(100 * 10 / 40)
+    cd = np.array(fig.data[0].customdata, dtype=float)
+    assert cd[2, 3, 0] == 21 and cd[2, 3, 1] == 30
+    raw = np.array(coactivation_heatmap(stats, 0, normalize=False).data[0].z, dtype=float)
+    assert raw[2, 3] == 21 and np.isnan(raw[0, 0])
+    assert "both" in fig.data[0].hovertemplate and _has_unit(fig.layout.xaxis.title.text)
+
+
+def test_domain_specialization_share_and_ratio(stats):
+    share_fig = domain_specialization(stats, 0, mode="share")
+    z = np.array(share_fig.data[0].z, dtype=float)
+    np.testing.assert_allclose(z[0], [20, 30, 25, 25])  # code: 8,12,10,10 of 40
+    np.testing.assert_allclose(z[1], [100 * 2 / 60, 100 * 8 / 60, 100 * 20 / 60, 100 * 30 / 60])
+    assert list(share_fig.data[0].y) == ["code", "prose"]
+    ratio_fig = domain_specialization(stats, 0)  # log2 of share / overall share
+    overall = np.array([10, 20, 30, 40]) / 100
+    ratio = (np.array([8, 12, 10, 10]) / 40) / overall
+    np.testing.assert_allclose(np.array(ratio_fig.data[0].z, dtype=float)[0], np.log2(ratio))
+    np.testing.assert_allclose(np.array(ratio_fig.data[0].customdata, dtype=float)[0, :, 2], ratio)
+    assert "Domain" in ratio_fig.layout.yaxis.title.text
+
+
+# ------------------------------------------------------------------------------------------ tokens
+def test_token_html_escapes_and_colours():
+    tokens = ["<script>alert(1)</script>", ' "q"', " & co"]
+    html = token_routing_html(tokens, [0, 9, 0], [[0, 1], [9, 0], [0, 2]], [[0.7, 0.3], [0.6, 0.4], [0.9, 0.1]], 10)
+    assert "<script>" not in html and "&lt;script&gt;" in html
+    assert '"q"' not in html and "&amp; co" in html
+    spans = re.findall(r'<span class="moeviz-token" data-expert="(\d+)" title="([^"]*)" style="background:(#[0-9a-f]{6})', html)
+    assert [s[0] for s in spans] == ["0", "9", "0"]
+    assert spans[0][2] == spans[2][2] != spans[1][2]  # same top-1 -> same colour
+    assert "expert 9: 0.600" in spans[1][1] and "expert 0: 0.400" in spans[1][1]
+    assert html.count('class="moeviz-legend-item"') == 10
+    many = token_routing_html(["a"], [13], [[13]], [[1.0]], 14)  # palette cycles beyond 12 colours
+    assert "repeat" in many
+    with pytest.raises(ValueError):
+        token_routing_html(["a", "b"], [0], [[0]], [[1.0]], 2)
+
+
+def test_token_table():
+    df = token_routing_table(["a", "b"], [2, 1], [[2, 0], [1, 3]], [[0.8, 0.2], [0.55, 0.45]])
+    assert list(df.token) == ["a", "b"] and list(df.top1_expert) == [2, 1]
+    assert list(df.top1_weight) == [0.8, 0.55] and list(df.expert_2) == [0, 3] and df.experts[1] == "1, 3"
+
+
+# ------------------------------------------------------------------------------------------ architecture
+def _labels(dot: str) -> dict[str, str]:
+    return dict(re.findall(r'^\s*(\w+) \[label="([^"]*)"', dot, flags=re.M))
+
+
+def _assert_valid_dot(dot: str):
+    graphviz.Source(dot)  # construction (no binary needed)
+    assert dot.lstrip().startswith("digraph") and dot.count("{") == dot.count("}")
+    for line in dot.splitlines():  # every quoted string closed on its line
+        assert len(re.findall(r'(?<!\\)"', line)) % 2 == 0, line
+
+
+def test_moe_layer_dot_plan_colouring_and_removed():
+    info = dict(index=1, num_experts=8, top_k=2, routing_rule="softmax → top-k → renormalise",
+                hidden_size=64, intermediate_size=32, shared_expert_paths=["model.layers.1.mlp.shared_expert"])
+    plan = dict(pruning=dict(sparsity=0.5, structure="unstructured"), quant=dict(bits=4),
+                overrides=[dict(layer=1, expert=2, sparsity=0.25, bits=8), dict(layer=0, expert=None, sparsity=0.9)],
+                removed_experts=[[1, 5], [0, 3]], router_sparsity=0.2, router_bits=8)
+    dot = moe_layer_dot(info, plan=plan)
+    _assert_valid_dot(dot)
+    labels = _labels(dot)
+    experts = {k: v for k, v in labels.items() if re.fullmatch(r"e\d+", k)}
+    assert len(experts) == 8
+    assert labels["e0"] == "e0 · 50% · 4b" and labels["e2"] == "e2 · 25% · 8b" and labels["e3"] == "e3 · 50% · 4b"
+    assert "removed" in labels["e5"] and "✗" in labels["e5"]
+    e5 = re.search(r"^\s*e5 \[.*$", dot, flags=re.M).group(0)
+    assert "dashed" in e5 and "#e0e0e0" in e5
+    e0 = re.search(r"^\s*e0 \[.*$", dot, flags=re.M).group(0)
+    e2 = re.search(r"^\s*e2 \[.*$", dot, flags=re.M).group(0)
+    assert re.search(r'fillcolor="([^"]+)"', e0).group(1) != re.search(r'fillcolor="([^"]+)"', e2).group(1)
+    assert "20% pruned · 8b" in labels["router"] and "softmax" in labels["router"]
+    assert "shared0" in labels and "cluster_legend" in dot and "e5 -> sum" not in dot
+    assert all(t in dot for t in ("weights within experts", "the router", "whole experts"))
+    # expert states (applied plan) take precedence; other layers' states are ignored
+    states = [dict(layer=1, expert=0, sparsity=0.75, bits=3, removed=False, zero_fraction=0.7),
+              dict(layer=0, expert=1, sparsity=0.1, bits=2, removed=True, zero_fraction=0)]
+    labels2 = _labels(moe_layer_dot(info, expert_states=states, plan=plan))
+    assert labels2["e0"] == "e0 · 75% · 3b" and labels2["e1"] == "e1 · 50% · 4b"
+
+
+def test_moe_layer_dot_elides_many_experts():
+    dot = moe_layer_dot(dict(index=0, num_experts=64, top_k=8, routing_rule="sigmoid"),
+                        plan=dict(removed_experts=[[0, 20]]))
+    _assert_valid_dot(dot)
+    experts = sorted(int(k[1:]) for k in _labels(dot) if re.fullmatch(r"e\d+", k))
+    assert experts == list(range(12)) + [62, 63]
+    assert "more_experts" in dot and "50 more experts" in dot and "(1 removed)" in dot
+    assert "showing 14 of 64" in dot
+
+
+# ------------------------------------------------------------------------------------------ trade-offs
+def test_tradeoff_chart_two_axes_methods_and_base():
+    df = _sweep_frame()
+    fig = tradeoff_chart(df)
+    names = [t.name for t in fig.data]
+    assert names == ["wanda · accuracy", "wanda · latency", "magnitude · accuracy", "magnitude · latency",
+                     "base model", "base model · latency"]
+    wa = fig.data[0]
+    assert list(wa.x) == [1.5, 2.0, 3.0] and np.allclose(wa.y, [40, 35, 20])
+    assert [c[0] for c in wa.customdata] == [1, 2, 3]
+    assert fig.data[1].yaxis == "y2" and list(fig.data[1].y) == [2.0, 1.6, 1.2]
+    assert fig.data[4].x == (1.0,) and fig.data[4].y == (42.0,)
+    assert "projected" in fig.layout.yaxis2.title.text and "ms/token" in fig.layout.yaxis2.title.text
+    assert "%" in fig.layout.yaxis.title.text and "×" in fig.layout.xaxis.title.text
+    df["measured_decode_ms"] = [5.0] * 6
+    assert "measured" in tradeoff_chart(df, latency_col="measured_decode_ms").layout.yaxis2.title.text
+    assert "measured" in tradeoff_chart(df, latency_col="lat", latency_kind="measured").layout.yaxis2.title.text
+    with pytest.raises(ValueError):
+        tradeoff_chart(df, latency_col="lat")
+
+
+def test_store_frame_methods_from_plan_json_and_recovery_arrows():
+    df = _sweep_frame().drop(columns=["method"]).rename(columns={"run_id": "id"})
+    df["plan_json"] = [json.dumps(dict(pruning=dict(metric=m))) for m in ["wanda"] * 3 + ["magnitude"] * 3]
+    df["parent_run_id"] = [None, None, None, None, None, 3]  # run 6 recovers run 3
+    fig = tradeoff_chart(df)
+    assert fig.data[2].name == "magnitude · accuracy"
+    arrows = [a for a in fig.layout.annotations if a.showarrow]
+    assert len(arrows) == 1
+    a = arrows[0]
+    assert (a.ax, a.ay, a.x, a.y) == pytest.approx((3.0, 20.0, 2.5, 10.0))
+    assert len([a for a in pareto_chart(df).layout.annotations if a.showarrow]) == 1
+    assert not [a for a in tradeoff_chart(df, show_recovery=False).layout.annotations if a.showarrow]
+
+
+def test_pareto_chart_front_is_exact():
+    df = _sweep_frame()
+    fig = pareto_chart(df)
+    all_runs, front = fig.data[0], fig.data[1]
+    assert all_runs.name == "all runs" and front.name == "Pareto front"
+    assert sorted(c[0] for c in all_runs.customdata) == [1, 2, 3, 4, 5, 6]
+    # hand-checked: 1 (1.5, .40), 5 (2.0, .36), 3 (3.0, .20); 2 is dominated by 5, 4 by 1, 6 by 3
+    assert [c[0] for c in front.customdata] == [1, 5, 3]
+    assert list(front.x) == [1.5, 2.0, 3.0] and np.allclose(front.y, [40, 36, 20])
+    assert "lines" in front.mode
+    # perplexity is minimised by default: front over (ratio ↑, perplexity ↓) = 1 (1.5, 12), 5 (2, 13.5), 3 (3, 30)
+    ppl = pareto_chart(df, y="perplexity")
+    assert [c[0] for c in ppl.data[1].customdata] == [1, 5, 3]
+    assert "lower is better" in ppl.layout.yaxis.title.text
+
+
+def test_perplexity_and_cv_lines():
+    df = _sweep_frame().sample(frac=1.0, random_state=0)  # unsorted input
+    fig = perplexity_vs_ratio(df, log_y=True)
+    mag = [t for t in fig.data if t.name == "magnitude"][0]
+    assert list(mag.x) == [1.5, 2.0, 2.5] and list(mag.y) == [13.0, 13.5, 60.0]
+    assert fig.layout.yaxis.type == "log" and "Perplexity" in fig.layout.yaxis.title.text
+    assert any(s.y0 == 11.0 for s in fig.layout.shapes)  # base reference line
+    cv = cv_vs_ratio(df)
+    assert len([t for t in cv.data if t.name in ("wanda", "magnitude")]) == 2
+    assert any(s.y0 == 0.28 and s.line.dash == "dash" for s in cv.layout.shapes)
+    assert "CV" in cv.layout.yaxis.title.text and _has_unit(cv.layout.xaxis.title.text)
+
+
+def test_drift_per_layer():
+    drift = [dict(layer=0, topk_overlap=0.9, top1_change_rate=0.1, kl=0.02),
+             dict(layer=1, topk_overlap=0.7, top1_change_rate=0.3, kl=0.2)]
+    for result in (dict(drift=drift), dict(details=dict(drift=drift)), drift):
+        fig = drift_per_layer(result)
+        assert [t.name for t in fig.data][:2] == ["top-k overlap", "top-1 change rate"]
+        assert list(fig.data[0].y) == [0.9, 0.7] and list(fig.data[2].y) == [0.02, 0.2] and fig.data[2].yaxis == "y2"
+        assert "nats" in fig.layout.yaxis2.title.text and "0–1" in fig.layout.yaxis.title.text
+
+
+@pytest.mark.parametrize("make", [
+    lambda df: tradeoff_chart(df), lambda df: perplexity_vs_ratio(df), lambda df: cv_vs_ratio(df),
+    lambda df: pareto_chart(df), lambda df: drift_per_layer({}),
+])
+@pytest.mark.parametrize("df", [pd.DataFrame(), None, pd.DataFrame(columns=["id", "name", "accuracy"])])
+def test_empty_inputs_give_annotated_figure(make, df):
+    fig = make(df)
+    assert isinstance(fig, go.Figure) and len(fig.data) == 0 and len(fig.layout.annotations) == 1
+
+
+def test_eval_result_and_tiny_model_smoke(loaded_tiny):
+    """End to end on a tiny model: real calibration stats and layer info go through every builder."""
+    from moeviz.calibration.collect import calibrate
+    from moeviz.data import Document, tokenize_documents
+
+    loaded = loaded_tiny("qwen2_moe")  # has a shared expert
+    docs = [Document("The quick brown fox jumps over the lazy dog. " * 12, "prose"),
+            Document("def add(a, b):\n    return a + b\n" * 12, "code")]
+    samples = tokenize_documents(docs, loaded.tokenizer, 4, 16, seed=0, source="test docs")
+    st = calibrate(loaded, samples, batch_size=4)
+    u = np.array(utilization_heatmap(st).data[0].z, dtype=float)
+    np.testing.assert_allclose(u, 100 * st.utilization_matrix().double().numpy(), rtol=1e-6)
+    E = st.layers[0].num_experts
+    assert len(router_probability_histogram(st, 0).data) == E
+    for fig in (load_balance_cv_bars(st), coactivation_heatmap(st, 0), domain_specialization(st, 0),
+                domain_specialization(st, 0, mode="share")):
+        assert len(fig.data) >= 1
+    info = loaded.info.layers[0]
+    dot = moe_layer_dot(info)
+    _assert_valid_dot(dot)
+    assert len([k for k in _labels(dot) if re.fullmatch(r"e\d+", k)]) == min(E, 14)
+    assert ("shared0" in dot) == bool(info.get("shared_expert_paths"))
