@@ -330,3 +330,46 @@ def test_eval_result_and_tiny_model_smoke(loaded_tiny):
     _assert_valid_dot(dot)
     assert len([k for k in _labels(dot) if re.fullmatch(r"e\d+", k)]) == min(E, 14)
     assert ("shared0" in dot) == bool(info.get("shared_expert_paths"))
+
+
+def test_real_sweep_store_and_result_frames(loaded_tiny, tmp_path):
+    """The frames `run_sweep` and `RunStore.runs()` produce, and a real EvalResult, feed every builder."""
+    from moeviz.calibration.collect import calibrate
+    from moeviz.compression import CompressionPlan, PruningSettings
+    from moeviz.compression.apply import Compressor
+    from moeviz.data import Document, tokenize_documents
+    from moeviz.evaluation import EvalSettings, Evaluator, run_sweep
+    from moeviz.evaluation.pareto import pareto_front
+    from moeviz.store import RunStore
+
+    lm = loaded_tiny("mixtral")
+    docs = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
+            Document("def add(a, b):\n    return a + b\n" * 20, "code")]
+    cal = tokenize_documents(docs, lm.tokenizer, 4, 16, seed=0)
+    held = tokenize_documents(docs, lm.tokenizer, 4, 16, seed=5)
+    comp = Compressor(lm, calibrate(lm, cal, batch_size=4))
+    ev = Evaluator(lm, held, EvalSettings(batch_size=4, record_tokens=64, measure_latency=False))
+    plans = [CompressionPlan(pruning=PruningSettings(metric=m, sparsity=s)) for m in ("magnitude", "wanda")
+             for s in (0.25, 0.5)]
+    plans.append(CompressionPlan(removed_experts=[(0, 1)]))
+    store = RunStore(tmp_path / "runs.sqlite")
+    df = run_sweep(comp, ev, plans, store=store)
+    runs = store.runs()
+    for frame in (df, runs):
+        fig = tradeoff_chart(frame)
+        acc_points = sum(len(t.x) for t in fig.data if t.name.endswith("· accuracy"))
+        assert acc_points == len(plans) and "projected" in fig.layout.yaxis2.title.text
+        pf = pareto_chart(frame)
+        expected = pareto_front(frame, "compression_ratio", "accuracy")
+        id_col = "run_id" if "run_id" in frame.columns else "id"
+        assert sorted(c[0] for c in pf.data[1].customdata) == sorted(int(i) for i in expected[id_col])
+        assert len(perplexity_vs_ratio(frame).data) >= 2 and len(cv_vs_ratio(frame).data) >= 2
+    compressed = comp.apply(plans[-1])
+    result = ev.evaluate(compressed)
+    details = store.get_run(int(df.run_id.iloc[-1])).metrics
+    for r in (result, result.to_dict(), details):
+        assert len(drift_per_layer(r).data) == 3
+        assert len(load_balance_comparison(r).data[0].x) == len(lm.layers)
+    dot = moe_layer_dot(lm.info.layers[0], expert_states=compressed.expert_table(), plan=plans[-1].to_dict())
+    _assert_valid_dot(dot)
+    assert "removed" in _labels(dot)["e1"]
