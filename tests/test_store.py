@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import signal
 import sqlite3
@@ -90,24 +89,31 @@ def test_round_trip_and_queries(tmp_path):
         assert len(s2.runs()) == 3 and s2.schema_version == len(store_mod.MIGRATIONS)
 
 
-def _writer(path: str, tag: str, n: int, barrier) -> None:
-    barrier.wait(60)  # both open (create, migrate) the new file and write at the same moment
-    s = RunStore(path)
-    for i in range(n):
-        s.add_run(record(i, model=tag))
-    s.close()
+WRITER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from moeviz.store import RunStore, RunRecord
+path, tag, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+while not go.exists():  # both processes start, then create/migrate the new file at the same moment
+    time.sleep(0.01)
+s = RunStore(path)
+for i in range(20):
+    s.add_run(RunRecord(name=f"run {i}", model_fingerprint=tag, plan={"i": i}, metrics={"accuracy": 0.5}))
+s.close()
+"""
 
 
 def test_two_processes_write_concurrently(tmp_path):
-    path = str(tmp_path / "runs.sqlite")  # both processes create and migrate the same new file
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_writer, args=(path, tag, 20, barrier)) for tag in ("p1", "p2")]
+    # Plain subprocesses (not multiprocessing's spawn, which re-imports whatever __main__ the test
+    # runner has, e.g. a Streamlit script loaded by an earlier AppTest).
+    path = str(tmp_path / "runs.sqlite")
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, path, tag, str(go)], cwd=REPO)
+             for tag in ("p1", "p2")]
+    time.sleep(0.5)
+    go.touch()
     for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+        assert p.wait(60) == 0
     s = RunStore(path)
     df = s.runs()
     assert len(df) == 40
