@@ -120,7 +120,11 @@ def prune_experts(model, sparsity: float = 0.5):
 
 
 def specialization(counts: dict[str, torch.Tensor]) -> dict:
-    """Per layer: the expert with the largest ratio between its share of two domains."""
+    """Per layer: the expert with the largest ratio between its share of two domains.
+
+    share of domain d for expert e = (top-k assignments of d's tokens to e) / (all top-k
+    assignments of d's tokens) in that layer; only experts with >= 5 % of some domain count.
+    """
     doms = [d for d in DOMAINS if d in counts]
     shares = {d: counts[d] / counts[d].sum(-1, keepdim=True) for d in doms}  # [L, E] each
     best = []
@@ -131,7 +135,11 @@ def specialization(counts: dict[str, torch.Tensor]) -> dict:
                 for b in doms:
                     if a == b:
                         continue
-                    r = float(shares[a][li, e] / shares[b][li, e].clamp_min(1e-9))
+                    # Ignore near-idle experts (0.1% vs 0.01% is no evidence) and floor the
+                    # denominator at 0.5% so the ratio stays meaningful.
+                    if shares[a][li, e] < 0.05:
+                        continue
+                    r = float(shares[a][li, e] / shares[b][li, e].clamp_min(0.005))
                     if top is None or r > top["ratio"]:
                         top = {"layer": li, "expert": e, "domain_high": a, "domain_low": b,
                                "share_high": float(shares[a][li, e]), "share_low": float(shares[b][li, e]),
