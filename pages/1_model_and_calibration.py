@@ -1,0 +1,95 @@
+"""Page 1 — choose a model and calibration text, run one calibration pass."""
+
+import streamlit as st
+
+import moeviz
+from moeviz.data import documents_from_hf_dataset, documents_from_jsonl, documents_from_text
+from moeviz.workspace import calibrate_cached
+from pages._state import require_model, user_errors
+
+st.header("Model & calibration")
+st.write("Pick a Mixture-of-Experts model (the bundled demo MoE works offline) and the text that shows "
+         "how its router behaves. Calibration runs the text through the model once and keeps statistics "
+         "that every other page uses.")
+
+s = st.session_state
+with st.form("model_form"):
+    kind = st.radio("Model", ["Bundled demo MoE", "Local folder or hub id"], horizontal=True,
+                    index=0 if not s.model_source else 1)
+    source = st.text_input("Folder or hub id (owner/name)", value=s.model_source,
+                           disabled=False, help="Ignored for the demo model.")
+    c1, c2, c3 = st.columns(3)
+    dtype = c1.selectbox("dtype", ["auto", "float32", "bfloat16", "float16"], index=["auto", "float32", "bfloat16", "float16"].index(s.dtype))
+    device = c2.text_input("Device", value=s.device, help="cpu, cuda, cuda:1, …")
+    trust = c3.checkbox("trust_remote_code", value=s.trust_remote_code,
+                        help="Runs code from the model's repository. Only for repositories you trust.")
+    if st.form_submit_button("Load model"):
+        s.model_source = source.strip() if kind != "Bundled demo MoE" else ""
+        s.dtype, s.device, s.trust_remote_code = dtype, device.strip() or "cpu", trust
+        s.stats = None
+
+lm = require_model()
+info = lm.info
+cols = st.columns(6)
+cols[0].metric("Architecture", info.architecture)
+cols[1].metric("MoE layers", info.num_moe_layers)
+cols[2].metric("Experts / layer", info.num_experts)
+cols[3].metric("Top-k", info.top_k)
+cols[4].metric("Parameters", f"{info.num_parameters / 1e6:.2f} M")
+cols[5].metric("Expert share", f"{info.expert_parameters / info.num_parameters:.0%}")
+st.caption(f"Routing rule: {info.routing_rule} · {info.dtype} on {info.device} · fingerprint {info.fingerprint}")
+
+st.subheader("Calibration")
+source_kind = st.radio("Calibration text", ["Bundled text", "Upload .txt / .jsonl", "Hugging Face dataset"],
+                       horizontal=True)
+documents, data_name = None, "bundled"
+if source_kind == "Upload .txt / .jsonl":
+    upload = st.file_uploader("Text file", type=["txt", "jsonl"])
+    if upload is not None:
+        text = upload.getvalue().decode("utf-8", errors="replace")
+        with user_errors():
+            documents = (documents_from_jsonl(text.splitlines(), name=upload.name) if upload.name.endswith(".jsonl")
+                         else documents_from_text(text, domain=upload.name.rsplit(".", 1)[0]))
+        data_name = upload.name
+elif source_kind == "Hugging Face dataset":
+    d1, d2, d3, d4 = st.columns(4)
+    ds_name = d1.text_input("Dataset name or loader", value="", help="e.g. wikitext, or 'text' with data files")
+    ds_config = d2.text_input("Config", value="") or None
+    ds_split = d3.text_input("Split", value="train")
+    ds_column = d4.text_input("Text column", value="text")
+c1, c2, c3 = st.columns(3)
+n_samples = c1.number_input("Samples", min_value=1, max_value=4096, value=64)
+seq_len = c2.number_input("Sequence length (tokens)", min_value=8, max_value=8192, value=128)
+seed = c3.number_input("Seed", min_value=0, value=0)
+
+if st.button("Run calibration", type="primary"):
+    with user_errors():
+        if source_kind == "Hugging Face dataset":
+            if not ds_name.strip():
+                st.error("Enter a dataset name.")
+                st.stop()
+            documents = documents_from_hf_dataset(ds_name.strip(), ds_config, ds_split, ds_column)
+            data_name = ds_name
+        if source_kind == "Upload .txt / .jsonl" and documents is None:
+            st.error("Upload a .txt or .jsonl file first.")
+            st.stop()
+        samples = moeviz.load_calibration_data(lm.tokenizer, documents, n_samples=int(n_samples),
+                                               seq_len=int(seq_len), seed=int(seed))
+        bar = st.progress(0.0, text="Calibrating…")
+        stats, cached = calibrate_cached(lm, samples, progress=lambda d, t: bar.progress(d / t, text=f"Calibrating… {d}/{t} samples"))
+        bar.empty()
+        s.stats = stats
+        s.calibration_source = data_name
+        st.success(("Loaded cached statistics" if cached else f"Calibrated in {stats.seconds:.1f} s")
+                   + f" for {data_name}.")
+
+stats = s.stats if s.stats is not None and s.stats.model_fingerprint == lm.fingerprint else None
+if stats is not None:
+    util = stats.utilization_matrix()
+    cols = st.columns(5)
+    cols[0].metric("Tokens seen", f"{stats.n_tokens:,}")
+    cols[1].metric("Domains", ", ".join(stats.domain_names))
+    cols[2].metric("Calibration time", f"{stats.seconds:.1f} s")
+    cols[3].metric("Least-used expert", f"{float(util.min()):.1%}")
+    cols[4].metric("Mean load-balance CV", f"{sum(l.load_balance_cv() for l in stats.layers) / len(stats.layers):.2f}")
+    st.page_link("pages/2_routing.py", label="See the routing", icon="🔀")

@@ -1,0 +1,111 @@
+"""Session state, caches and error display shared by the Streamlit pages (Streamlit glue only;
+every computation is a `moeviz` library call).
+
+- The base model is loaded once per (source, dtype, device) with `st.cache_resource` and shared by
+  every browser session; nothing ever mutates it (compression works on structural copies).
+- The evaluator (the base model's outputs on the held-out text) is shared the same way.
+- Calibration statistics are cached on disk by fingerprint (`moeviz.workspace`).
+- Each session has its own plan, its own `Compressor` (rank caches) and its own results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import streamlit as st
+
+import moeviz
+from moeviz.compression.apply import Compressor
+from moeviz.compression.plan import CompressionPlan
+from moeviz.errors import MoevizError
+from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
+from moeviz.store import RunStore
+
+DEFAULTS = dict(
+    model_source="",  # empty = bundled demo MoE
+    dtype="auto",
+    device="cpu",
+    trust_remote_code=False,
+    stats=None,
+    plan=CompressionPlan().to_dict(),
+    last_result=None,
+    last_run_id=None,
+    sweep_df=None,
+    selected_run_id=None,
+    explorer_text="def greet(name):\n    return f'Hello, {name}!'\n\nThe interpreter reads the source file.",
+)
+
+
+def init_session() -> None:
+    for key, value in DEFAULTS.items():
+        st.session_state.setdefault(key, value)
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def load_base_model(source: str, dtype: str, device: str, trust_remote_code: bool):
+    return moeviz.load_model(source or None, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+@st.cache_resource(show_spinner="Evaluating the base model on the held-out text (once per model)…", max_entries=2)
+def base_evaluator(model_fingerprint: str, _loaded, measure_latency: bool = True) -> Evaluator:
+    samples = load_eval_samples(_loaded.tokenizer, seq_len=256, max_samples=64)
+    settings = EvalSettings(measure_latency=measure_latency, latency_decode_tokens=8, latency_repeats=2)
+    return Evaluator(_loaded, samples, settings)
+
+
+@st.cache_resource
+def run_store() -> RunStore:
+    return RunStore()
+
+
+def current_model():
+    """The session's base model (the demo MoE unless the user chose another)."""
+    s = st.session_state
+    return load_base_model(s.model_source, s.dtype, s.device, s.trust_remote_code)
+
+
+def current_plan() -> CompressionPlan:
+    return CompressionPlan.from_dict(st.session_state.plan)
+
+
+def set_plan(plan: CompressionPlan) -> None:
+    st.session_state.plan = plan.to_dict()
+
+
+def compressor(loaded, stats) -> Compressor:
+    """This session's Compressor for (model, stats); rebuilt when either changes."""
+    key = (loaded.fingerprint, stats.fingerprint if stats is not None else None)
+    if st.session_state.get("_compressor_key") != key:
+        st.session_state._compressor = Compressor(loaded, stats)
+        st.session_state._compressor_key = key
+    return st.session_state._compressor
+
+
+def stats_for(loaded):
+    """The session's calibration statistics if they belong to the loaded model, else None."""
+    stats = st.session_state.stats
+    return stats if stats is not None and stats.model_fingerprint == loaded.fingerprint else None
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Show library errors as `st.error` with the library's message; the app stays usable."""
+    try:
+        yield
+    except MoevizError as e:
+        st.error(str(e))
+        st.stop()
+
+
+def require_model():
+    with user_errors():
+        return current_model()
+
+
+def require_stats(loaded):
+    stats = stats_for(loaded)
+    if stats is None:
+        st.info("Run calibration on the **Model & calibration** page first: these views come from its statistics.")
+        st.page_link("pages/1_model_and_calibration.py", label="Go to Model & calibration", icon="➡️")
+        st.stop()
+    return stats
