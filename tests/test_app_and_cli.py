@@ -1,4 +1,4 @@
-"""The Streamlit entry point starts, and the CLI runs end to end and reports bad input in one line."""
+"""The CLI runs end to end and reports bad input in one line."""
 
 import json
 import subprocess
@@ -10,27 +10,6 @@ import pytest
 from moeviz.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_app_landing_page_runs_on_a_model(tiny_model_dirs):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
-    at.run()
-    at.text_input[0].set_value(str(tiny_model_dirs["qwen2_moe"])).run()
-    assert not at.exception
-    assert not at.error
-    assert [m.value for m in at.metric][:4] == ["Qwen2MoeForCausalLM", "2", "6", "2"]
-
-
-def test_app_shows_library_errors_not_tracebacks(tmp_path):
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=60)
-    at.run()
-    at.text_input[0].set_value(str(tmp_path / "missing")).run()
-    assert not at.exception
-    assert "does not exist" in at.error[0].value
 
 
 def test_cli_info_and_calibrate(tiny_model_dirs, tmp_path, capsys):

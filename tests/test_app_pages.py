@@ -25,6 +25,12 @@ def ok(at):
     assert not at.error, [e.value for e in at.error]
 
 
+def test_default_app_opens_on_the_bundled_demo_model():
+    at = new_app()
+    ok(at)
+    assert [m.value for m in at.metric][:4] == ["MixtralForCausalLM", "4", "8", "2"]
+
+
 @pytest.fixture(scope="module")
 def calibrated(tiny_model_dirs):
     at = new_app(tiny_model_dirs["mixtral"])
