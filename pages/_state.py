@@ -16,7 +16,7 @@ import streamlit as st
 
 import moeviz
 from moeviz.compression.apply import Compressor
-from moeviz.compression.plan import CompressionPlan
+from moeviz.compression.plan import CompressionPlan, PruningSettings
 from moeviz.errors import MoevizError
 from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
 from moeviz.store import RunStore
@@ -27,7 +27,8 @@ DEFAULTS = dict(
     device="cpu",
     trust_remote_code=False,
     stats=None,
-    plan=CompressionPlan().to_dict(),
+    # A newcomer's first "Evaluate" shows a real trade-off: 50 % router-weighted (MoE-Pruner) pruning.
+    plan=CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5)).to_dict(),
     last_result=None,
     last_run_id=None,
     sweep_df=None,

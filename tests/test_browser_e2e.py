@@ -1,0 +1,101 @@
+"""End to end in a real headless Chromium (Debian's package, driven by Playwright): start
+`streamlit run app.py` on a free localhost port, run the default flow, check that plotly charts
+render, and save a screenshot of each page under test-artifacts/screenshots/."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    port = free_port()
+    env = {**os.environ, "MOEVIZ_DATA_DIR": str(tmp_path_factory.mktemp("data"))}
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+                             "--server.address", "localhost", "--server.headless", "true"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://localhost:{port}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("streamlit did not start within 90 s")
+    yield url
+    proc.terminate()
+    proc.wait(20)
+
+
+def nav(page, title):
+    # Sidebar navigation keeps the browser session (and its calibration); a fresh URL would not.
+    page.locator("[data-testid='stSidebarNav']").get_by_text(title, exact=True).click()
+    page.wait_for_timeout(500)
+
+
+def wait_for_charts(page, n, timeout_s=60):
+    """Charts appear one by one as the script runs: wait until at least n plotly charts are drawn."""
+    page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n}",
+                           timeout=timeout_s * 1000)
+
+
+def test_default_flow_in_chromium(app_url):
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        page.get_by_text("MixtralForCausalLM").wait_for(timeout=60_000)
+        page.get_by_role("button", name="Run calibration").click()
+        page.get_by_text("for bundled").wait_for(timeout=120_000)
+        page.screenshot(path=SHOTS / "1_model_and_calibration.png", full_page=True)
+
+        nav(page, "Routing")
+        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        wait_for_charts(page, 3)
+        page.screenshot(path=SHOTS / "2_routing.png", full_page=True)
+
+        nav(page, "Architecture")
+        page.locator("svg, .stGraphVizChart").first.wait_for(timeout=60_000)
+        page.screenshot(path=SHOTS / "3_architecture.png", full_page=True)
+
+        nav(page, "Compress")
+        page.get_by_role("button", name="Evaluate").click()
+        page.get_by_text("Stored as run").wait_for(timeout=180_000)
+        wait_for_charts(page, 2)
+        page.screenshot(path=SHOTS / "4_compress.png", full_page=True)
+
+        nav(page, "Trade-offs")
+        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
+        page.screenshot(path=SHOTS / "5_tradeoffs.png", full_page=True)
+
+        nav(page, "Export")
+        page.get_by_text("Plan (JSON)").wait_for(timeout=60_000)
+        page.screenshot(path=SHOTS / "6_export.png", full_page=True)
+        browser.close()
