@@ -208,13 +208,12 @@ class Compressor:
         plan.validate([l.num_experts for l in base_layers], [l.top_k for l in base_layers])
         if plan.sequential and samples is None:
             raise PlanError("sequential: re-calibrating layer by layer needs the calibration samples")
-        if plan.pruning.metric != "magnitude" and plan.pruning.sparsity > 0 or plan.nm():
-            if plan.pruning.metric != "magnitude" and self.stats is None:
-                raise PlanError(f"pruning.metric {plan.pruning.metric!r} needs calibration statistics; calibrate first")
+        sparsity, bits, removed = resolve_settings(plan, base_layers, self.stats)
+        if self.stats is None and plan.pruning.metric != "magnitude" and (sparsity > 0).any():
+            raise PlanError(f"pruning.metric {plan.pruning.metric!r} needs calibration statistics; calibrate first")
 
         view = structural_copy(self.loaded.model)
         layers = find_moe_layers(view, self.loaded.info.model_type)
-        sparsity, bits, removed = resolve_settings(plan, base_layers, self.stats)
         replaced: list[str] = []
         for layer in layers:
             stats = self.stats
@@ -224,7 +223,6 @@ class Compressor:
 
                 partial = LoadedModel(view, self.loaded.tokenizer, layers, self.loaded.info)
                 stats = calibrate(partial, samples, record_tokens=0)
-                self._ranks = {k: v for k, v in self._ranks.items() if k[0] != "seq"}
             replaced += self._compress_layer(layer, plan, sparsity[layer.index], bits[layer.index],
                                              removed[layer.index], stats, sequential=plan.sequential)
         experts = self._expert_states(layers, plan, sparsity, bits, removed)
