@@ -2,6 +2,8 @@
 
     moeviz info      [--model M]                       describe the model's MoE layers
     moeviz calibrate [--model M] [--data D] --out DIR  one calibration pass, statistics to DIR
+    moeviz evaluate  --plan plan.json [--model M]      apply a plan, evaluate on held-out text, store the run
+    moeviz sweep     --methods ... --sparsities ... --bits ...   evaluate a grid, store runs, write a CSV
     moeviz app       [--port P]                        start the Streamlit app (localhost)
 
 Errors from bad input print one line and exit with status 2.
@@ -62,6 +64,72 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _calibrated(args, lm):
+    """Calibration statistics for the evaluate / sweep commands (cached on disk by fingerprint)."""
+    from tqdm import tqdm
+
+    from moeviz.data import load_calibration_data
+    from moeviz.workspace import calibrate_cached
+
+    samples = load_calibration_data(lm.tokenizer, args.data, n_samples=args.samples, seq_len=args.seq_len,
+                                    seed=args.seed)
+    with tqdm(total=samples.n_samples, desc="calibrating", unit="sample", file=sys.stderr) as bar:
+        stats, _ = calibrate_cached(lm, samples, progress=lambda d, t: bar.update(d - bar.n))
+    return stats, samples
+
+
+def _evaluator(args, lm):
+    from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
+
+    held = load_eval_samples(lm.tokenizer, args.eval_data, seq_len=args.eval_seq_len, max_samples=args.eval_samples)
+    return Evaluator(lm, held, EvalSettings(measure_latency=not args.no_latency, accelerator=args.accelerator))
+
+
+def cmd_evaluate(args) -> int:
+    from moeviz.compression.apply import Compressor
+    from moeviz.compression.plan import CompressionPlan
+    from moeviz.evaluation import evaluate_plan
+    from moeviz.store import RunStore
+
+    path = Path(args.plan)
+    if not path.is_file():
+        raise MoevizError(f"plan file {path} does not exist")
+    plan = CompressionPlan.from_json(path.read_text())
+    lm = _load(args)
+    stats, samples = _calibrated(args, lm)
+    result, run_id = evaluate_plan(Compressor(lm, stats), _evaluator(args, lm), plan,
+                                   None if args.no_store else RunStore(args.store), samples=samples)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+    m = result.metrics()
+    print(json.dumps({k: m[k] for k in ("perplexity", "base_perplexity", "accuracy", "base_accuracy",
+                                        "compression_ratio", "experts_compression_ratio", "projected_decode_ms",
+                                        "mean_cv", "mean_topk_overlap", "mean_kl")} | {"run_id": run_id}, indent=2))
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from tqdm import tqdm
+
+    from moeviz.compression.apply import Compressor
+    from moeviz.compression.plan import CompressionPlan, QuantSettings
+    from moeviz.evaluation import grid_plans, run_sweep
+    from moeviz.store import RunStore
+
+    # Validate the whole grid before loading anything, so bad input fails in a second.
+    plans = grid_plans(args.methods, args.sparsities, args.bits, structure=args.structure,
+                       base=CompressionPlan(quant=QuantSettings(group_size=args.group_size)))
+    lm = _load(args)
+    stats, samples = _calibrated(args, lm)
+    evaluator = _evaluator(args, lm)
+    with tqdm(total=len(plans), desc="sweep", unit="plan", file=sys.stderr) as bar:
+        df = run_sweep(Compressor(lm, stats), evaluator, plans, store=None if args.no_store else RunStore(args.store),
+                       progress=lambda d, t, row: bar.update(d - bar.n))
+    df.to_csv(args.csv, index=False)
+    print(f"{len(df)} plans evaluated; results in {args.csv}" + (f"; sweep {df.attrs['sweep_id']}" if df.attrs.get("sweep_id") else ""))
+    return 0
+
+
 def cmd_app(args) -> int:
     app = Path(__file__).resolve().parents[1] / "app.py"
     if not app.exists():
@@ -92,6 +160,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens whose full routing is recorded for drift / token views (default 4096)")
     p.add_argument("--out", required=True, help="folder for stats.json + stats.safetensors")
     p.set_defaults(func=cmd_calibrate)
+
+    def add_eval_args(p):
+        _add_model_args(p)
+        p.add_argument("--data", default=None, help="calibration text (.txt/.jsonl; default: bundled)")
+        p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
+        p.add_argument("--seq-len", type=int, default=128, help="calibration tokens per sequence (default 128)")
+        p.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
+        p.add_argument("--eval-data", default=None, help="held-out text (.txt/.jsonl; default: bundled held-out)")
+        p.add_argument("--eval-seq-len", type=int, default=256, help="held-out window length (default 256)")
+        p.add_argument("--eval-samples", type=int, default=64, help="held-out windows, at most (default 64)")
+        p.add_argument("--accelerator", default="NVIDIA H100 SXM", help="device of the projected (roofline) latency")
+        p.add_argument("--no-latency", action="store_true", help="skip the measured latency on this machine")
+        p.add_argument("--store", default=None, help="run store file (default: runs.sqlite in $MOEVIZ_DATA_DIR)")
+        p.add_argument("--no-store", action="store_true", help="do not store the run(s)")
+
+    p = sub.add_parser("evaluate", help="apply a plan (JSON) and evaluate it against the base model")
+    add_eval_args(p)
+    p.add_argument("--plan", required=True, help="plan file written by the app's Export page or CompressionPlan.to_json")
+    p.add_argument("--json", default=None, help="also write every detail of the result to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("sweep", help="evaluate a method × sparsity × bits grid; runs stored, table to CSV")
+    add_eval_args(p)
+    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "moe_pruner"],
+                   help="pruning metrics (magnitude, wanda, moe_pruner)")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.75], help="global sparsities in [0, 1)")
+    p.add_argument("--bits", nargs="+", type=int, default=[16], help="expert weight bits (2, 3, 4, 8, 16)")
+    p.add_argument("--structure", default="unstructured", help="unstructured or N:M such as 2:4")
+    p.add_argument("--group-size", type=int, default=128, help="quantization group size (-1 = whole row)")
+    p.add_argument("--csv", default="moeviz_sweep.csv", help="output table (default moeviz_sweep.csv)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("app", help="start the Streamlit app")
     p.add_argument("--port", type=int, default=8501)

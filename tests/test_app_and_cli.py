@@ -43,3 +43,39 @@ def test_cli_errors_are_one_line_with_status_2(argv, message, tiny_model_dirs, c
 def test_console_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "moeviz", "calibrate", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "--seq-len" in out.stdout
+
+
+def test_cli_evaluate_and_sweep_store_runs(tiny_model_dirs, tmp_path, capsys):
+    import pandas as pd
+
+    from moeviz.store import RunStore
+
+    model = str(tiny_model_dirs["mixtral"])
+    data = tmp_path / "cal.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"calibration sentence {i} about experts. " * 6, "domain": "d"})
+                              for i in range(30)))
+    common = ["--model", model, "--data", str(data), "--samples", "4", "--seq-len", "16", "--eval-data", str(data),
+              "--eval-seq-len", "16", "--eval-samples", "4", "--no-latency", "--store", str(tmp_path / "runs.sqlite")]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"pruning": {"metric": "wanda", "sparsity": 0.5}}))
+    assert main(["evaluate", "--plan", str(plan), "--json", str(tmp_path / "r.json")] + common) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["compression_ratio"] > 1 and out["run_id"] == 1
+    assert json.loads((tmp_path / "r.json").read_text())["plan"]["pruning"]["sparsity"] == 0.5
+    csv = tmp_path / "sweep.csv"
+    assert main(["sweep", "--methods", "magnitude", "moe_pruner", "--sparsities", "0.2", "0.6", "--group-size", "-1",
+                 "--csv", str(csv)] + common) == 0
+    df = pd.read_csv(csv)
+    assert len(df) == 4 and set(df["method"]) == {"magnitude", "moe_pruner"}
+    assert len(RunStore(tmp_path / "runs.sqlite").runs()) == 5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sweep", "--sparsities", "1.5"], "pruning.sparsity: 1.5 is outside [0, 1)"),
+    (["sweep", "--bits", "5"], "quant.bits: 5 bits is not supported"),
+    (["evaluate", "--plan", "/no/plan.json"], "plan file /no/plan.json does not exist"),
+])
+def test_cli_evaluate_sweep_errors(argv, message, capsys):
+    assert main(argv + ["--no-store"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("moeviz: error:") and message in err
