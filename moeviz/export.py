@@ -1,0 +1,152 @@
+"""Export a compressed model as a Hugging Face folder (config, safetensors, tokenizer) plus the plan
+and a report, atomically, never into the source model's folder.
+
+- Pruned weights are stored as zeros (the sparsity is real in the file).
+- Quantized weights are stored dequantized in the model dtype; `moeviz_plan.json` records bits and
+  group sizes so another tool can pack them.
+- Removed experts are physically removed: expert tensors, router rows (and router biases / DeepSeek's
+  correction bias) are sliced and the config's expert count updated, so the file shrinks. This needs
+  the same number of removed experts in every MoE layer (one expert count per config); top-k is clamped
+  if fewer experts than top-k remain.
+- Activation fake-quantization has no representation in a transformers checkpoint: it is recorded in
+  the plan and the report only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from moeviz.compression.apply import CompressedModel
+from moeviz.errors import MoevizError
+from moeviz.models.loading import LoadedModel
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _check_destination(loaded: LoadedModel, out: Path, overwrite: bool) -> None:
+    source = Path(loaded.info.source).resolve() if Path(loaded.info.source).exists() else None
+    target = out.resolve()
+    if source is not None and (target == source or source in target.parents):
+        raise MoevizError(f"refusing to export into the source model's folder {source}; choose another folder")
+    if target.exists() and not overwrite:
+        raise MoevizError(f"{target} already exists; choose a new folder or pass overwrite=True (--overwrite)")
+
+
+def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dict, dict, list[str]]:
+    """(state dict with removed experts sliced out, config changes, messages)."""
+    state = {k: v.detach().clone() for k, v in compressed.model.state_dict().items()}
+    removed_per_layer = [(~compressed.allowed_experts(l.index)).sum().item() for l in compressed.layers]
+    messages, changes = [], {}
+    if not any(removed_per_layer):
+        return state, changes, messages
+    if len(set(removed_per_layer)) != 1:
+        raise MoevizError(
+            f"export: removed experts per layer are {removed_per_layer}; a checkpoint has one expert count for all "
+            "MoE layers, so remove the same number of experts in every layer"
+        )
+    n_group = getattr(loaded.model.config, "n_group", None) or 1
+    for layer in compressed.layers:
+        allowed = compressed.allowed_experts(layer.index)
+        if n_group > 1:
+            # Group-limited routing (DeepSeek-V3) selects among contiguous expert groups; slicing keeps it
+            # identical only if every group loses the same number of experts.
+            per_group = (~allowed).reshape(n_group, -1).sum(1).tolist()
+            if len(set(per_group)) != 1:
+                raise MoevizError(
+                    f"export: layer {layer.index} removes {per_group} experts from its {n_group} routing groups; "
+                    "remove the same number from every group so group-limited routing is unchanged"
+                )
+        keep = allowed.nonzero().squeeze(1)
+        for name in ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"):
+            key = f"{layer.experts_path}.{name}"
+            if key in state:
+                state[key] = state[key][keep].contiguous()
+        for name in ("weight", "bias", "e_score_correction_bias"):
+            key = f"{layer.router_path}.{name}"
+            if key in state:
+                state[key] = state[key][keep].contiguous()
+    first = compressed.layers[0]
+    new_e = first.num_experts - removed_per_layer[0]
+    changes["num_experts"] = new_e
+    if new_e < first.top_k:
+        changes["top_k"] = new_e
+        messages.append(f"top-k clamped from {first.top_k} to {new_e}: only {new_e} experts remain per layer")
+    return state, changes, messages
+
+
+def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | None, messages: list[str]) -> str:
+    lines = ["# moeviz export", "", f"- source model: `{loaded.info.source}` (fingerprint `{loaded.fingerprint}`)",
+             f"- architecture: {loaded.info.architecture}", ""]
+    lines += ["## Plan", "", "```json", compressed.plan.to_json(), "```", ""]
+    s = compressed.storage.summary()
+    lines += ["## Storage (documented formats, moeviz/compression/formats.py)", "",
+              f"- compression ratio, whole model: {s['compression_ratio']:.3f}×",
+              f"- compression ratio, experts: {s['experts_compression_ratio']:.3f}×",
+              f"- parameter bytes if packed: {s['compressed_bytes']:,} (base {s['base_bytes']:,})",
+              "- the safetensors in this folder hold dequantized values in the model dtype (pack with the plan's bits)", ""]
+    if compressed.plan.activation_bits < 16:
+        lines.append(f"- activation fake-quantization ({compressed.plan.activation_bits} bits) is not stored in the "
+                     "checkpoint; apply it at inference time")
+    if result:
+        lines += ["## Evaluation", "", f"- eval data fingerprint `{result.get('eval_fingerprint')}`, "
+                  f"{result.get('eval_tokens')} tokens",
+                  f"- perplexity {result['perplexity']:.4f} (base {result['base_perplexity']:.4f})",
+                  f"- accuracy {result['accuracy']:.4f} (base {result['base_accuracy']:.4f})",
+                  f"- projected decode latency: {result['latency_projected']['ms_per_token']:.6g} ms/token on "
+                  f"{result['latency_projected']['device']} (projected, roofline)", ""]
+        if result.get("latency_measured"):
+            lines.append(f"- measured decode latency on the exporting machine: "
+                         f"{result['latency_measured']['decode_ms_per_token']:.4g} ms/token (measured)")
+    lines += [f"- {m}" for m in messages]
+    return "\n".join(lines) + "\n"
+
+
+def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Path, overwrite: bool = False,
+                 result: dict | None = None) -> Path:
+    """Write the compressed model to `out` atomically (temporary folder, then rename)."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    _check_destination(loaded, out, overwrite)
+    state, changes, messages = _sliced_state(loaded, compressed)
+    config = type(loaded.model.config).from_dict(loaded.model.config.to_dict())
+    if "num_experts" in changes:
+        for key in EXPERT_COUNT_KEYS:
+            if key in config.to_dict() or key in getattr(config, "attribute_map", {}):
+                setattr(config, key, changes["num_experts"])
+        n_group = getattr(config, "n_group", None)
+        if n_group and changes["num_experts"] % n_group:
+            raise MoevizError(f"export: {changes['num_experts']} experts cannot be split into n_group={n_group} groups")
+    if "top_k" in changes:
+        config.num_experts_per_tok = changes["top_k"]
+    # A real (randomly initialised) model, so non-persistent buffers such as rotary frequencies are
+    # computed; every persistent tensor is then replaced by the compressed state.
+    model = AutoModelForCausalLM.from_config(config, dtype=next(loaded.model.parameters()).dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise MoevizError(f"export: state does not match the exported config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / "moeviz_plan.json").write_text(compressed.plan.to_json())
+        (tmp / "moeviz_report.md").write_text(_report(loaded, compressed, result, messages))
+        if out.exists():  # overwrite=True: swap, so a failure never leaves neither folder
+            old = out.with_name(f".{out.name}.old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

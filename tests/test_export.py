@@ -1,0 +1,80 @@
+"""Export: round trip through AutoModelForCausalLM, physical expert removal, atomicity, refusals."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from moeviz.calibration import calibrate
+from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
+from moeviz.compression.apply import apply_plan
+from moeviz.compression.removal import experts_to_remove
+from moeviz.data import Document, tokenize_documents
+from moeviz.errors import MoevizError
+from moeviz.export import export_model
+from moeviz.models import load_model
+
+DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
+        Document("x = [i * i for i in range(10)]\n" * 20, "code")]
+
+
+def folder_bytes(path):
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe", "phimoe", "gpt_oss"])
+def test_round_trip_reproduces_the_compressed_model(family, loaded_tiny, tmp_path):
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
+    stats = calibrate(lm, samples, batch_size=4)
+    if family == "deepseek_v3":  # group-limited routing: one expert from each of the 2 groups of 4
+        removed = [(layer, e) for layer in range(2) for e in (1, 6)]
+    else:
+        removed = experts_to_remove(stats, 1, "frequency")
+    plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1), removed_experts=removed)
+    cm = apply_plan(lm, stats, plan)
+    out = export_model(lm, cm, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=samples.input_ids).logits, cm.model(input_ids=samples.input_ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+    reloaded = load_model(out)
+    assert reloaded.layers[0].num_experts == lm.layers[0].num_experts - len(removed) // len(lm.layers)
+    assert folder_bytes(out) < folder_bytes(lm.info.source and __import__("pathlib").Path(lm.info.source))
+    assert CompressionPlan.from_json((out / "moeviz_plan.json").read_text()) == plan
+    assert "compression ratio" in (out / "moeviz_report.md").read_text()
+    # Pruned zeros are real in the file.
+    w = reloaded.layers[0].weight("gate")
+    assert (w == 0).float().mean() >= 0.45
+
+
+def test_deepseek_uneven_group_removal_is_refused(loaded_tiny, tmp_path):
+    lm = loaded_tiny("deepseek_v3")
+    cm = apply_plan(lm, None, CompressionPlan(removed_experts=[(0, 1), (0, 2), (1, 1), (1, 2)]))
+    with pytest.raises(MoevizError, match=r"removes \[2, 0\] experts from its 2 routing groups"):
+        export_model(lm, cm, tmp_path / "out")
+
+
+def test_refusals_and_atomicity(loaded_tiny, tmp_path, monkeypatch):
+    lm = loaded_tiny("mixtral")
+    cm = apply_plan(lm, None, CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.3)))
+    with pytest.raises(MoevizError, match="source model's folder"):
+        export_model(lm, cm, lm.info.source + "/sub")
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(MoevizError, match="already exists"):
+        export_model(lm, cm, tmp_path / "taken")
+    uneven = apply_plan(lm, None, CompressionPlan(removed_experts=[(0, 1)]))
+    with pytest.raises(MoevizError, match=r"removed experts per layer are \[1, 0\]"):
+        export_model(lm, uneven, tmp_path / "uneven")
+
+    def boom(self, *a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_model(lm, cm, tmp_path / "partial")
+    assert not (tmp_path / "partial").exists()
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no temporary folder left either
