@@ -4,6 +4,7 @@
     moeviz calibrate [--model M] [--data D] --out DIR  one calibration pass, statistics to DIR
     moeviz evaluate  --plan plan.json [--model M]      apply a plan, evaluate on held-out text, store the run
     moeviz sweep     --methods ... --sparsities ... --bits ...   evaluate a grid, store runs, write a CSV
+    moeviz export    --plan plan.json --out DIR        write the compressed model (HF folder) + plan + report
     moeviz app       [--port P]                        start the Streamlit app (localhost)
 
 Errors from bad input print one line and exit with status 2.
@@ -130,6 +131,28 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from moeviz.compression.apply import Compressor
+    from moeviz.compression.plan import CompressionPlan
+    from moeviz.evaluation import evaluate_plan
+    from moeviz.export import export_model
+
+    path = Path(args.plan)
+    if not path.is_file():
+        raise MoevizError(f"plan file {path} does not exist")
+    plan = CompressionPlan.from_json(path.read_text())
+    lm = _load(args)
+    stats, samples = _calibrated(args, lm)
+    compressor = Compressor(lm, stats)
+    result = None
+    if not args.no_eval:
+        result, _ = evaluate_plan(compressor, _evaluator(args, lm), plan, None, samples=samples)
+        result = result.to_dict()
+    out = export_model(lm, compressor.apply(plan, samples), args.out, overwrite=args.overwrite, result=result)
+    print(f"exported to {out}")
+    return 0
+
+
 def cmd_app(args) -> int:
     app = Path(__file__).resolve().parents[1] / "app.py"
     if not app.exists():
@@ -191,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128, help="quantization group size (-1 = whole row)")
     p.add_argument("--csv", default="moeviz_sweep.csv", help="output table (default moeviz_sweep.csv)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("export", help="apply a plan and save the compressed model as a Hugging Face folder")
+    add_eval_args(p)
+    p.add_argument("--plan", required=True, help="plan JSON")
+    p.add_argument("--out", required=True, help="new folder for the exported model (never the source folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluating the plan for the report")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("app", help="start the Streamlit app")
     p.add_argument("--port", type=int, default=8501)

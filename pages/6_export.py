@@ -4,10 +4,11 @@ import json
 
 import streamlit as st
 
-from pages._state import current_plan, require_model, run_store
+from moeviz.export import export_model
+from pages._state import compressor, current_plan, require_model, run_store, stats_for, user_errors
 
 st.header("Export")
-st.write("Download the current compression plan (JSON, loadable with `CompressionPlan.from_json` and the CLI) "
+st.write("Save the compressed model as a Hugging Face folder, or download the current compression plan (JSON, loadable with `CompressionPlan.from_json` and the CLI) "
          "and the results of every stored run of this model (CSV).")
 
 lm = require_model()
@@ -25,3 +26,17 @@ else:
 if st.session_state.last_result is not None:
     st.download_button("Last evaluation, all details (JSON)", json.dumps(st.session_state.last_result, indent=2),
                        file_name="moeviz_result.json", mime="application/json")
+
+st.subheader("Compressed model")
+st.caption("A Hugging Face folder (config, safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads: "
+           "pruned weights stored as zeros, quantized weights dequantized (bits recorded in moeviz_plan.json), removed "
+           "experts physically removed; plus moeviz_report.md. Written atomically; never into the source folder.")
+with st.form("export_form"):
+    folder = st.text_input("Output folder", value="exported-moe")
+    overwrite = st.checkbox("Replace the folder if it exists")
+    if st.form_submit_button("Export model"):
+        with user_errors(), st.spinner("Applying the plan and writing the model…"):
+            last = st.session_state.last_result
+            result = last if last is not None and last["plan"] == plan.to_dict() else None
+            out = export_model(lm, compressor(lm, stats_for(lm)).apply(plan), folder, overwrite=overwrite, result=result)
+        st.success(f"Exported to {out}")

@@ -79,3 +79,20 @@ def test_cli_evaluate_sweep_errors(argv, message, capsys):
     assert main(argv + ["--no-store"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("moeviz: error:") and message in err
+
+
+def test_cli_export(tiny_model_dirs, tmp_path, capsys):
+    import transformers
+
+    data = tmp_path / "cal.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"calibration sentence {i} about experts. " * 6}) for i in range(30)))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"pruning": {"metric": "magnitude", "sparsity": 0.5}, "removed_experts": [[0, 1], [1, 2]]}))
+    argv = ["export", "--model", str(tiny_model_dirs["mixtral"]), "--data", str(data), "--samples", "4", "--seq-len",
+            "16", "--eval-data", str(data), "--eval-seq-len", "16", "--eval-samples", "4", "--no-latency",
+            "--plan", str(plan), "--out", str(tmp_path / "exported")]
+    assert main(argv) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported")
+    assert model.config.num_local_experts == 3
+    assert "perplexity" in (tmp_path / "exported" / "moeviz_report.md").read_text()
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err

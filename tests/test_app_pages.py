@@ -79,6 +79,11 @@ def test_default_flow_calibrate_route_compress_evaluate_sweep(calibrated):
     at.switch_page("pages/6_export.py").run()
     ok(at)
     assert [b.proto.label for b in at.get("download_button")][:2] == ["Plan (JSON)", "Results of all runs (CSV)"]
+    out = Path(at.session_state["model_source"]).parent / "exported-from-app"
+    next(t for t in at.text_input if t.label == "Output folder").set_value(str(out))
+    button(at, "Export model").click().run()
+    ok(at)
+    assert (out / "config.json").exists() and (out / "moeviz_plan.json").exists()
 
 
 def test_editing_one_expert_changes_the_plan(calibrated):
