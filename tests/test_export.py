@@ -78,3 +78,26 @@ def test_refusals_and_atomicity(loaded_tiny, tmp_path, monkeypatch):
     assert not (tmp_path / "partial").exists()
     monkeypatch.undo()
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no temporary folder left either
+
+
+def test_demo_export_reproduces_in_app_metrics(tmp_path):
+    """The exported demo model, reloaded through load_model and evaluated like any model, gives the
+    perplexity and accuracy the app showed for the plan."""
+    from moeviz.compression.apply import Compressor
+    from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
+
+    lm = load_model()
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 64)
+    stats = calibrate(lm, samples)
+    plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=64), removed_experts=experts_to_remove(stats, 1))
+    held = load_eval_samples(lm.tokenizer, seq_len=128, max_samples=8)
+    settings = EvalSettings(measure_latency=False)
+    cm = Compressor(lm, stats).apply(plan)
+    in_app = Evaluator(lm, held, settings).evaluate(cm)
+    out = export_model(lm, cm, tmp_path / "demo-compressed", result=in_app.to_dict())
+    reloaded = load_model(out)
+    again = Evaluator(reloaded, held, settings).base
+    assert again.loss["perplexity"] == pytest.approx(in_app.perplexity, rel=1e-5)
+    assert again.loss["accuracy"] == pytest.approx(in_app.accuracy, abs=1e-9)
+    assert reloaded.info.num_experts == 7 and folder_bytes(out) < folder_bytes(lm.info.source and __import__("pathlib").Path(lm.info.source))
