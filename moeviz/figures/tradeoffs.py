@@ -232,7 +232,7 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     if not has_latency:
         fig.add_annotation(text=f"no {kind} latency in these runs", xref="paper", yref="paper", x=1, y=1.06,
                            showarrow=False, font=dict(size=11, color="#777777"))
-    fig.update_layout(title=title + f" (latency {kind})", template=_TEMPLATE, legend=dict(title="Method · metric"),
+    fig.update_layout(title=title + f" (latency {kind})", template=_TEMPLATE, legend=dict(title="Method · metric", orientation="h", yanchor="top", y=-0.2),
                       hovermode="closest")
     return fig
 
