@@ -4,24 +4,18 @@ sparsity vs one elementwise pass over the same weights (target ≤ 2×), and app
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
 
 import moeviz
 from moeviz.compression import CompressionPlan, PruningSettings, mask_from_ranks
 from moeviz.compression.apply import Compressor
 
+from benchmarks.bench_masks import _times_ms
 
-def _median(fn, repeats=7):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+def _median(fn, repeats=7) -> float:
+    """Median wall time in seconds (after a warm-up call), with bench_masks' timer."""
+    return _times_ms(fn, repeats)[0] / 1e3
 
 
 def run() -> dict:

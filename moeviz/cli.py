@@ -86,16 +86,21 @@ def _evaluator(args, lm):
     return Evaluator(lm, held, EvalSettings(measure_latency=not args.no_latency, accelerator=args.accelerator))
 
 
+def _read_plan(path: str):
+    from moeviz.compression.plan import CompressionPlan
+
+    path = Path(path)
+    if not path.is_file():
+        raise MoevizError(f"plan file {path} does not exist")
+    return CompressionPlan.from_json(path.read_text())
+
+
 def cmd_evaluate(args) -> int:
     from moeviz.compression.apply import Compressor
-    from moeviz.compression.plan import CompressionPlan
     from moeviz.evaluation import evaluate_plan
     from moeviz.store import RunStore
 
-    path = Path(args.plan)
-    if not path.is_file():
-        raise MoevizError(f"plan file {path} does not exist")
-    plan = CompressionPlan.from_json(path.read_text())
+    plan = _read_plan(args.plan)
     lm = _load(args)
     stats, samples = _calibrated(args, lm)
     result, run_id = evaluate_plan(Compressor(lm, stats), _evaluator(args, lm), plan,
@@ -133,22 +138,14 @@ def cmd_sweep(args) -> int:
 
 def cmd_export(args) -> int:
     from moeviz.compression.apply import Compressor
-    from moeviz.compression.plan import CompressionPlan
-    from moeviz.evaluation import evaluate_plan
     from moeviz.export import export_model
 
-    path = Path(args.plan)
-    if not path.is_file():
-        raise MoevizError(f"plan file {path} does not exist")
-    plan = CompressionPlan.from_json(path.read_text())
+    plan = _read_plan(args.plan)
     lm = _load(args)
     stats, samples = _calibrated(args, lm)
-    compressor = Compressor(lm, stats)
-    result = None
-    if not args.no_eval:
-        result, _ = evaluate_plan(compressor, _evaluator(args, lm), plan, None, samples=samples)
-        result = result.to_dict()
-    out = export_model(lm, compressor.apply(plan, samples), args.out, overwrite=args.overwrite, result=result)
+    compressed = Compressor(lm, stats).apply(plan, samples)  # applied once: evaluated and exported as is
+    result = None if args.no_eval else _evaluator(args, lm).evaluate(compressed).to_dict()
+    out = export_model(lm, compressed, args.out, overwrite=args.overwrite, result=result)
     print(f"exported to {out}")
     return 0
 
