@@ -36,6 +36,8 @@ _EXPORTS = {
     "CalibrationStats": "moeviz.calibration.stats",
     "LayerStats": "moeviz.calibration.stats",
     "MoevizError": "moeviz.errors",
+    "recover": "moeviz.recovery.distill",
+    "RecoverySettings": "moeviz.recovery.distill",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -90,6 +90,9 @@ class CompressedModel:
     storage: StorageReport
     seconds: float
     replaced_tensors: list[str] = field(default_factory=list)
+    # Pruning keep-masks, only when asked for (`apply(..., keep_masks=True)`, used by recovery):
+    # "layer.proj" -> bool [E, out, in] (True = keep), "layer.router" -> bool [E, H].
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def expert_table(self) -> list[dict]:
         return [asdict(e) for e in self.experts]
@@ -201,8 +204,12 @@ class Compressor:
             store[key] = make()
         return store[key]
 
-    def apply(self, plan: CompressionPlan, samples: TokenSamples | None = None) -> CompressedModel:
-        """Compress a structural copy of the base model according to `plan`."""
+    def apply(self, plan: CompressionPlan, samples: TokenSamples | None = None,
+              keep_masks: bool = False) -> CompressedModel:
+        """Compress a structural copy of the base model according to `plan`.
+
+        keep_masks: also return the pruning masks (1 byte per pruned weight; recovery needs them to
+        keep pruned weights at zero, the app's interactive path does not)."""
         start = time.perf_counter()
         base_layers = self.loaded.layers
         plan.validate([l.num_experts for l in base_layers], [l.top_k for l in base_layers])
@@ -215,6 +222,7 @@ class Compressor:
         view = structural_copy(self.loaded.model)
         layers = find_moe_layers(view, self.loaded.info.model_type)
         replaced: list[str] = []
+        masks: dict[str, torch.Tensor] | None = {} if keep_masks else None
         for layer in layers:
             stats = self.stats
             if plan.sequential and layer.index > 0 and sparsity.any():
@@ -224,12 +232,13 @@ class Compressor:
                 partial = LoadedModel(view, self.loaded.tokenizer, layers, self.loaded.info)
                 stats = calibrate(partial, samples, record_tokens=0)
             replaced += self._compress_layer(layer, plan, sparsity[layer.index], bits[layer.index],
-                                             removed[layer.index], stats, sequential=plan.sequential)
+                                             removed[layer.index], stats, sequential=plan.sequential, masks=masks)
         experts = self._expert_states(layers, plan, sparsity, bits, removed)
         storage = self._storage(layers, plan, sparsity, bits, removed)
-        return CompressedModel(view, layers, plan, experts, storage, time.perf_counter() - start, replaced)
+        return CompressedModel(view, layers, plan, experts, storage, time.perf_counter() - start, replaced,
+                               masks or {})
 
-    def _compress_layer(self, layer, plan, sparsity, bits, removed, stats, sequential) -> list[str]:
+    def _compress_layer(self, layer, plan, sparsity, bits, removed, stats, sequential, masks=None) -> list[str]:
         E = layer.num_experts
         sparsity, bits, removed = sparsity[:E], bits[:E], removed[:E]
         touched_experts = (sparsity > 0).any() or (bits < 16).any() or removed.any()
@@ -262,11 +271,13 @@ class Compressor:
                         self._nm_masks.pop((tag, layer.index, proj, metric, nm))
                     keep = keep | torch.as_tensor(sparsity == 0, device=keep.device)[:, None, None]
                 w.mul_(keep)
+                if masks is not None:
+                    masks[f"{layer.index}.{proj}"] = keep.expand(w.shape).clone()
             for b in sorted(set(bits[~removed].tolist()) - {16}):
                 idx = torch.as_tensor(np.flatnonzero((bits == b) & ~removed))
                 for proj in layer.projections():
                     w = layer.weight(proj)
-                    gs = _group_size(plan.quant.group_size, w.shape[-1], proj, layer)
+                    gs = group_size_for(plan.quant.group_size, w.shape[-1], proj, layer)
                     w[idx] = quantize_weight(w[idx], b, gs, plan.quant.symmetric).dequantized
             if removed.any():
                 idx = torch.as_tensor(np.flatnonzero(removed))
@@ -284,9 +295,12 @@ class Compressor:
         if plan.router_sparsity > 0 or plan.router_bits < 16:
             w = layer.router.weight.detach().clone()
             if plan.router_sparsity > 0:
-                w.mul_(unstructured_row_mask(importance_scores(w, "magnitude"), plan.router_sparsity))
+                keep = unstructured_row_mask(importance_scores(w, "magnitude"), plan.router_sparsity)
+                w.mul_(keep)
+                if masks is not None:
+                    masks[f"{layer.index}.router"] = keep
             if plan.router_bits < 16:
-                w = quantize_weight(w, plan.router_bits, _group_size(plan.quant.group_size, w.shape[-1], "router", layer),
+                w = quantize_weight(w, plan.router_bits, group_size_for(plan.quant.group_size, w.shape[-1], "router", layer),
                                     plan.quant.symmetric).dequantized
             layer.router.weight = nn.Parameter(w, requires_grad=False)
             replaced.append(f"{layer.router_path}.weight")
@@ -321,7 +335,7 @@ class Compressor:
                         structure=(("n:m" if nm else "unstructured") if s > 0 else None),
                         n=nm[0] if nm and s > 0 else None, m=nm[1] if nm and s > 0 else None,
                         bits=int(bits[layer.index, e]),
-                        group_size=_group_size(plan.quant.group_size, shape[-1], proj, layer),
+                        group_size=group_size_for(plan.quant.group_size, shape[-1], proj, layer),
                         symmetric=plan.quant.symmetric, removed=bool(removed[layer.index, e]),
                     )
                     exp_base += st.dense_bytes
@@ -332,7 +346,7 @@ class Compressor:
                              sparsity=plan.router_sparsity,
                              structure="unstructured" if plan.router_sparsity > 0 else None,
                              bits=plan.router_bits,
-                             group_size=_group_size(plan.quant.group_size, w.shape[-1], "router", layer),
+                             group_size=group_size_for(plan.quant.group_size, w.shape[-1], "router", layer),
                              symmetric=plan.quant.symmetric)
             r_base += st.dense_bytes
             r_bytes += st.bytes
@@ -344,7 +358,7 @@ class Compressor:
         return StorageReport(tensors, exp_base, exp_bytes, r_base, r_bytes, other)
 
 
-def _group_size(group_size: int, in_features: int, what: str, layer: MoELayer) -> int:
+def group_size_for(group_size: int, in_features: int, what: str, layer: MoELayer) -> int:
     """-1 or a size >= the row means one group per row; otherwise it must divide the row."""
     if group_size == -1 or group_size >= in_features:
         return -1

@@ -62,10 +62,11 @@ def grid_plans(methods: Sequence[str], sparsities: Iterable[float], bits: Iterab
 
 def store_result(store: RunStore, result: EvalResult, plan: CompressionPlan, model_fingerprint: str,
                  calibration_fingerprint: str | None, sweep_id: str | None = None,
-                 parent_run_id: int | None = None, duration_s: float | None = None) -> int:
-    metrics = {**result.metrics(), "details": result.to_dict()}
+                 parent_run_id: int | None = None, duration_s: float | None = None,
+                 name: str | None = None, extra_metrics: dict | None = None) -> int:
+    metrics = {**result.metrics(), **(extra_metrics or {}), "details": result.to_dict()}
     return store.add_run(RunRecord(
-        name=plan_label(plan), model_fingerprint=model_fingerprint, plan=plan.to_dict(), metrics=metrics,
+        name=name or plan_label(plan), model_fingerprint=model_fingerprint, plan=plan.to_dict(), metrics=metrics,
         calibration_fingerprint=calibration_fingerprint, eval_fingerprint=result.eval_fingerprint,
         sweep_id=sweep_id, parent_run_id=parent_run_id, duration_s=duration_s,
     ))

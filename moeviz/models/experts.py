@@ -38,6 +38,19 @@ def _gated(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:
     return experts.act_fn(proj)
 
 
+def expert_output(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert `e` of a fused experts module on inputs x [n, H]: (h [n, I] = act(gate) * up, y [n, H])."""
+    has_gate = getattr(experts, "has_gate", True)
+    has_bias = getattr(experts, "has_bias", False)
+    transposed = getattr(experts, "is_transposed", False)
+    w_in = experts.gate_up_proj if has_gate else experts.up_proj
+    b_in = (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias) if has_bias else None
+    b_out = experts.down_proj_bias if has_bias else None
+    h = _gated(experts, _project(x, w_in[e], b_in[e] if b_in is not None else None, transposed))
+    y = _project(h, experts.down_proj[e], b_out[e] if b_out is not None else None, transposed)
+    return h, y
+
+
 def experts_forward(
     experts: nn.Module,
     hidden_states: torch.Tensor,  # [T, H]
@@ -48,13 +61,7 @@ def experts_forward(
 ) -> torch.Tensor:
     """Eager MoE expert computation; `observer` sees every expert's tensors, `input_transform(e, x)`
     may replace an expert's input (used for activation fake-quantization)."""
-    has_gate = getattr(experts, "has_gate", True)
-    has_bias = getattr(experts, "has_bias", False)
-    transposed = getattr(experts, "is_transposed", False)
-    w_in = experts.gate_up_proj if has_gate else experts.up_proj
-    b_in = (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias) if has_bias else None
-    b_out = experts.down_proj_bias if has_bias else None
-    num_experts = w_in.shape[0]
+    num_experts = (experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj).shape[0]
 
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
@@ -70,8 +77,7 @@ def experts_forward(
         x = hidden_states[token_idx]
         if input_transform is not None:
             x = input_transform(e, x)
-        h = _gated(experts, _project(x, w_in[e], b_in[e] if b_in is not None else None, transposed))
-        y = _project(h, experts.down_proj[e], b_out[e] if b_out is not None else None, transposed)
+        h, y = expert_output(experts, e, x)
         gate = top_k_weights[token_idx, top_k_pos]
         if observer is not None:
             observer(e, token_idx, gate, x, h, y)

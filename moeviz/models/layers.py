@@ -52,27 +52,36 @@ class MoELayer:
     # ---- expert weights as [E, out, in] views of the fused parameters ----
     def weight(self, projection: str) -> torch.Tensor:
         """All experts' weight for one projection as a view [E, out, in] (writes go to the model)."""
-        I = self.intermediate_size
+        return self.view(projection, getattr(self.experts, self.fused_name(projection)))
+
+    def fused_name(self, projection: str) -> str:
+        """Attribute of the experts module that stores `projection`: gate_up_proj, up_proj or down_proj."""
         if projection == "down":
-            w = self.experts.down_proj  # [E, H, I], or [E, I, H] transposed
-            return w.mT if self.transposed else w
+            return "down_proj"
         if projection not in ("gate", "up"):
             raise ValueError(f"unknown projection {projection!r}; expected one of {PROJECTIONS}")
         if not self.has_gate:
             if projection == "gate":
                 raise ValueError(f"{self.path}: experts have no gate projection")
-            w = self.experts.up_proj
-            return w.mT if self.transposed else w
-        w = self.experts.gate_up_proj
+            return "up_proj"
+        return "gate_up_proj"
+
+    def view(self, projection: str, fused: torch.Tensor) -> torch.Tensor:
+        """The [E, out, in] view of `projection` inside `fused`, a tensor laid out like the experts
+        module's `fused_name(projection)` (the parameter itself, a mask or a gradient)."""
+        I = self.intermediate_size
+        if projection == "down" or not self.has_gate:
+            self.fused_name(projection)  # validates the name
+            return fused.mT if self.transposed else fused
         if self.transposed:  # [E, H, 2I] -> columns -> [E, I, H]
             cols = slice(0, None, 2) if projection == "gate" else slice(1, None, 2)
             if not self.interleaved:
                 cols = slice(0, I) if projection == "gate" else slice(I, 2 * I)
-            return w[:, :, cols].mT
+            return fused[:, :, cols].mT
         rows = slice(0, I) if projection == "gate" else slice(I, 2 * I)
         if self.interleaved:
             rows = slice(0, None, 2) if projection == "gate" else slice(1, None, 2)
-        return w[:, rows, :]
+        return fused[:, rows, :]
 
     def expert_weight(self, projection: str, expert: int) -> torch.Tensor:
         """One expert's weight [out, in] (a view)."""

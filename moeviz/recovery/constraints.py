@@ -1,0 +1,151 @@
+"""Keep a compressed model in its plan's format while it trains.
+
+Each trained tensor is re-parametrised (`torch.nn.utils.parametrize`): the optimiser updates a latent
+float tensor W and the model computes with
+
+    C(W) = Q(W ⊙ keep)   forward
+    ∂C/∂W = keep         backward (straight-through through the rounding Q)
+
+so pruned weights stay exactly zero (their gradient is masked, their value multiplied by 0), removed
+experts stay all-zero (their keep rows are False), and quantized experts compute with weights on
+their b-bit grid at every step (re-quantized from the latent weights; RTN keeps 0 exact). At the
+end `release` writes the exact C(W) into a plain parameter: the model is again an ordinary
+compressed copy with frozen weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from moeviz.compression.apply import CompressedModel, group_size_for
+from moeviz.compression.quantize import quantize_weight
+from moeviz.models.layers import MoELayer
+
+
+@dataclass
+class _QuantGroup:
+    projection: str  # which [E, out, in] view of the fused tensor (None for a router)
+    experts: torch.Tensor  # [n] expert indices quantized with these settings
+    bits: int
+    group_size: int
+    symmetric: bool
+
+
+class ConstrainedWeight(nn.Module):
+    """Parametrisation C(W) = Q(W ⊙ keep) with a straight-through gradient (see module docstring)."""
+
+    def __init__(self, keep: torch.Tensor | None, quant: list[_QuantGroup], layer: MoELayer | None):
+        super().__init__()
+        self.register_buffer("keep", keep, persistent=False)  # bool, laid out like W; None = keep all
+        self.quant = quant
+        self.layer = layer  # to find the [E, out, in] views of a fused tensor
+
+    def exact(self, w: torch.Tensor) -> torch.Tensor:
+        """Q(W ⊙ keep) without gradient: the value the compressed model stores."""
+        q = w.detach() * self.keep if self.keep is not None else w.detach().clone()
+        for g in self.quant:
+            # Fused [E, 2I, H] (or GPT-OSS [E, H, 2I]) -> the projection's [E, out, in] view, so the
+            # groups run along each output row's inputs exactly as the plan quantized them.
+            v = self.layer.view(g.projection, q) if g.projection is not None else q.unsqueeze(0)
+            idx = g.experts.to(q.device)
+            v[idx] = quantize_weight(v[idx], g.bits, g.group_size, g.symmetric).dequantized
+        return q
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        masked = w * self.keep if self.keep is not None else w
+        if not self.quant:
+            return masked
+        return masked + (self.exact(w) - masked).detach()  # value Q(W ⊙ keep), gradient keep
+
+
+def _clone_if_shared(module: nn.Module, name: str, base_ptrs: set[int]) -> nn.Parameter:
+    """Make `module.name` a trainable parameter that the student owns (never a base tensor)."""
+    t = getattr(module, name)
+    data = t.detach().clone() if t.data_ptr() in base_ptrs else t.detach()
+    p = nn.Parameter(data, requires_grad=True)
+    setattr(module, name, p)
+    return p
+
+
+def expert_constraints(compressed: CompressedModel, layer: MoELayer) -> dict[str, ConstrainedWeight | None]:
+    """For each fused expert tensor of `layer`, the parametrisation its plan requires (None: none)."""
+    states = [s for s in compressed.experts if s.layer == layer.index]
+    removed = torch.tensor([s.removed for s in states])
+    plan = compressed.plan
+    out: dict[str, ConstrainedWeight | None] = {}
+    for name in dict.fromkeys(layer.fused_name(p) for p in layer.projections()):
+        fused = getattr(layer.experts, name)
+        keep = None
+        for proj in (p for p in layer.projections() if layer.fused_name(p) == name):
+            mask = compressed.masks.get(f"{layer.index}.{proj}")
+            if mask is not None or removed.any():
+                keep = torch.ones_like(fused, dtype=torch.bool) if keep is None else keep
+                view = layer.view(proj, keep)
+                if mask is not None:
+                    view.copy_(mask)
+                view[removed] = False
+        quant = []
+        for proj in (p for p in layer.projections() if layer.fused_name(p) == name):
+            for bits in sorted({s.bits for s in states if not s.removed} - {16}):
+                idx = torch.tensor([s.expert for s in states if s.bits == bits and not s.removed])
+                gs = group_size_for(plan.quant.group_size, layer.weight(proj).shape[-1], proj, layer)
+                quant.append(_QuantGroup(proj, idx, bits, gs, plan.quant.symmetric))
+        out[name] = ConstrainedWeight(keep, quant, layer) if keep is not None or quant else None
+    return out
+
+
+def router_constraint(compressed: CompressedModel, layer: MoELayer) -> ConstrainedWeight | None:
+    plan = compressed.plan
+    keep = compressed.masks.get(f"{layer.index}.router")
+    quant = []
+    if plan.router_bits < 16:
+        w = layer.router.weight
+        gs = group_size_for(plan.quant.group_size, w.shape[-1], "router", layer)
+        quant.append(_QuantGroup(None, torch.tensor([0]), plan.router_bits, gs, plan.quant.symmetric))
+    return ConstrainedWeight(keep, quant, None) if keep is not None or quant else None
+
+
+def make_trainable(compressed: CompressedModel, base: nn.Module, train_router: bool) -> list[nn.Parameter]:
+    """Turn the student's expert tensors (and routers) into owned, constrained, trainable parameters.
+
+    Tensors still shared with the base model are cloned first, so training never writes to the base.
+    Returns the latent parameters to optimise."""
+    base_ptrs = {p.data_ptr() for p in base.parameters()} | {b.data_ptr() for b in base.buffers()}
+    params: list[nn.Parameter] = []
+    for layer in compressed.layers:
+        targets: list[tuple[nn.Module, str, ConstrainedWeight | None]] = []
+        for name, c in expert_constraints(compressed, layer).items():
+            targets.append((layer.experts, name, c))
+        for name in ("gate_up_proj_bias", "up_proj_bias", "down_proj_bias"):
+            if isinstance(getattr(layer.experts, name, None), torch.Tensor):
+                targets.append((layer.experts, name, None))
+        if train_router:
+            targets.append((layer.router, "weight", router_constraint(compressed, layer)))
+            if isinstance(getattr(layer.router, "bias", None), torch.Tensor):
+                targets.append((layer.router, "bias", None))
+        for module, name, constraint in targets:
+            p = _clone_if_shared(module, name, base_ptrs)
+            if constraint is not None:
+                constraint.to(p.device)
+                parametrize.register_parametrization(module, name, constraint)
+                p = getattr(module.parametrizations, name).original
+            params.append(p)
+    return params
+
+
+def release(compressed: CompressedModel) -> None:
+    """Write the exact constrained values C(W) into plain frozen parameters (undo `make_trainable`)."""
+    for layer in compressed.layers:
+        for module in (layer.experts, layer.router):
+            if parametrize.is_parametrized(module):
+                for name in list(module.parametrizations.keys()):
+                    plist = module.parametrizations[name]
+                    value = plist[0].exact(plist.original)
+                    parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                    setattr(module, name, nn.Parameter(value, requires_grad=False))
+            for name, p in list(module.named_parameters(recurse=False)):
+                p.requires_grad_(False)
