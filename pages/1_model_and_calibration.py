@@ -79,6 +79,7 @@ if st.button("Run calibration", type="primary"):
         stats, cached = calibrate_cached(lm, samples, progress=lambda d, t: bar.progress(d / t, text=f"Calibrating… {d}/{t} samples"))
         bar.empty()
         s.stats = stats
+        s.calibration_samples = samples
         s.calibration_source = data_name
         st.success(("Loaded cached statistics" if cached else f"Calibrated in {stats.seconds:.1f} s")
                    + f" for {data_name}.")

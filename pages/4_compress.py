@@ -8,8 +8,9 @@ from moeviz.compression.plan import ALLOCATIONS, METRICS, SUPPORTED_BITS, Compre
 from moeviz.compression.removal import REMOVAL_SCORES, experts_to_remove
 from moeviz.compression.table import apply_table_edits, expert_table
 from moeviz.evaluation import evaluate_plan
+from moeviz.recovery import RecoverySettings, recover_and_evaluate
 from pages._state import (
-    base_evaluator, compressor, current_plan, require_model, require_stats, run_store, set_plan, user_errors,
+    base_evaluator, calibration_samples, compressor, current_plan, require_model, require_stats, run_store, set_plan, user_errors,
 )
 
 st.header("Compress")
@@ -107,12 +108,7 @@ if plan.overrides and st.button("Clear per-expert overrides"):
 if st.button("Evaluate", type="primary"):
     with user_errors(), st.spinner("Applying the plan and evaluating on held-out text…"):
         evaluator = base_evaluator(lm.fingerprint, lm)
-        samples = None
-        if plan.sequential:
-            import moeviz
-
-            samples = moeviz.load_calibration_data(lm.tokenizer, None, n_samples=stats.settings["n_samples"],
-                                                   seq_len=stats.settings["seq_len"], seed=stats.settings["seed"])
+        samples = calibration_samples(lm, stats) if plan.sequential else None
         result, run_id = evaluate_plan(compressor(lm, stats), evaluator, plan, run_store(), samples=samples)
     st.session_state.last_result = result.to_dict()
     st.session_state.last_run_id = run_id
@@ -144,3 +140,57 @@ if result is not None:
                                    "base accuracy": m["base_per_domain"][d]["accuracy"]}
                                for d, v in m["per_domain"].items()}).T
     st.dataframe(per_domain, width="stretch")
+
+st.subheader("Recover by distillation")
+if result is None or result["plan"] != plan.to_dict():
+    st.info("Evaluate the plan first: recovery fine-tunes this plan's compressed model and is compared against it.")
+    st.stop()
+st.caption("Fine-tunes the compressed experts against the base model on the calibration text: cross-entropy + "
+           "λ_expert · expert-output MSE + λ_router · KL(router teacher ‖ student). Pruned weights stay zero, removed "
+           "experts stay removed, quantized experts are re-quantized every step. The base model is not modified.")
+with st.form("recovery_form"):
+    c1, c2, c3, c4 = st.columns(4)
+    steps = c1.number_input("Steps", 1, 5000, 50)
+    lr = c2.select_slider("Learning rate", [1e-5, 3e-5, 1e-4, 3e-4, 1e-3], value=3e-4, format_func=lambda v: f"{v:g}")
+    batch = c3.number_input("Batch size (windows)", 1, 64, 4)
+    budget = c4.number_input("Time budget (s)", 5, 3600, 120, help="Training stops here and the result is kept")
+    c1, c2, c3 = st.columns(3)
+    train = c1.radio("Train", ["experts", "experts+router"], horizontal=True)
+    lam_e = c2.number_input("λ expert (0 = balance at the start)", 0.0, 1e6, 0.0,
+                            help="Default: chosen at the first step so that λ·MSE equals the cross-entropy")
+    lam_r = c3.number_input("λ router (0 = balance at the start)", 0.0, 1e6, 0.0,
+                            help="Default: chosen at the first step so that λ·KL equals the cross-entropy")
+    go = st.form_submit_button("Recover", type="primary")
+if go:
+    settings = RecoverySettings(steps=int(steps), learning_rate=float(lr), batch_size=int(batch), train=train,
+                                lambda_expert=float(lam_e) or None, lambda_router=float(lam_r) or None,
+                                max_seconds=float(budget))
+    with user_errors():
+        bar = st.progress(0.0, text="Recovery: starting…")
+        st.caption("Press **Stop** (top right) to cancel; nothing is stored then.")
+        recovery, recovered, run_id, model = recover_and_evaluate(
+            compressor(lm, stats), base_evaluator(lm.fingerprint, lm), plan, calibration_samples(lm, stats), settings,
+            store=run_store(), parent_run_id=st.session_state.last_run_id,
+            progress=lambda i, n, r: bar.progress(i / n, text=f"Recovery step {i}/{n} · CE {r['ce']:.3f} · "
+                                                  f"expert MSE {r['expert_mse']:.4g} · router KL {r['router_kl']:.4g}"))
+        bar.empty()
+    st.session_state.recovery = dict(run_id=run_id, parent_run_id=st.session_state.last_run_id, plan=plan.to_dict(),
+                                     summary=recovery.summary(), history=recovery.history,
+                                     result=recovered.to_dict())
+    st.session_state.recovered_model = model
+
+rec = st.session_state.recovery
+if rec is not None and rec["plan"] == plan.to_dict():
+    r, s = rec["result"], rec["summary"]
+    c = st.columns(4)
+    c[0].metric("Perplexity after recovery", f"{r['perplexity']:.2f}", f"{r['perplexity'] - result['perplexity']:+.2f} vs unrecovered",
+                delta_color="inverse")
+    c[1].metric("Accuracy after recovery", f"{r['accuracy']:.1%}", f"{(r['accuracy'] - result['accuracy']) * 100:+.1f} pts")
+    gap = result["perplexity"] - r["base_perplexity"]
+    c[2].metric("Perplexity gap recovered", f"{(result['perplexity'] - r['perplexity']) / gap:.0%}" if gap > 0 else "n/a",
+                help="(unrecovered − recovered) / (unrecovered − base), on the held-out text")
+    c[3].metric("Training", f"{s['steps_done']} steps", f"{s['seconds']:.1f} s" + (f" · {s['stopped_early']}" if s["stopped_early"] else ""),
+                delta_color="off")
+    st.plotly_chart(figures.recovery_losses(rec["history"], s["lambda_expert"], s["lambda_router"]), width="stretch")
+    st.caption(f"Stored as run #{rec['run_id']}, linked to run #{rec['parent_run_id']}: the Trade-offs page draws the "
+               "recovery as an arrow. The Export page can write the recovered model.")

@@ -31,12 +31,21 @@ st.subheader("Compressed model")
 st.caption("A Hugging Face folder (config, safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads: "
            "pruned weights stored as zeros, quantized weights dequantized (bits recorded in moeviz_plan.json), removed "
            "experts physically removed; plus moeviz_report.md. Written atomically; never into the source folder.")
+rec = st.session_state.recovery
+recovered = st.session_state.recovered_model
+has_recovered = rec is not None and recovered is not None and rec["plan"] == plan.to_dict()
 with st.form("export_form"):
     folder = st.text_input("Output folder", value="exported-moe")
+    which = st.radio("Model", ["compressed (the plan as applied)", f"recovered (run #{rec['run_id']})"] if has_recovered
+                     else ["compressed (the plan as applied)"], horizontal=True)
     overwrite = st.checkbox("Replace the folder if it exists")
     if st.form_submit_button("Export model"):
-        with user_errors(), st.spinner("Applying the plan and writing the model…"):
-            last = st.session_state.last_result
-            result = last if last is not None and last["plan"] == plan.to_dict() else None
-            out = export_model(lm, compressor(lm, stats_for(lm)).apply(plan), folder, overwrite=overwrite, result=result)
+        with user_errors(), st.spinner("Writing the model…"):
+            if which.startswith("recovered"):
+                model, result = recovered, rec["result"]
+            else:
+                last = st.session_state.last_result
+                result = last if last is not None and last["plan"] == plan.to_dict() else None
+                model = compressor(lm, stats_for(lm)).apply(plan)
+            out = export_model(lm, model, folder, overwrite=overwrite, result=result)
         st.success(f"Exported to {out}")

@@ -32,6 +32,9 @@ DEFAULTS = dict(
     last_result=None,
     last_run_id=None,
     sweep_df=None,
+    calibration_samples=None,  # the TokenSamples behind `stats` (recovery and sequential plans train / re-calibrate on them)
+    recovery=None,  # last recovery: {"run_id", "parent_run_id", "plan", "summary", "history", "result"}
+    recovered_model=None,  # its CompressedModel (one per session), for export
     selected_run_id=None,
     explorer_text="def greet(name):\n    return f'Hello, {name}!'\n\nThe interpreter reads the source file.",
 )
@@ -86,6 +89,18 @@ def stats_for(loaded):
     """The session's calibration statistics if they belong to the loaded model, else None."""
     stats = st.session_state.stats
     return stats if stats is not None and stats.model_fingerprint == loaded.fingerprint else None
+
+
+def calibration_samples(loaded, stats):
+    """The token windows the statistics were computed on: kept from calibration in this session,
+    else rebuilt from the bundled text with the statistics' settings (same fingerprint)."""
+    samples = st.session_state.get("calibration_samples")
+    if samples is not None and samples.fingerprint == stats.data_fingerprint:
+        return samples
+    import moeviz
+
+    return moeviz.load_calibration_data(loaded.tokenizer, None, n_samples=stats.settings["n_samples"],
+                                        seq_len=stats.settings["seq_len"], seed=stats.settings["seed"])
 
 
 @contextlib.contextmanager
