@@ -5,6 +5,7 @@
     moeviz evaluate  --plan plan.json [--model M]      apply a plan, evaluate on held-out text, store the run
     moeviz sweep     --methods ... --sparsities ... --bits ...   evaluate a grid, store runs, write a CSV
     moeviz export    --plan plan.json --out DIR        write the compressed model (HF folder) + plan + report
+    moeviz recover   --plan plan.json [--steps N]      distil the compressed model from the base; both runs stored
     moeviz app       [--port P]                        start the Streamlit app (localhost)
 
 Errors from bad input print one line and exit with status 2.
@@ -150,6 +151,52 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from tqdm import tqdm
+
+    from moeviz.compression.apply import Compressor
+    from moeviz.evaluation import evaluate_plan
+    from moeviz.recovery import RecoverySettings, recover_and_evaluate
+    from moeviz.store import RunStore
+
+    plan = _read_plan(args.plan)
+    settings = RecoverySettings(steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
+                                lambda_expert=args.lambda_expert, lambda_router=args.lambda_router,
+                                train=args.train, max_seconds=args.max_seconds, seed=args.seed).validate()
+    lm = _load(args)
+    if args.out:
+        from moeviz.export import check_destination
+
+        check_destination(lm, Path(args.out), args.overwrite)  # fail before training, not after
+    stats, samples = _calibrated(args, lm)
+    compressor, evaluator = Compressor(lm, stats), _evaluator(args, lm)
+    store = None if args.no_store else RunStore(args.store)
+    before, parent = evaluate_plan(compressor, evaluator, plan, store, samples=samples)
+    with tqdm(total=settings.steps, desc="recovery", unit="step", file=sys.stderr) as bar:
+        def progress(step, total, row):
+            bar.update(step - bar.n)
+            bar.set_postfix(ce=f"{row['ce']:.3f}", mse=f"{row['expert_mse']:.3g}", kl=f"{row['router_kl']:.3g}")
+
+        recovery, after, run_id, model = recover_and_evaluate(compressor, evaluator, plan, samples, settings, store,
+                                                              parent, progress=progress)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(recovery=recovery.to_dict(), before=before.to_dict(),
+                                                   after=after.to_dict()), indent=2))
+    base = evaluator.base.loss["perplexity"]
+    gap = before.perplexity - base
+    print(json.dumps(dict(
+        base_perplexity=base, perplexity_before=before.perplexity, perplexity_after=after.perplexity,
+        gap_recovered=(before.perplexity - after.perplexity) / gap if gap > 0 else None,
+        accuracy_before=before.accuracy, accuracy_after=after.accuracy, steps=recovery.steps_done,
+        stopped_early=recovery.stopped_early, seconds=recovery.seconds, lambda_expert=recovery.lambda_expert,
+        lambda_router=recovery.lambda_router, parent_run_id=parent, run_id=run_id), indent=2))
+    if args.out:
+        from moeviz.export import export_model
+
+        print(f"exported to {export_model(lm, model, args.out, overwrite=args.overwrite, result=after.to_dict())}")
+    return 0
+
+
 def cmd_app(args) -> int:
     app = Path(__file__).resolve().parents[1] / "app.py"
     if not app.exists():
@@ -219,6 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating the plan for the report")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("recover", help="distil a compressed plan from the base model; unrecovered and recovered runs stored")
+    add_eval_args(p)
+    p.add_argument("--plan", required=True, help="plan JSON")
+    p.add_argument("--steps", type=int, default=100, help="training steps (default 100)")
+    p.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate (default 3e-4)")
+    p.add_argument("--batch-size", type=int, default=4, help="calibration windows per step (default 4)")
+    p.add_argument("--lambda-expert", type=float, default=None,
+                   help="weight of the expert-output MSE (default: balanced so it equals the CE at the start)")
+    p.add_argument("--lambda-router", type=float, default=None,
+                   help="weight of the router KL (default: balanced so it equals the CE at the start; 0 = off)")
+    p.add_argument("--train", default="experts", choices=["experts", "experts+router"], help="what trains")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop training after this many seconds")
+    p.add_argument("--out", default=None, help="also export the recovered model to this new folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--json", default=None, help="write the loss history and both results to this JSON file")
+    p.set_defaults(func=cmd_recover)
 
     p = sub.add_parser("app", help="start the Streamlit app")
     p.add_argument("--port", type=int, default=8501)

@@ -28,7 +28,8 @@ from moeviz.models.loading import LoadedModel
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
-def _check_destination(loaded: LoadedModel, out: Path, overwrite: bool) -> None:
+def check_destination(loaded: LoadedModel, out: Path, overwrite: bool) -> None:
+    """Refuse the source model's folder (or one inside it) and an existing folder unless `overwrite`."""
     source = Path(loaded.info.source).resolve() if Path(loaded.info.source).exists() else None
     target = out.resolve()
     if source is not None and (target == source or source in target.parents):
@@ -92,6 +93,13 @@ def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | Non
     if compressed.plan.activation_bits < 16:
         lines.append(f"- activation fake-quantization ({compressed.plan.activation_bits} bits) is not stored in the "
                      "checkpoint; apply it at inference time")
+    if compressed.recovery:
+        r = compressed.recovery
+        lines += ["## Recovery (knowledge distillation from the source model)", "",
+                  f"- {r['steps_done']} steps in {r['seconds']:.1f} s"
+                  + (f" (stopped early: {r['stopped_early']})" if r.get("stopped_early") else ""),
+                  f"- settings: `{json.dumps(r['settings'])}`",
+                  f"- λ_expert {r['lambda_expert']:.4g}, λ_router {r['lambda_router']:.4g}", ""]
     if result:
         lines += ["## Evaluation", "", f"- eval data fingerprint `{result.get('eval_fingerprint')}`, "
                   f"{result.get('eval_tokens')} tokens",
@@ -112,7 +120,7 @@ def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Pa
     from transformers import AutoModelForCausalLM
 
     out = Path(out)
-    _check_destination(loaded, out, overwrite)
+    check_destination(loaded, out, overwrite)
     state, changes, messages = _sliced_state(loaded, compressed)
     config = type(loaded.model.config).from_dict(loaded.model.config.to_dict())
     if "num_experts" in changes:

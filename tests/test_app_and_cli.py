@@ -96,3 +96,27 @@ def test_cli_export(tiny_model_dirs, tmp_path, capsys):
     assert model.config.num_local_experts == 3
     assert "perplexity" in (tmp_path / "exported" / "moeviz_report.md").read_text()
     assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_cli_recover_stores_linked_runs_and_exports(tiny_model_dirs, tmp_path, capsys):
+    from moeviz.store import RunStore
+
+    data = tmp_path / "cal.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"calibration sentence {i} about experts. " * 6}) for i in range(30)))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"pruning": {"metric": "moe_pruner", "sparsity": 0.5}}))
+    store = tmp_path / "runs.sqlite"
+    argv = ["recover", "--model", str(tiny_model_dirs["qwen3_moe"]), "--data", str(data), "--samples", "4",
+            "--seq-len", "16", "--eval-data", str(data), "--eval-seq-len", "16", "--eval-samples", "4", "--no-latency",
+            "--plan", str(plan), "--steps", "3", "--batch-size", "2", "--store", str(store),
+            "--out", str(tmp_path / "recovered"), "--json", str(tmp_path / "rec.json")]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.split("\nexported to")[0])
+    assert out["steps"] == 3 and out["parent_run_id"] == 1 and out["run_id"] == 2
+    assert RunStore(store).get_run(2).parent_run_id == 1
+    assert len(json.loads((tmp_path / "rec.json").read_text())["recovery"]["history"]) == 3
+    assert "## Recovery" in (tmp_path / "recovered" / "moeviz_report.md").read_text()
+    # The destination is checked before any training: an existing folder fails at once.
+    assert main(argv) == 2 and "already exists" in capsys.readouterr().err
+    assert len(RunStore(store).runs()) == 2
+    assert main(argv[:-4] + ["--steps", "0"]) == 2 and "recovery.steps" in capsys.readouterr().err

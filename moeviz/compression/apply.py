@@ -93,6 +93,7 @@ class CompressedModel:
     # Pruning keep-masks, only when asked for (`apply(..., keep_masks=True)`, used by recovery):
     # "layer.proj" -> bool [E, out, in] (True = keep), "layer.router" -> bool [E, H].
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    recovery: dict | None = None  # RecoveryResult.summary() when this model was recovered by distillation
 
     def expert_table(self) -> list[dict]:
         return [asdict(e) for e in self.experts]

@@ -277,4 +277,6 @@ def recover(
         trained_bytes=sum(p.numel() * p.element_size() for p in params),
         tokens_seen=len(history) * settings.batch_size * samples.seq_len,
     )
+    student.recovery = result.summary()
+    student.masks = {}  # only needed while training
     return student, result
