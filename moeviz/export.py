@@ -19,8 +19,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
 from moeviz.compression.apply import CompressedModel
 from moeviz.errors import MoevizError
 from moeviz.models.loading import LoadedModel

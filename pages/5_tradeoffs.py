@@ -72,6 +72,6 @@ if run_id is not None and run_id in set(runs["id"]):
             set_plan(CompressionPlan.from_dict(record.plan))
         st.switch_page("pages/4_compress.py")
 
-cols = ["id", "name", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
+cols = ["id", "parent_run_id", "name", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
         "projected_decode_ms", "measured_decode_ms", "mean_cv", "mean_topk_overlap", "created_at"]
 st.dataframe(df[[c for c in cols if c in df]].sort_values("id", ascending=False), hide_index=True, width="stretch")

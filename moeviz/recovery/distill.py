@@ -45,7 +45,7 @@ class RecoveryError(PlanError):
 @dataclass
 class RecoverySettings:
     steps: int = 100
-    learning_rate: float = 1e-4
+    learning_rate: float = 3e-4
     batch_size: int = 4  # windows of the calibration samples per step
     lambda_expert: float | None = None  # None: balanced at the first step so λ·MSE₀ = CE₀
     lambda_router: float | None = None  # None: balanced at the first step so λ·KL₀ = CE₀; 0 skips the teacher pass
