@@ -167,13 +167,21 @@ if go:
                                 max_seconds=float(budget))
     with user_errors():
         bar = st.progress(0.0, text="Recovery: starting…")
-        st.caption("Press **Stop** (top right) to cancel; nothing is stored then.")
+        hint = st.caption("Press **Stop** (top right) to cancel; nothing is stored then.")
+        live, so_far = st.empty(), []
+
+        def show_progress(i, n, r):
+            bar.progress(i / n, text=f"Recovery step {i}/{n} · CE {r['ce']:.3f} · expert MSE {r['expert_mse']:.4g} · "
+                                     f"router KL {r['router_kl']:.4g}")
+            so_far.append(r)
+            if i % 10 == 0:  # redraw the curves every 10 steps
+                live.plotly_chart(figures.recovery_losses(so_far), width="stretch")
+
         recovery, recovered, run_id, model = recover_and_evaluate(
             compressor(lm, stats), base_evaluator(lm.fingerprint, lm), plan, calibration_samples(lm, stats), settings,
-            store=run_store(), parent_run_id=st.session_state.last_run_id,
-            progress=lambda i, n, r: bar.progress(i / n, text=f"Recovery step {i}/{n} · CE {r['ce']:.3f} · "
-                                                  f"expert MSE {r['expert_mse']:.4g} · router KL {r['router_kl']:.4g}"))
-        bar.empty()
+            store=run_store(), parent_run_id=st.session_state.last_run_id, progress=show_progress)
+        for placeholder in (bar, hint, live):
+            placeholder.empty()
     st.session_state.recovery = dict(run_id=run_id, parent_run_id=st.session_state.last_run_id, plan=plan.to_dict(),
                                      summary=recovery.summary(), history=recovery.history,
                                      result=recovered.to_dict())
@@ -189,8 +197,10 @@ if rec is not None and rec["plan"] == plan.to_dict():
     gap = result["perplexity"] - r["base_perplexity"]
     c[2].metric("Perplexity gap recovered", f"{(result['perplexity'] - r['perplexity']) / gap:.0%}" if gap > 0 else "n/a",
                 help="(unrecovered − recovered) / (unrecovered − base), on the held-out text")
-    c[3].metric("Training", f"{s['steps_done']} steps", f"{s['seconds']:.1f} s" + (f" · {s['stopped_early']}" if s["stopped_early"] else ""),
-                delta_color="off")
+    c[3].metric("Training steps", s["steps_done"], help="Steps run (fewer than asked when cancelled or out of time)")
     st.plotly_chart(figures.recovery_losses(rec["history"], s["lambda_expert"], s["lambda_router"]), width="stretch")
-    st.caption(f"Stored as run #{rec['run_id']}, linked to run #{rec['parent_run_id']}: the Trade-offs page draws the "
-               "recovery as an arrow. The Export page can write the recovered model.")
+    stopped = f", stopped early ({s['stopped_early']})" if s["stopped_early"] else ""
+    st.caption(f"Trained {s['steps_done']} steps in {s['seconds']:.1f} s on {s['tokens_seen']:,} calibration tokens{stopped}; "
+               f"λ_expert {s['lambda_expert']:.3g}, λ_router {s['lambda_router']:.3g}. Stored as run #{rec['run_id']}, "
+               f"linked to run #{rec['parent_run_id']}: the Trade-offs page draws the recovery as an arrow. The Export "
+               "page can write the recovered model (kept in this session until the next recovery).")

@@ -90,10 +90,19 @@ def test_default_flow_in_chromium(app_url):
         page.get_by_text("Stored as run").wait_for(timeout=180_000)
         wait_for_charts(page, 2)
         page.screenshot(path=SHOTS / "4_compress.png", full_page=True)
+        page.get_by_role("button", name="Recover").click()  # default settings: 50 steps on the demo model
+        page.get_by_text("Perplexity gap recovered").wait_for(timeout=300_000)
+        wait_for_charts(page, 3)
+        page.get_by_text("Recover by distillation").scroll_into_view_if_needed()  # the app scrolls inside its own container
+        page.screenshot(path=SHOTS / "4b_recovery.png")
 
         nav(page, "Trade-offs")
-        page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-        page.screenshot(path=SHOTS / "5_tradeoffs.png", full_page=True)
+        page.get_by_role("heading", name="Pareto front").wait_for(timeout=60_000)  # this page's own content, not the previous page's charts
+        wait_for_charts(page, 4)
+        page.get_by_role("heading", name="Trade-offs").scroll_into_view_if_needed()
+        # The recovery run is drawn as an arrow from its parent (plotly annotation arrows).
+        page.wait_for_function("document.querySelectorAll('.annotation-arrow-g').length >= 1", timeout=60_000)
+        page.screenshot(path=SHOTS / "5_tradeoffs.png")
 
         nav(page, "Export")
         page.get_by_text("Plan (JSON)").wait_for(timeout=60_000)

@@ -257,6 +257,10 @@ def test_store_frame_methods_from_plan_json_and_recovery_arrows():
     assert (a.ax, a.ay, a.x, a.y) == pytest.approx((3.0, 20.0, 2.5, 10.0))
     assert len([a for a in pareto_chart(df).layout.annotations if a.showarrow]) == 1
     assert not [a for a in tradeoff_chart(df, show_recovery=False).layout.annotations if a.showarrow]
+    # The recovery run is its own series, not joined into its parent method's line.
+    from moeviz.figures.tradeoffs import methods
+
+    assert methods(df) == ["wanda"] * 3 + ["magnitude"] * 2 + ["magnitude + KD recovery"]
 
 
 def test_pareto_chart_front_is_exact():
@@ -373,3 +377,16 @@ def test_real_sweep_store_and_result_frames(loaded_tiny, tmp_path):
     dot = moe_layer_dot(lm.info.layers[0], expert_states=compressed.expert_table(), plan=plans[-1].to_dict())
     _assert_valid_dot(dot)
     assert "removed" in _labels(dot)["e1"]
+
+
+def test_recovery_losses_one_panel_per_term():
+    from moeviz.figures import recovery_losses
+
+    history = [dict(step=i, ce=3.0 - i * 0.1, expert_mse=1.0 / i, router_kl=0.1 / i, loss=0.0) for i in range(1, 6)]
+    fig = recovery_losses(history, lambda_expert=2.5, lambda_router=30.0)
+    assert len(fig.data) == 3
+    assert [list(t.y) for t in fig.data] == [[r[k] for r in history] for k in ("ce", "expert_mse", "router_kl")]
+    assert list(fig.data[0].x) == [1, 2, 3, 4, 5]
+    titles = [a.text for a in fig.layout.annotations]
+    assert "λ = 2.5" in titles[1] and "λ = 30" in titles[2]
+    assert recovery_losses([]).layout.annotations[0].text == "No recovery steps yet."

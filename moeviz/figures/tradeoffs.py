@@ -95,14 +95,20 @@ def _plan_metric(plan_json) -> str:
 
 
 def methods(df: pd.DataFrame, method_col: str | None = None) -> list[str]:
-    """Method (colour group) per row: `method_col`, ``method``, the plan's pruning metric, or "runs"."""
+    """Method (colour group) per row: `method_col`, ``method``, the plan's pruning metric, or "runs";
+    recovery runs (a ``parent_run_id``) form their own group, "<method> + KD recovery", so they are
+    not joined into their parent method's line."""
     if method_col is not None:
-        return [str(v) for v in df[method_col]]
-    if "method" in df.columns:
-        return [str(v) if not pd.isna(v) else "runs" for v in df["method"]]
-    if "plan_json" in df.columns:
-        return [_plan_metric(v) for v in df["plan_json"]]
-    return ["runs"] * len(df)
+        ms = [str(v) for v in df[method_col]]
+    elif "method" in df.columns:
+        ms = [str(v) if not pd.isna(v) else "runs" for v in df["method"]]
+    elif "plan_json" in df.columns:
+        ms = [_plan_metric(v) for v in df["plan_json"]]
+    else:
+        ms = ["runs"] * len(df)
+    if "parent_run_id" in df.columns:
+        ms = [m if pd.isna(p) else f"{m} + KD recovery" for m, p in zip(ms, df["parent_run_id"])]
+    return ms
 
 
 def _names(df: pd.DataFrame) -> list[str]:

@@ -87,7 +87,7 @@ def expert_constraints(compressed: CompressedModel, layer: MoELayer) -> dict[str
                 view = layer.view(proj, keep)
                 if mask is not None:
                     view.copy_(mask)
-                view[removed] = False
+                view[removed.to(view.device)] = False
         quant = []
         for proj in (p for p in layer.projections() if layer.fused_name(p) == name):
             for bits in sorted({s.bits for s in states if not s.removed} - {16}):
