@@ -13,6 +13,7 @@ model (does the base itself improve with more training on this text?).
 from __future__ import annotations
 
 import os
+import resource
 
 import moeviz
 from moeviz.compression import CompressionPlan, PruningSettings
@@ -38,7 +39,7 @@ def run() -> dict:
     def recovered(settings, p=plan):
         model, result = recover(comp, p, cal, settings)
         ppl = ev.evaluate(model).perplexity
-        return dict(perplexity=ppl, gap_recovered=(pruned - ppl) / gap, steps=result.steps_done,
+        return dict(perplexity=ppl, trained_bytes=result.trained_bytes, gap_recovered=(pruned - ppl) / gap, steps=result.steps_done,
                     train_seconds=round(result.seconds, 2), tokens=result.tokens_seen,
                     lambda_expert=result.lambda_expert, lambda_router=result.lambda_router,
                     first_losses={k: result.history[0][k] for k in ("ce", "expert_mse", "router_kl")},
@@ -46,7 +47,12 @@ def run() -> dict:
 
     out = dict(model="demo-moe", plan="moe_pruner 50% unstructured", eval_tokens=ev.samples.n_tokens,
                train_windows=f"{cal.n_samples} x {cal.seq_len}", base_perplexity=base, pruned_perplexity=pruned)
+    # Memory: the base's parameter bytes, and this process's peak RSS (ru_maxrss, KiB on Linux) before and
+    # after the first recovery (the student's copies + gradients + AdamW state come on top of the base).
+    out["base_parameter_bytes"] = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    out["peak_rss_mib_before_recovery"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out[f"recovered_{STEPS}_steps"] = recovered(RecoverySettings(steps=STEPS))
+    out["peak_rss_mib_after_first_recovery"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out[f"recovered_{BUDGET_S:.0f}_s_budget"] = recovered(RecoverySettings(steps=100_000, max_seconds=BUDGET_S))
     out[f"control_ce_only_{STEPS}_steps"] = recovered(RecoverySettings(steps=STEPS, lambda_expert=0.0, lambda_router=0.0))
     dense_model, _ = recover(comp, CompressionPlan(), cal, RecoverySettings(steps=STEPS))
