@@ -390,3 +390,16 @@ def test_recovery_losses_one_panel_per_term():
     titles = [a.text for a in fig.layout.annotations]
     assert "λ = 2.5" in titles[1] and "λ = 30" in titles[2]
     assert recovery_losses([]).layout.annotations[0].text == "No recovery steps yet."
+
+
+def test_tradeoff_chart_shows_microseconds_for_tiny_latencies():
+    df = _sweep_frame()
+    assert "(ms/token)" in tradeoff_chart(df).layout.yaxis2.title.text  # 1.2–3 ms: kept in ms
+    df["projected_decode_ms"] /= 1000  # 1.2–3 µs, like the demo model on an H100
+    df["base_projected_decode_ms"] /= 1000
+    fig = tradeoff_chart(df)
+    assert "(µs/token)" in fig.layout.yaxis2.title.text
+    latency = [t for t in fig.data if t.name == "wanda · latency"][0]
+    assert list(latency.y) == pytest.approx([2.0, 1.6, 1.2])  # sorted by ratio, shown in µs
+    base = [t for t in fig.data if t.name == "base model · latency"][0]
+    assert list(base.y) == pytest.approx([3.0]) and "µs/token" in base.hovertemplate

@@ -170,11 +170,11 @@ def infer_latency_kind(latency_col: str) -> str:
     raise ValueError(f"cannot tell whether {latency_col!r} is measured or projected: pass latency_kind")
 
 
-def latency_axis_title(kind: str, device: str | None = None) -> str:
+def latency_axis_title(kind: str, device: str | None = None, unit: str = "ms/token") -> str:
     if kind == "measured":
-        return "Decode latency, measured (this machine) (ms/token)"
+        return f"Decode latency, measured (this machine) ({unit})"
     if kind == "projected":
-        return f"Decode latency, projected (device{': ' + device if device else ''}) (ms/token)"
+        return f"Decode latency, projected (device{': ' + device if device else ''}) ({unit})"
     raise ValueError("latency_kind must be 'measured' or 'projected'")
 
 
@@ -189,7 +189,6 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     recovery arrows go from parent to child on the accuracy axis.
     """
     kind = latency_kind or infer_latency_kind(latency_col)
-    ytitle2 = latency_axis_title(kind, device)
     title = "Accuracy and latency vs compression"
     guard = _guard(df, [ratio_col, accuracy_col], title)
     if guard is not None:
@@ -200,6 +199,12 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     colors = _method_colors(ms)
     xr, acc = _num(df, ratio_col), _num(df, accuracy_col) * _scale(accuracy_col)
     lat = _num(df, latency_col) if has_latency else np.full(len(df), np.nan)
+    b_lat = base_value(df, latency_col)
+    # Tiny models project to microseconds per token: show µs rather than ticks like 0.001594 ms.
+    finite = [v for v in list(lat) + [b_lat or np.nan] if math.isfinite(v)]
+    lat_scale, lat_unit = (1000.0, "µs/token") if finite and max(finite) < 0.1 else (1.0, "ms/token")
+    lat = lat * lat_scale
+    ytitle2 = latency_axis_title(kind, device, lat_unit)
     for m, color in colors.items():
         rows = sorted((i for i in range(len(df)) if ms[i] == m and math.isfinite(xr[i])), key=lambda i: xr[i])
         for values, second, symbol, dash, what, col in (
@@ -209,7 +214,7 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
             keep = [i for i in rows if math.isfinite(values[i])]
             if not keep:
                 continue
-            unit = "%" if _scale(col) == 100 else (" ms/token" if what == "latency" else "")
+            unit = "%" if _scale(col) == 100 else (f" {lat_unit}" if what == "latency" else "")
             fig.add_trace(go.Scatter(
                 x=xr[keep], y=values[keep], mode="lines+markers", name=f"{m} · {what}", legendgroup=m,
                 line=dict(color=color, dash=dash), marker=dict(symbol=symbol, size=8, color=color),
@@ -224,11 +229,10 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
                                  legendgroup="base", marker=dict(symbol="star", size=14, color=BASE_COLOR),
                                  hovertemplate="<b>base model</b><br>accuracy %{y:.2f}%<extra></extra>"),
                       secondary_y=False)
-    b_lat = base_value(df, latency_col)
     if b_lat is not None and has_latency:
-        fig.add_trace(go.Scatter(x=[1.0], y=[b_lat], mode="markers", name="base model · latency", legendgroup="base",
+        fig.add_trace(go.Scatter(x=[1.0], y=[b_lat * lat_scale], mode="markers", name="base model · latency", legendgroup="base",
                                  marker=dict(symbol="star-diamond", size=13, color=BASE_COLOR),
-                                 hovertemplate=f"<b>base model</b><br>latency ({kind}) %{{y:.4g}} ms/token<extra></extra>"),
+                                 hovertemplate=f"<b>base model</b><br>latency ({kind}) %{{y:.4g}} {lat_unit}<extra></extra>"),
                       secondary_y=True)
     if show_recovery:
         add_recovery_arrows(fig, df, ratio_col, accuracy_col)
