@@ -156,14 +156,15 @@ with st.form("recovery_form"):
     budget = c4.number_input("Time budget (s)", 5, 3600, 120, help="Training stops here and the result is kept")
     c1, c2, c3 = st.columns(3)
     train = c1.radio("Train", ["experts", "experts+router"], horizontal=True)
-    lam_e = c2.number_input("λ expert (0 = balance at the start)", 0.0, 1e6, 0.0,
-                            help="Default: chosen at the first step so that λ·MSE equals the cross-entropy")
-    lam_r = c3.number_input("λ router (0 = balance at the start)", 0.0, 1e6, 0.0,
-                            help="Default: chosen at the first step so that λ·KL equals the cross-entropy")
+    lam_e = c2.number_input("λ expert", 0.0, 1e6, value=None, placeholder="balanced at the start",
+                            help="Empty: chosen at the first step so that λ·MSE equals the cross-entropy; 0 turns the term off")
+    lam_r = c3.number_input("λ router", 0.0, 1e6, value=None, placeholder="balanced at the start",
+                            help="Empty: chosen at the first step so that λ·KL equals the cross-entropy; 0 turns the term off")
     go = st.form_submit_button("Recover", type="primary")
 if go:
     settings = RecoverySettings(steps=int(steps), learning_rate=float(lr), batch_size=int(batch), train=train,
-                                lambda_expert=float(lam_e) or None, lambda_router=float(lam_r) or None,
+                                lambda_expert=None if lam_e is None else float(lam_e),
+                                lambda_router=None if lam_r is None else float(lam_r),
                                 max_seconds=float(budget))
     with user_errors():
         bar = st.progress(0.0, text="Recovery: starting…")

@@ -70,9 +70,12 @@ def test_default_flow_calibrate_route_compress_evaluate_sweep(calibrated):
     # Recovery of the evaluated plan: stored as a run linked to the evaluated one.
     next(n for n in at.number_input if n.label == "Steps").set_value(3)
     next(n for n in at.number_input if n.label == "Batch size (windows)").set_value(2)
+    next(n for n in at.number_input if n.label == "λ router").set_value(0.0)  # 0 turns the router term off
     button(at, "Recover").click().run()
     ok(at)
     rec = at.session_state["recovery"]
+    assert rec["summary"]["lambda_router"] == 0 and rec["summary"]["lambda_expert"] > 0  # expert λ balanced
+    assert all(row["router_kl"] == 0 for row in rec["history"])
     assert rec["parent_run_id"] == at.session_state["last_run_id"] and rec["summary"]["steps_done"] == 3
     assert any(m.label == "Perplexity gap recovered" for m in at.metric)
     from moeviz.store import RunStore
