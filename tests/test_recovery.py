@@ -216,3 +216,15 @@ def test_short_recovery_of_50pct_moe_pruner_lowers_heldout_perplexity(demo):
     runs = store.runs(model_fingerprint=lm.fingerprint)
     fig = tradeoff_chart(runs[runs["id"].isin([parent, run_id])])
     assert sum(1 for a in fig.layout.annotations if a.showarrow) == 1
+
+
+def test_recovery_keeps_the_n_m_pattern(loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="magnitude", structure="2:4"))
+    recovered, _ = recover(Compressor(lm), plan, samples, RecoverySettings(steps=3, learning_rate=1e-2, batch_size=2))
+    for layer in recovered.layers:
+        for proj in plan.pruning.projections:
+            w = layer.weight(proj)  # [E, out, in] -> groups of 4 consecutive inputs
+            zeros = (w.reshape(*w.shape[:-1], -1, 4) == 0).sum(-1)
+            assert bool((zeros >= 2).all())
