@@ -139,7 +139,10 @@ class _ExpertDistiller:
                                observer=observe, input_transform=transform)
 
     def take(self) -> torch.Tensor:
-        total = torch.stack(self.terms).sum() if self.terms else torch.zeros(())
+        # A layer whose experts saw no token this batch contributes a zero on the model's device
+        # (a CPU zero would not stack with CUDA terms of the other layers).
+        device = self.student.router.weight.device
+        total = torch.stack(self.terms).sum() if self.terms else torch.zeros((), device=device)
         self.terms = []
         return total
 
