@@ -19,7 +19,7 @@ import moeviz
 from moeviz.compression import CompressionPlan, PruningSettings
 from moeviz.compression.apply import Compressor
 from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
-from moeviz.recovery import RecoverySettings, recover
+from moeviz.recovery import RecoverySettings, gap_recovered, recover
 
 STEPS = 100
 BUDGET_S = float(os.environ.get("BUDGET_S", 180))
@@ -34,12 +34,12 @@ def run() -> dict:
     plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5))
     base = ev.base.loss["perplexity"]
     pruned = ev.evaluate(comp.apply(plan)).perplexity
-    gap = pruned - base
 
     def recovered(settings, p=plan):
         model, result = recover(comp, p, cal, settings)
         ppl = ev.evaluate(model).perplexity
-        return dict(perplexity=ppl, trained_bytes=result.trained_bytes, gap_recovered=(pruned - ppl) / gap, steps=result.steps_done,
+        return dict(perplexity=ppl, gap_recovered=gap_recovered(pruned, ppl, base),
+                    trained_bytes=result.trained_bytes, steps=result.steps_done,
                     train_seconds=round(result.seconds, 2), tokens=result.tokens_seen,
                     lambda_expert=result.lambda_expert, lambda_router=result.lambda_router,
                     first_losses={k: result.history[0][k] for k in ("ce", "expert_mse", "router_kl")},

@@ -156,7 +156,7 @@ def cmd_recover(args) -> int:
 
     from moeviz.compression.apply import Compressor
     from moeviz.evaluation import evaluate_plan
-    from moeviz.recovery import RecoverySettings, recover_and_evaluate
+    from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
     from moeviz.store import RunStore
 
     plan = _read_plan(args.plan)
@@ -183,10 +183,9 @@ def cmd_recover(args) -> int:
         Path(args.json).write_text(json.dumps(dict(recovery=recovery.to_dict(), before=before.to_dict(),
                                                    after=after.to_dict()), indent=2))
     base = evaluator.base.loss["perplexity"]
-    gap = before.perplexity - base
     print(json.dumps(dict(
         base_perplexity=base, perplexity_before=before.perplexity, perplexity_after=after.perplexity,
-        gap_recovered=(before.perplexity - after.perplexity) / gap if gap > 0 else None,
+        gap_recovered=gap_recovered(before.perplexity, after.perplexity, base),
         accuracy_before=before.accuracy, accuracy_after=after.accuracy, steps=recovery.steps_done,
         stopped_early=recovery.stopped_early, seconds=recovery.seconds, lambda_expert=recovery.lambda_expert,
         lambda_router=recovery.lambda_router, parent_run_id=parent, run_id=run_id), indent=2))

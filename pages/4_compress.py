@@ -8,7 +8,7 @@ from moeviz.compression.plan import ALLOCATIONS, METRICS, SUPPORTED_BITS, Compre
 from moeviz.compression.removal import REMOVAL_SCORES, experts_to_remove
 from moeviz.compression.table import apply_table_edits, expert_table
 from moeviz.evaluation import evaluate_plan
-from moeviz.recovery import RecoverySettings, recover_and_evaluate
+from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
 from pages._state import (
     base_evaluator, calibration_samples, compressor, current_plan, require_model, require_stats, run_store, set_plan, user_errors,
 )
@@ -195,8 +195,8 @@ if rec is not None and rec["plan"] == plan.to_dict():
     c[0].metric("Perplexity after recovery", f"{r['perplexity']:.2f}", f"{r['perplexity'] - result['perplexity']:+.2f} vs unrecovered",
                 delta_color="inverse")
     c[1].metric("Accuracy after recovery", f"{r['accuracy']:.1%}", f"{(r['accuracy'] - result['accuracy']) * 100:+.1f} pts")
-    gap = result["perplexity"] - r["base_perplexity"]
-    c[2].metric("Perplexity gap recovered", f"{(result['perplexity'] - r['perplexity']) / gap:.0%}" if gap > 0 else "n/a",
+    won_back = gap_recovered(result["perplexity"], r["perplexity"], r["base_perplexity"])
+    c[2].metric("Perplexity gap recovered", "n/a" if won_back is None else f"{won_back:.0%}",
                 help="(unrecovered − recovered) / (unrecovered − base), on the held-out text")
     c[3].metric("Training steps", s["steps_done"], help="Steps run (fewer than asked when cancelled or out of time)")
     st.plotly_chart(figures.recovery_losses(rec["history"], s["lambda_expert"], s["lambda_router"]), width="stretch")

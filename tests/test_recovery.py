@@ -198,8 +198,11 @@ def test_short_recovery_of_50pct_moe_pruner_lowers_heldout_perplexity(demo):
     recovery, recovered, run_id, model = recover_and_evaluate(
         comp, evaluator, plan, cal, RecoverySettings(steps=30, learning_rate=3e-4, batch_size=4),
         store=store, parent_run_id=parent)
+    from moeviz.recovery import gap_recovered
+
     base_ppl = evaluator.base.loss["perplexity"]
-    gap_closed = (pruned.perplexity - recovered.perplexity) / (pruned.perplexity - base_ppl)
+    gap_closed = gap_recovered(pruned.perplexity, recovered.perplexity, base_ppl)
+    assert gap_closed == pytest.approx((pruned.perplexity - recovered.perplexity) / (pruned.perplexity - base_ppl))
     # A real improvement: at least a quarter of the perplexity lost to pruning is won back
     # (measured: about 60 % after these 30 steps).
     assert gap_closed > 0.25, (base_ppl, pruned.perplexity, recovered.perplexity)
@@ -228,3 +231,11 @@ def test_recovery_keeps_the_n_m_pattern(loaded_tiny):
             w = layer.weight(proj)  # [E, out, in] -> groups of 4 consecutive inputs
             zeros = (w.reshape(*w.shape[:-1], -1, 4) == 0).sum(-1)
             assert bool((zeros >= 2).all())
+
+
+def test_gap_recovered():
+    from moeviz.recovery import gap_recovered
+
+    assert gap_recovered(13.0, 12.0, 11.0) == 0.5
+    assert gap_recovered(13.0, 10.0, 11.0) == 1.5  # better than the base
+    assert gap_recovered(11.0, 11.5, 11.0) is None  # compression lost nothing: no gap to recover

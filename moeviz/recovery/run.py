@@ -14,6 +14,13 @@ from moeviz.recovery.distill import RecoveryResult, RecoverySettings, recover
 from moeviz.store import RunStore
 
 
+def gap_recovered(unrecovered: float, recovered: float, base: float) -> float | None:
+    """Share of the perplexity lost to compression that recovery won back:
+    (unrecovered − recovered) / (unrecovered − base); None when compression lost nothing."""
+    gap = unrecovered - base
+    return (unrecovered - recovered) / gap if gap > 0 else None
+
+
 def recovery_label(plan: CompressionPlan, result: RecoveryResult) -> str:
     return f"{plan_label(plan)} + KD recovery ({result.steps_done} steps)"
 
