@@ -41,6 +41,13 @@ def _load(args):
                       device_map="auto" if args.device_map_auto else None, trust_remote_code=args.trust_remote_code)
 
 
+def _source(args) -> str:
+    """The model source as load_model will see it (folder or hub id), without loading anything."""
+    from moeviz.models.loading import resolve_source
+
+    return resolve_source(args.model)[0]
+
+
 def cmd_info(args) -> int:
     lm = _load(args)
     print(json.dumps(lm.info.to_dict(), indent=2, default=str))
@@ -139,9 +146,10 @@ def cmd_sweep(args) -> int:
 
 def cmd_export(args) -> int:
     from moeviz.compression.apply import Compressor
-    from moeviz.export import export_model
+    from moeviz.export import check_destination, export_model
 
     plan = _read_plan(args.plan)
+    check_destination(_source(args), args.out, args.overwrite)  # before loading, and again when writing
     lm = _load(args)
     stats, samples = _calibrated(args, lm)
     compressed = Compressor(lm, stats).apply(plan, samples)  # applied once: evaluated and exported as is
@@ -163,11 +171,11 @@ def cmd_recover(args) -> int:
     settings = RecoverySettings(steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
                                 lambda_expert=args.lambda_expert, lambda_router=args.lambda_router,
                                 train=args.train, max_seconds=args.max_seconds, seed=args.seed).validate()
-    lm = _load(args)
     if args.out:
         from moeviz.export import check_destination
 
-        check_destination(lm, Path(args.out), args.overwrite)  # fail before training, not after
+        check_destination(_source(args), args.out, args.overwrite)  # fail before loading and training
+    lm = _load(args)
     stats, samples = _calibrated(args, lm)
     compressor, evaluator = Compressor(lm, stats), _evaluator(args, lm)
     store = None if args.no_store else RunStore(args.store)
