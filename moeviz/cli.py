@@ -205,11 +205,16 @@ def cmd_recover(args) -> int:
 
 
 def cmd_app(args) -> int:
-    app = Path(__file__).resolve().parents[1] / "app.py"
-    if not app.exists():
-        raise MoevizError(f"app.py not found next to the moeviz package ({app}); run from a source checkout")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
-           "--server.port", str(args.port)]
+    from moeviz.resources import APP_FILE
+
+    if not APP_FILE.exists():
+        raise MoevizError(f"the app ({APP_FILE}) is missing from this installation; reinstall moeviz")
+    # Passed on the command line because Streamlit reads .streamlit/config.toml from the working directory,
+    # which is not the checkout once moeviz is installed. No file watcher: a user's app never reloads itself,
+    # and watching walks every imported file (an idle server used most of a core on a virtualenv).
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_FILE), "--server.address", args.address,
+           "--server.port", str(args.port), "--server.fileWatcherType", "none", "--server.headless", "true",
+           "--browser.gatherUsageStats", "false"]
     return subprocess.call(cmd)
 
 
