@@ -40,6 +40,11 @@ OTHER_PARAMS = EMBED + LM_HEAD + L * (ATTN + NORMS) + H  # + final norm
 assert (OTHER_PARAMS, L * E * EXPERT, L * ROUTER) == (123520, 196608, 1024)
 
 
+def other_params(tied: bool) -> int:
+    """A tied LM head is the embedding table itself: counted (and stored) once."""
+    return OTHER_PARAMS - LM_HEAD if tied else OTHER_PARAMS
+
+
 def _hand_tensor_bytes(out_f: int, in_f: int, bits: int, group: int, sparsity: float) -> int:
     """Stored bytes of one [out, in] bf16 matrix, straight from the formats.py docstring:
     dense = numel x b / 8; bitmask = kept x b / 8 + numel / 8 (whichever is smaller);
@@ -54,15 +59,17 @@ def _hand_tensor_bytes(out_f: int, in_f: int, bits: int, group: int, sparsity: f
     return min(dense, kept * b // 8 + numel // 8 + scales)
 
 
-@pytest.fixture(scope="module")
-def hand_model(tmp_path_factory):
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def hand_model(request, tmp_path_factory):
     from tiny_models import tiny_tokenizer
+
+    tied = request.param
 
     torch.manual_seed(0)
     config = transformers.MixtralConfig(
         vocab_size=V, hidden_size=H, intermediate_size=I, num_hidden_layers=L, num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM, num_local_experts=E, num_experts_per_tok=K,
-        max_position_embeddings=64, tie_word_embeddings=False,
+        max_position_embeddings=64, tie_word_embeddings=tied,
     )
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
@@ -75,9 +82,10 @@ def hand_model(tmp_path_factory):
     tiny_tokenizer(V).save_pretrained(folder)
     lm = load_model(folder, dtype="bfloat16")
     # The model really has the shape we counted (guards the hand counts themselves).
-    assert sum(p.numel() for p in lm.model.parameters()) == OTHER_PARAMS + L * (ROUTER + E * EXPERT) == 321152
+    assert sum(p.numel() for p in lm.model.parameters()) == other_params(tied) + L * (ROUTER + E * EXPERT)
+    assert (lm.model.get_output_embeddings().weight is lm.model.get_input_embeddings().weight) == tied
     assert all(p.dtype == torch.bfloat16 for p in lm.model.parameters())
-    return lm
+    return lm, tied
 
 
 Q4_G64_S50 = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5),
@@ -85,13 +93,14 @@ Q4_G64_S50 = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsit
 
 
 def test_storage_report_bytes_counted_by_hand(hand_model):
-    comp = Compressor(hand_model)
-    base_other = OTHER_PARAMS * BF16
+    lm, tied = hand_model
+    comp = Compressor(lm)
+    base_other = other_params(tied) * BF16
     base_experts = L * E * EXPERT * BF16
     base_router = L * ROUTER * BF16
-    assert (base_other, base_experts, base_router) == (247040, 393216, 2048)
-    base_total = 642304
-    assert base_other + base_experts + base_router == base_total
+    assert (base_other, base_experts, base_router) == ((222464 if tied else 247040), 393216, 2048)
+    base_total = base_other + base_experts + base_router
+    assert base_total == (617728 if tied else 642304)
 
     # 16 bits, no pruning: nothing changes.
     s = comp.apply(CompressionPlan()).storage.summary()
@@ -104,9 +113,9 @@ def test_storage_report_bytes_counted_by_hand(hand_model):
     assert per_expert == 3 * 9216
     s = comp.apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5))).storage.summary()
     assert s["experts_bytes"] == L * E * per_expert == 221184
-    assert s["compressed_bytes"] == 221184 + base_router + base_other == 470272
+    assert s["compressed_bytes"] == 221184 + base_router + base_other
     assert s["base_bytes"] == base_total and s["other_bytes"] == base_other
-    assert s["compression_ratio"] == pytest.approx(642304 / 470272, rel=1e-12)
+    assert s["compression_ratio"] == pytest.approx(base_total / (221184 + 2048 + base_other), rel=1e-12)
 
     # 4 bits, group 64, 50 %: gate = 4096 kept x 4 bit = 2048 B + 1024 B mask + 64 rows x 2 groups x
     # 2 B scales = 3328 (dense 4-bit would be 4096 + 256); down = 2048 + 1024 + 128 rows x 1 x 2 B = 3328.
@@ -117,42 +126,58 @@ def test_storage_report_bytes_counted_by_hand(hand_model):
     assert s["experts_bytes"] == L * E * per_expert == 79872
     assert s["router_bytes"] == base_router  # router left at 16 bits
     assert s["other_bytes"] == base_other
-    assert s["compressed_bytes"] == 79872 + 2048 + 247040 == 328960
-    assert s["compression_ratio"] == pytest.approx(642304 / 328960, rel=1e-12)
+    assert s["compressed_bytes"] == 79872 + 2048 + base_other == (304384 if tied else 328960)
+    assert s["compression_ratio"] == pytest.approx(base_total / (79872 + 2048 + base_other), rel=1e-12)
     assert s["experts_compression_ratio"] == pytest.approx(393216 / 79872, rel=1e-12)
     for t in cm.storage.tensors:
         if t["tensor"] != "router":
             assert (t["format"], t["bytes"], t["scale_bytes"]) == ("bitmask", 3328, 256), t
 
+    # Removing one expert of layer 0 (16 bits): its 49152 bytes go, its router row stays.
+    s = comp.apply(CompressionPlan(removed_experts=[(0, 1)])).storage.summary()
+    assert s["experts_bytes"] == (L * E - 1) * EXPERT * BF16 == 344064
+    assert (s["router_bytes"], s["other_bytes"], s["base_bytes"]) == (base_router, base_other, base_total)
+    assert s["compressed_bytes"] == base_total - 49152
 
-# Latency inputs: at decode time the model reads one row of the untied input embedding, the whole
-# LM head, attention, norms and routers for every token, plus the experts it is routed to.
-DENSE_BYTES = (OTHER_PARAMS - (V - 1) * H) * BF16 + L * ROUTER * BF16  # 224768
-DENSE_MACS = OTHER_PARAMS - (V - 1) * H + L * ROUTER  # 112384
+
+def dense_macs(tied: bool) -> int:
+    """Weights read for every token at decode time: attention, norms, routers, the LM head and one
+    row of the input embedding (untied), or the whole table once when it is the LM head (tied)."""
+    return (other_params(tied) if tied else OTHER_PARAMS - (V - 1) * H) + L * ROUTER
 
 
 def test_projected_latency_inputs_counted_by_hand(hand_model):
-    assert (DENSE_BYTES, DENSE_MACS) == (224768, 112384)
-    comp = Compressor(hand_model)
-    for plan, expert_bytes in ((CompressionPlan(), EXPERT * BF16), (Q4_G64_S50, 3 * 3328)):
+    lm, tied = hand_model
+    # untied: 123520 - 95 x 128 + 1024 = 112384; tied: 111232 + 1024 = 112256
+    assert dense_macs(tied) == (112256 if tied else 112384)
+    comp = Compressor(lm)
+    removed = [[EXPERT * BF16] * E, [EXPERT * BF16] * E]
+    removed[0][1] = 0
+    macs_removed = [[EXPERT] * E, [EXPERT] * E]
+    macs_removed[0][1] = 0
+    for plan, expert_bytes, expert_macs in (
+        (CompressionPlan(), [[EXPERT * BF16] * E] * L, [[EXPERT] * E] * L),
+        (Q4_G64_S50, [[3 * 3328] * E] * L, [[EXPERT] * E] * L),  # no compute saving for sparsity / low bits
+        (CompressionPlan(removed_experts=[(0, 1)]), removed, macs_removed),
+    ):
         cm = comp.apply(plan)
-        eb, em, dense_b, dense_m = _latency_inputs(hand_model, cm.storage.tensors, [E] * L)
-        assert eb == [[expert_bytes] * E] * L
-        assert em == [[EXPERT] * E] * L  # no compute saving claimed for sparsity / low bits
-        assert (dense_b, dense_m) == (DENSE_BYTES, DENSE_MACS)
+        eb, em, dense_b, dense_m = _latency_inputs(lm, cm.storage.tensors, [E] * L)
+        assert (eb, em) == (expert_bytes, expert_macs)
+        assert (dense_b, dense_m) == (dense_macs(tied) * BF16, dense_macs(tied))
 
 
 def test_projected_latency_of_an_evaluation_counted_by_hand(hand_model):
+    lm, tied = hand_model
     docs = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose")]
-    held = tokenize_documents(docs, hand_model.tokenizer, 2, 16, seed=0)
-    ev = Evaluator(hand_model, held, EvalSettings(batch_size=2, record_tokens=8, measure_latency=False))
-    r = ev.evaluate(Compressor(hand_model).apply(Q4_G64_S50))
+    held = tokenize_documents(docs, lm.tokenizer, 2, 16, seed=0)
+    ev = Evaluator(lm, held, EvalSettings(batch_size=2, record_tokens=8, measure_latency=False))
+    r = ev.evaluate(Compressor(lm).apply(Q4_G64_S50))
     bw = ACCELERATORS["NVIDIA H100 SXM"].memory_bandwidth_gbs * 1e9
     for proj, util, expert_bytes in ((r.latency_projected, r.utilization["compressed"], 3 * 3328),
                                      (r.base_latency_projected, r.utilization["base"], EXPERT * BF16)):
         # P(expert read for a token) = min(1, k x its share of the top-k assignments)
         reads = sum(min(1.0, K * u / sum(layer)) for layer in util for u in layer)
-        assert proj["bytes_per_step"] == pytest.approx(DENSE_BYTES + reads * expert_bytes, rel=1e-9)
-        assert proj["flops_per_token"] == pytest.approx(2 * (DENSE_MACS + reads * EXPERT), rel=1e-9)
+        assert proj["bytes_per_step"] == pytest.approx(dense_macs(tied) * BF16 + reads * expert_bytes, rel=1e-9)
+        assert proj["flops_per_token"] == pytest.approx(2 * (dense_macs(tied) + reads * EXPERT), rel=1e-9)
         assert proj["bound"] == "memory"
         assert proj["ms_per_token"] == pytest.approx(1e3 * proj["bytes_per_step"] / bw, rel=1e-9)
