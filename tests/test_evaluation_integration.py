@@ -75,7 +75,8 @@ def test_identity_plan_has_no_drift_and_base_figures(setup):
 def _router_topk(router, model, samples) -> list[list[int]]:
     """Per token, the router's top-2 experts by logit, highest first (batches of FAST.batch_size)."""
     logits = []
-    handle = router.register_forward_hook(lambda m, args, out: logits.append(out[0].detach().reshape(-1, out[0].shape[-1])))
+    handle = router.register_forward_hook(
+        lambda m, args, out: logits.append(out[0].detach().reshape(-1, out[0].shape[-1])))
     try:
         with torch.no_grad():
             for i in range(0, samples.n_samples, FAST.batch_size):
@@ -94,7 +95,8 @@ def test_expert_removal_shows_in_routing_metrics(setup):
     assert r.drift[0]["topk_overlap"] < 1.0 and r.drift[0]["kl"] > 0
     # Layer 1 keeps its experts but its inputs change: its drift, recomputed here from the router
     # logits of both models (forward hooks, same batches as the evaluation), on the recorded tokens.
-    base_top, comp_top = _router_topk(lm.layers[1].router, lm.model, held), _router_topk(cm.layers[1].router, cm.model, held)
+    base_top = _router_topk(lm.layers[1].router, lm.model, held)
+    comp_top = _router_topk(cm.layers[1].router, cm.model, held)
     n = FAST.record_tokens
     overlap = sum(len(set(a) & set(b)) for a, b in zip(base_top[:n], comp_top[:n])) / (2 * n)
     top1 = sum(a[0] != b[0] for a, b in zip(base_top[:n], comp_top[:n])) / n
