@@ -1,0 +1,196 @@
+"""moeviz on the layer shapes of the MoEs researchers load: time and memory per MoE layer.
+
+Random-weight models with the exact MoE-layer shapes of published configs (values typed in from each
+model's config.json; nothing is downloaded), 1-2 decoder layers, bf16, a small vocabulary (the
+embedding is not what this measures). Every model runs in a fresh subprocess so that its peak RSS is
+its own. Per model:
+
+* ``forward_s``: a bare forward of the base model over the evaluation tokens (the unit of time);
+* ``calibration_s``: one moeviz calibration pass over the same number of tokens;
+* ``cold_apply_s``: the first ``Compressor.apply`` of a 50 % MoE-Pruner plan (scores, ranks, copy);
+* ``new_sparsity_to_result_s``: a 60 % plan on the warm compressor + its evaluation (the app's slider);
+* ``evaluate_s``: ``Evaluator.evaluate`` of the compressed model (no latency measurement);
+* ``export_s``: ``export_model`` of the 50 % plan;
+* RSS: after load, and the process's peak (``ru_maxrss``) after each step.
+
+Targets (issue 13, measured as ratios within one run): calibration ≤ 1.2 × forward, cold apply ≤ 2 ×,
+new sparsity → result ≤ 1.3 ×; peak RSS while loading, calibrating and evaluating a 50 % plan ≤ 1.15 ×
+the checkpoint's bytes + the interpreter and libraries (RSS before loading) + one layer's working set.
+The full-model projection multiplies per-layer times by the model's MoE-layer count (labelled projected).
+
+    python -m benchmarks --only scale                # every shape that fits in memory here
+    MOEVIZ_SCALE_MODELS=olmoe-1b-7b MOEVIZ_SCALE_LAYERS=2 python -m benchmarks --only scale
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+THREADS = int(os.environ.get("MOEVIZ_BENCH_THREADS", "2"))
+EVAL_TOKENS = int(os.environ.get("MOEVIZ_SCALE_TOKENS", "2048"))
+SEQ_LEN = 256
+VOCAB = 512
+
+# name -> (config class, MoE-layer shapes from the published config.json, MoE layers in the full model).
+SHAPES: dict[str, tuple[str, dict, int]] = {
+    "olmoe-1b-7b": ("OlmoeConfig", dict(hidden_size=2048, intermediate_size=1024, num_experts=64,
+                                         num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=16), 16),
+    "qwen1.5-moe-a2.7b": ("Qwen2MoeConfig", dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+                                                 shared_expert_intermediate_size=5632, num_experts=60,
+                                                 num_experts_per_tok=4, num_attention_heads=16,
+                                                 num_key_value_heads=16), 24),
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                                             num_experts=128, num_experts_per_tok=8, num_attention_heads=32,
+                                             num_key_value_heads=4, head_dim=128, norm_topk_prob=True), 48),
+    "deepseek-v2-lite": ("DeepseekV2Config", dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                                                  n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+                                                  first_k_dense_replace=0, num_attention_heads=16,
+                                                  num_key_value_heads=16, kv_lora_rank=512, q_lora_rank=None,
+                                                  qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128), 26),
+    "gpt-oss-20b": ("GptOssConfig", dict(hidden_size=2880, intermediate_size=2880, num_local_experts=32,
+                                         num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8,
+                                         head_dim=64, sliding_window=128), 24),
+    "mixtral-8x7b": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
+                                           num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8), 32),
+}
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def _build(name: str, layers: int, folder: Path) -> int:
+    """Save a random bf16 model with `name`'s layer shapes to `folder`; its checkpoint bytes."""
+    import torch
+    import transformers
+
+    cls, shape, _ = SHAPES[name]
+    extra = dict(layer_types=["full_attention"] * layers) if name == "gpt-oss-20b" else {}
+    config = getattr(transformers, cls)(vocab_size=VOCAB, num_hidden_layers=layers, max_position_embeddings=4096,
+                                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                                        pad_token_id=0, **shape, **extra)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with torch.no_grad():  # decisive routing, as a trained router has
+        for n, p in model.named_parameters():
+            if n.endswith(("gate.weight", "router.weight")):
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder, safe_serialization=True)
+    from tests.tiny_models import tiny_tokenizer
+
+    tiny_tokenizer(VOCAB).save_pretrained(folder)
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def measure_one(name: str, layers: int) -> dict:
+    """Runs in its own process (see `run`)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    import moeviz
+    from moeviz.compression import CompressionPlan, PruningSettings
+    from moeviz.compression.apply import Compressor
+    from moeviz.data import TokenSamples
+    from moeviz.evaluation import EvalSettings, Evaluator
+    from moeviz.export import export_model
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"moeviz-scale-{name}-"))
+    ckpt = _build(name, layers, tmp / "model")
+    import gc
+
+    gc.collect()
+    rss_before = _rss_bytes()
+    lm, t_load = _timed(lambda: moeviz.load_model(tmp / "model", dtype="bfloat16"))
+    rss_loaded = _rss_bytes()
+    g = torch.Generator().manual_seed(0)
+    n = max(1, EVAL_TOKENS // SEQ_LEN)
+    ids = torch.randint(3, VOCAB, (n, SEQ_LEN), generator=g)
+    samples = TokenSamples(ids, ["text"] * n, "random", 0, f"random-{n}x{SEQ_LEN}", ["text"])
+
+    def forward():
+        with torch.no_grad():
+            for i in range(0, n, 4):
+                lm.model(input_ids=ids[i:i + 4])
+
+    forward()  # warm-up (allocator, kernels)
+    _, t_fwd = _timed(forward)
+    stats, t_cal = _timed(lambda: moeviz.calibrate(lm, samples, batch_size=4))
+    peak_cal = _peak_bytes()
+    evaluator = Evaluator(lm, samples, EvalSettings(measure_latency=False, batch_size=4))
+    comp = Compressor(lm, stats)
+    plan50 = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5))
+    cm, t_cold = _timed(lambda: comp.apply(plan50))
+    _, t_eval = _timed(lambda: evaluator.evaluate(cm))
+    peak_eval = _peak_bytes()
+    del cm
+    gc.collect()
+    plan60 = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.6))
+    _, t_new = _timed(lambda: evaluator.evaluate(comp.apply(plan60)))
+    cm = Compressor(lm, stats).apply(plan50)
+    _, t_export = _timed(lambda: export_model(lm, cm, tmp / "exported"))
+    peak_all = _peak_bytes()
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    budget = 1.15 * ckpt + rss_before + ckpt / layers  # + one layer's working set (one layer's weights)
+    r = dict(
+        model=name, layers=layers, threads=torch.get_num_threads(), eval_tokens=int(ids.numel()),
+        checkpoint_bytes=ckpt, rss_before_load_bytes=rss_before, rss_after_load_bytes=rss_loaded,
+        load_s=t_load, forward_s=t_fwd, calibration_s=t_cal, cold_apply_s=t_cold, evaluate_s=t_eval,
+        new_sparsity_to_result_s=t_new, export_s=t_export,
+        peak_rss_calibrate_bytes=peak_cal, peak_rss_evaluate_bytes=peak_eval, peak_rss_with_export_bytes=peak_all,
+        ratios=dict(calibration=t_cal / t_fwd, cold_apply=t_cold / t_fwd, new_sparsity_to_result=t_new / t_fwd,
+                    evaluate=t_eval / t_fwd, export=t_export / t_fwd,
+                    load_rss_over_checkpoint=(rss_loaded - rss_before) / ckpt,
+                    peak_rss_over_budget=peak_eval / budget),
+    )
+    r["targets"] = {
+        "calibration <= 1.2x forward": "PASS" if r["ratios"]["calibration"] <= 1.2 else "MISS",
+        "cold apply <= 2x forward": "PASS" if r["ratios"]["cold_apply"] <= 2.0 else "MISS",
+        "new sparsity -> result <= 1.3x forward": "PASS" if r["ratios"]["new_sparsity_to_result"] <= 1.3 else "MISS",
+        "peak RSS (load+calibrate+evaluate 50%) <= 1.15x ckpt + interpreter + one layer":
+            "PASS" if peak_eval <= budget else "MISS",
+    }
+    full_layers = SHAPES[name][2]
+    r["projected_full_model_cpu"] = {  # per-layer time × the full model's MoE layers: projected, not measured
+        k: r[k] / layers * full_layers for k in ("forward_s", "calibration_s", "cold_apply_s", "new_sparsity_to_result_s")
+    } | dict(moe_layers=full_layers, gpu="not measured")
+    return r
+
+
+def run() -> dict:
+    names = [n for n in os.environ.get("MOEVIZ_SCALE_MODELS", ",".join(SHAPES)).split(",") if n]
+    layers = int(os.environ.get("MOEVIZ_SCALE_LAYERS", "1"))
+    results = {}
+    for name in names:
+        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_scale", name, str(layers)], env=env,
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+        if proc.returncode != 0:
+            results[name] = dict(error=(proc.stderr.strip().splitlines() or ["killed"])[-1], returncode=proc.returncode)
+        else:
+            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(name, json.dumps(results[name].get("targets", results[name])), file=sys.stderr)
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure_one(sys.argv[1], int(sys.argv[2]))))
