@@ -3,7 +3,7 @@
 import streamlit as st
 
 import moeviz
-from moeviz.data import documents_from_hf_dataset, documents_from_jsonl, documents_from_text
+from moeviz.data import decode_text, documents_from_hf_dataset, documents_from_jsonl, documents_from_text
 from moeviz.workspace import calibrate_cached
 from pages._state import require_model, user_errors
 
@@ -46,8 +46,8 @@ documents, data_name = None, "bundled"
 if source_kind == "Upload .txt / .jsonl":
     upload = st.file_uploader("Text file", type=["txt", "jsonl"])
     if upload is not None:
-        text = upload.getvalue().decode("utf-8", errors="replace")
-        with user_errors():
+        with user_errors():  # a binary upload is refused, not decoded into garbage statistics
+            text = decode_text(upload.getvalue(), upload.name)
             documents = (documents_from_jsonl(text.splitlines(), name=upload.name) if upload.name.endswith(".jsonl")
                          else documents_from_text(text, domain=upload.name.rsplit(".", 1)[0]))
         data_name = upload.name
@@ -74,7 +74,7 @@ if st.button("Run calibration", type="primary"):
             st.error("Upload a .txt or .jsonl file first.")
             st.stop()
         samples = moeviz.load_calibration_data(lm.tokenizer, documents, n_samples=int(n_samples),
-                                               seq_len=int(seq_len), seed=int(seed))
+                                               seq_len=int(seq_len), seed=int(seed), max_seq_len=lm.max_context)
         bar = st.progress(0.0, text="Calibrating…")
         stats, cached = calibrate_cached(lm, samples, progress=lambda d, t: bar.progress(d / t, text=f"Calibrating… {d}/{t} samples"))
         bar.empty()

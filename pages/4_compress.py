@@ -10,7 +10,8 @@ from moeviz.compression.table import apply_table_edits, expert_table
 from moeviz.evaluation import evaluate_plan
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
 from pages._state import (
-    base_evaluator, calibration_samples, compressor, current_plan, require_model, require_stats, run_store, set_plan, user_errors,
+    base_evaluator, calibration_samples, compressor, current_plan, plan_samples, require_model, require_stats, run_store,
+    set_plan, user_errors,
 )
 
 st.header("Compress")
@@ -108,7 +109,7 @@ if plan.overrides and st.button("Clear per-expert overrides"):
 if st.button("Evaluate", type="primary"):
     with user_errors(), st.spinner("Applying the plan and evaluating on held-out text…"):
         evaluator = base_evaluator(lm.fingerprint, lm)
-        samples = calibration_samples(lm, stats) if plan.sequential else None
+        samples = plan_samples(lm, stats, plan)
         result, run_id = evaluate_plan(compressor(lm, stats), evaluator, plan, run_store(), samples=samples)
     st.session_state.last_result = result.to_dict()
     st.session_state.last_run_id = run_id

@@ -71,6 +71,34 @@ class LoadedModel:
     def fingerprint(self) -> str:
         return self.info.fingerprint
 
+    @property
+    def max_context(self) -> int | None:
+        """Longest sequence the model was built for (None when its config does not say)."""
+        return context_length(self.model.config)
+
+
+# Config attributes that hold a model's context length, most common first.
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config) -> int | None:
+    for name in _CONTEXT_ATTRS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def short_reason(error: Exception, limit: int = 160) -> str:
+    """The first sentence of a library's error, capped: transformers' refusals embed lists of
+    hundreds of class names (kilobytes), which must not reach a one-line message."""
+    text = " ".join(str(error).split())
+    for stop in (". ", "; ", ": ["):
+        if stop in text:
+            text = text.split(stop)[0]
+            break
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None or dtype == "auto":
@@ -124,7 +152,9 @@ def _load_config(source: str, local: Path | None, trust_remote_code: bool):
                 f"{source} needs custom code from its repository; moeviz runs it only if you turn on "
                 "trust_remote_code (only do so for repositories you trust)"
             ) from e
-        raise ModelSourceError(f"cannot read the config of {source}: {e}") from e
+        hint = (" (a newer transformers may know it, or the repository ships its own code: trust_remote_code)"
+                if "does not recognize" in str(e) else "")
+        raise ModelSourceError(f"cannot read the config of {source}: {short_reason(e)}{hint}") from e
     except OSError as e:
         if local is None:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or "connect" in str(
@@ -135,7 +165,7 @@ def _load_config(source: str, local: Path | None, trust_remote_code: bool):
                 f"cannot load hub model {source!r}: {why}. Download it where there is network "
                 f"(`huggingface-cli download {source} --local-dir DIR`) and pass the folder instead"
             ) from e
-        raise ModelSourceError(f"cannot read the config in {local}: {e}") from e
+        raise ModelSourceError(f"cannot read the config in {local}: {short_reason(e)}") from e
 
 
 def weight_dtype(config, dtype: torch.dtype | str) -> torch.dtype:
@@ -182,11 +212,50 @@ def fingerprint_folder(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _fingerprint(source: str, local: Path | None, config) -> str:
+def _content_fingerprint(source: str, local: Path | None, config) -> str:
     if local is not None:
         return fingerprint_folder(local)
     commit = getattr(config, "_commit_hash", None) or ""
     return hashlib.sha256(f"{source}@{commit}".encode()).hexdigest()[:16]
+
+
+def model_fingerprint(content: str, dtype: str, device: str) -> str:
+    """Identity of a *loaded* model: the same folder in float32 and bfloat16, or on CPU and GPU,
+    gives different outputs, so statistics, evaluators and stored runs must not be shared."""
+    return hashlib.sha256(f"{content}|{dtype}|{device}".encode()).hexdigest()[:16]
+
+
+def _placement(model: nn.Module, device_map) -> str:
+    """The device for the fingerprint: one device, or every device of a spread (device_map) model."""
+    devices = sorted({str(p.device) for p in model.parameters()})
+    return devices[0] if device_map is None and len(devices) == 1 else "map:" + ",".join(devices)
+
+
+def check_finite(model: nn.Module, dtype: torch.dtype | str = "auto") -> None:
+    """ModelSourceError naming the first parameter or buffer holding NaN or Inf: such a model loads,
+    then fails deep inside calibration (an IndexError from the router's top-k, a stuck progress bar)."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        bad = _count_nonfinite(tensor.detach())
+        if bad:
+            nan, inf = bad
+            hint = ("; float16 cannot hold this checkpoint's values: load it in bfloat16 or float32"
+                    if dtype == torch.float16 and nan == 0 else "; the checkpoint is corrupt or comes from a "
+                    "diverged training run: re-download or re-export it")
+            raise ModelSourceError(
+                f"weight {name} {tuple(tensor.shape)} holds {nan} NaN and {inf} infinite values{hint}"
+            )
+
+
+def _count_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 24) -> tuple[int, int] | None:
+    """(NaN count, Inf count) or None when all finite; in chunks so a 10 GB expert tensor needs
+    no 10 GB temporary."""
+    flat = tensor.reshape(-1)
+    if all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk)):
+        return None
+    nan = sum(int(torch.isnan(flat[i:i + chunk]).sum()) for i in range(0, flat.numel(), chunk))
+    return nan, sum(int(torch.isinf(flat[i:i + chunk]).sum()) for i in range(0, flat.numel(), chunk))
 
 
 def load_model(
@@ -218,8 +287,11 @@ def load_model(
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise ModelSourceError(f"{architecture} ({config.model_type}) is not a causal LM transformers can build: {e}")
+    except ValueError as e:  # transformers' message lists every causal LM class: keep the first sentence only
+        raise ModelSourceError(
+            f"{architecture} (model type {config.model_type!r}) is not a causal LM that transformers' "
+            "AutoModelForCausalLM can build; moeviz needs a Mixture-of-Experts causal LM"
+        ) from None
     require_moe_layers(skeleton)
     num_parameters = sum(p.numel() for p in skeleton.parameters())
     del skeleton
@@ -246,13 +318,16 @@ def load_model(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    check_finite(model, torch_dtype)
     layers = require_moe_layers(model)
     first = layers[0]
+    dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
+    placement = _placement(model, device_map)
     info = ModelInfo(
         source=source,
         architecture=type(model).__name__,
         model_type=config.model_type,
-        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
+        dtype=dtype_name,
         device=str(next(model.parameters()).device),
         num_parameters=sum(p.numel() for p in model.parameters()),
         num_layers=int(getattr(config, "num_hidden_layers", len(layers))),
@@ -261,7 +336,7 @@ def load_model(
         top_k=first.top_k,
         family=first.adapter.name,
         routing_rule=first.routing_rule,
-        fingerprint=_fingerprint(source, local, config),
+        fingerprint=model_fingerprint(_content_fingerprint(source, local, config), dtype_name, placement),
         expert_parameters=sum(l.experts.gate_up_proj.numel() if l.has_gate else l.experts.up_proj.numel()
                               for l in layers) + sum(l.experts.down_proj.numel() for l in layers),
         layers=[l.to_dict() for l in layers],
@@ -274,4 +349,4 @@ def describe_model(model: nn.Module) -> list[MoELayer]:
     return require_moe_layers(model)
 
 
-__all__ = ["LoadedModel", "ModelInfo", "load_model", "describe_model", "find_moe_layers", "DEMO_MODEL_DIR"]
+__all__ = ["LoadedModel", "ModelInfo", "load_model", "context_length", "check_finite", "describe_model", "find_moe_layers", "DEMO_MODEL_DIR"]
