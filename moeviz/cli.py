@@ -132,12 +132,16 @@ def _read_plan(path: str):
     return CompressionPlan.from_json(text).validate()
 
 
-def _check_plans(lm, plans) -> None:
-    """The plan checks that need the model's shapes, run before calibrating."""
+def _check_with_model(args, lm, plans) -> None:
+    """The checks that need the loaded model (its shapes, its context), run before calibrating."""
     from moeviz.compression.apply import check_plan_fits
+    from moeviz.data import check_seq_len
 
     for plan in plans:
         check_plan_fits(plan, lm.layers)
+    check_seq_len(args.seq_len, lm.max_context)
+    if args.eval_seq_len is not None:
+        check_seq_len(args.eval_seq_len, lm.max_context)
 
 
 def cmd_evaluate(args) -> int:
@@ -148,7 +152,7 @@ def cmd_evaluate(args) -> int:
     plan = _read_plan(args.plan)
     _check_before_load(args)
     lm = _load(args)
-    _check_plans(lm, [plan])
+    _check_with_model(args, lm, [plan])
     stats, samples = _calibrated(args, lm)
     result, run_id = evaluate_plan(Compressor(lm, stats), _evaluator(args, lm), plan,
                                    None if args.no_store else RunStore(args.store), samples=samples)
@@ -174,7 +178,7 @@ def cmd_sweep(args) -> int:
                        base=CompressionPlan(quant=QuantSettings(group_size=args.group_size)))
     _check_before_load(args)
     lm = _load(args)
-    _check_plans(lm, plans)
+    _check_with_model(args, lm, plans)
     stats, samples = _calibrated(args, lm)
     evaluator = _evaluator(args, lm)
     with tqdm(total=len(plans), desc="sweep", unit="plan", file=sys.stderr) as bar:
@@ -192,7 +196,7 @@ def cmd_export(args) -> int:
     plan = _read_plan(args.plan)
     _check_before_load(args)
     lm = _load(args)
-    _check_plans(lm, [plan])
+    _check_with_model(args, lm, [plan])
     stats, samples = _calibrated(args, lm)
     compressed = Compressor(lm, stats).apply(plan, samples)  # applied once: evaluated and exported as is
     result = None if args.no_eval else _evaluator(args, lm).evaluate(compressed).to_dict()
@@ -215,7 +219,7 @@ def cmd_recover(args) -> int:
                                 train=args.train, max_seconds=args.max_seconds, seed=args.seed).validate()
     _check_before_load(args)
     lm = _load(args)
-    _check_plans(lm, [plan])
+    _check_with_model(args, lm, [plan])
     if args.out:
         from moeviz.export import check_destination
 

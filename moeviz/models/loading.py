@@ -152,9 +152,15 @@ def _load_config(source: str, local: Path | None, trust_remote_code: bool):
                 f"{source} needs custom code from its repository; moeviz runs it only if you turn on "
                 "trust_remote_code (only do so for repositories you trust)"
             ) from e
-        hint = (" (a newer transformers may know it, or the repository ships its own code: trust_remote_code)"
-                if "does not recognize" in str(e) else "")
-        raise ModelSourceError(f"cannot read the config of {source}: {short_reason(e)}{hint}") from e
+        unknown = re.search(r"model type `([^`]+)`", str(e))
+        if unknown:  # transformers' text is three sentences long; say it in one
+            import transformers
+
+            raise ModelSourceError(
+                f"{source}: model type {unknown.group(1)!r} is unknown to transformers {transformers.__version__}; "
+                "upgrade transformers, or turn on trust_remote_code if the repository ships its own code"
+            ) from None
+        raise ModelSourceError(f"cannot read the config of {source}: {short_reason(e)}") from e
     except OSError as e:
         if local is None:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or "connect" in str(
