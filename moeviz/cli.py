@@ -55,6 +55,7 @@ def cmd_calibrate(args) -> int:
     from moeviz.calibration import calibrate
     from moeviz.data import load_calibration_data
 
+    _check_counts(args)
     _check_data_files(args)
     lm = _load(args)
     samples = load_calibration_data(lm.tokenizer, args.data, n_samples=args.samples, seq_len=args.seq_len,
@@ -110,10 +111,24 @@ def _check_data_files(args) -> None:
             raise CalibrationDataError(f"--{flag.replace('_', '-')}: file {path} does not exist")
 
 
+# Count options: name -> smallest valid value (0 would crash the batching loop or give NaN metrics).
+_COUNTS = {"samples": 1, "batch_size": 1, "eval_samples": 1, "record_tokens": 0}
+
+
+def _check_counts(args) -> None:
+    from moeviz.errors import SettingsError
+
+    for name, low in _COUNTS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise SettingsError(f"--{name.replace('_', '-')}: must be at least {low}, got {value}")
+
+
 def _check_before_load(args) -> None:
     """Everything that can be checked without the model: a bad option fails in a second, not after
     loading and calibrating."""
     _eval_settings(args)
+    _check_counts(args)
     _check_data_files(args)
 
 

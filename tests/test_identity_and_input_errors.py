@@ -318,3 +318,30 @@ def test_eval_windows_default_to_a_short_context(tmp_path, capsys, tiny_model_di
     assert main(["evaluate", "--plan", str(plan), "--json", str(tmp_path / "r.json"), *argv]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["eval_tokens"] == 4 * CONTEXT  # 4 windows (--eval-samples) of the model's 64 tokens, not 256
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "--batch-size", "0", "--out", "x"], "--batch-size: must be at least 1, got 0"),
+    (["calibrate", "--samples", "0", "--out", "x"], "--samples: must be at least 1, got 0"),
+    (["sweep", "--eval-samples", "0", "--no-store"], "--eval-samples: must be at least 1, got 0"),  # was: NaN metrics
+])
+def test_bad_counts_refused_before_model_loads(argv, message, no_model_load, capsys):
+    assert message in one_line_error(capsys, *argv)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "unknown device 'tpu'; use cpu, cuda, cuda:N or mps"),
+    ("cuda:99", "device 'cuda:99'"),
+])
+def test_unusable_device_one_line_exit_2(device, message, tiny_model_dirs, capsys):
+    assert message in one_line_error(capsys, "info", "--model", str(tiny_model_dirs["mixtral"]), "--device", device)
+
+
+def test_app_seq_len_above_context_refused(tiny_model_dirs):
+    at = _app(tiny_model_dirs["mixtral"]).run()
+    _ok(at)
+    at.number_input[0].set_value(2)
+    at.number_input[1].set_value(CONTEXT + 1)
+    next(b for b in at.button if b.label == "Run calibration").click().run()
+    assert not at.exception and f"above the model's context of {CONTEXT} tokens" in at.error[0].value
+    assert at.session_state["stats"] is None

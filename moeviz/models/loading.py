@@ -110,6 +110,26 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
+def check_device(device: str) -> str:
+    """ModelSourceError for a device torch cannot parse or this machine does not have; found before
+    reading the config, not as a RuntimeError from `model.to` after the weights are read."""
+    try:
+        dev = torch.device(str(device).strip())
+    except RuntimeError:
+        raise ModelSourceError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelSourceError(f"device {device!r}: no CUDA GPU is available here; use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ModelSourceError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelSourceError(f"device {device!r}: MPS is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelSourceError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return str(dev)
+
+
 def resolve_source(source: str | os.PathLike | None) -> tuple[str, Path | None]:
     """(source string, local folder or None for a hub id). Raises ModelSourceError with what was found."""
     if source is None or str(source).strip() in ("", "demo"):
@@ -285,6 +305,8 @@ def load_model(
 
     source, local = resolve_source(source)
     torch_dtype = resolve_dtype(dtype)
+    if device_map is None:
+        check_device(device)
     config = _load_config(source, local, trust_remote_code)
     architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
 
