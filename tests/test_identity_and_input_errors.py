@@ -345,3 +345,14 @@ def test_app_seq_len_above_context_refused(tiny_model_dirs):
     next(b for b in at.button if b.label == "Run calibration").click().run()
     assert not at.exception and f"above the model's context of {CONTEXT} tokens" in at.error[0].value
     assert at.session_state["stats"] is None
+
+
+def test_truncated_safetensors_refused(tiny_model_dirs, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "truncated"
+    shutil.copytree(tiny_model_dirs["mixtral"], folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
+    err = one_line_error(capsys, "info", "--model", str(folder))
+    assert "cannot read the weights" in err and "damaged or incomplete" in err

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from moeviz.errors import InsufficientMemoryError, ModelSourceError
@@ -339,6 +340,11 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelSourceError(f"cannot load {source}: {str(e).splitlines()[0]}") from e
+    except SafetensorError as e:  # a truncated download or a file that is not safetensors at all
+        raise ModelSourceError(
+            f"cannot read the weights of {source}: {short_reason(e)}; the safetensors file is damaged or "
+            "incomplete (download or save it again)"
+        ) from None
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
