@@ -114,7 +114,9 @@ def documents_from_file(path: str | Path, text_key: str = "text") -> list[Docume
         raise CalibrationDataError(f"calibration file {path} does not exist")
     text = decode_text(path.read_bytes(), path.name)
     if path.suffix == ".jsonl":
-        return documents_from_jsonl(text.splitlines(), text_key=text_key, name=path.name)
+        # split on "\n" only, as reading the file line by line did: splitlines() would also cut at
+        # U+2028 and other separators that JSON allows unescaped inside strings
+        return documents_from_jsonl(text.split("\n"), text_key=text_key, name=path.name)
     return documents_from_text(text, domain=path.stem)
 
 

@@ -48,7 +48,7 @@ if source_kind == "Upload .txt / .jsonl":
     if upload is not None:
         with user_errors():  # a binary upload is refused, not decoded into garbage statistics
             text = decode_text(upload.getvalue(), upload.name)
-            documents = (documents_from_jsonl(text.splitlines(), name=upload.name) if upload.name.endswith(".jsonl")
+            documents = (documents_from_jsonl(text.split("\n"), name=upload.name) if upload.name.endswith(".jsonl")
                          else documents_from_text(text, domain=upload.name.rsplit(".", 1)[0]))
         data_name = upload.name
 elif source_kind == "Hugging Face dataset":

@@ -7,6 +7,7 @@ from moeviz import figures
 from moeviz.compression.plan import ALLOCATIONS, METRICS, SUPPORTED_BITS, CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.removal import REMOVAL_SCORES, experts_to_remove
 from moeviz.compression.table import apply_table_edits, expert_table
+from moeviz.errors import MoevizError
 from moeviz.evaluation import evaluate_plan
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
 from pages._state import (
@@ -80,11 +81,14 @@ edited = st.data_editor(
 )
 rows_after = edited.to_dict("records")
 if rows_after != table:
-    with user_errors():
+    try:
         new = apply_table_edits(plan, table, rows_after)
         new.validate([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
-    set_plan(new)
-    st.rerun()
+    except MoevizError as e:  # e.g. an emptied cell: say so, keep the last valid plan and the rest of the page
+        st.error(str(e))
+    else:
+        set_plan(new)
+        st.rerun()
 with st.expander("Edit one expert by number"):
     with st.form("one_expert_form"):
         c1, c2, c3, c4, c5 = st.columns(5)

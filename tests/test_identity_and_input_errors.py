@@ -356,3 +356,10 @@ def test_truncated_safetensors_refused(tiny_model_dirs, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted download
     err = one_line_error(capsys, "info", "--model", str(folder))
     assert "cannot read the weights" in err and "damaged or incomplete" in err
+
+
+def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
+    """JSON allows U+2028 unescaped inside a string; the file is split on newlines only."""
+    path = tmp_path / "sep.jsonl"
+    path.write_text(json.dumps({"text": "first\u2028second"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert [d.text for d in documents_from_file(path)] == ["first\u2028second"]
