@@ -147,16 +147,19 @@ def _read_plan(path: str):
     return CompressionPlan.from_json(text).validate()
 
 
-def _check_with_model(args, lm, plans) -> None:
-    """The checks that need the loaded model (its shapes, its context), run before calibrating."""
+def _check_against_model(args, plans) -> None:
+    """The checks that need the model's shapes and context, made on a weightless (meta-device) copy
+    built from its config: a plan that does not fit fails before the weights load, not after calibrating."""
     from moeviz.compression.apply import check_plan_fits
     from moeviz.data import check_seq_len
+    from moeviz.models.loading import inspect_model
 
+    shape = inspect_model(args.model, trust_remote_code=args.trust_remote_code)
     for plan in plans:
-        check_plan_fits(plan, lm.layers)
-    check_seq_len(args.seq_len, lm.max_context)
+        check_plan_fits(plan, shape.layers)
+    check_seq_len(args.seq_len, shape.max_context)
     if args.eval_seq_len is not None:
-        check_seq_len(args.eval_seq_len, lm.max_context)
+        check_seq_len(args.eval_seq_len, shape.max_context)
 
 
 def cmd_evaluate(args) -> int:
@@ -166,8 +169,8 @@ def cmd_evaluate(args) -> int:
 
     plan = _read_plan(args.plan)
     _check_before_load(args)
+    _check_against_model(args, [plan])
     lm = _load(args)
-    _check_with_model(args, lm, [plan])
     stats, samples = _calibrated(args, lm)
     result, run_id = evaluate_plan(Compressor(lm, stats), _evaluator(args, lm), plan,
                                    None if args.no_store else RunStore(args.store), samples=samples)
@@ -192,8 +195,8 @@ def cmd_sweep(args) -> int:
     plans = grid_plans(args.methods, args.sparsities, args.bits, structure=args.structure,
                        base=CompressionPlan(quant=QuantSettings(group_size=args.group_size)))
     _check_before_load(args)
+    _check_against_model(args, plans)
     lm = _load(args)
-    _check_with_model(args, lm, plans)
     stats, samples = _calibrated(args, lm)
     evaluator = _evaluator(args, lm)
     with tqdm(total=len(plans), desc="sweep", unit="plan", file=sys.stderr) as bar:
@@ -210,8 +213,8 @@ def cmd_export(args) -> int:
 
     plan = _read_plan(args.plan)
     _check_before_load(args)
+    _check_against_model(args, [plan])
     lm = _load(args)
-    _check_with_model(args, lm, [plan])
     stats, samples = _calibrated(args, lm)
     compressed = Compressor(lm, stats).apply(plan, samples)  # applied once: evaluated and exported as is
     result = None if args.no_eval else _evaluator(args, lm).evaluate(compressed).to_dict()
@@ -233,8 +236,8 @@ def cmd_recover(args) -> int:
                                 lambda_expert=args.lambda_expert, lambda_router=args.lambda_router,
                                 train=args.train, max_seconds=args.max_seconds, seed=args.seed).validate()
     _check_before_load(args)
+    _check_against_model(args, [plan])
     lm = _load(args)
-    _check_with_model(args, lm, [plan])
     if args.out:
         from moeviz.export import check_destination
 

@@ -185,24 +185,14 @@ def test_sweep_errors_before_model_loads(extra, message, no_model_load, capsys):
     assert message in one_line_error(capsys, "sweep", "--no-store", *extra)
 
 
-@pytest.fixture
-def no_calibration(monkeypatch):
-    import moeviz.cli
-
-    def refuse(*a, **k):
-        raise AssertionError("calibrated before the plan was checked against the model")
-
-    monkeypatch.setattr(moeviz.cli, "_calibrated", refuse)
-
-
-def test_sweep_structure_3_5_one_line_exit_2(tiny_model_dirs, no_calibration, capsys):
-    """3:5 parses, but the tiny model's 32-wide rows are not a multiple of 5: found from the shapes
-    right after loading, before calibrating (it used to be a ValueError traceback mid-sweep)."""
+def test_sweep_structure_3_5_one_line_exit_2(tiny_model_dirs, no_model_load, capsys):
+    """3:5 parses, but the tiny model's 32-wide rows are not a multiple of 5: found from the shapes of
+    a weightless copy, before the model loads (it used to be a ValueError traceback mid-sweep)."""
     err = one_line_error(capsys, "sweep", "--model", str(tiny_model_dirs["mixtral"]), "--structure", "3:5", "--no-store")
     assert "pruning.structure: 3:5 needs rows whose width is a multiple of 5" in err
 
 
-def test_plan_index_errors_before_calibration(tiny_model_dirs, no_calibration, tmp_path, capsys):
+def test_plan_index_errors_before_model_loads(tiny_model_dirs, no_model_load, tmp_path, capsys):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"removed_experts": [[0, 9]]}))
     err = one_line_error(capsys, "evaluate", "--model", str(tiny_model_dirs["mixtral"]), "--plan", str(plan), "--no-store")
@@ -305,6 +295,13 @@ def test_seq_len_above_context_refused(tmp_path, capsys, tiny_model_dirs, loaded
     plan = tmp_path / "plan.json"
     plan.write_text("{}")
     assert "sequence length 100 is above" in one_line_error(capsys, "evaluate", "--plan", str(plan), *argv)
+
+
+def test_seq_len_above_context_refused_before_model_loads(tmp_path, capsys, tiny_model_dirs, no_model_load):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    err = one_line_error(capsys, "sweep", "--model", str(tiny_model_dirs["mixtral"]), "--seq-len", "65", "--no-store")
+    assert "sequence length 65 is above the model's context of 64 tokens" in err
 
 
 def test_eval_windows_default_to_a_short_context(tmp_path, capsys, tiny_model_dirs):

@@ -285,6 +285,37 @@ def _count_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 24) -> tuple[int, i
     return nan, sum(int(torch.isinf(flat[i:i + chunk]).sum()) for i in range(0, flat.numel(), chunk))
 
 
+def _skeleton(config, trust_remote_code: bool) -> nn.Module:
+    """The model built from its config on the meta device: every shape, no weight read or allocated."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError:  # transformers' message lists every causal LM class (kilobytes): not repeated
+        architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        raise ModelSourceError(
+            f"{architecture} (model type {config.model_type!r}) is not a causal LM that transformers' "
+            "AutoModelForCausalLM can build; moeviz needs a Mixture-of-Experts causal LM"
+        ) from None
+
+
+@dataclass
+class ModelShape:
+    """What a model's config says, without its weights: enough to check a plan and a sequence length."""
+
+    layers: list[MoELayer]  # on the meta device: shapes only
+    max_context: int | None
+
+
+def inspect_model(source: str | os.PathLike | None = None, trust_remote_code: bool = False) -> ModelShape:
+    """The MoE layers and context of a model, from its config alone (a meta-device skeleton): the CLI
+    checks a plan against them before spending the time to load and calibrate."""
+    source, local = resolve_source(source)
+    config = _load_config(source, local, trust_remote_code)
+    return ModelShape(require_moe_layers(_skeleton(config, trust_remote_code)), context_length(config))
+
+
 def load_model(
     source: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "auto",
@@ -309,18 +340,10 @@ def load_model(
     if device_map is None:
         check_device(device)
     config = _load_config(source, local, trust_remote_code)
-    architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
 
     # Refuse non-MoE models, and models too large, before reading any weight: inspect a weightless
     # copy built on the meta device.
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as e:  # transformers' message lists every causal LM class: keep the first sentence only
-        raise ModelSourceError(
-            f"{architecture} (model type {config.model_type!r}) is not a causal LM that transformers' "
-            "AutoModelForCausalLM can build; moeviz needs a Mixture-of-Experts causal LM"
-        ) from None
+    skeleton = _skeleton(config, trust_remote_code)
     require_moe_layers(skeleton)
     num_parameters = sum(p.numel() for p in skeleton.parameters())
     del skeleton
@@ -383,4 +406,4 @@ def describe_model(model: nn.Module) -> list[MoELayer]:
     return require_moe_layers(model)
 
 
-__all__ = ["LoadedModel", "ModelInfo", "load_model", "context_length", "check_finite", "describe_model", "find_moe_layers", "DEMO_MODEL_DIR"]
+__all__ = ["LoadedModel", "ModelInfo", "ModelShape", "load_model", "inspect_model", "context_length", "check_finite", "describe_model", "find_moe_layers", "DEMO_MODEL_DIR"]
