@@ -360,3 +360,18 @@ def test_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path):
     path = tmp_path / "sep.jsonl"
     path.write_text(json.dumps({"text": "first\u2028second"}, ensure_ascii=False) + "\n", encoding="utf-8")
     assert [d.text for d in documents_from_file(path)] == ["first\u2028second"]
+
+
+def test_library_refuses_windows_past_the_context(loaded_tiny, tmp_path):
+    """Library callers that cut their own windows are checked too: the stats cache and the evaluator."""
+    from moeviz.data import Document, tokenize_documents
+    from moeviz.evaluation import Evaluator
+    from moeviz.workspace import calibrate_cached
+
+    lm = loaded_tiny("mixtral")
+    long = tokenize_documents([Document("a long text about experts. " * 40)], lm.tokenizer, 1, CONTEXT + 8)
+    with pytest.raises(CalibrationDataError, match="above the model's context"):
+        calibrate_cached(lm, long, cache_dir=tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing cached
+    with pytest.raises(CalibrationDataError, match="above the model's context"):
+        Evaluator(lm, long)

@@ -19,7 +19,7 @@ import torch
 from moeviz.calibration.collect import calibrate
 from moeviz.calibration.stats import CalibrationStats
 from moeviz.compression.apply import CompressedModel
-from moeviz.data import TokenSamples
+from moeviz.data import TokenSamples, check_seq_len
 from moeviz.errors import SettingsError
 from moeviz.evaluation.latency import (
     ACCELERATORS, active_bytes_per_token, active_flops_per_token, measure_latency, projected_decode_latency,
@@ -168,6 +168,7 @@ class Evaluator:
         self.samples = samples
         self.settings = settings or EvalSettings()
         self.settings.validate()
+        check_seq_len(samples.seq_len, loaded.max_context)  # before the base run, not after it
         self.base = self._run(loaded, progress)
         self._base_projected = None
 

@@ -75,7 +75,7 @@ class LoadedModel:
     @property
     def max_context(self) -> int | None:
         """Longest sequence the model was built for (None when its config does not say)."""
-        return context_length(self.model.config)
+        return context_length(getattr(self.model, "config", None))
 
 
 # Config attributes that hold a model's context length, most common first.
