@@ -375,3 +375,11 @@ def test_library_refuses_windows_past_the_context(loaded_tiny, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing cached
     with pytest.raises(CalibrationDataError, match="above the model's context"):
         Evaluator(lm, long)
+
+
+def test_folder_without_tokenizer_one_line_exit_2(tmp_path, capsys):
+    folder = tmp_path / "no-tokenizer"
+    build_tiny_model("mixtral").save_pretrained(folder)  # weights and config, no tokenizer
+    capsys.readouterr()  # save_pretrained's progress bar
+    err = one_line_error(capsys, "info", "--model", str(folder))
+    assert "cannot load the tokenizer" in err and "it has no tokenizer files" in err

@@ -285,6 +285,23 @@ def _count_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 24) -> tuple[int, i
     return nan, sum(int(torch.isinf(flat[i:i + chunk]).sum()) for i in range(0, flat.numel(), chunk))
 
 
+def _load_tokenizer(source: str, trust_remote_code: bool):
+    """The model's tokenizer; a folder without one gets a one-line ModelSourceError instead of
+    transformers' multi-line ValueError about slow and fast tokenizers."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        folder = Path(source)
+        why = ("it has no tokenizer files" if folder.is_dir() and not any(folder.glob("tokenizer*"))
+               else short_reason(e, 100))
+        raise ModelSourceError(
+            f"cannot load the tokenizer of {source}: {why}; save it next to the model "
+            "(tokenizer.save_pretrained(folder)) or use the folder the model was downloaded to"
+        ) from None
+
+
 def _skeleton(config, trust_remote_code: bool) -> nn.Module:
     """The model built from its config on the meta device: every shape, no weight read or allocated."""
     from transformers import AutoModelForCausalLM
@@ -333,7 +350,7 @@ def load_model(
     trust_remote_code: off by default; turn on only for repositories you trust.
     show_progress: show transformers' per-shard loading bar (useful for large checkpoints).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, local = resolve_source(source)
     torch_dtype = resolve_dtype(dtype)
@@ -359,8 +376,8 @@ def load_model(
     if not show_progress:
         hf_logging.disable_progress_bar()
     try:
+        tokenizer = _load_tokenizer(source, trust_remote_code)  # first: it is quick, the weights are not
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelSourceError(f"cannot load {source}: {str(e).splitlines()[0]}") from e
     except SafetensorError as e:  # a truncated download or a file that is not safetensors at all
