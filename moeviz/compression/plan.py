@@ -84,7 +84,8 @@ class CompressionPlan:
             raise PlanError(f"plan: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
         for name, kind in (("pruning", dict), ("quant", dict), ("overrides", list), ("removed_experts", list)):
             if d.get(name) is not None and not isinstance(d[name], kind):
-                raise PlanError(f"plan: {name} must be a JSON {'object' if kind is dict else 'list'}, got a {_json_type(d[name])}")
+                what = "object" if kind is dict else "list"
+                raise PlanError(f"plan: {name} must be a JSON {what}, got a {_json_type(d[name])}")
         try:
             pruning = dict(d.pop("pruning", {}) or {})
             if "allocation_bounds" in pruning:
@@ -190,7 +191,8 @@ def _settings(cls, values: dict, name: str):
 
 def _override(o, i: int) -> Override:
     if not isinstance(o, dict):
-        raise PlanError(f"plan: overrides[{i}] must be an object {{\"layer\": …, \"expert\": …}}, got a {_json_type(o)}")
+        raise PlanError(f"plan: overrides[{i}] must be an object {{\"layer\": …, \"expert\": …}}, "
+                        f"got a {_json_type(o)}")
     o = _settings(Override, o, f"overrides[{i}]")
     if not _is_int(o.layer) or not (o.expert is None or _is_int(o.expert)):
         raise PlanError(f"plan: overrides[{i}]: layer and expert must be integers, got {o.layer!r}, {o.expert!r}")

@@ -123,7 +123,9 @@ def check_device(device: str) -> str:
         if count == 0:
             raise ModelSourceError(f"device {device!r}: no CUDA GPU is available here; use cpu")
         if dev.index is not None and dev.index >= count:
-            raise ModelSourceError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+            raise ModelSourceError(
+                f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ModelSourceError(f"device {device!r}: MPS is not available here; use cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
@@ -423,4 +425,5 @@ def describe_model(model: nn.Module) -> list[MoELayer]:
     return require_moe_layers(model)
 
 
-__all__ = ["LoadedModel", "ModelInfo", "ModelShape", "load_model", "inspect_model", "context_length", "check_finite", "describe_model", "find_moe_layers", "DEMO_MODEL_DIR"]
+__all__ = ["LoadedModel", "ModelInfo", "ModelShape", "load_model", "inspect_model", "context_length", "check_finite",
+           "describe_model", "find_moe_layers", "DEMO_MODEL_DIR"]
