@@ -5,14 +5,14 @@ PY     := $(VENV)/bin/python
 PORT   ?= 8501
 STAMP  := $(VENV)/.moeviz-installed
 
-.PHONY: run test bench install clean-venv
+.PHONY: run dev test bench install clean-venv
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q --upgrade pip
 
 # Re-install when the project's dependencies change.
-$(STAMP): $(PY) pyproject.toml scripts/install_torch.sh
+$(STAMP): $(PY) pyproject.toml setup.py scripts/install_torch.sh
 	bash scripts/install_torch.sh $(PY)
 	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
 	touch $(STAMP)
@@ -20,7 +20,12 @@ $(STAMP): $(PY) pyproject.toml scripts/install_torch.sh
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m streamlit run app.py --server.address localhost --server.port $(PORT)
+	$(PY) -m streamlit run app.py --server.address localhost --server.port $(PORT) --server.fileWatcherType none
+
+# For developing the app: reload on save, watching the project's files but never the virtualenv.
+dev: $(STAMP)
+	$(PY) -m streamlit run app.py --server.address localhost --server.port $(PORT) \
+		--server.fileWatcherType auto --server.runOnSave true --server.folderWatchBlacklist '["$(VENV)"]'
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

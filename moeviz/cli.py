@@ -43,6 +43,13 @@ def _load(args):
                       device_map="auto" if args.device_map_auto else None, trust_remote_code=args.trust_remote_code)
 
 
+def _source(args) -> str:
+    """The model source as load_model will see it (folder or hub id), without loading anything."""
+    from moeviz.models.loading import resolve_source
+
+    return resolve_source(args.model)[0]
+
+
 def cmd_info(args) -> int:
     lm = _load(args)
     print(json.dumps(lm.info.to_dict(), indent=2, default=str))
@@ -209,11 +216,12 @@ def cmd_sweep(args) -> int:
 
 def cmd_export(args) -> int:
     from moeviz.compression.apply import Compressor
-    from moeviz.export import export_model
+    from moeviz.export import check_destination, export_model
 
     plan = _read_plan(args.plan)
     _check_before_load(args)
     _check_against_model(args, [plan])
+    check_destination(_source(args), args.out, args.overwrite)  # before loading, and again when writing
     lm = _load(args)
     stats, samples = _calibrated(args, lm)
     compressed = Compressor(lm, stats).apply(plan, samples)  # applied once: evaluated and exported as is
@@ -237,11 +245,11 @@ def cmd_recover(args) -> int:
                                 train=args.train, max_seconds=args.max_seconds, seed=args.seed).validate()
     _check_before_load(args)
     _check_against_model(args, [plan])
-    lm = _load(args)
     if args.out:
         from moeviz.export import check_destination
 
-        check_destination(lm, Path(args.out), args.overwrite)  # fail before training, not after
+        check_destination(_source(args), args.out, args.overwrite)  # fail before loading and training
+    lm = _load(args)
     stats, samples = _calibrated(args, lm)
     compressor, evaluator = Compressor(lm, stats), _evaluator(args, lm)
     store = None if args.no_store else RunStore(args.store)
@@ -271,11 +279,16 @@ def cmd_recover(args) -> int:
 
 
 def cmd_app(args) -> int:
-    app = Path(__file__).resolve().parents[1] / "app.py"
-    if not app.exists():
-        raise MoevizError(f"app.py not found next to the moeviz package ({app}); run from a source checkout")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.address,
-           "--server.port", str(args.port)]
+    from moeviz.resources import APP_FILE
+
+    if not APP_FILE.exists():
+        raise MoevizError(f"the app ({APP_FILE}) is missing from this installation; reinstall moeviz")
+    # Passed on the command line because Streamlit reads .streamlit/config.toml from the working directory,
+    # which is not the checkout once moeviz is installed. No file watcher: a user's app never reloads itself,
+    # and watching walks every imported file (an idle server used most of a core on a virtualenv).
+    cmd = [sys.executable, "-m", "streamlit", "run", str(APP_FILE), "--server.address", args.address,
+           "--server.port", str(args.port), "--server.fileWatcherType", "none", "--server.headless", "true",
+           "--browser.gatherUsageStats", "false"]
     return subprocess.call(cmd)
 
 

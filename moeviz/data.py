@@ -18,8 +18,8 @@ from typing import Iterable
 import torch
 
 from moeviz.errors import CalibrationDataError
+from moeviz.resources import SAMPLE_DATA_DIR  # the checkout's copy, or the installed one
 
-SAMPLE_DATA_DIR = Path(__file__).resolve().parents[1] / "sample_data"
 BUNDLED_CALIBRATION = SAMPLE_DATA_DIR / "calibration.jsonl"
 BUNDLED_HELDOUT = SAMPLE_DATA_DIR / "heldout.jsonl"
 DEFAULT_DOMAIN = "text"

@@ -8,6 +8,9 @@ and a report, atomically, never into the source model's folder.
   correction bias) are sliced and the config's expert count updated, so the file shrinks. This needs
   the same number of removed experts in every MoE layer (one expert count per config); top-k is clamped
   if fewer experts than top-k remain.
+- The destination is checked by `moeviz.destination.check_destination`: never the source model, the
+  bundled data, the checkout, the home folder or a root (nor a folder containing one), and an existing
+  folder is replaced only if a moeviz export wrote it.
 - Activation fake-quantization has no representation in a transformers checkpoint: it is recorded in
   the plan and the report only.
 """
@@ -20,20 +23,11 @@ import tempfile
 from pathlib import Path
 
 from moeviz.compression.apply import CompressedModel
+from moeviz.destination import check_destination
 from moeviz.errors import MoevizError
 from moeviz.models.loading import LoadedModel
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-
-
-def check_destination(loaded: LoadedModel, out: Path, overwrite: bool) -> None:
-    """Refuse the source model's folder (or one inside it) and an existing folder unless `overwrite`."""
-    source = Path(loaded.info.source).resolve() if Path(loaded.info.source).exists() else None
-    target = out.resolve()
-    if source is not None and (target == source or source in target.parents):
-        raise MoevizError(f"refusing to export into the source model's folder {source}; choose another folder")
-    if target.exists() and not overwrite:
-        raise MoevizError(f"{target} already exists; choose a new folder or pass overwrite=True (--overwrite)")
 
 
 def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dict, dict, list[str]]:
@@ -117,8 +111,7 @@ def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Pa
     """Write the compressed model to `out` atomically (temporary folder, then rename)."""
     from transformers import AutoModelForCausalLM
 
-    out = Path(out)
-    check_destination(loaded, out, overwrite)
+    out = check_destination(loaded, out, overwrite)  # resolved; never the source, never a folder we did not write
     state, changes, messages = _sliced_state(loaded, compressed)
     config = type(loaded.model.config).from_dict(loaded.model.config.to_dict())
     if "num_experts" in changes:
@@ -145,9 +138,9 @@ def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Pa
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / "moeviz_plan.json").write_text(compressed.plan.to_json())
         (tmp / "moeviz_report.md").write_text(_report(loaded, compressed, result, messages))
-        if out.exists():  # overwrite=True: swap, so a failure never leaves neither folder
-            old = out.with_name(f".{out.name}.old")
-            out.rename(old)
+        if out.exists():  # a previous moeviz export (or an empty folder): swap, so a failure never leaves neither
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(old / out.name)
             tmp.rename(out)
             shutil.rmtree(old)
         else:

@@ -21,6 +21,7 @@ import os
 import sqlite3
 import sys
 import threading
+import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -146,6 +147,38 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _is_lock_error(e: sqlite3.OperationalError) -> bool:
+    text = str(e).lower()
+    return "locked" in text or "busy" in text
+
+
+def _retry_while_locked(fn, timeout_s: float = BUSY_TIMEOUT_MS / 1000):
+    """Call `fn` until it stops failing with "database is locked", for at most `timeout_s`.
+
+    Some statements do not wait on busy_timeout: switching the journal mode needs an exclusive lock
+    and fails at once while another process holds any lock (as happens when two processes open a new
+    store together), and SQLite may return SQLITE_BUSY without waiting to avoid a deadlock. Both are
+    transient, so they are retried with a capped exponential backoff."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.002
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as e:
+            if not _is_lock_error(e) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def _enable_wal(conn: sqlite3.Connection) -> None:
+    # WAL is a persistent property of the file: once one process has switched it, later opens only
+    # read the mode (no exclusive lock needed).
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    if str(mode).lower() != "wal":
+        conn.execute("PRAGMA journal_mode = WAL")
+
+
 def new_sweep_id() -> str:
     """A unique id grouping the runs of one sweep: UTC timestamp + random suffix (sortable)."""
     return datetime.now(timezone.utc).strftime("sweep-%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:8]
@@ -165,7 +198,7 @@ class RunStore:
         )
         self._lock = threading.RLock()
         self._conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        self._conn.execute("PRAGMA journal_mode = WAL")
+        _retry_while_locked(lambda: _enable_wal(self._conn))
         # NORMAL is durable against process crashes in WAL mode (only an OS crash can lose the
         # last commits), and much cheaper than FULL's fsync per transaction.
         self._conn.execute("PRAGMA synchronous = NORMAL")
@@ -189,6 +222,9 @@ class RunStore:
             self._conn.execute("COMMIT")
 
     def _migrate(self) -> None:
+        _retry_while_locked(self._migrate_once)
+
+    def _migrate_once(self) -> None:
         with self._write() as conn:
             # Inside the write transaction, so two processes opening a new file migrate it once.
             conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")

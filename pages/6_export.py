@@ -4,7 +4,7 @@ import json
 
 import streamlit as st
 
-from moeviz.export import export_model
+from moeviz.export import check_destination, export_model
 from pages._state import compressor, current_plan, plan_samples, require_model, run_store, stats_for, user_errors
 
 st.header("Export")
@@ -30,7 +30,8 @@ if st.session_state.last_result is not None:
 st.subheader("Compressed model")
 st.caption("A Hugging Face folder (config, safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads: "
            "pruned weights stored as zeros, quantized weights dequantized (bits recorded in moeviz_plan.json), removed "
-           "experts physically removed; plus moeviz_report.md. Written atomically; never into the source folder.")
+           "experts physically removed; plus moeviz_report.md. Written atomically; never into or over the source model, "
+           "and \"Replace\" replaces only a folder that a moeviz export wrote.")
 rec = st.session_state.recovery
 recovered = st.session_state.recovered_model
 has_recovered = rec is not None and recovered is not None and rec["plan"] == plan.to_dict()
@@ -41,6 +42,7 @@ with st.form("export_form"):
     overwrite = st.checkbox("Replace the folder if it exists")
     if st.form_submit_button("Export model"):
         with user_errors(), st.spinner("Writing the model…"):
+            check_destination(lm, folder, overwrite)  # refuse a bad folder before applying the plan
             if which.startswith("recovered"):
                 model, result = recovered, rec["result"]
             else:

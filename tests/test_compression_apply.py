@@ -288,6 +288,69 @@ def test_sequential_recalibrates_later_layers(mixtral):
         apply_plan(lm, stats, plan(metric="wanda", sparsity=0.5, sequential=True))
 
 
+def _hand_keep(w0: torch.Tensor, col_sq: torch.Tensor, structure: str) -> torch.Tensor:
+    """Wanda / MoE-Pruner keep mask by brute force: in every row of every expert ("0.5") or every
+    group of m consecutive inputs ("n:m"), prune the weights with the lowest |w| x sqrt(column norm)
+    (ties: lower index first): round(0.5 x in) per row, or n per group."""
+    E, rows, n_in = w0.shape
+    keep = torch.ones(E, rows, n_in, dtype=torch.bool)
+    if ":" in structure:
+        n_prune, m = map(int, structure.split(":"))
+    else:
+        n_prune, m = round(float(structure) * n_in), n_in
+    for e in range(E):
+        col = col_sq[e].double().sqrt().tolist()
+        for r in range(rows):
+            for start in range(0, n_in, m):
+                scores = sorted((abs(float(w0[e, r, j])) * col[j], j) for j in range(start, start + m))
+                for _, j in scores[:n_prune]:
+                    keep[e, r, j] = False
+    return keep
+
+
+@pytest.mark.parametrize("metric, structure", [("wanda", "0.5"), ("moe_pruner", "0.5"), ("wanda", "2:4")])
+def test_sequential_equals_layer_by_layer_recalibration_by_hand(mixtral, metric, structure):
+    """Reference written out: prune layer 0 with the base statistics; build a copy of the base whose
+    layer 0 is pruned that way; calibrate that copy with the public `calibrate`; prune layer 1 with
+    the statistics of its new inputs. The sequential plan must give exactly these masks."""
+    import copy
+
+    from moeviz.models.layers import find_moe_layers
+    from moeviz.models.loading import LoadedModel
+
+    lm, samples, stats = mixtral
+    norm = {"wanda": ("input_sq", "down_sq"), "moe_pruner": ("input_sq_weighted", "down_sq_weighted")}[metric]
+    settings = dict(structure=structure) if ":" in structure else dict(sparsity=float(structure))
+    comp = Compressor(lm, stats)
+    one_pass = comp.apply(plan(metric=metric, **settings))  # warms the score/mask caches first
+    seq = comp.apply(plan(metric=metric, sequential=True, **settings), samples=samples)
+    again = comp.apply(plan(metric=metric, **settings))  # ...and sequential must not pollute them
+    for lo, la in zip(one_pass.layers, again.layers):
+        assert torch.equal(lo.experts.down_proj, la.experts.down_proj)
+
+    partial = copy.deepcopy(lm.model)
+    partial_layers = find_moe_layers(partial, lm.info.model_type)
+    layer_stats = stats.layers[0]
+    for i, base_layer in enumerate(lm.layers):
+        if i > 0:  # statistics of layer i's inputs, as produced by the already-pruned layers before it
+            layer_stats = calibrate(LoadedModel(partial, lm.tokenizer, partial_layers, lm.info), samples,
+                                    record_tokens=0).layers[i]
+        for proj in ("gate", "up", "down"):
+            w0 = base_layer.weight(proj)
+            keep = _hand_keep(w0, getattr(layer_stats, norm[proj == "down"]), structure)
+            got = seq.layers[i].weight(proj) != 0  # base weights have no exact zeros
+            assert torch.equal(got, keep), (metric, i, proj)
+            with torch.no_grad():
+                partial_layers[i].weight(proj).mul_(keep)
+    # The re-calibrated statistics of layer 1 really differ from the one-pass ones (else the test is moot).
+    assert not torch.allclose(layer_stats.input_sq, stats.layers[1].input_sq)
+    if ":" not in structure:  # a second sequential plan on the same Compressor re-calibrates afresh
+        other = plan(metric=metric, sparsity=0.3, sequential=True)
+        fresh = apply_plan(lm, stats, other, samples=samples)
+        assert torch.equal(comp.apply(other, samples=samples).layers[1].experts.gate_up_proj,
+                           fresh.layers[1].experts.gate_up_proj)
+
+
 def test_compressor_reuses_cached_ranks(mixtral):
     lm, _, stats = mixtral
     c = Compressor(lm, stats)

@@ -72,15 +72,22 @@ def test_scores_match_brute_force():
     assert wanda.dtype == torch.float32
 
 
-def test_scores_batched_per_expert_norms_and_bf16():
-    w = torch.randn(2, 3, 4, generator=_gen(2)).to(torch.bfloat16)
-    sq = torch.rand(2, 4, generator=_gen(3))
-    s = importance_scores(w, "wanda", sq)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("metric", ["magnitude", "wanda"])
+def test_scores_batched_per_expert_norms_and_inputs_untouched(dtype, metric):
+    w = torch.randn(2, 3, 4, generator=_gen(2)).to(dtype)
+    w[0, 0, 0] = -1.5  # a negative weight: an in-place abs would show
+    sq = torch.rand(2, 4, generator=_gen(3)) + 0.5  # sqrt changes every entry
+    w_before, sq_before = w.clone(), sq.clone()  # copies taken *before* the call
+    s = importance_scores(w, metric, sq if metric == "wanda" else None)
     assert s.dtype == torch.float32 and s.shape == (2, 3, 4)
     for e in range(2):
-        expected = w[e].float().abs() * sq[e].sqrt()
-        assert torch.allclose(s[e], expected)
-    assert torch.equal(w, w.clone())  # input untouched
+        for r in range(3):
+            for j in range(4):
+                factor = math.sqrt(sq_before[e, j].item()) if metric == "wanda" else 1.0
+                assert s[e, r, j].item() == pytest.approx(abs(w_before[e, r, j].float().item()) * factor, rel=1e-6)
+    assert torch.equal(w, w_before) and torch.equal(sq, sq_before)  # inputs untouched
+    assert s.data_ptr() not in (w.data_ptr(), sq.data_ptr())
 
 
 def test_moe_pruner_equals_wanda_when_gates_are_constant():

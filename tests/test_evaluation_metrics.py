@@ -46,7 +46,10 @@ def test_identical_routing_has_no_drift():
     probs[:, 3] = 0  # a removed expert in both: still identical, KL must be exactly 0, not nan
     probs = probs / probs.sum(-1, keepdim=True)
     topk = probs.topk(2, -1).indices
-    d = routing_drift(topk, topk.flip(-1).flip(-1), probs, probs.clone())
+    # The same experts listed in the other order (as unsorted routers return them): the overlap is a
+    # set overlap, so still 1; the top-1 ids are passed explicitly, as for such routers.
+    d = routing_drift(topk, topk.flip(-1), probs, probs.clone(), base_top1=topk[:, 0], comp_top1=topk[:, 0])
+    assert not torch.equal(topk, topk.flip(-1))
     assert d.topk_overlap == 1.0
     assert d.top1_change_rate == 0.0
     assert abs(d.kl) < 1e-12
@@ -118,7 +121,9 @@ def test_utilization_shift():
     shift = utilization_shift([2, 2, 4], torch.tensor([0, 4, 4]))
     # base shares [.25, .25, .5], compressed [0, .5, .5]
     assert shift.tolist() == pytest.approx([-0.25, 0.25, 0.0])
-    assert float(shift.sum()) == pytest.approx(0.0)
+    # Different totals (e.g. a different number of eval tokens): each side is divided by its own
+    # total. Base [1, 1, 2] -> [.25, .25, .5]; compressed [0, 3, 9] -> [0, .25, .75].
+    assert utilization_shift([1, 1, 2], [0, 3, 9]).tolist() == pytest.approx([-0.25, 0.0, 0.25])
 
 
 # -- perplexity and accuracy -----------------------------------------------------------------------

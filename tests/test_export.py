@@ -63,6 +63,7 @@ def test_refusals_and_atomicity(loaded_tiny, tmp_path, monkeypatch):
     with pytest.raises(MoevizError, match="source model's folder"):
         export_model(lm, cm, lm.info.source + "/sub")
     (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "results.csv").write_text("a,b")  # an empty folder would be used as is
     with pytest.raises(MoevizError, match="already exists"):
         export_model(lm, cm, tmp_path / "taken")
     uneven = apply_plan(lm, None, CompressionPlan(removed_experts=[(0, 1)]))

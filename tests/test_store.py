@@ -121,6 +121,43 @@ def test_two_processes_write_concurrently(tmp_path):
     assert sorted(df["name"][df["model_fingerprint"] == "p1"]) == sorted(f"run {i}" for i in range(20))
 
 
+def test_open_waits_for_a_lock_held_while_switching_to_wal(tmp_path):
+    # The race CI hit: another process holds a lock on a store that is not in WAL mode yet (e.g. it is
+    # creating or migrating the same new file) while this one opens it. `PRAGMA journal_mode = WAL`
+    # does not wait on busy_timeout, so opening failed at once with "database is locked".
+    import threading
+
+    path = tmp_path / "runs.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN IMMEDIATE")  # a write lock on a database still in rollback-journal mode
+    threading.Timer(0.3, lambda: other.execute("COMMIT")).start()
+    t0 = time.monotonic()
+    with RunStore(path) as s:
+        assert time.monotonic() - t0 >= 0.25  # it waited for the lock instead of failing
+        assert s._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        s.add_run(record(0))
+        assert len(s.runs()) == 1
+    other.close()
+
+
+def test_many_processes_open_a_new_store_at_once(tmp_path):
+    # Four writers create and migrate the same new file at the same moment, three times over.
+    for attempt in range(3):
+        path = str(tmp_path / f"runs{attempt}.sqlite")
+        go = tmp_path / f"go{attempt}"
+        tags = [f"p{i}" for i in range(4)]
+        procs = [subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, path, tag, str(go)], cwd=REPO,
+                                  stderr=subprocess.PIPE, text=True) for tag in tags]
+        time.sleep(0.5)
+        go.touch()
+        for p in procs:
+            assert p.wait(120) == 0, p.stderr.read()
+            p.stderr.close()
+        with RunStore(path) as s:
+            assert sorted(s.runs()["model_fingerprint"].value_counts().items()) == [(t, 20) for t in tags]
+
+
 KILL_SCRIPT = """
 import sys, time
 from moeviz.store import RunStore, RunRecord

@@ -20,10 +20,11 @@ from torch import nn
 from moeviz.errors import InsufficientMemoryError, ModelSourceError
 from moeviz.models.layers import MoELayer, find_moe_layers, require_moe_layers
 from moeviz.models.memory import DTYPE_BYTES, available_bytes, human_bytes
+from moeviz.resources import SAMPLE_DATA_DIR
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_DIR = Path(__file__).resolve().parents[2] / "sample_data" / "demo-moe"
+DEMO_MODEL_DIR = SAMPLE_DATA_DIR / "demo-moe"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Headroom for activations, the compressed copies of touched tensors and the rest of the process.
 MEMORY_HEADROOM = 1.3
