@@ -21,7 +21,8 @@ from pathlib import Path
 
 from moeviz.errors import MoevizError
 
-DEFAULT_EVAL_SEQ_LEN = 256
+DEFAULT_SEQ_LEN = 128  # calibration windows
+DEFAULT_EVAL_SEQ_LEN = 256  # held-out windows
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -65,7 +66,7 @@ def cmd_calibrate(args) -> int:
     _check_counts(args)
     _check_data_files(args)
     lm = _load(args)
-    samples = load_calibration_data(lm.tokenizer, args.data, n_samples=args.samples, seq_len=args.seq_len,
+    samples = load_calibration_data(lm.tokenizer, args.data, n_samples=args.samples, seq_len=_seq_len(args, lm),
                                     seed=args.seed, text_key=args.text_key, max_seq_len=lm.max_context)
     with tqdm(total=samples.n_samples, desc="calibrating", unit="sample", file=sys.stderr) as bar:
         stats = calibrate(lm, samples, batch_size=args.batch_size, record_tokens=args.record_tokens,
@@ -84,7 +85,7 @@ def _calibrated(args, lm):
     from moeviz.data import load_calibration_data
     from moeviz.workspace import calibrate_cached
 
-    samples = load_calibration_data(lm.tokenizer, args.data, n_samples=args.samples, seq_len=args.seq_len,
+    samples = load_calibration_data(lm.tokenizer, args.data, n_samples=args.samples, seq_len=_seq_len(args, lm),
                                     seed=args.seed, max_seq_len=lm.max_context)
     with tqdm(total=samples.n_samples, desc="calibrating", unit="sample", file=sys.stderr) as bar:
         stats, _ = calibrate_cached(lm, samples, progress=lambda d, t: bar.update(d - bar.n))
@@ -100,11 +101,16 @@ def _eval_settings(args):
 def _evaluator(args, lm):
     from moeviz.evaluation import Evaluator, load_eval_samples
 
-    # Unset: the usual 256-token windows, shortened to the context of a model built for fewer.
-    seq_len = args.eval_seq_len or min(DEFAULT_EVAL_SEQ_LEN, lm.max_context or DEFAULT_EVAL_SEQ_LEN)
+    seq_len = _seq_len(args, lm, "eval_seq_len", DEFAULT_EVAL_SEQ_LEN)
     held = load_eval_samples(lm.tokenizer, args.eval_data, seq_len=seq_len, max_samples=args.eval_samples,
                              max_seq_len=lm.max_context)
     return Evaluator(lm, held, _eval_settings(args))
+
+
+def _seq_len(args, lm, name: str = "seq_len", default: int = DEFAULT_SEQ_LEN) -> int:
+    """The window length asked for; unset, the default shortened to the context of a model built for
+    fewer tokens (only a length the user typed is refused for exceeding it)."""
+    return getattr(args, name) or min(default, lm.max_context or default)
 
 
 def _check_data_files(args) -> None:
@@ -164,9 +170,9 @@ def _check_against_model(args, plans) -> None:
     shape = inspect_model(args.model, trust_remote_code=args.trust_remote_code)
     for plan in plans:
         check_plan_fits(plan, shape.layers)
-    check_seq_len(args.seq_len, shape.max_context)
-    if args.eval_seq_len is not None:
-        check_seq_len(args.eval_seq_len, shape.max_context)
+    for typed in (args.seq_len, args.eval_seq_len):
+        if typed is not None:
+            check_seq_len(typed, shape.max_context)
 
 
 def cmd_evaluate(args) -> int:
@@ -220,8 +226,8 @@ def cmd_export(args) -> int:
 
     plan = _read_plan(args.plan)
     _check_before_load(args)
-    _check_against_model(args, [plan])
     check_destination(_source(args), args.out, args.overwrite)  # before loading, and again when writing
+    _check_against_model(args, [plan])
     lm = _load(args)
     stats, samples = _calibrated(args, lm)
     compressed = Compressor(lm, stats).apply(plan, samples)  # applied once: evaluated and exported as is
@@ -244,11 +250,11 @@ def cmd_recover(args) -> int:
                                 lambda_expert=args.lambda_expert, lambda_router=args.lambda_router,
                                 train=args.train, max_seconds=args.max_seconds, seed=args.seed).validate()
     _check_before_load(args)
-    _check_against_model(args, [plan])
     if args.out:
         from moeviz.export import check_destination
 
         check_destination(_source(args), args.out, args.overwrite)  # fail before loading and training
+    _check_against_model(args, [plan])
     lm = _load(args)
     stats, samples = _calibrated(args, lm)
     compressor, evaluator = Compressor(lm, stats), _evaluator(args, lm)
@@ -306,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text: a .txt or .jsonl file (default: the bundled calibration text)")
     p.add_argument("--text-key", default="text", help="JSON field holding the text in a .jsonl file")
     p.add_argument("--samples", type=int, default=64, help="number of sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per sequence (default {DEFAULT_SEQ_LEN}, or the model's context if shorter)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the sequences (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--record-tokens", type=int, default=4096,
@@ -318,7 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(p)
         p.add_argument("--data", default=None, help="calibration text (.txt/.jsonl; default: bundled)")
         p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
-        p.add_argument("--seq-len", type=int, default=128, help="calibration tokens per sequence (default 128)")
+        p.add_argument("--seq-len", type=int, default=None,
+                       help=f"calibration tokens per sequence (default {DEFAULT_SEQ_LEN}, or the model's context "
+                            "if shorter)")
         p.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
         p.add_argument("--eval-data", default=None, help="held-out text (.txt/.jsonl; default: bundled held-out)")
         p.add_argument("--eval-seq-len", type=int, default=None,

@@ -59,7 +59,8 @@ elif source_kind == "Hugging Face dataset":
     ds_column = d4.text_input("Text column", value="text")
 c1, c2, c3 = st.columns(3)
 n_samples = c1.number_input("Samples", min_value=1, max_value=4096, value=64)
-seq_len = c2.number_input("Sequence length (tokens)", min_value=8, max_value=8192, value=128)
+seq_len = c2.number_input("Sequence length (tokens)", min_value=8, max_value=8192, value=min(128, lm.max_context or 128),
+                          help=f"At most the model's context ({lm.max_context} tokens)" if lm.max_context else None)
 seed = c3.number_input("Seed", min_value=0, value=0)
 
 if st.button("Run calibration", type="primary"):

@@ -383,3 +383,13 @@ def test_folder_without_tokenizer_one_line_exit_2(tmp_path, capsys):
     capsys.readouterr()  # save_pretrained's progress bar
     err = one_line_error(capsys, "info", "--model", str(folder))
     assert "cannot load the tokenizer" in err and "it has no tokenizer files" in err
+
+
+def test_default_seq_len_shortened_to_context(tmp_path, capsys, tiny_model_dirs):
+    """Only a length the user typed is refused: unset, --seq-len (128) fits a 64-token model."""
+    from moeviz.calibration import CalibrationStats
+
+    out = tmp_path / "stats"
+    assert main(["calibrate", "--model", str(tiny_model_dirs["mixtral"]), "--data", str(write_cal(tmp_path)),
+                 "--samples", "2", "--out", str(out)]) == 0
+    assert CalibrationStats.load(out).n_tokens == 2 * CONTEXT
