@@ -38,7 +38,7 @@ def write_cal(tmp_path) -> Path:
     return data
 
 
-def eval_argv(model, data, tmp_path):
+def eval_argv(model, data):
     return ["--model", str(model), "--data", str(data), "--samples", "4", "--seq-len", "16", "--eval-data", str(data),
             "--eval-seq-len", "16", "--eval-samples", "4", "--no-latency", "--no-store"]
 
@@ -290,7 +290,7 @@ def test_seq_len_above_context_refused(tmp_path, capsys, tiny_model_dirs, loaded
                          "--out", str(tmp_path / "stats"))
     assert f"above the model's context of {CONTEXT} tokens" in err
     data = write_cal(tmp_path)
-    argv = eval_argv(tiny_model_dirs["mixtral"], data, tmp_path)
+    argv = eval_argv(tiny_model_dirs["mixtral"], data)
     argv[argv.index("--eval-seq-len") + 1] = "100"
     plan = tmp_path / "plan.json"
     plan.write_text("{}")
@@ -307,7 +307,7 @@ def test_seq_len_above_context_refused_before_model_loads(tmp_path, capsys, tiny
 def test_eval_windows_default_to_a_short_context(tmp_path, capsys, tiny_model_dirs):
     """Without --eval-seq-len, a model built for fewer than 256 tokens is evaluated on its context."""
     data = write_cal(tmp_path)
-    argv = eval_argv(tiny_model_dirs["mixtral"], data, tmp_path)
+    argv = eval_argv(tiny_model_dirs["mixtral"], data)
     i = argv.index("--eval-seq-len")
     del argv[i:i + 2]
     plan = tmp_path / "plan.json"
