@@ -242,7 +242,8 @@ def fingerprint_folder(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _content_fingerprint(source: str, local: Path | None, config) -> str:
+def _fingerprint(source: str, local: Path | None, config) -> str:
+    """Identity of the files (folder content or hub commit); `model_fingerprint` adds dtype and device."""
     if local is not None:
         return fingerprint_folder(local)
     commit = getattr(config, "_commit_hash", None) or ""
@@ -398,13 +399,11 @@ def load_model(
     check_finite(model, torch_dtype)
     layers = require_moe_layers(model)
     first = layers[0]
-    dtype_name = str(next(model.parameters()).dtype).replace("torch.", "")
-    placement = _placement(model, device_map)
     info = ModelInfo(
         source=source,
         architecture=type(model).__name__,
         model_type=config.model_type,
-        dtype=dtype_name,
+        dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
         device=str(next(model.parameters()).device),
         num_parameters=sum(p.numel() for p in model.parameters()),
         num_layers=int(getattr(config, "num_hidden_layers", len(layers))),
@@ -413,11 +412,12 @@ def load_model(
         top_k=first.top_k,
         family=first.adapter.name,
         routing_rule=first.routing_rule,
-        fingerprint=model_fingerprint(_content_fingerprint(source, local, config), dtype_name, placement),
+        fingerprint=_fingerprint(source, local, config),
         expert_parameters=sum(l.experts.gate_up_proj.numel() if l.has_gate else l.experts.up_proj.numel()
                               for l in layers) + sum(l.experts.down_proj.numel() for l in layers),
         layers=[l.to_dict() for l in layers],
     )
+    info.fingerprint = model_fingerprint(info.fingerprint, info.dtype, _placement(model, device_map))
     return LoadedModel(model=model, tokenizer=tokenizer, layers=layers, info=info)
 
 
