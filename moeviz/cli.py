@@ -21,6 +21,9 @@ from pathlib import Path
 
 from moeviz.errors import MoevizError
 
+DEFAULT_SEQ_LEN = 128  # calibration windows
+DEFAULT_EVAL_SEQ_LEN = 256  # held-out windows
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -60,9 +63,11 @@ def cmd_calibrate(args) -> int:
     from moeviz.calibration import calibrate
     from moeviz.data import load_calibration_data
 
+    _check_counts(args)
+    _check_data_files(args)
     lm = _load(args)
-    samples = load_calibration_data(lm.tokenizer, args.data, n_samples=args.samples, seq_len=args.seq_len,
-                                    seed=args.seed, text_key=args.text_key)
+    samples = load_calibration_data(lm.tokenizer, args.data, n_samples=args.samples, seq_len=_seq_len(args, lm),
+                                    seed=args.seed, text_key=args.text_key, max_seq_len=lm.max_context)
     with tqdm(total=samples.n_samples, desc="calibrating", unit="sample", file=sys.stderr) as bar:
         stats = calibrate(lm, samples, batch_size=args.batch_size, record_tokens=args.record_tokens,
                           progress=lambda done, total: bar.update(done - bar.n))
@@ -80,27 +85,94 @@ def _calibrated(args, lm):
     from moeviz.data import load_calibration_data
     from moeviz.workspace import calibrate_cached
 
-    samples = load_calibration_data(lm.tokenizer, args.data, n_samples=args.samples, seq_len=args.seq_len,
-                                    seed=args.seed)
+    samples = load_calibration_data(lm.tokenizer, args.data, n_samples=args.samples, seq_len=_seq_len(args, lm),
+                                    seed=args.seed, max_seq_len=lm.max_context)
     with tqdm(total=samples.n_samples, desc="calibrating", unit="sample", file=sys.stderr) as bar:
         stats, _ = calibrate_cached(lm, samples, progress=lambda d, t: bar.update(d - bar.n))
     return stats, samples
 
 
-def _evaluator(args, lm):
-    from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
+def _eval_settings(args):
+    from moeviz.evaluation import EvalSettings
 
-    held = load_eval_samples(lm.tokenizer, args.eval_data, seq_len=args.eval_seq_len, max_samples=args.eval_samples)
-    return Evaluator(lm, held, EvalSettings(measure_latency=not args.no_latency, accelerator=args.accelerator))
+    return EvalSettings(measure_latency=not args.no_latency, accelerator=args.accelerator).validate()
+
+
+def _evaluator(args, lm):
+    from moeviz.evaluation import Evaluator, load_eval_samples
+
+    seq_len = _seq_len(args, lm, "eval_seq_len", DEFAULT_EVAL_SEQ_LEN)
+    held = load_eval_samples(lm.tokenizer, args.eval_data, seq_len=seq_len, max_samples=args.eval_samples,
+                             max_seq_len=lm.max_context)
+    return Evaluator(lm, held, _eval_settings(args))
+
+
+def _seq_len(args, lm, name: str = "seq_len", default: int = DEFAULT_SEQ_LEN) -> int:
+    """The window length asked for; unset, the default shortened to the context of a model built for
+    fewer tokens (only a length the user typed is refused for exceeding it)."""
+    return getattr(args, name) or min(default, lm.max_context or default)
+
+
+def _check_data_files(args) -> None:
+    """Missing text files fail before the model loads (reading them needs its tokenizer, so the
+    rest of their checks come after)."""
+    from moeviz.errors import CalibrationDataError
+
+    for flag in ("data", "eval_data"):
+        path = getattr(args, flag, None)
+        if path is not None and not Path(path).expanduser().is_file():
+            raise CalibrationDataError(f"--{flag.replace('_', '-')}: file {path} does not exist")
+
+
+# Count options: name -> smallest valid value (0 would crash the batching loop or give NaN metrics).
+_COUNTS = {"samples": 1, "batch_size": 1, "eval_samples": 1, "record_tokens": 0}
+
+
+def _check_counts(args) -> None:
+    from moeviz.errors import SettingsError
+
+    for name, low in _COUNTS.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise SettingsError(f"--{name.replace('_', '-')}: must be at least {low}, got {value}")
+
+
+def _check_before_load(args) -> None:
+    """Everything that can be checked without the model: a bad option fails in a second, not after
+    loading and calibrating."""
+    _eval_settings(args)
+    _check_counts(args)
+    _check_data_files(args)
 
 
 def _read_plan(path: str):
+    """The plan file, parsed and validated as far as possible without a model (ratios, bits, names)."""
     from moeviz.compression.plan import CompressionPlan
+    from moeviz.errors import PlanError
 
     path = Path(path)
     if not path.is_file():
-        raise MoevizError(f"plan file {path} does not exist")
-    return CompressionPlan.from_json(path.read_text())
+        raise PlanError(f"plan file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PlanError(f"plan file {path} is not UTF-8 text; give the JSON file the app's Export page writes") from None
+    return CompressionPlan.from_json(text).validate()
+
+
+def _check_against_model(args, plans) -> None:
+    """The checks that need the model's shapes and context, made on a weightless (meta-device) copy
+    built from its config: a plan that does not fit fails before the weights load, not after calibrating."""
+    from moeviz.compression.apply import check_plan_fits
+    from moeviz.data import check_seq_len
+    from moeviz.models.loading import inspect_model
+
+    shape = inspect_model(args.model, trust_remote_code=args.trust_remote_code)
+    for plan in plans:
+        check_plan_fits(plan, shape.layers)
+    for typed in (args.seq_len, args.eval_seq_len):
+        if typed is not None:
+            check_seq_len(typed, shape.max_context)
 
 
 def cmd_evaluate(args) -> int:
@@ -109,6 +181,8 @@ def cmd_evaluate(args) -> int:
     from moeviz.store import RunStore
 
     plan = _read_plan(args.plan)
+    _check_before_load(args)
+    _check_against_model(args, [plan])
     lm = _load(args)
     stats, samples = _calibrated(args, lm)
     result, run_id = evaluate_plan(Compressor(lm, stats), _evaluator(args, lm), plan,
@@ -133,6 +207,8 @@ def cmd_sweep(args) -> int:
     # Validate the whole grid before loading anything, so bad input fails in a second.
     plans = grid_plans(args.methods, args.sparsities, args.bits, structure=args.structure,
                        base=CompressionPlan(quant=QuantSettings(group_size=args.group_size)))
+    _check_before_load(args)
+    _check_against_model(args, plans)
     lm = _load(args)
     stats, samples = _calibrated(args, lm)
     evaluator = _evaluator(args, lm)
@@ -149,7 +225,9 @@ def cmd_export(args) -> int:
     from moeviz.export import check_destination, export_model
 
     plan = _read_plan(args.plan)
+    _check_before_load(args)
     check_destination(_source(args), args.out, args.overwrite)  # before loading, and again when writing
+    _check_against_model(args, [plan])
     lm = _load(args)
     stats, samples = _calibrated(args, lm)
     compressed = Compressor(lm, stats).apply(plan, samples)  # applied once: evaluated and exported as is
@@ -171,10 +249,12 @@ def cmd_recover(args) -> int:
     settings = RecoverySettings(steps=args.steps, learning_rate=args.lr, batch_size=args.batch_size,
                                 lambda_expert=args.lambda_expert, lambda_router=args.lambda_router,
                                 train=args.train, max_seconds=args.max_seconds, seed=args.seed).validate()
+    _check_before_load(args)
     if args.out:
         from moeviz.export import check_destination
 
         check_destination(_source(args), args.out, args.overwrite)  # fail before loading and training
+    _check_against_model(args, [plan])
     lm = _load(args)
     stats, samples = _calibrated(args, lm)
     compressor, evaluator = Compressor(lm, stats), _evaluator(args, lm)
@@ -232,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text: a .txt or .jsonl file (default: the bundled calibration text)")
     p.add_argument("--text-key", default="text", help="JSON field holding the text in a .jsonl file")
     p.add_argument("--samples", type=int, default=64, help="number of sequences (default 64)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per sequence (default {DEFAULT_SEQ_LEN}, or the model's context if shorter)")
     p.add_argument("--seed", type=int, default=0, help="seed for choosing the sequences (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
     p.add_argument("--record-tokens", type=int, default=4096,
@@ -244,10 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add_model_args(p)
         p.add_argument("--data", default=None, help="calibration text (.txt/.jsonl; default: bundled)")
         p.add_argument("--samples", type=int, default=64, help="calibration sequences (default 64)")
-        p.add_argument("--seq-len", type=int, default=128, help="calibration tokens per sequence (default 128)")
+        p.add_argument("--seq-len", type=int, default=None,
+                       help=f"calibration tokens per sequence (default {DEFAULT_SEQ_LEN}, or the model's context "
+                            "if shorter)")
         p.add_argument("--seed", type=int, default=0, help="calibration seed (default 0)")
         p.add_argument("--eval-data", default=None, help="held-out text (.txt/.jsonl; default: bundled held-out)")
-        p.add_argument("--eval-seq-len", type=int, default=256, help="held-out window length (default 256)")
+        p.add_argument("--eval-seq-len", type=int, default=None,
+                       help=f"held-out window length (default {DEFAULT_EVAL_SEQ_LEN}, or the model's context if shorter)")
         p.add_argument("--eval-samples", type=int, default=64, help="held-out windows, at most (default 64)")
         p.add_argument("--accelerator", default="NVIDIA H100 SXM", help="device of the projected (roofline) latency")
         p.add_argument("--no-latency", action="store_true", help="skip the measured latency on this machine")

@@ -89,15 +89,35 @@ def documents_from_jsonl(lines: Iterable[str], text_key: str = "text", domain_ke
     return docs
 
 
+def decode_text(data: bytes, name: str) -> str:
+    """UTF-8 text from a file's bytes; CalibrationDataError for anything else. A binary file decoded
+    leniently yields replacement characters that tokenise into garbage statistics (cached for good)."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise CalibrationDataError(f"{name} is a binary file, not text (NUL byte at offset {nul}); "
+                                   "give a UTF-8 .txt or .jsonl file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CalibrationDataError(
+            f"{name} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "give a UTF-8 .txt or .jsonl file (re-save it as UTF-8 if it is text in another encoding)"
+        ) from None
+
+
 def documents_from_file(path: str | Path, text_key: str = "text") -> list[Document]:
     """A .txt file (domain = the file's stem) or a .jsonl file with text and optional domain fields."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise CalibrationDataError(f"calibration file {path} does not exist")
+    text = decode_text(path.read_bytes(), path.name)
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return documents_from_jsonl(f, text_key=text_key, name=path.name)
-    return documents_from_text(path.read_text(encoding="utf-8", errors="replace"), domain=path.stem)
+        # split on "\n" only, as reading the file line by line did: splitlines() would also cut at
+        # U+2028 and other separators that JSON allows unescaped inside strings
+        return documents_from_jsonl(text.split("\n"), text_key=text_key, name=path.name)
+    return documents_from_text(text, domain=path.stem)
 
 
 def documents_from_hf_dataset(name: str, config: str | None = None, split: str = "train", column: str = "text",
@@ -138,12 +158,25 @@ def _fingerprint(docs: list[Document], tokenizer, n_samples, seq_len, seed) -> s
     return h.hexdigest()[:16]
 
 
-def tokenize_documents(documents: list[Document], tokenizer, n_samples: int, seq_len: int, seed: int = 0,
-                       source: str = "documents", all_windows: bool = False) -> TokenSamples:
-    """Cut `n_samples` windows of `seq_len` tokens (all windows if `all_windows`), seeded and
-    balanced across domains."""
+def check_seq_len(seq_len: int, max_context: int | None) -> int:
+    """CalibrationDataError unless 2 <= seq_len <= the model's context (None: unknown, not checked).
+    Past its context a model runs on positions it never saw (or fails on its position table)."""
     if seq_len < 2:
         raise CalibrationDataError(f"sequence length must be at least 2 tokens, got {seq_len}")
+    if max_context is not None and seq_len > max_context:
+        raise CalibrationDataError(
+            f"sequence length {seq_len} is above the model's context of {max_context} tokens; "
+            f"choose at most {max_context}"
+        )
+    return seq_len
+
+
+def tokenize_documents(documents: list[Document], tokenizer, n_samples: int, seq_len: int, seed: int = 0,
+                       source: str = "documents", all_windows: bool = False,
+                       max_seq_len: int | None = None) -> TokenSamples:
+    """Cut `n_samples` windows of `seq_len` tokens (all windows if `all_windows`), seeded and
+    balanced across domains. max_seq_len: the model's context (`LoadedModel.max_context`)."""
+    check_seq_len(seq_len, max_seq_len)
     if n_samples < 1 and not all_windows:
         raise CalibrationDataError(f"number of samples must be at least 1, got {n_samples}")
     documents = [d for d in documents if d.text.strip()]
@@ -195,7 +228,8 @@ def tokenize_documents(documents: list[Document], tokenizer, n_samples: int, seq
 
 
 def load_calibration_data(tokenizer, source: str | Path | list[Document] | None = None, n_samples: int = 64,
-                          seq_len: int = 128, seed: int = 0, text_key: str = "text") -> TokenSamples:
+                          seq_len: int = 128, seed: int = 0, text_key: str = "text",
+                          max_seq_len: int | None = None) -> TokenSamples:
     """Calibration samples from the bundled text (source None or "bundled"), a .txt / .jsonl file,
     or a list of Documents (uploaded text, a dataset loaded with `documents_from_hf_dataset`)."""
     if source is None or source == "bundled":
@@ -204,4 +238,4 @@ def load_calibration_data(tokenizer, source: str | Path | list[Document] | None 
         docs, name = source, "given documents"
     else:
         docs, name = documents_from_file(source, text_key=text_key), str(source)
-    return tokenize_documents(docs, tokenizer, n_samples, seq_len, seed, source=name)
+    return tokenize_documents(docs, tokenizer, n_samples, seq_len, seed, source=name, max_seq_len=max_seq_len)

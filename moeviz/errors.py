@@ -27,3 +27,7 @@ class CalibrationDataError(MoevizError):
 
 class PlanError(MoevizError):
     """A compression plan is invalid; the message names the field and the reason."""
+
+
+class SettingsError(MoevizError):
+    """An evaluation or run setting is invalid (unknown accelerator, non-positive count, ...)."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from moeviz.calibration.collect import calibrate
 from moeviz.calibration.stats import CalibrationStats, stats_fingerprint
-from moeviz.data import TokenSamples
+from moeviz.data import TokenSamples, check_seq_len
 from moeviz.models.loading import LoadedModel
 from moeviz.store import data_dir
 
@@ -24,6 +24,7 @@ def stats_cache_dir() -> Path:
 def calibrate_cached(loaded: LoadedModel, samples: TokenSamples, batch_size: int = 8, hist_bins: int = 20,
                      record_tokens: int = 4096, progress=None, cache_dir: Path | None = None) -> tuple[CalibrationStats, bool]:
     """(stats, loaded_from_cache). The settings that change the result are part of the key."""
+    check_seq_len(samples.seq_len, loaded.max_context)  # windows past the context would be cached for good
     settings = dict(batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
                     n_samples=samples.n_samples, seq_len=samples.seq_len, seed=samples.seed)
     folder = (cache_dir or stats_cache_dir()) / stats_fingerprint(loaded.fingerprint, samples.fingerprint, settings)

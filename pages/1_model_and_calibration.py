@@ -3,7 +3,7 @@
 import streamlit as st
 
 import moeviz
-from moeviz.data import documents_from_hf_dataset, documents_from_jsonl, documents_from_text
+from moeviz.data import decode_text, documents_from_hf_dataset, documents_from_jsonl, documents_from_text
 from moeviz.workspace import calibrate_cached
 from pages._state import require_model, user_errors
 
@@ -46,9 +46,9 @@ documents, data_name = None, "bundled"
 if source_kind == "Upload .txt / .jsonl":
     upload = st.file_uploader("Text file", type=["txt", "jsonl"])
     if upload is not None:
-        text = upload.getvalue().decode("utf-8", errors="replace")
-        with user_errors():
-            documents = (documents_from_jsonl(text.splitlines(), name=upload.name) if upload.name.endswith(".jsonl")
+        with user_errors():  # a binary upload is refused, not decoded into garbage statistics
+            text = decode_text(upload.getvalue(), upload.name)
+            documents = (documents_from_jsonl(text.split("\n"), name=upload.name) if upload.name.endswith(".jsonl")
                          else documents_from_text(text, domain=upload.name.rsplit(".", 1)[0]))
         data_name = upload.name
 elif source_kind == "Hugging Face dataset":
@@ -59,7 +59,8 @@ elif source_kind == "Hugging Face dataset":
     ds_column = d4.text_input("Text column", value="text")
 c1, c2, c3 = st.columns(3)
 n_samples = c1.number_input("Samples", min_value=1, max_value=4096, value=64)
-seq_len = c2.number_input("Sequence length (tokens)", min_value=8, max_value=8192, value=128)
+seq_len = c2.number_input("Sequence length (tokens)", min_value=8, max_value=8192, value=min(128, lm.max_context or 128),
+                          help=f"At most the model's context ({lm.max_context} tokens)" if lm.max_context else None)
 seed = c3.number_input("Seed", min_value=0, value=0)
 
 if st.button("Run calibration", type="primary"):
@@ -74,7 +75,7 @@ if st.button("Run calibration", type="primary"):
             st.error("Upload a .txt or .jsonl file first.")
             st.stop()
         samples = moeviz.load_calibration_data(lm.tokenizer, documents, n_samples=int(n_samples),
-                                               seq_len=int(seq_len), seed=int(seed))
+                                               seq_len=int(seq_len), seed=int(seed), max_seq_len=lm.max_context)
         bar = st.progress(0.0, text="Calibrating…")
         stats, cached = calibrate_cached(lm, samples, progress=lambda d, t: bar.progress(d / t, text=f"Calibrating… {d}/{t} samples"))
         bar.empty()

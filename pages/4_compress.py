@@ -7,10 +7,12 @@ from moeviz import figures
 from moeviz.compression.plan import ALLOCATIONS, METRICS, SUPPORTED_BITS, CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.removal import REMOVAL_SCORES, experts_to_remove
 from moeviz.compression.table import apply_table_edits, expert_table
+from moeviz.errors import MoevizError
 from moeviz.evaluation import evaluate_plan
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
 from pages._state import (
-    base_evaluator, calibration_samples, compressor, current_plan, require_model, require_stats, run_store, set_plan, user_errors,
+    base_evaluator, calibration_samples, compressor, current_plan, plan_samples, require_model, require_stats, run_store,
+    set_plan, user_errors,
 )
 
 st.header("Compress")
@@ -79,11 +81,14 @@ edited = st.data_editor(
 )
 rows_after = edited.to_dict("records")
 if rows_after != table:
-    with user_errors():
+    try:
         new = apply_table_edits(plan, table, rows_after)
         new.validate([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
-    set_plan(new)
-    st.rerun()
+    except MoevizError as e:  # e.g. an emptied cell: say so, keep the last valid plan and the rest of the page
+        st.error(str(e))
+    else:
+        set_plan(new)
+        st.rerun()
 with st.expander("Edit one expert by number"):
     with st.form("one_expert_form"):
         c1, c2, c3, c4, c5 = st.columns(5)
@@ -108,7 +113,7 @@ if plan.overrides and st.button("Clear per-expert overrides"):
 if st.button("Evaluate", type="primary"):
     with user_errors(), st.spinner("Applying the plan and evaluating on held-out text…"):
         evaluator = base_evaluator(lm.fingerprint, lm)
-        samples = calibration_samples(lm, stats) if plan.sequential else None
+        samples = plan_samples(lm, stats, plan)
         result, run_id = evaluate_plan(compressor(lm, stats), evaluator, plan, run_store(), samples=samples)
     st.session_state.last_result = result.to_dict()
     st.session_state.last_run_id = run_id

@@ -5,7 +5,7 @@ import json
 import streamlit as st
 
 from moeviz.export import check_destination, export_model
-from pages._state import compressor, current_plan, require_model, run_store, stats_for, user_errors
+from pages._state import compressor, current_plan, plan_samples, require_model, run_store, stats_for, user_errors
 
 st.header("Export")
 st.write("Save the compressed model as a Hugging Face folder, or download the current compression plan (JSON, loadable with `CompressionPlan.from_json` and the CLI) "
@@ -48,6 +48,7 @@ with st.form("export_form"):
             else:
                 last = st.session_state.last_result
                 result = last if last is not None and last["plan"] == plan.to_dict() else None
-                model = compressor(lm, stats_for(lm)).apply(plan)
+                stats = stats_for(lm)
+                model = compressor(lm, stats).apply(plan, plan_samples(lm, stats, plan))
             out = export_model(lm, model, folder, overwrite=overwrite, result=result)
         st.success(f"Exported to {out}")

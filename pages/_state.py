@@ -5,7 +5,8 @@ every computation is a `moeviz` library call).
   every browser session; nothing ever mutates it (compression works on structural copies).
 - The evaluator (the base model's outputs on the held-out text) is shared the same way.
 - Calibration statistics are cached on disk by fingerprint (`moeviz.workspace`).
-- Each session has its own plan, its own `Compressor` (rank caches) and its own results.
+- Each session has its own plan, its own `Compressor` (rank caches) and its own results; results
+  belong to the model they were computed on (`MODEL_SCOPED`) and are dropped when the model changes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import streamlit as st
 import moeviz
 from moeviz.compression.apply import Compressor
 from moeviz.compression.plan import CompressionPlan, PruningSettings
-from moeviz.errors import MoevizError
+from moeviz.errors import MoevizError, PlanError
 from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
 from moeviz.store import RunStore
 
@@ -37,7 +38,12 @@ DEFAULTS = dict(
     recovered_model=None,  # its CompressedModel (one per session), for export
     selected_run_id=None,
     explorer_text="def greet(name):\n    return f'Hello, {name}!'\n\nThe interpreter reads the source file.",
+    results_model=None,  # fingerprint of the model the MODEL_SCOPED entries belong to
 )
+# Session entries computed on one model: after a switch (another folder, dtype or device) they would
+# show, export or recover another model's evaluation or weights.
+MODEL_SCOPED = ("last_result", "last_run_id", "recovery", "recovered_model", "sweep_df", "selected_run_id")
+EVAL_SEQ_LEN = 256
 
 
 def init_session() -> None:
@@ -52,7 +58,9 @@ def load_base_model(source: str, dtype: str, device: str, trust_remote_code: boo
 
 @st.cache_resource(show_spinner="Evaluating the base model on the held-out text (once per model)…", max_entries=2)
 def base_evaluator(model_fingerprint: str, _loaded, measure_latency: bool = True) -> Evaluator:
-    samples = load_eval_samples(_loaded.tokenizer, seq_len=256, max_samples=64)
+    context = _loaded.max_context or EVAL_SEQ_LEN  # a model built for shorter windows is evaluated on its context
+    samples = load_eval_samples(_loaded.tokenizer, seq_len=min(EVAL_SEQ_LEN, context), max_samples=64,
+                                max_seq_len=_loaded.max_context)
     settings = EvalSettings(measure_latency=measure_latency, latency_decode_tokens=8, latency_repeats=2)
     return Evaluator(_loaded, samples, settings)
 
@@ -100,7 +108,29 @@ def calibration_samples(loaded, stats):
     import moeviz
 
     return moeviz.load_calibration_data(loaded.tokenizer, None, n_samples=stats.settings["n_samples"],
-                                        seq_len=stats.settings["seq_len"], seed=stats.settings["seed"])
+                                        seq_len=stats.settings["seq_len"], seed=stats.settings["seed"],
+                                        max_seq_len=loaded.max_context)
+
+
+def plan_samples(loaded, stats, plan: CompressionPlan):
+    """What `Compressor.apply` needs besides the plan: the calibration windows for a sequential plan
+    (it re-calibrates layer by layer on them), None otherwise."""
+    if not plan.sequential:
+        return None
+    if stats is None:
+        raise PlanError("sequential: re-calibrating layer by layer needs calibration; run it on the "
+                        "Model & calibration page first")
+    return calibration_samples(loaded, stats)
+
+
+def scope_results_to(loaded) -> None:
+    """Drop the MODEL_SCOPED entries when they belong to another model than `loaded`. Dropping, not
+    keeping a set per model, also frees a recovered model (its tensors and its base)."""
+    s = st.session_state
+    if s.get("results_model") != loaded.fingerprint:
+        for key in MODEL_SCOPED:
+            s[key] = DEFAULTS[key]
+        s.results_model = loaded.fingerprint
 
 
 @contextlib.contextmanager
@@ -115,7 +145,9 @@ def user_errors():
 
 def require_model():
     with user_errors():
-        return current_model()
+        loaded = current_model()
+    scope_results_to(loaded)
+    return loaded
 
 
 def require_stats(loaded):

@@ -213,7 +213,7 @@ class Compressor:
         keep pruned weights at zero, the app's interactive path does not)."""
         start = time.perf_counter()
         base_layers = self.loaded.layers
-        plan.validate([l.num_experts for l in base_layers], [l.top_k for l in base_layers])
+        check_plan_fits(plan, base_layers)
         if plan.sequential and samples is None:
             raise PlanError("sequential: re-calibrating layer by layer needs the calibration samples")
         sparsity, bits, removed = resolve_settings(plan, base_layers, self.stats)
@@ -357,6 +357,32 @@ class Compressor:
         total = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
         other = total - exp_base - r_base
         return StorageReport(tensors, exp_base, exp_bytes, r_base, r_bytes, other)
+
+
+def check_plan_fits(plan: CompressionPlan, layers: list[MoELayer]) -> CompressionPlan:
+    """Every PlanError this model can raise, found from the layers' shapes alone (no calibration,
+    no weight touched): indices, removal, N:M width and quantization group size. The CLI calls it
+    right after loading, so a bad plan fails in seconds, not after calibrating."""
+    plan.validate([l.num_experts for l in layers], [l.top_k for l in layers])
+    nm = plan.nm()
+    removed_layers = {layer for layer, _ in plan.removed_experts}
+    for layer in layers:
+        for proj in layer.projections():
+            in_features = layer.weight(proj).shape[-1]
+            if nm is not None and proj in plan.pruning.projections and in_features % nm[1]:
+                raise PlanError(
+                    f"pruning.structure: {plan.pruning.structure} needs rows whose width is a multiple of {nm[1]}, "
+                    f"but {proj} in {layer.path} has {in_features} input columns; choose M dividing {in_features} "
+                    "(e.g. 2:4 or 4:8)"
+                )
+            group_size_for(plan.quant.group_size, in_features, proj, layer)  # the storage report sizes every tensor
+        group_size_for(plan.quant.group_size, layer.router.weight.shape[-1], "router", layer)
+        if layer.index in removed_layers and not layer.adapter.supports_rerouting:
+            raise PlanError(
+                f"removed_experts: re-routing is not implemented for the {layer.adapter.name} family "
+                f"({layer.path}); expert removal is supported for {', '.join(_rerouting_families())}"
+            )
+    return plan
 
 
 def group_size_for(group_size: int, in_features: int, what: str, layer: MoELayer) -> int:

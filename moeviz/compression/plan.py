@@ -75,23 +75,29 @@ class CompressionPlan:
 
     @classmethod
     def from_dict(cls, d: dict) -> "CompressionPlan":
+        if not isinstance(d, dict):  # e.g. a JSON list: dict() of it raises a cryptic TypeError
+            raise PlanError(f"plan: expected a JSON object {{\"pruning\": …, \"quant\": …}}, got a {_json_type(d)}")
         d = dict(d)
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
             raise PlanError(f"plan: unknown field(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        for name, kind in (("pruning", dict), ("quant", dict), ("overrides", list), ("removed_experts", list)):
+            if d.get(name) is not None and not isinstance(d[name], kind):
+                what = "object" if kind is dict else "list"
+                raise PlanError(f"plan: {name} must be a JSON {what}, got a {_json_type(d[name])}")
         try:
             pruning = dict(d.pop("pruning", {}) or {})
             if "allocation_bounds" in pruning:
                 pruning["allocation_bounds"] = tuple(pruning["allocation_bounds"])
             plan = cls(
-                pruning=PruningSettings(**pruning),
-                quant=QuantSettings(**(d.pop("quant", {}) or {})),
-                overrides=[Override(**o) for o in d.pop("overrides", [])],
-                removed_experts=[tuple(int(v) for v in x) for x in d.pop("removed_experts", [])],
+                pruning=_settings(PruningSettings, pruning, "pruning"),
+                quant=_settings(QuantSettings, d.pop("quant", {}) or {}, "quant"),
+                overrides=[_override(o, i) for i, o in enumerate(d.pop("overrides", None) or [])],
+                removed_experts=[_pair(x) for x in d.pop("removed_experts", None) or []],
                 **d,
             )
-        except TypeError as e:
+        except TypeError as e:  # a missing or unknown field of a nested setting, or a non-object override
             raise PlanError(f"plan: {e}") from e
         return plan
 
@@ -167,6 +173,41 @@ class CompressionPlan:
                         f"{top_k[layer]}; remove at most {num_experts[layer] - top_k[layer]}"
                     )
         return self
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _settings(cls, values: dict, name: str):
+    """A settings dataclass from a JSON object, naming any unknown field (not a TypeError)."""
+    unknown = set(values) - set(cls.__dataclass_fields__)
+    if unknown:
+        raise PlanError(f"plan: {name} has unknown field(s) {', '.join(sorted(unknown))}; "
+                        f"known: {', '.join(cls.__dataclass_fields__)}")
+    return cls(**values)
+
+
+def _override(o, i: int) -> Override:
+    if not isinstance(o, dict):
+        raise PlanError(f"plan: overrides[{i}] must be an object {{\"layer\": …, \"expert\": …}}, "
+                        f"got a {_json_type(o)}")
+    o = _settings(Override, o, f"overrides[{i}]")
+    if not _is_int(o.layer) or not (o.expert is None or _is_int(o.expert)):
+        raise PlanError(f"plan: overrides[{i}]: layer and expert must be integers, got {o.layer!r}, {o.expert!r}")
+    return o
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pair(x) -> tuple[int, int]:
+    """One removed expert, [layer, expert]."""
+    if not isinstance(x, (list, tuple)) or len(x) != 2 or not all(map(_is_int, x)):
+        raise PlanError(f"plan: removed_experts entries are [layer, expert] integer pairs, got {x!r}")
+    return int(x[0]), int(x[1])
 
 
 def check_ratio(value, name: str) -> float:

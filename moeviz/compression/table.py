@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 
 from moeviz.calibration.stats import CalibrationStats
 from moeviz.compression.apply import resolve_settings
-from moeviz.compression.plan import CompressionPlan, Override
+from moeviz.compression.plan import SUPPORTED_BITS, CompressionPlan, Override
+from moeviz.errors import PlanError
 from moeviz.models.layers import MoELayer
 
 COLUMNS = ("layer", "expert", "utilization", "mean_gate", "sparsity", "bits", "remove")
@@ -38,15 +40,36 @@ def apply_table_edits(plan: CompressionPlan, before: list[dict], after: list[dic
     keyed = {(o.layer, o.expert): o for o in new.overrides}
     removed = set(map(tuple, new.removed_experts))
     for old, row in zip(before, after):
-        key = (int(row["layer"]), int(row["expert"]))
-        if float(row["sparsity"]) != float(old["sparsity"]) or int(row["bits"]) != int(old["bits"]):
+        key = (int(old["layer"]), int(old["expert"]))  # read-only columns: the editor cannot blank them
+        sparsity, bits = _cell(row, "sparsity", float, key), _cell(row, "bits", int, key)
+        if sparsity != float(old["sparsity"]) or bits != int(old["bits"]):
             o = keyed.setdefault(key, Override(layer=key[0], expert=key[1]))
-            if float(row["sparsity"]) != float(old["sparsity"]):
-                o.sparsity = float(row["sparsity"])
-            if int(row["bits"]) != int(old["bits"]):
-                o.bits = int(row["bits"])
-        if bool(row["remove"]) != bool(old["remove"]):
-            (removed.add if row["remove"] else removed.discard)(key)
+            if sparsity != float(old["sparsity"]):
+                o.sparsity = sparsity
+            if bits != int(old["bits"]):
+                o.bits = bits
+        remove = old["remove"] if _blank(row.get("remove")) else bool(row["remove"])  # cleared box = unchanged
+        if remove != bool(old["remove"]):
+            (removed.add if remove else removed.discard)(key)
     new.overrides = list(keyed.values())
     new.removed_experts = sorted(removed)
     return new
+
+
+def _blank(value) -> bool:
+    """An emptied cell: the data editor returns None or NaN for it."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _cell(row: dict, column: str, kind, key: tuple[int, int]):
+    """A numeric cell as `kind`; PlanError naming the expert and the column for an empty or
+    non-numeric cell (int(NaN) would raise 'cannot convert float NaN to integer')."""
+    value = row.get(column)
+    choices = f"one of {', '.join(map(str, SUPPORTED_BITS))}" if column == "bits" else "a value in [0, 1)"
+    if _blank(value):
+        raise PlanError(f"per-expert table, layer {key[0]} expert {key[1]}: the {column} cell is empty; enter {choices}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise PlanError(f"per-expert table, layer {key[0]} expert {key[1]}: {column} {value!r} is not a number; "
+                        f"enter {choices}") from None

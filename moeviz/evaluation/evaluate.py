@@ -19,7 +19,8 @@ import torch
 from moeviz.calibration.collect import calibrate
 from moeviz.calibration.stats import CalibrationStats
 from moeviz.compression.apply import CompressedModel
-from moeviz.data import TokenSamples
+from moeviz.data import TokenSamples, check_seq_len
+from moeviz.errors import SettingsError
 from moeviz.evaluation.latency import (
     ACCELERATORS, active_bytes_per_token, active_flops_per_token, measure_latency, projected_decode_latency,
 )
@@ -38,6 +39,16 @@ class EvalSettings:
     latency_decode_tokens: int = 16
     latency_repeats: int = 3
     accelerator: str = DEFAULT_ACCELERATOR  # for projected latency
+
+    def validate(self) -> "EvalSettings":
+        """SettingsError naming the bad field; the CLI calls it before loading the model."""
+        if self.accelerator not in ACCELERATORS:
+            raise SettingsError(f"accelerator: unknown {self.accelerator!r}; choose one of "
+                                f"{', '.join(repr(a) for a in sorted(ACCELERATORS))}")
+        for name in ("batch_size", "latency_prompt_tokens", "latency_decode_tokens", "latency_repeats"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise SettingsError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        return self
 
 
 @dataclass
@@ -156,8 +167,8 @@ class Evaluator:
         self.loaded = loaded
         self.samples = samples
         self.settings = settings or EvalSettings()
-        if self.settings.accelerator not in ACCELERATORS:
-            raise ValueError(f"unknown accelerator {self.settings.accelerator!r}; choose one of {sorted(ACCELERATORS)}")
+        self.settings.validate()
+        check_seq_len(samples.seq_len, loaded.max_context)  # before the base run, not after it
         self.base = self._run(loaded, progress)
         self._base_projected = None
 
@@ -226,7 +237,8 @@ class Evaluator:
         )
 
 
-def load_eval_samples(tokenizer, source=None, seq_len: int = 256, max_samples: int | None = 64) -> TokenSamples:
+def load_eval_samples(tokenizer, source=None, seq_len: int = 256, max_samples: int | None = 64,
+                      max_seq_len: int | None = None) -> TokenSamples:
     """Held-out evaluation windows: every window of the bundled held-out text (or a file / documents),
     in a fixed order, capped at `max_samples` (seq_len × max_samples tokens, e.g. 256 × 64 = 16k)."""
     from moeviz.data import bundled_documents, documents_from_file, tokenize_documents
@@ -237,7 +249,8 @@ def load_eval_samples(tokenizer, source=None, seq_len: int = 256, max_samples: i
         docs, name = source, "given documents"
     else:
         docs, name = documents_from_file(source), str(source)
-    samples = tokenize_documents(docs, tokenizer, 0, seq_len, seed=0, source=name, all_windows=True)
+    samples = tokenize_documents(docs, tokenizer, 0, seq_len, seed=0, source=name, all_windows=True,
+                                 max_seq_len=max_seq_len)
     if max_samples is not None and samples.n_samples > max_samples:
         samples = _balanced_subset(samples, max_samples)
     return samples

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from moeviz.errors import InsufficientMemoryError, ModelSourceError
@@ -72,6 +73,34 @@ class LoadedModel:
     def fingerprint(self) -> str:
         return self.info.fingerprint
 
+    @property
+    def max_context(self) -> int | None:
+        """Longest sequence the model was built for (None when its config does not say)."""
+        return context_length(getattr(self.model, "config", None))
+
+
+# Config attributes that hold a model's context length, most common first.
+_CONTEXT_ATTRS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config) -> int | None:
+    for name in _CONTEXT_ATTRS:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def short_reason(error: Exception, limit: int = 160) -> str:
+    """The first sentence of a library's error, capped: transformers' refusals embed lists of
+    hundreds of class names (kilobytes), which must not reach a one-line message."""
+    text = " ".join(str(error).split())
+    for stop in (". ", "; ", ": ["):
+        if stop in text:
+            text = text.split(stop)[0]
+            break
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype is None or dtype == "auto":
@@ -81,6 +110,28 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     if dtype not in DTYPES:
         raise ModelSourceError(f"unsupported dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def check_device(device: str) -> str:
+    """ModelSourceError for a device torch cannot parse or this machine does not have; found before
+    reading the config, not as a RuntimeError from `model.to` after the weights are read."""
+    try:
+        dev = torch.device(str(device).strip())
+    except RuntimeError:
+        raise ModelSourceError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ModelSourceError(f"device {device!r}: no CUDA GPU is available here; use cpu")
+        if dev.index is not None and dev.index >= count:
+            raise ModelSourceError(
+                f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelSourceError(f"device {device!r}: MPS is not available here; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ModelSourceError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+    return str(dev)
 
 
 def resolve_source(source: str | os.PathLike | None) -> tuple[str, Path | None]:
@@ -125,7 +176,15 @@ def _load_config(source: str, local: Path | None, trust_remote_code: bool):
                 f"{source} needs custom code from its repository; moeviz runs it only if you turn on "
                 "trust_remote_code (only do so for repositories you trust)"
             ) from e
-        raise ModelSourceError(f"cannot read the config of {source}: {e}") from e
+        unknown = re.search(r"model type `([^`]+)`", str(e))
+        if unknown:  # transformers' text is three sentences long; say it in one
+            import transformers
+
+            raise ModelSourceError(
+                f"{source}: model type {unknown.group(1)!r} is unknown to transformers {transformers.__version__}; "
+                "upgrade transformers, or turn on trust_remote_code if the repository ships its own code"
+            ) from None
+        raise ModelSourceError(f"cannot read the config of {source}: {short_reason(e)}") from e
     except OSError as e:
         if local is None:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(e).lower() or "connect" in str(
@@ -136,7 +195,7 @@ def _load_config(source: str, local: Path | None, trust_remote_code: bool):
                 f"cannot load hub model {source!r}: {why}. Download it where there is network "
                 f"(`huggingface-cli download {source} --local-dir DIR`) and pass the folder instead"
             ) from e
-        raise ModelSourceError(f"cannot read the config in {local}: {e}") from e
+        raise ModelSourceError(f"cannot read the config in {local}: {short_reason(e)}") from e
 
 
 def weight_dtype(config, dtype: torch.dtype | str) -> torch.dtype:
@@ -184,10 +243,98 @@ def fingerprint_folder(folder: Path) -> str:
 
 
 def _fingerprint(source: str, local: Path | None, config) -> str:
+    """Identity of the files (folder content or hub commit); `model_fingerprint` adds dtype and device."""
     if local is not None:
         return fingerprint_folder(local)
     commit = getattr(config, "_commit_hash", None) or ""
     return hashlib.sha256(f"{source}@{commit}".encode()).hexdigest()[:16]
+
+
+def model_fingerprint(content: str, dtype: str, device: str) -> str:
+    """Identity of a *loaded* model: the same folder in float32 and bfloat16, or on CPU and GPU,
+    gives different outputs, so statistics, evaluators and stored runs must not be shared."""
+    return hashlib.sha256(f"{content}|{dtype}|{device}".encode()).hexdigest()[:16]
+
+
+def _placement(model: nn.Module, device_map) -> str:
+    """The device for the fingerprint: one device, or every device of a spread (device_map) model."""
+    devices = sorted({str(p.device) for p in model.parameters()})
+    return devices[0] if device_map is None and len(devices) == 1 else "map:" + ",".join(devices)
+
+
+def check_finite(model: nn.Module, dtype: torch.dtype | str = "auto") -> None:
+    """ModelSourceError naming the first parameter or buffer holding NaN or Inf: such a model loads,
+    then fails deep inside calibration (an IndexError from the router's top-k, a stuck progress bar)."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if not tensor.is_floating_point() or tensor.is_meta:
+            continue
+        bad = _count_nonfinite(tensor.detach())
+        if bad:
+            nan, inf = bad
+            hint = ("; float16 cannot hold this checkpoint's values: load it in bfloat16 or float32"
+                    if dtype == torch.float16 and nan == 0 else "; the checkpoint is corrupt or comes from a "
+                    "diverged training run: re-download or re-export it")
+            raise ModelSourceError(
+                f"weight {name} {tuple(tensor.shape)} holds {nan} NaN and {inf} infinite values{hint}"
+            )
+
+
+def _count_nonfinite(tensor: torch.Tensor, chunk: int = 1 << 24) -> tuple[int, int] | None:
+    """(NaN count, Inf count) or None when all finite; in chunks so a 10 GB expert tensor needs
+    no 10 GB temporary."""
+    flat = tensor.reshape(-1)
+    if all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk)):
+        return None
+    nan = sum(int(torch.isnan(flat[i:i + chunk]).sum()) for i in range(0, flat.numel(), chunk))
+    return nan, sum(int(torch.isinf(flat[i:i + chunk]).sum()) for i in range(0, flat.numel(), chunk))
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool):
+    """The model's tokenizer; a folder without one gets a one-line ModelSourceError instead of
+    transformers' multi-line ValueError about slow and fast tokenizers."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        folder = Path(source)
+        why = ("it has no tokenizer files" if folder.is_dir() and not any(folder.glob("tokenizer*"))
+               else short_reason(e, 100))
+        raise ModelSourceError(
+            f"cannot load the tokenizer of {source}: {why}; save it next to the model "
+            "(tokenizer.save_pretrained(folder)) or use the folder the model was downloaded to"
+        ) from None
+
+
+def _skeleton(config, trust_remote_code: bool) -> nn.Module:
+    """The model built from its config on the meta device: every shape, no weight read or allocated."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError:  # transformers' message lists every causal LM class (kilobytes): not repeated
+        architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
+        raise ModelSourceError(
+            f"{architecture} (model type {config.model_type!r}) is not a causal LM that transformers' "
+            "AutoModelForCausalLM can build; moeviz needs a Mixture-of-Experts causal LM"
+        ) from None
+
+
+@dataclass
+class ModelShape:
+    """What a model's config says, without its weights: enough to check a plan and a sequence length."""
+
+    layers: list[MoELayer]  # on the meta device: shapes only
+    max_context: int | None
+
+
+def inspect_model(source: str | os.PathLike | None = None, trust_remote_code: bool = False) -> ModelShape:
+    """The MoE layers and context of a model, from its config alone (a meta-device skeleton): the CLI
+    checks a plan against them before spending the time to load and calibrate."""
+    source, local = resolve_source(source)
+    config = _load_config(source, local, trust_remote_code)
+    return ModelShape(require_moe_layers(_skeleton(config, trust_remote_code)), context_length(config))
 
 
 def load_model(
@@ -207,20 +354,17 @@ def load_model(
     trust_remote_code: off by default; turn on only for repositories you trust.
     show_progress: show transformers' per-shard loading bar (useful for large checkpoints).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source, local = resolve_source(source)
     torch_dtype = resolve_dtype(dtype)
+    if device_map is None:
+        check_device(device)
     config = _load_config(source, local, trust_remote_code)
-    architecture = (getattr(config, "architectures", None) or [type(config).__name__])[0]
 
     # Refuse non-MoE models, and models too large, before reading any weight: inspect a weightless
     # copy built on the meta device.
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise ModelSourceError(f"{architecture} ({config.model_type}) is not a causal LM transformers can build: {e}")
+    skeleton = _skeleton(config, trust_remote_code)
     require_moe_layers(skeleton)
     num_parameters = sum(p.numel() for p in skeleton.parameters())
     del skeleton
@@ -236,10 +380,15 @@ def load_model(
     if not show_progress:
         hf_logging.disable_progress_bar()
     try:
+        tokenizer = _load_tokenizer(source, trust_remote_code)  # first: it is quick, the weights are not
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise ModelSourceError(f"cannot load {source}: {str(e).splitlines()[0]}") from e
+    except SafetensorError as e:  # a truncated download or a file that is not safetensors at all
+        raise ModelSourceError(
+            f"cannot read the weights of {source}: {short_reason(e)}; the safetensors file is damaged or "
+            "incomplete (download or save it again)"
+        ) from None
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
@@ -247,6 +396,7 @@ def load_model(
         model.to(device)
     model.eval()
     model.requires_grad_(False)
+    check_finite(model, torch_dtype)
     layers = require_moe_layers(model)
     first = layers[0]
     info = ModelInfo(
@@ -267,6 +417,7 @@ def load_model(
                               for l in layers) + sum(l.experts.down_proj.numel() for l in layers),
         layers=[l.to_dict() for l in layers],
     )
+    info.fingerprint = model_fingerprint(info.fingerprint, info.dtype, _placement(model, device_map))
     return LoadedModel(model=model, tokenizer=tokenizer, layers=layers, info=info)
 
 
@@ -275,4 +426,5 @@ def describe_model(model: nn.Module) -> list[MoELayer]:
     return require_moe_layers(model)
 
 
-__all__ = ["LoadedModel", "ModelInfo", "load_model", "describe_model", "find_moe_layers", "DEMO_MODEL_DIR"]
+__all__ = ["LoadedModel", "ModelInfo", "ModelShape", "load_model", "inspect_model", "context_length", "check_finite",
+           "describe_model", "find_moe_layers", "DEMO_MODEL_DIR"]
