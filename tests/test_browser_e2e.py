@@ -103,6 +103,18 @@ def test_default_flow_in_chromium(app_url):
         # The recovery run is drawn as an arrow from its parent (plotly annotation arrows).
         page.wait_for_function("document.querySelectorAll('.annotation-arrow-g').length >= 1", timeout=60_000)
         page.screenshot(path=SHOTS / "5_tradeoffs.png")
+        # Clicking a point of the Pareto chart (the 4th chart) selects its run and can load its plan.
+        pareto = page.locator(".js-plotly-plot").nth(3)
+        pareto.scroll_into_view_if_needed()
+        point = pareto.locator("g.trace.scatter").nth(1).locator("path.point").first  # trace 1: the front
+        box = point.bounding_box()
+        x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+        page.mouse.move(x, y)  # hover first, as a person does: plotly picks the point under the cursor
+        page.wait_for_timeout(300)
+        page.mouse.click(x, y)
+        page.get_by_text("Selected run #").wait_for(timeout=60_000)
+        page.get_by_role("button", name="Load this plan into Compress").click()
+        page.get_by_role("heading", name="Compress").first.wait_for(timeout=60_000)
 
         nav(page, "Export")
         page.get_by_text("Plan (JSON)").wait_for(timeout=60_000)

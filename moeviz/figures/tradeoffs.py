@@ -375,7 +375,9 @@ def pareto_chart(df: pd.DataFrame, x: str = "compression_ratio", y: str = "accur
         add_recovery_arrows(fig, df, x, y)
     arrows = lambda up: "higher is better" if up else "lower is better"  # noqa: E731
     fig.update_layout(
-        title=title, template=_TEMPLATE, legend=dict(title="Runs"), clickmode="event+select", dragmode="select",
+        # No clickmode/dragmode here: with "event+select" / "select", Streamlit's on_select returned no
+        # points for a click, so clicking a run never loaded its plan.
+        title=title, template=_TEMPLATE, legend=dict(title="Runs"),
         xaxis=dict(title=f"{axis_title(x)} → {arrows(mx)}"), yaxis=dict(title=f"{axis_title(y)} → {arrows(my)}"),
     )
     return fig
