@@ -31,7 +31,7 @@ def route_text(loaded: LoadedModel, text: str, layer: int = 0, max_tokens: int =
         raise CalibrationDataError(f"layer {layer} does not exist; the model has {len(loaded.layers)} MoE layers")
     ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_tokens]
     view = structural_copy(loaded.model)
-    target = find_moe_layers(view, loaded.info.model_type)[layer]
+    target = find_moe_layers(view, loaded.layers)[layer]
     captured = {}
 
     def hook(module, args, output):  # output = (logits [T, E], weights [T, k], indices [T, k])

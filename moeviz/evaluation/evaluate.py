@@ -134,8 +134,8 @@ def _latency_inputs(loaded: LoadedModel, storage_tensors: list[dict], layers_E: 
     all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     exp_params = sum(l.expert_param_count() * l.num_experts for l in loaded.layers)
     exp_dense_bytes = sum(l.expert_param_count() * l.num_experts * l.weight("down").element_size() for l in loaded.layers)
-    rt_params = sum(l.router.weight.numel() for l in loaded.layers)
-    rt_dense_bytes = sum(l.router.weight.numel() * l.router.weight.element_size() for l in loaded.layers)
+    rt_params = sum(l.router_weight.numel() for l in loaded.layers)
+    rt_dense_bytes = sum(l.router_weight.numel() * l.router_weight.element_size() for l in loaded.layers)
     other_params = all_params - exp_params - rt_params
     other_bytes = all_bytes - exp_dense_bytes - rt_dense_bytes
     # Decoding reads one row of an (untied) input embedding table, not the whole table.

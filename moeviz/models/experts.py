@@ -33,14 +33,21 @@ def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transpose
 
 
 def _gated(experts: nn.Module, proj: torch.Tensor) -> torch.Tensor:
-    if getattr(experts, "has_gate", True):
+    if not _has_gate(experts):
+        return experts.act_fn(proj)
+    if hasattr(experts, "_apply_gate"):
         return experts._apply_gate(proj)
-    return experts.act_fn(proj)
+    gate, up = proj.chunk(2, dim=-1)  # [n, 2I] -> [n, I] x 2, concatenated [gate; up]
+    return experts.act_fn(gate) * up
+
+
+def _has_gate(experts: nn.Module) -> bool:
+    return bool(getattr(experts, "has_gate", isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)))
 
 
 def expert_output(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert `e` of a fused experts module on inputs x [n, H]: (h [n, I] = act(gate) * up, y [n, H])."""
-    has_gate = getattr(experts, "has_gate", True)
+    has_gate = _has_gate(experts)
     has_bias = getattr(experts, "has_bias", False)
     transposed = getattr(experts, "is_transposed", False)
     w_in = experts.gate_up_proj if has_gate else experts.up_proj
@@ -61,24 +68,30 @@ def experts_forward(
 ) -> torch.Tensor:
     """Eager MoE expert computation; `observer` sees every expert's tensors, `input_transform(e, x)`
     may replace an expert's input (used for activation fake-quantization)."""
-    num_experts = (experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj).shape[0]
+    num_experts = experts.down_proj.shape[0]
+    # Families with zero-compute experts (LongCat) give them ids E..total-1 and their own rows in
+    # gate_up_proj; such an expert returns its input unchanged.
+    total = max(num_experts, (experts.gate_up_proj if _has_gate(experts) else experts.up_proj).shape[0])
 
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
-        # [T, k] -> one-hot [T, k, E+1] -> [E+1, k, T]: which (slot, token) pairs each expert serves.
-        # Index E catches sentinel ids some routers use for "no expert".
-        expert_mask = nn.functional.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
+        # [T, k] -> one-hot [T, k, total+1] -> [total+1, k, T]: which (slot, token) pairs each expert serves.
+        # Index `total` catches sentinel ids some routers use for "no expert".
+        expert_mask = nn.functional.one_hot(top_k_index, num_classes=total + 1).permute(2, 1, 0)
         expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
     for expert_idx in expert_hit:
         e = int(expert_idx[0])
-        if e == num_experts:
+        if e == total:
             continue
         top_k_pos, token_idx = torch.where(expert_mask[e])
         x = hidden_states[token_idx]
+        gate = top_k_weights[token_idx, top_k_pos]
+        if e >= num_experts:  # zero-compute (identity) expert: nothing to observe or compress
+            final.index_add_(0, token_idx, (x * gate[:, None]).to(final.dtype))
+            continue
         if input_transform is not None:
             x = input_transform(e, x)
         h, y = expert_output(experts, e, x)
-        gate = top_k_weights[token_idx, top_k_pos]
         if observer is not None:
             observer(e, token_idx, gate, x, h, y)
         final.index_add_(0, token_idx, (y * gate[:, None]).to(final.dtype))

@@ -110,6 +110,8 @@ class _RouterTap:
         self.handle = layer.router.register_forward_hook(self)
 
     def __call__(self, module, args, output):
+        if self.layer.distribution == "selected":
+            return  # unverified routing rule: no full distribution to distil
         logits = output[0] if isinstance(output, tuple) else output
         logits = logits.reshape(-1, self.layer.num_experts)
         self.logits = logits.detach() if self.detach else logits
@@ -141,7 +143,7 @@ class _ExpertDistiller:
     def take(self) -> torch.Tensor:
         # A layer whose experts saw no token this batch contributes a zero on the model's device
         # (a CPU zero would not stack with CUDA terms of the other layers).
-        device = self.student.router.weight.device
+        device = self.student.router_weight.device
         total = torch.stack(self.terms).sum() if self.terms else torch.zeros((), device=device)
         self.terms = []
         return total
@@ -174,7 +176,7 @@ class DistillationSession:
         self.student.model.eval()
         self.teacher = structural_copy(loaded.model)  # a hookable view of the base; shares every tensor
         self.teacher.eval()
-        teacher_layers = find_moe_layers(self.teacher, loaded.info.model_type)
+        teacher_layers = find_moe_layers(self.teacher, loaded.layers)
         self.params = make_trainable(self.student, loaded.model, train_router=train_router)
         self.distillers = [_ExpertDistiller(s, t) for s, t in zip(self.student.layers, teacher_layers)]
         self.student_taps = [_RouterTap(l, detach=False) for l in self.student.layers]
@@ -200,6 +202,8 @@ class DistillationSession:
         kl = torch.zeros((), device=self.device)
         if with_router:
             for i, (s, t) in enumerate(zip(self.student_taps, self.teacher_taps)):
+                if t.logits is None or s.logits is None:
+                    continue
                 kl = kl + router_kl(t.logits, s.logits, s.layer.adapter.distribution,
                                     self.student.allowed_experts(i))
         return dict(ce=ce, expert_mse=mse, router_kl=kl)
