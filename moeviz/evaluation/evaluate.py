@@ -48,6 +48,7 @@ class ModelRun:
     routing: CalibrationStats
     measured_latency: dict | None
     seconds: float
+    latency_unavailable: str | None = None  # why measured latency is None although it was asked for
 
 
 @dataclass
@@ -65,7 +66,7 @@ class EvalResult:
     drift: list[dict]  # per layer: topk_overlap, top1_change_rate, kl
     load_balance: list[dict]  # per layer: CV from top-k and top-1 counts, base and compressed
     utilization: dict  # {"base": [L][E], "compressed": [L][E], "shift": [L][E]}
-    latency_measured: dict | None  # kind = "measured", this machine
+    latency_measured: dict | None  # kind = "measured", this machine; None if not measured or unavailable
     base_latency_measured: dict | None
     latency_projected: dict  # kind = "projected", roofline on `accelerator`
     base_latency_projected: dict
@@ -73,6 +74,8 @@ class EvalResult:
     apply_seconds: float
     eval_tokens: int
     eval_fingerprint: str
+    # Why measured latency is missing although it was asked for (e.g. the model's cache cannot decode).
+    latency_unavailable: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,11 +174,14 @@ class Evaluator:
         s = self.settings
         routing = calibrate(loaded, self.samples, batch_size=s.batch_size, record_tokens=s.record_tokens,
                             progress=progress, on_batch=lambda ids, dom, logits: acc.add(logits, ids, dom.tolist()))
-        latency = None
+        latency, why = None, None
         if s.measure_latency:
             prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
-            latency = asdict(measure_latency(loaded.model, prompt, s.latency_decode_tokens, s.latency_repeats))
-        return ModelRun(acc.result(), routing, latency, time.perf_counter() - start)
+            try:
+                latency = asdict(measure_latency(loaded.model, prompt, s.latency_decode_tokens, s.latency_repeats))
+            except Exception as e:  # e.g. a cache that cannot decode: only this measurement is lost
+                why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        return ModelRun(acc.result(), routing, latency, time.perf_counter() - start, why)
 
     def _projected(self, storage_tensors, routing: CalibrationStats) -> dict:
         eb, em, dense_b, dense_m = _latency_inputs(self.loaded, storage_tensors, [l.num_experts for l in self.loaded.layers])
@@ -223,6 +229,7 @@ class Evaluator:
             base_latency_projected=self._base_projected,
             seconds=time.perf_counter() - start, apply_seconds=compressed.seconds,
             eval_tokens=self.samples.n_tokens, eval_fingerprint=self.samples.fingerprint,
+            latency_unavailable=run.latency_unavailable or self.base.latency_unavailable,
         )
 
 

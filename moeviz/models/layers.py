@@ -286,5 +286,5 @@ def require_moe_layers(model: nn.Module) -> list[MoELayer]:
     elif unfused:
         what = f"an 'experts' list of separate modules at {unfused[0]}, not transformers-5 fused expert tensors"
     else:
-        what = "no fused Mixture-of-Experts layers"
-    raise NotAnMoEModelError(f"{arch} has {what}; choose a Mixture-of-Experts causal LM with fused experts")
+        what = "no module holds fused expert tensors (gate_up_proj / up_proj and down_proj, [E, ., .])"
+    raise NotAnMoEModelError(f"{arch} has no MoE layers: {what}; choose a Mixture-of-Experts causal LM")
