@@ -38,6 +38,16 @@ def check_destination(loaded: LoadedModel, out: Path, overwrite: bool) -> None:
         raise MoevizError(f"{target} already exists; choose a new folder or pass overwrite=True (--overwrite)")
 
 
+def _expert_axis(t, num_experts: int) -> int | None:
+    """The axis that indexes experts: dim 0 of size E ([E, ...] weights, [E] biases), or the only
+    non-singleton axis of a per-expert vector stored as e.g. [1, E]; None for other tensors."""
+    if t.dim() >= 1 and t.shape[0] == num_experts:
+        return 0
+    if t.numel() == num_experts and num_experts > 1:
+        return list(t.shape).index(num_experts)
+    return None
+
+
 def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dict, dict, list[str]]:
     """(state dict with removed experts sliced out, config changes, messages)."""
     state = {k: v.detach().clone() for k, v in compressed.model.state_dict().items()}
@@ -70,8 +80,9 @@ def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dic
         shared = tuple(p + "." for p in layer.shared_expert_paths)
         for name, t in list(layer.block.named_parameters()) + list(layer.block.named_buffers()):
             key = prefix + name
-            if key in state and not key.startswith(shared) and t.dim() >= 1 and t.shape[0] == layer.num_experts:
-                state[key] = state[key][keep].contiguous()
+            axis = _expert_axis(t, layer.num_experts)
+            if key in state and not key.startswith(shared) and axis is not None:
+                state[key] = state[key].index_select(axis, keep.to(state[key].device)).contiguous()
     first = compressed.layers[0]
     new_e = first.num_experts - removed_per_layer[0]
     changes["num_experts"] = new_e

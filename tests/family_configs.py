@@ -42,23 +42,39 @@ EXACT = {
     # Linear-attention / state-space mixers in hybrid families.
     "linear_num_key_heads": 2, "linear_num_value_heads": 2, "linear_key_head_dim": HEAD_DIM,
     "linear_value_head_dim": HEAD_DIM, "mamba_num_heads": 4, "mamba_head_dim": HEAD_DIM, "ssm_state_size": 8,
-    "mamba_d_state": 8, "mamba_n_heads": 4, "mamba_d_head": HEAD_DIM, "n_groups": 1, "mamba_n_groups": 1,
+    "mamba_d_state": 8, "mamba_n_heads": 8, "mamba_d_head": HEAD_DIM,  # 8 heads x 8 = mamba_expand (2) x hidden "n_groups": 1, "mamba_n_groups": 1,
     "conv_kernel": 4, "mamba_d_conv": 4, "mamba_expand": 2, "time_step_rank": 4, "mamba_dt_rank": 4,
     "chunk_size": 16, "mamba_chunk_size": 16, "num_nextn_predict_layers": 0,
 }
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts",
                      "num_routed_experts", "n_experts")
+NONE_FILLED = set(EXPERT_COUNT_KEYS) | {"head_dim", "attention_head_dim", "num_experts_per_tok", "top_k_experts",
+                                        "n_group", "topk_group", "n_shared_experts", "moe_intermediate_size"}
 # Name patterns -> tiny values for size fields named per family (intermediate sizes, expert FFNs).
 PATTERNS = [
     (re.compile(r"(intermediate|ffn|ffw|mlp|expert)_?(hidden_)?(size|dim)$"), INTER),
     (re.compile(r"^n_inner$"), INTER),
+    (re.compile(r"vocab_size$"), VOCAB),  # e.g. an unpadded vocabulary size beside vocab_size
 ]
 # Fields whose value is the number of layers' worth of something (lists / strings are cut to LAYERS).
 LAYER_LISTS = re.compile(r"(layer_types|layers_block_type|_pattern|mlp_only_layers|moe_layers|block_types|"
                          r"layer_type_list|attn_type_list|no_rope_layers|_layer_types|sparse_layers)$")
 
 # model_type -> settings generic shrinking cannot infer (why in each comment).
-OVERRIDES: dict[str, dict] = {}
+OVERRIDES: dict[str, dict] = {
+    # ZAYA's config validator accepts only top-1 routing.
+    "zaya": dict(num_experts_per_tok=1),
+    # Dots3-Note's sliding-window layers need head_dim = qk_nope_head_dim + qk_rope_head_dim (8 + 8).
+    "dots3_note": dict(head_dim=16),
+    "dots3_note_text": dict(head_dim=16),
+    # LFM2-MoE leaves layer_types None by default; the model needs one entry per layer.
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),
+    # Gemma 4 has its MoE block switched off by default.
+    "gemma4_text": dict(enable_moe_block=True),
+    "gemma4": dict(enable_moe_block=True),
+    # Nemotron-H's Mamba mixer needs mamba_num_heads divisible by n_groups (8 by default, 4 heads here).
+    "nemotron_h": dict(n_groups=1),
+}
 
 
 def is_moe_config(config) -> bool:
@@ -91,19 +107,27 @@ def causal_lm_model_types() -> list[str]:
 
 
 def _shrink_value(name: str, value, old_layers: int | None):
-    if isinstance(value, bool) or value is None:
+    if isinstance(value, bool):
         return None
     if name in EXACT and isinstance(value, int):
         return EXACT[name]
-    if name in EXACT and value is None and (name in EXPERT_COUNT_KEYS or name in ("head_dim", "num_experts_per_tok",
-                                                                                "top_k_experts")):
-        return EXACT[name]  # MoE switched off by default (None experts) or a head size derived later
+    if value is None:
+        # MoE switched off by default (no expert count) or a size the model derives but cannot derive here.
+        return EXACT.get(name, INTER) if name in NONE_FILLED else None
     if name in EXPERT_COUNT_KEYS and isinstance(value, list):
         return [EXPERTS] * LAYERS
     if name.endswith("token_id") and isinstance(value, int) and value >= VOCAB:
         return min(value, 2)  # special tokens must exist in the tiny vocabulary
-    if isinstance(value, int) and value > INTER and any(p.search(name) for p, _ in PATTERNS):
+    if isinstance(value, int) and value > min(INTER, VOCAB) and any(p.search(name) for p, _ in PATTERNS):
         return next(v for p, v in PATTERNS if p.search(name))
+    if isinstance(value, dict) and value and all(isinstance(k, int) or (isinstance(k, str) and k.isdigit())
+                                                  for k in value):
+        return {k: v for k, v in value.items() if int(k) < LAYERS}  # per-layer settings keyed by layer index
+    if isinstance(value, list) and old_layers and len(value) == old_layers and "head" in name and \
+            all(isinstance(v, int) for v in value):
+        return [HEADS if "attention" in name or "q_" in name else KV_HEADS] * LAYERS  # heads per layer
+    if isinstance(value, list) and old_layers and len(value) == old_layers != LAYERS:
+        return _representative(value, old_layers)  # any other per-layer list
     if LAYER_LISTS.search(name) and old_layers:
         if isinstance(value, (list, tuple)) and len(value) >= LAYERS:
             return _representative(list(value), old_layers)
@@ -145,14 +169,11 @@ def tiny_family_config(model_type: str):
     if text is not None and text is not config:
         shrink_config(text)
     for name, value in OVERRIDES.get(model_type, {}).items():
-        setattr(config, name, value)
+        setattr(text if text is not None and hasattr(text, name) else config, name, value)
     config.tie_word_embeddings = False
-    # Re-create from the dict so derived fields computed in __init__ / __post_init__ follow the new sizes.
-    try:
-        config = cls.from_dict(config.to_dict())
-    except Exception:
-        pass
-    return config
+    # Re-create from the dict, as loading the saved folder will: derived fields follow the new sizes and
+    # the config's validators run now (a config that could not be loaded back is not buildable).
+    return cls.from_dict(config.to_dict())
 
 
 def build_tiny(model_type: str, seed: int = 0):

@@ -115,7 +115,10 @@ def _top1(record_topk: torch.Tensor, record_probs: torch.Tensor) -> torch.Tensor
     top-k unsorted, e.g. DeepSeek-V3's group routing)."""
     if record_topk.numel() == 0:
         return record_topk.new_zeros(0)
-    return record_topk.gather(1, record_probs.gather(1, record_topk).argmax(1, keepdim=True)).squeeze(1)
+    E = record_probs.shape[1]
+    # Ids >= E (zero-compute or sentinel experts) have no probability: they never count as the top-1.
+    p = record_probs.gather(1, record_topk.clamp(max=E - 1)).masked_fill(record_topk >= E, -1.0)
+    return record_topk.gather(1, p.argmax(1, keepdim=True)).squeeze(1)
 
 
 def _latency_inputs(loaded: LoadedModel, storage_tensors: list[dict], layers_E: list[int]):

@@ -105,9 +105,9 @@ def _candidate_biases(layer) -> dict[str, torch.Tensor]:
     prefix = layer.path + "." if layer.path else ""
     for name, t in list(layer.block.named_parameters()) + list(layer.block.named_buffers()):
         full = prefix + name
-        if full.startswith(skip) or t.dim() != 1 or t.shape[0] != layer.num_experts:
+        if full.startswith(skip) or t.numel() != layer.num_experts or max(t.shape, default=0) != layer.num_experts:
             continue
-        out[name] = t.detach()
+        out[name] = t.detach().reshape(-1)  # [E] (some families store it as [1, E])
     return out
 
 
