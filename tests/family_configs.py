@@ -186,7 +186,7 @@ def build_tiny(model_type: str, seed: int = 0):
         for name, p in model.named_parameters():
             if re.search(r"(gate|router)(\.\w+)?\.weight$", name) and p.dim() == 2:
                 p.normal_(0, 0.5)
-        for name, b in model.named_buffers():
-            if "bias" in name and ("gate" in name or "router" in name):
-                b.normal_(0, 0.05)
+        for name, b in list(model.named_buffers()) + list(model.named_parameters()):
+            if re.search(r"(expert_bias|correction_bias|balancing_bias|(gate|router)\.bias)", name):
+                b.normal_(0, 0.3)  # load-balancing biases large enough to change choices
     return model.eval()

@@ -53,7 +53,8 @@ class FamilyAdapter:
         """Top-k `(weights [T, k], indices [T, k])` from logits [T, E]; `allowed` [E] bool forbids experts."""
         p = self.params
         if self.rule == "score_topk":
-            return routing.score_topk(logits, p["top_k"], p["score"], p.get("bias"), p["normalize"], p["scale"], allowed)
+            return routing.score_topk(logits, p["top_k"], p["score"], p.get("bias"), p["normalize"], p["scale"], allowed,
+                                      p.get("bias_on_logits", False))
         if self.rule == "topk_softmax":
             w, i = routing.topk_then_softmax(logits.float(), p["top_k"], allowed)
             return w * p["scale"], i
@@ -91,12 +92,15 @@ def rule_templates(top_k: int, biases: dict[str, torch.Tensor], group: tuple[int
     bias_items = [(None, None)] + list(biases.items())
     for score in ("softmax", "sigmoid"):
         for bias_name, bias in bias_items:
-            for normalize in (False, True):
-                desc = f"{score} scores" + (f" (+ {bias_name} for the choice)" if bias_name else "") + " → top-k"
-                desc += " → renormalise" if normalize else ""
-                out.append(FamilyAdapter(
-                    f"{score}_topk", desc, score, "score_topk",
-                    dict(top_k=top_k, score=score, bias=bias, normalize=normalize, scale=1.0)))
+            for on_logits in ((False, True) if bias_name else (False,)):
+                for normalize in (False, True):
+                    where = "logits" if on_logits else "scores"
+                    desc = f"{score} scores" + (f" (choice on {where} + {bias_name})" if bias_name else "") + " → top-k"
+                    desc += " → renormalise" if normalize else ""
+                    out.append(FamilyAdapter(
+                        f"{score}_topk", desc, score, "score_topk",
+                        dict(top_k=top_k, score=score, bias=bias, normalize=normalize, scale=1.0,
+                             bias_on_logits=on_logits)))
     out.append(FamilyAdapter("topk_softmax", "top-k of logits → softmax over the k", "softmax", "topk_softmax",
                              dict(top_k=top_k, scale=1.0)))
     if group is not None and group[0] > 1:

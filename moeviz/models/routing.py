@@ -93,18 +93,21 @@ def score_topk(
     normalize: bool = False,
     scale: float = 1.0,
     allowed: torch.Tensor | None = None,
+    bias_on_logits: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score every expert (softmax or sigmoid of the logits, in float32), choose the top-k by
     score + `select_bias` (a load-balancing bias that steers the choice but not the weights), weight
     each chosen expert by its score, optionally renormalise, then multiply by `scale`.
 
     Mixtral / Qwen / OLMoE / HunYuan (softmax), AFMoE / GLM-4-MoE-like (sigmoid + bias), LongCat
-    (softmax + bias + scale) are all instances. A removed expert gets a -inf logit, so a softmax is
+    (softmax + bias + scale) are all instances; Kolibri adds its bias to the logits instead of the
+    scores (`bias_on_logits`). A removed expert gets a -inf logit, so a softmax is
     taken over the surviving experts, exactly as if its router row had been sliced out.
     """
     masked = _mask_logits(logits.float(), allowed)
     scores = F.softmax(masked, dim=-1) if score == "softmax" else masked.sigmoid()
-    choice = scores if select_bias is None else scores + select_bias.float().to(scores.device)
+    base = masked if bias_on_logits else scores
+    choice = base if select_bias is None else base + select_bias.float().to(scores.device)
     choice = _mask_logits(choice, allowed)
     indices = torch.topk(choice, top_k, dim=-1)[1]
     weights = scores.gather(1, indices)

@@ -24,7 +24,7 @@ from moeviz.errors import NotAnMoEModelError
 from moeviz.models.adapters import GENERIC, FamilyAdapter, describe, rule_templates
 from moeviz.models.experts import experts_forward
 
-PROBE_SHAPE = (4, 16)  # [B, S] random token ids: 64 routed tokens per layer
+PROBE_SHAPE = (4, 32)  # [B, S] random token ids: 128 routed tokens per layer
 
 
 class _Capture:
