@@ -156,7 +156,8 @@ def calibrate(
             progress(min(start_i + batch_size, n), n)
 
     settings = dict(batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
-                    n_samples=n, seq_len=samples.seq_len, seed=samples.seed)
+                    n_samples=n, seq_len=samples.seq_len, seed=samples.seed,
+                    distributions=[l.distribution for l in layers])
     return CalibrationStats(
         model_fingerprint=loaded.fingerprint,
         data_fingerprint=samples.fingerprint,
