@@ -176,9 +176,12 @@ def test_routing_rule_reproduces_the_router(model_type, loaded_family):
         if not layer.adapter.supports_rerouting:
             assert layer.distribution == "selected", layer.path
             continue
-        w_slot, i_slot = layer.adapter.output_slots
-        logits = out[0].reshape(-1, layer.num_experts)
-        want_i, want_w = out[i_slot].reshape(logits.shape[0], -1), out[w_slot].reshape(logits.shape[0], -1).float()
+        logits = out[layer.adapter.logits_slot].reshape(-1, layer.num_experts)
+        if layer.adapter.dense:  # Llama 4: dense scores [T, E], 0 for unchosen experts
+            want_w, want_i = out[0].reshape(logits.shape).float().topk(layer.top_k, dim=-1)
+        else:
+            w_slot, i_slot = layer.adapter.output_slots
+            want_i, want_w = out[i_slot].reshape(logits.shape[0], -1), out[w_slot].reshape(logits.shape[0], -1).float()
         weights, indices = layer.adapter.route(layer.router, logits)
         o1, o2 = indices.argsort(1), want_i.argsort(1)
         assert torch.equal(indices.gather(1, o1), want_i.gather(1, o2)), layer.path

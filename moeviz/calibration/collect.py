@@ -17,7 +17,7 @@ import torch
 
 from moeviz.calibration.stats import CalibrationStats, LayerStats
 from moeviz.data import TokenSamples
-from moeviz.models.experts import experts_forward
+from moeviz.models.experts import experts_forward, set_routed_forward
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.loading import LoadedModel
 from moeviz.models.routing import full_distribution, selected_distribution
@@ -46,8 +46,8 @@ class _LayerCollector:
 
     # -- router hook: remember this batch's logits [T, E]
     def router_hook(self, module, args, output):
-        if self.kind != "selected":  # a verified rule: the first output is the logits [.., E]
-            self.logits = output[0].detach().reshape(-1, self.layer.num_experts)
+        if self.kind != "selected":  # a verified rule: the logits [.., E] are at the adapter's logits slot
+            self.logits = output[self.layer.adapter.logits_slot].detach().reshape(-1, self.layer.num_experts)
 
     # -- replacement for experts.forward
     def experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -133,7 +133,7 @@ def calibrate(
     collectors = [_LayerCollector(l, len(samples.domain_names), hist_bins, record_tokens, device) for l in layers]
     for c in collectors:
         c.layer.router.register_forward_hook(c.router_hook)
-        c.layer.experts.forward = c.experts_forward  # instance attribute: only this copy is instrumented
+        set_routed_forward(c.layer, c.experts_forward)  # instance attribute: only this copy is instrumented
 
     n = samples.n_samples
     rec_ids, rec_dom = [], []

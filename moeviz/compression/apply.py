@@ -28,6 +28,7 @@ from moeviz.compression.quantize import fake_quantize_activations, quantize_weig
 from moeviz.compression.scores import importance_scores
 from moeviz.data import TokenSamples
 from moeviz.errors import PlanError
+from moeviz.models.experts import set_routed_forward
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.loading import LoadedModel
 from moeviz.models.views import structural_copy
@@ -159,14 +160,20 @@ def _rerouted_forward(self, *args, **kwargs):
     """Router forward that can never choose a removed expert: the router's own forward, then its top-k
     weights and ids (at the output positions found when the rule was verified) replaced by the verified
     rule over logits where removed experts are -inf (tokens are re-routed among the rest, not dropped)."""
+    adapter = self.moeviz_adapter
     out = list(self.moeviz_router_forward(*args, **kwargs))
-    logits = out[0]
+    logits = out[adapter.logits_slot]
     allowed = self.moeviz_allowed.to(logits.device)
-    weights, indices = self.moeviz_adapter.route(self, logits.reshape(-1, logits.shape[-1]), allowed)
-    w_slot, i_slot = self.moeviz_adapter.output_slots
-    out[w_slot] = weights.to(out[w_slot].dtype).reshape(out[w_slot].shape)
-    out[i_slot] = indices.to(out[i_slot].dtype).reshape(out[i_slot].shape)
-    out[0] = logits.masked_fill(~allowed, float("-inf"))
+    flat = logits.reshape(-1, logits.shape[-1])  # [T, E]
+    weights, indices = adapter.route(self, flat, allowed)
+    if adapter.dense:  # dense scores [T, E]: the chosen experts' weights, 0 elsewhere
+        out[0] = torch.zeros_like(flat, dtype=out[0].dtype).scatter(1, indices, weights.to(out[0].dtype)) \
+            .reshape(out[0].shape)
+    else:
+        w_slot, i_slot = adapter.output_slots
+        out[w_slot] = weights.to(out[w_slot].dtype).reshape(out[w_slot].shape)
+        out[i_slot] = indices.to(out[i_slot].dtype).reshape(out[i_slot].shape)
+    out[adapter.logits_slot] = logits.masked_fill(~allowed, float("-inf"))
     return tuple(out)
 
 
@@ -315,7 +322,7 @@ class Compressor:
             replaced.append(layer.router_weight_path)
         if plan.activation_bits < 16:
             layer.experts.moeviz_input_transform = _act_quantizer(plan.activation_bits)
-            layer.experts.forward = types.MethodType(_activation_quantized_forward, layer.experts)
+            set_routed_forward(layer, types.MethodType(_activation_quantized_forward, layer.experts))
         return replaced
 
     # -- reporting

@@ -33,6 +33,9 @@ class FamilyAdapter:
     distribution: how the full router distribution is formed ("softmax", "sigmoid" or "selected").
     rule / params: which function of `moeviz.models.routing` and its arguments.
     output_slots: positions of (weights, indices) in the router module's output tuple.
+    logits_slot: position of the logits in that tuple (0, or 1 for dense routers).
+    dense: the router returns dense scores [T, E] (0 for unchosen experts) at position 0 instead of
+        top-k weights and ids (Llama 4).
     """
 
     name: str
@@ -42,6 +45,8 @@ class FamilyAdapter:
     params: dict = field(default_factory=dict, compare=False)
     output_slots: tuple[int, int] = (1, 2)
     verified: bool = False
+    logits_slot: int = 0
+    dense: bool = False
 
     @property
     def supports_rerouting(self) -> bool:

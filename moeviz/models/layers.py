@@ -11,7 +11,6 @@ weights are exposed as *views* of the fused 3-D parameters in one orientation, [
 
 from __future__ import annotations
 
-import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -20,6 +19,7 @@ from torch import nn
 
 from moeviz.errors import NotAnMoEModelError
 from moeviz.models.adapters import GENERIC, FamilyAdapter
+from moeviz.models.experts import takes_routing
 
 ROUTER_ATTRS = ("gate", "router")
 PROJECTIONS = ("gate", "up", "down")
@@ -46,7 +46,7 @@ class MoELayer:
     router_has_bias: bool
     shared_expert_paths: list[str] = field(default_factory=list)
     router_weight_path: str = ""  # the router's [rows, H] projection weight (rows >= E)
-    calls_with_routing: bool = True  # experts called as experts(hidden, top_k_index, top_k_weights)
+    calls_with_routing: bool = True  # experts called as experts(hidden, top_k_index, top_k_weights); False: dense dispatch
     block: nn.Module | None = field(default=None, repr=False, compare=False)
     router: nn.Module | None = field(default=None, repr=False, compare=False)
     router_proj: nn.Module | None = field(default=None, repr=False, compare=False)  # owns the router weight
@@ -137,16 +137,6 @@ def _is_fused_experts(module: nn.Module) -> bool:
 def _layer_number(path: str, fallback: int) -> int:
     m = re.search(r"layers\.(\d+)\.", path + ".")
     return int(m.group(1)) if m else fallback
-
-
-def _takes_routing(experts: nn.Module) -> bool:
-    """True if the experts module is called as experts(hidden, top_k_index, top_k_weights)."""
-    try:
-        params = inspect.signature(experts.forward).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 3 or any(p.kind == p.VAR_POSITIONAL for p in params)
 
 
 def _router(block: nn.Module, experts_name: str, E: int, H: int) -> tuple[str, str] | None:
@@ -251,7 +241,7 @@ def find_moe_layers(model: nn.Module, like: list[MoELayer] | None = None) -> lis
                 router_has_bias=isinstance(router_bias, torch.Tensor) and weight_name == "weight",
                 shared_expert_paths=shared,
                 router_weight_path=f"{prefix}{weight_path}",
-                calls_with_routing=_takes_routing(experts),
+                calls_with_routing=takes_routing(experts),
                 block=block,
                 router=router,
                 router_proj=proj,
@@ -271,12 +261,6 @@ def require_moe_layers(model: nn.Module) -> list[MoELayer]:
         layers = find_moe_layers(model)
     except NotAnMoEModelError as e:
         raise NotAnMoEModelError(f"{arch}: {e}") from e
-    for layer in layers:
-        if not layer.calls_with_routing:
-            raise NotAnMoEModelError(
-                f"{arch}: {type(layer.experts).__name__} at {layer.experts_path} is called with pre-routed dense inputs "
-                "(forward(hidden_states) only), not experts(hidden, top_k_index, top_k_weights); not supported"
-            )
     if layers:
         return layers
     fused = [n for n, m in model.named_modules() if _is_fused_experts(m)]

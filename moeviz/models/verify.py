@@ -30,6 +30,7 @@ PROBE_SHAPE = (4, 32)  # [B, S] random token ids: 128 routed tokens per layer
 class _Capture:
     def __init__(self, layer):
         self.layer = layer
+        self.router_in: torch.Tensor | None = None
         self.router_out: tuple | None = None
         self.received: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         sig = inspect.signature(layer.experts.forward)
@@ -38,9 +39,16 @@ class _Capture:
     def router_hook(self, module, args, output):
         if self.router_out is None:
             self.router_out = tuple(output) if isinstance(output, (tuple, list)) else (output,)
+            self.router_in = args[0].detach() if args and isinstance(args[0], torch.Tensor) else None
+            if not self.layer.calls_with_routing and self.router_in is not None:
+                # Dense dispatch: the experts get [E*T, H] pre-scaled inputs; what they "receive" is the
+                # top-k of the dense scores [T, E] (0 for unchosen experts) on the router's input.
+                scores = self.router_out[0].detach().reshape(-1, self.layer.num_experts)
+                w, idx = scores.topk(self.layer.top_k, dim=-1)
+                self.received = (self.router_in.reshape(-1, self.layer.hidden_size), idx, w)
 
     def experts_hook(self, module, args, kwargs):
-        if self.received is None:
+        if self.received is None and self.layer.calls_with_routing:
             bound = self.bind(*args, **kwargs)
             values = list(bound.arguments.values())[:3]  # (hidden [T, H], top_k_index [T, k], top_k_weights [T, k])
             self.received = tuple(v.detach() for v in values)
@@ -76,7 +84,13 @@ def check_experts(layer, cap: _Capture, arch: str) -> None:
         return  # this block was not run by the probe (e.g. a layer skipped for these tokens)
     hidden, idx, w = cap.received
     hidden = hidden.reshape(-1, hidden.shape[-1])
-    theirs = layer.experts(hidden, idx, w)
+    if layer.calls_with_routing:
+        theirs = layer.experts(hidden, idx, w)
+    else:  # dense dispatch, as the block does it: every expert on every token scaled by its score
+        E, T = layer.num_experts, hidden.shape[0]
+        scores = torch.zeros(T, E, dtype=w.dtype, device=w.device).scatter(1, idx, w)
+        routed_in = hidden.repeat(E, 1) * scores.T.reshape(-1, 1)  # [E*T, H]
+        theirs = layer.experts(routed_in).reshape(E, T, -1).sum(0)
     ours = experts_forward(layer.experts, hidden, idx, w)
     scale = theirs.float().abs().max().clamp_min(1e-6)
     err = float((ours.float() - theirs.float()).abs().max() / scale)
@@ -129,11 +143,15 @@ def match_rule(layer, cap: _Capture, config=None) -> FamilyAdapter:
         return GENERIC
     _, idx, w = cap.received
     E, k = layer.num_experts, idx.shape[-1]
-    logits = cap.router_out[0]
+    dense = not layer.calls_with_routing
+    logits_slot = 1 if dense else 0  # dense routers return (scores [T, E], logits [T, E])
+    if len(cap.router_out) <= logits_slot or not isinstance(cap.router_out[logits_slot], torch.Tensor):
+        return GENERIC
+    logits = cap.router_out[logits_slot]
     if logits.shape[-1] != E or logits.numel() // E != idx.shape[0]:
         return GENERIC  # logits over extra classes (shared / skip / zero-compute experts): no known rule
     logits = logits.reshape(-1, E)
-    slots = (_output_slot(cap.router_out, w), _output_slot(cap.router_out, idx))
+    slots = (0, 0) if dense else (_output_slot(cap.router_out, w), _output_slot(cap.router_out, idx))
     if None in slots:
         return GENERIC  # the block changes the router's choice before the experts: re-routing would miss it
     jitter = getattr(layer.router, "router_jitter_noise", None)
@@ -152,7 +170,8 @@ def match_rule(layer, cap: _Capture, config=None) -> FamilyAdapter:
         scale = float(want_w.sum() / cw.sum().clamp_min(1e-20))
         if torch.allclose(cw * scale, want_w, rtol=tol, atol=tol * float(want_w.abs().max())):
             return FamilyAdapter(cand.name, cand.routing_rule, cand.distribution, cand.rule,
-                                 {**cand.params, "scale": scale}, slots, verified=True)
+                                 {**cand.params, "scale": scale}, slots, verified=True, logits_slot=logits_slot,
+                                 dense=dense)
     return GENERIC
 
 
