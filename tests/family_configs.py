@@ -72,6 +72,8 @@ OVERRIDES: dict[str, dict] = {
     # Gemma 4 has its MoE block switched off by default.
     "gemma4_text": dict(enable_moe_block=True),
     "gemma4": dict(enable_moe_block=True),
+    # MiMo-V2-Flash's sliding-window layers use twice num_key_value_heads, which must not exceed the heads.
+    "mimo_v2_flash": dict(num_key_value_heads=2),
     # Nemotron-H's Mamba mixer needs mamba_num_heads divisible by n_groups (8 by default, 4 heads here).
     "nemotron_h": dict(n_groups=1),
 }
