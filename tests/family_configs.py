@@ -74,6 +74,11 @@ OVERRIDES: dict[str, dict] = {
     "gemma4": dict(enable_moe_block=True),
     # MiMo-V2-Flash's sliding-window layers use twice num_key_value_heads, which must not exceed the heads.
     "mimo_v2_flash": dict(num_key_value_heads=2),
+    # Qwen4-Exp's sparse-attention indexer has no default sizes (None); the model needs them.
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
+                           indexer_compress_ratio=4),
+    "qwen4_exp": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=16,
+                      indexer_compress_ratio=4),
     # Nemotron-H's Mamba mixer needs mamba_num_heads divisible by n_groups (8 by default, 4 heads here).
     "nemotron_h": dict(n_groups=1),
 }

@@ -211,5 +211,6 @@ def test_sweep_discovers_moe_families_only():
 
 def test_print_outcomes():
     """Runs last in this module: the families table (visible with -s)."""
+    print()
     for t in sorted(OUTCOMES):
         print(f"{t:24s} {OUTCOMES[t]}")
