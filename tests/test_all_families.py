@@ -20,7 +20,7 @@ from moeviz.compression import CompressionPlan, PruningSettings
 from moeviz.compression.apply import Compressor
 from moeviz.compression.removal import experts_to_remove
 from moeviz.data import Document, tokenize_documents
-from moeviz.errors import MoevizError
+from moeviz.errors import MoevizError, PlanError
 from moeviz.evaluation import EvalSettings, Evaluator
 from moeviz.export import export_model
 from moeviz.models import load_model
@@ -115,6 +115,10 @@ def test_family_works_end_to_end_or_is_refused(model_type, family_folder, loaded
     plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5))
     if lm.info.expert_removal:
         plan.removed_experts = _removal(lm, stats)
+    else:  # no verified routing rule: removal is refused in one line, never silently mis-routed
+        with pytest.raises(PlanError, match="follows no routing rule moeviz could verify") as refused:
+            Compressor(lm, stats).apply(CompressionPlan(removed_experts=[(0, 0)]))
+        assert "\n" not in str(refused.value)
     compressed = Compressor(lm, stats).apply(plan)
     settings = EvalSettings(batch_size=4, latency_prompt_tokens=8, latency_decode_tokens=1, latency_repeats=1)
     result = Evaluator(lm, samples, settings).evaluate(compressed)
