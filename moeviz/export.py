@@ -73,15 +73,13 @@ def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dic
                     "remove the same number from every group so group-limited routing is unchanged"
                 )
         keep = allowed.nonzero().squeeze(1)
-        # Every per-expert tensor of the block has the expert on dim 0: the experts' weights and biases,
-        # the router's rows (weight, bias, correction bias) and block-level per-expert biases or scales.
-        # Shared experts are not routed and keep their shape.
-        prefix = f"{layer.path}." if layer.path else ""
-        shared = tuple(p + "." for p in layer.shared_expert_paths)
-        for name, t in list(layer.block.named_parameters()) + list(layer.block.named_buffers()):
-            key = prefix + name
+        # Every per-expert tensor has the expert on one axis: the experts' weights and biases, the router's
+        # rows (weight, bias, correction bias, per-expert scale) and the block's own per-expert biases.
+        prefix = f"{layer.experts_path}."
+        tensors = [(prefix + n, t) for n, t in list(layer.experts.named_parameters()) + list(layer.experts.named_buffers())]
+        for key, t in tensors + layer.per_expert_tensors():
             axis = _expert_axis(t, layer.num_experts)
-            if key in state and not key.startswith(shared) and axis is not None:
+            if key in state and axis is not None:
                 state[key] = state[key].index_select(axis, keep.to(state[key].device)).contiguous()
     first = compressed.layers[0]
     new_e = first.num_experts - removed_per_layer[0]

@@ -196,4 +196,6 @@ def build_tiny(model_type: str, seed: int = 0):
         for name, b in list(model.named_buffers()) + list(model.named_parameters()):
             if re.search(r"(expert_bias|correction_bias|balancing_bias|(gate|router)\.bias)", name):
                 b.normal_(0, 0.3)  # load-balancing biases large enough to change choices
+            elif re.search(r"expert_scale", name):
+                b.uniform_(0.5, 1.5)  # learned per-expert weight scales (initialised to ones)
     return model.eval()

@@ -66,6 +66,7 @@ def utilization_heatmap(stats) -> go.Figure:
 DISTRIBUTION_AXIS = {
     "softmax": "Router probability (softmax of the logits, 0–1)",
     "sigmoid": "Router score share (sigmoid scores normalised to sum to 1, 0–1)",
+    "probs": "Router probability (as the router returns it, 0–1)",
     "selected": "Chosen experts' weight share (routing rule not verified: unchosen experts count as 0)",
 }
 

@@ -21,7 +21,7 @@ from moeviz.models import routing
 
 # distribution kinds (see moeviz.models.routing): "softmax" / "sigmoid" are full distributions over all
 # experts; "selected" is only the chosen experts' weights (the rule is unknown).
-DISTRIBUTIONS = ("softmax", "sigmoid", "selected")
+DISTRIBUTIONS = ("softmax", "sigmoid", "probs", "selected")  # "probs": the router returns probabilities
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class FamilyAdapter:
         p = self.params
         if self.rule == "score_topk":
             return routing.score_topk(logits, p["top_k"], p["score"], p.get("bias"), p["normalize"], p["scale"], allowed,
-                                      p.get("bias_on_logits", False))
+                                      p.get("bias_on_logits", False), p.get("expert_scale"))
         if self.rule == "topk_softmax":
             w, i = routing.topk_then_softmax(logits.float(), p["top_k"], allowed)
             return w * p["scale"], i
@@ -89,8 +89,9 @@ GENERIC = FamilyAdapter(
 
 
 def rule_templates(top_k: int, biases: dict[str, torch.Tensor], group: tuple[int, int] | None,
-                   jitter: float | None) -> list[FamilyAdapter]:
-    """Every known rule, with each candidate selection bias, for one router (scale fitted later).
+                   jitter: float | None, probs: bool = False) -> list[FamilyAdapter]:
+    """Every known rule, with each candidate per-expert vector [E] of the router / block as a selection
+    bias or as a per-expert weight scale, for one router (a constant scale is fitted later).
 
     Order matters: the simplest rule that reproduces the router wins."""
     out = []
@@ -106,6 +107,20 @@ def rule_templates(top_k: int, biases: dict[str, torch.Tensor], group: tuple[int
                         f"{score}_topk", desc, score, "score_topk",
                         dict(top_k=top_k, score=score, bias=bias, normalize=normalize, scale=1.0,
                              bias_on_logits=on_logits)))
+    if probs:  # first output = probabilities: only renormalised top-k stays the same when experts are removed
+        out.append(FamilyAdapter("probs_topk", "router probabilities → top-k → renormalise", "probs", "score_topk",
+                                 dict(top_k=top_k, score="probs", bias=None, normalize=True, scale=1.0)))
+        for name, vec in biases.items():
+            out.append(FamilyAdapter(
+                "probs_topk", f"router probabilities → top-k → renormalise × {name}[expert]", "probs", "score_topk",
+                dict(top_k=top_k, score="probs", bias=None, normalize=True, scale=1.0, expert_scale=vec)))
+    for score in ("softmax", "sigmoid"):  # a learned per-expert weight scale instead of a choice bias
+        for name, vec in biases.items():
+            for normalize in (True, False):
+                out.append(FamilyAdapter(
+                    f"{score}_topk", f"{score} scores → top-k{' → renormalise' if normalize else ''} × {name}[expert]",
+                    score, "score_topk",
+                    dict(top_k=top_k, score=score, bias=None, normalize=normalize, scale=1.0, expert_scale=vec)))
     out.append(FamilyAdapter("topk_softmax", "top-k of logits → softmax over the k", "softmax", "topk_softmax",
                              dict(top_k=top_k, scale=1.0)))
     if group is not None and group[0] > 1:

@@ -66,6 +66,20 @@ class MoELayer:
     def distribution(self) -> str:
         return self.adapter.distribution if self.adapter else "selected"
 
+    def per_expert_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """(full name, tensor) of every parameter / buffer that may hold one entry per expert outside
+        the experts module: the router's (weight, bias, correction bias, per-expert scale) and the
+        block's own direct ones (e.g. AFMoE's expert_bias). Not the block's other children (the block
+        can be a whole decoder layer, as in Gemma 4, whose attention norms may have E entries too)."""
+        prefix = f"{self.path}." if self.path else ""
+        router_prefix = self.router_path[len(prefix):]
+        out = [(f"{prefix}{n}", t) for n, t in list(self.block.named_parameters(recurse=False))
+               + list(self.block.named_buffers(recurse=False))]
+        out += [(f"{self.router_path}.{n}", t) for n, t in list(self.router.named_parameters())
+                + list(self.router.named_buffers())]
+        assert router_prefix  # the router is a child of the block
+        return out
+
     # ---- expert weights as [E, out, in] views of the fused parameters ----
     def weight(self, projection: str) -> torch.Tensor:
         """All experts' weight for one projection as a view [E, out, in] (writes go to the model)."""

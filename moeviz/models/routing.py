@@ -94,6 +94,7 @@ def score_topk(
     scale: float = 1.0,
     allowed: torch.Tensor | None = None,
     bias_on_logits: bool = False,
+    expert_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Score every expert (softmax or sigmoid of the logits, in float32), choose the top-k by
     score + `select_bias` (a load-balancing bias that steers the choice but not the weights), weight
@@ -101,11 +102,16 @@ def score_topk(
 
     Mixtral / Qwen / OLMoE / HunYuan (softmax), AFMoE / GLM-4-MoE-like (sigmoid + bias), LongCat
     (softmax + bias + scale) are all instances; Kolibri adds its bias to the logits instead of the
-    scores (`bias_on_logits`). A removed expert gets a -inf logit, so a softmax is
+    scores (`bias_on_logits`); Gemma 4 multiplies each chosen weight by a learned per-expert scale
+    (`expert_scale` [E]). A removed expert gets a -inf logit, so a softmax is
     taken over the surviving experts, exactly as if its router row had been sliced out.
     """
     masked = _mask_logits(logits.float(), allowed)
-    scores = F.softmax(masked, dim=-1) if score == "softmax" else masked.sigmoid()
+    if score == "probs":  # the router's first output already holds probabilities (Gemma 4)
+        masked = logits.float() if allowed is None else logits.float().masked_fill(~allowed.to(logits.device), 0.0)
+        scores = masked
+    else:
+        scores = F.softmax(masked, dim=-1) if score == "softmax" else masked.sigmoid()
     base = masked if bias_on_logits else scores
     choice = base if select_bias is None else base + select_bias.float().to(scores.device)
     choice = _mask_logits(choice, allowed)
@@ -113,6 +119,8 @@ def score_topk(
     weights = scores.gather(1, indices)
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    if expert_scale is not None:
+        weights = weights * expert_scale.float().to(weights.device)[indices]
     return weights * scale, indices
 
 
@@ -124,13 +132,18 @@ def full_distribution(logits: torch.Tensor, kind: str, allowed: torch.Tensor | N
     (KL divergence) and probability histograms mean the same thing for every family.
     Routers whose rule moeviz could not verify have no full distribution: see `selected_distribution`.
     """
+    if kind == "probs":  # the router returns probabilities: renormalised over the allowed experts
+        p = logits.float().clamp_min(0)
+        if allowed is not None:
+            p = p.masked_fill(~allowed.to(p.device), 0.0)
+        return p / p.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     logits = _mask_logits(logits.float(), allowed)
     if kind == "softmax":
         return F.softmax(logits, dim=-1)
     if kind == "sigmoid":
         scores = logits.sigmoid()
         return scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    raise ValueError(f"unknown router distribution kind {kind!r}; expected 'softmax' or 'sigmoid'")
+    raise ValueError(f"unknown router distribution kind {kind!r}; expected 'softmax', 'sigmoid' or 'probs'")
 
 
 def selected_distribution(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -112,16 +112,12 @@ def _output_slot(outputs: tuple, target: torch.Tensor) -> int | None:
 
 
 def _candidate_biases(layer) -> dict[str, torch.Tensor]:
-    """1-D tensors of length E on the router or the block (not in experts or shared experts): the
-    load-balancing biases some routers add to their scores when choosing experts."""
-    skip = (layer.experts_path + ".",) + tuple(p + "." for p in layer.shared_expert_paths)
+    """Per-expert vectors ([E], or [1, E]) of the router and the block itself: the load-balancing
+    biases some routers add when choosing experts, or learned per-expert weight scales."""
     out = {}
-    prefix = layer.path + "." if layer.path else ""
-    for name, t in list(layer.block.named_parameters()) + list(layer.block.named_buffers()):
-        full = prefix + name
-        if full.startswith(skip) or t.numel() != layer.num_experts or max(t.shape, default=0) != layer.num_experts:
-            continue
-        out[name] = t.detach().reshape(-1)  # [E] (some families store it as [1, E])
+    for name, t in layer.per_expert_tensors():
+        if t.numel() == layer.num_experts and max(t.shape, default=0) == layer.num_experts:
+            out[name.rpartition(".")[2]] = t.detach().reshape(-1)
     return out
 
 
@@ -158,7 +154,9 @@ def match_rule(layer, cap: _Capture, config=None) -> FamilyAdapter:
     tol = _tolerance(w.dtype)
     order = idx.argsort(dim=1)
     want_idx, want_w = idx.gather(1, order), w.float().gather(1, order)
-    for cand in rule_templates(k, _candidate_biases(layer), _group(layer, config), jitter):
+    rows = logits.float().sum(dim=-1)
+    probs = bool((logits >= 0).all()) and bool(torch.allclose(rows, torch.ones_like(rows), atol=1e-3))
+    for cand in rule_templates(k, _candidate_biases(layer), _group(layer, config), jitter, probs):
         try:
             cw, ci = cand.route(layer.router, logits)
         except Exception:  # a rule that cannot apply to this router (e.g. groups that do not divide E)
