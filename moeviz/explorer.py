@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from moeviz.errors import CalibrationDataError
+from moeviz.models.experts import experts_forward, set_routed_forward
 from moeviz.models.layers import find_moe_layers
 from moeviz.models.loading import LoadedModel
 from moeviz.models.views import structural_copy
@@ -31,13 +32,14 @@ def route_text(loaded: LoadedModel, text: str, layer: int = 0, max_tokens: int =
         raise CalibrationDataError(f"layer {layer} does not exist; the model has {len(loaded.layers)} MoE layers")
     ids = loaded.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_tokens]
     view = structural_copy(loaded.model)
-    target = find_moe_layers(view, loaded.info.model_type)[layer]
+    target = find_moe_layers(view, loaded.layers)[layer]
     captured = {}
 
-    def hook(module, args, output):  # output = (logits [T, E], weights [T, k], indices [T, k])
-        captured["w"], captured["i"] = output[1].detach().float(), output[2].detach()
+    def routed(hidden, top_k_index, top_k_weights):  # what the experts receive, whatever the router returns
+        captured["w"], captured["i"] = top_k_weights.detach().float(), top_k_index.detach()
+        return experts_forward(target.experts, hidden, top_k_index, top_k_weights)
 
-    target.router.register_forward_hook(hook)
+    set_routed_forward(target, routed)
     view(input_ids=ids.to(loaded.device), use_cache=False)
     w, idx = captured["w"].cpu(), captured["i"].cpu()
     order = w.argsort(dim=1, descending=True)  # sort each token's experts by weight

@@ -27,7 +27,19 @@ from moeviz.destination import check_destination
 from moeviz.errors import MoevizError
 from moeviz.models.loading import LoadedModel
 
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
+                     "n_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "top_k_experts", "moe_topk", "moe_k", "num_experts_per_token")
+
+
+def _expert_axis(t, num_experts: int) -> int | None:
+    """The axis that indexes experts: dim 0 of size E ([E, ...] weights, [E] biases), or the only
+    non-singleton axis of a per-expert vector stored as e.g. [1, E]; None for other tensors."""
+    if t.dim() >= 1 and t.shape[0] == num_experts:
+        return 0
+    if t.numel() == num_experts and num_experts > 1:
+        return list(t.shape).index(num_experts)
+    return None
 
 
 def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dict, dict, list[str]]:
@@ -55,14 +67,14 @@ def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dic
                     "remove the same number from every group so group-limited routing is unchanged"
                 )
         keep = allowed.nonzero().squeeze(1)
-        for name in ("gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"):
-            key = f"{layer.experts_path}.{name}"
-            if key in state:
-                state[key] = state[key][keep].contiguous()
-        for name in ("weight", "bias", "e_score_correction_bias"):
-            key = f"{layer.router_path}.{name}"
-            if key in state:
-                state[key] = state[key][keep].contiguous()
+        # Every per-expert tensor has the expert on one axis: the experts' weights and biases, the router's
+        # rows (weight, bias, correction bias, per-expert scale) and the block's own per-expert biases.
+        prefix = f"{layer.experts_path}."
+        tensors = [(prefix + n, t) for n, t in list(layer.experts.named_parameters()) + list(layer.experts.named_buffers())]
+        for key, t in tensors + layer.per_expert_tensors():
+            axis = _expert_axis(t, layer.num_experts)
+            if key in state and axis is not None:
+                state[key] = state[key].index_select(axis, keep.to(state[key].device)).contiguous()
     first = compressed.layers[0]
     new_e = first.num_experts - removed_per_layer[0]
     changes["num_experts"] = new_e
@@ -102,6 +114,8 @@ def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | Non
         if result.get("latency_measured"):
             lines.append(f"- measured decode latency on the exporting machine: "
                          f"{result['latency_measured']['decode_ms_per_token']:.4g} ms/token (measured)")
+        elif result.get("latency_unavailable"):
+            lines.append(f"- measured decode latency: unavailable ({result['latency_unavailable']})")
     lines += [f"- {m}" for m in messages]
     return "\n".join(lines) + "\n"
 
@@ -115,14 +129,17 @@ def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Pa
     state, changes, messages = _sliced_state(loaded, compressed)
     config = type(loaded.model.config).from_dict(loaded.model.config.to_dict())
     if "num_experts" in changes:
+        text = config.get_text_config()
         for key in EXPERT_COUNT_KEYS:
-            if key in config.to_dict() or key in getattr(config, "attribute_map", {}):
-                setattr(config, key, changes["num_experts"])
+            if key in text.to_dict() or key in getattr(text, "attribute_map", {}):
+                setattr(text, key, changes["num_experts"])
         n_group = getattr(config, "n_group", None)
         if n_group and changes["num_experts"] % n_group:
             raise MoevizError(f"export: {changes['num_experts']} experts cannot be split into n_group={n_group} groups")
     if "top_k" in changes:
-        config.num_experts_per_tok = changes["top_k"]
+        for key in TOP_K_KEYS:
+            if key in config.to_dict():
+                setattr(config, key, changes["top_k"])
     # A real (randomly initialised) model, so non-persistent buffers such as rotary frequencies are
     # computed; every persistent tensor is then replaced by the compressed state.
     model = AutoModelForCausalLM.from_config(config, dtype=next(loaded.model.parameters()).dtype)

@@ -26,7 +26,9 @@ def calibrate_cached(loaded: LoadedModel, samples: TokenSamples, batch_size: int
     """(stats, loaded_from_cache). The settings that change the result are part of the key."""
     check_seq_len(samples.seq_len, loaded.max_context)  # windows past the context would be cached for good
     settings = dict(batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
-                    n_samples=samples.n_samples, seq_len=samples.seq_len, seed=samples.seed)
+                    n_samples=samples.n_samples, seq_len=samples.seq_len, seed=samples.seed,
+                    # the verified routing rules decide how probabilities are formed: part of the key, as in calibrate
+                    distributions=[l.distribution for l in loaded.layers])
     folder = (cache_dir or stats_cache_dir()) / stats_fingerprint(loaded.fingerprint, samples.fingerprint, settings)
     if (folder / "stats.json").exists():
         try:

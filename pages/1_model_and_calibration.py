@@ -38,6 +38,9 @@ cols[3].metric("Top-k", info.top_k)
 cols[4].metric("Parameters", f"{info.num_parameters / 1e6:.2f} M")
 cols[5].metric("Expert share", f"{info.expert_parameters / info.num_parameters:.0%}")
 st.caption(f"Routing rule: {info.routing_rule} · {info.dtype} on {info.device} · fingerprint {info.fingerprint}")
+if not getattr(info, "expert_removal", True):
+    st.info("This router's rule matched none moeviz knows: router probabilities show only the chosen experts' "
+            "weights, and expert removal is not available (pruning and quantization are).")
 
 st.subheader("Calibration")
 source_kind = st.radio("Calibration text", ["Bundled text", "Upload .txt / .jsonl", "Hugging Face dataset"],

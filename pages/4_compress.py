@@ -132,9 +132,14 @@ if result is not None:
                 f"base {base_proj['ms_per_token'] * 1000:.1f} µs", delta_color="off",
                 help="Roofline model: active weight bytes / bandwidth vs FLOPs / peak. A projection, not a measurement.")
     if m["latency_measured"]:
+        base_measured = m.get("base_latency_measured")
         c[4].metric("Decode, measured (this machine)", f"{m['latency_measured']['decode_ms_per_token']:.2f} ms/token",
-                    f"base {m['base_latency_measured']['decode_ms_per_token']:.2f} ms", delta_color="off",
+                    f"base {base_measured['decode_ms_per_token']:.2f} ms" if base_measured else "base unavailable",
+                    delta_color="off",
                     help="Wall clock here. Fake quantization and zeroed weights bring no speed-up; removed experts can.")
+    elif m.get("latency_unavailable"):
+        c[4].metric("Decode, measured (this machine)", "unavailable", help=m["latency_unavailable"])
+        st.caption(f"Measured latency is unavailable for this model: {m['latency_unavailable']}")
     st.caption(f"Stored as run #{st.session_state.last_run_id}. Evaluated on {m['eval_tokens']:,} held-out tokens in "
                f"{m['seconds']:.1f} s (apply {m['apply_seconds'] * 1000:.0f} ms).")
     c1, c2 = st.columns(2)

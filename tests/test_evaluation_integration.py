@@ -169,3 +169,39 @@ def test_balanced_subset_keeps_every_domain(loaded_tiny):
     sub = _balanced_subset(all_windows, 4)
     assert sub.n_samples == 4 and sorted(sub.domains) == ["code", "code", "prose", "prose"]
     assert sub.fingerprint != all_windows.fingerprint
+
+
+def test_failing_latency_measurement_is_isolated(setup, monkeypatch, tmp_path):
+    """A model whose cache cannot decode loses only its measured latency: the rest of the evaluation,
+    the metrics row, the run store, the trade-off chart and the export report still come back."""
+    import pandas as pd
+
+    from moeviz.evaluation import evaluate as ev_module
+    from moeviz.export import export_model
+    from moeviz.figures import tradeoff_chart
+
+    lm, stats, held, comp, _ = setup
+
+    def broken(*a, **k):
+        raise RuntimeError("this cache cannot decode\nsecond line")
+
+    monkeypatch.setattr(ev_module, "measure_latency", broken)
+    settings = EvalSettings(batch_size=4, record_tokens=64, latency_decode_tokens=1, latency_repeats=1)
+    result = Evaluator(lm, held, settings).evaluate(comp.apply(CompressionPlan(pruning=PruningSettings(
+        metric="wanda", sparsity=0.5))))
+    assert result.latency_measured is None and result.base_latency_measured is None
+    assert result.latency_unavailable == "RuntimeError: this cache cannot decode"
+    assert result.perplexity > 0 and result.latency_projected["ms_per_token"] > 0
+    metrics = result.metrics()
+    assert "measured_decode_ms" not in metrics
+    store = RunStore(tmp_path / "runs.sqlite")
+    from moeviz.store import RunRecord
+
+    run_id = store.add_run(RunRecord(name="no latency", model_fingerprint=lm.fingerprint, metrics=metrics,
+                                     plan=result.plan))
+    assert store.get_run(run_id).metrics.get("measured_decode_ms") is None
+    frame = pd.DataFrame([{**metrics, "measured_decode_ms": None, "name": "r"}])
+    tradeoff_chart(frame, latency_col="measured_decode_ms")  # never raises
+    out = export_model(lm, comp.apply(CompressionPlan()), tmp_path / "out", result=result.to_dict())
+    assert "measured decode latency: unavailable (RuntimeError: this cache cannot decode)" in \
+        (out / "moeviz_report.md").read_text()

@@ -17,10 +17,10 @@ import torch
 
 from moeviz.calibration.stats import CalibrationStats, LayerStats
 from moeviz.data import TokenSamples
-from moeviz.models.experts import experts_forward
+from moeviz.models.experts import experts_forward, set_routed_forward
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.loading import LoadedModel
-from moeviz.models.routing import full_distribution
+from moeviz.models.routing import full_distribution, selected_distribution
 from moeviz.models.views import structural_copy
 
 ProgressFn = Callable[[int, int], None]
@@ -34,7 +34,7 @@ class _LayerCollector:
         E, H, I, k = layer.num_experts, layer.hidden_size, layer.intermediate_size, layer.top_k
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         self.layer, self.bins, self.record_cap = layer, bins, record_cap
-        self.kind = layer.adapter.distribution
+        self.kind = layer.distribution
         self.routed, self.top1, self.prob_sum, self.gate_sum, self.gate_out = z(E), z(E), z(E), z(E), z(E)
         self.in_sq, self.in_sq_w, self.down_sq, self.down_sq_w = z(E, H), z(E, H), z(E, I), z(E, I)
         self.coact, self.domain, self.hist = z(E, E), z(n_domains, E), z(E, bins)
@@ -46,12 +46,16 @@ class _LayerCollector:
 
     # -- router hook: remember this batch's logits [T, E]
     def router_hook(self, module, args, output):
-        self.logits = output[0].detach().reshape(-1, self.layer.num_experts)
+        if self.kind != "selected":  # a verified rule: the logits [.., E] are at the adapter's logits slot
+            self.logits = output[self.layer.adapter.logits_slot].detach().reshape(-1, self.layer.num_experts)
 
     # -- replacement for experts.forward
     def experts_forward(self, hidden_states, top_k_index, top_k_weights):
         E = self.layer.num_experts
-        probs = full_distribution(self.logits, self.kind)  # [T, E], rows sum to 1
+        if self.kind == "selected":  # unknown rule: only the chosen experts' weights are known
+            probs = selected_distribution(top_k_index, top_k_weights, E)
+        else:
+            probs = full_distribution(self.logits, self.kind)  # [T, E], rows sum to 1
         self.prob_sum += probs.sum(0)
         # Histogram: bin b of expert e counts tokens with b/B <= p < (b+1)/B; flat index e*B + b.
         b = (probs * self.bins).long().clamp_(max=self.bins - 1)
@@ -123,13 +127,13 @@ def calibrate(
     """
     start = time.perf_counter()
     view = structural_copy(loaded.model)
-    layers = find_moe_layers(view, loaded.info.model_type)
+    layers = find_moe_layers(view, loaded.layers)
     device = loaded.device
     domains = samples.domain_index()
     collectors = [_LayerCollector(l, len(samples.domain_names), hist_bins, record_tokens, device) for l in layers]
     for c in collectors:
         c.layer.router.register_forward_hook(c.router_hook)
-        c.layer.experts.forward = c.experts_forward  # instance attribute: only this copy is instrumented
+        set_routed_forward(c.layer, c.experts_forward)  # instance attribute: only this copy is instrumented
 
     n = samples.n_samples
     rec_ids, rec_dom = [], []
@@ -152,7 +156,8 @@ def calibrate(
             progress(min(start_i + batch_size, n), n)
 
     settings = dict(batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
-                    n_samples=n, seq_len=samples.seq_len, seed=samples.seed)
+                    n_samples=n, seq_len=samples.seq_len, seed=samples.seed,
+                    distributions=[l.distribution for l in layers])
     return CalibrationStats(
         model_fingerprint=loaded.fingerprint,
         data_fingerprint=samples.fingerprint,

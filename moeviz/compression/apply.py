@@ -28,6 +28,7 @@ from moeviz.compression.quantize import fake_quantize_activations, quantize_weig
 from moeviz.compression.scores import importance_scores
 from moeviz.data import TokenSamples
 from moeviz.errors import PlanError
+from moeviz.models.experts import set_routed_forward
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.loading import LoadedModel
 from moeviz.models.views import structural_copy
@@ -155,12 +156,25 @@ def resolve_settings(plan: CompressionPlan, layers: list[MoELayer], stats: Calib
 
 # ---------------------------------------------------------------------------- forwards on the copy
 
-def _rerouted_forward(self, hidden_states):
-    """Router forward that can never choose a removed expert: the family's own routing rule over
-    logits where removed experts are -inf (tokens are re-routed among the rest, not dropped)."""
-    logits = self.moeviz_adapter.router_logits(self, hidden_states)
-    weights, indices = self.moeviz_adapter.route(self, logits, self.moeviz_allowed)
-    return logits.masked_fill(~self.moeviz_allowed.to(logits.device), float("-inf")), weights, indices
+def _rerouted_forward(self, *args, **kwargs):
+    """Router forward that can never choose a removed expert: the router's own forward, then its top-k
+    weights and ids (at the output positions found when the rule was verified) replaced by the verified
+    rule over logits where removed experts are -inf (tokens are re-routed among the rest, not dropped)."""
+    adapter = self.moeviz_adapter
+    out = list(self.moeviz_router_forward(*args, **kwargs))
+    logits = out[adapter.logits_slot]
+    allowed = self.moeviz_allowed.to(logits.device)
+    flat = logits.reshape(-1, logits.shape[-1])  # [T, E]
+    weights, indices = adapter.route(self, flat, allowed)
+    if adapter.dense:  # dense scores [T, E]: the chosen experts' weights, 0 elsewhere
+        out[0] = torch.zeros_like(flat, dtype=out[0].dtype).scatter(1, indices, weights.to(out[0].dtype)) \
+            .reshape(out[0].shape)
+    else:
+        w_slot, i_slot = adapter.output_slots
+        out[w_slot] = weights.to(out[w_slot].dtype).reshape(out[w_slot].shape)
+        out[i_slot] = indices.to(out[i_slot].dtype).reshape(out[i_slot].shape)
+    out[adapter.logits_slot] = logits.masked_fill(~allowed, float("-inf"))
+    return tuple(out)
 
 
 def _activation_quantized_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -221,7 +235,7 @@ class Compressor:
             raise PlanError(f"pruning.metric {plan.pruning.metric!r} needs calibration statistics; calibrate first")
 
         view = structural_copy(self.loaded.model)
-        layers = find_moe_layers(view, self.loaded.info.model_type)
+        layers = find_moe_layers(view, self.loaded.layers)
         replaced: list[str] = []
         masks: dict[str, torch.Tensor] | None = {} if keep_masks else None
         for layer in layers:
@@ -281,20 +295,21 @@ class Compressor:
                     gs = group_size_for(plan.quant.group_size, w.shape[-1], proj, layer)
                     w[idx] = quantize_weight(w[idx], b, gs, plan.quant.symmetric).dequantized
             if removed.any():
+                if not layer.adapter.supports_rerouting:
+                    raise PlanError(
+                        f"removed_experts: the router at {layer.router_path} follows no routing rule moeviz could "
+                        "verify, so tokens cannot be re-routed; expert removal is not available for this model"
+                    )
                 idx = torch.as_tensor(np.flatnonzero(removed))
                 for proj in layer.projections():
                     layer.weight(proj)[idx] = 0
                 router = layer.router
                 router.moeviz_adapter = layer.adapter
                 router.moeviz_allowed = torch.as_tensor(~removed)
-                if not layer.adapter.supports_rerouting:
-                    raise PlanError(
-                        f"removed_experts: re-routing is not implemented for the {layer.adapter.name} family "
-                        f"({layer.path}); expert removal is supported for {', '.join(_rerouting_families())}"
-                    )
+                router.moeviz_router_forward = router.forward  # the class's forward, bound to this copy
                 router.forward = types.MethodType(_rerouted_forward, router)
         if plan.router_sparsity > 0 or plan.router_bits < 16:
-            w = layer.router.weight.detach().clone()
+            w = layer.router_weight.detach().clone()
             if plan.router_sparsity > 0:
                 keep = unstructured_row_mask(importance_scores(w, "magnitude"), plan.router_sparsity)
                 w.mul_(keep)
@@ -303,11 +318,11 @@ class Compressor:
             if plan.router_bits < 16:
                 w = quantize_weight(w, plan.router_bits, group_size_for(plan.quant.group_size, w.shape[-1], "router", layer),
                                     plan.quant.symmetric).dequantized
-            layer.router.weight = nn.Parameter(w, requires_grad=False)
-            replaced.append(f"{layer.router_path}.weight")
+            setattr(layer.router_proj, layer.router_weight_name, nn.Parameter(w, requires_grad=False))
+            replaced.append(layer.router_weight_path)
         if plan.activation_bits < 16:
             layer.experts.moeviz_input_transform = _act_quantizer(plan.activation_bits)
-            layer.experts.forward = types.MethodType(_activation_quantized_forward, layer.experts)
+            set_routed_forward(layer, types.MethodType(_activation_quantized_forward, layer.experts))
         return replaced
 
     # -- reporting
@@ -342,7 +357,7 @@ class Compressor:
                     exp_base += st.dense_bytes
                     exp_bytes += st.bytes
                     tensors.append(dict(layer=layer.index, expert=e, tensor=proj, **asdict(st)))
-            w = layer.router.weight
+            w = layer.router_weight
             st = storage_for(tuple(w.shape), dtype_bytes=w.element_size(),
                              sparsity=plan.router_sparsity,
                              structure="unstructured" if plan.router_sparsity > 0 else None,
@@ -395,12 +410,6 @@ def group_size_for(group_size: int, in_features: int, what: str, layer: MoELayer
             f"{layer.path}; choose a divisor of {in_features} or -1 (one group per row)"
         )
     return group_size
-
-
-def _rerouting_families() -> list[str]:
-    from moeviz.models.adapters import ADAPTERS
-
-    return [a.name for a in ADAPTERS if a.supports_rerouting]
 
 
 def apply_plan(loaded: LoadedModel, stats: CalibrationStats | None, plan: CompressionPlan,

@@ -59,6 +59,7 @@ class ModelRun:
     routing: CalibrationStats
     measured_latency: dict | None
     seconds: float
+    latency_unavailable: str | None = None  # why measured latency is None although it was asked for
 
 
 @dataclass
@@ -76,7 +77,7 @@ class EvalResult:
     drift: list[dict]  # per layer: topk_overlap, top1_change_rate, kl
     load_balance: list[dict]  # per layer: CV from top-k and top-1 counts, base and compressed
     utilization: dict  # {"base": [L][E], "compressed": [L][E], "shift": [L][E]}
-    latency_measured: dict | None  # kind = "measured", this machine
+    latency_measured: dict | None  # kind = "measured", this machine; None if not measured or unavailable
     base_latency_measured: dict | None
     latency_projected: dict  # kind = "projected", roofline on `accelerator`
     base_latency_projected: dict
@@ -84,6 +85,8 @@ class EvalResult:
     apply_seconds: float
     eval_tokens: int
     eval_fingerprint: str
+    # Why measured latency is missing although it was asked for (e.g. the model's cache cannot decode).
+    latency_unavailable: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -123,7 +126,10 @@ def _top1(record_topk: torch.Tensor, record_probs: torch.Tensor) -> torch.Tensor
     top-k unsorted, e.g. DeepSeek-V3's group routing)."""
     if record_topk.numel() == 0:
         return record_topk.new_zeros(0)
-    return record_topk.gather(1, record_probs.gather(1, record_topk).argmax(1, keepdim=True)).squeeze(1)
+    E = record_probs.shape[1]
+    # Ids >= E (zero-compute or sentinel experts) have no probability: they never count as the top-1.
+    p = record_probs.gather(1, record_topk.clamp(max=E - 1)).masked_fill(record_topk >= E, -1.0)
+    return record_topk.gather(1, p.argmax(1, keepdim=True)).squeeze(1)
 
 
 def _latency_inputs(loaded: LoadedModel, storage_tensors: list[dict], layers_E: list[int]):
@@ -145,8 +151,8 @@ def _latency_inputs(loaded: LoadedModel, storage_tensors: list[dict], layers_E: 
     all_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     exp_params = sum(l.expert_param_count() * l.num_experts for l in loaded.layers)
     exp_dense_bytes = sum(l.expert_param_count() * l.num_experts * l.weight("down").element_size() for l in loaded.layers)
-    rt_params = sum(l.router.weight.numel() for l in loaded.layers)
-    rt_dense_bytes = sum(l.router.weight.numel() * l.router.weight.element_size() for l in loaded.layers)
+    rt_params = sum(l.router_weight.numel() for l in loaded.layers)
+    rt_dense_bytes = sum(l.router_weight.numel() * l.router_weight.element_size() for l in loaded.layers)
     other_params = all_params - exp_params - rt_params
     other_bytes = all_bytes - exp_dense_bytes - rt_dense_bytes
     # Decoding reads one row of an (untied) input embedding table, not the whole table.
@@ -182,11 +188,14 @@ class Evaluator:
         s = self.settings
         routing = calibrate(loaded, self.samples, batch_size=s.batch_size, record_tokens=s.record_tokens,
                             progress=progress, on_batch=lambda ids, dom, logits: acc.add(logits, ids, dom.tolist()))
-        latency = None
+        latency, why = None, None
         if s.measure_latency:
             prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
-            latency = asdict(measure_latency(loaded.model, prompt, s.latency_decode_tokens, s.latency_repeats))
-        return ModelRun(acc.result(), routing, latency, time.perf_counter() - start)
+            try:
+                latency = asdict(measure_latency(loaded.model, prompt, s.latency_decode_tokens, s.latency_repeats))
+            except Exception as e:  # e.g. a cache that cannot decode: only this measurement is lost
+                why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+        return ModelRun(acc.result(), routing, latency, time.perf_counter() - start, why)
 
     def _projected(self, storage_tensors, routing: CalibrationStats) -> dict:
         eb, em, dense_b, dense_m = _latency_inputs(self.loaded, storage_tensors, [l.num_experts for l in self.loaded.layers])
@@ -234,6 +243,7 @@ class Evaluator:
             base_latency_projected=self._base_projected,
             seconds=time.perf_counter() - start, apply_seconds=compressed.seconds,
             eval_tokens=self.samples.n_tokens, eval_fingerprint=self.samples.fingerprint,
+            latency_unavailable=run.latency_unavailable or self.base.latency_unavailable,
         )
 
 

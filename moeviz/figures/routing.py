@@ -63,6 +63,21 @@ def utilization_heatmap(stats) -> go.Figure:
 
 
 # ---------------------------------------------------------------------------------- probabilities
+DISTRIBUTION_AXIS = {
+    "softmax": "Router probability (softmax of the logits, 0–1)",
+    "sigmoid": "Router score share (sigmoid scores normalised to sum to 1, 0–1)",
+    "probs": "Router probability (as the router returns it, 0–1)",
+    "selected": "Chosen experts' weight share (routing rule not verified: unchosen experts count as 0)",
+}
+
+
+def distribution_kind(stats, layer: int) -> str:
+    """How calibration formed layer `layer`'s router distribution ("softmax" for statistics saved
+    before the kind was recorded, when every family was shown as a softmax)."""
+    kinds = (getattr(stats, "settings", None) or {}).get("distributions") or []
+    return kinds[layer] if layer < len(kinds) else "softmax"
+
+
 def router_probability_histogram(stats, layer: int, experts: list[int] | None = None,
                                  log_y: bool = False) -> go.Figure:
     """Distribution of the router probability each expert gets, over all calibration tokens.
@@ -95,7 +110,8 @@ def router_probability_histogram(stats, layer: int, experts: list[int] | None = 
         ))
     fig.update_layout(
         title=f"Router probability distribution, MoE layer {layer} (decoder layer {ls.layer})",
-        xaxis=dict(title="Router probability (softmax/sigmoid output, 0–1)", range=[0, 1]),
+        xaxis=dict(title=DISTRIBUTION_AXIS.get(distribution_kind(stats, layer), DISTRIBUTION_AXIS["softmax"]),
+                   range=[0, 1]),
         yaxis=dict(title="Tokens (count" + (", log scale)" if log_y else ")"), type="log" if log_y else "linear"),
         legend=dict(title="Expert"), template=_TEMPLATE,
     )

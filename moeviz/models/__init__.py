@@ -1,6 +1,6 @@
 """Model layer: loading, per-family adapters, and a uniform description of MoE layers."""
 
-from moeviz.models.adapters import FamilyAdapter, adapter_for, supported_model_types
+from moeviz.models.adapters import FamilyAdapter, supported_model_types
 from moeviz.models.experts import experts_forward
 from moeviz.models.layers import MoELayer, find_moe_layers, require_moe_layers
 from moeviz.models.loading import DEMO_MODEL_DIR, LoadedModel, ModelInfo, describe_model, load_model
@@ -11,7 +11,6 @@ __all__ = [
     "LoadedModel",
     "MoELayer",
     "ModelInfo",
-    "adapter_for",
     "describe_model",
     "experts_forward",
     "find_moe_layers",

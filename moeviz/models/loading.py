@@ -48,6 +48,8 @@ class ModelInfo:
     family: str
     routing_rule: str
     fingerprint: str
+    distribution: str = "softmax"  # "softmax" / "sigmoid": full router distribution; "selected": chosen weights only
+    expert_removal: bool = True  # the routing rule is verified, so tokens can be re-routed
     expert_parameters: int = 0
     layers: list[dict] = field(default_factory=list)
 
@@ -398,6 +400,7 @@ def load_model(
     model.requires_grad_(False)
     check_finite(model, torch_dtype)
     layers = require_moe_layers(model)
+    verify_model_layers(model, layers)
     first = layers[0]
     info = ModelInfo(
         source=source,
@@ -413,17 +416,36 @@ def load_model(
         family=first.adapter.name,
         routing_rule=first.routing_rule,
         fingerprint=_fingerprint(source, local, config),
-        expert_parameters=sum(l.experts.gate_up_proj.numel() if l.has_gate else l.experts.up_proj.numel()
-                              for l in layers) + sum(l.experts.down_proj.numel() for l in layers),
+        distribution=first.distribution,
+        expert_removal=all(l.adapter.supports_rerouting for l in layers),
+        expert_parameters=sum(l.expert_param_count() * l.num_experts for l in layers),
         layers=[l.to_dict() for l in layers],
     )
     info.fingerprint = model_fingerprint(info.fingerprint, info.dtype, _placement(model, device_map))
     return LoadedModel(model=model, tokenizer=tokenizer, layers=layers, info=info)
 
 
+def verify_model_layers(model: nn.Module, layers: list[MoELayer]) -> None:
+    """`verify_layers` with a failing probe forward turned into a one-line refusal."""
+    from moeviz.errors import NotAnMoEModelError
+    from moeviz.models.verify import verify_layers
+
+    try:
+        verify_layers(model, layers)
+    except NotAnMoEModelError:
+        raise
+    except Exception as e:  # the model's own forward failed on random tokens
+        first = (str(e).splitlines() or [""])[0][:160]
+        raise NotAnMoEModelError(
+            f"{type(model).__name__}: a forward pass on random tokens failed ({type(e).__name__}: {first})"
+        ) from e
+
+
 def describe_model(model: nn.Module) -> list[MoELayer]:
-    """The MoE layers of an already-built model (e.g. one you constructed yourself)."""
-    return require_moe_layers(model)
+    """The MoE layers of an already-built model (e.g. one you constructed yourself), routing verified."""
+    layers = require_moe_layers(model)
+    verify_model_layers(model, layers)
+    return layers
 
 
 __all__ = ["LoadedModel", "ModelInfo", "ModelShape", "load_model", "inspect_model", "context_length", "check_finite",

@@ -103,7 +103,7 @@ def router_constraint(compressed: CompressedModel, layer: MoELayer) -> Constrain
     keep = compressed.masks.get(f"{layer.index}.router")
     quant = []
     if plan.router_bits < 16:
-        w = layer.router.weight
+        w = layer.router_weight
         gs = group_size_for(plan.quant.group_size, w.shape[-1], "router", layer)
         quant.append(_QuantGroup(None, torch.tensor([0]), plan.router_bits, gs, plan.quant.symmetric))
     return ConstrainedWeight(keep, quant, None) if keep is not None or quant else None
@@ -124,9 +124,9 @@ def make_trainable(compressed: CompressedModel, base: nn.Module, train_router: b
             if isinstance(getattr(layer.experts, name, None), torch.Tensor):
                 targets.append((layer.experts, name, None))
         if train_router:
-            targets.append((layer.router, "weight", router_constraint(compressed, layer)))
-            if isinstance(getattr(layer.router, "bias", None), torch.Tensor):
-                targets.append((layer.router, "bias", None))
+            targets.append((layer.router_proj, layer.router_weight_name, router_constraint(compressed, layer)))
+            if layer.router_has_bias:
+                targets.append((layer.router_proj, "bias", None))
         for module, name, constraint in targets:
             p = _clone_if_shared(module, name, base_ptrs)
             if constraint is not None:
@@ -140,7 +140,7 @@ def make_trainable(compressed: CompressedModel, base: nn.Module, train_router: b
 def release(compressed: CompressedModel) -> None:
     """Write the exact constrained values C(W) into plain frozen parameters (undo `make_trainable`)."""
     for layer in compressed.layers:
-        for module in (layer.experts, layer.router):
+        for module in (layer.experts, layer.router_proj):
             if parametrize.is_parametrized(module):
                 for name in list(module.parametrizations.keys()):
                     plist = module.parametrizations[name]

@@ -29,7 +29,7 @@ from moeviz.compression.apply import CompressedModel, Compressor
 from moeviz.compression.plan import CompressionPlan
 from moeviz.data import TokenSamples
 from moeviz.errors import PlanError
-from moeviz.models.experts import expert_output, experts_forward
+from moeviz.models.experts import expert_output, experts_forward, gate_on_input, routed_forward_slot, set_routed_forward
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.views import structural_copy
 from moeviz.recovery.constraints import make_trainable, release
@@ -110,7 +110,9 @@ class _RouterTap:
         self.handle = layer.router.register_forward_hook(self)
 
     def __call__(self, module, args, output):
-        logits = output[0] if isinstance(output, tuple) else output
+        if self.layer.distribution == "selected":
+            return  # unverified routing rule: no full distribution to distil
+        logits = output[self.layer.adapter.logits_slot] if isinstance(output, tuple) else output
         logits = logits.reshape(-1, self.layer.num_experts)
         self.logits = logits.detach() if self.detach else logits
 
@@ -121,15 +123,19 @@ class _ExpertDistiller:
 
     def __init__(self, student: MoELayer, teacher: MoELayer):
         self.student, self.teacher = student, teacher
-        self.saved_forward = student.experts.__dict__.get("forward")  # e.g. activation fake-quant
+        self.slot = routed_forward_slot(student.experts)
+        self.saved_forward = student.experts.__dict__.get(self.slot)  # e.g. activation fake-quant
         self.transform = getattr(student.experts, "moeviz_input_transform", None)
         self.terms: list[torch.Tensor] = []
-        student.experts.forward = self.forward
+        set_routed_forward(student, self.forward)
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         def observe(e, token_idx, gate, x, h, y):
             with torch.no_grad():
-                _, y_teacher = expert_output(self.teacher.experts, e, hidden_states[token_idx].detach())
+                x_teacher = hidden_states[token_idx].detach()
+                if gate_on_input(self.teacher.experts):  # Llama 4 scales the expert's input by its weight
+                    x_teacher = x_teacher * gate.detach()[:, None].to(x_teacher.dtype)
+                _, y_teacher = expert_output(self.teacher.experts, e, x_teacher)
             self.terms.append(expert_mse(y, y_teacher))
 
         transform = None
@@ -141,16 +147,16 @@ class _ExpertDistiller:
     def take(self) -> torch.Tensor:
         # A layer whose experts saw no token this batch contributes a zero on the model's device
         # (a CPU zero would not stack with CUDA terms of the other layers).
-        device = self.student.router.weight.device
+        device = self.student.router_weight.device
         total = torch.stack(self.terms).sum() if self.terms else torch.zeros((), device=device)
         self.terms = []
         return total
 
     def restore(self) -> None:
         if self.saved_forward is None:
-            del self.student.experts.forward
+            delattr(self.student.experts, self.slot)
         else:
-            self.student.experts.forward = self.saved_forward
+            setattr(self.student.experts, self.slot, self.saved_forward)
 
 
 def _batches(samples: TokenSamples, batch_size: int, seed: int):
@@ -174,7 +180,7 @@ class DistillationSession:
         self.student.model.eval()
         self.teacher = structural_copy(loaded.model)  # a hookable view of the base; shares every tensor
         self.teacher.eval()
-        teacher_layers = find_moe_layers(self.teacher, loaded.info.model_type)
+        teacher_layers = find_moe_layers(self.teacher, loaded.layers)
         self.params = make_trainable(self.student, loaded.model, train_router=train_router)
         self.distillers = [_ExpertDistiller(s, t) for s, t in zip(self.student.layers, teacher_layers)]
         self.student_taps = [_RouterTap(l, detach=False) for l in self.student.layers]
@@ -200,6 +206,8 @@ class DistillationSession:
         kl = torch.zeros((), device=self.device)
         if with_router:
             for i, (s, t) in enumerate(zip(self.student_taps, self.teacher_taps)):
+                if t.logits is None or s.logits is None:
+                    continue
                 kl = kl + router_kl(t.logits, s.logits, s.layer.adapter.distribution,
                                     self.student.allowed_experts(i))
         return dict(ce=ce, expert_mse=mse, router_kl=kl)

@@ -39,7 +39,10 @@ def _log_distribution(logits: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "sigmoid":
         log_scores = F.logsigmoid(logits.float())
         return log_scores - torch.logsumexp(log_scores, dim=-1, keepdim=True)
-    raise ValueError(f"unknown router distribution kind {kind!r}; expected 'softmax' or 'sigmoid'")
+    if kind == "probs":  # the router returns probabilities itself (removed experts: 0, so log 0 = -inf)
+        p = logits.float().clamp_min(0)
+        return torch.log(p / p.sum(dim=-1, keepdim=True).clamp_min(1e-20))
+    raise ValueError(f"unknown router distribution kind {kind!r}; expected 'softmax', 'sigmoid' or 'probs'")
 
 
 def router_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor, kind: str,
