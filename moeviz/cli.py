@@ -169,10 +169,19 @@ def _check_against_model(args, plans) -> None:
 
     shape = inspect_model(args.model, trust_remote_code=args.trust_remote_code)
     for plan in plans:
-        check_plan_fits(plan, shape.layers)
+        check_plan_fits(plan, shape.layers, routing_known=False)
     for typed in (args.seq_len, args.eval_seq_len):
         if typed is not None:
             check_seq_len(typed, shape.max_context)
+
+
+def _check_loaded(lm, plans) -> None:
+    """Checks that need the loaded model (whether its routing rule was verified, so removed experts can
+    be re-routed): made before calibrating."""
+    from moeviz.compression.apply import check_plan_fits
+
+    for plan in plans:
+        check_plan_fits(plan, lm.layers)
 
 
 def cmd_evaluate(args) -> int:
@@ -184,6 +193,7 @@ def cmd_evaluate(args) -> int:
     _check_before_load(args)
     _check_against_model(args, [plan])
     lm = _load(args)
+    _check_loaded(lm, [plan])
     stats, samples = _calibrated(args, lm)
     result, run_id = evaluate_plan(Compressor(lm, stats), _evaluator(args, lm), plan,
                                    None if args.no_store else RunStore(args.store), samples=samples)
@@ -210,6 +220,7 @@ def cmd_sweep(args) -> int:
     _check_before_load(args)
     _check_against_model(args, plans)
     lm = _load(args)
+    _check_loaded(lm, plans)
     stats, samples = _calibrated(args, lm)
     evaluator = _evaluator(args, lm)
     with tqdm(total=len(plans), desc="sweep", unit="plan", file=sys.stderr) as bar:
@@ -229,6 +240,7 @@ def cmd_export(args) -> int:
     check_destination(_source(args), args.out, args.overwrite)  # before loading, and again when writing
     _check_against_model(args, [plan])
     lm = _load(args)
+    _check_loaded(lm, [plan])
     stats, samples = _calibrated(args, lm)
     compressed = Compressor(lm, stats).apply(plan, samples)  # applied once: evaluated and exported as is
     result = None if args.no_eval else _evaluator(args, lm).evaluate(compressed).to_dict()
@@ -256,6 +268,7 @@ def cmd_recover(args) -> int:
         check_destination(_source(args), args.out, args.overwrite)  # fail before loading and training
     _check_against_model(args, [plan])
     lm = _load(args)
+    _check_loaded(lm, [plan])
     stats, samples = _calibrated(args, lm)
     compressor, evaluator = Compressor(lm, stats), _evaluator(args, lm)
     store = None if args.no_store else RunStore(args.store)

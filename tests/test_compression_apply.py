@@ -329,7 +329,7 @@ def test_sequential_equals_layer_by_layer_recalibration_by_hand(mixtral, metric,
         assert torch.equal(lo.experts.down_proj, la.experts.down_proj)
 
     partial = copy.deepcopy(lm.model)
-    partial_layers = find_moe_layers(partial, lm.info.model_type)
+    partial_layers = find_moe_layers(partial, lm.layers)
     layer_stats = stats.layers[0]
     for i, base_layer in enumerate(lm.layers):
         if i > 0:  # statistics of layer i's inputs, as produced by the already-pruned layers before it

@@ -295,11 +295,7 @@ class Compressor:
                     gs = group_size_for(plan.quant.group_size, w.shape[-1], proj, layer)
                     w[idx] = quantize_weight(w[idx], b, gs, plan.quant.symmetric).dequantized
             if removed.any():
-                if not layer.adapter.supports_rerouting:
-                    raise PlanError(
-                        f"removed_experts: the router at {layer.router_path} follows no routing rule moeviz could "
-                        "verify, so tokens cannot be re-routed; expert removal is not available for this model"
-                    )
+                _check_rerouting(layer)
                 idx = torch.as_tensor(np.flatnonzero(removed))
                 for proj in layer.projections():
                     layer.weight(proj)[idx] = 0
@@ -374,10 +370,14 @@ class Compressor:
         return StorageReport(tensors, exp_base, exp_bytes, r_base, r_bytes, other)
 
 
-def check_plan_fits(plan: CompressionPlan, layers: list[MoELayer]) -> CompressionPlan:
+def check_plan_fits(plan: CompressionPlan, layers: list[MoELayer], routing_known: bool = True) -> CompressionPlan:
     """Every PlanError this model can raise, found from the layers' shapes alone (no calibration,
     no weight touched): indices, removal, N:M width and quantization group size. The CLI calls it
-    right after loading, so a bad plan fails in seconds, not after calibrating."""
+    before loading (on a weightless copy) and again right after, so a bad plan fails in seconds, not
+    after calibrating.
+
+    routing_known: False for a weightless copy, whose routing rule is not verified yet (that needs a
+    forward with the real weights), so whether removal can re-route is only checked once loaded."""
     plan.validate([l.num_experts for l in layers], [l.top_k for l in layers])
     nm = plan.nm()
     removed_layers = {layer for layer, _ in plan.removed_experts}
@@ -391,13 +391,18 @@ def check_plan_fits(plan: CompressionPlan, layers: list[MoELayer]) -> Compressio
                     "(e.g. 2:4 or 4:8)"
                 )
             group_size_for(plan.quant.group_size, in_features, proj, layer)  # the storage report sizes every tensor
-        group_size_for(plan.quant.group_size, layer.router.weight.shape[-1], "router", layer)
-        if layer.index in removed_layers and not layer.adapter.supports_rerouting:
-            raise PlanError(
-                f"removed_experts: re-routing is not implemented for the {layer.adapter.name} family "
-                f"({layer.path}); expert removal is supported for {', '.join(_rerouting_families())}"
-            )
+        group_size_for(plan.quant.group_size, layer.router_weight.shape[-1], "router", layer)
+        if routing_known and layer.index in removed_layers:
+            _check_rerouting(layer)
     return plan
+
+
+def _check_rerouting(layer: MoELayer) -> None:
+    if not layer.adapter.supports_rerouting:
+        raise PlanError(
+            f"removed_experts: the router at {layer.router_path} follows no routing rule moeviz could "
+            "verify, so tokens cannot be re-routed; expert removal is not available for this model"
+        )
 
 
 def group_size_for(group_size: int, in_features: int, what: str, layer: MoELayer) -> int:
