@@ -1,0 +1,80 @@
+"""Issue 16: typed ratios, N:M notes, bulk edits and the plan's bytes without compressing."""
+
+import pytest
+
+from moeviz.compression.plan import CompressionPlan, Override, PruningSettings
+from moeviz.compression.table import (
+    apply_table_edits, format_ratio, ignored_override_note, overridden_cells, parse_ratio, prune_below_utilization,
+    set_layer,
+)
+from moeviz.errors import PlanError
+
+
+@pytest.mark.parametrize("text,value", [("50 %", 0.5), ("50%", 0.5), (" 12.5 % ", 0.125), ("0.5", 0.5), (0.25, 0.25),
+                                        ("0", 0.0), ("0,3", 0.3)])
+def test_ratios_accept_percent_and_fractions(text, value):
+    assert parse_ratio(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text,message", [("50", "write 50 %"), ("1", "outside"), ("100 %", "outside"),
+                                          ("-5 %", "outside"), ("half", "not a ratio"), (1.5, "outside")])
+def test_out_of_range_ratios_are_refused_with_a_message(text, message):
+    with pytest.raises(PlanError, match=message):
+        parse_ratio(text)
+
+
+def rows(sparsity=0.4375):
+    return [dict(layer=0, expert=e, utilization=u, mean_gate=0.5, sparsity=sparsity, bits=16, remove=False)
+            for e, u in enumerate([0.05, 0.4, 0.02, 0.53])]
+
+
+def test_table_text_cells_unchanged_text_is_no_edit_and_typed_percent_is():
+    before = rows()
+    shown = [{**r, "sparsity": format_ratio(r["sparsity"])} for r in before]
+    assert shown[0]["sparsity"] == "43.75 %"
+    assert apply_table_edits(CompressionPlan(), before, shown).overrides == []  # rounding never makes an override
+    after = [dict(r) for r in shown]
+    after[1]["sparsity"] = "80 %"
+    plan = apply_table_edits(CompressionPlan(), before, after)
+    assert [(o.layer, o.expert, o.sparsity) for o in plan.overrides] == [(0, 1, 0.8)]
+    after[1]["sparsity"] = "80"
+    with pytest.raises(PlanError, match="layer 0 expert 1.*write 80 %"):
+        apply_table_edits(CompressionPlan(), before, after)
+    numeric = [dict(r) for r in before]
+    numeric[2]["sparsity"] = 50.0  # a number out of range is refused too, never clamped
+    with pytest.raises(PlanError, match="outside"):
+        apply_table_edits(CompressionPlan(), before, numeric)
+
+
+def test_n_m_note_names_overrides_it_does_not_use():
+    plan = CompressionPlan(pruning=PruningSettings(structure="2:4"),
+                           overrides=[Override(0, 1, sparsity=0.3), Override(1, 2, sparsity=0.0), Override(1, 3, bits=4)])
+    note = ignored_override_note(plan)
+    assert note and "1 override(s)" in note and "layer 0 expert 1" in note and "unstructured" in note
+    plan.pruning.structure = "unstructured"
+    assert ignored_override_note(plan) is None
+
+
+def test_bulk_set_layer_and_prune_below_utilization():
+    plan = CompressionPlan(overrides=[Override(0, 1, sparsity=0.2, bits=4), Override(1, 0, sparsity=0.1)])
+    new = set_layer(plan, 0, sparsity=0.6)
+    assert {(o.layer, o.expert): (o.sparsity, o.bits) for o in new.overrides} == {
+        (0, 1): (None, 4), (1, 0): (0.1, None), (0, None): (0.6, None)}
+    assert plan.overrides[0].sparsity == 0.2  # the original is not modified
+    new, n = prune_below_utilization(CompressionPlan(), rows(), 0.1, 0.7)
+    assert n == 2 and {(o.expert, o.sparsity) for o in new.overrides} == {(0, 0.7), (2, 0.7)}
+    assert overridden_cells(new) == {(0, 0): {"sparsity"}, (0, 2): {"sparsity"}}
+
+
+def test_plan_storage_matches_the_applied_model(loaded_tiny):
+    from moeviz.compression.apply import Compressor
+    from moeviz.compression.preview import expert_bytes, plan_storage
+
+    lm = loaded_tiny("mixtral")
+    comp = Compressor(lm)
+    plan = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5), removed_experts=[(0, 1)],
+                           overrides=[Override(1, 2, bits=4)])
+    plan.quant.group_size = -1
+    assert plan_storage(comp, plan).summary() == comp.apply(plan).storage.summary()
+    sizes = expert_bytes(plan_storage(comp, plan))
+    assert sizes[(0, 1)] == 0 and sizes[(1, 2)] < sizes[(1, 3)]
