@@ -88,7 +88,7 @@ def test_default_flow_calibrate_route_compress_evaluate_sweep(calibrated):
     button(at, "Run sweep").click().run()
     ok(at)
     assert len(at.session_state["sweep_df"]) == 2
-    assert len(at.get("plotly_chart")) == 4  # trade-off, perplexity, CV, Pareto
+    assert len(at.get("plotly_chart")) == 4  # trade-off, perplexity, CV, Pareto (no run selected yet)
     import json
 
     tradeoff = json.loads(at.get("plotly_chart")[0].proto.spec)
@@ -305,3 +305,70 @@ def test_plan_json_upload_sets_the_plan(tiny_model_dirs):
     ok(at)
     assert plan_of(at).pruning.metric == "wanda" and plan_of(at).quant.bits == 4
     assert next(s for s in at.selectbox if s.label == "Pruning metric").value == "wanda"  # controls follow
+
+
+def test_run_table_row_loads_its_plan_and_runs_can_be_renamed_tagged_compared_deleted(tiny_model_dirs):
+    from moeviz.store import RunStore
+
+    at = compress_page(tiny_model_dirs)
+    at.session_state["_auto_eval"] = False
+    at.slider[0].set_value(0.2).run()
+    button(at, "Evaluate").click().run()
+    first = at.session_state["last_run_id"]
+    at.slider[0].set_value(0.7).run()
+    button(at, "Evaluate").click().run()
+    second = at.session_state["last_run_id"]
+    ok(at)
+    at.switch_page("pages/5_tradeoffs.py").run()
+    ok(at)
+    table = next(d for d in at.dataframe if d.key == "runs_table")
+    row = list(table.value["id"]).index(first)
+    at.session_state["runs_table"] = {"selection": {"rows": [row], "columns": [], "cells": []}}
+    at.run()
+    ok(at)
+    assert at.session_state["selected_run_id"] == first
+    assert plan_of(at).pruning.sparsity == 0.2  # the row's plan is the session's plan now
+    assert f"run={first}" in "&".join(f"{k}={v}" for k, v in url_of(at).items())
+
+    next(t for t in at.text_input if t.label == "Name").set_value("sparse 20")
+    button(at, "Rename").click().run()
+    next(t for t in at.text_input if t.label == "Tags (comma-separated)").set_value("keep, paper")
+    button(at, "Save tags").click().run()
+    ok(at)
+    assert RunStore().get_run(first).name == "sparse 20" and RunStore().get_run(first).tags == ["keep", "paper"]
+    next(m for m in at.multiselect if m.label == "Tag").set_value(["paper"]).run()
+    ok(at)
+    assert list(next(d for d in at.dataframe if d.key == "runs_table").value["id"]) == [first]  # tag filter
+    next(m for m in at.multiselect if m.label == "Tag").set_value([]).run()
+
+    next(s for s in at.selectbox if s.label == "Compare with").set_value(second).run()
+    ok(at)
+    diffs = [d.value for d in at.dataframe if "setting" in d.value.columns]
+    assert diffs and "pruning.sparsity" in list(diffs[0]["setting"])
+    assert any("b − a" in d.value.columns for d in at.dataframe)
+
+    next(c for c in at.checkbox if c.label == "Really delete").check().run()
+    button(at, "Delete run").click().run()
+    ok(at)
+    import pytest as _pytest
+
+    with _pytest.raises(KeyError):
+        RunStore().get_run(first)
+    assert at.session_state["selected_run_id"] is None
+
+
+def test_typing_into_the_expert_table(tiny_model_dirs):
+    at = compress_page(tiny_model_dirs)
+    editor = next(d for d in at.dataframe if (d.key or "").startswith("experts_"))
+    at.session_state[editor.key] = {"edited_rows": {5: {"sparsity": "50"}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    assert not at.exception and any("write 50 %" in e.value for e in at.error)  # refused, not clamped
+    assert plan_of(at).overrides == []
+    editor = next(d for d in at.dataframe if (d.key or "").startswith("experts_"))
+    row = editor.value.iloc[5]
+    at.session_state[editor.key] = {"edited_rows": {5: {"sparsity": "35 %"}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    ok(at)
+    assert [(o.layer, o.expert, o.sparsity) for o in plan_of(at).overrides] == [(row["layer"], row["expert"], 0.35)]
+    editor = next(d for d in at.dataframe if (d.key or "").startswith("experts_"))
+    assert editor.value.iloc[5]["override"] == "sparsity"  # the overridden cell is marked

@@ -78,3 +78,26 @@ def test_plan_storage_matches_the_applied_model(loaded_tiny):
     assert plan_storage(comp, plan).summary() == comp.apply(plan).storage.summary()
     sizes = expert_bytes(plan_storage(comp, plan))
     assert sizes[(0, 1)] == 0 and sizes[(1, 2)] < sizes[(1, 3)]
+
+
+def test_run_facets_filters_and_diffs():
+    import pandas as pd
+
+    from moeviz.compression.plan import QuantSettings
+    from moeviz.runview import filter_runs, metric_diff, plan_diff, with_facets
+
+    p1 = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5))
+    p2 = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5, structure="2:4"),
+                         quant=QuantSettings(bits=4), removed_experts=[(0, 1)])
+    df = with_facets(pd.DataFrame({"id": [1, 2], "sweep_id": ["s1", None], "tags": ["keep, paper", None],
+                                   "plan_json": [p1.to_json(), p2.to_json()]}))
+    assert list(df["method"]) == ["wanda", "magnitude"] and list(df["bits"]) == [16, 4]
+    assert list(filter_runs(df, bits=[4])["id"]) == [2]
+    assert list(filter_runs(df, tags=["paper"])["id"]) == [1]
+    assert list(filter_runs(df, structures=["2:4"], methods=["magnitude"])["id"]) == [2]
+    assert list(filter_runs(df, sweeps=["s1"])["id"]) == [1] and len(filter_runs(df)) == 2
+    diff = {r["setting"]: (r["a"], r["b"]) for r in plan_diff(p1.to_dict(), p2.to_dict())}
+    assert diff["pruning.metric"] == ('"wanda"', '"magnitude"') and diff["quant.bits"] == ("16", "4")
+    assert "removed_experts" in diff and "pruning.sparsity" not in diff
+    rows = metric_diff({"perplexity": 10.0, "accuracy": 0.5}, {"perplexity": 12.5, "accuracy": None})
+    assert rows == [{"metric": "perplexity", "a": 10.0, "b": 12.5, "b − a": 2.5}]
