@@ -88,7 +88,7 @@ def url_state() -> dict:
     if s.device != "cpu":
         q["device"] = s.device
     c = s.get("calibration_settings")
-    if c and s.get("stats") is not None:
+    if c and (s.get("stats") is not None or s.get("_restore_calibration")):
         q["calib"] = f"{c['n_samples']}x{c['seq_len']}s{c['seed']}"
     encoded = encode_plan(s.plan)
     if len(encoded) <= URL_PLAN_MAX:
@@ -157,6 +157,7 @@ def restore_calibration(loaded) -> None:
             "the calibration in this link is not in this machine's cache; run calibration again")
     else:
         s.stats, s.calibration_samples, s.calibration_source = stats, samples, "bundled"
+    sync_url()
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)

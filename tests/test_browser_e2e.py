@@ -61,6 +61,12 @@ def wait_for_charts(page, n, timeout_s=60):
                            timeout=timeout_s * 1000)
 
 
+def metric_value(page, label):
+    """The value of the st.metric labelled `label`."""
+    box = page.locator("[data-testid='stMetric']").filter(has_text=label).first
+    return box.locator("[data-testid='stMetricValue']").inner_text()
+
+
 def test_default_flow_in_chromium(app_url):
     from playwright.sync_api import sync_playwright
 
@@ -69,7 +75,7 @@ def test_default_flow_in_chromium(app_url):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1440, "height": 900})  # the width the app must read well at
         page.goto(app_url)
         page.get_by_text("MixtralForCausalLM").wait_for(timeout=60_000)
         page.get_by_role("button", name="Run calibration").click()
@@ -86,10 +92,26 @@ def test_default_flow_in_chromium(app_url):
         page.screenshot(path=SHOTS / "3_architecture.png", full_page=True)
 
         nav(page, "Compress")
-        page.get_by_role("button", name="Evaluate").click()
+        page.get_by_text("Compression ratio (plan)").wait_for(timeout=60_000)
+        page.screenshot(path=SHOTS / "4_compress.png")
+        ratio = metric_value(page, "Compression ratio (plan)")
+        page.get_by_role("button", name="Evaluate", exact=True).click()
         page.get_by_text("Stored as run").wait_for(timeout=180_000)
         wait_for_charts(page, 2)
-        page.screenshot(path=SHOTS / "4_compress.png", full_page=True)
+        page.get_by_text("Result (compressed vs base)").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "4a_compress_result.png")
+        page.get_by_text("Per-expert settings").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "4c_expert_table.png")
+
+        # A refresh keeps model, calibration (from the on-disk cache), plan and page: all in the URL.
+        url = page.url
+        assert "/compress" in url and "calib=" in url and "plan=" in url, url
+        page.reload()
+        page.get_by_text("Compression ratio (plan)").wait_for(timeout=120_000)  # calibrated: the page is not blocked
+        assert page.url == url and metric_value(page, "Compression ratio (plan)") == ratio
+        page.get_by_role("button", name="Evaluate", exact=True).click()  # the same plan: its stored run is reused at once
+        page.get_by_text("no duplicate stored").wait_for(timeout=60_000)
+        wait_for_charts(page, 2)
         page.get_by_role("button", name="Recover").click()  # default settings: 50 steps on the demo model
         page.get_by_text("Perplexity gap recovered").wait_for(timeout=300_000)
         wait_for_charts(page, 3)
@@ -100,6 +122,7 @@ def test_default_flow_in_chromium(app_url):
         page.get_by_role("heading", name="Pareto front").wait_for(timeout=60_000)  # this page's own content, not the previous page's charts
         wait_for_charts(page, 4)
         page.get_by_role("heading", name="Trade-offs").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
         # The recovery run is drawn as an arrow from its parent (plotly annotation arrows).
         page.wait_for_function("document.querySelectorAll('.annotation-arrow-g').length >= 1", timeout=60_000)
         page.screenshot(path=SHOTS / "5_tradeoffs.png")
@@ -113,8 +136,13 @@ def test_default_flow_in_chromium(app_url):
         page.wait_for_timeout(300)
         page.mouse.click(x, y)
         page.get_by_text("Selected run #").wait_for(timeout=60_000)
+        page.wait_for_timeout(500)
+        assert "run=" in page.url
+        page.get_by_text("Selected run #").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "5b_selected_run.png")
         page.get_by_role("button", name="Load this plan into Compress").click()
         page.get_by_role("heading", name="Compress").first.wait_for(timeout=60_000)
+        page.get_by_text("Compression ratio (plan)").wait_for(timeout=60_000)
 
         nav(page, "Export")
         page.get_by_text("Plan (JSON)").wait_for(timeout=60_000)
