@@ -41,13 +41,15 @@ with st.form("model_form"):
 
 lm = require_model()
 info = lm.info
-cols = st.columns(6)
-cols[0].metric("Architecture", info.architecture)
-cols[1].metric("MoE layers", info.num_moe_layers)
-cols[2].metric("Experts / layer", info.num_experts)
-cols[3].metric("Top-k", info.top_k)
-cols[4].metric("Parameters", f"{info.num_parameters / 1e6:.2f} M")
-cols[5].metric("Expert share", f"{info.expert_parameters / info.num_parameters:.0%}")
+# The architecture name is text, not a number: a metric of its own would be cut ("Mixtral…") at 1440 px.
+st.markdown(f"**Architecture** `{info.architecture}`")
+cols = st.columns(5)
+cols[0].metric("MoE layers", info.num_moe_layers)
+cols[1].metric("Experts / layer", info.num_experts)
+cols[2].metric("Top-k", info.top_k)
+cols[3].metric("Parameters", f"{info.num_parameters / 1e6:.2f} M")
+cols[4].metric("Expert share", f"{info.expert_parameters / info.num_parameters:.0%}",
+               help="Share of the parameters that sit in the routed experts")
 st.caption(f"Routing rule: {info.routing_rule} · {info.dtype} on {info.device} · fingerprint {info.fingerprint}")
 if not getattr(info, "expert_removal", True):
     st.info("This router's rule matched none moeviz knows: router probabilities show only the chosen experts' "

@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from moeviz import figures
+from moeviz.figures._common import readable
 from moeviz.compression.apply import check_plan_fits
 from moeviz.compression.plan import ALLOCATIONS, METRICS, SUPPORTED_BITS, CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.preview import expert_bytes, format_bytes, plan_storage
@@ -274,17 +275,17 @@ if result is not None:
     c[2].metric("Compression ratio" + stale, f"{m['compression']['compression_ratio']:.2f}×",
                 f"experts {m['compression']['experts_compression_ratio']:.2f}×", delta_color="off", delta_arrow="off")
     proj, base_proj = m["latency_projected"], m["base_latency_projected"]
-    c[3].metric("Decode, projected" + stale, format_time_ms(proj["ms_per_token"]) + "/token",
+    c[3].metric("Decode, projected" + stale, format_time_ms(proj["ms_per_token"]),
                 f"base {format_time_ms(base_proj['ms_per_token'])}", delta_color="off", delta_arrow="off",
-                help=f"Roofline model for {proj['device']}: active weight bytes / bandwidth vs FLOPs / peak. "
-                     "A projection, not a measurement.")
+                help=f"Per generated token. Roofline model for {proj['device']}: active weight bytes / bandwidth "
+                     "vs FLOPs / peak. A projection, not a measurement.")
     if m["latency_measured"]:
         base_measured = m.get("base_latency_measured")
-        c[4].metric("Decode, measured" + stale, format_time_ms(m["latency_measured"]["decode_ms_per_token"]) + "/token",
+        c[4].metric("Decode, measured" + stale, format_time_ms(m["latency_measured"]["decode_ms_per_token"]),
                     f"base {format_time_ms(base_measured['decode_ms_per_token'])}" if base_measured else "base unavailable",
                     delta_color="off", delta_arrow="off",
-                    help="Wall clock on this machine. Fake quantization and zeroed weights bring no speed-up; "
-                         "removed experts can.")
+                    help="Per generated token, wall clock on this machine. Fake quantization and zeroed weights "
+                         "bring no speed-up; removed experts can.")
     elif m.get("latency_unavailable"):
         c[4].metric("Decode, measured", "unavailable", help=m["latency_unavailable"])
         st.caption(f"Measured latency is unavailable for this model: {m['latency_unavailable']}")
@@ -292,13 +293,15 @@ if result is not None:
     st.caption(f"Stored as run #{s.last_run_id}{reused_note}. Evaluated on {m['eval_tokens']:,} held-out tokens in "
                f"{m['seconds']:.1f} s (apply {m['apply_seconds'] * 1000:.0f} ms).")
     c1, c2 = st.columns(2)
-    c1.plotly_chart(figures.drift_per_layer(m), width="stretch")
-    c2.plotly_chart(figures.load_balance_comparison(m), width="stretch")
-    per_domain = pd.DataFrame({d: {"perplexity": v["perplexity"], "accuracy": v["accuracy"],
+    c1.plotly_chart(readable(figures.drift_per_layer(m)), width="stretch")
+    c2.plotly_chart(readable(figures.load_balance_comparison(m)), width="stretch")
+    per_domain = pd.DataFrame({d: {"perplexity": v["perplexity"], "accuracy": 100 * v["accuracy"],
                                    "base perplexity": m["base_per_domain"][d]["perplexity"],
-                                   "base accuracy": m["base_per_domain"][d]["accuracy"]}
+                                   "base accuracy": 100 * m["base_per_domain"][d]["accuracy"]}
                                for d, v in m["per_domain"].items()}).T
-    st.dataframe(per_domain, width="stretch")
+    st.dataframe(per_domain, width="stretch", column_config={
+        c: st.column_config.NumberColumn(c, format="%.1f %%" if "accuracy" in c else "%.2f") for c in per_domain.columns})
+    st.caption("Decode latencies are per generated token; µs below 1 ms, ms above.")
 
 st.subheader("Recover by distillation")
 if result is None or plan_key(result["plan"]) != plan_key(plan.to_dict()):
@@ -335,7 +338,7 @@ if go:
                                      f"router KL {r['router_kl']:.4g}")
             so_far.append(r)
             if i % 10 == 0:  # redraw the curves every 10 steps
-                live.plotly_chart(figures.recovery_losses(so_far), width="stretch")
+                live.plotly_chart(readable(figures.recovery_losses(so_far)), width="stretch")
 
         recovery, recovered, run_id, model = recover_and_evaluate(
             compressor(lm, stats), base_evaluator(lm.fingerprint, lm), plan, calibration_samples(lm, stats), settings,
@@ -358,7 +361,7 @@ if rec is not None and rec["plan"] == plan.to_dict():
     c[2].metric("Perplexity gap recovered", "n/a" if won_back is None else f"{won_back:.0%}",
                 help="(unrecovered − recovered) / (unrecovered − base), on the held-out text")
     c[3].metric("Training steps", summ["steps_done"], help="Steps run (fewer than asked when cancelled or out of time)")
-    st.plotly_chart(figures.recovery_losses(rec["history"], summ["lambda_expert"], summ["lambda_router"]), width="stretch")
+    st.plotly_chart(readable(figures.recovery_losses(rec["history"], summ["lambda_expert"], summ["lambda_router"])), width="stretch")
     stopped = f", stopped early ({summ['stopped_early']})" if summ["stopped_early"] else ""
     st.caption(f"Trained {summ['steps_done']} steps in {summ['seconds']:.1f} s on {summ['tokens_seen']:,} calibration tokens{stopped}; "
                f"λ_expert {summ['lambda_expert']:.3g}, λ_router {summ['lambda_router']:.3g}. Stored as run #{rec['run_id']}, "

@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from moeviz import figures
+from moeviz.figures._common import readable
 from moeviz.compression.plan import METRICS, SUPPORTED_BITS, CompressionPlan
 from moeviz.evaluation import grid_plans, run_sweep
 from moeviz.figures.units import bits_label, format_time_ms
@@ -116,13 +117,13 @@ def select_run(run_id: int):
 
 latency = st.radio("Latency", ["projected_decode_ms", "measured_decode_ms"], horizontal=True,
                    format_func=lambda c: "projected (roofline, H100)" if c.startswith("projected") else "measured (this machine)")
-take_selection("tradeoff", st.plotly_chart(figures.tradeoff_chart(df, latency_col=latency), width="stretch",
+take_selection("tradeoff", st.plotly_chart(readable(figures.tradeoff_chart(df, latency_col=latency)), width="stretch",
                                            on_select="rerun", selection_mode="points", key="tradeoff"))
 c1, c2 = st.columns(2)
 log_y = c1.checkbox("Log scale for perplexity", value=True)
-take_selection("ppl", c1.plotly_chart(figures.perplexity_vs_ratio(df, log_y=log_y), width="stretch",
+take_selection("ppl", c1.plotly_chart(readable(figures.perplexity_vs_ratio(df, log_y=log_y)), width="stretch",
                                       on_select="rerun", selection_mode="points", key="ppl"))
-take_selection("cv", c2.plotly_chart(figures.cv_vs_ratio(df), width="stretch", on_select="rerun",
+take_selection("cv", c2.plotly_chart(readable(figures.cv_vs_ratio(df)), width="stretch", on_select="rerun",
                                      selection_mode="points", key="cv"))
 
 st.subheader("Pareto front")
@@ -132,7 +133,7 @@ x = c2.selectbox("Cost axis", ["compression_ratio", "projected_decode_ms", "meas
                  format_func=lambda c: {"compression_ratio": "compression ratio",
                                         "projected_decode_ms": "decode latency, projected",
                                         "measured_decode_ms": "decode latency, measured"}[c])
-take_selection("pareto", st.plotly_chart(figures.pareto_chart(df, x=x, y=y), on_select="rerun",
+take_selection("pareto", st.plotly_chart(readable(figures.pareto_chart(df, x=x, y=y)), on_select="rerun",
                                          selection_mode="points", key="pareto"))
 
 st.subheader("All runs")
@@ -196,7 +197,7 @@ if st.button("Load this plan into Compress"):
     st.switch_page("pages/4_compress.py")
 details = record.metrics.get("details")
 if details:
-    st.plotly_chart(figures.drift_per_layer(details), width="stretch")
+    st.plotly_chart(readable(figures.drift_per_layer(details)), width="stretch")
 
 others = [int(i) for i in runs["id"] if int(i) != run_id]
 if others:

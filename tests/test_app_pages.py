@@ -28,7 +28,8 @@ def ok(at):
 def test_default_app_opens_on_the_bundled_demo_model():
     at = new_app()
     ok(at)
-    assert [m.value for m in at.metric][:4] == ["MixtralForCausalLM", "4", "8", "2"]
+    assert any("MixtralForCausalLM" in m.value for m in at.markdown)
+    assert [m.value for m in at.metric][:3] == ["4", "8", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +247,7 @@ def test_second_load_model_press_loads_the_new_source(tiny_model_dirs):
         button(at, "Load model").click().run()
         ok(at)
         assert at.session_state["model_source"] == str(tiny_model_dirs[family])
-        assert at.metric[0].value == arch
+        assert any(arch in m.value for m in at.markdown)
 
 
 def test_url_round_trip_restores_model_calibration_plan_and_run(tiny_model_dirs):

@@ -61,6 +61,15 @@ def wait_for_charts(page, n, timeout_s=60):
                            timeout=timeout_s * 1000)
 
 
+def shoot_charts(page, prefix):
+    """A 1440x900 screenshot with each pair of charts in view, to check titles, axes and legends."""
+    charts = page.locator(".js-plotly-plot")
+    for i in range(0, charts.count(), 2):
+        charts.nth(i).scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        page.screenshot(path=SHOTS / f"{prefix}_charts{i // 2}.png")
+
+
 def metric_value(page, label):
     """The value of the st.metric labelled `label`."""
     box = page.locator("[data-testid='stMetric']").filter(has_text=label).first
@@ -86,6 +95,8 @@ def test_default_flow_in_chromium(app_url):
         page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
         wait_for_charts(page, 3)
         page.screenshot(path=SHOTS / "2_routing.png", full_page=True)
+        wait_for_charts(page, 5)
+        shoot_charts(page, "2_routing")
 
         nav(page, "Architecture")
         page.locator("svg, .stGraphVizChart").first.wait_for(timeout=60_000)
@@ -112,6 +123,7 @@ def test_default_flow_in_chromium(app_url):
         page.get_by_role("button", name="Evaluate", exact=True).click()  # the same plan: its stored run is reused at once
         page.get_by_text("no duplicate stored").wait_for(timeout=60_000)
         wait_for_charts(page, 2)
+        shoot_charts(page, "4_compress")
         page.get_by_role("button", name="Recover").click()  # default settings: 50 steps on the demo model
         page.get_by_text("Perplexity gap recovered").wait_for(timeout=300_000)
         wait_for_charts(page, 3)
@@ -126,6 +138,7 @@ def test_default_flow_in_chromium(app_url):
         # The recovery run is drawn as an arrow from its parent (plotly annotation arrows).
         page.wait_for_function("document.querySelectorAll('.annotation-arrow-g').length >= 1", timeout=60_000)
         page.screenshot(path=SHOTS / "5_tradeoffs.png")
+        shoot_charts(page, "5_tradeoffs")
         # Clicking a point of the Pareto chart (the 4th chart) selects its run and can load its plan.
         pareto = page.locator(".js-plotly-plot").nth(3)
         pareto.scroll_into_view_if_needed()

@@ -430,3 +430,16 @@ def test_lines_join_only_runs_that_differ_in_the_swept_value():
     acc = [t for t in fig.data if t.name == "wanda · accuracy"]
     assert sorted(len(t.x) for t in acc) == [1, 1, 3]  # the recovery run is its own group, "wanda + KD recovery"
     assert json.loads(df["plan_json"][0])["name"] == ""
+
+
+def test_log_perplexity_keeps_its_range_and_readable_wraps_titles_and_moves_legends():
+    from moeviz.figures._common import readable
+
+    fig = perplexity_vs_ratio(_sweep_frame(), log_y=True)
+    base = [a for a in fig.layout.annotations if "base model" in (a.text or "")]
+    assert base and abs(base[0].y - np.log10(11.0)) < 1e-9  # log10 coordinates: not 10^11 on the axis
+    fig = perplexity_vs_ratio(_sweep_frame(), log_y=False)
+    assert [a.y for a in fig.layout.annotations if "base model" in (a.text or "")] == [11.0]
+    fig = readable(drift_per_layer({"drift": [dict(layer=0, topk_overlap=0.9, top1_change_rate=0.1, kl=0.01)]}))
+    assert "<br>" in fig.layout.title.text and fig.layout.legend.orientation == "h"
+    assert all(len(line) <= 50 for line in fig.layout.yaxis.title.text.split("<br>"))

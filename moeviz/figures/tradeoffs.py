@@ -308,8 +308,12 @@ def _per_method_lines(df, y: str, x: str, method_col, log_y: bool, title: str) -
         shown_legend.add(m)
     b = base_value(df, y)
     if b is not None:
-        fig.add_hline(y=b * _scale(y), line=dict(color=BASE_COLOR, dash="dash", width=1),
-                      annotation_text=f"base model {b * _scale(y):.4g}", annotation_position="top left")
+        v = b * _scale(y)
+        fig.add_hline(y=v, line=dict(color=BASE_COLOR, dash="dash", width=1))
+        # Annotations on a log axis take log10 coordinates: a value there would stretch the axis to 10^v.
+        if not log_y or v > 0:
+            fig.add_annotation(text=f"base model {v:.4g}", xref="paper", x=0, xanchor="left", yanchor="bottom",
+                               y=math.log10(v) if log_y else v, showarrow=False, font=dict(size=11, color="#555555"))
         # an invisible trace so the reference line appears in the legend
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="base model",
                                  line=dict(color=BASE_COLOR, dash="dash", width=1), hoverinfo="skip"))
