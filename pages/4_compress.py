@@ -1,5 +1,8 @@
 """Page 4 — build a compression plan (down to per-expert ratios and bits) and evaluate it."""
 
+import contextlib
+import time
+
 import pandas as pd
 import streamlit as st
 
@@ -15,11 +18,14 @@ from moeviz.compression.table import (
 )
 from moeviz.errors import MoevizError
 from moeviz.figures.units import bits_label, format_time_ms
+from moeviz.figures.latency import latency_spread_chart
+from moeviz.latency_ab import interleaved_decode_latency
+from moeviz.latency_ab import verdict as latency_verdict
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
 from moeviz.store import plan_key
 from pages._state import (
-    base_evaluator, calibration_samples, compressor, current_plan, evaluate_or_reuse, require_model, require_stats,
-    run_store, set_plan, user_errors,
+    base_evaluator, calibration_samples, compressor, current_plan, evaluate_or_reuse, plan_samples, require_model,
+    require_stats, run_store, set_plan, user_errors,
 )
 
 st.header("Compress")
@@ -156,7 +162,8 @@ edited = st.data_editor(
         "utilization": st.column_config.NumberColumn("utilization", format="%.3f", help="share of top-k assignments"),
         "mean_gate": st.column_config.NumberColumn("mean gate weight", format="%.3f"),
         "sparsity": st.column_config.TextColumn("sparsity", help="50 %, 50% or 0.5; at most 99.99 %"),
-        "bits": st.column_config.SelectboxColumn("bits", options=list(SUPPORTED_BITS), help="16 = unquantized"),
+        "bits": st.column_config.SelectboxColumn("bits", options=list(SUPPORTED_BITS), format_func=bits_label,
+                                                 help="16 = unquantized"),
         "remove": st.column_config.CheckboxColumn("remove"),
         "override": st.column_config.TextColumn("override", help="cells set by a per-expert override"),
         "bytes": st.column_config.TextColumn("bytes", help="stored bytes of the expert under this plan"),
@@ -251,10 +258,14 @@ if go_eval or (s.get("_auto_eval", False) and (last is None or is_stale)):
     base_known = lm.fingerprint in s.get("_base_evaluated", set())
     message = ("Applying the plan and evaluating on held-out text…" if base_known else
                "First evaluation of this model: the base model is evaluated once first (then cached), then the plan…")
-    with user_errors(), st.spinner(message):
+    stop_slot = st.empty()
+    if plan.sequential or not base_known:
+        stop_slot.button("Stop", help="Cancels this evaluation; nothing is stored")
+    with user_errors(), st.spinner(message + (" Sequential plans re-calibrate layer by layer: slower." if plan.sequential else "")):
         result_dict, run_id, reused = evaluate_or_reuse(lm, stats, plan)
-        if not reused:  # the plan's apply + evaluation, not the one-off base evaluation
-            s._last_eval_s = result_dict["seconds"] + result_dict["apply_seconds"]
+    stop_slot.empty()
+    if not reused:  # the plan's apply + evaluation, not the one-off base evaluation
+        s._last_eval_s = result_dict["seconds"] + result_dict["apply_seconds"]
     s.setdefault("_base_evaluated", set()).add(lm.fingerprint)
     s.last_result, s.last_run_id, s._reused = result_dict, run_id, reused
     last, is_stale = result_dict, False
@@ -303,6 +314,46 @@ if result is not None:
         c: st.column_config.NumberColumn(c, format="%.1f %%" if "accuracy" in c else "%.2f") for c in per_domain.columns})
     st.caption("Decode latencies are per generated token; µs below 1 ms, ms above.")
 
+    st.markdown("**Measured latency, base vs this plan, back to back**")
+    st.caption("The evaluation times the base model once and each plan later; here both are timed in one loop, "
+               "alternating base and compressed, so a busy moment on this machine hits both. Median and "
+               "quartiles of the per-token decode time; stored with the run.")
+    stored_ab = None
+    if s.last_run_id is not None and not is_stale:
+        with contextlib.suppress(KeyError):
+            stored_ab = run_store().get_run(s.last_run_id).metrics.get("latency_ab")
+    with st.form("latency_ab_form"):
+        l1, l2, l3 = st.columns([1, 1, 2])
+        ab_repeats = l1.number_input("Repeats", 3, 101, 9, help="Each repeat times base and compressed once")
+        ab_tokens = l2.number_input("Decode tokens per repeat", 1, 256, 8)
+        go_ab = l3.form_submit_button("Measure base and compressed back to back", disabled=is_stale)
+    if go_ab:
+        with user_errors():
+            evaluator = base_evaluator(lm.fingerprint, lm)
+            model = compressor(lm, stats).apply(plan, plan_samples(lm, stats, plan))
+            prompt = evaluator.samples.input_ids[0, : evaluator.settings.latency_prompt_tokens]
+            bar = st.progress(0.0, text="Timing base and compressed, interleaved…")
+            t0 = time.perf_counter()
+
+            def ab_progress(r, n):
+                left = (time.perf_counter() - t0) / r * (n - r)
+                bar.progress(r / n, text=f"Repeat {r}/{n} · about {left:.0f} s left")
+
+            stored_ab = interleaved_decode_latency(lm.model, model.model, prompt, int(ab_tokens), int(ab_repeats),
+                                                   progress=ab_progress)
+            bar.empty()
+            if s.last_run_id is not None:
+                run_store().update_metrics(s.last_run_id, {"latency_ab": stored_ab})
+    if stored_ab:
+        b, cc = stored_ab["base"], stored_ab["compressed"]
+        l = st.columns([1, 1, 2])
+        l[0].metric("Decode, compressed (back to back)", format_time_ms(cc["median"]),
+                    f"IQR {format_time_ms(cc['q1'])}–{format_time_ms(cc['q3'])}", delta_color="off", delta_arrow="off")
+        l[1].metric("Decode, base (back to back)", format_time_ms(b["median"]),
+                    f"IQR {format_time_ms(b['q1'])}–{format_time_ms(b['q3'])}", delta_color="off", delta_arrow="off")
+        l[2].plotly_chart(readable(latency_spread_chart(stored_ab)), width="stretch")
+        (st.warning if stored_ab["busy"] or stored_ab["spreads_overlap"] else st.caption)(latency_verdict(stored_ab))
+
 st.subheader("Recover by distillation")
 if result is None or plan_key(result["plan"]) != plan_key(plan.to_dict()):
     st.info("Evaluate the plan first: recovery fine-tunes this plan's compressed model and is compared against it.")
@@ -330,12 +381,15 @@ if go:
                                 max_seconds=float(budget))
     with user_errors():
         bar = st.progress(0.0, text="Recovery: starting…")
-        hint = st.caption("Press **Stop** (top right) to cancel; nothing is stored then.")
+        hint = st.empty()
+        hint.button("Stop recovery", help="Cancels the training; nothing is stored then")
         live, so_far = st.empty(), []
+        t_start = time.perf_counter()
 
         def show_progress(i, n, r):
-            bar.progress(i / n, text=f"Recovery step {i}/{n} · CE {r['ce']:.3f} · expert MSE {r['expert_mse']:.4g} · "
-                                     f"router KL {r['router_kl']:.4g}")
+            left = min((time.perf_counter() - t_start) / i * (n - i), float(budget) - (time.perf_counter() - t_start))
+            bar.progress(i / n, text=f"Recovery step {i}/{n} · about {max(left, 0):.0f} s left · CE {r['ce']:.3f} · "
+                                     f"expert MSE {r['expert_mse']:.4g} · router KL {r['router_kl']:.4g}")
             so_far.append(r)
             if i % 10 == 0:  # redraw the curves every 10 steps
                 live.plotly_chart(readable(figures.recovery_losses(so_far)), width="stretch")

@@ -115,9 +115,28 @@ def select_run(run_id: int):
     s._loaded_note = f"Plan of run #{run_id} loaded into Compress."
 
 
-latency = st.radio("Latency", ["projected_decode_ms", "measured_decode_ms"], horizontal=True,
-                   format_func=lambda c: "projected (roofline, H100)" if c.startswith("projected") else "measured (this machine)")
-take_selection("tradeoff", st.plotly_chart(readable(figures.tradeoff_chart(df, latency_col=latency)), width="stretch",
+LATENCIES = {"projected_decode_ms": "projected (roofline, H100)", "measured_decode_ms": "measured (this machine)",
+             "interleaved_decode_ms": "measured back to back with base (median, IQR bars)"}
+latency = st.radio("Latency", list(LATENCIES), horizontal=True, format_func=LATENCIES.get,
+                   help="Back to back: measured on the Compress page, base and compressed alternating in one loop")
+spread = None
+if latency == "interleaved_decode_ms":
+    if "latency_ab.compressed.median" not in df.columns:
+        st.info("No run has a back-to-back measurement yet: use 'Measure base and compressed back to back' on the "
+                "Compress page.")
+    else:
+        df = df.assign(interleaved_decode_ms=df["latency_ab.compressed.median"],
+                       interleaved_lo=df["latency_ab.compressed.q1"], interleaved_hi=df["latency_ab.compressed.q3"],
+                       base_interleaved_decode_ms=df["latency_ab.base.median"])
+        spread = ("interleaved_lo", "interleaved_hi")
+        overlapping = int(((df["latency_ab.compressed.q3"] >= df["latency_ab.base.q1"])
+                           & (df["latency_ab.base.q3"] >= df["latency_ab.compressed.q1"])).sum())
+        st.caption("Each run's base star is its own back-to-back base median; the chart shows the first. "
+                   + (f"{overlapping} run(s) have spreads overlapping their base: their difference is within noise."
+                      if overlapping else ""))
+take_selection("tradeoff", st.plotly_chart(readable(figures.tradeoff_chart(
+    df, latency_col=latency, latency_kind="projected" if latency.startswith("projected") else "measured",
+    latency_spread=spread)), width="stretch",
                                            on_select="rerun", selection_mode="points", key="tradeoff"))
 c1, c2 = st.columns(2)
 log_y = c1.checkbox("Log scale for perplexity", value=True)

@@ -373,3 +373,27 @@ def test_typing_into_the_expert_table(tiny_model_dirs):
     assert [(o.layer, o.expert, o.sparsity) for o in plan_of(at).overrides] == [(row["layer"], row["expert"], 0.35)]
     editor = next(d for d in at.dataframe if (d.key or "").startswith("experts_"))
     assert editor.value.iloc[5]["override"] == "sparsity"  # the overridden cell is marked
+
+
+def test_back_to_back_latency_is_stored_with_its_spread_and_drawn_with_error_bars(tiny_model_dirs):
+    import json
+
+    from moeviz.store import RunStore
+
+    at = compress_page(tiny_model_dirs)
+    at.session_state["_auto_eval"] = False
+    at.slider[0].set_value(0.45).run()
+    button(at, "Evaluate").click().run()
+    next(n for n in at.number_input if n.label == "Repeats").set_value(3)
+    next(n for n in at.number_input if n.label == "Decode tokens per repeat").set_value(2)
+    button(at, "Measure base and compressed back to back").click().run()
+    ok(at)
+    ab = RunStore().get_run(at.session_state["last_run_id"]).metrics["latency_ab"]
+    assert len(ab["base"]["samples"]) == len(ab["compressed"]["samples"]) == 3
+    assert ab["compressed"]["q1"] <= ab["compressed"]["median"] <= ab["compressed"]["q3"]
+    assert any(m.label == "Decode, compressed (back to back)" for m in at.metric)
+    at.switch_page("pages/5_tradeoffs.py").run()
+    next(r for r in at.radio if r.label == "Latency").set_value("interleaved_decode_ms").run()
+    ok(at)
+    fig = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert any((t.get("error_y") or {}).get("arrayminus") is not None for t in fig["data"])

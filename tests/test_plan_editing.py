@@ -101,3 +101,34 @@ def test_run_facets_filters_and_diffs():
     assert "removed_experts" in diff and "pruning.sparsity" not in diff
     rows = metric_diff({"perplexity": 10.0, "accuracy": 0.5}, {"perplexity": 12.5, "accuracy": None})
     assert rows == [{"metric": "perplexity", "a": 10.0, "b": 12.5, "b − a": 2.5}]
+
+
+def test_interleaved_latency_summary_overlap_and_busy_notes():
+    from moeviz.latency_ab import compare, verdict
+
+    ab = compare([10.0, 10.2, 9.9, 10.1], [5.0, 5.1, 4.9, 5.0], load_before=0.1, cpus=4)
+    assert ab["base"]["median"] == pytest.approx(10.05) and ab["compressed"]["q1"] <= 5.0 <= ab["compressed"]["q3"]
+    assert not ab["spreads_overlap"] and not ab["busy"] and ab["speedup"] == pytest.approx(2.01, rel=1e-2)
+    ab = compare([10.0, 11.0, 9.0, 10.5], [10.2, 9.8, 10.9, 9.5], load_before=7.5, cpus=4)
+    assert ab["spreads_overlap"] and ab["busy"] and "load average" in ab["busy_reason"]
+    ab.update(repeats=4)
+    assert "within this machine's noise" in verdict(ab) and "busy" in verdict(ab)
+
+
+def test_interleaved_latency_on_a_tiny_model(loaded_tiny):
+    from moeviz.compression.apply import Compressor
+    from moeviz.latency_ab import interleaved_decode_latency
+
+    lm = loaded_tiny("mixtral")
+    compressed = Compressor(lm).apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5)))
+    calls = []
+    ab = interleaved_decode_latency(lm.model, compressed.model, torch_ids(), decode_tokens=2, repeats=3,
+                                    progress=lambda r, n: calls.append(r))
+    assert calls == [1, 2, 3] and len(ab["base"]["samples"]) == len(ab["compressed"]["samples"]) == 3
+    assert all(v > 0 for v in ab["base"]["samples"] + ab["compressed"]["samples"])
+
+
+def torch_ids():
+    import torch
+
+    return torch.arange(1, 9)

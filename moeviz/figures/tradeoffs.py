@@ -38,6 +38,7 @@ COLUMNS: dict[str, tuple[str, float]] = {
     "experts_compression_ratio": ("Experts compression ratio (× smaller, expert weight bytes)", 1.0),
     "projected_decode_ms": ("Decode latency, projected (device) (ms/token)", 1.0),
     "measured_decode_ms": ("Decode latency, measured (this machine) (ms/token)", 1.0),
+    "interleaved_decode_ms": ("Decode latency, measured back to back with base (ms/token)", 1.0),
     "mean_cv": ("Load-balance CV, mean over layers (std/mean, unitless)", 1.0),
     "mean_topk_overlap": ("Top-k overlap with base, mean over layers (%)", 100.0),
     "mean_top1_change": ("Top-1 change rate vs base, mean over layers (%)", 100.0),
@@ -45,7 +46,7 @@ COLUMNS: dict[str, tuple[str, float]] = {
     "parameter_bytes": ("Stored parameters (bytes)", 1.0),
     "sparsity": ("Sparsity (%)", 100.0),
 }
-MINIMIZE = {"perplexity", "perplexity_increase", "projected_decode_ms", "measured_decode_ms", "mean_cv",
+MINIMIZE = {"perplexity", "perplexity_increase", "projected_decode_ms", "measured_decode_ms", "interleaved_decode_ms", "mean_cv",
             "mean_kl", "mean_top1_change", "parameter_bytes"}
 
 
@@ -213,12 +214,13 @@ def latency_axis_title(kind: str, device: str | None = None, unit: str = "ms/tok
 def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col: str = "projected_decode_ms",
                    ratio_col: str = "compression_ratio", latency_kind: str | None = None,
                    method_col: str | None = None, device: str | None = None,
-                   show_recovery: bool = True) -> go.Figure:
+                   show_recovery: bool = True, latency_spread: tuple[str, str] | None = None) -> go.Figure:
     """Compression ratio (x) vs accuracy (left y, solid lines, circles) and decode latency (right y,
     dotted lines, diamonds), one colour per method, each method sorted by ratio. The base model is a
     black star at ratio 1 on both axes. The right axis says "projected (device)" or "measured (this
     machine)" (`latency_kind`, inferred from `latency_col` when None). With ``parent_run_id`` values,
-    recovery arrows go from parent to child on the accuracy axis.
+    recovery arrows go from parent to child on the accuracy axis. `latency_spread`: (low, high) columns
+    drawn as asymmetric error bars on the latency points (e.g. the quartiles of interleaved repeats).
     """
     kind = latency_kind or infer_latency_kind(latency_col)
     title = "Accuracy and latency vs compression"
@@ -250,7 +252,13 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
                 continue
             unit = "%" if _scale(col) == 100 else (f" {lat_unit}" if what == "latency" else "")
             name = f"{m} · {what}"
+            error = None
+            if what == "latency" and latency_spread and all(c in df.columns for c in latency_spread):
+                lo, hi = (_num(df, c)[keep] * lat_scale for c in latency_spread)
+                error = dict(type="data", symmetric=False, array=np.nan_to_num(hi - values[keep]),
+                             arrayminus=np.nan_to_num(values[keep] - lo), color=color, thickness=1.5, width=4)
             fig.add_trace(go.Scatter(
+                error_y=error,
                 x=xr[keep], y=values[keep], mode="lines+markers" if len(keep) > 1 else "markers", name=name,
                 legendgroup=m, showlegend=name not in shown_legend,
                 line=dict(color=color, dash=dash), marker=dict(symbol=symbol, size=8, color=color),
