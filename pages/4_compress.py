@@ -179,8 +179,9 @@ if rows_after != rows_before:
     except MoevizError as e:  # e.g. an emptied cell or 50 without %: say so, keep the last valid plan
         st.error(str(e))
     else:
-        set_plan(new)
-        st.rerun()
+        if new.to_dict() != plan.to_dict():  # an edit to the same value ("50.0 %" for 50 %) changes nothing
+            set_plan(new)
+            st.rerun()
 
 with st.expander("Bulk edits"):
     b1, b2 = st.columns(2)

@@ -397,3 +397,12 @@ def test_back_to_back_latency_is_stored_with_its_spread_and_drawn_with_error_bar
     ok(at)
     fig = json.loads(at.get("plotly_chart")[0].proto.spec)
     assert any((t.get("error_y") or {}).get("arrayminus") is not None for t in fig["data"])
+
+
+def test_an_edit_to_the_same_value_changes_nothing_and_does_not_loop(tiny_model_dirs):
+    at = compress_page(tiny_model_dirs)
+    editor = next(d for d in at.dataframe if (d.key or "").startswith("experts_"))
+    at.session_state[editor.key] = {"edited_rows": {2: {"sparsity": "50.0 %"}}, "added_rows": [], "deleted_rows": []}
+    at.run(timeout=60)  # a rerun loop would time out here
+    ok(at)
+    assert plan_of(at).overrides == []

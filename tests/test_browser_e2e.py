@@ -124,6 +124,11 @@ def test_default_flow_in_chromium(app_url):
         page.get_by_text("no duplicate stored").wait_for(timeout=60_000)
         wait_for_charts(page, 2)
         shoot_charts(page, "4_compress")
+        page.get_by_role("button", name="Measure base and compressed back to back").click()
+        page.get_by_text("Decode, compressed (back to back)").wait_for(timeout=120_000)
+        wait_for_charts(page, 3)
+        page.get_by_text("Decode, compressed (back to back)").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "4d_latency_back_to_back.png")
         page.get_by_role("button", name="Recover").click()  # default settings: 50 steps on the demo model
         page.get_by_text("Perplexity gap recovered").wait_for(timeout=300_000)
         wait_for_charts(page, 3)
