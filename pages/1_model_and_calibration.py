@@ -109,8 +109,9 @@ if stats is not None:
     util = stats.utilization_matrix()
     cols = st.columns(5)
     cols[0].metric("Tokens seen", f"{stats.n_tokens:,}")
-    cols[1].metric("Domains", ", ".join(stats.domain_names))
+    cols[1].metric("Domains", len(stats.domain_names), help=", ".join(stats.domain_names))  # names: caption below
     cols[2].metric("Calibration time", f"{stats.seconds:.1f} s")
     cols[3].metric("Least-used expert", f"{float(util.min()):.1%}")
     cols[4].metric("Mean load-balance CV", f"{sum(l.load_balance_cv() for l in stats.layers) / len(stats.layers):.2f}")
+    st.caption(f"Domains: {', '.join(stats.domain_names)}")
     st.page_link("pages/2_routing.py", label="See the routing", icon="🔀")
