@@ -262,9 +262,22 @@ if go_eval or (s.get("_auto_eval", False) and (last is None or is_stale)):
     stop_slot = st.empty()
     if plan.sequential or not base_known:
         stop_slot.button("Stop", help="Cancels this evaluation; nothing is stored")
+    bar = st.empty()
+    t_eval = {}
+
+    def eval_progress(stage, done, total):
+        start = t_eval.setdefault(stage, time.perf_counter())
+        if stage == "apply":
+            text = "Applying the plan" + (" (sequential: re-calibrating layer by layer)…" if plan.sequential else "…")
+            bar.progress(0.0, text=text)
+        else:
+            left = (time.perf_counter() - start) / max(done, 1) * (total - done)
+            bar.progress(done / max(total, 1), text=f"Evaluating on held-out text: {done}/{total} · about {left:.0f} s left")
+
     with user_errors(), st.spinner(message + (" Sequential plans re-calibrate layer by layer: slower." if plan.sequential else "")):
-        result_dict, run_id, reused = evaluate_or_reuse(lm, stats, plan)
+        result_dict, run_id, reused = evaluate_or_reuse(lm, stats, plan, progress=eval_progress)
     stop_slot.empty()
+    bar.empty()
     if not reused:  # the plan's apply + evaluation, not the one-off base evaluation
         s._last_eval_s = result_dict["seconds"] + result_dict["apply_seconds"]
     s.setdefault("_base_evaluated", set()).add(lm.fingerprint)

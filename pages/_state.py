@@ -194,10 +194,13 @@ def set_plan(plan: CompressionPlan) -> None:
     sync_url()
 
 
-def evaluate_or_reuse(loaded, stats, plan: CompressionPlan):
+def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None):
     """(result dict, run id, reused): the stored run of this exact plan on this model, calibration and
-    held-out text when there is one, else a new evaluation stored as a run."""
-    from moeviz.evaluation import evaluate_plan
+    held-out text when there is one, else a new evaluation stored as a run. progress(stage, done, total)
+    while evaluating ("apply", then "evaluate" with batches done / total)."""
+    import time
+
+    from moeviz.evaluation.sweep import store_result
 
     evaluator = base_evaluator(loaded.fingerprint, loaded)
     store = run_store()
@@ -206,7 +209,14 @@ def evaluate_or_reuse(loaded, stats, plan: CompressionPlan):
     if found is not None and found.metrics.get("details"):
         return found.metrics["details"], found.id, True
     samples = plan_samples(loaded, stats, plan)
-    result, run_id = evaluate_plan(compressor(loaded, stats), evaluator, plan, store, samples=samples)
+    start = time.perf_counter()
+    if progress is not None:
+        progress("apply", 0, 1)
+    comp = compressor(loaded, stats)
+    compressed = comp.apply(plan, samples)
+    result = evaluator.evaluate(compressed, progress=(lambda d, t: progress("evaluate", d, t)) if progress else None)
+    run_id = store_result(store, result, plan, loaded.fingerprint, stats.fingerprint if stats is not None else None,
+                          duration_s=time.perf_counter() - start)
     return result.to_dict(), run_id, False
 
 

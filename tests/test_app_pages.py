@@ -406,3 +406,28 @@ def test_an_edit_to_the_same_value_changes_nothing_and_does_not_loop(tiny_model_
     at.run(timeout=60)  # a rerun loop would time out here
     ok(at)
     assert plan_of(at).overrides == []
+
+
+def test_layer_filter_edits_land_on_the_right_expert_and_bulk_edits(tiny_model_dirs):
+    at = compress_page(tiny_model_dirs)
+    next(m for m in at.multiselect if m.label == "Layers").set_value([1]).run()
+    editor = next(d for d in at.dataframe if (d.key or "").startswith("experts_"))
+    assert set(editor.value["layer"]) == {1} and len(editor.value) == 4
+    at.session_state[editor.key] = {"edited_rows": {2: {"sparsity": "10 %"}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    ok(at)
+    assert [(o.layer, o.expert, o.sparsity) for o in plan_of(at).overrides] == [(1, 2, 0.1)]
+
+    next(s for s in at.selectbox if s.key == "bulk_layer").set_value(0)
+    next(t for t in at.text_input if t.key == "bulk_layer_sparsity").set_value("70 %")
+    next(s for s in at.selectbox if s.key == "bulk_layer_bits").set_value(4)
+    button(at, "Set layer").click().run()
+    ok(at)
+    assert any(o.layer == 0 and o.expert is None and o.sparsity == 0.7 and o.bits == 4 for o in plan_of(at).overrides)
+    next(t for t in at.text_input if t.key == "bulk_util").set_value("99 %")
+    next(t for t in at.text_input if t.key == "bulk_util_sparsity").set_value("30 %")
+    button(at, "Prune experts below").click().run()
+    ok(at)
+    per_expert = [o for o in plan_of(at).overrides if o.expert is not None]
+    assert len(per_expert) == 2 * 4 and all(o.sparsity == 0.3 for o in per_expert)
+    assert any("8 experts below 99 %" in c.value for c in at.caption)
