@@ -431,3 +431,30 @@ def test_layer_filter_edits_land_on_the_right_expert_and_bulk_edits(tiny_model_d
     per_expert = [o for o in plan_of(at).overrides if o.expert is not None]
     assert len(per_expert) == 2 * 4 and all(o.sparsity == 0.3 for o in per_expert)
     assert any("8 experts below 99 %" in c.value for c in at.caption)
+
+
+def test_clicking_a_point_of_any_chart_selects_its_run_and_the_link_keeps_it(tiny_model_dirs):
+    at = compress_page(tiny_model_dirs)
+    at.session_state["_auto_eval"] = False
+    at.slider[0].set_value(0.15).run()
+    button(at, "Evaluate").click().run()
+    run_id = at.session_state["last_run_id"]
+    at.slider[0].set_value(0.55).run()  # the session's plan moves on
+    at.switch_page("pages/5_tradeoffs.py").run()
+    ok(at)
+    # A click on the perplexity chart (not the Pareto chart): plotly's selection event carries the run id.
+    at.session_state["ppl"] = {"selection": {"points": [{"customdata": [run_id, "x"], "x": 1.0, "y": 1.0}],
+                                             "point_indices": [0], "box": [], "lasso": []}}
+    at.run()
+    ok(at)
+    assert at.session_state["selected_run_id"] == run_id and plan_of(at).pruning.sparsity == 0.15
+    params = url_of(at)
+    assert params["run"] == str(run_id)
+    fresh = AppTest.from_file(APP, default_timeout=180)
+    for k, v in params.items():
+        fresh.query_params[k] = v
+    fresh.run()
+    fresh.switch_page("pages/5_tradeoffs.py").run()
+    ok(fresh)
+    assert fresh.session_state["selected_run_id"] == run_id
+    assert any(f"Selected run #{run_id}" in h.value for h in fresh.subheader)
