@@ -309,8 +309,9 @@ if result is not None:
         c[4].metric("Decode, measured" + stale, format_time_ms(m["latency_measured"]["decode_ms_per_token"]),
                     f"base {format_time_ms(base_measured['decode_ms_per_token'])}" if base_measured else "base unavailable",
                     delta_color="off", delta_arrow="off",
-                    help="Per generated token, wall clock on this machine. Fake quantization and zeroed weights "
-                         "bring no speed-up; removed experts can.")
+                    help="Per generated token, wall clock on this machine. The base was timed once, earlier, so a busy "
+                         "moment can favour either side: 'Measure base and compressed back to back' below compares "
+                         "them fairly. Fake quantization and zeroed weights bring no speed-up; removed experts can.")
     elif m.get("latency_unavailable"):
         c[4].metric("Decode, measured", "unavailable", help=m["latency_unavailable"])
         st.caption(f"Measured latency is unavailable for this model: {m['latency_unavailable']}")
