@@ -18,7 +18,8 @@ DTYPES = ["auto", "float32", "bfloat16", "float16"]
 # a link). Passing value=/index= instead would give the widgets a new identity after each load, and
 # the next "Load model" press would then read the old identity's defaults: the previous source again.
 current = (s.model_source, s.dtype, s.device, s.trust_remote_code)
-if s.get("_model_form_for") != current:
+if s.get("_model_form_for") != current or any(k not in s for k in ("mf_kind", "mf_source", "mf_dtype", "mf_device",
+                                                                    "mf_trust")):
     s.mf_kind = "Local folder or hub id" if s.model_source else "Bundled demo MoE"
     s.mf_source, s.mf_dtype, s.mf_device, s.mf_trust = s.model_source, s.dtype, s.device, s.trust_remote_code
     s._model_form_for = current

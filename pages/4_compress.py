@@ -57,8 +57,11 @@ with st.expander("Load a plan (JSON)"):
             plan = uploaded
             st.success(f"Loaded the plan from {upload.name}.")
 
-# The controls show the plan; a plan set elsewhere (a run, an upload, a link) refills them.
-if s.get("_plan_widgets_for") != plan.to_json():
+# The controls show the plan; a plan set elsewhere (a run, an upload, a link) refills them, and so does
+# coming back to this page (Streamlit drops a widget's state while the widget is not shown).
+PLAN_WIDGETS = ("pw_metric", "pw_sparsity", "pw_structure", "pw_allocation", "pw_bits", "pw_group", "pw_symmetric",
+                "pw_act_bits", "pw_router_sparsity", "pw_router_bits", "pw_n_remove", "pw_sequential")
+if s.get("_plan_widgets_for") != plan.to_json() or any(k not in s for k in PLAN_WIDGETS):
     s.pw_metric, s.pw_sparsity = plan.pruning.metric, float(plan.pruning.sparsity)
     s.pw_structure = plan.pruning.structure if plan.pruning.structure in STRUCTURES else "unstructured"
     s.pw_allocation, s.pw_bits = plan.pruning.allocation, plan.quant.bits

@@ -458,3 +458,18 @@ def test_clicking_a_point_of_any_chart_selects_its_run_and_the_link_keeps_it(tin
     ok(fresh)
     assert fresh.session_state["selected_run_id"] == run_id
     assert any(f"Selected run #{run_id}" in h.value for h in fresh.subheader)
+
+
+def test_leaving_and_coming_back_keeps_the_plan_and_the_model_form(tiny_model_dirs):
+    at = compress_page(tiny_model_dirs)
+    at.slider[0].set_value(0.35).run()
+    next(s for s in at.selectbox if s.label == "Expert weight bits").set_value(4).run()
+    before = at.session_state["plan"]
+    at.switch_page("pages/2_routing.py").run()
+    at.switch_page("pages/4_compress.py").run()  # Streamlit dropped the controls' state while they were not shown
+    ok(at)
+    assert at.session_state["plan"] == before
+    assert at.slider[0].value == 0.35
+    at.switch_page("pages/1_model_and_calibration.py").run()
+    ok(at)
+    assert at.text_input[0].value == str(tiny_model_dirs["mixtral"])
