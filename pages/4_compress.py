@@ -154,6 +154,7 @@ layers_shown = st.multiselect("Layers", list(range(len(lm.layers))), key="table_
                               placeholder="all layers", help="Show only these layers in the table")
 shown = [r for r in table if not layers_shown or r["layer"] in layers_shown]
 display = [{**r, "sparsity": format_ratio(r["sparsity"]),
+            "utilization": None if r["utilization"] is None else 100 * r["utilization"],
             "override": ", ".join(sorted(marked.get((r["layer"], r["expert"]), ()))),
             "bytes": format_bytes(sizes.get((r["layer"], r["expert"]), 0)),
             "share": f"{100 * sizes.get((r['layer'], r['expert']), 0) / max(summary['compressed_bytes'], 1):.2f} %"}
@@ -162,11 +163,13 @@ edited = st.data_editor(
     pd.DataFrame(display), hide_index=True, key=f"experts_{hash(plan.to_json())}_{layers_shown}",
     disabled=["layer", "expert", "utilization", "mean_gate", "override", "bytes", "share"],
     column_config={
-        "utilization": st.column_config.NumberColumn("utilization", format="%.3f", help="share of top-k assignments"),
+        "utilization": st.column_config.NumberColumn("utilization", format="%.1f %%", help="share of top-k assignments"),
         "mean_gate": st.column_config.NumberColumn("mean gate weight", format="%.3f"),
         "sparsity": st.column_config.TextColumn("sparsity", help="50 %, 50% or 0.5; at most 99.99 %"),
         "bits": st.column_config.SelectboxColumn("bits", options=list(SUPPORTED_BITS), format_func=bits_label,
-                                                 help="16 = unquantized"),
+                                                 help="16 = unquantized", width="medium"),
+        "layer": st.column_config.NumberColumn("layer", width="small"),
+        "expert": st.column_config.NumberColumn("expert", width="small"),
         "remove": st.column_config.CheckboxColumn("remove"),
         "override": st.column_config.TextColumn("override", help="cells set by a per-expert override"),
         "bytes": st.column_config.TextColumn("bytes", help="stored bytes of the expert under this plan"),

@@ -159,7 +159,8 @@ st.subheader("All runs")
 cols = ["id", "parent_run_id", "name", "tags", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
         "projected_decode_ms", "measured_decode_ms", "mean_cv", "mean_topk_overlap", "created_at"]
 table = df[[c for c in cols if c in df]].sort_values("id", ascending=False).reset_index(drop=True)
-shown = table.assign(accuracy=table["accuracy"] * 100, mean_topk_overlap=table.get("mean_topk_overlap", pd.Series(dtype=float)) * 100,
+shown = table.assign(parent_run_id=pd.to_numeric(table["parent_run_id"], errors="coerce").astype("Int64"),
+                     accuracy=table["accuracy"] * 100, mean_topk_overlap=table.get("mean_topk_overlap", pd.Series(dtype=float)) * 100,
                      projected_decode_ms=table["projected_decode_ms"].map(format_time_ms),
                      measured_decode_ms=table["measured_decode_ms"].map(format_time_ms))
 event = st.dataframe(
