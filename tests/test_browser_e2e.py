@@ -166,3 +166,30 @@ def test_default_flow_in_chromium(app_url):
         page.get_by_text("Plan (JSON)").wait_for(timeout=60_000)
         page.screenshot(path=SHOTS / "6_export.png", full_page=True)
         browser.close()
+
+
+def test_stop_sweep_keeps_the_finished_runs(app_url):
+    """The in-page Stop button ends a running sweep; the plans it finished are stored and shown."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(app_url)
+        page.get_by_role("button", name="Run calibration").click()
+        page.get_by_text("for bundled").wait_for(timeout=120_000)
+        nav(page, "Trade-offs")
+        page.get_by_role("button", name="Run sweep").click()
+        page.get_by_text("Sweep: 1/6 plans").wait_for(timeout=120_000)  # one plan finished, with an ETA
+        assert "left" in page.get_by_text("Sweep: 1/6 plans").inner_text()
+        page.screenshot(path=SHOTS / "5c_sweep_running.png")
+        page.get_by_role("button", name="Stop sweep").click()
+        page.get_by_text("Sweep stopped").wait_for(timeout=60_000)
+        page.get_by_role("heading", name="All runs").wait_for(timeout=60_000)
+        assert page.get_by_text("plans evaluated and stored").count() == 0  # it did not run to the end
+        # The finished plan(s) are stored: the sweep filter lists this sweep.
+        page.get_by_text("Sweep", exact=True).scroll_into_view_if_needed()
+        page.locator("[data-testid='stMultiSelect']").filter(has_text="Sweep").click()
+        page.get_by_role("option").first.wait_for(timeout=30_000)
+        browser.close()
