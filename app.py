@@ -5,10 +5,12 @@ The pages under pages/ are thin: they describe the UI and call the `moeviz` libr
 
 import streamlit as st
 
-from pages._state import init_session
+from pages._state import init_session, restore_from_url, sync_url
 
 st.set_page_config(page_title="moeviz", page_icon="🧩", layout="wide")
 init_session()
+restore_from_url()  # once per browser session: a refresh or a shared link brings its state back
+sync_url()
 
 pages = [
     st.Page("pages/1_model_and_calibration.py", title="Model & calibration", icon="📦", default=True),

@@ -68,13 +68,48 @@ _MIGRATION_1 = [
     "CREATE INDEX runs_parent ON runs(parent_run_id)",
 ]
 
+# Version 2: tags on runs (a JSON list of strings; NULL = none), and plans stored by content id
+# (a plan too long for a URL is referenced as ?plan_id=…).
+_MIGRATION_2 = [
+    "ALTER TABLE runs ADD COLUMN tags TEXT",
+    """
+    CREATE TABLE plans (
+        id TEXT PRIMARY KEY,
+        plan_json TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )
+    """,
+]
+
 # MIGRATIONS[i] upgrades a database from schema version i to i + 1 (a list of SQL statements).
-MIGRATIONS: list[list[str]] = [_MIGRATION_1]
+MIGRATIONS: list[list[str]] = [_MIGRATION_1, _MIGRATION_2]
 
 _BASE_COLUMNS = (
     "id", "sweep_id", "parent_run_id", "name", "model_fingerprint", "calibration_fingerprint",
     "eval_fingerprint", "duration_s", "created_at", "moeviz_version",
 )
+
+
+def plan_key(plan: dict) -> str:
+    """Canonical JSON of a plan for identity: sorted keys, without its free-text name."""
+    return json.dumps({k: v for k, v in _jsonable(plan or {}).items() if k != "name"}, sort_keys=True,
+                      allow_nan=False)
+
+
+def _tags(raw) -> list[str]:
+    return list(json.loads(raw)) if raw else []
+
+
+def clean_tags(tags) -> list[str]:
+    """Tags as typed ("a, b" or a list): stripped, non-empty, unique, in order."""
+    if isinstance(tags, str):
+        tags = tags.split(",")
+    out = []
+    for t in tags or []:
+        t = str(t).strip()
+        if t and t not in out:
+            out.append(t)
+    return out
 
 
 def data_dir() -> Path:
@@ -108,6 +143,7 @@ class RunRecord:
     created_at: str | None = None  # UTC ISO 8601
     moeviz_version: str | None = None
     id: int | None = None
+    tags: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # denormalised columns as read back (informative)
 
 
@@ -279,6 +315,7 @@ class RunStore:
             "duration_s": _number(record.duration_s),
             "created_at": created,
             "moeviz_version": version,
+            "tags": json.dumps(clean_tags(record.tags)) if record.tags else None,
         }
         cols = ", ".join(row)
         marks = ", ".join("?" for _ in row)
@@ -299,6 +336,7 @@ class RunStore:
             plan=json.loads(row["plan_json"]),
             metrics=json.loads(row["metrics_json"]),
             extra={m: row[m] for m in DENORMALISED_METRICS},
+            tags=_tags(row.get("tags")),
             **{c: row[c] for c in _BASE_COLUMNS},
         )
 
@@ -325,11 +363,12 @@ class RunStore:
         records = []
         for r in rows:
             rec = {c: r[c] for c in base}
+            rec["tags"] = ", ".join(_tags(r.get("tags")))
             for k, v in _flatten(json.loads(r["metrics_json"])).items():
                 if k not in rec:
                     rec[k] = v
             records.append(rec)
-        df = pd.DataFrame.from_records(records, columns=None if records else base)
+        df = pd.DataFrame.from_records(records, columns=None if records else base + ["tags"])
         for m in DENORMALISED_METRICS:
             df[m] = pd.to_numeric(df[m], errors="coerce")
         return df
@@ -355,7 +394,67 @@ class RunStore:
         with self._write() as conn:
             return conn.execute("DELETE FROM runs WHERE id = ?", (int(run_id),)).rowcount > 0
 
+    def find_run(self, model_fingerprint: str, plan: dict, calibration_fingerprint: str | None = None,
+                 eval_fingerprint: str | None = None) -> RunRecord | None:
+        """The latest evaluation run (not a recovery: no parent) of this exact plan (its name aside) on
+        the same model, calibration and held-out text, or None. Evaluating an unchanged plan again
+        reuses it instead of storing a duplicate."""
+        key = plan_key(plan)
+        rows = self._select("WHERE model_fingerprint = ? AND parent_run_id IS NULL AND calibration_fingerprint IS ? "
+                            "AND eval_fingerprint IS ?", (model_fingerprint, calibration_fingerprint, eval_fingerprint))
+        for row in reversed(rows):
+            if plan_key(json.loads(row["plan_json"])) == key:
+                return self._record(row)
+        return None
+
+    def update_metrics(self, run_id: int, extra: dict) -> dict:
+        """Merge `extra` into a run's metrics (top-level keys replaced), e.g. a later latency measurement;
+        returns the merged metrics."""
+        with self._write() as conn:
+            row = conn.execute("SELECT metrics_json FROM runs WHERE id = ?", (int(run_id),)).fetchone()
+            if row is None:
+                raise KeyError(f"no run with id {run_id} in {self.path}")
+            metrics = {**json.loads(row[0]), **_jsonable(extra)}
+            conn.execute("UPDATE runs SET metrics_json = ? WHERE id = ?",
+                         (json.dumps(metrics, allow_nan=False, sort_keys=True), int(run_id)))
+        return metrics
+
+    def rename_run(self, run_id: int, name: str) -> None:
+        name = str(name).strip()
+        if not name:
+            raise ValueError("a run name cannot be empty")
+        with self._write() as conn:
+            if conn.execute("UPDATE runs SET name = ? WHERE id = ?", (name, int(run_id))).rowcount == 0:
+                raise KeyError(f"no run with id {run_id} in {self.path}")
+
+    def set_tags(self, run_id: int, tags) -> list[str]:
+        """Replace a run's tags ("a, b" or a list); returns them cleaned."""
+        tags = clean_tags(tags)
+        with self._write() as conn:
+            if conn.execute("UPDATE runs SET tags = ? WHERE id = ?",
+                            (json.dumps(tags) if tags else None, int(run_id))).rowcount == 0:
+                raise KeyError(f"no run with id {run_id} in {self.path}")
+        return tags
+
+    def save_plan(self, plan: dict) -> str:
+        """Store a plan under a short content id (the same plan always gets the same id)."""
+        import hashlib
+
+        text = json.dumps(_jsonable(plan), sort_keys=True, allow_nan=False)
+        plan_id = hashlib.sha256(text.encode()).hexdigest()[:16]
+        with self._write() as conn:
+            conn.execute("INSERT OR IGNORE INTO plans (id, plan_json, created_at) VALUES (?, ?, ?)",
+                         (plan_id, text, datetime.now(timezone.utc).isoformat()))
+        return plan_id
+
+    def get_plan(self, plan_id: str) -> dict:
+        with self._lock:
+            row = self._conn.execute("SELECT plan_json FROM plans WHERE id = ?", (str(plan_id),)).fetchone()
+        if row is None:
+            raise KeyError(f"no stored plan with id {plan_id} in {self.path}")
+        return json.loads(row[0])
+
     new_sweep_id = staticmethod(new_sweep_id)
 
 
-__all__ = ["DENORMALISED_METRICS", "MIGRATIONS", "RunRecord", "RunStore", "data_dir", "new_sweep_id"]
+__all__ = ["DENORMALISED_METRICS", "MIGRATIONS", "RunRecord", "RunStore", "clean_tags", "data_dir", "new_sweep_id", "plan_key"]

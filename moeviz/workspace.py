@@ -22,8 +22,11 @@ def stats_cache_dir() -> Path:
 
 
 def calibrate_cached(loaded: LoadedModel, samples: TokenSamples, batch_size: int = 8, hist_bins: int = 20,
-                     record_tokens: int = 4096, progress=None, cache_dir: Path | None = None) -> tuple[CalibrationStats, bool]:
-    """(stats, loaded_from_cache). The settings that change the result are part of the key."""
+                     record_tokens: int = 4096, progress=None, cache_dir: Path | None = None,
+                     cache_only: bool = False) -> tuple[CalibrationStats | None, bool]:
+    """(stats, loaded_from_cache). The settings that change the result are part of the key.
+    cache_only: return (None, False) instead of calibrating when nothing is cached (the app restores
+    a shared link's calibration from the cache, never by starting a long pass on its own)."""
     check_seq_len(samples.seq_len, loaded.max_context)  # windows past the context would be cached for good
     settings = dict(batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
                     n_samples=samples.n_samples, seq_len=samples.seq_len, seed=samples.seed,
@@ -35,6 +38,8 @@ def calibrate_cached(loaded: LoadedModel, samples: TokenSamples, batch_size: int
             return CalibrationStats.load(folder), True
         except (ValueError, OSError, KeyError):
             shutil.rmtree(folder, ignore_errors=True)  # stale or partial: recalibrate
+    if cache_only:
+        return None, False
     stats = calibrate(loaded, samples, batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
                       progress=progress)
     folder.parent.mkdir(parents=True, exist_ok=True)

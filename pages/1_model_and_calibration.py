@@ -5,7 +5,7 @@ import streamlit as st
 import moeviz
 from moeviz.data import decode_text, documents_from_hf_dataset, documents_from_jsonl, documents_from_text
 from moeviz.workspace import calibrate_cached
-from pages._state import require_model, user_errors
+from pages._state import require_model, sync_url, user_errors
 
 st.header("Model & calibration")
 st.write("Pick a Mixture-of-Experts model (the bundled demo MoE works offline) and the text that shows "
@@ -13,30 +13,44 @@ st.write("Pick a Mixture-of-Experts model (the bundled demo MoE works offline) a
          "that every other page uses.")
 
 s = st.session_state
+DTYPES = ["auto", "float32", "bfloat16", "float16"]
+# The form's widgets are keyed and filled from the session when the loaded source changes (here or from
+# a link). Passing value=/index= instead would give the widgets a new identity after each load, and
+# the next "Load model" press would then read the old identity's defaults: the previous source again.
+current = (s.model_source, s.dtype, s.device, s.trust_remote_code)
+if s.get("_model_form_for") != current or any(k not in s for k in ("mf_kind", "mf_source", "mf_dtype", "mf_device",
+                                                                    "mf_trust")):
+    s.mf_kind = "Local folder or hub id" if s.model_source else "Bundled demo MoE"
+    s.mf_source, s.mf_dtype, s.mf_device, s.mf_trust = s.model_source, s.dtype, s.device, s.trust_remote_code
+    s._model_form_for = current
 with st.form("model_form"):
-    kind = st.radio("Model", ["Bundled demo MoE", "Local folder or hub id"], horizontal=True,
-                    index=0 if not s.model_source else 1)
-    source = st.text_input("Folder or hub id (owner/name)", value=s.model_source,
-                           disabled=False, help="Ignored for the demo model.")
+    kind = st.radio("Model", ["Bundled demo MoE", "Local folder or hub id"], horizontal=True, key="mf_kind")
+    source = st.text_input("Folder or hub id (owner/name)", key="mf_source", help="Ignored for the demo model.")
     c1, c2, c3 = st.columns(3)
-    dtype = c1.selectbox("dtype", ["auto", "float32", "bfloat16", "float16"], index=["auto", "float32", "bfloat16", "float16"].index(s.dtype))
-    device = c2.text_input("Device", value=s.device, help="cpu, cuda, cuda:1, …")
-    trust = c3.checkbox("trust_remote_code", value=s.trust_remote_code,
+    dtype = c1.selectbox("dtype", DTYPES, key="mf_dtype")
+    device = c2.text_input("Device", key="mf_device", help="cpu, cuda, cuda:1, …")
+    trust = c3.checkbox("trust_remote_code", key="mf_trust",
                         help="Runs code from the model's repository. Only for repositories you trust.")
     if st.form_submit_button("Load model"):
-        s.model_source = source.strip() if kind != "Bundled demo MoE" else ""
-        s.dtype, s.device, s.trust_remote_code = dtype, device.strip() or "cpu", trust
-        s.stats = None
+        new_source = source.strip() if kind != "Bundled demo MoE" else ""
+        new = (new_source, dtype, device.strip() or "cpu", trust)
+        if new != current:
+            s.model_source, s.dtype, s.device, s.trust_remote_code = new
+            s.stats, s.calibration_settings = None, None
+            s._model_form_for = new
+        sync_url()
 
 lm = require_model()
 info = lm.info
-cols = st.columns(6)
-cols[0].metric("Architecture", info.architecture)
-cols[1].metric("MoE layers", info.num_moe_layers)
-cols[2].metric("Experts / layer", info.num_experts)
-cols[3].metric("Top-k", info.top_k)
-cols[4].metric("Parameters", f"{info.num_parameters / 1e6:.2f} M")
-cols[5].metric("Expert share", f"{info.expert_parameters / info.num_parameters:.0%}")
+# The architecture name is text, not a number: a metric of its own would be cut ("Mixtral…") at 1440 px.
+st.markdown(f"**Architecture** `{info.architecture}`")
+cols = st.columns(5)
+cols[0].metric("MoE layers", info.num_moe_layers)
+cols[1].metric("Experts / layer", info.num_experts)
+cols[2].metric("Top-k", info.top_k)
+cols[3].metric("Parameters", f"{info.num_parameters / 1e6:.2f} M")
+cols[4].metric("Expert share", f"{info.expert_parameters / info.num_parameters:.0%}",
+               help="Share of the parameters that sit in the routed experts")
 st.caption(f"Routing rule: {info.routing_rule} · {info.dtype} on {info.device} · fingerprint {info.fingerprint}")
 if not getattr(info, "expert_removal", True):
     st.info("This router's rule matched none moeviz knows: router probabilities show only the chosen experts' "
@@ -85,6 +99,9 @@ if st.button("Run calibration", type="primary"):
         s.stats = stats
         s.calibration_samples = samples
         s.calibration_source = data_name
+        s.calibration_settings = (dict(n_samples=int(n_samples), seq_len=int(seq_len), seed=int(seed))
+                                  if source_kind == "Bundled text" else None)  # only the bundled text is restorable
+        sync_url()
         st.success(("Loaded cached statistics" if cached else f"Calibrated in {stats.seconds:.1f} s")
                    + f" for {data_name}.")
 
@@ -93,8 +110,9 @@ if stats is not None:
     util = stats.utilization_matrix()
     cols = st.columns(5)
     cols[0].metric("Tokens seen", f"{stats.n_tokens:,}")
-    cols[1].metric("Domains", ", ".join(stats.domain_names))
+    cols[1].metric("Domains", len(stats.domain_names), help=", ".join(stats.domain_names))  # names: caption below
     cols[2].metric("Calibration time", f"{stats.seconds:.1f} s")
     cols[3].metric("Least-used expert", f"{float(util.min()):.1%}")
     cols[4].metric("Mean load-balance CV", f"{sum(l.load_balance_cv() for l in stats.layers) / len(stats.layers):.2f}")
+    st.caption(f"Domains: {', '.join(stats.domain_names)}")
     st.page_link("pages/2_routing.py", label="See the routing", icon="🔀")

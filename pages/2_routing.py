@@ -3,6 +3,7 @@
 import streamlit as st
 
 from moeviz import figures
+from moeviz.figures._common import readable
 from moeviz.explorer import route_text
 from pages._state import require_model, require_stats, user_errors
 
@@ -13,15 +14,15 @@ st.write("Which experts the router chooses on the calibration text: utilization 
 
 lm = require_model()
 stats = require_stats(lm)
-st.plotly_chart(figures.utilization_heatmap(stats), width="stretch")
+st.plotly_chart(readable(figures.utilization_heatmap(stats)), width="stretch")
 c1, c2 = st.columns(2)
-c1.plotly_chart(figures.load_balance_cv_bars(stats), width="stretch")
+c1.plotly_chart(readable(figures.load_balance_cv_bars(stats)), width="stretch")
 layer = c2.selectbox("Layer", range(len(stats.layers)), format_func=lambda i: f"MoE layer {i} ({stats.layers[i].path})")
 log_y = c2.checkbox("Log scale", value=True)
-c2.plotly_chart(figures.router_probability_histogram(stats, layer, log_y=log_y), width="stretch")
+c2.plotly_chart(readable(figures.router_probability_histogram(stats, layer, log_y=log_y)), width="stretch")
 c3, c4 = st.columns(2)
-c3.plotly_chart(figures.coactivation_heatmap(stats, layer), width="stretch")
-c4.plotly_chart(figures.domain_specialization(stats, layer), width="stretch")
+c3.plotly_chart(readable(figures.coactivation_heatmap(stats, layer)), width="stretch")
+c4.plotly_chart(readable(figures.domain_specialization(stats, layer)), width="stretch")
 
 st.subheader("Token explorer")
 text = st.text_area("Text", key="explorer_text", height=120)

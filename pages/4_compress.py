@@ -1,108 +1,243 @@
 """Page 4 — build a compression plan (down to per-expert ratios and bits) and evaluate it."""
 
+import contextlib
+import time
+
 import pandas as pd
 import streamlit as st
 
 from moeviz import figures
+from moeviz.figures._common import readable
+from moeviz.compression.apply import check_plan_fits
 from moeviz.compression.plan import ALLOCATIONS, METRICS, SUPPORTED_BITS, CompressionPlan, PruningSettings, QuantSettings
+from moeviz.compression.preview import expert_bytes, format_bytes, plan_storage
 from moeviz.compression.removal import REMOVAL_SCORES, experts_to_remove
-from moeviz.compression.table import apply_table_edits, expert_table
+from moeviz.compression.table import (
+    apply_table_edits, expert_table, format_ratio, ignored_override_note, overridden_cells, parse_ratio,
+    prune_below_utilization, set_layer,
+)
 from moeviz.errors import MoevizError
-from moeviz.evaluation import evaluate_plan
+from moeviz.figures.units import bits_label, format_time_ms
+from moeviz.figures.latency import latency_spread_chart
+from moeviz.latency_ab import interleaved_decode_latency
+from moeviz.latency_ab import verdict as latency_verdict
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
+from moeviz.store import plan_key
 from pages._state import (
-    base_evaluator, calibration_samples, compressor, current_plan, plan_samples, require_model, require_stats, run_store,
-    set_plan, user_errors,
+    base_evaluator, calibration_samples, compressor, current_plan, evaluate_or_reuse, plan_samples, require_model,
+    require_stats, run_store, set_plan, user_errors,
 )
 
 st.header("Compress")
-st.write("Choose how to prune and quantize the experts, edit any expert by hand, then evaluate: the compressed "
-         "copy is measured against the base model on held-out text and stored as a run. The base model is "
-         "never modified.")
+st.write("Choose how to prune and quantize the experts and edit any expert by hand: every change updates the plan "
+         "and its size at once. Evaluate measures the compressed copy against the base model on held-out text and "
+         "stores it as a run. The base model is never modified.")
 
+s = st.session_state
 lm = require_model()
 stats = require_stats(lm)
 plan = current_plan()
+dims = ([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
+n_layers = max(len(lm.layers), 1)
+max_remove = min(l.num_experts - l.top_k for l in lm.layers)
+STRUCTURES = ["unstructured", "2:4", "4:8"]
+GROUPS = [32, 64, 128, -1]
 
-with st.form("plan_form"):
-    c1, c2, c3, c4 = st.columns(4)
-    metric = c1.selectbox("Pruning metric", METRICS, index=METRICS.index(plan.pruning.metric),
-                          help="magnitude |W|; Wanda |W|·‖X‖; MoE-Pruner |W|·‖X·gate‖ (router-weighted)")
-    sparsity = c2.slider("Global sparsity", 0.0, 0.95, float(plan.pruning.sparsity), 0.05)
-    structures = ["unstructured", "2:4", "4:8"]
-    structure = c3.selectbox("Structure", structures, index=structures.index(plan.pruning.structure)
-                             if plan.pruning.structure in structures else 0,
-                             help="N:M zeroes N of every M consecutive input weights of a row")
-    allocation = c4.selectbox("Allocation", ALLOCATIONS, index=ALLOCATIONS.index(plan.pruning.allocation),
-                              help="uniform: same ratio everywhere; utilization: less-used experts pruned more")
-    c1, c2, c3, c4 = st.columns(4)
-    bits = c1.selectbox("Expert weight bits", SUPPORTED_BITS, index=SUPPORTED_BITS.index(plan.quant.bits))
-    group_size = c2.selectbox("Group size", [32, 64, 128, -1], index=[32, 64, 128, -1].index(plan.quant.group_size)
-                              if plan.quant.group_size in (32, 64, 128, -1) else 2, help="-1 = one group per row")
-    symmetric = c3.checkbox("Symmetric", value=plan.quant.symmetric)
-    act_bits = c4.selectbox("Activation bits (expert inputs)", SUPPORTED_BITS, index=SUPPORTED_BITS.index(plan.activation_bits))
-    c1, c2, c3, c4 = st.columns(4)
-    router_sparsity = c1.slider("Router sparsity", 0.0, 0.9, float(plan.router_sparsity), 0.05)
-    router_bits = c2.selectbox("Router bits", SUPPORTED_BITS, index=SUPPORTED_BITS.index(plan.router_bits))
-    removal_score = c3.selectbox("Expert removal score", REMOVAL_SCORES,
-                                 help="frequency: share of tokens; reap: mean gate·‖expert output‖")
-    max_remove = min(l.num_experts - l.top_k for l in lm.layers)
-    n_remove = c4.number_input("Experts to remove per layer", 0, max_remove,
-                               value=min(max_remove, len(plan.removed_experts) // max(len(lm.layers), 1)))
-    sequential = st.checkbox("Sequential (re-calibrate each layer on the compressed layers before it, as the "
-                             "reference Wanda / MoE-Pruner procedures do; slower)", value=plan.sequential)
-    if st.form_submit_button("Apply settings"):
-        with user_errors():
-            new = CompressionPlan(
-                pruning=PruningSettings(metric=metric, sparsity=float(sparsity), structure=structure, allocation=allocation),
-                quant=QuantSettings(bits=int(bits), group_size=int(group_size), symmetric=symmetric),
-                overrides=plan.overrides,
-                removed_experts=experts_to_remove(stats, int(n_remove), removal_score),
-                router_sparsity=float(router_sparsity), router_bits=int(router_bits),
-                activation_bits=int(act_bits), sequential=sequential,
-            ).validate([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
-            set_plan(new)
-            plan = new
+with st.expander("Load a plan (JSON)"):
+    upload = st.file_uploader("Plan JSON (from Export, the CLI or a run)", type=["json"], key="plan_upload")
+    if upload is not None and s.get("_plan_upload_done") != (upload.file_id if hasattr(upload, "file_id") else upload.name):
+        try:
+            uploaded = CompressionPlan.from_json(upload.getvalue().decode("utf-8", errors="replace"))
+            check_plan_fits(uploaded, lm.layers)
+        except MoevizError as e:
+            st.error(f"{upload.name}: {e}")
+        else:
+            s._plan_upload_done = upload.file_id if hasattr(upload, "file_id") else upload.name
+            set_plan(uploaded)
+            plan = uploaded
+            st.success(f"Loaded the plan from {upload.name}.")
+
+# The controls show the plan; a plan set elsewhere (a run, an upload, a link) refills them, and so does
+# coming back to this page (Streamlit drops a widget's state while the widget is not shown).
+PLAN_WIDGETS = ("pw_metric", "pw_sparsity", "pw_structure", "pw_allocation", "pw_bits", "pw_group", "pw_symmetric",
+                "pw_act_bits", "pw_router_sparsity", "pw_router_bits", "pw_n_remove", "pw_sequential")
+if s.get("_plan_widgets_for") != plan.to_json() or any(k not in s for k in PLAN_WIDGETS):
+    s.pw_metric, s.pw_sparsity = plan.pruning.metric, float(plan.pruning.sparsity)
+    s.pw_structure = plan.pruning.structure if plan.pruning.structure in STRUCTURES else "unstructured"
+    s.pw_allocation, s.pw_bits = plan.pruning.allocation, plan.quant.bits
+    s.pw_group = plan.quant.group_size if plan.quant.group_size in GROUPS else 128
+    s.pw_symmetric, s.pw_act_bits = plan.quant.symmetric, plan.activation_bits
+    s.pw_router_sparsity, s.pw_router_bits = float(plan.router_sparsity), plan.router_bits
+    s.pw_n_remove = min(max_remove, len(plan.removed_experts) // n_layers)
+    s.pw_sequential = plan.sequential
+    s._plan_widgets_for = plan.to_json()
+
+
+def _repick_removal():
+    s._repick_removal = True
+
+
+c1, c2, c3, c4 = st.columns(4)
+c1.selectbox("Pruning metric", METRICS, key="pw_metric",
+             help="magnitude |W|; Wanda |W|·‖X‖; MoE-Pruner |W|·‖X·gate‖ (router-weighted)")
+c2.slider("Global sparsity", 0.0, 0.95, step=0.05, key="pw_sparsity", format="percent")
+c3.selectbox("Structure", STRUCTURES, key="pw_structure",
+             help="N:M zeroes N of every M consecutive input weights of a row (2:4 and 4:8 both prune 50 %)")
+c4.selectbox("Allocation", ALLOCATIONS, key="pw_allocation",
+             help="uniform: same ratio everywhere; utilization: less-used experts pruned more")
+c1, c2, c3, c4 = st.columns(4)
+c1.selectbox("Expert weight bits", SUPPORTED_BITS, key="pw_bits", format_func=bits_label)
+c2.selectbox("Group size", GROUPS, key="pw_group", help="-1 = one group per row")
+c3.checkbox("Symmetric", key="pw_symmetric")
+c4.selectbox("Activation bits (expert inputs)", SUPPORTED_BITS, key="pw_act_bits", format_func=bits_label)
+c1, c2, c3, c4 = st.columns(4)
+c1.slider("Router sparsity", 0.0, 0.9, step=0.05, key="pw_router_sparsity", format="percent")
+c2.selectbox("Router bits", SUPPORTED_BITS, key="pw_router_bits", format_func=bits_label)
+c3.selectbox("Expert removal score", REMOVAL_SCORES, key="pw_removal_score", on_change=_repick_removal,
+             help="frequency: share of tokens; reap: mean gate·‖expert output‖")
+c4.number_input("Experts to remove per layer", 0, max_remove, key="pw_n_remove", on_change=_repick_removal,
+                help="Picks the lowest-scoring experts of each layer; experts removed by hand in the table stay "
+                     "removed until this number or the score changes.")
+st.checkbox("Sequential (re-calibrate each layer on the compressed layers before it, as the reference Wanda / "
+            "MoE-Pruner procedures do; slower)", key="pw_sequential")
+
+removed = plan.removed_experts
+if s.pop("_repick_removal", False):
+    removed = experts_to_remove(stats, int(s.pw_n_remove), s.get("pw_removal_score", REMOVAL_SCORES[0]))
+live = CompressionPlan(
+    pruning=PruningSettings(metric=s.pw_metric, sparsity=round(float(s.pw_sparsity), 4), structure=s.pw_structure,
+                            allocation=s.pw_allocation, projections=plan.pruning.projections,
+                            allocation_bounds=plan.pruning.allocation_bounds),
+    quant=QuantSettings(bits=int(s.pw_bits), group_size=int(s.pw_group), symmetric=bool(s.pw_symmetric)),
+    overrides=plan.overrides, removed_experts=[tuple(x) for x in removed],
+    router_sparsity=round(float(s.pw_router_sparsity), 4), router_bits=int(s.pw_router_bits),
+    activation_bits=int(s.pw_act_bits), sequential=bool(s.pw_sequential), name=plan.name,
+)
+if live.to_dict() != plan.to_dict():
+    try:
+        check_plan_fits(live, lm.layers)
+    except MoevizError as e:
+        st.error(f"{e} (the plan keeps its last valid settings)")
+    else:
+        set_plan(live)
+        plan = live
+        s._plan_widgets_for = plan.to_json()
+hand_removed = len(plan.removed_experts) - int(s.pw_n_remove) * n_layers
+if hand_removed:
+    st.caption(f"{len(plan.removed_experts)} experts removed in all ({hand_removed:+d} by hand in the table).")
+note = ignored_override_note(plan)
+if note:
+    st.warning(note)
+
+# Cheap, live: the plan's bytes from the weights' shapes (no compression run).
+with user_errors():
+    storage = plan_storage(compressor(lm, stats), plan)
+summary = storage.summary()
+c = st.columns(4)
+c[0].metric("Compression ratio (plan)", f"{summary['compression_ratio']:.2f}×",
+            help="Stored bytes of the base model / of the compressed model, from the plan alone (updates as you edit)")
+c[1].metric("Experts ratio (plan)", f"{summary['experts_compression_ratio']:.2f}×")
+c[2].metric("Model size (plan)", format_bytes(summary["compressed_bytes"]),
+            help=f"Base model: {format_bytes(summary['base_bytes'])}")
+c[3].metric("Expert weights (plan)", format_bytes(summary["experts_bytes"]),
+            help=f"Base experts: {format_bytes(summary['experts_base_bytes'])}")
 
 st.subheader("Per-expert settings")
-st.caption("Edit sparsity, bits or remove for any expert; edited cells become per-expert overrides of the plan.")
+st.caption("Edit sparsity (type 50 % or 0.5), bits or remove for any expert; edited cells become per-expert overrides "
+           "of the plan at once. 'override' names the cells set by hand; bytes is the expert's stored size under the "
+           "plan and share its part of the compressed model.")
 with user_errors():
     table = expert_table(plan, lm.layers, stats)
+sizes = expert_bytes(storage)
+marked = overridden_cells(plan)
+layers_shown = st.multiselect("Layers", list(range(len(lm.layers))), key="table_layers",
+                              placeholder="all layers", help="Show only these layers in the table")
+shown = [r for r in table if not layers_shown or r["layer"] in layers_shown]
+display = [{**r, "sparsity": format_ratio(r["sparsity"]),
+            "utilization": None if r["utilization"] is None else 100 * r["utilization"],
+            "override": ", ".join(sorted(marked.get((r["layer"], r["expert"]), ()))),
+            "bytes": format_bytes(sizes.get((r["layer"], r["expert"]), 0)),
+            "share": f"{100 * sizes.get((r['layer'], r['expert']), 0) / max(summary['compressed_bytes'], 1):.2f} %"}
+           for r in shown]
 edited = st.data_editor(
-    pd.DataFrame(table), hide_index=True, key=f"experts_{hash(plan.to_json())}",
-    disabled=["layer", "expert", "utilization", "mean_gate"],
+    pd.DataFrame(display), hide_index=True, key=f"experts_{hash(plan.to_json())}_{layers_shown}",
+    disabled=["layer", "expert", "utilization", "mean_gate", "override", "bytes", "share"],
     column_config={
-        "utilization": st.column_config.NumberColumn("utilization", format="%.3f", help="share of top-k assignments"),
+        "utilization": st.column_config.NumberColumn("utilization", format="%.1f %%", help="share of top-k assignments"),
         "mean_gate": st.column_config.NumberColumn("mean gate weight", format="%.3f"),
-        "sparsity": st.column_config.NumberColumn("sparsity", min_value=0.0, max_value=0.99, step=0.05),
-        "bits": st.column_config.SelectboxColumn("bits", options=list(SUPPORTED_BITS)),
+        "sparsity": st.column_config.TextColumn("sparsity", help="50 %, 50% or 0.5; at most 99.99 %"),
+        "bits": st.column_config.SelectboxColumn("bits", options=list(SUPPORTED_BITS), format_func=bits_label,
+                                                 help="16 = unquantized", width="medium"),
+        "layer": st.column_config.NumberColumn("layer", width="small"),
+        "expert": st.column_config.NumberColumn("expert", width="small"),
         "remove": st.column_config.CheckboxColumn("remove"),
+        "override": st.column_config.TextColumn("override", help="cells set by a per-expert override"),
+        "bytes": st.column_config.TextColumn("bytes", help="stored bytes of the expert under this plan"),
+        "share": st.column_config.TextColumn("share", help="the expert's part of the compressed model's bytes"),
     },
 )
-rows_after = edited.to_dict("records")
-if rows_after != table:
+rows_after = [{k: v for k, v in r.items() if k not in ("override", "bytes", "share")} for r in edited.to_dict("records")]
+rows_before = [{k: v for k, v in r.items() if k not in ("override", "bytes", "share")} for r in display]
+if rows_after != rows_before:
     try:
-        new = apply_table_edits(plan, table, rows_after)
-        new.validate([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
-    except MoevizError as e:  # e.g. an emptied cell: say so, keep the last valid plan and the rest of the page
+        new = apply_table_edits(plan, shown, rows_after)
+        check_plan_fits(new, lm.layers)
+    except MoevizError as e:  # e.g. an emptied cell or 50 without %: say so, keep the last valid plan
         st.error(str(e))
     else:
-        set_plan(new)
-        st.rerun()
+        if new.to_dict() != plan.to_dict():  # an edit to the same value ("50.0 %" for 50 %) changes nothing
+            set_plan(new)
+            st.rerun()
+
+with st.expander("Bulk edits"):
+    b1, b2 = st.columns(2)
+    with b1.form("bulk_layer_form"):
+        st.markdown("**Set one layer**")
+        l1, l2, l3 = st.columns(3)
+        bl_layer = l1.selectbox("Layer", list(range(len(lm.layers))), key="bulk_layer")
+        bl_sparsity = l2.text_input("Sparsity", "", placeholder="unchanged", key="bulk_layer_sparsity",
+                                    help="e.g. 50 % or 0.5; empty keeps the layer's sparsity")
+        bl_bits = l3.selectbox("Bits", [None, *SUPPORTED_BITS], key="bulk_layer_bits",
+                               format_func=lambda b: "unchanged" if b is None else bits_label(b))
+        if st.form_submit_button("Set layer"):
+            with user_errors():
+                sp = parse_ratio(bl_sparsity, "sparsity") if bl_sparsity.strip() else None
+                new = set_layer(plan, int(bl_layer), sp, bl_bits)
+                check_plan_fits(new, lm.layers)
+            set_plan(new)
+            st.rerun()
+    with b2.form("bulk_util_form"):
+        st.markdown("**Prune rarely used experts**")
+        u1, u2 = st.columns(2)
+        bu_util = u1.text_input("Utilization below", "10 %", key="bulk_util",
+                                help="share of top-k assignments, e.g. 10 % or 0.1")
+        bu_sparsity = u2.text_input("Prune by", "70 %", key="bulk_util_sparsity")
+        if st.form_submit_button("Prune experts below"):
+            with user_errors():
+                new, n = prune_below_utilization(plan, table, parse_ratio(bu_util, "utilization"),
+                                                 parse_ratio(bu_sparsity, "sparsity"))
+                check_plan_fits(new, lm.layers)
+            set_plan(new)
+            s._bulk_note = f"{n} experts below {bu_util} set to {bu_sparsity}."
+            st.rerun()
+    if s.get("_bulk_note"):
+        st.caption(s.pop("_bulk_note"))
+
 with st.expander("Edit one expert by number"):
     with st.form("one_expert_form"):
         c1, c2, c3, c4, c5 = st.columns(5)
         e_layer = c1.number_input("Layer", 0, len(lm.layers) - 1, 0)
         e_expert = c2.number_input("Expert", 0, max(l.num_experts for l in lm.layers) - 1, 0)
-        e_sparsity = c3.number_input("Sparsity", 0.0, 0.99, 0.5, 0.05)
-        e_bits = c4.selectbox("Bits", SUPPORTED_BITS, index=SUPPORTED_BITS.index(16))
+        e_sparsity = c3.text_input("Sparsity", "50 %", help="50 %, 50% or 0.5")
+        e_bits = c4.selectbox("Bits", SUPPORTED_BITS, index=SUPPORTED_BITS.index(16), format_func=bits_label)
         e_remove = c5.checkbox("Remove")
         if st.form_submit_button("Set expert"):
             i = next(i for i, r in enumerate(table) if r["layer"] == e_layer and r["expert"] == e_expert)
-            edited_row = {**table[i], "sparsity": float(e_sparsity), "bits": int(e_bits), "remove": bool(e_remove)}
             with user_errors():
+                edited_row = {**table[i], "sparsity": parse_ratio(e_sparsity, "sparsity"), "bits": int(e_bits),
+                              "remove": bool(e_remove)}
                 new = apply_table_edits(plan, table, table[:i] + [edited_row] + table[i + 1:])
-                new.validate([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
+                check_plan_fits(new, lm.layers)
             set_plan(new)
             st.rerun()
 if plan.overrides and st.button("Clear per-expert overrides"):
@@ -110,49 +245,138 @@ if plan.overrides and st.button("Clear per-expert overrides"):
     set_plan(plan)
     st.rerun()
 
-if st.button("Evaluate", type="primary"):
-    with user_errors(), st.spinner("Applying the plan and evaluating on held-out text…"):
-        evaluator = base_evaluator(lm.fingerprint, lm)
-        samples = plan_samples(lm, stats, plan)
-        result, run_id = evaluate_plan(compressor(lm, stats), evaluator, plan, run_store(), samples=samples)
-    st.session_state.last_result = result.to_dict()
-    st.session_state.last_run_id = run_id
+last = s.last_result
+is_stale = last is not None and plan_key(last["plan"]) != plan_key(plan.to_dict())
+if "_auto_eval" not in s and s.get("_last_eval_s") is not None:
+    s._auto_eval = s._last_eval_s < 2.0  # a model this small re-evaluates on every change by default
+s.auto_eval_toggle = bool(s.get("_auto_eval", False))  # the person's choice, kept across pages
 
-result = st.session_state.last_result
+
+def _auto_eval_changed():
+    s._auto_eval = s.auto_eval_toggle
+
+
+c1, c2 = st.columns([1, 3])
+go_eval = c1.button("Evaluate", type="primary", disabled=last is not None and not is_stale,
+                    help="The result shown is this plan's" if last is not None and not is_stale else None)
+c2.toggle("Re-evaluate on every change", key="auto_eval_toggle", on_change=_auto_eval_changed,
+          help="On by default when evaluating a plan of this model took under 2 s")
+if go_eval or (s.get("_auto_eval", False) and (last is None or is_stale)):
+    base_known = lm.fingerprint in s.get("_base_evaluated", set())
+    message = ("Applying the plan and evaluating on held-out text…" if base_known else
+               "First evaluation of this model: the base model is evaluated once first (then cached), then the plan…")
+    stop_slot = st.empty()
+    if plan.sequential or not base_known:
+        stop_slot.button("Stop", help="Cancels this evaluation; nothing is stored")
+    bar = st.empty()
+    t_eval = {}
+
+    def eval_progress(stage, done, total):
+        start = t_eval.setdefault(stage, time.perf_counter())
+        if stage == "apply":
+            text = "Applying the plan" + (" (sequential: re-calibrating layer by layer)…" if plan.sequential else "…")
+            bar.progress(0.0, text=text)
+        else:
+            left = (time.perf_counter() - start) / max(done, 1) * (total - done)
+            bar.progress(done / max(total, 1), text=f"Evaluating on held-out text: {done}/{total} · about {left:.0f} s left")
+
+    with user_errors(), st.spinner(message + (" Sequential plans re-calibrate layer by layer: slower." if plan.sequential else "")):
+        result_dict, run_id, reused = evaluate_or_reuse(lm, stats, plan, progress=eval_progress)
+    stop_slot.empty()
+    bar.empty()
+    if not reused:  # the plan's apply + evaluation, not the one-off base evaluation
+        s._last_eval_s = result_dict["seconds"] + result_dict["apply_seconds"]
+    s.setdefault("_base_evaluated", set()).add(lm.fingerprint)
+    s.last_result, s.last_run_id, s._reused = result_dict, run_id, reused
+    last, is_stale = result_dict, False
+
+result = s.last_result
 if result is not None:
     st.subheader("Result (compressed vs base)")
+    if is_stale:
+        st.warning(f"**Stale**: these results are for run #{s.last_run_id}'s plan, not the plan above. "
+                   "Evaluate to measure the plan as it is now.", icon="⚠️")
     m = result
+    stale = " (stale)" if is_stale else ""
     c = st.columns(5)
-    c[0].metric("Perplexity", f"{m['perplexity']:.2f}", f"{m['perplexity'] - m['base_perplexity']:+.2f} vs base", delta_color="inverse")
-    c[1].metric("Next-token accuracy", f"{m['accuracy']:.1%}", f"{(m['accuracy'] - m['base_accuracy']) * 100:+.1f} pts")
-    c[2].metric("Compression ratio (model)", f"{m['compression']['compression_ratio']:.2f}×",
-                f"experts {m['compression']['experts_compression_ratio']:.2f}×", delta_color="off")
+    c[0].metric("Perplexity" + stale, f"{m['perplexity']:.2f}", f"{m['perplexity'] - m['base_perplexity']:+.2f} vs base",
+                delta_color="inverse")
+    c[1].metric("Next-token accuracy" + stale, f"{m['accuracy']:.1%}",
+                f"{(m['accuracy'] - m['base_accuracy']) * 100:+.1f} pts")
+    c[2].metric("Compression ratio" + stale, f"{m['compression']['compression_ratio']:.2f}×",
+                f"experts {m['compression']['experts_compression_ratio']:.2f}×", delta_color="off", delta_arrow="off")
     proj, base_proj = m["latency_projected"], m["base_latency_projected"]
-    c[3].metric(f"Decode, projected ({proj['device']})", f"{proj['ms_per_token'] * 1000:.1f} µs/token",
-                f"base {base_proj['ms_per_token'] * 1000:.1f} µs", delta_color="off",
-                help="Roofline model: active weight bytes / bandwidth vs FLOPs / peak. A projection, not a measurement.")
+    c[3].metric("Decode, projected" + stale, format_time_ms(proj["ms_per_token"]),
+                f"base {format_time_ms(base_proj['ms_per_token'])}", delta_color="off", delta_arrow="off",
+                help=f"Per generated token. Roofline model for {proj['device']}: active weight bytes / bandwidth "
+                     "vs FLOPs / peak. A projection, not a measurement.")
     if m["latency_measured"]:
         base_measured = m.get("base_latency_measured")
-        c[4].metric("Decode, measured (this machine)", f"{m['latency_measured']['decode_ms_per_token']:.2f} ms/token",
-                    f"base {base_measured['decode_ms_per_token']:.2f} ms" if base_measured else "base unavailable",
-                    delta_color="off",
-                    help="Wall clock here. Fake quantization and zeroed weights bring no speed-up; removed experts can.")
+        c[4].metric("Decode, measured" + stale, format_time_ms(m["latency_measured"]["decode_ms_per_token"]),
+                    f"base {format_time_ms(base_measured['decode_ms_per_token'])}" if base_measured else "base unavailable",
+                    delta_color="off", delta_arrow="off",
+                    help="Per generated token, wall clock on this machine. The base was timed once, earlier, so a busy "
+                         "moment can favour either side: 'Measure base and compressed back to back' below compares "
+                         "them fairly. Fake quantization and zeroed weights bring no speed-up; removed experts can.")
     elif m.get("latency_unavailable"):
-        c[4].metric("Decode, measured (this machine)", "unavailable", help=m["latency_unavailable"])
+        c[4].metric("Decode, measured", "unavailable", help=m["latency_unavailable"])
         st.caption(f"Measured latency is unavailable for this model: {m['latency_unavailable']}")
-    st.caption(f"Stored as run #{st.session_state.last_run_id}. Evaluated on {m['eval_tokens']:,} held-out tokens in "
+    reused_note = " (this plan was evaluated before: its stored run is reused, no duplicate stored)" if s.get("_reused") else ""
+    st.caption(f"Stored as run #{s.last_run_id}{reused_note}. Evaluated on {m['eval_tokens']:,} held-out tokens in "
                f"{m['seconds']:.1f} s (apply {m['apply_seconds'] * 1000:.0f} ms).")
     c1, c2 = st.columns(2)
-    c1.plotly_chart(figures.drift_per_layer(m), width="stretch")
-    c2.plotly_chart(figures.load_balance_comparison(m), width="stretch")
-    per_domain = pd.DataFrame({d: {"perplexity": v["perplexity"], "accuracy": v["accuracy"],
+    c1.plotly_chart(readable(figures.drift_per_layer(m)), width="stretch")
+    c2.plotly_chart(readable(figures.load_balance_comparison(m)), width="stretch")
+    per_domain = pd.DataFrame({d: {"perplexity": v["perplexity"], "accuracy": 100 * v["accuracy"],
                                    "base perplexity": m["base_per_domain"][d]["perplexity"],
-                                   "base accuracy": m["base_per_domain"][d]["accuracy"]}
+                                   "base accuracy": 100 * m["base_per_domain"][d]["accuracy"]}
                                for d, v in m["per_domain"].items()}).T
-    st.dataframe(per_domain, width="stretch")
+    st.dataframe(per_domain, width="stretch", column_config={
+        c: st.column_config.NumberColumn(c, format="%.1f %%" if "accuracy" in c else "%.2f") for c in per_domain.columns})
+    st.caption("Decode latencies are per generated token; µs below 1 ms, ms above.")
+
+    st.markdown("**Measured latency, base vs this plan, back to back**")
+    st.caption("The evaluation times the base model once and each plan later; here both are timed in one loop, "
+               "alternating base and compressed, so a busy moment on this machine hits both. Median and "
+               "quartiles of the per-token decode time; stored with the run.")
+    stored_ab = None
+    if s.last_run_id is not None and not is_stale:
+        with contextlib.suppress(KeyError):
+            stored_ab = run_store().get_run(s.last_run_id).metrics.get("latency_ab")
+    with st.form("latency_ab_form"):
+        l1, l2, l3 = st.columns([1, 1, 2])
+        ab_repeats = l1.number_input("Repeats", 3, 101, 9, help="Each repeat times base and compressed once")
+        ab_tokens = l2.number_input("Decode tokens per repeat", 1, 256, 8)
+        go_ab = l3.form_submit_button("Measure base and compressed back to back", disabled=is_stale)
+    if go_ab:
+        with user_errors():
+            evaluator = base_evaluator(lm.fingerprint, lm)
+            model = compressor(lm, stats).apply(plan, plan_samples(lm, stats, plan))
+            prompt = evaluator.samples.input_ids[0, : evaluator.settings.latency_prompt_tokens]
+            bar = st.progress(0.0, text="Timing base and compressed, interleaved…")
+            t0 = time.perf_counter()
+
+            def ab_progress(r, n):
+                left = (time.perf_counter() - t0) / r * (n - r)
+                bar.progress(r / n, text=f"Repeat {r}/{n} · about {left:.0f} s left")
+
+            stored_ab = interleaved_decode_latency(lm.model, model.model, prompt, int(ab_tokens), int(ab_repeats),
+                                                   progress=ab_progress)
+            bar.empty()
+            if s.last_run_id is not None:
+                run_store().update_metrics(s.last_run_id, {"latency_ab": stored_ab})
+    if stored_ab:
+        b, cc = stored_ab["base"], stored_ab["compressed"]
+        l = st.columns([1, 1, 2])
+        l[0].metric("Decode, compressed (back to back)", format_time_ms(cc["median"]),
+                    f"IQR {format_time_ms(cc['q1'])}–{format_time_ms(cc['q3'])}", delta_color="off", delta_arrow="off")
+        l[1].metric("Decode, base (back to back)", format_time_ms(b["median"]),
+                    f"IQR {format_time_ms(b['q1'])}–{format_time_ms(b['q3'])}", delta_color="off", delta_arrow="off")
+        l[2].plotly_chart(readable(latency_spread_chart(stored_ab)), width="stretch")
+        (st.warning if stored_ab["busy"] or stored_ab["spreads_overlap"] else st.caption)(latency_verdict(stored_ab))
 
 st.subheader("Recover by distillation")
-if result is None or result["plan"] != plan.to_dict():
+if result is None or plan_key(result["plan"]) != plan_key(plan.to_dict()):
     st.info("Evaluate the plan first: recovery fine-tunes this plan's compressed model and is compared against it.")
     st.stop()
 st.caption("Fine-tunes the compressed experts against the base model on the calibration text: cross-entropy + "
@@ -178,15 +402,18 @@ if go:
                                 max_seconds=float(budget))
     with user_errors():
         bar = st.progress(0.0, text="Recovery: starting…")
-        hint = st.caption("Press **Stop** (top right) to cancel; nothing is stored then.")
+        hint = st.empty()
+        hint.button("Stop recovery", help="Cancels the training; nothing is stored then")
         live, so_far = st.empty(), []
+        t_start = time.perf_counter()
 
         def show_progress(i, n, r):
-            bar.progress(i / n, text=f"Recovery step {i}/{n} · CE {r['ce']:.3f} · expert MSE {r['expert_mse']:.4g} · "
-                                     f"router KL {r['router_kl']:.4g}")
+            left = min((time.perf_counter() - t_start) / i * (n - i), float(budget) - (time.perf_counter() - t_start))
+            bar.progress(i / n, text=f"Recovery step {i}/{n} · about {max(left, 0):.0f} s left · CE {r['ce']:.3f} · "
+                                     f"expert MSE {r['expert_mse']:.4g} · router KL {r['router_kl']:.4g}")
             so_far.append(r)
             if i % 10 == 0:  # redraw the curves every 10 steps
-                live.plotly_chart(figures.recovery_losses(so_far), width="stretch")
+                live.plotly_chart(readable(figures.recovery_losses(so_far)), width="stretch")
 
         recovery, recovered, run_id, model = recover_and_evaluate(
             compressor(lm, stats), base_evaluator(lm.fingerprint, lm), plan, calibration_samples(lm, stats), settings,
@@ -200,7 +427,7 @@ if go:
 
 rec = st.session_state.recovery
 if rec is not None and rec["plan"] == plan.to_dict():
-    r, s = rec["result"], rec["summary"]
+    r, summ = rec["result"], rec["summary"]
     c = st.columns(4)
     c[0].metric("Perplexity after recovery", f"{r['perplexity']:.2f}", f"{r['perplexity'] - result['perplexity']:+.2f} vs unrecovered",
                 delta_color="inverse")
@@ -208,10 +435,10 @@ if rec is not None and rec["plan"] == plan.to_dict():
     won_back = gap_recovered(result["perplexity"], r["perplexity"], r["base_perplexity"])
     c[2].metric("Perplexity gap recovered", "n/a" if won_back is None else f"{won_back:.0%}",
                 help="(unrecovered − recovered) / (unrecovered − base), on the held-out text")
-    c[3].metric("Training steps", s["steps_done"], help="Steps run (fewer than asked when cancelled or out of time)")
-    st.plotly_chart(figures.recovery_losses(rec["history"], s["lambda_expert"], s["lambda_router"]), width="stretch")
-    stopped = f", stopped early ({s['stopped_early']})" if s["stopped_early"] else ""
-    st.caption(f"Trained {s['steps_done']} steps in {s['seconds']:.1f} s on {s['tokens_seen']:,} calibration tokens{stopped}; "
-               f"λ_expert {s['lambda_expert']:.3g}, λ_router {s['lambda_router']:.3g}. Stored as run #{rec['run_id']}, "
+    c[3].metric("Training steps", summ["steps_done"], help="Steps run (fewer than asked when cancelled or out of time)")
+    st.plotly_chart(readable(figures.recovery_losses(rec["history"], summ["lambda_expert"], summ["lambda_router"])), width="stretch")
+    stopped = f", stopped early ({summ['stopped_early']})" if summ["stopped_early"] else ""
+    st.caption(f"Trained {summ['steps_done']} steps in {summ['seconds']:.1f} s on {summ['tokens_seen']:,} calibration tokens{stopped}; "
+               f"λ_expert {summ['lambda_expert']:.3g}, λ_router {summ['lambda_router']:.3g}. Stored as run #{rec['run_id']}, "
                f"linked to run #{rec['parent_run_id']}: the Trade-offs page draws the recovery as an arrow. The Export "
                "page can write the recovered model (kept in this session until the next recovery).")

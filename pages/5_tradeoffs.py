@@ -1,77 +1,237 @@
-"""Page 5 — sweeps over sparsity and bits, trade-off curves, Pareto front, all stored runs."""
+"""Page 5 — sweeps over sparsity and bits, trade-off curves, Pareto fronts, all stored runs."""
+
+import time
 
 import pandas as pd
 import streamlit as st
 
 from moeviz import figures
+from moeviz.figures._common import readable
 from moeviz.compression.plan import METRICS, SUPPORTED_BITS, CompressionPlan
 from moeviz.evaluation import grid_plans, run_sweep
+from moeviz.figures.units import bits_label, format_time_ms
+from moeviz.runview import filter_runs, metric_diff, plan_diff, tag_list, with_facets
 from pages._state import base_evaluator, compressor, require_model, require_stats, run_store, set_plan, user_errors
 
 st.header("Trade-offs")
 st.write("Sweep pruning methods × sparsity × bits and see what each setting costs: accuracy and latency against "
-         "compression ratio, perplexity, load balance and routing drift. Every run is stored; select a point "
-         "on the Pareto chart to load its plan into the Compress page.")
+         "compression ratio, perplexity, load balance and routing drift. Every run is stored. Click a point on any "
+         "chart or a row of the run table to select a run and load its plan into the Compress page.")
 
+s = st.session_state
 lm = require_model()
 stats = require_stats(lm)
 store = run_store()
 
+
+def eta_text(start: float, done: int, total: int) -> str:
+    if done == 0:
+        return ""
+    left = (time.perf_counter() - start) / done * (total - done)
+    return f" · about {left:.0f} s left" if left >= 1 else " · almost done"
+
+
 with st.form("sweep_form"):
     c1, c2, c3 = st.columns(3)
     methods = c1.multiselect("Methods", METRICS, default=["magnitude", "moe_pruner"])
-    sparsities = c2.multiselect("Sparsities", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], default=[0.3, 0.5, 0.7])
-    bits = c3.multiselect("Bits", SUPPORTED_BITS, default=[16])
+    sparsities = c2.multiselect("Sparsities", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], default=[0.3, 0.5, 0.7],
+                                format_func=lambda v: f"{v:.0%}")
+    bits = c3.multiselect("Bits", SUPPORTED_BITS, default=[16], format_func=bits_label)
     go = st.form_submit_button("Run sweep", type="primary")
+if s.pop("_sweep_running", None) is not None and not go:
+    # The last run of this script was a sweep interrupted by "Stop sweep" (or by another click).
+    st.warning("Sweep stopped. The plans it finished are stored and shown below.")
 if go:
     with user_errors():
         plans = grid_plans(methods, sparsities, bits, base=CompressionPlan())
         evaluator = base_evaluator(lm.fingerprint, lm)
         bar = st.progress(0.0, text=f"Sweep: 0/{len(plans)} plans")
-        st.caption("Press **Stop** (top right) to cancel: finished runs are already stored.")
+        stop = st.empty()
+        stop.button("Stop sweep", help="Stops after the plan being evaluated; finished runs are already stored")
+        s._sweep_running = True
+        start = time.perf_counter()
         df = run_sweep(compressor(lm, stats), evaluator, plans, store=store,
-                       progress=lambda d, t, row: bar.progress(d / t, text=f"Sweep: {d}/{t} plans · {row['name']}"))
+                       progress=lambda d, t, row: bar.progress(
+                           d / t, text=f"Sweep: {d}/{t} plans · {row['name']}{eta_text(start, d, t)}"))
         bar.empty()
-    st.session_state.sweep_df = df
+        stop.empty()
+        s.pop("_sweep_running", None)
+    s.sweep_df = df
     st.success(f"{len(df)} plans evaluated and stored (sweep {df.attrs.get('sweep_id')}).")
 
 runs = store.runs(model_fingerprint=lm.fingerprint)
 if runs.empty:
     st.info("No runs yet for this model: run a sweep above or evaluate a plan on the Compress page.")
     st.stop()
-scope = st.radio("Show", ["All runs of this model", "Last sweep only"], horizontal=True,
-                 disabled=st.session_state.sweep_df is None)
-df = runs
-if scope == "Last sweep only" and st.session_state.sweep_df is not None:
-    df = runs[runs["sweep_id"] == st.session_state.sweep_df.attrs.get("sweep_id")]
+runs = with_facets(runs)
 
-latency = st.radio("Latency", ["projected_decode_ms", "measured_decode_ms"], horizontal=True,
-                   format_func=lambda c: "projected (roofline, H100)" if c.startswith("projected") else "measured (this machine)")
-st.plotly_chart(figures.tradeoff_chart(df, latency_col=latency), width="stretch")
+st.subheader("Runs shown")
+f = st.columns(5)
+sel_methods = f[0].multiselect("Method", sorted(runs["method"].unique()), placeholder="all")
+sel_bits = f[1].multiselect("Bits", sorted(runs["bits"].unique()), placeholder="all", format_func=bits_label)
+sel_structures = f[2].multiselect("Structure", sorted(runs["structure"].unique()), placeholder="all")
+sweeps = [v for v in runs["sweep_id"].dropna().unique()]
+last_sweep = s.sweep_df.attrs.get("sweep_id") if s.sweep_df is not None else None
+sel_sweeps = f[3].multiselect("Sweep", sweeps, placeholder="all",
+                              format_func=lambda v: ("last sweep · " if v == last_sweep else "") + v.split("-", 1)[-1])
+all_tags = sorted({t for v in runs["tags"] for t in tag_list(v)})
+sel_tags = f[4].multiselect("Tag", all_tags, placeholder="all", disabled=not all_tags,
+                            help="Tag runs in the selected-run panel below")
+df = filter_runs(runs, sel_methods, sel_bits, sel_structures, sel_sweeps, sel_tags)
+if df.empty:
+    st.info("No run matches these filters.")
+    st.stop()
+st.caption(f"{len(df)} of {len(runs)} runs. A line joins runs whose plans differ in sparsity alone; every other "
+           "run is a point.")
+
+
+def take_selection(key: str, event, rows_to_ids=None):
+    """Select a run from a chart or the table, acting only on a selection that changed (every chart keeps
+    its last selection across reruns)."""
+    if event is None:
+        return
+    sel = event.get("selection", {}) if isinstance(event, dict) else event.selection
+    if rows_to_ids is not None:  # the signature is the rows clicked: a filter that reorders the table selects nothing
+        signature = tuple(sel.get("rows") or [])
+        picked = [rows_to_ids[i] for i in signature if 0 <= i < len(rows_to_ids)]
+    else:
+        picked = [p["customdata"][0] for p in (sel.get("points") or []) if p.get("customdata")]
+        signature = tuple(picked)
+    if s.get(f"_sel_{key}") == signature:
+        return
+    s[f"_sel_{key}"] = signature
+    if picked and picked[0] is not None:
+        select_run(int(picked[0]))
+
+
+def select_run(run_id: int):
+    """Select a run and load its plan (and its evaluation, when it is one) into Compress."""
+    record = store.get_run(run_id)
+    s.selected_run_id = run_id
+    with user_errors():
+        set_plan(CompressionPlan.from_dict(record.plan))
+    if record.parent_run_id is None and record.metrics.get("details"):
+        s.last_result, s.last_run_id, s._reused = record.metrics["details"], run_id, True
+    s._loaded_note = f"Plan of run #{run_id} loaded into Compress."
+
+
+LATENCIES = {"projected_decode_ms": "projected (roofline, H100)", "measured_decode_ms": "measured (this machine)",
+             "interleaved_decode_ms": "measured back to back with base (median, IQR bars)"}
+latency = st.radio("Latency", list(LATENCIES), horizontal=True, format_func=LATENCIES.get,
+                   help="Back to back: measured on the Compress page, base and compressed alternating in one loop")
+spread = None
+if latency == "interleaved_decode_ms":
+    if "latency_ab.compressed.median" not in df.columns:
+        st.info("No run has a back-to-back measurement yet: use 'Measure base and compressed back to back' on the "
+                "Compress page.")
+    else:
+        df = df.assign(interleaved_decode_ms=df["latency_ab.compressed.median"],
+                       interleaved_lo=df["latency_ab.compressed.q1"], interleaved_hi=df["latency_ab.compressed.q3"],
+                       base_interleaved_decode_ms=df["latency_ab.base.median"])
+        spread = ("interleaved_lo", "interleaved_hi")
+        overlapping = int(((df["latency_ab.compressed.q3"] >= df["latency_ab.base.q1"])
+                           & (df["latency_ab.base.q3"] >= df["latency_ab.compressed.q1"])).sum())
+        st.caption("Each run's base star is its own back-to-back base median; the chart shows the first. "
+                   + (f"{overlapping} run(s) have spreads overlapping their base: their difference is within noise."
+                      if overlapping else ""))
+take_selection("tradeoff", st.plotly_chart(readable(figures.tradeoff_chart(
+    df, latency_col=latency, latency_kind="projected" if latency.startswith("projected") else "measured",
+    latency_spread=spread)), width="stretch",
+                                           on_select="rerun", selection_mode="points", key="tradeoff"))
 c1, c2 = st.columns(2)
-c1.plotly_chart(figures.perplexity_vs_ratio(df), width="stretch")
-c2.plotly_chart(figures.cv_vs_ratio(df), width="stretch")
+log_y = c1.checkbox("Log scale for perplexity", value=True)
+take_selection("ppl", c1.plotly_chart(readable(figures.perplexity_vs_ratio(df, log_y=log_y)), width="stretch",
+                                      on_select="rerun", selection_mode="points", key="ppl"))
+take_selection("cv", c2.plotly_chart(readable(figures.cv_vs_ratio(df)), width="stretch", on_select="rerun",
+                                     selection_mode="points", key="cv"))
 
 st.subheader("Pareto front")
-y = st.selectbox("Quality axis", ["accuracy", "perplexity"])
-event = st.plotly_chart(figures.pareto_chart(df, y=y), on_select="rerun", selection_mode="points", key="pareto")
-points = (event or {}).get("selection", {}).get("points", []) if isinstance(event, dict) else event.selection.points
-if points and points[0].get("customdata"):
-    run_id = int(points[0]["customdata"][0])
-    st.session_state.selected_run_id = run_id
+c1, c2 = st.columns(2)
+y = c1.selectbox("Quality axis", ["accuracy", "perplexity"])
+x = c2.selectbox("Cost axis", ["compression_ratio", "projected_decode_ms", "measured_decode_ms"],
+                 format_func=lambda c: {"compression_ratio": "compression ratio",
+                                        "projected_decode_ms": "decode latency, projected",
+                                        "measured_decode_ms": "decode latency, measured"}[c])
+take_selection("pareto", st.plotly_chart(readable(figures.pareto_chart(df, x=x, y=y)), on_select="rerun",
+                                         selection_mode="points", key="pareto"))
 
-run_id = st.session_state.selected_run_id
-if run_id is not None and run_id in set(runs["id"]):
-    record = store.get_run(run_id)
-    st.markdown(f"**Selected run #{run_id}: {record.name}**")
-    details = record.metrics.get("details")
-    if details:
-        st.plotly_chart(figures.drift_per_layer(details), width="stretch")
-    if st.button("Load this plan into Compress"):
-        with user_errors():
-            set_plan(CompressionPlan.from_dict(record.plan))
-        st.switch_page("pages/4_compress.py")
-
-cols = ["id", "parent_run_id", "name", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
+st.subheader("All runs")
+cols = ["id", "parent_run_id", "name", "tags", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
         "projected_decode_ms", "measured_decode_ms", "mean_cv", "mean_topk_overlap", "created_at"]
-st.dataframe(df[[c for c in cols if c in df]].sort_values("id", ascending=False), hide_index=True, width="stretch")
+table = df[[c for c in cols if c in df]].sort_values("id", ascending=False).reset_index(drop=True)
+shown = table.assign(parent_run_id=pd.to_numeric(table["parent_run_id"], errors="coerce").astype("Int64"),
+                     accuracy=table["accuracy"] * 100, mean_topk_overlap=table.get("mean_topk_overlap", pd.Series(dtype=float)) * 100,
+                     projected_decode_ms=table["projected_decode_ms"].map(format_time_ms),
+                     measured_decode_ms=table["measured_decode_ms"].map(format_time_ms))
+event = st.dataframe(
+    shown, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key="runs_table",
+    column_config={
+        "id": st.column_config.NumberColumn("run", format="%d"),
+        "parent_run_id": st.column_config.NumberColumn("recovered from", format="%d"),
+        "accuracy": st.column_config.NumberColumn("accuracy", format="%.1f %%"),
+        "perplexity": st.column_config.NumberColumn("perplexity", format="%.2f"),
+        "compression_ratio": st.column_config.NumberColumn("ratio", format="%.2f×"),
+        "experts_compression_ratio": st.column_config.NumberColumn("experts ratio", format="%.2f×"),
+        "projected_decode_ms": st.column_config.TextColumn("decode, projected"),
+        "measured_decode_ms": st.column_config.TextColumn("decode, measured"),
+        "mean_cv": st.column_config.NumberColumn("load-balance CV", format="%.3f"),
+        "mean_topk_overlap": st.column_config.NumberColumn("top-k overlap", format="%.1f %%"),
+    },
+)
+take_selection("table", event, rows_to_ids=list(table["id"]))
+
+run_id = s.selected_run_id
+if run_id is None or run_id not in set(runs["id"]):
+    st.caption("Select a run (a chart point or a table row) to see it, rename, tag, delete or compare it.")
+    st.stop()
+record = store.get_run(run_id)
+st.subheader(f"Selected run #{run_id}: {record.name}")
+if s.get("_loaded_note"):
+    st.success(s.pop("_loaded_note"))
+c1, c2, c3 = st.columns([2, 2, 1])
+with c1.form("rename_form"):
+    new_name = st.text_input("Name", value=record.name, key=f"name_{run_id}")
+    if st.form_submit_button("Rename"):
+        with user_errors():
+            try:
+                store.rename_run(run_id, new_name)
+            except ValueError as e:
+                st.error(str(e))
+                st.stop()
+        st.rerun()
+with c2.form("tags_form"):
+    new_tags = st.text_input("Tags (comma-separated)", value=", ".join(record.tags), key=f"tags_{run_id}")
+    if st.form_submit_button("Save tags"):
+        store.set_tags(run_id, new_tags)
+        st.rerun()
+with c3:
+    sure = st.checkbox("Really delete", key=f"sure_{run_id}")
+    if st.button("Delete run", disabled=not sure):
+        store.delete_run(run_id)
+        s.selected_run_id = None
+        if s.last_run_id == run_id:
+            s.last_result, s.last_run_id = None, None
+        st.rerun()
+if st.button("Load this plan into Compress"):
+    select_run(run_id)
+    st.switch_page("pages/4_compress.py")
+details = record.metrics.get("details")
+if details:
+    st.plotly_chart(readable(figures.drift_per_layer(details)), width="stretch")
+
+others = [int(i) for i in runs["id"] if int(i) != run_id]
+if others:
+    names = dict(zip(runs["id"].astype(int), runs["name"]))
+    other = st.selectbox("Compare with", [None, *others], format_func=lambda i: "—" if i is None else f"#{i} {names[i]}")
+    if other is not None:
+        b = store.get_run(other)
+        c1, c2 = st.columns(2)
+        c1.markdown(f"**Plan: #{run_id} (a) vs #{other} (b)**")
+        diff = plan_diff(record.plan, b.plan)
+        if diff:
+            c1.dataframe(pd.DataFrame(diff), hide_index=True, width="stretch")
+        else:
+            c1.caption("Same plan.")
+        c2.markdown("**Metrics**")
+        c2.dataframe(pd.DataFrame(metric_diff(record.metrics, b.metrics)), hide_index=True, width="stretch",
+                     column_config={c: st.column_config.NumberColumn(c, format="%.4g") for c in ("a", "b", "b − a")})

@@ -11,7 +11,12 @@ every computation is a `moeviz` library call).
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import copy
+import json
+import re
+import zlib
 
 import streamlit as st
 
@@ -39,6 +44,7 @@ DEFAULTS = dict(
     selected_run_id=None,
     explorer_text="def greet(name):\n    return f'Hello, {name}!'\n\nThe interpreter reads the source file.",
     results_model=None,  # fingerprint of the model the MODEL_SCOPED entries belong to
+    calibration_settings=None,  # {"n_samples", "seq_len", "seed"} of a calibration on the bundled text (URL-restorable)
 )
 # Session entries computed on one model: after a switch (another folder, dtype or device) they would
 # show, export or recover another model's evaluation or weights.
@@ -48,7 +54,110 @@ EVAL_SEQ_LEN = 256
 
 def init_session() -> None:
     for key, value in DEFAULTS.items():
-        st.session_state.setdefault(key, value)
+        st.session_state.setdefault(key, copy.deepcopy(value))
+
+
+# ---------------------------------------------------------------------------- state in the URL
+# ?model=<folder or hub id>&dtype=…&device=…&calib=<n>x<seq>s<seed>&plan=<z:base64 of the plan>
+# (or &plan_id=<id of a plan stored in the run store>, for a plan too long for a URL)&run=<selected run>.
+# The page is the URL's path (Streamlit's own). Restored once per browser session, written on every run.
+URL_PLAN_MAX = 1500  # characters of the encoded plan above which the plan is stored and referenced by id
+
+
+def encode_plan(plan: dict) -> str:
+    raw = json.dumps(plan, separators=(",", ":"), sort_keys=True).encode()
+    return "z" + base64.urlsafe_b64encode(zlib.compress(raw, 9)).decode().rstrip("=")
+
+
+def decode_plan(text: str) -> dict:
+    try:
+        if not text.startswith("z"):
+            raise ValueError("unknown encoding")
+        body = text[1:] + "=" * (-(len(text) - 1) % 4)
+        return json.loads(zlib.decompress(base64.urlsafe_b64decode(body.encode())))
+    except (ValueError, zlib.error) as e:
+        raise PlanError(f"the plan in this link cannot be read ({e}); the default plan is used") from None
+
+
+def url_state() -> dict:
+    """What the URL should say for this session's state."""
+    s = st.session_state
+    q = {"model": s.model_source or "demo"}
+    if s.dtype != "auto":
+        q["dtype"] = s.dtype
+    if s.device != "cpu":
+        q["device"] = s.device
+    c = s.get("calibration_settings")
+    if c and (s.get("stats") is not None or s.get("_restore_calibration")):
+        q["calib"] = f"{c['n_samples']}x{c['seq_len']}s{c['seed']}"
+    encoded = encode_plan(s.plan)
+    if len(encoded) <= URL_PLAN_MAX:
+        q["plan"] = encoded
+    else:
+        q["plan_id"] = run_store().save_plan(s.plan)
+    if s.get("selected_run_id") is not None:
+        q["run"] = str(s.selected_run_id)
+    return q
+
+
+def sync_url() -> None:
+    q = url_state()
+    if st.query_params.to_dict() != q:
+        st.query_params.from_dict(q)
+
+
+def restore_from_url() -> None:
+    """Once per browser session: model source, calibration settings, plan and selected run from the URL
+    (a refresh or a shared link). Calibration is restored from the on-disk cache by `require_stats`."""
+    s = st.session_state
+    if s.get("_url_restored"):
+        return
+    s._url_restored = True
+    q = st.query_params.to_dict()
+    if not q:
+        return
+    problems = []
+    if "model" in q:
+        s.model_source = "" if q["model"] == "demo" else q["model"]
+    if q.get("dtype") in ("auto", "float32", "bfloat16", "float16"):
+        s.dtype = q["dtype"]
+    if q.get("device"):
+        s.device = q["device"]
+    m = re.fullmatch(r"(\d+)x(\d+)s(\d+)", q.get("calib", ""))
+    if m:
+        s.calibration_settings = dict(n_samples=int(m[1]), seq_len=int(m[2]), seed=int(m[3]))
+        s._restore_calibration = True
+    try:
+        if "plan" in q:
+            s.plan = CompressionPlan.from_dict(decode_plan(q["plan"])).validate().to_dict()
+        elif "plan_id" in q:
+            s.plan = CompressionPlan.from_dict(run_store().get_plan(q["plan_id"])).validate().to_dict()
+    except (MoevizError, KeyError) as e:
+        problems.append(str(e).strip("'\""))
+    if q.get("run", "").isdigit():
+        s._url_run = int(q["run"])
+    s._url_problems = problems
+
+
+def restore_calibration(loaded) -> None:
+    """A calibration named by the URL, loaded from the on-disk cache (never recomputed on its own)."""
+    s = st.session_state
+    if not s.pop("_restore_calibration", False) or stats_for(loaded) is not None:
+        return
+    c = s.calibration_settings
+    from moeviz.workspace import calibrate_cached
+
+    with user_errors():
+        samples = moeviz.load_calibration_data(loaded.tokenizer, None, n_samples=c["n_samples"], seq_len=c["seq_len"],
+                                               seed=c["seed"], max_seq_len=loaded.max_context)
+        stats, _ = calibrate_cached(loaded, samples, cache_only=True)
+    if stats is None:
+        s.calibration_settings = None
+        s.setdefault("_url_problems", []).append(
+            "the calibration in this link is not in this machine's cache; run calibration again")
+    else:
+        s.stats, s.calibration_samples, s.calibration_source = stats, samples, "bundled"
+    sync_url()
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
@@ -82,6 +191,33 @@ def current_plan() -> CompressionPlan:
 
 def set_plan(plan: CompressionPlan) -> None:
     st.session_state.plan = plan.to_dict()
+    sync_url()
+
+
+def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None):
+    """(result dict, run id, reused): the stored run of this exact plan on this model, calibration and
+    held-out text when there is one, else a new evaluation stored as a run. progress(stage, done, total)
+    while evaluating ("apply", then "evaluate" with batches done / total)."""
+    import time
+
+    from moeviz.evaluation.sweep import store_result
+
+    evaluator = base_evaluator(loaded.fingerprint, loaded)
+    store = run_store()
+    found = store.find_run(loaded.fingerprint, plan.to_dict(), stats.fingerprint if stats is not None else None,
+                           evaluator.fingerprint)
+    if found is not None and found.metrics.get("details"):
+        return found.metrics["details"], found.id, True
+    samples = plan_samples(loaded, stats, plan)
+    start = time.perf_counter()
+    if progress is not None:
+        progress("apply", 0, 1)
+    comp = compressor(loaded, stats)
+    compressed = comp.apply(plan, samples)
+    result = evaluator.evaluate(compressed, progress=(lambda d, t: progress("evaluate", d, t)) if progress else None)
+    run_id = store_result(store, result, plan, loaded.fingerprint, stats.fingerprint if stats is not None else None,
+                          duration_s=time.perf_counter() - start)
+    return result.to_dict(), run_id, False
 
 
 def compressor(loaded, stats) -> Compressor:
@@ -144,13 +280,25 @@ def user_errors():
 
 
 def require_model():
+    init_session()  # (the entry point runs these too; a rerun of one page may not run it)
+    restore_from_url()
     with user_errors():
         loaded = current_model()
     scope_results_to(loaded)
+    s = st.session_state
+    for problem in s.pop("_url_problems", None) or []:
+        st.warning(f"From the link: {problem}")
+    if s.get("_url_run") is not None:
+        run_id = s.pop("_url_run")
+        with contextlib.suppress(KeyError):
+            if run_store().get_run(run_id).model_fingerprint == loaded.fingerprint:
+                s.selected_run_id = run_id
+    sync_url()
     return loaded
 
 
 def require_stats(loaded):
+    restore_calibration(loaded)
     stats = stats_for(loaded)
     if stats is None:
         st.info("Run calibration on the **Model & calibration** page first: these views come from its statistics.")

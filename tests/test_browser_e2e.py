@@ -61,6 +61,21 @@ def wait_for_charts(page, n, timeout_s=60):
                            timeout=timeout_s * 1000)
 
 
+def shoot_charts(page, prefix):
+    """A 1440x900 screenshot with each pair of charts in view, to check titles, axes and legends."""
+    charts = page.locator(".js-plotly-plot")
+    for i in range(0, charts.count(), 2):
+        charts.nth(i).scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        page.screenshot(path=SHOTS / f"{prefix}_charts{i // 2}.png")
+
+
+def metric_value(page, label):
+    """The value of the st.metric labelled `label`."""
+    box = page.locator("[data-testid='stMetric']").filter(has_text=label).first
+    return box.locator("[data-testid='stMetricValue']").inner_text()
+
+
 def test_default_flow_in_chromium(app_url):
     from playwright.sync_api import sync_playwright
 
@@ -69,7 +84,7 @@ def test_default_flow_in_chromium(app_url):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page = browser.new_page(viewport={"width": 1440, "height": 900})  # the width the app must read well at
         page.goto(app_url)
         page.get_by_text("MixtralForCausalLM").wait_for(timeout=60_000)
         page.get_by_role("button", name="Run calibration").click()
@@ -80,16 +95,40 @@ def test_default_flow_in_chromium(app_url):
         page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
         wait_for_charts(page, 3)
         page.screenshot(path=SHOTS / "2_routing.png", full_page=True)
+        wait_for_charts(page, 5)
+        shoot_charts(page, "2_routing")
 
         nav(page, "Architecture")
         page.locator("svg, .stGraphVizChart").first.wait_for(timeout=60_000)
         page.screenshot(path=SHOTS / "3_architecture.png", full_page=True)
 
         nav(page, "Compress")
-        page.get_by_role("button", name="Evaluate").click()
+        page.get_by_text("Compression ratio (plan)").wait_for(timeout=60_000)
+        page.screenshot(path=SHOTS / "4_compress.png")
+        ratio = metric_value(page, "Compression ratio (plan)")
+        page.get_by_role("button", name="Evaluate", exact=True).click()
         page.get_by_text("Stored as run").wait_for(timeout=180_000)
         wait_for_charts(page, 2)
-        page.screenshot(path=SHOTS / "4_compress.png", full_page=True)
+        page.get_by_text("Result (compressed vs base)").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "4a_compress_result.png")
+        page.get_by_text("Per-expert settings").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "4c_expert_table.png")
+
+        # A refresh keeps model, calibration (from the on-disk cache), plan and page: all in the URL.
+        url = page.url
+        assert "/compress" in url and "calib=" in url and "plan=" in url, url
+        page.reload()
+        page.get_by_text("Compression ratio (plan)").wait_for(timeout=120_000)  # calibrated: the page is not blocked
+        assert page.url == url and metric_value(page, "Compression ratio (plan)") == ratio
+        page.get_by_role("button", name="Evaluate", exact=True).click()  # the same plan: its stored run is reused at once
+        page.get_by_text("no duplicate stored").wait_for(timeout=60_000)
+        wait_for_charts(page, 2)
+        shoot_charts(page, "4_compress")
+        page.get_by_role("button", name="Measure base and compressed back to back").click()
+        page.get_by_text("Decode, compressed (back to back)").wait_for(timeout=120_000)
+        wait_for_charts(page, 3)
+        page.get_by_text("Decode, compressed (back to back)").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "4d_latency_back_to_back.png")
         page.get_by_role("button", name="Recover").click()  # default settings: 50 steps on the demo model
         page.get_by_text("Perplexity gap recovered").wait_for(timeout=300_000)
         wait_for_charts(page, 3)
@@ -100,9 +139,11 @@ def test_default_flow_in_chromium(app_url):
         page.get_by_role("heading", name="Pareto front").wait_for(timeout=60_000)  # this page's own content, not the previous page's charts
         wait_for_charts(page, 4)
         page.get_by_role("heading", name="Trade-offs").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
         # The recovery run is drawn as an arrow from its parent (plotly annotation arrows).
         page.wait_for_function("document.querySelectorAll('.annotation-arrow-g').length >= 1", timeout=60_000)
         page.screenshot(path=SHOTS / "5_tradeoffs.png")
+        shoot_charts(page, "5_tradeoffs")
         # Clicking a point of the Pareto chart (the 4th chart) selects its run and can load its plan.
         pareto = page.locator(".js-plotly-plot").nth(3)
         pareto.scroll_into_view_if_needed()
@@ -113,10 +154,42 @@ def test_default_flow_in_chromium(app_url):
         page.wait_for_timeout(300)
         page.mouse.click(x, y)
         page.get_by_text("Selected run #").wait_for(timeout=60_000)
+        page.wait_for_timeout(500)
+        assert "run=" in page.url
+        page.get_by_text("Selected run #").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "5b_selected_run.png")
         page.get_by_role("button", name="Load this plan into Compress").click()
         page.get_by_role("heading", name="Compress").first.wait_for(timeout=60_000)
+        page.get_by_text("Compression ratio (plan)").wait_for(timeout=60_000)
 
         nav(page, "Export")
         page.get_by_text("Plan (JSON)").wait_for(timeout=60_000)
         page.screenshot(path=SHOTS / "6_export.png", full_page=True)
+        browser.close()
+
+
+def test_stop_sweep_keeps_the_finished_runs(app_url):
+    """The in-page Stop button ends a running sweep; the plans it finished are stored and shown."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(app_url)
+        page.get_by_role("button", name="Run calibration").click()
+        page.get_by_text("for bundled").wait_for(timeout=120_000)
+        nav(page, "Trade-offs")
+        page.get_by_role("button", name="Run sweep").click()
+        page.get_by_text("Sweep: 1/6 plans").wait_for(timeout=120_000)  # one plan finished, with an ETA
+        assert "left" in page.get_by_text("Sweep: 1/6 plans").inner_text()
+        page.screenshot(path=SHOTS / "5c_sweep_running.png")
+        page.get_by_role("button", name="Stop sweep").click()
+        page.get_by_text("Sweep stopped").wait_for(timeout=60_000)
+        page.get_by_role("heading", name="All runs").wait_for(timeout=60_000)
+        assert page.get_by_text("plans evaluated and stored").count() == 0  # it did not run to the end
+        # The finished plan(s) are stored: the sweep filter lists this sweep.
+        page.get_by_text("Sweep", exact=True).scroll_into_view_if_needed()
+        page.locator("[data-testid='stMultiSelect']").filter(has_text="Sweep").click()
+        page.get_by_role("option").first.wait_for(timeout=30_000)
         browser.close()

@@ -403,3 +403,43 @@ def test_tradeoff_chart_shows_microseconds_for_tiny_latencies():
     assert list(latency.y) == pytest.approx([2.0, 1.6, 1.2])  # sorted by ratio, shown in µs
     base = [t for t in fig.data if t.name == "base model · latency"][0]
     assert list(base.y) == pytest.approx([3.0]) and "µs/token" in base.hovertemplate
+
+
+def test_lines_join_only_runs_that_differ_in_the_swept_value():
+    import json
+
+    from moeviz.compression.plan import CompressionPlan, PruningSettings, QuantSettings
+    from moeviz.figures.tradeoffs import series_keys
+
+    def plan(sparsity, bits=16, removed=(), name=""):
+        return CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=sparsity), quant=QuantSettings(bits=bits),
+                               removed_experts=list(removed), name=name).to_json(indent=None)
+
+    plans = [plan(0.3), plan(0.5, name="renamed"), plan(0.7), plan(0.5, bits=4), plan(0.5, removed=[(0, 1)]), plan(0.3)]
+    df = _sweep_frame().assign(method="wanda", plan_json=plans)
+    df["parent_run_id"] = [None, None, None, None, None, 1]  # the last one: a recovery of run 1
+    keys = series_keys(df)
+    assert keys[0] == keys[1] == keys[2] and len(set(keys)) == 4
+    fig = perplexity_vs_ratio(df, log_y=True)
+    runs = [t for t in fig.data if t.name and t.name.startswith("wanda")]
+    assert sorted(len(t.x) for t in runs) == [1, 1, 1, 3]
+    assert all(("lines" in t.mode) == (len(t.x) > 1) for t in runs)  # a single run is a point, never a line
+    assert sum(bool(t.showlegend is not False) for t in runs if t.name == "wanda") == 1  # one legend entry per method
+    assert fig.layout.yaxis.type == "log"
+    fig = tradeoff_chart(df)
+    acc = [t for t in fig.data if t.name == "wanda · accuracy"]
+    assert sorted(len(t.x) for t in acc) == [1, 1, 3]  # the recovery run is its own group, "wanda + KD recovery"
+    assert json.loads(df["plan_json"][0])["name"] == ""
+
+
+def test_log_perplexity_keeps_its_range_and_readable_wraps_titles_and_moves_legends():
+    from moeviz.figures._common import readable
+
+    fig = perplexity_vs_ratio(_sweep_frame(), log_y=True)
+    base = [a for a in fig.layout.annotations if "base model" in (a.text or "")]
+    assert base and abs(base[0].y - np.log10(11.0)) < 1e-9  # log10 coordinates: not 10^11 on the axis
+    fig = perplexity_vs_ratio(_sweep_frame(), log_y=False)
+    assert [a.y for a in fig.layout.annotations if "base model" in (a.text or "")] == [11.0]
+    fig = readable(drift_per_layer({"drift": [dict(layer=0, topk_overlap=0.9, top1_change_rate=0.1, kl=0.01)]}))
+    assert "<br>" in fig.layout.title.text and fig.layout.legend.orientation == "h"
+    assert all(len(line) <= 50 for line in fig.layout.yaxis.title.text.split("<br>"))

@@ -30,7 +30,8 @@ assert stats.n_tokens == 32
 from streamlit.testing.v1 import AppTest
 at = AppTest.from_file(str(APP_FILE), default_timeout=180).run()
 assert not at.exception, [e.value for e in at.exception]
-assert [m.value for m in at.metric][:2] == ["MixtralForCausalLM", "4"], [m.value for m in at.metric]
+assert any("MixtralForCausalLM" in m.value for m in at.markdown), [m.value for m in at.markdown]
+assert [m.value for m in at.metric][:1] == ["4"], [m.value for m in at.metric]
 print("installed moeviz works")
 """
 

@@ -206,7 +206,7 @@ def test_migrates_older_schema(tmp_path, monkeypatch):
     sqlite3.connect(path0).close()
     assert RunStore(path0).schema_version == len(store_mod.MIGRATIONS)
 
-    # Version 1 with data, then a hypothetical migration 2 appended: data kept, column added.
+    # The current version with data, then a hypothetical next migration appended: data kept, column added.
     path = tmp_path / "runs.sqlite"
     s = RunStore(path)
     run_id = s.add_run(record(3))
@@ -214,7 +214,7 @@ def test_migrates_older_schema(tmp_path, monkeypatch):
     migration_2 = ["ALTER TABLE runs ADD COLUMN energy_j REAL", "UPDATE runs SET energy_j = 7.0"]
     monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS + [migration_2])
     s = RunStore(path)
-    assert s.schema_version == 2
+    assert s.schema_version == len(store_mod.MIGRATIONS)
     assert s._conn.execute("SELECT energy_j FROM runs WHERE id = ?", (run_id,)).fetchone()[0] == 7.0
     assert s.get_run(run_id).metrics == record(3).metrics
     s.close()
@@ -234,3 +234,50 @@ def test_failed_write_leaves_nothing(tmp_path):
     s.add_run(record(0))
     assert len(s.runs()) == 1
     json.dumps(s.runs().drop(columns=["plan_json"]).to_dict("records"))
+
+
+def test_find_rename_tag_and_stored_plans(tmp_path):
+    from moeviz.store import plan_key
+
+    s = RunStore(tmp_path / "runs.sqlite")
+    plan = {"pruning": {"sparsity": 0.5}, "name": ""}
+    a = s.add_run(RunRecord(name="a", model_fingerprint="m", plan=plan, metrics={"accuracy": 0.5},
+                            calibration_fingerprint="c", eval_fingerprint="e"))
+    # The same plan (its name aside) on the same model, calibration and text is found; anything else is not.
+    assert s.find_run("m", {**plan, "name": "renamed plan"}, "c", "e").id == a
+    assert s.find_run("m", plan, "c", "other text") is None and s.find_run("m2", plan, "c", "e") is None
+    assert s.find_run("m", {"pruning": {"sparsity": 0.6}, "name": ""}, "c", "e") is None
+    s.add_run(RunRecord(name="recovered", model_fingerprint="m", plan=plan, metrics={}, calibration_fingerprint="c",
+                        eval_fingerprint="e", parent_run_id=a))
+    assert s.find_run("m", plan, "c", "e").id == a  # a recovery run is not the plan's evaluation
+    assert plan_key(plan) == plan_key({**plan, "name": "x"})
+
+    s.rename_run(a, "  baseline 50 %  ")
+    assert s.set_tags(a, "keep, paper,keep, ") == ["keep", "paper"]
+    r = s.get_run(a)
+    assert r.name == "baseline 50 %" and r.tags == ["keep", "paper"]
+    assert s.runs().set_index("id").loc[a, "tags"] == "keep, paper"
+    with pytest.raises(ValueError):
+        s.rename_run(a, " ")
+    with pytest.raises(KeyError):
+        s.set_tags(999, "x")
+
+    pid = s.save_plan(plan)
+    assert s.save_plan(plan) == pid and s.get_plan(pid) == plan
+    with pytest.raises(KeyError):
+        s.get_plan("nope")
+
+
+def test_version_1_file_gets_tags_and_plans(tmp_path, monkeypatch):
+    path = tmp_path / "runs.sqlite"
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:1])
+    old = RunStore(path)
+    old._conn.execute("INSERT INTO runs (name, model_fingerprint, plan_json, metrics_json, created_at) "
+                      "VALUES ('old', 'm', '{}', '{}', 'then')")
+    old.close()
+    monkeypatch.undo()
+    s = RunStore(path)
+    assert s.schema_version == len(store_mod.MIGRATIONS) >= 2
+    r = s.runs()
+    assert list(r["name"]) == ["old"] and list(r["tags"]) == [""]
+    assert s.set_tags(int(r["id"][0]), "a") == ["a"] and s.get_run(int(r["id"][0])).tags == ["a"]

@@ -52,3 +52,31 @@ def interpolate_hex(a: str, b: str, t: float) -> str:
     ca = [int(a.lstrip("#")[i : i + 2], 16) for i in (0, 2, 4)]
     cb = [int(b.lstrip("#")[i : i + 2], 16) for i in (0, 2, 4)]
     return "#" + "".join(f"{round(x + (y - x) * t):02x}" for x, y in zip(ca, cb))
+
+
+def _wrap(text: str, limit: int, small: bool) -> str:
+    """A long title split before its parenthesised part: "Title<br>(detail)" (detail smaller when `small`)."""
+    if not text or len(text) <= limit or "<br>" in text or " (" not in text:
+        return text
+    head, tail = text.split(" (", 1)
+    tail = "(" + tail
+    return f"{head}<br><sup>{tail}</sup>" if small else f"{head}<br>{tail}"
+
+
+def readable(fig: go.Figure, title_chars: int = 48, axis_chars: int = 34) -> go.Figure:
+    """Fit a figure to a half-width column at 1440 px: long titles and axis titles wrap before their
+    parenthesised detail instead of being cut, and horizontal legends sit below the axis titles."""
+    title = fig.layout.title.text
+    if title:
+        fig.update_layout(title_text=_wrap(title, title_chars, small=True))
+    for axis in list(fig.select_xaxes()) + list(fig.select_yaxes()):
+        if axis.title and axis.title.text:
+            axis.title.text = _wrap(axis.title.text, axis_chars, small=False)
+            axis.automargin = True
+    overlaid = any(getattr(a, "overlaying", None) for a in fig.select_yaxes())
+    if overlaid and fig.layout.legend.orientation != "h":
+        # A right-hand axis: a legend beside the plot would sit on its tick labels and title.
+        fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=-0.3, yanchor="top"))
+    if fig.layout.legend and fig.layout.legend.orientation == "h":
+        fig.update_layout(legend=dict(y=-0.3, yanchor="top"), margin=dict(b=140))
+    return fig

@@ -38,6 +38,7 @@ COLUMNS: dict[str, tuple[str, float]] = {
     "experts_compression_ratio": ("Experts compression ratio (× smaller, expert weight bytes)", 1.0),
     "projected_decode_ms": ("Decode latency, projected (device) (ms/token)", 1.0),
     "measured_decode_ms": ("Decode latency, measured (this machine) (ms/token)", 1.0),
+    "interleaved_decode_ms": ("Decode latency, measured back to back with base (ms/token)", 1.0),
     "mean_cv": ("Load-balance CV, mean over layers (std/mean, unitless)", 1.0),
     "mean_topk_overlap": ("Top-k overlap with base, mean over layers (%)", 100.0),
     "mean_top1_change": ("Top-1 change rate vs base, mean over layers (%)", 100.0),
@@ -45,7 +46,7 @@ COLUMNS: dict[str, tuple[str, float]] = {
     "parameter_bytes": ("Stored parameters (bytes)", 1.0),
     "sparsity": ("Sparsity (%)", 100.0),
 }
-MINIMIZE = {"perplexity", "perplexity_increase", "projected_decode_ms", "measured_decode_ms", "mean_cv",
+MINIMIZE = {"perplexity", "perplexity_increase", "projected_decode_ms", "measured_decode_ms", "interleaved_decode_ms", "mean_cv",
             "mean_kl", "mean_top1_change", "parameter_bytes"}
 
 
@@ -109,6 +110,38 @@ def methods(df: pd.DataFrame, method_col: str | None = None) -> list[str]:
     if "parent_run_id" in df.columns:
         ms = [m if pd.isna(p) else f"{m} + KD recovery" for m, p in zip(ms, df["parent_run_id"])]
     return ms
+
+
+def series_keys(df: pd.DataFrame, ms: list[str] | None = None) -> list[str]:
+    """Which runs form one line: runs whose plans differ in the swept value (pruning sparsity) alone, i.e.
+    same method, structure, bits, allocation, overrides, removal, router and activation settings. With no
+    ``plan_json`` column the method is the series (a sweep frame built by hand). A recovery run (a
+    ``parent_run_id``) is always a series of its own: a point, linked to its parent by an arrow."""
+    ms = ms if ms is not None else methods(df)
+    if "plan_json" not in df.columns:
+        return list(ms)
+    parents = df["parent_run_id"] if "parent_run_id" in df.columns else [None] * len(df)
+    keys = []
+    for i, (m, raw, parent) in enumerate(zip(ms, df["plan_json"], parents)):
+        if parent is not None and not pd.isna(parent):
+            keys.append(f"{m}|recovery|{i}")
+            continue
+        try:
+            plan = json.loads(raw) if isinstance(raw, str) else dict(raw)
+            plan.pop("name", None)
+            plan.get("pruning", {}).pop("sparsity", None)
+            keys.append(f"{m}|{json.dumps(plan, sort_keys=True)}")
+        except Exception:  # noqa: BLE001 - a run without a readable plan is a point of its own
+            keys.append(f"{m}|unreadable|{i}")
+    return keys
+
+
+def _series(df, ms) -> list[tuple[str, list[int]]]:
+    """(method, row indices) per series, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(series_keys(df, ms)):
+        groups.setdefault(k, []).append(i)
+    return [(ms[rows[0]], rows) for rows in groups.values()]
 
 
 def _names(df: pd.DataFrame) -> list[str]:
@@ -181,12 +214,13 @@ def latency_axis_title(kind: str, device: str | None = None, unit: str = "ms/tok
 def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col: str = "projected_decode_ms",
                    ratio_col: str = "compression_ratio", latency_kind: str | None = None,
                    method_col: str | None = None, device: str | None = None,
-                   show_recovery: bool = True) -> go.Figure:
+                   show_recovery: bool = True, latency_spread: tuple[str, str] | None = None) -> go.Figure:
     """Compression ratio (x) vs accuracy (left y, solid lines, circles) and decode latency (right y,
     dotted lines, diamonds), one colour per method, each method sorted by ratio. The base model is a
     black star at ratio 1 on both axes. The right axis says "projected (device)" or "measured (this
     machine)" (`latency_kind`, inferred from `latency_col` when None). With ``parent_run_id`` values,
-    recovery arrows go from parent to child on the accuracy axis.
+    recovery arrows go from parent to child on the accuracy axis. `latency_spread`: (low, high) columns
+    drawn as asymmetric error bars on the latency points (e.g. the quartiles of interleaved repeats).
     """
     kind = latency_kind or infer_latency_kind(latency_col)
     title = "Accuracy and latency vs compression"
@@ -205,8 +239,10 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     lat_scale, lat_unit = (1000.0, "µs/token") if finite and max(finite) < 0.1 else (1.0, "ms/token")
     lat = lat * lat_scale
     ytitle2 = latency_axis_title(kind, device, lat_unit)
-    for m, color in colors.items():
-        rows = sorted((i for i in range(len(df)) if ms[i] == m and math.isfinite(xr[i])), key=lambda i: xr[i])
+    shown_legend: set[str] = set()
+    for m, series_rows in _series(df, ms):
+        color = colors[m]
+        rows = sorted((i for i in series_rows if math.isfinite(xr[i])), key=lambda i: xr[i])
         for values, second, symbol, dash, what, col in (
             (acc, False, "circle", "solid", "accuracy", accuracy_col),
             (lat, True, "diamond", "dot", "latency", latency_col),
@@ -215,14 +251,23 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
             if not keep:
                 continue
             unit = "%" if _scale(col) == 100 else (f" {lat_unit}" if what == "latency" else "")
+            name = f"{m} · {what}"
+            error = None
+            if what == "latency" and latency_spread and all(c in df.columns for c in latency_spread):
+                lo, hi = (_num(df, c)[keep] * lat_scale for c in latency_spread)
+                error = dict(type="data", symmetric=False, array=np.nan_to_num(hi - values[keep]),
+                             arrayminus=np.nan_to_num(values[keep] - lo), color=color, thickness=1.5, width=4)
             fig.add_trace(go.Scatter(
-                x=xr[keep], y=values[keep], mode="lines+markers", name=f"{m} · {what}", legendgroup=m,
+                error_y=error,
+                x=xr[keep], y=values[keep], mode="lines+markers" if len(keep) > 1 else "markers", name=name,
+                legendgroup=m, showlegend=name not in shown_legend,
                 line=dict(color=color, dash=dash), marker=dict(symbol=symbol, size=8, color=color),
                 customdata=_custom(ids, names, keep),
                 hovertemplate=(f"<b>%{{customdata[1]}}</b><br>run %{{customdata[0]}} · {m}<br>"
                                f"compression %{{x:.3g}}×<br>{what}{' (' + kind + ')' if what == 'latency' else ''}: "
                                f"%{{y:{_fmt(col)}}}{unit}<extra></extra>"),
             ), secondary_y=second)
+            shown_legend.add(name)
     b_acc = base_value(df, accuracy_col)
     if b_acc is not None:
         fig.add_trace(go.Scatter(x=[1.0], y=[b_acc * _scale(accuracy_col)], mode="markers", name="base model",
@@ -255,21 +300,28 @@ def _per_method_lines(df, y: str, x: str, method_col, log_y: bool, title: str) -
     ids, names, ms = run_ids(df), _names(df), methods(df, method_col)
     xs, ys = _num(df, x) * _scale(x), _num(df, y) * _scale(y)
     fig = go.Figure()
-    for m, color in _method_colors(ms).items():
-        rows = sorted((i for i in range(len(df)) if ms[i] == m and math.isfinite(xs[i]) and math.isfinite(ys[i])),
-                      key=lambda i: xs[i])
+    colors, shown_legend = _method_colors(ms), set()
+    for m, series_rows in _series(df, ms):
+        color = colors[m]
+        rows = sorted((i for i in series_rows if math.isfinite(xs[i]) and math.isfinite(ys[i])), key=lambda i: xs[i])
         if not rows:
             continue
         fig.add_trace(go.Scatter(
-            x=xs[rows], y=ys[rows], mode="lines+markers", name=m, line=dict(color=color),
+            x=xs[rows], y=ys[rows], mode="lines+markers" if len(rows) > 1 else "markers", name=m, legendgroup=m,
+            showlegend=m not in shown_legend, line=dict(color=color),
             marker=dict(size=8, color=color), customdata=_custom(ids, names, rows),
             hovertemplate=(f"<b>%{{customdata[1]}}</b><br>run %{{customdata[0]}} · {m}<br>{axis_title(x)}: "
                            f"%{{x:{_fmt(x)}}}<br>{axis_title(y)}: %{{y:{_fmt(y)}}}<extra></extra>"),
         ))
+        shown_legend.add(m)
     b = base_value(df, y)
     if b is not None:
-        fig.add_hline(y=b * _scale(y), line=dict(color=BASE_COLOR, dash="dash", width=1),
-                      annotation_text=f"base model {b * _scale(y):.4g}", annotation_position="top left")
+        v = b * _scale(y)
+        fig.add_hline(y=v, line=dict(color=BASE_COLOR, dash="dash", width=1))
+        # Annotations on a log axis take log10 coordinates: a value there would stretch the axis to 10^v.
+        if not log_y or v > 0:
+            fig.add_annotation(text=f"base model {v:.4g}", xref="paper", x=0, xanchor="left", yanchor="bottom",
+                               y=math.log10(v) if log_y else v, showarrow=False, font=dict(size=11, color="#555555"))
         # an invisible trace so the reference line appears in the legend
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name="base model",
                                  line=dict(color=BASE_COLOR, dash="dash", width=1), hoverinfo="skip"))
@@ -386,5 +438,5 @@ def pareto_chart(df: pd.DataFrame, x: str = "compression_ratio", y: str = "accur
 __all__ = [
     "COLUMNS", "MINIMIZE", "add_recovery_arrows", "axis_title", "base_value", "cv_vs_ratio", "drift_per_layer",
     "infer_latency_kind", "latency_axis_title", "methods", "pareto_chart", "perplexity_vs_ratio", "run_ids",
-    "tradeoff_chart",
+    "series_keys", "tradeoff_chart",
 ]

@@ -1,0 +1,29 @@
+"""One unit convention for every page and figure: shares in %, times in µs below 1 ms and ms above,
+16 bits labelled as unquantized."""
+
+from __future__ import annotations
+
+import math
+
+
+def bits_label(bits) -> str:
+    """16 -> "16 (unquantized)", 4 -> "4-bit"."""
+    return "16 (unquantized)" if int(bits) >= 16 else f"{int(bits)}-bit"
+
+
+def format_time_ms(ms, digits: int = 3) -> str:
+    """A time given in milliseconds, in µs below 1 ms and in ms (or s) above: 0.0123 -> "12.3 µs"."""
+    if ms is None or not math.isfinite(float(ms)):
+        return "n/a"
+    ms = float(ms)
+    if abs(ms) < 1:
+        return f"{ms * 1000:.{digits}g} µs"
+    if abs(ms) < 1000:
+        return f"{ms:.{digits}g} ms"
+    return f"{ms / 1000:.{digits}g} s"
+
+
+def time_unit(values_ms) -> tuple[str, float]:
+    """(unit, factor from ms) for an axis of times: µs when every value is below 1 ms."""
+    finite = [abs(float(v)) for v in values_ms if v is not None and math.isfinite(float(v))]
+    return ("µs", 1000.0) if finite and max(finite) < 1 else ("ms", 1.0)

@@ -1,0 +1,112 @@
+"""Base and compressed decode latency measured back to back, under the same conditions.
+
+The evaluation measures the base model once (when the evaluator is built) and each compressed model
+later, so a busy moment on a shared machine lands on one side only. Here both are timed in the same
+loop, alternating A B B A …, each repeat one greedy generation with the KV cache, after one discarded
+warm-up generation of each. Reported per model: the median of the per-token decode times and the
+spread (first and third quartiles, min and max), whether the two spreads overlap (then the difference
+is within this machine's noise) and whether the machine looked busy (load average, or a spread wider
+than a third of the median).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def _decode_seconds_per_token(model, ids: torch.Tensor, decode_tokens: int) -> float:
+    device = ids.device
+    out = model(input_ids=ids, use_cache=True)
+    next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True)
+    cache = out.past_key_values
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True)
+    _sync(device)
+    return (time.perf_counter() - t0) / decode_tokens
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def summarize(samples_ms: list[float]) -> dict:
+    q1, q3 = _quartiles(samples_ms)
+    return dict(median=statistics.median(samples_ms), q1=q1, q3=q3, min=min(samples_ms), max=max(samples_ms),
+                samples=list(samples_ms))
+
+
+def compare(base_ms: list[float], compressed_ms: list[float], load_before: float | None = None,
+            cpus: int | None = None) -> dict:
+    """The summary of two sets of per-token decode times (ms), with the overlap and busy notes."""
+    b, c = summarize(base_ms), summarize(compressed_ms)
+    overlap = not (c["q3"] < b["q1"] or b["q3"] < c["q1"])
+    wide = any((s["q3"] - s["q1"]) > s["median"] / 3 for s in (b, c))
+    cpus = cpus or os.cpu_count() or 1
+    loaded = load_before is not None and load_before > 0.8 * cpus
+    busy = []
+    if loaded:
+        busy.append(f"load average {load_before:.1f} on {cpus} CPUs")
+    if wide:
+        busy.append("repeats differ by more than a third of the median")
+    return dict(base=b, compressed=c, speedup=b["median"] / c["median"] if c["median"] > 0 else None,
+                spreads_overlap=overlap, busy=bool(busy), busy_reason="; ".join(busy) or None)
+
+
+@torch.no_grad()
+def interleaved_decode_latency(base_model, compressed_model, input_ids: torch.Tensor, decode_tokens: int = 8,
+                               repeats: int = 5, progress=None) -> dict:
+    """Median per-token decode latency (ms) and spread of both models, timed alternately (ABBA…)."""
+    if decode_tokens < 1 or repeats < 1:
+        raise ValueError("decode_tokens and repeats must be >= 1")
+    device = next(base_model.parameters()).device
+    ids = (input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids).to(device)
+    models = {"base": base_model, "compressed": compressed_model}
+    states = {k: m.training for k, m in models.items()}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    times = {"base": [], "compressed": []}
+    try:
+        for m in models.values():
+            m.eval()
+            _decode_seconds_per_token(m, ids, min(2, decode_tokens))  # warm-up, discarded
+        for r in range(repeats):
+            order = ("base", "compressed") if r % 2 == 0 else ("compressed", "base")
+            for k in order:
+                times[k].append(_decode_seconds_per_token(models[k], ids, decode_tokens) * 1e3)
+            if progress is not None:
+                progress(r + 1, repeats)
+    finally:
+        for k, m in models.items():
+            m.train(states[k])
+    out = compare(times["base"], times["compressed"], load)
+    out.update(decode_tokens=decode_tokens, repeats=repeats, prompt_tokens=int(ids.shape[-1]),
+               device=str(device), torch_threads=torch.get_num_threads())
+    return out
+
+
+def verdict(ab: dict) -> str:
+    """One sentence a person can act on."""
+    b, c = ab["base"]["median"], ab["compressed"]["median"]
+    text = (f"Compressed {c:.3g} ms vs base {b:.3g} ms per token (medians of {ab['repeats']} interleaved repeats; "
+            f"IQR {ab['compressed']['q1']:.3g}–{ab['compressed']['q3']:.3g} vs {ab['base']['q1']:.3g}–{ab['base']['q3']:.3g} ms).")
+    if ab["spreads_overlap"]:
+        text += " The spreads overlap: the difference is within this machine's noise."
+    if ab["busy"]:
+        text += f" The machine looked busy ({ab['busy_reason']}): measure again when it is idle."
+    return text

@@ -1,0 +1,134 @@
+"""Issue 16: typed ratios, N:M notes, bulk edits and the plan's bytes without compressing."""
+
+import pytest
+
+from moeviz.compression.plan import CompressionPlan, Override, PruningSettings
+from moeviz.compression.table import (
+    apply_table_edits, format_ratio, ignored_override_note, overridden_cells, parse_ratio, prune_below_utilization,
+    set_layer,
+)
+from moeviz.errors import PlanError
+
+
+@pytest.mark.parametrize("text,value", [("50 %", 0.5), ("50%", 0.5), (" 12.5 % ", 0.125), ("0.5", 0.5), (0.25, 0.25),
+                                        ("0", 0.0), ("0,3", 0.3)])
+def test_ratios_accept_percent_and_fractions(text, value):
+    assert parse_ratio(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text,message", [("50", "write 50 %"), ("1", "outside"), ("100 %", "outside"),
+                                          ("-5 %", "outside"), ("half", "not a ratio"), (1.5, "outside")])
+def test_out_of_range_ratios_are_refused_with_a_message(text, message):
+    with pytest.raises(PlanError, match=message):
+        parse_ratio(text)
+
+
+def rows(sparsity=0.4375):
+    return [dict(layer=0, expert=e, utilization=u, mean_gate=0.5, sparsity=sparsity, bits=16, remove=False)
+            for e, u in enumerate([0.05, 0.4, 0.02, 0.53])]
+
+
+def test_table_text_cells_unchanged_text_is_no_edit_and_typed_percent_is():
+    before = rows()
+    shown = [{**r, "sparsity": format_ratio(r["sparsity"])} for r in before]
+    assert shown[0]["sparsity"] == "43.75 %"
+    assert apply_table_edits(CompressionPlan(), before, shown).overrides == []  # rounding never makes an override
+    after = [dict(r) for r in shown]
+    after[1]["sparsity"] = "80 %"
+    plan = apply_table_edits(CompressionPlan(), before, after)
+    assert [(o.layer, o.expert, o.sparsity) for o in plan.overrides] == [(0, 1, 0.8)]
+    after[1]["sparsity"] = "80"
+    with pytest.raises(PlanError, match="layer 0 expert 1.*write 80 %"):
+        apply_table_edits(CompressionPlan(), before, after)
+    numeric = [dict(r) for r in before]
+    numeric[2]["sparsity"] = 50.0  # a number out of range is refused too, never clamped
+    with pytest.raises(PlanError, match="outside"):
+        apply_table_edits(CompressionPlan(), before, numeric)
+
+
+def test_n_m_note_names_overrides_it_does_not_use():
+    plan = CompressionPlan(pruning=PruningSettings(structure="2:4"),
+                           overrides=[Override(0, 1, sparsity=0.3), Override(1, 2, sparsity=0.0), Override(1, 3, bits=4)])
+    note = ignored_override_note(plan)
+    assert note and "1 override(s)" in note and "layer 0 expert 1" in note and "unstructured" in note
+    plan.pruning.structure = "unstructured"
+    assert ignored_override_note(plan) is None
+
+
+def test_bulk_set_layer_and_prune_below_utilization():
+    plan = CompressionPlan(overrides=[Override(0, 1, sparsity=0.2, bits=4), Override(1, 0, sparsity=0.1)])
+    new = set_layer(plan, 0, sparsity=0.6)
+    assert {(o.layer, o.expert): (o.sparsity, o.bits) for o in new.overrides} == {
+        (0, 1): (None, 4), (1, 0): (0.1, None), (0, None): (0.6, None)}
+    assert plan.overrides[0].sparsity == 0.2  # the original is not modified
+    new, n = prune_below_utilization(CompressionPlan(), rows(), 0.1, 0.7)
+    assert n == 2 and {(o.expert, o.sparsity) for o in new.overrides} == {(0, 0.7), (2, 0.7)}
+    assert overridden_cells(new) == {(0, 0): {"sparsity"}, (0, 2): {"sparsity"}}
+
+
+def test_plan_storage_matches_the_applied_model(loaded_tiny):
+    from moeviz.compression.apply import Compressor
+    from moeviz.compression.preview import expert_bytes, plan_storage
+
+    lm = loaded_tiny("mixtral")
+    comp = Compressor(lm)
+    plan = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5), removed_experts=[(0, 1)],
+                           overrides=[Override(1, 2, bits=4)])
+    plan.quant.group_size = -1
+    assert plan_storage(comp, plan).summary() == comp.apply(plan).storage.summary()
+    sizes = expert_bytes(plan_storage(comp, plan))
+    assert sizes[(0, 1)] == 0 and sizes[(1, 2)] < sizes[(1, 3)]
+
+
+def test_run_facets_filters_and_diffs():
+    import pandas as pd
+
+    from moeviz.compression.plan import QuantSettings
+    from moeviz.runview import filter_runs, metric_diff, plan_diff, with_facets
+
+    p1 = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5))
+    p2 = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5, structure="2:4"),
+                         quant=QuantSettings(bits=4), removed_experts=[(0, 1)])
+    df = with_facets(pd.DataFrame({"id": [1, 2], "sweep_id": ["s1", None], "tags": ["keep, paper", None],
+                                   "plan_json": [p1.to_json(), p2.to_json()]}))
+    assert list(df["method"]) == ["wanda", "magnitude"] and list(df["bits"]) == [16, 4]
+    assert list(filter_runs(df, bits=[4])["id"]) == [2]
+    assert list(filter_runs(df, tags=["paper"])["id"]) == [1]
+    assert list(filter_runs(df, structures=["2:4"], methods=["magnitude"])["id"]) == [2]
+    assert list(filter_runs(df, sweeps=["s1"])["id"]) == [1] and len(filter_runs(df)) == 2
+    diff = {r["setting"]: (r["a"], r["b"]) for r in plan_diff(p1.to_dict(), p2.to_dict())}
+    assert diff["pruning.metric"] == ('"wanda"', '"magnitude"') and diff["quant.bits"] == ("16", "4")
+    assert "removed_experts" in diff and "pruning.sparsity" not in diff
+    rows = metric_diff({"perplexity": 10.0, "accuracy": 0.5}, {"perplexity": 12.5, "accuracy": None})
+    assert rows == [{"metric": "perplexity", "a": 10.0, "b": 12.5, "b − a": 2.5}]
+
+
+def test_interleaved_latency_summary_overlap_and_busy_notes():
+    from moeviz.latency_ab import compare, verdict
+
+    ab = compare([10.0, 10.2, 9.9, 10.1], [5.0, 5.1, 4.9, 5.0], load_before=0.1, cpus=4)
+    assert ab["base"]["median"] == pytest.approx(10.05) and ab["compressed"]["q1"] <= 5.0 <= ab["compressed"]["q3"]
+    assert not ab["spreads_overlap"] and not ab["busy"] and ab["speedup"] == pytest.approx(2.01, rel=1e-2)
+    ab = compare([10.0, 11.0, 9.0, 10.5], [10.2, 9.8, 10.9, 9.5], load_before=7.5, cpus=4)
+    assert ab["spreads_overlap"] and ab["busy"] and "load average" in ab["busy_reason"]
+    ab.update(repeats=4)
+    assert "within this machine's noise" in verdict(ab) and "busy" in verdict(ab)
+
+
+def test_interleaved_latency_on_a_tiny_model(loaded_tiny):
+    from moeviz.compression.apply import Compressor
+    from moeviz.latency_ab import interleaved_decode_latency
+
+    lm = loaded_tiny("mixtral")
+    compressed = Compressor(lm).apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5)))
+    calls = []
+    ab = interleaved_decode_latency(lm.model, compressed.model, torch_ids(), decode_tokens=2, repeats=3,
+                                    progress=lambda r, n: calls.append(r))
+    assert calls == [1, 2, 3] and len(ab["base"]["samples"]) == len(ab["compressed"]["samples"]) == 3
+    assert all(v > 0 for v in ab["base"]["samples"] + ab["compressed"]["samples"])
+
+
+def torch_ids():
+    import torch
+
+    return torch.arange(1, 9)
