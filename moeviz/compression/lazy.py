@@ -57,6 +57,22 @@ class LazyExpertWeights:
         return {p: got[p][0] if p in got else torch.ones(self.layer.view(p, getattr(experts, self.layer.fused_name(p))[e:e + 1])[0].shape, dtype=torch.bool)
                 for p in self.settings.projections if p in self.layer.projections()}
 
+    def layer_tensors(self, experts: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole layer's compressed fused tensors (export materialises layer by layer with this),
+        name -> tensor shaped like the module's attribute (zero-compute experts' rows kept)."""
+        sel = np.arange(self.layer.num_experts)
+        names = self.settings.touched_names(self.layer)
+        base = {n: getattr(experts, n) for n in names}
+        device = base[names[0]].device if names else None
+        new = compress_experts(self.layer, base, sel, self.settings,
+                               layer_norms(self.stats_layer, self.settings.metric, sel, device))
+        for name, t in new.items():
+            if t.shape[0] != base[name].shape[0]:
+                full = base[name].detach().clone()
+                full[: t.shape[0]] = t
+                new[name] = full
+        return new
+
     def zero_counts(self, experts: nn.Module) -> torch.Tensor:
         """[E] exact zeros of each expert's compressed weights (all projections), one expert at a time."""
         counts = torch.zeros(self.layer.num_experts, dtype=torch.float64)
