@@ -197,3 +197,39 @@ def test_export_of_a_lazy_model_equals_the_materialised_export(family, loaded_ti
     sa, sb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_offloaded_model_gives_the_same_numbers(family, tiny_model_dirs, tmp_path):
+    """accelerate offload forced by `max_memory` (every weight on disk, loaded around each module's
+    forward): load -> calibrate -> apply (lazy and materialised) -> evaluate -> export give the same
+    numbers and the same files as the model in memory."""
+    from safetensors.torch import load_file
+
+    from moeviz.export import export_model
+    from moeviz.models import load_model
+
+    folder = tiny_model_dirs[family]
+    a = load_model(folder)
+    b = load_model(folder, max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    assert all(p.is_meta for p in b.model.parameters())  # really offloaded
+    assert [l.routing_rule for l in a.layers] == [l.routing_rule for l in b.layers]
+    samples = tokenize_documents(DOCS, a.tokenizer, 4, 16)
+    sa, sb = calibrate(a, samples, batch_size=2), calibrate(b, samples, batch_size=2)
+    for la, lb in zip(sa.layers, sb.layers):
+        assert torch.equal(la.routed_counts, lb.routed_counts)
+        torch.testing.assert_close(la.input_sq_weighted, lb.input_sq_weighted, rtol=1e-6, atol=0)
+    plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5), router_bits=8,
+                           removed_experts=_removal(family, len(a.layers)))
+    settings = EvalSettings(measure_latency=False, batch_size=2)
+    ea, eb = Evaluator(a, samples, settings), Evaluator(b, samples, settings)
+    assert ea.base.loss == eb.base.loss
+    for lazy in (True, False):
+        ra = ea.evaluate(Compressor(a, sa).apply(plan, lazy=lazy))
+        rb = eb.evaluate(Compressor(b, sb).apply(plan, lazy=lazy))
+        assert ra.perplexity == pytest.approx(rb.perplexity, rel=1e-6) and ra.drift == rb.drift
+        assert ra.compression == rb.compression
+    out_a = export_model(a, Compressor(a, sa).apply(plan, lazy=True), tmp_path / "a")
+    out_b = export_model(b, Compressor(b, sb).apply(plan, lazy=True), tmp_path / "b")
+    ta, tb = load_file(out_a / "model.safetensors"), load_file(out_b / "model.safetensors")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -32,6 +32,7 @@ from moeviz.compression.lazy import LazyExpertWeights
 from moeviz.compression.steps import LayerSettings, compress_experts, layer_norms
 from moeviz.data import TokenSamples
 from moeviz.errors import PlanError
+from moeviz.models.offload import install_tensor, module_weights
 from moeviz.models.runtime import experts_runtime, install_experts_runtime, install_router_runtime, router_runtime
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.loading import LoadedModel
@@ -178,7 +179,7 @@ def install_experts(layer: MoELayer, new: dict[str, torch.Tensor]) -> list[str]:
             full = current.detach().clone()
             full[: t.shape[0]] = t
             t = full
-        setattr(layer.experts, name, nn.Parameter(t, requires_grad=False))
+        install_tensor(layer.experts, name, t)
         replaced.append(f"{layer.experts_path}.{name}")
     return replaced
 
@@ -298,13 +299,14 @@ class Compressor:
         replaced = []
         if s.touched_names(layer):
             sel = np.arange(layer.num_experts)
-            device = layer.weight("down").device
-            norms = layer_norms(stats.layers[layer.index] if stats is not None else None, s.metric, sel, device)
             layer_masks = {} if masks is not None else None
-            base = {n: getattr(layer.experts, n) for n in s.touched_names(layer)}
-            new = compress_experts(layer, base, sel, s, norms, layer_masks,
-                                   self._ranks_fn(layer, s, norms, sequential))
-            replaced += install_experts(layer, new)
+            with module_weights(layer.experts):  # offloaded: loaded for this layer only
+                device = layer.weight("down").device
+                norms = layer_norms(stats.layers[layer.index] if stats is not None else None, s.metric, sel, device)
+                base = {n: getattr(layer.experts, n) for n in s.touched_names(layer)}
+                new = compress_experts(layer, base, sel, s, norms, layer_masks,
+                                       self._ranks_fn(layer, s, norms, sequential))
+                replaced += install_experts(layer, new)
             if masks is not None:
                 for proj, keep in layer_masks.items():
                     masks[f"{layer.index}.{proj}"] = keep[: layer.num_experts].expand(layer.weight(proj).shape).clone()
@@ -313,7 +315,8 @@ class Compressor:
     def _compress_router(self, layer, plan, masks) -> list[str]:
         if not (plan.router_sparsity > 0 or plan.router_bits < 16):
             return []
-        w = layer.router_weight.detach().clone()
+        with module_weights(layer.router_proj):
+            w = layer.router_weight.detach().clone()
         if plan.router_sparsity > 0:
             keep = unstructured_row_mask(importance_scores(w, "magnitude"), plan.router_sparsity)
             w.mul_(keep)
@@ -322,7 +325,7 @@ class Compressor:
         if plan.router_bits < 16:
             w = quantize_weight(w, plan.router_bits, group_size_for(plan.quant.group_size, w.shape[-1], "router", layer),
                                 plan.quant.symmetric).dequantized
-        setattr(layer.router_proj, layer.router_weight_name, nn.Parameter(w, requires_grad=False))
+        install_tensor(layer.router_proj, layer.router_weight_name, w)
         return [layer.router_weight_path]
 
     # -- reporting
@@ -330,10 +333,11 @@ class Compressor:
         states = []
         for layer in layers:
             rt = experts_runtime(layer.experts)
-            if rt is not None and isinstance(rt.weights, LazyExpertWeights):  # measured one expert at a time
-                zeros = rt.weights.zero_counts(layer.experts)
-            else:
-                zeros = sum((layer.weight(p) == 0).flatten(1).sum(1) for p in layer.projections())  # [E]
+            with module_weights(layer.experts):
+                if rt is not None and isinstance(rt.weights, LazyExpertWeights):  # measured one expert at a time
+                    zeros = rt.weights.zero_counts(layer.experts)
+                else:
+                    zeros = sum((layer.weight(p) == 0).flatten(1).sum(1) for p in layer.projections())  # [E]
             total = layer.expert_param_count()
             for e in range(layer.num_experts):
                 states.append(ExpertState(layer.index, e, float(sparsity[layer.index, e]), int(bits[layer.index, e]),

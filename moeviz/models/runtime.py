@@ -143,6 +143,10 @@ def _runtime_class(mixin: type, cls: type) -> type:
 
 def _swap_class(module: nn.Module, mixin: type) -> None:
     module.__class__ = _runtime_class(mixin, type(module))
+    if "_old_forward" in module.__dict__:
+        # accelerate's offload hook calls the forward it saved when it was attached (the family's);
+        # point it at the runtime class's, so the hook loads the weights, then the runtime runs.
+        module._old_forward = types.MethodType(type(module).forward, module)
 
 
 def router_runtime(module: nn.Module) -> RouterRuntime | None:

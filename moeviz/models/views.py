@@ -14,6 +14,9 @@ from torch import nn
 
 def structural_copy(model: nn.Module) -> nn.Module:
     """Copy the module objects of `model` but not its parameters or buffers (they are shared)."""
+    from moeviz.models.offload import offloaded_tensors
+
     memo = {id(t): t for t in model.parameters()}
     memo.update({id(t): t for t in model.buffers()})
+    memo.update({id(t): t for t in offloaded_tensors(model)})  # accelerate's CPU-offloaded copies
     return copy.deepcopy(model, memo)
