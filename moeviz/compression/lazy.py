@@ -10,7 +10,7 @@ logits) are bit-identical to the materialised compressed model's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ class LazyExpertWeights:
     layer: MoELayer  # geometry only (views of the fused tensors); weights come from the calling module
     settings: LayerSettings
     stats_layer: object | None  # LayerStats of this layer (None: magnitude or no pruning)
+    # expert -> {projection: RowThresholds}: per-row thresholds of this plan (O(rows) memory, not
+    # per weight), selected the first time an expert is compressed; later batches only compare.
+    thresholds: dict = field(default_factory=dict, repr=False)
 
     def __deepcopy__(self, memo):  # immutable: a structural copy shares the provider
         return self
@@ -38,7 +41,8 @@ class LazyExpertWeights:
         base = {n: getattr(experts, n) for n in names}
         device = base[names[0]].device if names else None
         norms = layer_norms(self.stats_layer, self.settings.metric, sel, device)
-        return compress_experts(self.layer, base, sel, self.settings, norms, masks)
+        return compress_experts(self.layer, base, sel, self.settings, norms, masks,
+                                thresholds=self.thresholds.setdefault(e, {}))
 
     def __call__(self, experts: nn.Module, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         in_name = "gate_up_proj" if self.layer.has_gate else "up_proj"

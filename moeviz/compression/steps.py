@@ -20,7 +20,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from moeviz.compression.masks import mask_from_ranks, nm_mask, unstructured_row_mask
+from moeviz.compression.masks import (
+    mask_from_ranks, mask_from_thresholds, nm_mask, prune_counts, row_thresholds, unstructured_row_mask,
+)
 from moeviz.compression.quantize import quantize_weight
 from moeviz.compression.scores import importance_scores
 from moeviz.models.layers import MoELayer
@@ -67,12 +69,14 @@ RanksFn = Callable[[str, torch.Tensor], torch.Tensor] | None
 
 
 def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings, norms: NormsFn,
-          masks: dict[str, torch.Tensor] | None = None, ranks: RanksFn = None) -> list[str]:
+          masks: dict[str, torch.Tensor] | None = None, ranks: RanksFn = None,
+          thresholds: dict | None = None) -> list[str]:
     """Zero the lowest-score weights of each row of the selected experts' pruned projections.
 
     sel: [n] expert indices that `fused` holds (in order). masks: if given, receives the keep-mask
     [n, out, in] per projection. Scores come from the weights in `fused`, which must still be the
-    base weights (pruning is the first step)."""
+    base weights (pruning is the first step). thresholds: a per-projection cache of one expert's
+    `RowThresholds` (O(rows) memory), filled on first use; the masks are the same as without."""
     sparsity = s.sparsity[sel]
     if not (sparsity > 0).any():
         return []
@@ -82,7 +86,12 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
             continue
         w = layer.view(proj, fused[layer.fused_name(proj)])  # [n, out, in] view into the fused clone
         scores = None if ranks is not None and s.nm is None else importance_scores(w, s.metric, norms(proj))
-        if s.nm is None:
+        if s.nm is None and thresholds is not None and len(sel) == 1:
+            # One expert (lazy path): per-row thresholds selected once per plan, then one comparison.
+            if proj not in thresholds:
+                thresholds[proj] = row_thresholds(scores, int(prune_counts(float(sparsity[0]), w.shape[-1], ())))
+            keep = mask_from_thresholds(scores, thresholds[proj])
+        elif s.nm is None:
             prune_ratio = torch.as_tensor(sparsity, dtype=torch.float64)
             keep = mask_from_ranks(ranks(proj, w), prune_ratio) if scores is None else \
                 unstructured_row_mask(scores, prune_ratio)
@@ -123,7 +132,7 @@ def remove(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: 
 
 def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings,
                      norms: NormsFn, masks: dict[str, torch.Tensor] | None = None,
-                     ranks: RanksFn = None) -> dict[str, torch.Tensor]:
+                     ranks: RanksFn = None, thresholds: dict | None = None) -> dict[str, torch.Tensor]:
     """The compressed fused tensors of experts `sel`: prune, quantize, remove on clones of `base`
     (name -> the base's fused tensor, [E_total, ...]). Only tensors the plan touches are returned."""
     idx = torch.as_tensor(sel)
@@ -134,7 +143,7 @@ def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.nda
         # A slice then a clone copies only the selected experts' rows, not the whole fused tensor.
         part = t[int(sel[0]):int(sel[-1]) + 1] if contiguous else t.index_select(0, idx.to(t.device))
         fused[name] = part.detach().clone()
-    prune(layer, fused, sel, s, norms, masks, ranks)
+    prune(layer, fused, sel, s, norms, masks, ranks, thresholds)
     quantize(layer, fused, sel, s)
     remove(layer, fused, sel, s)
     return fused
