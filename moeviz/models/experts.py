@@ -118,19 +118,25 @@ def experts_forward(
     total = max(num_experts, (experts.gate_up_proj if _has_gate(experts) else experts.up_proj).shape[0])
 
     final = torch.zeros_like(hidden_states)
+    T = top_k_index.shape[0]
+    scale_input = gate_on_input(experts)
     with torch.no_grad():
-        # [T, k] -> one-hot [T, k, total+1] -> [total+1, k, T]: which (slot, token) pairs each expert serves.
-        # Index `total` catches sentinel ids some routers use for "no expert".
-        expert_mask = nn.functional.one_hot(top_k_index, num_classes=total + 1).permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert_idx in expert_hit:
-        e = int(expert_idx[0])
-        if e == total:
+        # Group the (slot, token) pairs by expert once: flatten slot-major ([T, k] -> [k, T] -> [k*T],
+        # position p = slot*T + token), stable-sort by expert id; expert e's pairs are then the
+        # contiguous segment e of `order`, in the same (slot, token) order a per-expert search gives.
+        # Id `total` is the sentinel some routers use for "no expert".
+        flat = top_k_index.T.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=total + 1).tolist()  # one host sync per call
+    start = 0
+    for e, n in enumerate(counts):
+        seg = order[start:start + n]
+        start += n
+        if n == 0 or e >= total:
             continue
-        top_k_pos, token_idx = torch.where(expert_mask[e])
+        top_k_pos, token_idx = seg // T, seg % T
         x = hidden_states[token_idx]
         gate = top_k_weights[token_idx, top_k_pos]
-        scale_input = gate_on_input(experts)
         if scale_input:  # Llama 4: expert(x * w) instead of w * expert(x)
             x = x * gate[:, None].to(x.dtype)
         if e >= num_experts:  # zero-compute (identity) expert: nothing to observe or compress
