@@ -164,7 +164,10 @@ print(json.dumps(dict(params=params, after_load=after_load, peak=peak[0])))
 
 
 def _memory(mode: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    # A fixed mmap threshold: glibc otherwise raises it after each large free and keeps later
+    # per-expert temporaries in its heap, so RSS would count memory freed but not returned.
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(Path(__file__).parent), "moe_pruner", mode],
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -15,6 +15,7 @@ expert tensor is replaced: a weight provider compresses each expert when the for
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -52,6 +53,27 @@ class ExpertState:
     zero_fraction: float  # measured on the compressed weights (all projections)
 
 
+class LazyExpertStates(Sequence):
+    """The expert table of a lazy compressed model, measured on first use (one expert at a time)."""
+
+    def __init__(self, compute):
+        self._compute, self._states = compute, None
+
+    def _get(self) -> list[ExpertState]:
+        if self._states is None:
+            self._states = self._compute()
+        return self._states
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __iter__(self):
+        return iter(self._get())
+
+
 @dataclass
 class StorageReport:
     """Bytes of the base and of the compressed form, per documented format (see formats.py)."""
@@ -86,7 +108,7 @@ class CompressedModel:
     model: nn.Module  # structural copy of the base; untouched tensors are shared with it
     layers: list[MoELayer]
     plan: CompressionPlan
-    experts: list[ExpertState]
+    experts: Sequence[ExpertState]  # a list; for a lazy model measured on first use (LazyExpertStates)
     storage: StorageReport
     seconds: float
     replaced_tensors: list[str] = field(default_factory=list)
@@ -238,7 +260,10 @@ class Compressor:
                 stats = calibrate(partial, samples, record_tokens=0)
             replaced += self._compress_layer(layer, plan, sparsity[layer.index], bits[layer.index],
                                              removed[layer.index], stats, sequential=plan.sequential, masks=masks)
-        experts = self._expert_states(layers, plan, sparsity, bits, removed)
+        if lazy:  # measuring zeros means compressing every expert once: only when someone asks
+            experts = LazyExpertStates(lambda: self._expert_states(layers, plan, sparsity, bits, removed))
+        else:
+            experts = self._expert_states(layers, plan, sparsity, bits, removed)
         storage = self._storage(layers, plan, sparsity, bits, removed)
         return CompressedModel(view, layers, plan, experts, storage, time.perf_counter() - start, replaced,
                                masks or {}, lazy=lazy)
@@ -337,7 +362,9 @@ class Compressor:
                 if rt is not None and isinstance(rt.weights, LazyExpertWeights):  # measured one expert at a time
                     zeros = rt.weights.zero_counts(layer.experts)
                 else:
-                    zeros = sum((layer.weight(p) == 0).flatten(1).sum(1) for p in layer.projections())  # [E]
+                    # One expert at a time: a bool [E, out, in] per projection would be half a bf16 layer.
+                    zeros = torch.tensor([sum(int((layer.weight(p)[e] == 0).sum()) for p in layer.projections())
+                                          for e in range(layer.num_experts)], dtype=torch.float64)
             total = layer.expert_param_count()
             for e in range(layer.num_experts):
                 states.append(ExpertState(layer.index, e, float(sparsity[layer.index, e]), int(bits[layer.index, e]),

@@ -228,7 +228,7 @@ class Evaluator:
             from moeviz.compression.apply import Compressor
             from moeviz.compression.plan import CompressionPlan
 
-            identity = Compressor(self.loaded).apply(CompressionPlan())
+            identity = Compressor(self.loaded).apply(CompressionPlan(), lazy=True)  # storage only: no weight read
             self._base_projected = self._projected(identity.storage.tensors, base)
         return EvalResult(
             plan=compressed.plan.to_dict(),
