@@ -412,10 +412,10 @@ class Compressor:
 def check_plan_fits(plan: CompressionPlan, layers: list[MoELayer]) -> CompressionPlan:
     """Every PlanError this model can raise, found from the layers' shapes alone (no calibration,
     no weight touched): indices, removal, N:M width and quantization group size. The CLI calls it
-    right after loading, so a bad plan fails in seconds, not after calibrating."""
+    right after loading, so a bad plan fails in seconds, not after calibrating. Whether removal is
+    possible needs the verified routing rule (weights), so `Compressor.apply` checks it per layer."""
     plan.validate([l.num_experts for l in layers], [l.top_k for l in layers])
     nm = plan.nm()
-    removed_layers = {layer for layer, _ in plan.removed_experts}
     for layer in layers:
         for proj in layer.projections():
             in_features = layer.weight(proj).shape[-1]
@@ -427,11 +427,6 @@ def check_plan_fits(plan: CompressionPlan, layers: list[MoELayer]) -> Compressio
                 )
             group_size_for(plan.quant.group_size, in_features, proj, layer)  # the storage report sizes every tensor
         group_size_for(plan.quant.group_size, layer.router_weight.shape[-1], "router", layer)
-        if layer.index in removed_layers and not layer.adapter.supports_rerouting:
-            raise PlanError(
-                f"removed_experts: the router at {layer.router_path} follows no routing rule moeviz could "
-                "verify, so tokens cannot be re-routed; expert removal is not available for this model"
-            )
     return plan
 
 
