@@ -1,7 +1,7 @@
 """Structural copies: a new module tree that shares every tensor with the original.
 
-Compression and instrumented calibration change modules (replace a parameter, patch a forward) on
-such a copy, so the loaded base model, shared by every browser session, is never mutated and no
+Compression and instrumented calibration change modules (replace a parameter, install a runtime
+module: `moeviz.models.runtime`) on such a copy, so the loaded base model, shared by every browser session, is never mutated and no
 weight is duplicated until a plan replaces it.
 """
 
