@@ -90,6 +90,10 @@ def test_lazy_evaluation_gives_the_same_result(loaded_tiny):
     for da, db in zip(a["drift"], b["drift"]):
         assert da == pytest.approx(db, rel=1e-4, abs=1e-6)
     assert a["utilization"] == b["utilization"] and a["compression"] == b["compression"]
+    timed = Evaluator(lm, samples, EvalSettings(batch_size=2, latency_prompt_tokens=8, latency_decode_tokens=1,
+                                                latency_repeats=1))
+    r = timed.evaluate(Compressor(lm, stats).apply(plan, lazy=True))  # timing a lazy model would time compression
+    assert r.latency_measured is None and "lazily compressed" in r.latency_unavailable
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "deepseek_v3"])
