@@ -240,3 +240,19 @@ def test_offloaded_model_gives_the_same_numbers(family, tiny_model_dirs, tmp_pat
     out_b = export_model(b, Compressor(b, sb).apply(plan, lazy=True), tmp_path / "b")
     ta, tb = load_file(out_a / "model.safetensors"), load_file(out_b / "model.safetensors")
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_cli_evaluates_an_offloaded_model(tiny_model_dirs, tmp_path, capsys):
+    from moeviz.cli import main
+
+    data = tmp_path / "cal.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"calibration sentence {i} about experts. " * 6}) for i in range(30)))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"pruning": {"metric": "wanda", "sparsity": 0.5}}))
+    common = ["--model", str(tiny_model_dirs["mixtral"]), "--data", str(data), "--samples", "4", "--seq-len", "16",
+              "--eval-data", str(data), "--eval-seq-len", "16", "--eval-samples", "4", "--no-latency",
+              "--plan", str(plan), "--no-store"]
+    assert main(["evaluate", *common]) == 0
+    in_memory = capsys.readouterr().out
+    assert main(["evaluate", *common, "--max-memory", "cpu=60KB", "--offload-folder", str(tmp_path / "off")]) == 0
+    assert capsys.readouterr().out == in_memory and "perplexity" in in_memory
