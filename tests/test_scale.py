@@ -256,3 +256,4 @@ def test_cli_evaluates_an_offloaded_model(tiny_model_dirs, tmp_path, capsys):
     in_memory = capsys.readouterr().out
     assert main(["evaluate", *common, "--max-memory", "cpu=60KB", "--offload-folder", str(tmp_path / "off")]) == 0
     assert capsys.readouterr().out == in_memory and "perplexity" in in_memory
+    assert any((tmp_path / "off").iterdir())  # the weights really went to disk
