@@ -29,7 +29,7 @@ def run() -> dict:
         for w in weights:
             torch.abs(w)
 
-    comp = Compressor(lm, stats)
+    comp = Compressor(lm, stats, cache_ranks=True)  # the opt-in rank cache (default: thresholds on the fly)
     comp.apply(CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.3)))  # fills the rank cache
     ranks = list(comp._ranks.values())
 

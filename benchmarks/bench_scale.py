@@ -7,7 +7,8 @@ its own. Per model:
 
 * ``forward_s``: a bare forward of the base model over the evaluation tokens (the unit of time);
 * ``calibration_s``: one moeviz calibration pass over the same number of tokens;
-* ``cold_apply_s``: the first ``Compressor.apply`` of a 50 % MoE-Pruner plan (scores, ranks, copy);
+* ``cold_apply_s``: the first ``Compressor.apply`` of a 50 % MoE-Pruner plan (lazy by default, which
+  measures each expert's zeros once; ``MOEVIZ_SCALE_LAZY=0``: the materialised copy);
 * ``new_sparsity_to_result_s``: a 60 % plan on the warm compressor + its evaluation (the app's slider);
 * ``evaluate_s``: ``Evaluator.evaluate`` of the compressed model (no latency measurement);
 * ``export_s``: ``export_model`` of the 50 % plan;
@@ -36,6 +37,7 @@ from pathlib import Path
 THREADS = int(os.environ.get("MOEVIZ_BENCH_THREADS", "2"))
 EVAL_TOKENS = int(os.environ.get("MOEVIZ_SCALE_TOKENS", "2048"))
 SEQ_LEN = 256
+LAZY = os.environ.get("MOEVIZ_SCALE_LAZY", "1") == "1"  # 0: the materialised path, for comparison
 VOCAB = 512
 
 # name -> (config class, MoE-layer shapes from the published config.json, MoE layers in the full model).
@@ -137,14 +139,14 @@ def measure_one(name: str, layers: int) -> dict:
     evaluator = Evaluator(lm, samples, EvalSettings(measure_latency=False, batch_size=4))
     comp = Compressor(lm, stats)
     plan50 = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5))
-    cm, t_cold = _timed(lambda: comp.apply(plan50))
+    cm, t_cold = _timed(lambda: comp.apply(plan50, lazy=LAZY))
     _, t_eval = _timed(lambda: evaluator.evaluate(cm))
     peak_eval = _peak_bytes()
     del cm
     gc.collect()
     plan60 = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.6))
-    _, t_new = _timed(lambda: evaluator.evaluate(comp.apply(plan60)))
-    cm = Compressor(lm, stats).apply(plan50)
+    _, t_new = _timed(lambda: evaluator.evaluate(comp.apply(plan60, lazy=LAZY)))
+    cm = Compressor(lm, stats).apply(plan50, lazy=LAZY)  # a lazy model is materialised layer by layer by export
     _, t_export = _timed(lambda: export_model(lm, cm, tmp / "exported"))
     peak_all = _peak_bytes()
     import shutil
@@ -152,7 +154,7 @@ def measure_one(name: str, layers: int) -> dict:
     shutil.rmtree(tmp, ignore_errors=True)
     budget = 1.15 * ckpt + rss_before + ckpt / layers  # + one layer's working set (one layer's weights)
     r = dict(
-        model=name, layers=layers, threads=torch.get_num_threads(), eval_tokens=int(ids.numel()),
+        model=name, layers=layers, lazy=LAZY, threads=torch.get_num_threads(), eval_tokens=int(ids.numel()),
         checkpoint_bytes=ckpt, rss_before_load_bytes=rss_before, rss_after_load_bytes=rss_loaded,
         load_s=t_load, forward_s=t_fwd, calibration_s=t_cal, cold_apply_s=t_cold, evaluate_s=t_eval,
         new_sparsity_to_result_s=t_new, export_s=t_export,

@@ -33,6 +33,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
     p.add_argument("--device-map-auto", action="store_true",
                    help="spread a model too large for one device over all devices (accelerate)")
+    p.add_argument("--max-memory", default=None, metavar="DEV=SIZE,...",
+                   help="per-device budget, e.g. cpu=8GiB or 0=20GiB,cpu=60GiB; what does not fit is offloaded "
+                        "(implies --device-map-auto)")
+    p.add_argument("--offload-folder", default=None, help="folder for weights offloaded to disk (with --max-memory)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run code from the model's repository (off by default; only for repositories you trust)")
 
@@ -40,8 +44,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _load(args):
     from moeviz.models import load_model
 
+    max_memory = None
+    if getattr(args, "max_memory", None):  # "0=20GiB,cpu=60GiB" -> {0: "20GiB", "cpu": "60GiB"}
+        pairs = [item.split("=", 1) for item in args.max_memory.split(",") if item]
+        max_memory = {int(k) if k.isdigit() else k: v for k, v in pairs}
     return load_model(args.model, dtype=args.dtype, device=args.device,
-                      device_map="auto" if args.device_map_auto else None, trust_remote_code=args.trust_remote_code)
+                      device_map="auto" if args.device_map_auto else None, trust_remote_code=args.trust_remote_code,
+                      max_memory=max_memory, offload_folder=getattr(args, "offload_folder", None))
 
 
 def _source(args) -> str:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 
 from moeviz.errors import CalibrationDataError
-from moeviz.models.experts import experts_forward, set_routed_forward
 from moeviz.models.layers import find_moe_layers
 from moeviz.models.loading import LoadedModel
+from moeviz.models.runtime import install_experts_runtime
 from moeviz.models.views import structural_copy
 
 
@@ -37,9 +37,8 @@ def route_text(loaded: LoadedModel, text: str, layer: int = 0, max_tokens: int =
 
     def routed(hidden, top_k_index, top_k_weights):  # what the experts receive, whatever the router returns
         captured["w"], captured["i"] = top_k_weights.detach().float(), top_k_index.detach()
-        return experts_forward(target.experts, hidden, top_k_index, top_k_weights)
 
-    set_routed_forward(target, routed)
+    install_experts_runtime(target).routing_observers.append(routed)
     view(input_ids=ids.to(loaded.device), use_cache=False)
     w, idx = captured["w"].cpu(), captured["i"].cpu()
     order = w.argsort(dim=1, descending=True)  # sort each token's experts by weight

@@ -26,6 +26,8 @@ from moeviz.compression.apply import CompressedModel
 from moeviz.destination import check_destination
 from moeviz.errors import MoevizError
 from moeviz.models.loading import LoadedModel
+from moeviz.models.offload import full_state_dict, module_weights
+from moeviz.models.runtime import experts_runtime
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
                      "n_experts")
@@ -44,7 +46,14 @@ def _expert_axis(t, num_experts: int) -> int | None:
 
 def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dict, dict, list[str]]:
     """(state dict with removed experts sliced out, config changes, messages)."""
-    state = {k: v.detach().clone() for k, v in compressed.model.state_dict().items()}
+    # No clone: load_state_dict copies into the exported model, and slicing makes new tensors.
+    state = full_state_dict(compressed.model)  # offloaded modules loaded one at a time
+    for layer in compressed.layers:  # a lazy model's experts are compressed here, one layer at a time
+        rt = experts_runtime(layer.experts)
+        if rt is not None and rt.weights is not None and hasattr(rt.weights, "layer_tensors"):
+            with module_weights(layer.experts):
+                for name, t in rt.weights.layer_tensors(layer.experts).items():
+                    state[f"{layer.experts_path}.{name}"] = t.to("cpu")
     removed_per_layer = [(~compressed.allowed_experts(l.index)).sum().item() for l in compressed.layers]
     messages, changes = [], {}
     if not any(removed_per_layer):

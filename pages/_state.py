@@ -224,7 +224,7 @@ def compressor(loaded, stats) -> Compressor:
     """This session's Compressor for (model, stats); rebuilt when either changes."""
     key = (loaded.fingerprint, stats.fingerprint if stats is not None else None)
     if st.session_state.get("_compressor_key") != key:
-        st.session_state._compressor = Compressor(loaded, stats)
+        st.session_state._compressor = Compressor(loaded, stats, cache_ranks=True)  # slider: one comparison per plan
         st.session_state._compressor_key = key
     return st.session_state._compressor
 

@@ -351,16 +351,20 @@ def test_sequential_equals_layer_by_layer_recalibration_by_hand(mixtral, metric,
                            fresh.layers[1].experts.gate_up_proj)
 
 
-def test_compressor_reuses_cached_ranks(mixtral):
+def test_compressor_reuses_cached_ranks_only_when_asked(mixtral):
     lm, _, stats = mixtral
-    c = Compressor(lm, stats)
+    c = Compressor(lm, stats, cache_ranks=True)
     a = c.apply(plan(metric="moe_pruner", sparsity=0.3))
     n_cached = len(c._ranks)
     b = c.apply(plan(metric="moe_pruner", sparsity=0.6))
     assert len(c._ranks) == n_cached > 0
-    fresh = apply_plan(lm, stats, plan(metric="moe_pruner", sparsity=0.6))
+    fresh = apply_plan(lm, stats, plan(metric="moe_pruner", sparsity=0.6))  # thresholds on the fly, no cache
     assert torch.equal(b.layers[1].experts.gate_up_proj, fresh.layers[1].experts.gate_up_proj)
+    assert torch.equal(b.layers[0].experts.down_proj, fresh.layers[0].experts.down_proj)
     assert a.storage.experts_bytes > b.storage.experts_bytes
+    default = Compressor(lm, stats)
+    default.apply(plan(metric="moe_pruner", sparsity=0.6))
+    assert default._ranks == {}  # no per-weight cache by default
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe", "granitemoe", "olmoe", "qwen3_moe"])

@@ -3,6 +3,7 @@ package data. Also: the app never runs a file watcher for users (an idle server 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -54,10 +55,13 @@ def test_non_editable_install_ships_demo_model_texts_and_app(tmp_path):
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--disable-pip-version-check", str(src)], check=True, cwd=tmp_path)
     shutil.rmtree(src)  # nothing may point back at the sources
-    run = subprocess.run([str(py), "-c", CHECK_INSTALLED], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    # A PYTHONPATH pointing at a checkout (as in a developer's shell) would shadow the installed copy.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([str(py), "-c", CHECK_INSTALLED], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "installed moeviz works" in run.stdout
-    info = subprocess.run([str(venv / "bin" / "moeviz"), "info"], cwd=tmp_path, capture_output=True, text=True)
+    info = subprocess.run([str(venv / "bin" / "moeviz"), "info"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert info.returncode == 0 and '"num_experts": 8' in info.stdout, info.stderr[-2000:]
 
 

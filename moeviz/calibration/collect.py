@@ -3,9 +3,10 @@ accumulate `CalibrationStats`. No activation is stored, so memory does not grow 
 of tokens (except the per-token routing record, capped at `record_tokens`).
 
 How: on a structural copy of the model (the base is never touched), each router gets a forward hook
-that keeps its logits, and each experts module's forward is replaced by moeviz's reference experts
-loop (`experts_forward`) with an observer, so each expert's inputs and intermediate activations are
-summarised while they are computed, at no extra matmul.
+that keeps its logits, and each experts module's runtime (`moeviz.models.runtime`) gets two
+observers: one sees the routing the experts receive, one each expert's inputs and intermediate
+activations while the reference loop computes them (no extra matmul). A compressed copy's provider
+and activation quantization stay in place, so the statistics are those of the compressed model.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 
 from moeviz.calibration.stats import CalibrationStats, LayerStats
 from moeviz.data import TokenSamples
-from moeviz.models.experts import experts_forward, set_routed_forward
+from moeviz.models.experts import experts_forward
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.loading import LoadedModel
+from moeviz.models.runtime import install_experts_runtime
 from moeviz.models.routing import full_distribution, selected_distribution
 from moeviz.models.views import structural_copy
 
@@ -49,8 +51,8 @@ class _LayerCollector:
         if self.kind != "selected":  # a verified rule: the logits [.., E] are at the adapter's logits slot
             self.logits = output[self.layer.adapter.logits_slot].detach().reshape(-1, self.layer.num_experts)
 
-    # -- replacement for experts.forward
-    def experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    # -- routing observer of the experts runtime: what the experts receive
+    def see_routing(self, hidden_states, top_k_index, top_k_weights):
         E = self.layer.num_experts
         if self.kind == "selected":  # unknown rule: only the chosen experts' weights are known
             probs = selected_distribution(top_k_index, top_k_weights, E)
@@ -76,10 +78,11 @@ class _LayerCollector:
             self.rec_topk.append(top_k_index[:room].detach().cpu())
             self.rec_probs.append(probs[:room].detach().float().cpu())
             self.n_recorded += min(room, top_k_index.shape[0])
-        # Honour activation fake-quantization of a compressed copy (sequential re-calibration).
-        transform = getattr(self.layer.experts, "moeviz_input_transform", None)
-        return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights,
-                               observer=self.observe, input_transform=transform)
+
+    def experts_forward(self, hidden_states, top_k_index, top_k_weights):
+        """Both observers around the plain reference loop (for callers without a runtime)."""
+        self.see_routing(hidden_states, top_k_index, top_k_weights)
+        return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights, observer=self.observe)
 
     def observe(self, e, token_idx, gate, x, h, y):
         # Per-batch sums in float32 (cheap), accumulated across batches in float64 (exact enough).
@@ -133,7 +136,9 @@ def calibrate(
     collectors = [_LayerCollector(l, len(samples.domain_names), hist_bins, record_tokens, device) for l in layers]
     for c in collectors:
         c.layer.router.register_forward_hook(c.router_hook)
-        set_routed_forward(c.layer, c.experts_forward)  # instance attribute: only this copy is instrumented
+        rt = install_experts_runtime(c.layer)  # on this copy only
+        rt.routing_observers.append(c.see_routing)
+        rt.observers.append(c.observe)
 
     n = samples.n_samples
     rec_ids, rec_dom = [], []

@@ -5,14 +5,17 @@ tensors the plan touches are replaced: the fused expert tensors of layers with p
 removed experts, and router weights that are pruned or quantized. Memory is therefore the base plus
 copies of the touched tensors, never a deep copy of the whole model.
 
-Scores and their per-row ranks are cached per (layer, projection, metric) inside `Compressor`, so a
-new sparsity only costs one comparison per weight (`mask_from_ranks`), not a new selection.
+Per layer the work is small steps (`moeviz.compression.steps`: prune, quantize, remove), then
+`install_experts` / the runtime modules (re-routing, activation quantization). Per-row pruning
+thresholds are selected on the fly (`unstructured_row_mask`); `Compressor(cache_ranks=True)` keeps
+the old opt-in per-row rank cache (2 bytes per weight) for the interactive app. With `lazy=True` no
+expert tensor is replaced: a weight provider compresses each expert when the forward reaches it.
 """
 
 from __future__ import annotations
 
 import time
-import types
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -22,23 +25,20 @@ from torch import nn
 from moeviz.calibration.stats import CalibrationStats
 from moeviz.compression.allocation import allocate_sparsity
 from moeviz.compression.formats import TensorStorage, storage_for
-from moeviz.compression.masks import mask_from_ranks, nm_mask, row_ranks, unstructured_row_mask
+from moeviz.compression.masks import row_ranks, unstructured_row_mask
 from moeviz.compression.plan import CompressionPlan
 from moeviz.compression.quantize import fake_quantize_activations, quantize_weight
 from moeviz.compression.scores import importance_scores
+from moeviz.compression.lazy import LazyExpertWeights
+from moeviz.compression.steps import LayerSettings, compress_experts, layer_norms
 from moeviz.data import TokenSamples
 from moeviz.errors import PlanError
-from moeviz.models.experts import set_routed_forward
+from moeviz.models.offload import install_tensor, module_weights
+from moeviz.models.runtime import experts_runtime, install_experts_runtime, install_router_runtime, router_runtime
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.loading import LoadedModel
 from moeviz.models.views import structural_copy
 
-# Which calibration statistic feeds each projection's Wanda / MoE-Pruner score.
-_NORMS = {
-    ("wanda", "gate"): "input_sq", ("wanda", "up"): "input_sq", ("wanda", "down"): "down_sq",
-    ("moe_pruner", "gate"): "input_sq_weighted", ("moe_pruner", "up"): "input_sq_weighted",
-    ("moe_pruner", "down"): "down_sq_weighted",
-}
 
 
 @dataclass
@@ -51,6 +51,27 @@ class ExpertState:
     bits: int
     removed: bool
     zero_fraction: float  # measured on the compressed weights (all projections)
+
+
+class LazyExpertStates(Sequence):
+    """The expert table of a lazy compressed model, measured on first use (one expert at a time)."""
+
+    def __init__(self, compute):
+        self._compute, self._states = compute, None
+
+    def _get(self) -> list[ExpertState]:
+        if self._states is None:
+            self._states = self._compute()
+        return self._states
+
+    def __getitem__(self, i):
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __iter__(self):
+        return iter(self._get())
 
 
 @dataclass
@@ -87,7 +108,7 @@ class CompressedModel:
     model: nn.Module  # structural copy of the base; untouched tensors are shared with it
     layers: list[MoELayer]
     plan: CompressionPlan
-    experts: list[ExpertState]
+    experts: Sequence[ExpertState]  # a list; for a lazy model measured on first use (LazyExpertStates)
     storage: StorageReport
     seconds: float
     replaced_tensors: list[str] = field(default_factory=list)
@@ -95,13 +116,17 @@ class CompressedModel:
     # "layer.proj" -> bool [E, out, in] (True = keep), "layer.router" -> bool [E, H].
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     recovery: dict | None = None  # RecoveryResult.summary() when this model was recovered by distillation
+    lazy: bool = False  # expert weights come from weight providers (moeviz.compression.lazy), not tensors
 
     def expert_table(self) -> list[dict]:
         return [asdict(e) for e in self.experts]
 
     def allowed_experts(self, layer: int) -> torch.Tensor:
         """[E] bool, False for removed experts of MoE layer `layer`."""
-        return getattr(self.layers[layer].router, "moeviz_allowed", torch.ones(self.layers[layer].num_experts, dtype=torch.bool))
+        rt = router_runtime(self.layers[layer].router)
+        if rt is None or rt.allowed is None:
+            return torch.ones(self.layers[layer].num_experts, dtype=torch.bool)
+        return rt.allowed
 
 
 # ---------------------------------------------------------------------------- resolving a plan
@@ -154,37 +179,31 @@ def resolve_settings(plan: CompressionPlan, layers: list[MoELayer], stats: Calib
     return sparsity, bits, removed
 
 
-# ---------------------------------------------------------------------------- forwards on the copy
+# ---------------------------------------------------------------------------- installing on the copy
 
-def _rerouted_forward(self, *args, **kwargs):
-    """Router forward that can never choose a removed expert: the router's own forward, then its top-k
-    weights and ids (at the output positions found when the rule was verified) replaced by the verified
-    rule over logits where removed experts are -inf (tokens are re-routed among the rest, not dropped)."""
-    adapter = self.moeviz_adapter
-    out = list(self.moeviz_router_forward(*args, **kwargs))
-    logits = out[adapter.logits_slot]
-    allowed = self.moeviz_allowed.to(logits.device)
-    flat = logits.reshape(-1, logits.shape[-1])  # [T, E]
-    weights, indices = adapter.route(self, flat, allowed)
-    if adapter.dense:  # dense scores [T, E]: the chosen experts' weights, 0 elsewhere
-        out[0] = torch.zeros_like(flat, dtype=out[0].dtype).scatter(1, indices, weights.to(out[0].dtype)) \
-            .reshape(out[0].shape)
-    else:
-        w_slot, i_slot = adapter.output_slots
-        out[w_slot] = weights.to(out[w_slot].dtype).reshape(out[w_slot].shape)
-        out[i_slot] = indices.to(out[i_slot].dtype).reshape(out[i_slot].shape)
-    out[adapter.logits_slot] = logits.masked_fill(~allowed, float("-inf"))
-    return tuple(out)
+@dataclass(frozen=True)
+class ActivationQuantizer:
+    """Input transform of an experts runtime: fake-quantize each expert's input to `bits`."""
+
+    bits: int
+
+    def __call__(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize_activations(x, self.bits)
 
 
-def _activation_quantized_forward(self, hidden_states, top_k_index, top_k_weights):
-    from moeviz.models.experts import experts_forward
-
-    return experts_forward(self, hidden_states, top_k_index, top_k_weights, input_transform=self.moeviz_input_transform)
-
-
-def _act_quantizer(bits: int):
-    return lambda expert, x: fake_quantize_activations(x, bits)
+def install_experts(layer: MoELayer, new: dict[str, torch.Tensor]) -> list[str]:
+    """Put compressed fused tensors (name -> [E, ...]) into `layer`'s experts module as frozen
+    parameters; rows beyond E (zero-compute experts) are kept from the current tensor."""
+    replaced = []
+    for name, t in new.items():
+        current = getattr(layer.experts, name)
+        if t.shape[0] != current.shape[0]:
+            full = current.detach().clone()
+            full[: t.shape[0]] = t
+            t = full
+        install_tensor(layer.experts, name, t)
+        replaced.append(f"{layer.experts_path}.{name}")
+    return replaced
 
 
 # ---------------------------------------------------------------------------- the compressor
@@ -193,7 +212,7 @@ class Compressor:
     """Applies plans to one loaded model with one set of calibration statistics, caching the
     importance-score ranks so that each new plan costs little more than one pass over the weights."""
 
-    def __init__(self, loaded: LoadedModel, stats: CalibrationStats | None = None):
+    def __init__(self, loaded: LoadedModel, stats: CalibrationStats | None = None, cache_ranks: bool = False):
         if stats is not None and stats.model_fingerprint != loaded.fingerprint:
             raise PlanError(
                 f"calibration statistics belong to model {stats.model_fingerprint}, not to the loaded "
@@ -201,30 +220,18 @@ class Compressor:
             )
         self.loaded = loaded
         self.stats = stats
-        self._ranks: dict[tuple, torch.Tensor] = {}
-        self._nm_masks: dict[tuple, torch.Tensor] = {}
-
-    # -- cached scores
-    def _scores(self, layer: MoELayer, stats: CalibrationStats | None, projection: str, metric: str) -> torch.Tensor:
-        weight = self.loaded.layers[layer.index].weight(projection)  # scores come from the base weights
-        if metric == "magnitude":
-            return importance_scores(weight, "magnitude")
-        if stats is None:
-            raise PlanError(f"pruning.metric {metric!r} needs calibration statistics; calibrate first (or use 'magnitude')")
-        norms = getattr(stats.layers[layer.index], _NORMS[(metric, projection)]).to(weight.device)
-        return importance_scores(weight, metric, norms)
-
-    def _cached(self, store: dict, key: tuple, make):
-        if key not in store:
-            store[key] = make()
-        return store[key]
+        self.cache_ranks = cache_ranks
+        self._ranks: dict[tuple, torch.Tensor] = {}  # only with cache_ranks
 
     def apply(self, plan: CompressionPlan, samples: TokenSamples | None = None,
-              keep_masks: bool = False) -> CompressedModel:
+              keep_masks: bool = False, lazy: bool = False) -> CompressedModel:
         """Compress a structural copy of the base model according to `plan`.
 
         keep_masks: also return the pruning masks (1 byte per pruned weight; recovery needs them to
-        keep pruned weights at zero, the app's interactive path does not)."""
+        keep pruned weights at zero, the app's interactive path does not).
+        lazy: install weight providers instead of compressed tensors (`moeviz.compression.lazy`): each
+        expert is compressed when the forward reaches it and dropped after, so evaluating never holds
+        a compressed copy. Not with keep_masks or sequential plans (those materialise)."""
         start = time.perf_counter()
         base_layers = self.loaded.layers
         check_plan_fits(plan, base_layers)
@@ -238,7 +245,12 @@ class Compressor:
         layers = find_moe_layers(view, self.loaded.layers)
         replaced: list[str] = []
         masks: dict[str, torch.Tensor] | None = {} if keep_masks else None
+        lazy = lazy and not keep_masks and not plan.sequential
         for layer in layers:
+            if lazy:
+                replaced += self._install_lazy(layer, plan, sparsity[layer.index], bits[layer.index],
+                                               removed[layer.index])
+                continue
             stats = self.stats
             if plan.sequential and layer.index > 0 and sparsity.any():
                 # Statistics of this layer's inputs as produced by the already-compressed layers before it.
@@ -248,84 +260,108 @@ class Compressor:
                 stats = calibrate(partial, samples, record_tokens=0)
             replaced += self._compress_layer(layer, plan, sparsity[layer.index], bits[layer.index],
                                              removed[layer.index], stats, sequential=plan.sequential, masks=masks)
-        experts = self._expert_states(layers, plan, sparsity, bits, removed)
+        if lazy:  # measuring zeros means compressing every expert once: only when someone asks
+            experts = LazyExpertStates(lambda: self._expert_states(layers, plan, sparsity, bits, removed))
+        else:
+            experts = self._expert_states(layers, plan, sparsity, bits, removed)
         storage = self._storage(layers, plan, sparsity, bits, removed)
         return CompressedModel(view, layers, plan, experts, storage, time.perf_counter() - start, replaced,
-                               masks or {})
+                               masks or {}, lazy=lazy)
+
+    def _install_lazy(self, layer, plan, sparsity, bits, removed) -> list[str]:
+        """The lazy counterpart of `_compress_layer`: a weight provider instead of compressed tensors."""
+        s = self.layer_settings(layer, plan, sparsity, bits, removed)
+        self._check_layer(layer, s, self.stats)
+        if s.touched_names(layer):
+            stats_layer = self.stats.layers[layer.index] if self.stats is not None else None
+            install_experts_runtime(layer).weights = LazyExpertWeights(self.loaded.layers[layer.index], s, stats_layer)
+        return self._install_common(layer, plan, s, None)
+
+    def _check_layer(self, layer, s: LayerSettings, stats) -> None:
+        if s.removed.any():
+            _check_rerouting(layer)
+        if stats is None and s.metric != "magnitude" and (s.sparsity > 0).any():
+            raise PlanError(f"pruning.metric {s.metric!r} needs calibration statistics; calibrate first (or use 'magnitude')")
+
+    def _install_common(self, layer, plan, s: LayerSettings, masks) -> list[str]:
+        """Steps after the experts' weights: re-routing, router compression, activation quantization."""
+        if s.removed.any():
+            install_router_runtime(layer).allowed = torch.as_tensor(~s.removed)
+        replaced = self._compress_router(layer, plan, masks)
+        if plan.activation_bits < 16:
+            install_experts_runtime(layer).input_transform = ActivationQuantizer(plan.activation_bits)
+        return replaced
+
+    def layer_settings(self, layer: MoELayer, plan: CompressionPlan, sparsity, bits, removed) -> LayerSettings:
+        """The plan resolved for one layer (per-expert rows of the [L, E] arrays, cut to the layer's E)."""
+        E = layer.num_experts
+        gs = {p: group_size_for(plan.quant.group_size, layer.weight(p).shape[-1], p, layer) for p in layer.projections()}
+        return LayerSettings(np.asarray(sparsity[:E]), np.asarray(bits[:E]), np.asarray(removed[:E]),
+                             plan.pruning.metric, tuple(plan.pruning.projections), plan.nm(), gs, plan.quant.symmetric)
+
+    def _ranks_fn(self, layer: MoELayer, s: LayerSettings, norms, sequential: bool):
+        """Opt-in (`cache_ranks=True`) per-row rank cache for unstructured pruning: one stable sort per
+        (layer, projection, metric), then a new sparsity is one comparison. Off by default: the ranks
+        take 2 bytes per pruned weight, and selecting per-row thresholds on the fly gives the same mask."""
+        if not self.cache_ranks or sequential or s.nm is not None:
+            return None
+
+        def ranks(proj: str, w: torch.Tensor) -> torch.Tensor:
+            key = (layer.index, proj, s.metric)
+            if key not in self._ranks:
+                self._ranks[key] = row_ranks(importance_scores(w, s.metric, norms(proj)))
+            return self._ranks[key]
+        return ranks
 
     def _compress_layer(self, layer, plan, sparsity, bits, removed, stats, sequential, masks=None) -> list[str]:
-        E = layer.num_experts
-        sparsity, bits, removed = sparsity[:E], bits[:E], removed[:E]
-        touched_experts = (sparsity > 0).any() or (bits < 16).any() or removed.any()
+        """Prune, quantize, remove (moeviz.compression.steps) on clones of the touched fused tensors,
+        install them, then the router and activation steps; returns the replaced tensors' paths."""
+        s = self.layer_settings(layer, plan, sparsity, bits, removed)
+        self._check_layer(layer, s, stats)
         replaced = []
-        if touched_experts:
-            ex = layer.experts
-            for name in ("gate_up_proj", "up_proj", "down_proj"):
-                p = getattr(ex, name, None)
-                if isinstance(p, torch.Tensor):
-                    setattr(ex, name, nn.Parameter(p.detach().clone(), requires_grad=False))
-                    replaced.append(f"{layer.experts_path}.{name}")
-            nm = plan.nm()
-            metric = plan.pruning.metric
-            prune = torch.as_tensor(sparsity, dtype=torch.float64)
-            for proj in plan.pruning.projections:
-                if proj not in layer.projections() or not (sparsity > 0).any():
-                    continue
-                w = layer.weight(proj)  # [E, out, in] view into the new tensor
-                tag = "seq" if sequential else "one-pass"
-                if nm is None:
-                    ranks = self._cached(self._ranks, (tag, layer.index, proj, metric),
-                                         lambda: row_ranks(self._scores(layer, stats, proj, metric)))
-                    if sequential:
-                        self._ranks.pop((tag, layer.index, proj, metric))
-                    keep = mask_from_ranks(ranks, prune)
-                else:
-                    keep = self._cached(self._nm_masks, (tag, layer.index, proj, metric, nm),
-                                        lambda: nm_mask(self._scores(layer, stats, proj, metric), *nm))
-                    if sequential:
-                        self._nm_masks.pop((tag, layer.index, proj, metric, nm))
-                    keep = keep | torch.as_tensor(sparsity == 0, device=keep.device)[:, None, None]
-                w.mul_(keep)
-                if masks is not None:
-                    masks[f"{layer.index}.{proj}"] = keep.expand(w.shape).clone()
-            for b in sorted(set(bits[~removed].tolist()) - {16}):
-                idx = torch.as_tensor(np.flatnonzero((bits == b) & ~removed))
-                for proj in layer.projections():
-                    w = layer.weight(proj)
-                    gs = group_size_for(plan.quant.group_size, w.shape[-1], proj, layer)
-                    w[idx] = quantize_weight(w[idx], b, gs, plan.quant.symmetric).dequantized
-            if removed.any():
-                _check_rerouting(layer)
-                idx = torch.as_tensor(np.flatnonzero(removed))
-                for proj in layer.projections():
-                    layer.weight(proj)[idx] = 0
-                router = layer.router
-                router.moeviz_adapter = layer.adapter
-                router.moeviz_allowed = torch.as_tensor(~removed)
-                router.moeviz_router_forward = router.forward  # the class's forward, bound to this copy
-                router.forward = types.MethodType(_rerouted_forward, router)
-        if plan.router_sparsity > 0 or plan.router_bits < 16:
+        if s.touched_names(layer):
+            sel = np.arange(layer.num_experts)
+            layer_masks = {} if masks is not None else None
+            with module_weights(layer.experts):  # offloaded: loaded for this layer only
+                device = layer.weight("down").device
+                norms = layer_norms(stats.layers[layer.index] if stats is not None else None, s.metric, sel, device)
+                base = {n: getattr(layer.experts, n) for n in s.touched_names(layer)}
+                new = compress_experts(layer, base, sel, s, norms, layer_masks,
+                                       self._ranks_fn(layer, s, norms, sequential))
+                replaced += install_experts(layer, new)
+            if masks is not None:
+                for proj, keep in layer_masks.items():
+                    masks[f"{layer.index}.{proj}"] = keep[: layer.num_experts].expand(layer.weight(proj).shape).clone()
+        return replaced + self._install_common(layer, plan, s, masks)
+
+    def _compress_router(self, layer, plan, masks) -> list[str]:
+        if not (plan.router_sparsity > 0 or plan.router_bits < 16):
+            return []
+        with module_weights(layer.router_proj):
             w = layer.router_weight.detach().clone()
-            if plan.router_sparsity > 0:
-                keep = unstructured_row_mask(importance_scores(w, "magnitude"), plan.router_sparsity)
-                w.mul_(keep)
-                if masks is not None:
-                    masks[f"{layer.index}.router"] = keep
-            if plan.router_bits < 16:
-                w = quantize_weight(w, plan.router_bits, group_size_for(plan.quant.group_size, w.shape[-1], "router", layer),
-                                    plan.quant.symmetric).dequantized
-            setattr(layer.router_proj, layer.router_weight_name, nn.Parameter(w, requires_grad=False))
-            replaced.append(layer.router_weight_path)
-        if plan.activation_bits < 16:
-            layer.experts.moeviz_input_transform = _act_quantizer(plan.activation_bits)
-            set_routed_forward(layer, types.MethodType(_activation_quantized_forward, layer.experts))
-        return replaced
+        if plan.router_sparsity > 0:
+            keep = unstructured_row_mask(importance_scores(w, "magnitude"), plan.router_sparsity)
+            w.mul_(keep)
+            if masks is not None:
+                masks[f"{layer.index}.router"] = keep
+        if plan.router_bits < 16:
+            w = quantize_weight(w, plan.router_bits, group_size_for(plan.quant.group_size, w.shape[-1], "router", layer),
+                                plan.quant.symmetric).dequantized
+        install_tensor(layer.router_proj, layer.router_weight_name, w)
+        return [layer.router_weight_path]
 
     # -- reporting
     def _expert_states(self, layers, plan, sparsity, bits, removed) -> list[ExpertState]:
         states = []
         for layer in layers:
-            zeros = sum((layer.weight(p) == 0).flatten(1).sum(1) for p in layer.projections())  # [E]
+            rt = experts_runtime(layer.experts)
+            with module_weights(layer.experts):
+                if rt is not None and isinstance(rt.weights, LazyExpertWeights):  # measured one expert at a time
+                    zeros = rt.weights.zero_counts(layer.experts)
+                else:
+                    # One expert at a time: a bool [E, out, in] per projection would be half a bf16 layer.
+                    zeros = torch.tensor([sum(int((layer.weight(p)[e] == 0).sum()) for p in layer.projections())
+                                          for e in range(layer.num_experts)], dtype=torch.float64)
             total = layer.expert_param_count()
             for e in range(layer.num_experts):
                 states.append(ExpertState(layer.index, e, float(sparsity[layer.index, e]), int(bits[layer.index, e]),

@@ -25,6 +25,8 @@ reads int16 and writes bool). :func:`unstructured_row_mask` is the one-shot path
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .allocation import validate_ratio
@@ -59,29 +61,53 @@ def prune_counts(sparsity: float | torch.Tensor, in_features: int, lead_shape: t
     return torch.tensor(round(float(sparsity) * in_features), dtype=torch.int64)
 
 
-def _row_mask_fixed_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask pruning exactly ``k`` entries of every row of ``scores`` ([rows..., in])."""
+@dataclass(frozen=True)
+class RowThresholds:
+    """What selecting ``k`` per row decided, in O(rows) memory: the mask is rebuilt from the scores
+    with one comparison (plus a fix-up on the rare rows with ties at the threshold)."""
+
+    k: int
+    n: int
+    v: torch.Tensor | None  # [..., out, 1] k-th smallest score of each row (None when k <= 0 or k >= n)
+    bad: torch.Tensor | None  # [..., out] bool: rows with ties at v (keeping all of them would prune too few)
+    need: torch.Tensor | None  # [..., out] entries equal to v to prune in each row, lowest column first
+
+
+def row_thresholds(scores: torch.Tensor, k: int) -> RowThresholds:
+    """Per-row thresholds pruning exactly ``k`` entries of every row of ``scores`` ([rows..., in])."""
     n = scores.shape[-1]
-    if k <= 0:
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
-    if k >= n:
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k <= 0 or k >= n:
+        return RowThresholds(k, n, None, None, None)
     # v = k-th smallest score of each row: [..., out, 1]. Everything strictly above v is kept.
     v = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
-    keep = scores > v
     # Without ties at v exactly n - k entries survive. Rows with ties at v prune too many: there we
     # prune only the `need` lowest-index entries equal to v and keep the rest of them.
-    kept = keep.sum(dim=-1, dtype=torch.int32)
+    kept = (scores > v).sum(dim=-1, dtype=torch.int32)
     bad = kept != (n - k)
-    if bool(bad.any()):
-        rows_v = v[bad]  # [R, 1]
-        rows_s = scores[bad]  # [R, in]
+    need = k - (scores < v).sum(dim=-1)  # ties to prune per row, >= 1 where bad
+    return RowThresholds(k, n, v, bad, need)
+
+
+def mask_from_thresholds(scores: torch.Tensor, t: RowThresholds) -> torch.Tensor:
+    """Keep-mask of ``scores`` from :func:`row_thresholds` of the same scores."""
+    if t.k <= 0:
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+    if t.k >= t.n:
+        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    keep = scores > t.v
+    if bool(t.bad.any()):
+        rows_v = t.v[t.bad]  # [R, 1]
+        rows_s = scores[t.bad]  # [R, in]
         eq = rows_s == rows_v
-        need = k - (rows_s < rows_v).sum(dim=-1, keepdim=True)  # ties to prune per row, >= 1
         # cumsum counts equal entries from the left, so the first `need` of them are pruned.
-        keep_eq = eq & (torch.cumsum(eq, dim=-1) > need)
-        keep[bad] = keep[bad] | keep_eq
+        keep_eq = eq & (torch.cumsum(eq, dim=-1) > t.need[t.bad][:, None])
+        keep[t.bad] = keep[t.bad] | keep_eq
     return keep
+
+
+def _row_mask_fixed_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep-mask pruning exactly ``k`` entries of every row of ``scores`` ([rows..., in])."""
+    return mask_from_thresholds(scores, row_thresholds(scores, k))
 
 
 def unstructured_row_mask(scores: torch.Tensor, sparsity: float | torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ from moeviz.evaluation.metrics import TokenLossAccumulator, load_balance_cv, rou
 from moeviz.models.loading import LoadedModel
 
 DEFAULT_ACCELERATOR = "NVIDIA H100 SXM"
+LAZY_LATENCY = ("not measured on a lazily compressed model (its experts are compressed during the forward); "
+                "apply the plan with lazy=False to measure it")
 
 
 @dataclass
@@ -182,14 +184,16 @@ class Evaluator:
     def fingerprint(self) -> str:
         return self.samples.fingerprint
 
-    def _run(self, loaded: LoadedModel, progress=None) -> ModelRun:
+    def _run(self, loaded: LoadedModel, progress=None, no_latency: str | None = None) -> ModelRun:
         start = time.perf_counter()
         acc = TokenLossAccumulator(self.samples.domain_names)
         s = self.settings
         routing = calibrate(loaded, self.samples, batch_size=s.batch_size, record_tokens=s.record_tokens,
                             progress=progress, on_batch=lambda ids, dom, logits: acc.add(logits, ids, dom.tolist()))
         latency, why = None, None
-        if s.measure_latency:
+        if s.measure_latency and no_latency:
+            why = no_latency
+        elif s.measure_latency:
             prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
             try:
                 latency = asdict(measure_latency(loaded.model, prompt, s.latency_decode_tokens, s.latency_repeats))
@@ -208,7 +212,8 @@ class Evaluator:
     def evaluate(self, compressed: CompressedModel, progress=None) -> EvalResult:
         start = time.perf_counter()
         view = LoadedModel(compressed.model, self.loaded.tokenizer, compressed.layers, self.loaded.info)
-        run = self._run(view, progress)
+        # A lazy model compresses each expert whenever the forward reaches it: timing it would time that.
+        run = self._run(view, progress, no_latency=LAZY_LATENCY) if compressed.lazy else self._run(view, progress)
         base, comp = self.base.routing, run.routing
         drift, balance, u_base, u_comp, u_shift = [], [], [], [], []
         for i, (lb, lc) in enumerate(zip(base.layers, comp.layers)):
@@ -228,7 +233,7 @@ class Evaluator:
             from moeviz.compression.apply import Compressor
             from moeviz.compression.plan import CompressionPlan
 
-            identity = Compressor(self.loaded).apply(CompressionPlan())
+            identity = Compressor(self.loaded).apply(CompressionPlan(), lazy=True)  # storage only: no weight read
             self._base_projected = self._projected(identity.storage.tensors, base)
         return EvalResult(
             plan=compressed.plan.to_dict(),

@@ -72,11 +72,26 @@ def store_result(store: RunStore, result: EvalResult, plan: CompressionPlan, mod
     ))
 
 
+# Above this many bytes of expert weights, plans are evaluated lazily (never a compressed copy in memory):
+# lazy evaluation re-compresses each expert per forward batch, which costs more time on small models.
+LAZY_ABOVE_BYTES = 2 * 1024**3
+
+
+def use_lazy(compressor: Compressor) -> bool:
+    layers = compressor.loaded.layers
+    expert_bytes = sum(l.expert_param_count() * l.num_experts * l.weight("down").element_size() for l in layers)
+    return expert_bytes > LAZY_ABOVE_BYTES
+
+
 def evaluate_plan(compressor: Compressor, evaluator: Evaluator, plan: CompressionPlan,
-                  store: RunStore | None = None, sweep_id: str | None = None, samples=None):
-    """Apply + evaluate (+ store) one plan: returns (EvalResult, run id or None)."""
+                  store: RunStore | None = None, sweep_id: str | None = None, samples=None,
+                  lazy: bool | None = None):
+    """Apply + evaluate (+ store) one plan: returns (EvalResult, run id or None).
+
+    lazy: compress each expert while the forward reaches it (None: when the experts exceed
+    LAZY_ABOVE_BYTES); the result is the same either way."""
     start = time.perf_counter()
-    compressed = compressor.apply(plan, samples)
+    compressed = compressor.apply(plan, samples, lazy=use_lazy(compressor) if lazy is None else lazy)
     result = evaluator.evaluate(compressed)
     run_id = None
     if store is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
 from typing import Callable, Protocol
 
 import torch
@@ -58,16 +57,22 @@ def is_transposed(experts: nn.Module, hidden_size: int) -> bool:
     return down.shape[2] == hidden_size and down.shape[1] != hidden_size
 
 
-def expert_output(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Expert `e` of a fused experts module on inputs x [n, H]: (h [n, I] = act(gate) * up, y [n, H])."""
+def expert_output(experts: nn.Module, e: int, x: torch.Tensor,
+                  weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert `e` of a fused experts module on inputs x [n, H]: (h [n, I] = act(gate) * up, y [n, H]).
+
+    weights: (input weight, down weight) of expert e in the module's storage layout, instead of the
+    module's own `gate_up_proj[e]` / `down_proj[e]` (a weight provider's compressed tensors)."""
     has_gate = _has_gate(experts)
     has_bias = getattr(experts, "has_bias", False)
     transposed = is_transposed(experts, x.shape[-1])
-    w_in = experts.gate_up_proj if has_gate else experts.up_proj
+    if weights is None:
+        weights = ((experts.gate_up_proj if has_gate else experts.up_proj)[e], experts.down_proj[e])
+    w_in, w_out = weights
     b_in = (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias) if has_bias else None
     b_out = experts.down_proj_bias if has_bias else None
-    h = _gated(experts, _project(x, w_in[e], b_in[e] if b_in is not None else None, transposed))
-    y = _project(h, experts.down_proj[e], b_out[e] if b_out is not None else None, transposed)
+    h = _gated(experts, _project(x, w_in, b_in[e] if b_in is not None else None, transposed))
+    y = _project(h, w_out, b_out[e] if b_out is not None else None, transposed)
     return h, y
 
 
@@ -85,7 +90,8 @@ def takes_routing(experts: nn.Module) -> bool:
     """True if the experts class is called as experts(hidden, top_k_index, top_k_weights). False for
     dense dispatch (Llama 4): the block passes every token to every expert, pre-scaled by its routing
     score ([E*T, H], score 0 for unchosen experts), and sums the E outputs."""
-    return _class_takes_routing(type(experts))
+    cls = type(experts)
+    return _class_takes_routing(getattr(cls, "_moeviz_base", None) or cls)  # a runtime class: its family's
 
 
 def gate_on_input(experts: nn.Module) -> bool:
@@ -100,28 +106,37 @@ def experts_forward(
     top_k_weights: torch.Tensor,  # [T, k]
     observer: ExpertObserver | None = None,
     input_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    weights: Callable[[nn.Module, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """Eager MoE expert computation; `observer` sees every expert's tensors, `input_transform(e, x)`
-    may replace an expert's input (used for activation fake-quantization)."""
+    may replace an expert's input (used for activation fake-quantization), `weights(experts, e)` may
+    provide expert e's weights (lazily compressed ones), asked for only when a token reaches e and
+    dropped right after its use."""
     num_experts = experts.down_proj.shape[0]
     # Families with zero-compute experts (LongCat) give them ids E..total-1 and their own rows in
     # gate_up_proj; such an expert returns its input unchanged.
     total = max(num_experts, (experts.gate_up_proj if _has_gate(experts) else experts.up_proj).shape[0])
 
     final = torch.zeros_like(hidden_states)
+    T = top_k_index.shape[0]
+    scale_input = gate_on_input(experts)
     with torch.no_grad():
-        # [T, k] -> one-hot [T, k, total+1] -> [total+1, k, T]: which (slot, token) pairs each expert serves.
-        # Index `total` catches sentinel ids some routers use for "no expert".
-        expert_mask = nn.functional.one_hot(top_k_index, num_classes=total + 1).permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert_idx in expert_hit:
-        e = int(expert_idx[0])
-        if e == total:
+        # Group the (slot, token) pairs by expert once: flatten slot-major ([T, k] -> [k, T] -> [k*T],
+        # position p = slot*T + token), stable-sort by expert id; expert e's pairs are then the
+        # contiguous segment e of `order`, in the same (slot, token) order a per-expert search gives.
+        # Id `total` is the sentinel some routers use for "no expert".
+        flat = top_k_index.T.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=total + 1).tolist()  # one host sync per call
+    start = 0
+    for e, n in enumerate(counts):
+        seg = order[start:start + n]
+        start += n
+        if n == 0 or e >= total:
             continue
-        top_k_pos, token_idx = torch.where(expert_mask[e])
+        top_k_pos, token_idx = seg // T, seg % T
         x = hidden_states[token_idx]
         gate = top_k_weights[token_idx, top_k_pos]
-        scale_input = gate_on_input(experts)
         if scale_input:  # Llama 4: expert(x * w) instead of w * expert(x)
             x = x * gate[:, None].to(x.dtype)
         if e >= num_experts:  # zero-compute (identity) expert: nothing to observe or compress
@@ -129,53 +144,8 @@ def experts_forward(
             continue
         if input_transform is not None:
             x = input_transform(e, x)
-        h, y = expert_output(experts, e, x)
+        h, y = expert_output(experts, e, x, weights(experts, e) if weights is not None else None)
         if observer is not None:
             observer(e, token_idx, gate, x, h, y)
         final.index_add_(0, token_idx, (y if scale_input else y * gate[:, None]).to(final.dtype))
     return final
-
-
-def routed_forward_slot(experts: nn.Module) -> str:
-    """Instance attribute that holds the experts' routed forward `(hidden, top_k_index, top_k_weights)`:
-    `forward` itself, or for dense-dispatch experts the attribute the dispatch wrapper calls."""
-    return "forward" if takes_routing(experts) else "moeviz_routed_forward"
-
-
-def set_routed_forward(layer, fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
-    """Make `fn(hidden [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]` compute `layer`'s
-    experts on this (structural copy of the) model, whatever the family's expert calling convention."""
-    experts = layer.experts
-    setattr(experts, routed_forward_slot(experts), fn)
-    if not takes_routing(experts) and not getattr(experts, "moeviz_dispatch_installed", False):
-        _install_dense_dispatch(layer)
-
-
-def _install_dense_dispatch(layer) -> None:
-    """For dense-dispatch experts: remember the router's input and dense scores, and replace the experts'
-    forward by one that calls the routed forward on the top-k and returns it in the block's layout.
-
-    Both are methods bound to the experts module (not closures), so a structural copy of this model
-    rebinds them to its own modules."""
-    experts = layer.experts
-    experts.moeviz_dispatch = (layer.num_experts, layer.top_k, layer.hidden_size)
-    layer.router.register_forward_hook(types.MethodType(_dense_remember, experts))
-    experts.forward = types.MethodType(_dense_forward, experts)
-    experts.moeviz_dispatch_installed = True
-
-
-def _dense_remember(self, router, args, output) -> None:
-    E, _, H = self.moeviz_dispatch
-    self.moeviz_dispatch_state = (args[0].reshape(-1, H), output[0].reshape(-1, E))  # hidden [T, H], scores [T, E]
-
-
-def _dense_forward(self, routed_in: torch.Tensor) -> torch.Tensor:  # [E*T, H] -> [E*T, H]
-    E, k, H = self.moeviz_dispatch
-    hidden, scores = self.moeviz_dispatch_state
-    weights, index = scores.topk(k, dim=-1)  # unchosen experts have score 0
-    fn = self.__dict__.get("moeviz_routed_forward")
-    final = fn(hidden, index, weights) if fn is not None else experts_forward(self, hidden, index, weights)
-    # The block reshapes the result to [E, T, H] and sums over E: put everything in the first block.
-    out = routed_in.new_zeros(E, hidden.shape[0], H)
-    out[0] = final
-    return out.reshape(E * hidden.shape[0], H)

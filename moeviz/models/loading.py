@@ -69,7 +69,11 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where the model computes (for an offloaded model: its hooks' execution device, not meta)."""
+        from moeviz.models.offload import execution_device
+
+        first = next(self.model.parameters()).device
+        return execution_device(self.model) if first.type == "meta" else first
 
     @property
     def fingerprint(self) -> str:
@@ -347,6 +351,8 @@ def load_model(
     trust_remote_code: bool = False,
     check_memory_first: bool = True,
     show_progress: bool = False,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load an MoE causal LM and its tokenizer.
 
@@ -355,8 +361,15 @@ def load_model(
     device: where to put the whole model; `device_map="auto"` instead spreads it with accelerate.
     trust_remote_code: off by default; turn on only for repositories you trust.
     show_progress: show transformers' per-shard loading bar (useful for large checkpoints).
+    max_memory: per-device budget for accelerate, e.g. {"cpu": "8GiB"} or {0: "20GiB", "cpu": "60GiB"};
+        what does not fit is offloaded (to CPU RAM, else to `offload_folder` on disk) and loaded
+        around each module's forward (implies device_map="auto"; see moeviz.models.offload).
     """
     from transformers import AutoModelForCausalLM
+
+    if max_memory is not None:
+        device_map = device_map or "auto"
+        check_memory_first = False  # the budget is the caller's: offload takes what does not fit
 
     source, local = resolve_source(source)
     torch_dtype = resolve_dtype(dtype)
@@ -376,6 +389,10 @@ def load_model(
     kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
     if device_map is not None:
         kwargs["device_map"] = device_map
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()

@@ -23,6 +23,7 @@ from torch import nn
 from moeviz.errors import NotAnMoEModelError
 from moeviz.models.adapters import GENERIC, FamilyAdapter, describe, rule_templates
 from moeviz.models.experts import experts_forward
+from moeviz.models.offload import execution_device, module_weights
 
 PROBE_SHAPE = (4, 32)  # [B, S] random token ids: 128 routed tokens per layer
 
@@ -65,7 +66,7 @@ def probe(model: nn.Module, layers) -> list[_Capture]:
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(min(3, vocab - 1), vocab, PROBE_SHAPE, generator=g)
-    device = model.get_input_embeddings().weight.device
+    device = execution_device(model)
     try:
         model(input_ids=ids.to(device), use_cache=False)
     finally:
@@ -84,6 +85,8 @@ def check_experts(layer, cap: _Capture, arch: str) -> None:
         return  # this block was not run by the probe (e.g. a layer skipped for these tokens)
     hidden, idx, w = cap.received
     hidden = hidden.reshape(-1, hidden.shape[-1])
+    # Ours first: calling an offloaded module runs its hook, which unloads its weights afterwards.
+    ours = experts_forward(layer.experts, hidden, idx, w)
     if layer.calls_with_routing:
         theirs = layer.experts(hidden, idx, w)
     else:  # dense dispatch, as the block does it: every expert on every token scaled by its score
@@ -91,7 +94,6 @@ def check_experts(layer, cap: _Capture, arch: str) -> None:
         scores = torch.zeros(T, E, dtype=w.dtype, device=w.device).scatter(1, idx, w)
         routed_in = hidden.repeat(E, 1) * scores.T.reshape(-1, 1)  # [E*T, H]
         theirs = layer.experts(routed_in).reshape(E, T, -1).sum(0)
-    ours = experts_forward(layer.experts, hidden, idx, w)
     scale = theirs.float().abs().max().clamp_min(1e-6)
     err = float((ours.float() - theirs.float()).abs().max() / scale)
     if not err <= _tolerance(theirs.dtype) * 10:
@@ -180,6 +182,7 @@ def verify_layers(model: nn.Module, layers) -> None:
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     caps = probe(model, layers)
     for layer, cap in zip(layers, caps):
-        check_experts(layer, cap, arch)
-        layer.adapter = match_rule(layer, cap, config)
+        with module_weights(layer.block):  # an offloaded block's weights, loaded for this layer only
+            check_experts(layer, cap, arch)
+            layer.adapter = match_rule(layer, cap, config)
         layer.routing_rule = describe(layer.adapter)

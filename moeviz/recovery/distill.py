@@ -6,8 +6,8 @@
 
 The student's expert tensors (and routers, if trained) are cloned away from the base and
 re-parametrised so that masks, removed experts and quantization grids hold at every step
-(constraints.py). The student runs moeviz's reference experts loop, whose observer hands each
-expert's output to the expert term; the teacher's same expert is evaluated on the same inputs.
+(constraints.py). The student's experts runtime gets an observer (moeviz.models.runtime) that hands
+each expert's output to the expert term; the teacher's same expert is evaluated on the same inputs.
 Both models stay in eval mode: routers such as PhiMoE's switch to a stochastic rule in train mode,
 and recovery must train the routing the compressed model will use.
 
@@ -29,8 +29,9 @@ from moeviz.compression.apply import CompressedModel, Compressor
 from moeviz.compression.plan import CompressionPlan
 from moeviz.data import TokenSamples
 from moeviz.errors import PlanError
-from moeviz.models.experts import expert_output, experts_forward, gate_on_input, routed_forward_slot, set_routed_forward
+from moeviz.models.experts import expert_output, gate_on_input
 from moeviz.models.layers import MoELayer, find_moe_layers
+from moeviz.models.runtime import install_experts_runtime
 from moeviz.models.views import structural_copy
 from moeviz.recovery.constraints import make_trainable, release
 from moeviz.recovery.losses import balanced_lambda, expert_mse, next_token_cross_entropy, router_kl
@@ -118,31 +119,31 @@ class _RouterTap:
 
 
 class _ExpertDistiller:
-    """Replaces a student experts module's forward: the reference loop, with each expert's output
-    compared to the teacher's same expert on the same inputs."""
+    """Observers on a student experts runtime: each expert's output is compared to the teacher's same
+    expert on the same inputs while the reference loop computes it."""
 
     def __init__(self, student: MoELayer, teacher: MoELayer):
         self.student, self.teacher = student, teacher
-        self.slot = routed_forward_slot(student.experts)
-        self.saved_forward = student.experts.__dict__.get(self.slot)  # e.g. activation fake-quant
-        self.transform = getattr(student.experts, "moeviz_input_transform", None)
+        self.runtime = install_experts_runtime(student)
+        self.saved_transform = self.runtime.input_transform  # e.g. activation fake-quant
+        if self.saved_transform is not None:  # straight-through, so gradients reach earlier layers
+            t = self.saved_transform
+            self.runtime.input_transform = lambda e, x: x + (t(e, x) - x).detach()  # noqa: E731
+        self.hidden: torch.Tensor | None = None
         self.terms: list[torch.Tensor] = []
-        set_routed_forward(student, self.forward)
+        self.runtime.routing_observers.append(self.see_routing)
+        self.runtime.observers.append(self.observe)
 
-    def forward(self, hidden_states, top_k_index, top_k_weights):
-        def observe(e, token_idx, gate, x, h, y):
-            with torch.no_grad():
-                x_teacher = hidden_states[token_idx].detach()
-                if gate_on_input(self.teacher.experts):  # Llama 4 scales the expert's input by its weight
-                    x_teacher = x_teacher * gate.detach()[:, None].to(x_teacher.dtype)
-                _, y_teacher = expert_output(self.teacher.experts, e, x_teacher)
-            self.terms.append(expert_mse(y, y_teacher))
+    def see_routing(self, hidden_states, top_k_index, top_k_weights):
+        self.hidden = hidden_states
 
-        transform = None
-        if self.transform is not None:  # activation fake-quant, straight-through so gradients reach earlier layers
-            transform = lambda e, x: x + (self.transform(e, x) - x).detach()  # noqa: E731
-        return experts_forward(self.student.experts, hidden_states, top_k_index, top_k_weights,
-                               observer=observe, input_transform=transform)
+    def observe(self, e, token_idx, gate, x, h, y):
+        with torch.no_grad():
+            x_teacher = self.hidden[token_idx].detach()
+            if gate_on_input(self.teacher.experts):  # Llama 4 scales the expert's input by its weight
+                x_teacher = x_teacher * gate.detach()[:, None].to(x_teacher.dtype)
+            _, y_teacher = expert_output(self.teacher.experts, e, x_teacher)
+        self.terms.append(expert_mse(y, y_teacher))
 
     def take(self) -> torch.Tensor:
         # A layer whose experts saw no token this batch contributes a zero on the model's device
@@ -150,13 +151,13 @@ class _ExpertDistiller:
         device = self.student.router_weight.device
         total = torch.stack(self.terms).sum() if self.terms else torch.zeros((), device=device)
         self.terms = []
+        self.hidden = None
         return total
 
     def restore(self) -> None:
-        if self.saved_forward is None:
-            delattr(self.student.experts, self.slot)
-        else:
-            setattr(self.student.experts, self.slot, self.saved_forward)
+        self.runtime.routing_observers.remove(self.see_routing)
+        self.runtime.observers.remove(self.observe)
+        self.runtime.input_transform = self.saved_transform
 
 
 def _batches(samples: TokenSamples, batch_size: int, seed: int):
@@ -181,6 +182,8 @@ class DistillationSession:
         self.teacher = structural_copy(loaded.model)  # a hookable view of the base; shares every tensor
         self.teacher.eval()
         teacher_layers = find_moe_layers(self.teacher, loaded.layers)
+        for layer in self.student.layers:  # runtime class first: parametrize subclasses the module's class
+            install_experts_runtime(layer)
         self.params = make_trainable(self.student, loaded.model, train_router=train_router)
         self.distillers = [_ExpertDistiller(s, t) for s, t in zip(self.student.layers, teacher_layers)]
         self.student_taps = [_RouterTap(l, detach=False) for l in self.student.layers]

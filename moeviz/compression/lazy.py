@@ -1,0 +1,86 @@
+"""Lazy compressed weights: an experts runtime's weight provider that compresses one expert when the
+forward reaches it, from the base weights + the layer's resolved plan + calibration statistics, on
+the weights' own device, and lets it go right after use.
+
+So evaluating a plan never holds a compressed copy of the model: the extra memory is one expert's
+weights, scores and mask. The steps are `moeviz.compression.steps` (the same code the materialised
+path runs on the whole layer), and every step is row-wise and per expert, so the weights (hence the
+logits) are bit-identical to the materialised compressed model's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from moeviz.compression.steps import LayerSettings, compress_experts, layer_norms
+from moeviz.models.layers import MoELayer
+
+
+@dataclass(frozen=True, eq=False)
+class LazyExpertWeights:
+    """WeightProvider (see `moeviz.models.runtime`) for one MoE layer."""
+
+    layer: MoELayer  # geometry only (views of the fused tensors); weights come from the calling module
+    settings: LayerSettings
+    stats_layer: object | None  # LayerStats of this layer (None: magnitude or no pruning)
+    # expert -> {projection: RowThresholds}: per-row thresholds of this plan (O(rows) memory, not
+    # per weight), selected the first time an expert is compressed; later batches only compare.
+    thresholds: dict = field(default_factory=dict, repr=False)
+
+    def __deepcopy__(self, memo):  # immutable: a structural copy shares the provider
+        return self
+
+    def compressed(self, experts: nn.Module, e: int, masks: dict | None = None) -> dict[str, torch.Tensor]:
+        """Expert e's compressed fused tensors, name -> [1, ...] (only those the plan changes)."""
+        sel = np.array([e])
+        names = self.settings.touched_names(self.layer)
+        base = {n: getattr(experts, n) for n in names}
+        device = base[names[0]].device if names else None
+        norms = layer_norms(self.stats_layer, self.settings.metric, sel, device)
+        return compress_experts(self.layer, base, sel, self.settings, norms, masks,
+                                thresholds=self.thresholds.setdefault(e, {}))
+
+    def __call__(self, experts: nn.Module, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        in_name = "gate_up_proj" if self.layer.has_gate else "up_proj"
+        if not self.settings.touches(e):
+            return getattr(experts, in_name)[e], experts.down_proj[e]
+        new = self.compressed(experts, e)
+        w_in = new[in_name][0] if in_name in new else getattr(experts, in_name)[e]
+        w_out = new["down_proj"][0] if "down_proj" in new else experts.down_proj[e]
+        return w_in, w_out
+
+    def masks(self, experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
+        """Keep-masks [out, in] of expert e per pruned projection (all True if e is not pruned)."""
+        got: dict[str, torch.Tensor] = {}
+        if self.settings.sparsity[e] > 0:
+            self.compressed(experts, e, got)
+        return {p: got[p][0] if p in got else torch.ones(self.layer.view(p, getattr(experts, self.layer.fused_name(p))[e:e + 1])[0].shape, dtype=torch.bool)
+                for p in self.settings.projections if p in self.layer.projections()}
+
+    def layer_tensors(self, experts: nn.Module) -> dict[str, torch.Tensor]:
+        """The whole layer's compressed fused tensors (export materialises layer by layer with this),
+        name -> tensor shaped like the module's attribute (zero-compute experts' rows kept)."""
+        sel = np.arange(self.layer.num_experts)
+        names = self.settings.touched_names(self.layer)
+        base = {n: getattr(experts, n) for n in names}
+        device = base[names[0]].device if names else None
+        new = compress_experts(self.layer, base, sel, self.settings,
+                               layer_norms(self.stats_layer, self.settings.metric, sel, device))
+        for name, t in new.items():
+            if t.shape[0] != base[name].shape[0]:
+                full = base[name].detach().clone()
+                full[: t.shape[0]] = t
+                new[name] = full
+        return new
+
+    def zero_counts(self, experts: nn.Module) -> torch.Tensor:
+        """[E] exact zeros of each expert's compressed weights (all projections), one expert at a time."""
+        counts = torch.zeros(self.layer.num_experts, dtype=torch.float64)
+        for e in range(self.layer.num_experts):
+            w_in, w_out = self(experts, e)
+            counts[e] = float((w_in == 0).sum() + (w_out == 0).sum())
+        return counts

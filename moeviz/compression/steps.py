@@ -1,0 +1,159 @@
+"""The compression of one MoE layer as small steps on a set of experts: prune, quantize, remove.
+
+Each step works on `fused`, a dict {fused tensor name -> tensor laid out like the experts module's
+attribute, restricted to the selected experts} (e.g. "gate_up_proj" -> [n, 2I, H]), edits it in place
+and returns the names it changed. The same steps serve both paths:
+
+* materialised (`Compressor.apply(lazy=False)`, export, recovery): all experts of a layer at once;
+* lazy (`moeviz.compression.lazy`): one expert at a time, while the forward reaches it.
+
+Every operation is row-wise and per expert (scores are elementwise, masks select per output row,
+quantization groups lie inside a row), so running the steps on one expert gives bit-identical
+weights to running them on the whole layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from moeviz.compression.masks import (
+    mask_from_ranks, mask_from_thresholds, nm_mask, prune_counts, row_thresholds, unstructured_row_mask,
+)
+from moeviz.compression.quantize import quantize_weight
+from moeviz.compression.scores import importance_scores
+from moeviz.models.layers import MoELayer
+
+# Which calibration statistic feeds each projection's Wanda / MoE-Pruner score.
+NORMS = {
+    ("wanda", "gate"): "input_sq", ("wanda", "up"): "input_sq", ("wanda", "down"): "down_sq",
+    ("moe_pruner", "gate"): "input_sq_weighted", ("moe_pruner", "up"): "input_sq_weighted",
+    ("moe_pruner", "down"): "down_sq_weighted",
+}
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """What a plan resolved to for one MoE layer (per-expert arrays have the layer's E entries)."""
+
+    sparsity: np.ndarray  # [E] fraction of each pruned row zeroed (N:M: n/m, 0 = dense)
+    bits: np.ndarray  # [E] weight bits (16 = not quantized)
+    removed: np.ndarray  # [E] bool
+    metric: str
+    projections: tuple[str, ...]  # projections the plan prunes
+    nm: tuple[int, int] | None
+    group_sizes: dict[str, int]  # projection -> quantization group size (-1 = one group per row)
+    symmetric: bool
+
+    def touched_names(self, layer: MoELayer) -> list[str]:
+        """Fused tensors of the layer this plan changes (the others stay shared with the base)."""
+        names = []
+        if (self.bits < 16).any() or self.removed.any():
+            names = [layer.fused_name(p) for p in layer.projections()]
+        elif (self.sparsity > 0).any():
+            names = [layer.fused_name(p) for p in self.projections if p in layer.projections()]
+        return list(dict.fromkeys(names))
+
+    def touches(self, e: int) -> bool:
+        return bool(self.sparsity[e] > 0 or self.bits[e] < 16 or self.removed[e])
+
+
+# Per-projection statistics of the selected experts: projection -> [n, in] squared column norms, or None
+# for magnitude (the caller slices CalibrationStats so a step never sees other experts' statistics).
+NormsFn = Callable[[str], torch.Tensor | None]
+# Optional cache of row ranks per projection for the selected experts (the app's opt-in speed-up).
+RanksFn = Callable[[str, torch.Tensor], torch.Tensor] | None
+
+
+def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings, norms: NormsFn,
+          masks: dict[str, torch.Tensor] | None = None, ranks: RanksFn = None,
+          thresholds: dict | None = None) -> list[str]:
+    """Zero the lowest-score weights of each row of the selected experts' pruned projections.
+
+    sel: [n] expert indices that `fused` holds (in order). masks: if given, receives the keep-mask
+    [n, out, in] per projection. Scores come from the weights in `fused`, which must still be the
+    base weights (pruning is the first step). thresholds: a per-projection cache of one expert's
+    `RowThresholds` (O(rows) memory), filled on first use; the masks are the same as without."""
+    sparsity = s.sparsity[sel]
+    if not (sparsity > 0).any():
+        return []
+    changed = []
+    for proj in s.projections:
+        if proj not in layer.projections():
+            continue
+        w = layer.view(proj, fused[layer.fused_name(proj)])  # [n, out, in] view into the fused clone
+        scores = None if ranks is not None and s.nm is None else importance_scores(w, s.metric, norms(proj))
+        if s.nm is None and thresholds is not None and len(sel) == 1:
+            # One expert (lazy path): per-row thresholds selected once per plan, then one comparison.
+            if proj not in thresholds:
+                thresholds[proj] = row_thresholds(scores, int(prune_counts(float(sparsity[0]), w.shape[-1], ())))
+            keep = mask_from_thresholds(scores, thresholds[proj])
+        elif s.nm is None:
+            prune_ratio = torch.as_tensor(sparsity, dtype=torch.float64)
+            keep = mask_from_ranks(ranks(proj, w), prune_ratio) if scores is None else \
+                unstructured_row_mask(scores, prune_ratio)
+        else:
+            keep = nm_mask(scores, *s.nm)
+            keep |= torch.as_tensor(sparsity == 0, device=keep.device)[:, None, None]  # dense experts
+        del scores
+        w.mul_(keep)
+        if masks is not None:
+            masks[proj] = keep
+        changed.append(layer.fused_name(proj))
+    return changed
+
+
+def quantize(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings) -> list[str]:
+    """Round the selected (not removed) experts' weights to their bit grid, one bit width at a time."""
+    bits, removed = s.bits[sel], s.removed[sel]
+    changed = []
+    for b in sorted(set(bits[~removed].tolist()) - {16}):
+        idx = torch.as_tensor(np.flatnonzero((bits == b) & ~removed))  # positions within `sel`
+        for proj in layer.projections():
+            w = layer.view(proj, fused[layer.fused_name(proj)])
+            w[idx] = quantize_weight(w[idx], b, s.group_sizes[proj], s.symmetric).dequantized
+            changed.append(layer.fused_name(proj))
+    return list(dict.fromkeys(changed))
+
+
+def remove(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings) -> list[str]:
+    """Zero the selected experts that the plan removes (the router never picks them: see runtime)."""
+    removed = s.removed[sel]
+    if not removed.any():
+        return []
+    idx = torch.as_tensor(np.flatnonzero(removed))
+    for proj in layer.projections():
+        layer.view(proj, fused[layer.fused_name(proj)])[idx] = 0
+    return [layer.fused_name(p) for p in layer.projections()]
+
+
+def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings,
+                     norms: NormsFn, masks: dict[str, torch.Tensor] | None = None,
+                     ranks: RanksFn = None, thresholds: dict | None = None) -> dict[str, torch.Tensor]:
+    """The compressed fused tensors of experts `sel`: prune, quantize, remove on clones of `base`
+    (name -> the base's fused tensor, [E_total, ...]). Only tensors the plan touches are returned."""
+    idx = torch.as_tensor(sel)
+    contiguous = len(sel) and sel[-1] - sel[0] + 1 == len(sel)
+    fused = {}
+    for name in s.touched_names(layer):
+        t = base[name]
+        # A slice then a clone copies only the selected experts' rows, not the whole fused tensor.
+        part = t[int(sel[0]):int(sel[-1]) + 1] if contiguous else t.index_select(0, idx.to(t.device))
+        fused[name] = part.detach().clone()
+    prune(layer, fused, sel, s, norms, masks, ranks, thresholds)
+    quantize(layer, fused, sel, s)
+    remove(layer, fused, sel, s)
+    return fused
+
+
+def layer_norms(stats_layer, metric: str, sel: np.ndarray, device) -> NormsFn:
+    """NormsFn over experts `sel` from one layer's CalibrationStats (None for magnitude)."""
+    def norms(proj: str):
+        if metric == "magnitude":
+            return None
+        full = getattr(stats_layer, NORMS[(metric, proj)])  # [E, in]
+        return full[torch.as_tensor(sel)].to(device)
+    return norms
