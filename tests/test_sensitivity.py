@@ -174,3 +174,22 @@ def test_optimised_plan_meets_the_budget_in_the_storage_report(demo, kind, value
         assert st.summary()["compression_ratio"] >= value
         assert st.compressed_bytes >= st.base_bytes / value - per_expert_step
     assert res.plan.overrides and res.plan.name.startswith("optimised @")
+
+
+def test_one_pass_vs_sequential_masks_and_results(loaded_tiny):
+    from moeviz.compression import CompressionPlan, PruningSettings
+    from moeviz.evaluation import EvalSettings, Evaluator
+    from moeviz.sensitivity.sequential import compare_one_pass_sequential
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 32)
+    stats = calibrate(lm, samples)
+    ev = Evaluator(lm, tokenize_documents(DOCS, lm.tokenizer, 2, 32, seed=3), EvalSettings(measure_latency=False))
+    plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5))
+    cmp = compare_one_pass_sequential(Compressor(lm, stats), ev, plan, samples)
+    assert [r["layer"] for r in cmp.layers] == list(range(len(lm.layers)))
+    assert cmp.layers[0]["differing"] == 0  # layer 0 sees the same inputs either way
+    assert all(r["mask_entries"] > 0 for r in cmp.layers)
+    assert any(r["share_differing"] > 0 for r in cmp.layers[1:])  # later layers re-scored on compressed inputs
+    assert cmp.perplexity_difference == pytest.approx(cmp.sequential["perplexity"] - cmp.one_pass["perplexity"])
+    assert not plan.sequential  # the caller's plan is left as it was

@@ -3,6 +3,7 @@ so that the summed predicted Δ loss is smallest while the budget holds. A multi
 
 * every expert is one group; its options are the dense setting (Δ = 0) and each grid setting, with
   its predicted Δ loss (the measured sensitivity, or a proxy) and its cost;
+* negative measured Δ (noise) count as 0, and ties go to the less compressed option;
 * costs are linear in the choice, so every budget is  Σ cost ≤ limit:
   - ``experts_bytes`` / ``experts_ratio`` / ``model_bytes`` / ``model_ratio``: stored bytes of each expert
     from `moeviz.compression.formats.storage_for`, exactly as the storage report counts them (the
@@ -281,9 +282,15 @@ def optimise_plan(loaded, sens: ExpertSensitivity, budget: Budget, kind: str = "
     else:  # mean_bits
         cost, limit = bitw, v * params[real].sum()
     limit = math.floor(limit + 1e-9)
-    values = delta[real]  # [n, K]
-    costs = np.where(allowed[None, :], cost[real], np.nan)
+    # A measured Δ below zero (compression that happened to lower the calibration loss) is noise, not a
+    # gain to chase: it counts as 0. Among options of equal Δ the less compressed one wins (a tie-break of
+    # 1e-9 per expert), so the plan uses the budget instead of compressing past it for nothing.
+    c = cost[real]
+    predicted = np.maximum(delta[real], 0.0)  # [n, K]
+    values = predicted + 1e-9 * (c[:, :1] - c) / c[:, :1]
+    costs = np.where(allowed[None, :], c, np.nan)
     sol = solve_mckp(np.where(allowed[None, :], values, np.nan), costs, limit, exact=exact)
+    sol.value = float(predicted[np.arange(len(sol.choice)), sol.choice].sum())
     choice = np.zeros((L, Emax), dtype=np.int64)
     choice[real] = sol.choice
     overrides = []

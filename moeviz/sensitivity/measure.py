@@ -343,7 +343,7 @@ def measure_sensitivity(loaded: LoadedModel, stats: CalibrationStats | None, sam
 
     total = S * L
     done = 0
-    stubs = {"delta": None}
+    refs: dict[int, list[float]] = {}  # per layer: reference loss of each batch through the truncated path
     for si, (s, bits) in enumerate(settings):
         comp = compressor.apply(grid.plan_for(s, bits))
         for l, layer in enumerate(layers):
@@ -369,7 +369,7 @@ def measure_sensitivity(loaded: LoadedModel, stats: CalibrationStats | None, sam
             if measure:
                 ml, di = dec[l]
                 measured[l, : layer.num_experts, si] = _measure_layer(
-                    model, ml, di, layer, batches, dec_out, all_dec, deltas, base_sum, n_tokens, stubs)
+                    model, ml, di, layer, batches, dec_out, all_dec, deltas, n_tokens, refs.setdefault(l, []))
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -392,43 +392,63 @@ def _detach(out):
     return out
 
 
-def _measure_layer(model, ml, di, layer, batches, dec_out, all_dec, deltas, base_sum, n_tokens, stubs) -> np.ndarray:
+def _repeat(x, k: int):
+    """k copies along the batch dimension (dim 0) of a decoder layer's cached output."""
+    if k == 1:
+        return x
+    if isinstance(x, torch.Tensor):
+        return x.repeat(k, *([1] * (x.dim() - 1)))
+    if isinstance(x, tuple):
+        return tuple(_repeat(v, k) for v in x)
+    return x
+
+
+def _copy_loss_sums(logits: torch.Tensor, ids: torch.Tensor, k: int) -> list[float]:
+    """Σ next-token cross-entropy of each of the k stacked copies of the batch `ids`."""
+    lg = logits[:, :-1].float()
+    ce = nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids.repeat(k, 1)[:, 1:].reshape(-1).to(lg.device),
+                                     reduction="none").double()
+    return ce.view(k, -1).sum(1).tolist()
+
+
+def _measure_layer(model, ml, di, layer, batches, dec_out, all_dec, deltas, n_tokens, ref: list[float],
+                   copies: int = 8) -> np.ndarray:
     """Δ mean loss for each expert of one layer at one setting: decoder layers before `di` replaced by
-    their cached outputs, the correction added to the experts output of `layer`."""
+    their cached outputs, the correction added to the experts output of `layer`. Up to `copies` experts
+    are measured in one forward, as stacked copies of the batch (copy c carries expert c's correction)."""
     E = layer.num_experts
     out = np.zeros(E)
-    current = {"b": 0, "e": 0}
+    current = {"b": 0, "k": 1, "experts": []}
     before = [m for m in ml][:di]
     saved = []
     for m in before:
         j = next(k for k, x in enumerate(all_dec) if x is m)
         saved.append((m, m.__dict__.get("forward")))
-        m.forward = (lambda *a, j=j, **k: dec_out[current["b"]][j])
+        m.forward = (lambda *a, j=j, **kw: _repeat(dec_out[current["b"]][j], current["k"]))
 
     def add_delta(mod, args, output):
-        rows, d = deltas[current["e"]][current["b"]]
+        n = output.shape[0] // current["k"]  # rows of one copy (the batch's flattened tokens)
+        rows = torch.cat([deltas[e][current["b"]][0] + c * n for c, e in enumerate(current["experts"])])
+        d = torch.cat([deltas[e][current["b"]][1] for e in current["experts"]])
         return output.index_add(0, rows, d.to(output.dtype))
 
     handle = None
     try:
         with torch.no_grad():
-            # the reference loss per batch through the same truncated path (same inputs and ops)
-            ref = []
-            for b, ids in enumerate(batches):
+            # the reference loss per batch through the same truncated path (same inputs and ops), once per layer
+            for b, ids in enumerate(batches if not ref else []):
                 current["b"] = b
                 ref.append(float(_token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids)))
             handle = layer.experts.register_forward_hook(add_delta)
-            for e in range(E):
-                if all(d is None for d in deltas[e]):
-                    continue  # no calibration token reaches this expert: exactly 0
-                current["e"] = e
-                diff = 0.0
-                for b, ids in enumerate(batches):
-                    if deltas[e][b] is None:
-                        continue  # this batch is unchanged
-                    current["b"] = b
-                    diff += float(_token_loss_sum(model(input_ids=ids, use_cache=False).logits, ids)) - ref[b]
-                out[e] = diff / n_tokens
+            # experts no calibration token reaches are never run: their Δ stays exactly 0
+            for b, ids in enumerate(batches):
+                todo = [e for e in range(E) if deltas[e][b] is not None]  # a batch an expert does not reach is unchanged
+                for i in range(0, len(todo), copies):
+                    chunk = todo[i: i + copies]
+                    current.update(b=b, k=len(chunk), experts=chunk)
+                    logits = model(input_ids=ids.repeat(len(chunk), 1), use_cache=False).logits
+                    for e, loss in zip(chunk, _copy_loss_sums(logits, ids, len(chunk))):
+                        out[e] += (loss - ref[b]) / n_tokens
     finally:
         if handle is not None:
             handle.remove()

@@ -1,0 +1,105 @@
+"""Per-expert sensitivity and the budget optimiser on the demo model (2 CPU threads).
+
+Measures, on the demo MoE (4 layers × 8 experts, top-2, float32):
+
+* the time of the measured sensitivity for the whole demo (default grid: sparsity 0/0.3/0.5/0.7/0.9 ×
+  bits 16/8/4/3/2 = 24 settings per expert, MoE-Pruner metric, group size 128) on the first 16
+  calibration windows of 128 tokens (statistics from 64 windows), target ≤ 60 s;
+* the optimiser's time once the sensitivity is computed, target ≤ 1 s per budget;
+* the proxy (Fisher, one forward + one backward) against the measured sensitivity: Spearman rank
+  correlation per layer, target ≥ 0.8;
+* held-out perplexity (64 windows × 256 tokens of the bundled held-out text) of the optimised plan vs
+  the uniform plan and the utilization preset at *equal compressed expert bytes*: the optimiser's budget
+  is the uniform plan's expert bytes from the storage report, with options restricted to sparsity (bits
+  16) for the 60 % / 70 % budgets and to bit widths (sparsity 0) for the 3-bit budget. Target:
+  perplexity increase over the base ≤ 0.8 × that of the best baseline. The utilization preset prunes
+  only, so at 3 bits the baseline is uniform alone.
+
+    python -m benchmarks --only sensitivity
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import moeviz
+from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
+from moeviz.compression.apply import Compressor
+from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
+from moeviz.sensitivity import SensitivityGrid, measure_sensitivity
+from moeviz.sensitivity.budget import Budget, optimise_plan
+from moeviz.sensitivity.measure import first_windows
+
+THREADS = 2
+
+
+def _pass(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+def run() -> dict:
+    torch.set_num_threads(THREADS)
+    lm = moeviz.load_model()
+    cal = moeviz.load_calibration_data(lm.tokenizer, n_samples=64, seq_len=128, seed=0)
+    stats = moeviz.calibrate(lm, cal)
+    grid = SensitivityGrid()
+    sens = measure_sensitivity(lm, stats, first_windows(cal, 16), grid)
+    out = dict(model="demo-moe", torch_threads=torch.get_num_threads(), sensitivity_tokens=sens.n_tokens,
+               grid=grid.to_dict(), settings_per_expert=len(sens.settings),
+               sensitivity_seconds=round(sens.seconds, 2))
+    out["sensitivity_target_60s"] = _pass(sens.seconds <= 60)
+    rho = sens.rank_correlation("fisher")
+    out["proxy_fisher_spearman_per_layer"] = [round(r, 3) for r in rho]
+    out["proxy_fisher_target_0.8"] = _pass(min(rho) >= 0.8)
+    out["proxy_output_error_spearman_per_layer"] = [round(r, 3) for r in sens.rank_correlation("output_error")]
+
+    ev = Evaluator(lm, load_eval_samples(lm.tokenizer, seq_len=256, max_samples=64), EvalSettings(measure_latency=False))
+    comp = Compressor(lm, stats)
+    base_ppl = ev.base.loss["perplexity"]
+    out["base_perplexity"] = base_ppl
+    out["eval_tokens"] = ev.samples.n_tokens
+
+    def evaluate(plan):
+        c = comp.apply(plan)
+        r = ev.evaluate(c)
+        return dict(perplexity=round(r.perplexity, 4), increase=round(r.perplexity - base_ppl, 4),
+                    experts_bytes=c.storage.experts_bytes, experts_ratio=round(c.storage.summary()["experts_compression_ratio"], 3))
+
+    opt_times = []
+    cases = {}
+    for name, uniform, options in (
+        ("sparsity_60", CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.6)), "sparsity"),
+        ("sparsity_70", CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.7)), "sparsity"),
+        ("bits_3", CompressionPlan(quant=QuantSettings(bits=3, group_size=128)), "bits"),
+    ):
+        case = dict(uniform=evaluate(uniform))
+        if options == "sparsity":
+            util = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=uniform.pruning.sparsity,
+                                                           allocation="utilization"))
+            case["utilization"] = evaluate(util)
+        budget = Budget("experts_bytes", case["uniform"]["experts_bytes"], options=options)
+        t0 = time.perf_counter()
+        res = optimise_plan(lm, sens, budget)
+        opt_times.append(time.perf_counter() - t0)
+        case["optimised"] = evaluate(res.plan) | dict(solver="exact DP" if res.exact else "Lagrangian",
+                                                      predicted_delta=round(res.predicted_delta, 4))
+        case["optimised_proxy_fisher"] = evaluate(optimise_plan(lm, sens, budget, kind="fisher").plan)
+        if options == "sparsity":  # the same bytes with every grid setting allowed (sparsity and bits mixed)
+            case["optimised_all_settings"] = evaluate(optimise_plan(lm, sens, Budget("experts_bytes", budget.value)).plan)
+        best = min(v["increase"] for k, v in case.items() if k in ("uniform", "utilization"))
+        ratio = case["optimised"]["increase"] / best if best > 0 else float("nan")
+        case["increase_vs_best_baseline"] = round(ratio, 3)
+        case["target_0.8"] = _pass(ratio <= 0.8)
+        cases[name] = case
+    out["budgets"] = cases
+    out["optimiser_seconds_max"] = round(max(opt_times), 4)
+    out["optimiser_target_1s"] = _pass(max(opt_times) <= 1.0)
+    return out
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(), indent=2))

@@ -1,0 +1,71 @@
+"""The Sensitivity page (pages/7_sensitivity.py) through AppTest on a tiny Mixtral."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from moeviz.compression.apply import Compressor
+from moeviz.compression.plan import CompressionPlan
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+def button(at, label):
+    return next(b for b in at.button if b.label == label)
+
+
+def ok(at):
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model_dirs):
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.session_state["model_source"] = str(tiny_model_dirs["mixtral"])
+    at.run()
+    ok(at)
+    at.number_input[0].set_value(8)
+    at.number_input[1].set_value(32)
+    button(at, "Run calibration").click().run()
+    ok(at)
+    at.switch_page("pages/7_sensitivity.py").run()
+    ok(at)
+    assert any("Measure the sensitivity first" in i.value for i in at.info)
+    next(n for n in at.number_input if n.label == "Calibration windows measured").set_value(4)
+    button(at, "Measure sensitivity").click().run()
+    ok(at)
+    assert at.session_state["sensitivity"].measured is not None
+    assert len(at.get("plotly_chart")) == 1  # the heatmap
+    return at
+
+
+@pytest.mark.parametrize("label,value", [("experts compression ratio (×)", 4.0), ("mean expert sparsity", 0.6)])
+def test_budget_control_fills_the_plan_to_the_budget(measured, loaded_tiny, tiny_model_dirs, label, value):
+    at = measured
+    next(s for s in at.selectbox if s.label == "Budget").set_value(label)
+    at.number_input(key="budget_value").set_value(value)
+    button(at, "Fit the plan to this budget").click().run()
+    ok(at)
+    plan = CompressionPlan.from_dict(at.session_state["plan"])
+    assert plan.overrides and plan.name.startswith("optimised @")
+    model = loaded_tiny("mixtral")
+    plan.pruning.metric = "magnitude"  # bytes do not depend on which weights are pruned; no statistics needed
+    storage = Compressor(model).apply(plan).storage
+    n_experts = sum(l.num_experts for l in model.layers)
+    if label.startswith("experts"):
+        ratio = storage.summary()["experts_compression_ratio"]
+        one_expert = storage.experts_base_bytes / n_experts
+        assert ratio >= value and storage.experts_bytes >= storage.experts_base_bytes / value - one_expert
+    else:
+        res = at.session_state["budget_result"]
+        assert value - 1e-9 <= res["mean_sparsity"] <= value + 0.3 / n_experts + 1e-9  # within one grid step
+        zeros = sum(t["numel"] - t["nonzero"] for t in storage.tensors if t["tensor"] != "router")
+        assert zeros / storage.experts_base_bytes * 4 == pytest.approx(res["mean_sparsity"], abs=0.02)
+    # The Compress page shows the fitted plan in its per-expert table
+    at.switch_page("pages/4_compress.py").run()
+    ok(at)
+    assert CompressionPlan.from_dict(at.session_state["plan"]).overrides == plan.overrides  # shown, not reset
+    at.switch_page("pages/7_sensitivity.py").run()
+    ok(at)
