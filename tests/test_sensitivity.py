@@ -71,6 +71,17 @@ def test_measured_sensitivity_is_monotone_in_the_grid(demo):
     assert sens.measured.max() > 0.1  # the grid does reach harmful settings
 
 
+def test_stacked_copies_give_the_same_numbers(loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
+    stats = calibrate(lm, samples)
+    grid = SensitivityGrid(sparsities=(0.0, 0.5), bits=(16, 2), group_size=-1)
+    one = measure_sensitivity(lm, stats, samples, grid, batch_size=2, copies=1)
+    many = measure_sensitivity(lm, stats, samples, grid, batch_size=2, copies=3)
+    assert np.abs(one.measured).max() > 1e-3
+    np.testing.assert_allclose(many.measured, one.measured, atol=1e-5)
+
+
 def test_sensitivity_cache_and_roundtrip(loaded_tiny, tmp_path):
     lm = loaded_tiny("mixtral")
     samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
@@ -91,6 +102,7 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 2, 3], [1, 3, 3, 5]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [1, 10, 100, 1000]) == pytest.approx(1.0)  # ranks, not values (Pearson < 1)
 
 
 # ---------------------------------------------------------------------------- the optimiser

@@ -252,12 +252,14 @@ def _token_loss_sum(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- the measurement
 
 def measure_sensitivity(loaded: LoadedModel, stats: CalibrationStats | None, samples: TokenSamples,
-                        grid: SensitivityGrid | None = None, batch_size: int = 16, measure: bool = True,
+                        grid: SensitivityGrid | None = None, batch_size: int = 16, measure: bool = True, copies: int = 1,
                         progress=None, cancel=None) -> ExpertSensitivity:
     """Measured (and estimated) per-expert sensitivity; see the module docstring.
 
     progress(done, total) is called after each (setting, layer); cancel() returning True stops early
-    with SettingsError."""
+    with SettingsError. copies > 1 measures that many experts per forward as stacked copies of the batch
+    (same numbers to ~1e-6 nats; faster only where wide matmuls pay, e.g. on a GPU: on the demo on one
+    CPU core it is slower, so the default is 1)."""
     grid = (grid or SensitivityGrid()).validate()
     start = time.perf_counter()
     for layer in loaded.layers:
@@ -369,7 +371,7 @@ def measure_sensitivity(loaded: LoadedModel, stats: CalibrationStats | None, sam
             if measure:
                 ml, di = dec[l]
                 measured[l, : layer.num_experts, si] = _measure_layer(
-                    model, ml, di, layer, batches, dec_out, all_dec, deltas, n_tokens, refs.setdefault(l, []))
+                    model, ml, di, layer, batches, dec_out, all_dec, deltas, n_tokens, refs.setdefault(l, []), copies)
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -412,7 +414,7 @@ def _copy_loss_sums(logits: torch.Tensor, ids: torch.Tensor, k: int) -> list[flo
 
 
 def _measure_layer(model, ml, di, layer, batches, dec_out, all_dec, deltas, n_tokens, ref: list[float],
-                   copies: int = 8) -> np.ndarray:
+                   copies: int = 1) -> np.ndarray:
     """Δ mean loss for each expert of one layer at one setting: decoder layers before `di` replaced by
     their cached outputs, the correction added to the experts output of `layer`. Up to `copies` experts
     are measured in one forward, as stacked copies of the batch (copy c carries expert c's correction)."""
