@@ -78,8 +78,8 @@ def test_stacked_copies_give_the_same_numbers(loaded_tiny):
     grid = SensitivityGrid(sparsities=(0.0, 0.5), bits=(16, 2), group_size=-1)
     one = measure_sensitivity(lm, stats, samples, grid, batch_size=2, copies=1)
     many = measure_sensitivity(lm, stats, samples, grid, batch_size=2, copies=3)
-    assert np.abs(one.measured).max() > 1e-3
-    np.testing.assert_allclose(many.measured, one.measured, atol=1e-5)
+    assert np.abs(one.measured).max() > 1e-4  # a random tiny model: small but real differences
+    np.testing.assert_allclose(many.measured, one.measured, atol=2e-6)  # float32 rounding of wider matmuls
 
 
 def test_sensitivity_cache_and_roundtrip(loaded_tiny, tmp_path):
@@ -205,3 +205,18 @@ def test_one_pass_vs_sequential_masks_and_results(loaded_tiny):
     assert any(r["share_differing"] > 0 for r in cmp.layers[1:])  # later layers re-scored on compressed inputs
     assert cmp.perplexity_difference == pytest.approx(cmp.sequential["perplexity"] - cmp.one_pass["perplexity"])
     assert not plan.sequential  # the caller's plan is left as it was
+
+
+def test_cli_sensitivity_writes_a_plan_fitted_to_the_budget(tiny_model_dirs, tmp_path, capsys):
+    from moeviz.cli import main
+    from moeviz.compression import CompressionPlan
+
+    out = tmp_path / "plan.json"
+    common = ["sensitivity", "--model", str(tiny_model_dirs["mixtral"]), "--samples", "4", "--seq-len", "16",
+              "--sens-samples", "2", "--sparsities", "0", "0.5", "0.9", "--bits", "16", "--no-store"]
+    assert main(common + ["--budget-sparsity", "0.5", "--plan-out", str(out), "--json", str(tmp_path / "s.json")]) == 0
+    plan = CompressionPlan.from_json(out.read_text())
+    assert plan.overrides and plan.name == "optimised @ 50% sparsity"
+    assert "Spearman" in capsys.readouterr().out and (tmp_path / "s.json").exists()
+    assert main(common + ["--budget-sparsity", "0.5", "--budget-bits", "4"]) == 2
+    assert "at most one of" in capsys.readouterr().err
