@@ -44,7 +44,7 @@ def test_expert_no_token_reaches_has_zero_sensitivity(demo):
 
 
 def test_measured_sensitivity_is_monotone_in_the_grid(demo):
-    """More sparsity or fewer bits never lowers an expert's Δ loss by more than calibration noise (0.01
+    """More sparsity or fewer bits never lowers an expert's Δ loss by more than calibration noise (0.008
     nats), with one documented exception: at 90 % sparsity, 2 bits can hurt *less* than 4 bits. The
     2-bit grid is ternary (±scale, 0 with scale = max|w| of the group), so it rounds most of the 10 % of
     weights left to zero; an expert that is already broken then outputs less of a wrong vector, which
@@ -56,7 +56,7 @@ def test_measured_sensitivity_is_monotone_in_the_grid(demo):
 
     def val(s, b):
         return np.zeros(m.shape[:2]) if (s, b) == (0.0, 16) else m[..., sens.setting_index(s, b)]
-    tol = 0.01
+    tol = 0.008  # largest non-monotone step seen on 8 windows away from (0.9, 2 bits): 0.006
     for b in bits:
         for lo, hi in zip(sps, sps[1:]):
             assert (val(hi, b) >= val(lo, b) - tol).all(), (b, lo, hi)
@@ -142,8 +142,14 @@ def test_lagrangian_fills_the_budget_within_one_step(seed):
     limit = float(costs[:, 0].sum() + 0.4 * (costs[:, -1] - costs[:, 0]).sum())
     sol = solve_mckp(values, costs, limit, exact=False)
     assert not sol.exact and sol.cost <= limit
-    steps = np.diff(costs, axis=1)
-    assert limit - sol.cost <= steps.max()  # less left over than one grid step
+    from moeviz.sensitivity.budget import _hull
+
+    slack = limit - sol.cost
+    for i in range(n):  # no expert's next (less compressed) hull option would still fit
+        h = _hull(costs[i], values[i], np.isfinite(costs[i]))
+        k = h.index(int(sol.choice[i]))
+        if k + 1 < len(h):
+            assert costs[i, h[k + 1]] - costs[i, h[k]] > slack
     with pytest.raises(SettingsError, match="infeasible"):
         solve_mckp(values, costs, costs[:, 0].sum() - 1)
 
