@@ -69,3 +69,20 @@ def test_budget_control_fills_the_plan_to_the_budget(measured, loaded_tiny, tiny
     assert CompressionPlan.from_dict(at.session_state["plan"]).overrides == plan.overrides  # shown, not reset
     at.switch_page("pages/7_sensitivity.py").run()
     ok(at)
+
+
+def test_optimised_runs_are_stored_and_one_pass_vs_sequential_is_shown(measured):
+    at = measured
+    next(m for m in at.multiselect if m.label == "Mean expert sparsity budgets").set_value([0.5])
+    button(at, "Evaluate optimised plans").click().run()
+    ok(at)
+    rows = at.session_state["optimised_runs"]
+    assert [r["name"] for r in rows] == ["optimised @ 50%"] and rows[0]["run"] is not None
+    from moeviz.store import RunStore
+
+    assert RunStore().get_run(rows[0]["run"]).name == "optimised @ 50%"  # Trade-offs reads the same store
+    button(at, "Compare one-pass and sequential").click().run()
+    ok(at)
+    cmp = at.session_state["sequential_comparison"]
+    assert cmp["layers"][0]["differing"] == 0 and len(cmp["layers"]) >= 2
+    assert any(m.label == "Perplexity, sequential" for m in at.metric)
