@@ -226,3 +226,19 @@ def test_cli_sensitivity_writes_a_plan_fitted_to_the_budget(tiny_model_dirs, tmp
     assert "Spearman" in capsys.readouterr().out and (tmp_path / "s.json").exists()
     assert main(common + ["--budget-sparsity", "0.5", "--budget-bits", "4"]) == 2
     assert "at most one of" in capsys.readouterr().err
+
+
+def test_removal_option_keeps_top_k_experts_per_layer(demo):
+    lm, stats, _ = demo
+    sens = _fake_sensitivity(lm, SensitivityGrid())
+    L, E = len(lm.layers), lm.layers[0].num_experts
+    sens.removal = np.full((L, E), 10.0)
+    sens.removal[0] = 0.0  # removing any expert of layer 0 costs nothing: the knapsack would remove all 8
+    res = optimise_plan(lm, sens, Budget("experts_ratio", 3.0))
+    removed = res.plan.removed_experts
+    assert sorted({l for l, _ in removed}) == [0] and len(removed) == E - lm.layers[0].top_k
+    res.plan.validate([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
+    st = Compressor(lm, stats).apply(res.plan).storage
+    assert st.experts_bytes == res.experts_bytes and st.summary()["experts_compression_ratio"] >= 3.0
+    no_removal = optimise_plan(lm, sens, Budget("experts_ratio", 3.0, options="sparsity"))
+    assert not no_removal.plan.removed_experts

@@ -18,7 +18,12 @@ so that the summed predicted Δ loss is smallest while the budget holds. A multi
   the hull steps with the best Δ saved per unit of cost are taken while they fit, skipping those that
   do not (so what is left of the budget is smaller than any step still open).
 
-The result is an ordinary `CompressionPlan` with one per-expert override per compressed expert.
+With the ``all`` options and a sensitivity that measured removal, removing the expert (0 bytes, its
+tokens re-routed) is one more option; at most E − top-k experts of a layer are removed (a layer with more
+loses the removal option of its most harmful removal, and the knapsack is solved again).
+
+The result is an ordinary `CompressionPlan` with one per-expert override per compressed expert and the
+removed experts in ``removed_experts``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from moeviz.compression.plan import CompressionPlan, Override, PruningSettings, 
 from moeviz.errors import SettingsError
 from moeviz.sensitivity.measure import ExpertSensitivity
 
+REMOVED = (1.0, 0)  # the option "remove the expert" in a settings list (0 bytes, nothing kept)
 BUDGET_KINDS = ("experts_bytes", "experts_ratio", "model_bytes", "model_ratio", "mean_sparsity", "mean_bits")
 DP_MAX_CELLS = 4_000_000
 
@@ -223,8 +229,10 @@ def option_table(loaded, sens: ExpertSensitivity, option_set: str = "all"):
     """(settings, allowed [S+1], bytes [L, E, S+1], kept [L, E, S+1], bitweights [L, E, S+1], params [L, E]).
     Option 0 is dense; option k ≥ 1 is sens.settings[k - 1]."""
     settings = [(0.0, 16)] + list(sens.settings)
+    with_removal = option_set == "all" and sens.removal is not None
     allowed = np.array([option_set == "all" or (option_set == "sparsity" and b == 16)
-                        or (option_set == "bits" and s == 0.0) for s, b in settings])
+                        or (option_set == "bits" and s == 0.0) for s, b in settings] + [with_removal])
+    settings.append(REMOVED)
     allowed[0] = True
     gs = sens.grid["group_size"]
     sym = sens.grid["symmetric"]
@@ -238,6 +246,11 @@ def option_table(loaded, sens: ExpertSensitivity, option_set: str = "all"):
     for layer in loaded.layers:
         dtype_bytes = layer.weight("down").element_size()
         for k, (s, b) in enumerate(settings):
+            if (s, b) == REMOVED:  # a removed expert stores nothing and keeps nothing
+                nbytes[layer.index, : layer.num_experts, k] = 0
+                kept[layer.index, : layer.num_experts, k] = 0
+                bitw[layer.index, : layer.num_experts, k] = 0
+                continue
             tb = tk = 0
             for proj in layer.projections():
                 shape = tuple(layer.weight(proj).shape[1:])
@@ -261,7 +274,8 @@ def optimise_plan(loaded, sens: ExpertSensitivity, budget: Budget, kind: str = "
     budget.validate()
     settings, allowed, nbytes, kept, bitw, params = option_table(loaded, sens, budget.option_set())
     L, Emax, K = nbytes.shape
-    delta = np.concatenate([np.zeros((L, Emax, 1)), sens.values(kind)], axis=2)
+    removal = sens.removal if sens.removal is not None else np.full((L, Emax), np.nan)
+    delta = np.concatenate([np.zeros((L, Emax, 1)), sens.values(kind), removal[..., None]], axis=2)
     real = np.zeros((L, Emax), dtype=bool)
     for layer in loaded.layers:
         real[layer.index, : layer.num_experts] = True
@@ -286,25 +300,44 @@ def optimise_plan(loaded, sens: ExpertSensitivity, budget: Budget, kind: str = "
     # gain to chase: it counts as 0. Among options of equal Δ the less compressed one wins (a tie-break of
     # 1e-9 per expert), so the plan uses the budget instead of compressing past it for nothing.
     c = cost[real]
-    predicted = np.maximum(delta[real], 0.0)  # [n, K]
+    predicted = np.maximum(delta[real], 0.0)  # [n, K]; NaN = option not measured (removal unsupported)
     values = predicted + 1e-9 * (c[:, :1] - c) / c[:, :1]
-    costs = np.where(allowed[None, :], c, np.nan)
-    sol = solve_mckp(np.where(allowed[None, :], values, np.nan), costs, limit, exact=exact)
+    ok = allowed[None, :] & np.isfinite(values)
+    costs = np.where(ok, c, np.nan)
+    where = np.argwhere(real)  # [n, 2] (layer, expert) of each group
+    rm = len(settings) - 1
+    spare = {layer.index: layer.num_experts - layer.top_k for layer in loaded.layers}
+    while True:
+        sol = solve_mckp(np.where(ok, values, np.nan), costs, limit, exact=exact)
+        # Removal is limited per layer (keep at least top-k experts): the knapsack does not know that, so
+        # in a layer with too many removals the removal of the expert it hurts most is ruled out, then solve again.
+        over = False
+        for layer, n_spare in spare.items():
+            idx = [i for i in np.flatnonzero(sol.choice == rm) if where[i][0] == layer]
+            if len(idx) > n_spare:
+                worst = max(idx, key=lambda i: values[i, rm])
+                ok[worst, rm] = False
+                costs[worst, rm] = np.nan
+                over = True
+        if not over:
+            break
     sol.value = float(predicted[np.arange(len(sol.choice)), sol.choice].sum())
     choice = np.zeros((L, Emax), dtype=np.int64)
     choice[real] = sol.choice
-    overrides = []
+    overrides, removed = [], []
     for layer in loaded.layers:
         for e in range(layer.num_experts):
             k = int(choice[layer.index, e])
-            if k:
+            if k == rm:
+                removed.append((layer.index, e))
+            elif k:
                 s, b = settings[k]
                 overrides.append(Override(layer=layer.index, expert=e, sparsity=float(s) if s else None,
                                           bits=int(b) if b != 16 else None))
     plan = CompressionPlan(
         pruning=PruningSettings(metric=sens.grid["metric"], sparsity=0.0),
         quant=QuantSettings(bits=16, group_size=sens.grid["group_size"], symmetric=sens.grid["symmetric"]),
-        overrides=overrides, name=name or f"optimised @ {budget.label()}",
+        overrides=overrides, removed_experts=removed, name=name or f"optimised @ {budget.label()}",
     )
     idx_b = np.take_along_axis(nbytes, choice[..., None], 2)[..., 0][real]
     idx_k = np.take_along_axis(kept, choice[..., None], 2)[..., 0][real]

@@ -27,7 +27,10 @@ def sensitivity_heatmap(sens: ExpertSensitivity, setting: int, kind: str = "meas
 def choice_heatmap(choice: list[list[int]], settings: list[tuple[float, int]]) -> go.Figure:
     """Layer × expert map of the settings an optimised plan chose (colour = bytes saved rank)."""
     z = np.asarray(choice, dtype=float)
-    text = [[(f"{settings[int(k)][0]:.0%}·{settings[int(k)][1]}b") for k in row] for row in z]
+    def label(k: int) -> str:
+        s, b = settings[k]
+        return "removed" if b == 0 else f"{s:.0%}·{b}b"
+    text = [[label(int(k)) for k in row] for row in z]
     fig = go.Figure(go.Heatmap(z=z, x=[f"e{e}" for e in range(z.shape[1])], y=[f"L{l}" for l in range(z.shape[0])],
                                colorscale="Blues", showscale=False, text=text, texttemplate="%{text}",
                                hovertemplate="layer %{y}, expert %{x}: %{text}<extra></extra>"))

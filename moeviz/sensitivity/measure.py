@@ -66,6 +66,7 @@ class SensitivityGrid:
     metric: str = "moe_pruner"  # pruning metric, as in PruningSettings
     group_size: int = 128
     symmetric: bool = True
+    removal: bool = True  # also measure removing each expert (families whose router can re-route)
 
     def validate(self) -> "SensitivityGrid":
         for s in self.sparsities:
@@ -85,7 +86,7 @@ class SensitivityGrid:
 
     def to_dict(self) -> dict:
         return dict(sparsities=[float(s) for s in self.sparsities], bits=[int(b) for b in self.bits],
-                    metric=self.metric, group_size=self.group_size, symmetric=self.symmetric)
+                    metric=self.metric, group_size=self.group_size, symmetric=self.symmetric, removal=self.removal)
 
     def plan_for(self, sparsity: float, bits: int) -> CompressionPlan:
         """The uniform plan that compresses every expert at one setting (and nothing else)."""
@@ -114,6 +115,9 @@ class ExpertSensitivity:
     threads: int = 1
     version: int = SENSITIVITY_FORMAT_VERSION
     meta_extra: dict = field(default_factory=dict)
+    # [L, E] Δ loss when the expert is removed (its tokens re-routed to the others); NaN where the
+    # family cannot re-route or the layer has no expert to spare; None when not measured
+    removal: np.ndarray | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -154,6 +158,8 @@ class ExpertSensitivity:
         folder.mkdir(parents=True, exist_ok=True)
         arrays = {f"estimated.{k}": v for k, v in self.estimated.items()}
         arrays["routed_tokens"] = self.routed_tokens
+        if self.removal is not None:
+            arrays["removal"] = self.removal
         if self.measured is not None:
             arrays["measured"] = self.measured
         with open(folder / "sensitivity.npz.tmp", "wb") as f:
@@ -178,7 +184,7 @@ class ExpertSensitivity:
             arrays = {k: z[k] for k in z.files}
         meta.pop("fingerprint", None)
         return cls(settings=[(float(s), int(b)) for s, b in meta.pop("settings")],
-                   measured=arrays.get("measured"),
+                   measured=arrays.get("measured"), removal=arrays.get("removal"),
                    estimated={k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("estimated.")},
                    routed_tokens=arrays["routed_tokens"], **meta)
 
@@ -376,7 +382,22 @@ def measure_sensitivity(loaded: LoadedModel, stats: CalibrationStats | None, sam
             if progress is not None:
                 progress(done, total)
         del comp
+    removal = None
+    if measure and grid.removal:
+        removal = np.full((L, Emax), np.nan)
+        with torch.no_grad():
+            for l, layer in enumerate(layers):
+                if not layer.adapter.supports_rerouting or layer.num_experts <= layer.top_k:
+                    continue
+                for e in range(layer.num_experts):
+                    if cancel is not None and cancel():
+                        raise SettingsError("sensitivity: cancelled")
+                    removed = compressor.apply(CompressionPlan(removed_experts=[(l, e)])).model
+                    total = sum(float(_token_loss_sum(removed(input_ids=ids, use_cache=False).logits, ids))
+                                for ids in batches)
+                    removal[l, e] = (total - base_sum) / n_tokens
     return ExpertSensitivity(
+        removal=removal,
         settings=settings, grid=grid.to_dict(), measured=measured,
         estimated=dict(fisher=fisher, output_error=out_err), base_loss=base_loss, n_tokens=n_tokens,
         num_experts=[l.num_experts for l in layers], routed_tokens=routed,
