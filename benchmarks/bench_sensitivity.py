@@ -55,8 +55,11 @@ def run() -> dict:
     out = dict(model="demo-moe", torch_threads=torch.get_num_threads(), cpus=os.cpu_count(),
                load_average_1min=os.getloadavg()[0], sensitivity_tokens=sens.n_tokens,
                grid=grid.to_dict(), settings_per_expert=len(sens.settings),
-               sensitivity_seconds=round(sens.seconds, 2), sensitivity_cpu_seconds=round(cpu, 2))
-    out["sensitivity_target_60s"] = _pass(sens.seconds <= 60)
+               sensitivity_seconds=round(sens.seconds, 2), sensitivity_cpu_seconds=round(cpu, 2),
+               of_which_grid_settings_seconds=round(sens.measure_seconds, 2),
+               of_which_removal_seconds=round(sens.meta_extra.get("removal_seconds", 0.0), 2))
+    out["sensitivity_target_60s"] = _pass(sens.seconds <= 60)  # wall clock, whatever else runs on the machine
+    out["sensitivity_cpu_target_60s"] = _pass(cpu <= 60)  # this process's CPU time (1 thread: ~ wall on an idle core)
     rho = sens.rank_correlation("fisher")
     out["proxy_fisher_spearman_per_layer"] = [round(r, 3) for r in rho]
     out["proxy_fisher_target_0.8"] = _pass(min(rho) >= 0.8)

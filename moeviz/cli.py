@@ -244,14 +244,16 @@ def cmd_sensitivity(args) -> int:
     sub = first_windows(samples, args.sens_samples)
     with tqdm(total=len(grid.settings()) * len(lm.layers), desc="sensitivity", unit="setting×layer",
               file=sys.stderr) as bar:
-        sens, cached = sensitivity_cached(lm, stats, sub, grid, progress=lambda d, t: bar.update(d - bar.n))
+        sens, cached = sensitivity_cached(lm, stats, sub, grid, progress=lambda d, t: bar.update(d - bar.n),
+                                          measure=not args.estimate_only)
     summary = sens.summary()
     print(f"sensitivity of {sum(sens.num_experts)} experts × {len(sens.settings)} settings on {sens.n_tokens} tokens"
           + (" (cached)" if cached else f" in {sens.seconds:.1f} s on {sens.threads} thread(s)"))
     for name, rho in summary.get("rank_correlation", {}).items():
         print(f"  proxy {name}: Spearman rank correlation per layer " + " ".join(f"{r:.3f}" for r in rho))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(summary=summary, measured=sens.measured.tolist(),
+        Path(args.json).write_text(json.dumps(dict(summary=summary,
+                                                   measured=None if sens.measured is None else sens.measured.tolist(),
                                                    estimated={k: v.tolist() for k, v in sens.estimated.items()}),
                                               indent=1))
     if budget:
@@ -259,7 +261,7 @@ def cmd_sensitivity(args) -> int:
 
         kind, value = budget[0]
         kind = dict(budget_sparsity="mean_sparsity", budget_bits="mean_bits", budget_ratio="experts_ratio")[kind]
-        result = optimise_plan(lm, sens, Budget(kind, value))
+        result = optimise_plan(lm, sens, Budget(kind, value), kind="fisher" if args.estimate_only else "measured")
         out = Path(args.plan_out)
         out.write_text(result.plan.to_json())
         print(f"plan for {kind} {value}: predicted Δ loss {result.predicted_delta:.4f}, experts "
@@ -411,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", nargs="+", type=int, default=[16, 8, 4, 3, 2], help="grid bit widths")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size (-1 = whole row)")
     p.add_argument("--json", default=None, help="write the sensitivity arrays and summary to this JSON file")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="only the one-backward Fisher proxy (large models); a fitted plan then uses it")
     p.add_argument("--budget-sparsity", type=float, default=None, help="fit a plan to this mean expert sparsity")
     p.add_argument("--budget-bits", type=float, default=None, help="fit a plan to this mean bit width (bits 16 = dense)")
     p.add_argument("--budget-ratio", type=float, default=None, help="fit a plan to this experts compression ratio (×)")

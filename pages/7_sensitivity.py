@@ -56,7 +56,7 @@ c1, c2 = st.columns([3, 1])
 setting = c1.selectbox("Setting", range(len(sens.settings)),
                        format_func=lambda i: f"sparsity {sens.settings[i][0]:.0%}, {sens.settings[i][1]} bits",
                        index=sens.setting_index(0.5, 16) if (0.5, 16) in sens.settings else 0)
-kinds = ["measured"] + sorted(sens.estimated)
+kinds = (["measured"] if sens.measured is not None else []) + sorted(sens.estimated)
 kind = c2.selectbox("Values", kinds, help="measured Δ loss, or a one-backward-pass proxy")
 st.plotly_chart(sensitivity_heatmap(sens, setting, kind), width="stretch")
 if sens.measured is not None:
@@ -69,19 +69,21 @@ KINDS = {"experts compression ratio (×)": "experts_ratio", "model compression r
          "model size (MB)": "model_bytes", "mean expert sparsity": "mean_sparsity", "mean bit width": "mean_bits"}
 DEFAULT = {"experts_ratio": 4.0, "model_ratio": 2.0, "model_bytes": 8.0, "mean_sparsity": 0.6, "mean_bits": 4.0}
 with st.form("budget_form"):
-    c1, c2, c3 = st.columns(3)
+    c1, c2, c3, c4 = st.columns(4)
     label = c1.selectbox("Budget", list(KINDS))
     value = c2.number_input("Value", min_value=0.0, value=DEFAULT[KINDS[label]], step=0.1, key="budget_value")
     options = c3.selectbox("Settings the experts may take", ["default", "all", "sparsity", "bits"],
                            help="default: pruning only for a sparsity budget, bit widths only for a bit budget, "
-                                "everything in the grid otherwise")
+                                "everything in the grid otherwise (with expert removal where it was measured)")
+    predictor = c4.selectbox("Predicted Δ loss from", kinds,
+                             help="the measured sensitivity (recommended) or a one-backward proxy")
     fit = st.form_submit_button("Fit the plan to this budget", type="primary")
 if fit:
     k = KINDS[label]
     with user_errors():
         budget = Budget(k, float(value) * (1e6 if k == "model_bytes" else 1),
                         options=None if options == "default" else options)
-        result = optimise_plan(lm, sens, budget)
+        result = optimise_plan(lm, sens, budget, kind=predictor)
     set_plan(result.plan)
     st.session_state.budget_result = dict(budget=result.budget, predicted_delta=result.predicted_delta,
                                           experts_bytes=result.experts_bytes, experts_ratio=result.experts_ratio,

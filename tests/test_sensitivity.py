@@ -226,6 +226,8 @@ def test_cli_sensitivity_writes_a_plan_fitted_to_the_budget(tiny_model_dirs, tmp
     assert "Spearman" in capsys.readouterr().out and (tmp_path / "s.json").exists()
     assert main(common + ["--budget-sparsity", "0.5", "--budget-bits", "4"]) == 2
     assert "at most one of" in capsys.readouterr().err
+    assert main(common + ["--estimate-only", "--budget-sparsity", "0.5", "--plan-out", str(out)]) == 0
+    assert "Spearman" not in capsys.readouterr().out and CompressionPlan.from_json(out.read_text()).overrides
 
 
 def test_removal_option_keeps_top_k_experts_per_layer(demo):

@@ -20,10 +20,11 @@ def sensitivity_cache_dir() -> Path:
 
 def sensitivity_cached(loaded: LoadedModel, stats: CalibrationStats | None, samples: TokenSamples,
                        grid: SensitivityGrid | None = None, batch_size: int = 16, progress=None, cancel=None,
-                       cache_dir: Path | None = None) -> tuple[ExpertSensitivity, bool]:
-    """(sensitivity, loaded_from_cache). Measured once per (model, stats, data, grid)."""
+                       cache_dir: Path | None = None, measure: bool = True) -> tuple[ExpertSensitivity, bool]:
+    """(sensitivity, loaded_from_cache). Measured once per (model, stats, data, grid); measure=False
+    computes only the one-backward proxies (for models where the measured loop is too slow)."""
     grid = (grid or SensitivityGrid()).validate()
-    key = grid.to_dict() | dict(batch_size=batch_size)  # batching decides float rounding, so it is part of the key
+    key = grid.to_dict() | dict(batch_size=batch_size, measure=measure)  # batching decides float rounding, so it is part of the key
     fp = sensitivity_fingerprint(loaded.fingerprint, stats.fingerprint if stats is not None else None,
                                  samples.fingerprint, key)
     folder = (cache_dir or sensitivity_cache_dir()) / fp
@@ -32,7 +33,8 @@ def sensitivity_cached(loaded: LoadedModel, stats: CalibrationStats | None, samp
             return ExpertSensitivity.load(folder), True
         except (ValueError, OSError, KeyError):
             shutil.rmtree(folder, ignore_errors=True)  # stale or partial: measure again
-    sens = measure_sensitivity(loaded, stats, samples, grid, batch_size=batch_size, progress=progress, cancel=cancel)
+    sens = measure_sensitivity(loaded, stats, samples, grid, batch_size=batch_size, measure=measure,
+                               progress=progress, cancel=cancel)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
     sens.save(tmp)

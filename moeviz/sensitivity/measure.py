@@ -383,6 +383,7 @@ def measure_sensitivity(loaded: LoadedModel, stats: CalibrationStats | None, sam
                 progress(done, total)
         del comp
     removal = None
+    removal_start = time.perf_counter()
     if measure and grid.removal:
         removal = np.full((L, Emax), np.nan)
         with torch.no_grad():
@@ -396,14 +397,15 @@ def measure_sensitivity(loaded: LoadedModel, stats: CalibrationStats | None, sam
                     total = sum(float(_token_loss_sum(removed(input_ids=ids, use_cache=False).logits, ids))
                                 for ids in batches)
                     removal[l, e] = (total - base_sum) / n_tokens
+    extra = dict(removal_seconds=time.perf_counter() - removal_start) if removal is not None else {}
     return ExpertSensitivity(
-        removal=removal,
+        removal=removal, meta_extra=extra,
         settings=settings, grid=grid.to_dict(), measured=measured,
         estimated=dict(fisher=fisher, output_error=out_err), base_loss=base_loss, n_tokens=n_tokens,
         num_experts=[l.num_experts for l in layers], routed_tokens=routed,
         model_fingerprint=loaded.fingerprint, stats_fingerprint=stats.fingerprint if stats is not None else None,
         data_fingerprint=samples.fingerprint, seconds=time.perf_counter() - start,
-        measure_seconds=time.perf_counter() - measure_start if measure else 0.0, threads=torch.get_num_threads(),
+        measure_seconds=removal_start - measure_start if measure else 0.0, threads=torch.get_num_threads(),
     )
 
 
