@@ -286,9 +286,7 @@ def measure_sensitivity(loaded: LoadedModel, stats: CalibrationStats | None, sam
     n_tokens = sum(int(b[:, 1:].numel()) for b in batches)
 
     # -- 1. capture pass: decoder outputs, experts inputs, gradients at experts outputs
-    all_dec = []  # every decoder layer of the lists that hold MoE layers, each once
-    for ml, _ in dec:
-        all_dec += [m for m in ml if all(m is not x for x in all_dec)]
+    all_dec = _all_decoder_layers(dec)
     dec_out: list[dict[int, object]] = [dict() for _ in batches]
     exp_in: list[list] = [[None] * L for _ in batches]
     grads: list[list] = [[None] * L for _ in batches]
@@ -393,10 +391,21 @@ def measure_sensitivity(loaded: LoadedModel, stats: CalibrationStats | None, sam
                 for e in range(layer.num_experts):
                     if cancel is not None and cancel():
                         raise SettingsError("sensitivity: cancelled")
-                    removed = compressor.apply(CompressionPlan(removed_experts=[(l, e)])).model
-                    total = sum(float(_token_loss_sum(removed(input_ids=ids, use_cache=False).logits, ids))
-                                for ids in batches)
-                    removal[l, e] = (total - base_sum) / n_tokens
+                    # routing changes at layer l itself, so the copy runs from decoder layer l on (the layers
+                    # before it are its cached outputs), against the same truncated reference
+                    rc = compressor.apply(CompressionPlan(removed_experts=[(l, e)]))
+                    rdec = decoder_layers(rc.model, rc.layers)
+                    ml_r, di_r = rdec[l]
+                    cur = {"b": 0}
+                    saved = _install_stubs(ml_r, di_r, _all_decoder_layers(rdec), dec_out, cur)
+                    try:
+                        total = 0.0
+                        for b, ids in enumerate(batches):
+                            cur["b"] = b
+                            total += float(_token_loss_sum(rc.model(input_ids=ids, use_cache=False).logits, ids)) - refs[l][b]
+                    finally:
+                        _remove_stubs(saved)
+                    removal[l, e] = total / n_tokens
     extra = dict(removal_seconds=time.perf_counter() - removal_start) if removal is not None else {}
     return ExpertSensitivity(
         removal=removal, meta_extra=extra,
@@ -436,6 +445,33 @@ def _copy_loss_sums(logits: torch.Tensor, ids: torch.Tensor, k: int) -> list[flo
     return ce.view(k, -1).sum(1).tolist()
 
 
+def _install_stubs(ml, di: int, all_dec: list, dec_out, current: dict) -> list:
+    """Replace the decoder layers before `di` of the list `ml` by their cached outputs (batch
+    current["b"], repeated current["k"] times); returns what `_remove_stubs` needs."""
+    saved = []
+    for m in list(ml)[:di]:
+        j = next(k for k, x in enumerate(all_dec) if x is m)
+        saved.append((m, m.__dict__.get("forward")))
+        m.forward = (lambda *a, j=j, **kw: _repeat(dec_out[current["b"]][j], current.get("k", 1)))
+    return saved
+
+
+def _remove_stubs(saved: list) -> None:
+    for m, fwd in saved:
+        if fwd is None:
+            del m.forward
+        else:
+            m.forward = fwd
+
+
+def _all_decoder_layers(dec) -> list:
+    """Every decoder layer of the lists that hold MoE layers, each once, in a fixed order."""
+    all_dec = []
+    for ml, _ in dec:
+        all_dec += [m for m in ml if all(m is not x for x in all_dec)]
+    return all_dec
+
+
 def _measure_layer(model, ml, di, layer, batches, dec_out, all_dec, deltas, n_tokens, ref: list[float],
                    copies: int = 1) -> np.ndarray:
     """Δ mean loss for each expert of one layer at one setting: decoder layers before `di` replaced by
@@ -444,12 +480,7 @@ def _measure_layer(model, ml, di, layer, batches, dec_out, all_dec, deltas, n_to
     E = layer.num_experts
     out = np.zeros(E)
     current = {"b": 0, "k": 1, "experts": []}
-    before = [m for m in ml][:di]
-    saved = []
-    for m in before:
-        j = next(k for k, x in enumerate(all_dec) if x is m)
-        saved.append((m, m.__dict__.get("forward")))
-        m.forward = (lambda *a, j=j, **kw: _repeat(dec_out[current["b"]][j], current["k"]))
+    saved = _install_stubs(ml, di, all_dec, dec_out, current)
 
     def add_delta(mod, args, output):
         n = output.shape[0] // current["k"]  # rows of one copy (the batch's flattened tokens)
@@ -477,11 +508,7 @@ def _measure_layer(model, ml, di, layer, batches, dec_out, all_dec, deltas, n_to
     finally:
         if handle is not None:
             handle.remove()
-        for m, fwd in saved:
-            if fwd is None:
-                del m.forward
-            else:
-                m.forward = fwd
+        _remove_stubs(saved)
     return out
 
 
