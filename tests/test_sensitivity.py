@@ -71,15 +71,17 @@ def test_measured_sensitivity_is_monotone_in_the_grid(demo):
     assert sens.measured.max() > 0.1  # the grid does reach harmful settings
 
 
-def test_stacked_copies_give_the_same_numbers(loaded_tiny):
+def test_stacked_copies_and_fast_path_give_the_same_numbers(loaded_tiny):
     lm = loaded_tiny("mixtral")
     samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
     stats = calibrate(lm, samples)
     grid = SensitivityGrid(sparsities=(0.0, 0.5), bits=(16, 2), group_size=-1)
     one = measure_sensitivity(lm, stats, samples, grid, batch_size=2, copies=1)
     many = measure_sensitivity(lm, stats, samples, grid, batch_size=2, copies=3)
+    slow = measure_sensitivity(lm, stats, samples, grid, batch_size=2, fast_path=False)  # no decoder-layer stub
     assert np.abs(one.measured).max() > 1e-4  # a random tiny model: small but real differences
     np.testing.assert_allclose(many.measured, one.measured, atol=2e-6)  # float32 rounding of wider matmuls
+    np.testing.assert_allclose(slow.measured, one.measured, atol=2e-6)
 
 
 def test_sensitivity_cache_and_roundtrip(loaded_tiny, tmp_path):
