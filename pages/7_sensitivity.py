@@ -68,10 +68,11 @@ st.subheader("Fit the plan to a budget")
 KINDS = {"experts compression ratio (×)": "experts_ratio", "model compression ratio (×)": "model_ratio",
          "model size (MB)": "model_bytes", "mean expert sparsity": "mean_sparsity", "mean bit width": "mean_bits"}
 DEFAULT = {"experts_ratio": 4.0, "model_ratio": 2.0, "model_bytes": 8.0, "mean_sparsity": 0.6, "mean_bits": 4.0}
+label = st.selectbox("Budget", list(KINDS))  # outside the form: the value below takes this budget's units
+k = KINDS[label]
 with st.form("budget_form"):
-    c1, c2, c3, c4 = st.columns(4)
-    label = c1.selectbox("Budget", list(KINDS))
-    value = c2.number_input("Value", min_value=0.0, value=DEFAULT[KINDS[label]], step=0.1, key="budget_value")
+    c2, c3, c4 = st.columns(3)
+    value = c2.number_input(f"Value ({label})", min_value=0.0, value=DEFAULT[k], step=0.1, key=f"budget_value_{k}")
     options = c3.selectbox("Settings the experts may take", ["default", "all", "sparsity", "bits"],
                            help="default: pruning only for a sparsity budget, bit widths only for a bit budget, "
                                 "everything in the grid otherwise (with expert removal where it was measured)")
@@ -79,7 +80,6 @@ with st.form("budget_form"):
                              help="the measured sensitivity (recommended) or a one-backward proxy")
     fit = st.form_submit_button("Fit the plan to this budget", type="primary")
 if fit:
-    k = KINDS[label]
     with user_errors():
         budget = Budget(k, float(value) * (1e6 if k == "model_bytes" else 1),
                         options=None if options == "default" else options)

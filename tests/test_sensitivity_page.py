@@ -41,15 +41,18 @@ def measured(tiny_model_dirs):
     return at
 
 
-@pytest.mark.parametrize("label,value", [("experts compression ratio (×)", 4.0), ("mean expert sparsity", 0.6)])
+@pytest.mark.parametrize("label,value", [("experts compression ratio (×)", 5.0), ("mean expert sparsity", 0.7),
+                                         ("model size (MB)", 0.1)])
 def test_budget_control_fills_the_plan_to_the_budget(measured, loaded_tiny, tiny_model_dirs, label, value):
     at = measured
-    next(s for s in at.selectbox if s.label == "Budget").set_value(label)
-    at.number_input(key="budget_value").set_value(value)
+    next(s for s in at.selectbox if s.label == "Budget").set_value(label).run()  # reruns: the value takes its units
+    next(n for n in at.number_input if n.label.startswith("Value (")).set_value(value)
     button(at, "Fit the plan to this budget").click().run()
     ok(at)
     plan = CompressionPlan.from_dict(at.session_state["plan"])
     assert plan.overrides and plan.name.startswith("optimised @")
+    scale = 1e6 if label.startswith("model size") else 1  # MB typed, bytes in the budget
+    assert at.session_state["budget_result"]["budget"]["value"] == value * scale  # the typed value, not a default
     model = loaded_tiny("mixtral")
     plan.pruning.metric = "magnitude"  # bytes do not depend on which weights are pruned; no statistics needed
     storage = Compressor(model).apply(plan).storage
@@ -58,6 +61,9 @@ def test_budget_control_fills_the_plan_to_the_budget(measured, loaded_tiny, tiny
         ratio = storage.summary()["experts_compression_ratio"]
         one_expert = storage.experts_base_bytes / n_experts
         assert ratio >= value and storage.experts_bytes >= storage.experts_base_bytes / value - one_expert
+    elif label.startswith("model size"):
+        one_expert = storage.experts_base_bytes / n_experts
+        assert value * 1e6 - one_expert <= storage.compressed_bytes <= value * 1e6
     else:
         res = at.session_state["budget_result"]
         assert value - 1e-9 <= res["mean_sparsity"] <= value + 0.3 / n_experts + 1e-9  # within one grid step
