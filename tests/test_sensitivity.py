@@ -68,6 +68,7 @@ def test_measured_sensitivity_is_monotone_in_the_grid(demo):
                 exceptions += int((~ok).sum())
                 continue
             assert ok.all(), (s, lo, hi)
+    assert exceptions > 0  # the documented exception does occur on the demo (up to 0.15 nats)
     assert sens.measured.max() > 0.1  # the grid does reach harmful settings
 
 

@@ -75,7 +75,6 @@ class SensitivityGrid:
             check_bits(b, "grid bits")
         if not self.settings():
             raise SettingsError("sensitivity grid: no setting besides the dense one; give a sparsity > 0 or bits < 16")
-        PruningSettings(metric=self.metric)  # noqa: B018 (validated with a plan below)
         CompressionPlan(pruning=PruningSettings(metric=self.metric),
                         quant=QuantSettings(group_size=self.group_size)).validate()
         return self
