@@ -115,10 +115,32 @@ def run() -> dict:
     out["budgets"] = cases
     out["optimiser_seconds_max"] = round(max(opt_times), 4)
     out["optimiser_target_1s"] = _pass(max(opt_times) <= 1.0)
+    out["one_pass_vs_sequential"] = run_sequential(lm, stats, cal, ev)
     return out
+
+
+def run_sequential(lm=None, stats=None, cal=None, ev=None) -> dict:
+    """One-pass vs sequential for MoE-Pruner 50 %: share of differing mask entries per layer, perplexity
+    and routing drift of both (`python -m benchmarks.bench_sensitivity sequential` runs only this)."""
+    from moeviz.sensitivity.sequential import compare_one_pass_sequential
+
+    torch.set_num_threads(THREADS)
+    if lm is None:
+        lm = moeviz.load_model()
+        cal = moeviz.load_calibration_data(lm.tokenizer, n_samples=64, seq_len=128, seed=0)
+        stats = moeviz.calibrate(lm, cal)
+        ev = Evaluator(lm, load_eval_samples(lm.tokenizer, seq_len=256, max_samples=64), EvalSettings(measure_latency=False))
+    plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5))
+    cmp = compare_one_pass_sequential(Compressor(lm, stats), ev, plan, cal)
+    return dict(plan="moe_pruner 50% unstructured", base_perplexity=round(cmp.base_perplexity, 4),
+                share_of_mask_entries_differing=[round(r["share_differing"], 4) for r in cmp.layers],
+                one_pass={k: round(v, 4) for k, v in cmp.one_pass.items()},
+                sequential={k: round(v, 4) for k, v in cmp.sequential.items()},
+                perplexity_difference_sequential_minus_one_pass=round(cmp.perplexity_difference, 4))
 
 
 if __name__ == "__main__":
     import json
+    import sys
 
-    print(json.dumps(run(), indent=2))
+    print(json.dumps(run_sequential() if sys.argv[1:] == ["sequential"] else run(), indent=2))
