@@ -19,5 +19,6 @@ pages = [
     st.Page("pages/4_compress.py", title="Compress", icon="✂️"),
     st.Page("pages/5_tradeoffs.py", title="Trade-offs", icon="📈"),
     st.Page("pages/6_export.py", title="Export", icon="💾"),
+    st.Page("pages/7_sensitivity.py", title="Sensitivity", icon="🎯"),
 ]
 st.navigation(pages).run()

@@ -6,6 +6,8 @@
     moeviz sweep     --methods ... --sparsities ... --bits ...   evaluate a grid, store runs, write a CSV
     moeviz export    --plan plan.json --out DIR        write the compressed model (HF folder) + plan + report
     moeviz recover   --plan plan.json [--steps N]      distil the compressed model from the base; both runs stored
+    moeviz sensitivity [--budget-sparsity R | --budget-bits B | --budget-ratio X] [--plan-out plan.json]
+                                                       per-expert sensitivity; optionally a plan fitted to a budget
     moeviz app       [--port P]                        start the Streamlit app (localhost)
 
 Errors from bad input print one line and exit with status 2.
@@ -240,6 +242,53 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_sensitivity(args) -> int:
+    from tqdm import tqdm
+
+    from moeviz.errors import SettingsError
+    from moeviz.sensitivity import SensitivityGrid
+    from moeviz.sensitivity.cache import sensitivity_cached
+    from moeviz.sensitivity.measure import first_windows
+
+    grid = SensitivityGrid(sparsities=tuple(args.sparsities), bits=tuple(args.bits), metric=args.metric,
+                           group_size=args.group_size).validate()
+    budget = [(k, getattr(args, k)) for k in ("budget_sparsity", "budget_bits", "budget_ratio") if getattr(args, k) is not None]
+    if len(budget) > 1:
+        raise SettingsError("give at most one of --budget-sparsity, --budget-bits, --budget-ratio")
+    _check_counts(args)
+    if args.sens_samples < 1:
+        raise SettingsError(f"--sens-samples: must be at least 1, got {args.sens_samples}")
+    _check_data_files(args)
+    lm = _load(args)
+    stats, samples = _calibrated(args, lm)
+    sub = first_windows(samples, args.sens_samples)
+    with tqdm(total=len(grid.settings()) * len(lm.layers), desc="sensitivity", unit="setting×layer",
+              file=sys.stderr) as bar:
+        sens, cached = sensitivity_cached(lm, stats, sub, grid, progress=lambda d, t: bar.update(d - bar.n),
+                                          measure=not args.estimate_only)
+    summary = sens.summary()
+    print(f"sensitivity of {sum(sens.num_experts)} experts × {len(sens.settings)} settings on {sens.n_tokens} tokens"
+          + (" (cached)" if cached else f" in {sens.seconds:.1f} s on {sens.threads} thread(s)"))
+    for name, rho in summary.get("rank_correlation", {}).items():
+        print(f"  proxy {name}: Spearman rank correlation per layer " + " ".join(f"{r:.3f}" for r in rho))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(summary=summary,
+                                                   measured=None if sens.measured is None else sens.measured.tolist(),
+                                                   estimated={k: v.tolist() for k, v in sens.estimated.items()}),
+                                              indent=1))
+    if budget:
+        from moeviz.sensitivity.budget import Budget, optimise_plan
+
+        kind, value = budget[0]
+        kind = dict(budget_sparsity="mean_sparsity", budget_bits="mean_bits", budget_ratio="experts_ratio")[kind]
+        result = optimise_plan(lm, sens, Budget(kind, value), kind="fisher" if args.estimate_only else "measured")
+        out = Path(args.plan_out)
+        out.write_text(result.plan.to_json())
+        print(f"plan for {kind} {value}: predicted Δ loss {result.predicted_delta:.4f}, experts "
+              f"{result.experts_bytes} bytes (ratio {result.experts_ratio:.2f}×) -> {out}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from moeviz.compression.apply import Compressor
     from moeviz.export import check_destination, export_model
@@ -376,6 +425,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128, help="quantization group size (-1 = whole row)")
     p.add_argument("--csv", default="moeviz_sweep.csv", help="output table (default moeviz_sweep.csv)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("sensitivity", help="measure each expert's Δ loss at a grid of settings; fit a plan to a budget")
+    add_eval_args(p)
+    p.add_argument("--sens-samples", type=int, default=16,
+                   help="calibration windows the sensitivity is measured on (the first N; default 16)")
+    p.add_argument("--metric", default="moe_pruner", help="pruning metric (magnitude, wanda, moe_pruner)")
+    p.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.9], help="grid sparsities")
+    p.add_argument("--bits", nargs="+", type=int, default=[16, 8, 4, 3, 2], help="grid bit widths")
+    p.add_argument("--group-size", type=int, default=128, help="quantization group size (-1 = whole row)")
+    p.add_argument("--json", default=None, help="write the sensitivity arrays and summary to this JSON file")
+    p.add_argument("--estimate-only", action="store_true",
+                   help="only the one-backward Fisher proxy (large models); a fitted plan then uses it")
+    p.add_argument("--budget-sparsity", type=float, default=None, help="fit a plan to this mean expert sparsity")
+    p.add_argument("--budget-bits", type=float, default=None, help="fit a plan to this mean bit width (bits 16 = dense)")
+    p.add_argument("--budget-ratio", type=float, default=None, help="fit a plan to this experts compression ratio (×)")
+    p.add_argument("--plan-out", default="moeviz_plan.json", help="where the fitted plan goes (default moeviz_plan.json)")
+    p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("export", help="apply a plan and save the compressed model as a Hugging Face folder")
     add_eval_args(p)

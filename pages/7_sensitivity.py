@@ -1,0 +1,145 @@
+"""Page 7 — per-expert sensitivity, plans fitted to a budget, one-pass vs sequential."""
+
+import pandas as pd
+import streamlit as st
+
+from moeviz.compression.plan import METRICS
+from moeviz.evaluation import evaluate_plan
+from moeviz.sensitivity import SensitivityGrid
+from moeviz.sensitivity.budget import Budget, optimise_plan
+from moeviz.sensitivity.cache import sensitivity_cached
+from moeviz.sensitivity.figures import choice_heatmap, sensitivity_heatmap
+from moeviz.sensitivity.measure import first_windows
+from moeviz.store import new_sweep_id
+from pages._state import (
+    base_evaluator, calibration_samples, compressor, current_plan, require_model, require_stats, run_store, set_plan,
+    user_errors,
+)
+
+st.header("Sensitivity")
+st.write("How much the calibration loss rises when one expert alone is pruned or quantized, at each setting of "
+         "a small grid. From these numbers a plan is fitted to a budget: each expert gets the setting that "
+         "costs the least loss for the bytes it saves. The fitted plan is an ordinary plan with per-expert "
+         "overrides: the **Compress** page shows it in its table, where every cell can still be edited.")
+
+lm = require_model()
+stats = require_stats(lm)
+plan = current_plan()
+
+with st.form("sensitivity_form"):
+    c1, c2, c3 = st.columns(3)
+    metric = c1.selectbox("Pruning metric", METRICS, index=METRICS.index(plan.pruning.metric))
+    group_size = c2.selectbox("Quantization group size", [32, 64, 128, -1],
+                              index=[32, 64, 128, -1].index(plan.quant.group_size) if plan.quant.group_size in (32, 64, 128, -1) else 2)
+    n_windows = c3.number_input("Calibration windows measured", 1, 256, 16,
+                                help="the first N calibration windows; the cost grows with the tokens")
+    measure = st.form_submit_button("Measure sensitivity", type="primary")
+if measure:
+    grid = SensitivityGrid(metric=metric, group_size=int(group_size))
+    bar = st.progress(0.0, text="Measuring…")
+    with user_errors():
+        samples = first_windows(calibration_samples(lm, stats), int(n_windows))
+        sens, cached = sensitivity_cached(lm, stats, samples, grid,
+                                          progress=lambda d, t: bar.progress(d / t, text=f"Measuring… {d}/{t} (setting × layer)"))
+    bar.empty()
+    st.session_state.sensitivity = sens
+    st.success(("Loaded from the cache" if cached else f"Measured in {sens.seconds:.1f} s") +
+               f": {sum(sens.num_experts)} experts × {len(sens.settings)} settings on {sens.n_tokens} tokens.")
+
+sens = st.session_state.get("sensitivity")
+if sens is None or sens.model_fingerprint != lm.fingerprint or sens.stats_fingerprint != stats.fingerprint:
+    st.info("Measure the sensitivity first (about a minute on the demo model; cached afterwards).")
+    st.stop()
+
+st.subheader("Sensitivity heatmap")
+c1, c2 = st.columns([3, 1])
+setting = c1.selectbox("Setting", range(len(sens.settings)),
+                       format_func=lambda i: f"sparsity {sens.settings[i][0]:.0%}, {sens.settings[i][1]} bits",
+                       index=sens.setting_index(0.5, 16) if (0.5, 16) in sens.settings else 0)
+kinds = (["measured"] if sens.measured is not None else []) + sorted(sens.estimated)
+kind = c2.selectbox("Values", kinds, help="measured Δ loss, or a one-backward-pass proxy")
+st.plotly_chart(sensitivity_heatmap(sens, setting, kind), width="stretch")
+if sens.measured is not None:
+    rho = sens.rank_correlation("fisher")
+    st.caption("Rank correlation (Spearman) of the Fisher proxy with the measured Δ loss, per layer: "
+               + ", ".join(f"L{i} {r:.2f}" for i, r in enumerate(rho)))
+
+st.subheader("Fit the plan to a budget")
+KINDS = {"experts compression ratio (×)": "experts_ratio", "model compression ratio (×)": "model_ratio",
+         "model size (MB)": "model_bytes", "mean expert sparsity": "mean_sparsity", "mean bit width": "mean_bits"}
+DEFAULT = {"experts_ratio": 4.0, "model_ratio": 2.0, "model_bytes": 8.0, "mean_sparsity": 0.6, "mean_bits": 4.0}
+label = st.selectbox("Budget", list(KINDS))  # outside the form: the value below takes this budget's units
+k = KINDS[label]
+with st.form("budget_form"):
+    c2, c3, c4 = st.columns(3)
+    value = c2.number_input(f"Value ({label})", min_value=0.0, value=DEFAULT[k], step=0.1, key=f"budget_value_{k}")
+    options = c3.selectbox("Settings the experts may take", ["default", "all", "sparsity", "bits"],
+                           help="default: pruning only for a sparsity budget, bit widths only for a bit budget, "
+                                "everything in the grid otherwise (with expert removal where it was measured)")
+    predictor = c4.selectbox("Predicted Δ loss from", kinds,
+                             help="the measured sensitivity (recommended) or a one-backward proxy")
+    fit = st.form_submit_button("Fit the plan to this budget", type="primary")
+if fit:
+    with user_errors():
+        budget = Budget(k, float(value) * (1e6 if k == "model_bytes" else 1),
+                        options=None if options == "default" else options)
+        result = optimise_plan(lm, sens, budget, kind=predictor)
+    set_plan(result.plan)
+    st.session_state.budget_result = dict(budget=result.budget, predicted_delta=result.predicted_delta,
+                                          experts_bytes=result.experts_bytes, experts_ratio=result.experts_ratio,
+                                          mean_sparsity=result.mean_sparsity, mean_bits=result.mean_bits,
+                                          exact=result.exact, seconds=result.seconds, choice=result.choice,
+                                          settings=result.settings, name=result.plan.name)
+res = st.session_state.get("budget_result")
+if res is not None:
+    st.success(f"Plan **{res['name']}** set: predicted Δ loss {res['predicted_delta']:.4f} nats/token, experts "
+               f"{res['experts_bytes'] / 1e6:.2f} MB ({res['experts_ratio']:.2f}×), mean sparsity "
+               f"{res['mean_sparsity']:.1%}, mean bits {res['mean_bits']:.2f} "
+               f"({'exact' if res['exact'] else 'Lagrangian'} solver, {res['seconds'] * 1000:.0f} ms).")
+    st.plotly_chart(choice_heatmap(res["choice"], [tuple(s) for s in res["settings"]]), width="stretch")
+    st.page_link("pages/4_compress.py", label="Review or edit it on Compress", icon="✂️")
+
+st.subheader("Optimised plans at several budgets")
+st.caption("Each plan is evaluated on the held-out text and stored as a run named “optimised @ …”, so the "
+           "**Trade-offs** page draws them next to your other runs.")
+levels = st.multiselect("Mean expert sparsity budgets", [0.3, 0.4, 0.5, 0.6, 0.7, 0.8], default=[0.5, 0.6, 0.7],
+                        format_func=lambda r: f"{r:.0%}")
+if st.button("Evaluate optimised plans") and levels:
+    sweep = new_sweep_id()
+    rows = []
+    bar = st.progress(0.0, text="Evaluating…")
+    with user_errors():
+        evaluator = base_evaluator(lm.fingerprint, lm)
+        comp = compressor(lm, stats)
+        for i, r in enumerate(sorted(levels)):
+            p = optimise_plan(lm, sens, Budget("mean_sparsity", float(r)), name=f"optimised @ {r:.0%}").plan
+            result, run_id = evaluate_plan(comp, evaluator, p, run_store(), sweep_id=sweep)
+            rows.append(dict(run=run_id, name=p.name, perplexity=result.perplexity,
+                             base_perplexity=result.base_perplexity,
+                             experts_ratio=result.compression["experts_compression_ratio"]))
+            bar.progress((i + 1) / len(levels), text=f"Evaluated {p.name}")
+    bar.empty()
+    st.session_state.optimised_runs = rows
+if st.session_state.get("optimised_runs"):
+    st.dataframe(pd.DataFrame(st.session_state.optimised_runs), hide_index=True)
+
+st.subheader("One-pass vs sequential, side by side")
+st.caption("The current plan applied in one pass (every layer scored on the base model's statistics) and "
+           "sequentially (each layer re-calibrated on the already-compressed layers before it): the share of "
+           "pruning-mask entries that differ per layer, and both evaluated on the held-out text.")
+if st.button("Compare one-pass and sequential"):
+    from moeviz.sensitivity.sequential import compare_one_pass_sequential
+
+    with user_errors(), st.spinner("Applying both variants and evaluating them…"):
+        cmp = compare_one_pass_sequential(compressor(lm, stats), base_evaluator(lm.fingerprint, lm), current_plan(),
+                                          calibration_samples(lm, stats))
+    st.session_state.sequential_comparison = cmp.to_dict()
+cmp = st.session_state.get("sequential_comparison")
+if cmp is not None:
+    c = st.columns(3)
+    c[0].metric("Perplexity, one-pass", f"{cmp['one_pass']['perplexity']:.3f}")
+    c[1].metric("Perplexity, sequential", f"{cmp['sequential']['perplexity']:.3f}",
+                f"{cmp['perplexity_difference']:+.3f} vs one-pass", delta_color="inverse")
+    c[2].metric("Routing KL vs base (mean), one-pass → sequential",
+                f"{cmp['one_pass']['mean_kl']:.4f} → {cmp['sequential']['mean_kl']:.4f}")
+    st.dataframe(pd.DataFrame(cmp["layers"]), hide_index=True)

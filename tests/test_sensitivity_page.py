@@ -1,0 +1,94 @@
+"""The Sensitivity page (pages/7_sensitivity.py) through AppTest on a tiny Mixtral."""
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from moeviz.compression.apply import Compressor
+from moeviz.compression.plan import CompressionPlan
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+def button(at, label):
+    return next(b for b in at.button if b.label == label)
+
+
+def ok(at):
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+@pytest.fixture(scope="module")
+def measured(tiny_model_dirs):
+    at = AppTest.from_file(APP, default_timeout=300)
+    at.session_state["model_source"] = str(tiny_model_dirs["mixtral"])
+    at.run()
+    ok(at)
+    at.number_input[0].set_value(8)
+    at.number_input[1].set_value(32)
+    button(at, "Run calibration").click().run()
+    ok(at)
+    at.switch_page("pages/7_sensitivity.py").run()
+    ok(at)
+    assert any("Measure the sensitivity first" in i.value for i in at.info)
+    next(n for n in at.number_input if n.label == "Calibration windows measured").set_value(4)
+    button(at, "Measure sensitivity").click().run()
+    ok(at)
+    assert at.session_state["sensitivity"].measured is not None
+    assert len(at.get("plotly_chart")) == 1  # the heatmap
+    return at
+
+
+@pytest.mark.parametrize("label,value", [("experts compression ratio (×)", 5.0), ("mean expert sparsity", 0.7),
+                                         ("model size (MB)", 0.1)])
+def test_budget_control_fills_the_plan_to_the_budget(measured, loaded_tiny, tiny_model_dirs, label, value):
+    at = measured
+    next(s for s in at.selectbox if s.label == "Budget").set_value(label).run()  # reruns: the value takes its units
+    next(n for n in at.number_input if n.label.startswith("Value (")).set_value(value)
+    button(at, "Fit the plan to this budget").click().run()
+    ok(at)
+    plan = CompressionPlan.from_dict(at.session_state["plan"])
+    assert plan.overrides and plan.name.startswith("optimised @")
+    scale = 1e6 if label.startswith("model size") else 1  # MB typed, bytes in the budget
+    assert at.session_state["budget_result"]["budget"]["value"] == value * scale  # the typed value, not a default
+    model = loaded_tiny("mixtral")
+    plan.pruning.metric = "magnitude"  # bytes do not depend on which weights are pruned; no statistics needed
+    storage = Compressor(model).apply(plan).storage
+    n_experts = sum(l.num_experts for l in model.layers)
+    if label.startswith("experts"):
+        ratio = storage.summary()["experts_compression_ratio"]
+        one_expert = storage.experts_base_bytes / n_experts
+        assert ratio >= value and storage.experts_bytes >= storage.experts_base_bytes / value - one_expert
+    elif label.startswith("model size"):
+        one_expert = storage.experts_base_bytes / n_experts
+        assert value * 1e6 - one_expert <= storage.compressed_bytes <= value * 1e6
+    else:
+        res = at.session_state["budget_result"]
+        assert value - 1e-9 <= res["mean_sparsity"] <= value + 0.3 / n_experts + 1e-9  # within one grid step
+        zeros = sum(t["numel"] - t["nonzero"] for t in storage.tensors if t["tensor"] != "router")
+        assert zeros / storage.experts_base_bytes * 4 == pytest.approx(res["mean_sparsity"], abs=0.02)
+    # The Compress page shows the fitted plan in its per-expert table
+    at.switch_page("pages/4_compress.py").run()
+    ok(at)
+    assert CompressionPlan.from_dict(at.session_state["plan"]).overrides == plan.overrides  # shown, not reset
+    at.switch_page("pages/7_sensitivity.py").run()
+    ok(at)
+
+
+def test_optimised_runs_are_stored_and_one_pass_vs_sequential_is_shown(measured):
+    at = measured
+    next(m for m in at.multiselect if m.label == "Mean expert sparsity budgets").set_value([0.5])
+    button(at, "Evaluate optimised plans").click().run()
+    ok(at)
+    rows = at.session_state["optimised_runs"]
+    assert [r["name"] for r in rows] == ["optimised @ 50%"] and rows[0]["run"] is not None
+    from moeviz.store import RunStore
+
+    assert RunStore().get_run(rows[0]["run"]).name == "optimised @ 50%"  # Trade-offs reads the same store
+    button(at, "Compare one-pass and sequential").click().run()
+    ok(at)
+    cmp = at.session_state["sequential_comparison"]
+    assert cmp["layers"][0]["differing"] == 0 and len(cmp["layers"]) >= 2
+    assert any(m.label == "Perplexity, sequential" for m in at.metric)
