@@ -389,3 +389,23 @@ def test_stats_of_another_model_are_refused(mixtral, loaded_tiny):
     _, _, stats = mixtral
     with pytest.raises(PlanError, match="belong to model"):
         Compressor(loaded_tiny("olmoe"), stats)
+
+
+def test_group_size_matters_only_for_quantized_tensors(loaded_tiny):
+    # GPT-OSS-20B has 2880 input columns, which the default group size 128 does not divide: a plan
+    # that quantizes nothing must still work there, and one that quantizes must be refused.
+    from moeviz.compression.apply import check_plan_fits
+
+    lm = loaded_tiny("mixtral")  # hidden 32, intermediate 24: 20 divides neither
+    prune_only = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5),
+                                 quant=QuantSettings(bits=16, group_size=20))
+    check_plan_fits(prune_only, lm.layers)
+    cm = apply_plan(lm, None, prune_only)
+    assert cm.storage.summary()["experts_compression_ratio"] > 1.0
+    for quantizing in (CompressionPlan(quant=QuantSettings(bits=4, group_size=20)),
+                       CompressionPlan(quant=QuantSettings(bits=16, group_size=20), overrides=[Override(layer=1, expert=2, bits=4)]),
+                       CompressionPlan(quant=QuantSettings(bits=16, group_size=20), router_bits=8)):
+        with pytest.raises(PlanError, match="does not divide"):
+            check_plan_fits(quantizing, lm.layers)
+        with pytest.raises(PlanError, match="does not divide"):
+            apply_plan(lm, None, quantizing)

@@ -295,7 +295,10 @@ class Compressor:
     def layer_settings(self, layer: MoELayer, plan: CompressionPlan, sparsity, bits, removed) -> LayerSettings:
         """The plan resolved for one layer (per-expert rows of the [L, E] arrays, cut to the layer's E)."""
         E = layer.num_experts
-        gs = {p: group_size_for(plan.quant.group_size, layer.weight(p).shape[-1], p, layer) for p in layer.projections()}
+        quantized = [int(b) for b, r in zip(bits[:E], removed[:E]) if not r]
+        lowest = min(quantized, default=16)  # group sizes matter only if some expert is quantized
+        gs = {p: group_size_for(plan.quant.group_size, layer.weight(p).shape[-1], p, layer, lowest)
+              for p in layer.projections()}
         return LayerSettings(np.asarray(sparsity[:E]), np.asarray(bits[:E]), np.asarray(removed[:E]),
                              plan.pruning.metric, tuple(plan.pruning.projections), plan.nm(), gs, plan.quant.symmetric)
 
@@ -383,7 +386,8 @@ class Compressor:
                         structure=(("n:m" if nm else "unstructured") if s > 0 else None),
                         n=nm[0] if nm and s > 0 else None, m=nm[1] if nm and s > 0 else None,
                         bits=int(bits[layer.index, e]),
-                        group_size=group_size_for(plan.quant.group_size, shape[-1], proj, layer),
+                        group_size=group_size_for(plan.quant.group_size, shape[-1], proj, layer,
+                                                  int(bits[layer.index, e])),
                         symmetric=plan.quant.symmetric, removed=bool(removed[layer.index, e]),
                     )
                     exp_base += st.dense_bytes
@@ -394,7 +398,8 @@ class Compressor:
                              sparsity=plan.router_sparsity,
                              structure="unstructured" if plan.router_sparsity > 0 else None,
                              bits=plan.router_bits,
-                             group_size=group_size_for(plan.quant.group_size, w.shape[-1], "router", layer),
+                             group_size=group_size_for(plan.quant.group_size, w.shape[-1], "router", layer,
+                                                       plan.router_bits),
                              symmetric=plan.quant.symmetric)
             r_base += st.dense_bytes
             r_bytes += st.bytes
@@ -417,6 +422,7 @@ def check_plan_fits(plan: CompressionPlan, layers: list[MoELayer], routing_known
     plan.validate([l.num_experts for l in layers], [l.top_k for l in layers])
     nm = plan.nm()
     removed_layers = {layer for layer, _ in plan.removed_experts}
+    expert_bits = min([plan.quant.bits] + [o.bits for o in plan.overrides if o.bits is not None])
     for layer in layers:
         for proj in layer.projections():
             in_features = layer.weight(proj).shape[-1]
@@ -426,8 +432,8 @@ def check_plan_fits(plan: CompressionPlan, layers: list[MoELayer], routing_known
                     f"but {proj} in {layer.path} has {in_features} input columns; choose M dividing {in_features} "
                     "(e.g. 2:4 or 4:8)"
                 )
-            group_size_for(plan.quant.group_size, in_features, proj, layer)  # the storage report sizes every tensor
-        group_size_for(plan.quant.group_size, layer.router_weight.shape[-1], "router", layer)
+            group_size_for(plan.quant.group_size, in_features, proj, layer, expert_bits)
+        group_size_for(plan.quant.group_size, layer.router_weight.shape[-1], "router", layer, plan.router_bits)
         if routing_known and layer.index in removed_layers:
             _check_rerouting(layer)
     return plan
@@ -441,9 +447,12 @@ def _check_rerouting(layer: MoELayer) -> None:
         )
 
 
-def group_size_for(group_size: int, in_features: int, what: str, layer: MoELayer) -> int:
-    """-1 or a size >= the row means one group per row; otherwise it must divide the row."""
-    if group_size == -1 or group_size >= in_features:
+def group_size_for(group_size: int, in_features: int, what: str, layer: MoELayer, bits: int | None = None) -> int:
+    """-1 or a size >= the row means one group per row; otherwise it must divide the row.
+
+    bits: the tensor's bit width where known; an unquantized tensor (16 bits) has no groups, so a group
+    size that does not divide its rows is not an error (GPT-OSS-20B's 2880 columns and the default 128)."""
+    if group_size == -1 or group_size >= in_features or (bits is not None and bits >= 16):
         return -1
     if in_features % group_size:
         raise PlanError(

@@ -256,7 +256,7 @@ def option_table(loaded, sens: ExpertSensitivity, option_set: str = "all"):
                 shape = tuple(layer.weight(proj).shape[1:])
                 st = storage_for(shape, dtype_bytes=dtype_bytes, sparsity=s,
                                  structure="unstructured" if s > 0 else None, bits=b,
-                                 group_size=group_size_for(gs, shape[-1], proj, layer), symmetric=sym)
+                                 group_size=group_size_for(gs, shape[-1], proj, layer, b), symmetric=sym)
                 tb += st.bytes
                 tk += st.nonzero
             nbytes[layer.index, : layer.num_experts, k] = tb
