@@ -193,3 +193,40 @@ def test_stop_sweep_keeps_the_finished_runs(app_url):
         page.locator("[data-testid='stMultiSelect']").filter(has_text="Sweep").click()
         page.get_by_role("option").first.wait_for(timeout=30_000)
         browser.close()
+
+
+OPTIMISED_LINE = """() => [...document.querySelectorAll('.js-plotly-plot')].some(div => (div.data || []).some(t =>
+    (t.mode || '').includes('lines') && (t.customdata || []).length >= 3 &&
+    (t.customdata || []).every(c => String(c[1]).startsWith('optimised @'))))"""
+
+
+def test_sensitivity_heatmap_and_the_optimised_curve(app_url):
+    """Sensitivity page: measure, see the heatmap, evaluate optimised plans at three budgets; Trade-offs then
+    draws them as one curve of their own (a line through exactly the optimised runs)."""
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1440, "height": 900})
+        page.goto(app_url)
+        page.get_by_role("button", name="Run calibration").click()
+        page.get_by_text("for bundled").wait_for(timeout=120_000)
+        nav(page, "Sensitivity")
+        windows = page.get_by_label("Calibration windows measured", exact=True).and_(page.get_by_test_id("stNumberInputField"))
+        windows.fill("4")  # a quick measurement: 4 windows of the calibration text
+        windows.press("Enter")
+        page.get_by_role("button", name="Measure sensitivity").click()
+        page.get_by_role("heading", name="Sensitivity heatmap").wait_for(timeout=300_000)
+        wait_for_charts(page, 1)
+        page.get_by_role("heading", name="Sensitivity heatmap").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "7_sensitivity.png")
+        page.get_by_role("button", name="Evaluate optimised plans").click()
+        page.get_by_text("optimised @ 70%").first.wait_for(state="attached", timeout=300_000)  # a data-grid cell
+        nav(page, "Trade-offs")
+        page.get_by_role("heading", name="Pareto front").wait_for(timeout=60_000)
+        wait_for_charts(page, 4)
+        page.wait_for_function(OPTIMISED_LINE, timeout=60_000)
+        page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "7b_optimised_curve.png")
+        browser.close()

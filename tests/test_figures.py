@@ -432,6 +432,31 @@ def test_lines_join_only_runs_that_differ_in_the_swept_value():
     assert json.loads(df["plan_json"][0])["name"] == ""
 
 
+def test_a_sweep_over_budgets_is_one_curve():
+    """Optimised plans (per-expert overrides chosen for each budget) stored as one sweep form one line;
+    the same plans outside a sweep differ in more than the swept value, so each is a point."""
+    from moeviz.compression.plan import CompressionPlan, Override, PruningSettings
+    from moeviz.figures.tradeoffs import series_keys
+
+    def optimised(overrides, removed=()):
+        return CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.0),
+                               overrides=[Override(layer=0, expert=e, sparsity=s) for e, s in overrides],
+                               removed_experts=list(removed), name="optimised").to_json(indent=None)
+
+    plans = [optimised([(0, 0.3), (1, 0.5)]), optimised([(0, 0.6), (1, 0.7)]), optimised([(0, 0.9)], [(0, 1)]),
+             optimised([(0, 0.3), (1, 0.5)])]
+    df = _sweep_frame().iloc[:4].assign(method="moe_pruner", plan_json=plans)
+    df["sweep_id"] = ["sweep-a", "sweep-a", "sweep-a", None]
+    keys = series_keys(df)
+    assert keys[0] == keys[1] == keys[2] != keys[3]
+    df["sweep_id"] = [None, None, None, None]  # not a sweep: hand-made plans that differ in their overrides
+    keys = series_keys(df)
+    assert keys[0] == keys[3] and len({keys[0], keys[1], keys[2]}) == 3
+    df["sweep_id"] = ["sweep-a", "sweep-a", "sweep-b", "sweep-b"]  # two sweeps are two curves
+    keys = series_keys(df)
+    assert keys[0] == keys[1] and keys[2] == keys[3] and keys[0] != keys[2]
+
+
 def test_log_perplexity_keeps_its_range_and_readable_wraps_titles_and_moves_legends():
     from moeviz.figures._common import readable
 

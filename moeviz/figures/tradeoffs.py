@@ -114,15 +114,17 @@ def methods(df: pd.DataFrame, method_col: str | None = None) -> list[str]:
 
 def series_keys(df: pd.DataFrame, ms: list[str] | None = None) -> list[str]:
     """Which runs form one line: runs whose plans differ in the swept value (pruning sparsity) alone, i.e.
-    same method, structure, bits, allocation, overrides, removal, router and activation settings. With no
+    same method, structure, bits, allocation, overrides, removal, router and activation settings; or, within
+    one sweep over budgets (per-expert overrides / removal chosen by the optimiser), in that budget alone. With no
     ``plan_json`` column the method is the series (a sweep frame built by hand). A recovery run (a
     ``parent_run_id``) is always a series of its own: a point, linked to its parent by an arrow."""
     ms = ms if ms is not None else methods(df)
     if "plan_json" not in df.columns:
         return list(ms)
     parents = df["parent_run_id"] if "parent_run_id" in df.columns else [None] * len(df)
+    sweeps = df["sweep_id"] if "sweep_id" in df.columns else [None] * len(df)
     keys = []
-    for i, (m, raw, parent) in enumerate(zip(ms, df["plan_json"], parents)):
+    for i, (m, raw, parent, sweep) in enumerate(zip(ms, df["plan_json"], parents, sweeps)):
         if parent is not None and not pd.isna(parent):
             keys.append(f"{m}|recovery|{i}")
             continue
@@ -130,6 +132,12 @@ def series_keys(df: pd.DataFrame, ms: list[str] | None = None) -> list[str]:
             plan = json.loads(raw) if isinstance(raw, str) else dict(raw)
             plan.pop("name", None)
             plan.get("pruning", {}).pop("sparsity", None)
+            if isinstance(sweep, str) and (plan.get("overrides") or plan.get("removed_experts")):
+                # A sweep over budgets (the sensitivity optimiser): its swept value is the budget, and the
+                # per-expert choices are what each budget produced, so those plans form one curve.
+                plan.pop("overrides", None)
+                plan.pop("removed_experts", None)
+                plan["sweep"] = sweep
             keys.append(f"{m}|{json.dumps(plan, sort_keys=True)}")
         except Exception:  # noqa: BLE001 - a run without a readable plan is a point of its own
             keys.append(f"{m}|unreadable|{i}")
