@@ -5,6 +5,7 @@ them there in a checkout and under `moeviz/_bundled/` in an installed wheel. Pro
 pyproject.toml.
 """
 
+import runpy
 import shutil
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-SHIPPED = ("app.py", "pages", "sample_data")  # keep in sync with moeviz/resources.py
+# The list lives in moeviz/resources.py (which finds the files again at run time); read it from the file so
+# building needs no import of the package (and of torch).
+SHIPPED = runpy.run_path(str(ROOT / "moeviz" / "resources.py"))["SHIPPED"]
 
 
 class BuildPyWithShippedFiles(build_py):

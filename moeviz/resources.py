@@ -13,7 +13,7 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BUNDLED_DIR = PACKAGE_DIR / "_bundled"
-# Everything setup.py copies into the wheel (paths relative to the repository root).
+# Everything setup.py copies into the wheel (paths relative to the repository root); setup.py reads this.
 SHIPPED = ("app.py", "pages", "sample_data")
 
 

@@ -2,6 +2,7 @@
 `streamlit run app.py` on a free localhost port, run the default flow, check that plotly charts
 render, and save a screenshot of each page under test-artifacts/screenshots/."""
 
+import contextlib
 import os
 import shutil
 import socket
@@ -168,8 +169,9 @@ def test_default_flow_in_chromium(app_url):
         browser.close()
 
 
-def test_stop_sweep_keeps_the_finished_runs(app_url):
-    """The in-page Stop button ends a running sweep; the plans it finished are stored and shown."""
+@contextlib.contextmanager
+def calibrated_page(app_url):
+    """A fresh browser session at 1440x900 on the app, calibrated on the bundled text."""
     from playwright.sync_api import sync_playwright
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -179,6 +181,13 @@ def test_stop_sweep_keeps_the_finished_runs(app_url):
         page.goto(app_url)
         page.get_by_role("button", name="Run calibration").click()
         page.get_by_text("for bundled").wait_for(timeout=120_000)
+        yield page
+        browser.close()
+
+
+def test_stop_sweep_keeps_the_finished_runs(app_url):
+    """The in-page Stop button ends a running sweep; the plans it finished are stored and shown."""
+    with calibrated_page(app_url) as page:
         nav(page, "Trade-offs")
         page.get_by_role("button", name="Run sweep").click()
         page.get_by_text("Sweep: 1/6 plans").wait_for(timeout=120_000)  # one plan finished, with an ETA
@@ -192,7 +201,6 @@ def test_stop_sweep_keeps_the_finished_runs(app_url):
         page.get_by_text("Sweep", exact=True).scroll_into_view_if_needed()
         page.locator("[data-testid='stMultiSelect']").filter(has_text="Sweep").click()
         page.get_by_role("option").first.wait_for(timeout=30_000)
-        browser.close()
 
 
 OPTIMISED_LINE = """() => [...document.querySelectorAll('.js-plotly-plot')].some(div => (div.data || []).some(t =>
@@ -203,15 +211,7 @@ OPTIMISED_LINE = """() => [...document.querySelectorAll('.js-plotly-plot')].some
 def test_sensitivity_heatmap_and_the_optimised_curve(app_url):
     """Sensitivity page: measure, see the heatmap, evaluate optimised plans at three budgets; Trade-offs then
     draws them as one curve of their own (a line through exactly the optimised runs)."""
-    from playwright.sync_api import sync_playwright
-
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
-        page = browser.new_page(viewport={"width": 1440, "height": 900})
-        page.goto(app_url)
-        page.get_by_role("button", name="Run calibration").click()
-        page.get_by_text("for bundled").wait_for(timeout=120_000)
+    with calibrated_page(app_url) as page:
         nav(page, "Sensitivity")
         windows = page.get_by_label("Calibration windows measured", exact=True).and_(page.get_by_test_id("stNumberInputField"))
         windows.fill("4")  # a quick measurement: 4 windows of the calibration text
@@ -229,4 +229,3 @@ def test_sensitivity_heatmap_and_the_optimised_curve(app_url):
         page.wait_for_function(OPTIMISED_LINE, timeout=60_000)
         page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()
         page.screenshot(path=SHOTS / "7b_optimised_curve.png")
-        browser.close()
