@@ -1,0 +1,446 @@
+"""Second-order (OBS) pruning and quantization of one linear map: SparseGPT and GPTQ.
+
+Pure tensor functions, no model code. The caller collects ``H = sum_t x_t x_t^T`` ([in, in]) over
+the inputs ``x_t`` this weight sees (for an expert: the tokens routed to it) and passes the weight
+``W`` ([out, in], one row per output neuron, like ``nn.Linear.weight``).
+
+Objective (per row ``w``): keep the layer output close, ``L(w') = 1/2 (w - w')^T H (w - w') ``.
+Columns are fixed one at a time, left to right (Frantar & Alistarh, SparseGPT arXiv 2301.00774;
+Frantar et al., GPTQ arXiv 2210.17323). When column ``j`` is set to its final value ``q_j``
+(0 if pruned, its grid value if quantized), the still-free columns ``F = {j+1, ...}`` receive the
+exact least-squares compensation given every fixed column,
+
+    w_F -= (w_j - q_j) / [H_G^-1]_jj * [H_G^-1]_{j,F}      with G = {j} u F,
+
+and the objective grows by ``(w_j - q_j)^2 / (2 [H_G^-1]_jj)``. Row ``j`` of the upper Cholesky
+factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) is exactly ``[H_G^-1]_{j,G} / sqrt([H_G^-1]_jj)``, so
+all these updates come from one factorisation (``d_j = U_jj``, update row ``U_{j,F} / d_j``).
+Updates are applied lazily: inside a block of ``blocksize`` columns immediately, to the columns
+after the block once per block (one matmul), which is what makes this fast.
+
+Conventions shared with the rest of moeviz:
+
+* Damping: ``H + damp * I`` with ``damp = percdamp * mean(diag H)``; columns with ``H_jj == 0``
+  (inputs never seen) are "dead": their diagonal is set to 1 and, by default, their weights to 0
+  (as the reference code does). See :func:`hessian_damped`.
+* Sparsity is per output row (unlike the reference's per-block global threshold): every row prunes
+  exactly ``prune_counts(sparsity, in)`` weights, as :mod:`moeviz.compression.masks` does. Saliency
+  of weight ``j`` is ``w_j^2 / d_j^2``; we rank by the equivalent ``|w_j| / d_j`` (monotone, fewer
+  float ties), lowest first, ties to the lower column index (the masks' rule).
+  Block rule: at the start of each block, all columns from the block on are up to date (the lazy
+  updates of earlier blocks have been applied). Each row ranks *all its remaining columns* by
+  saliency and prunes, in this block, those of its lowest ``k_remaining`` that fall in the block;
+  ``k_remaining`` then drops by that number. The last block holds all remaining columns, so every
+  row ends with exactly ``k`` zeros; with ``blocksize >= in`` this is one selection over the whole
+  row (identity ``H``: exactly the magnitude mask of :func:`masks.unstructured_row_mask`).
+* N:M (``nm=(n, m)``, ``n`` pruned of every ``m`` consecutive columns, as :func:`masks.nm_mask`):
+  decided when the loop reaches the group's first column, from the updated weights, as the
+  reference does (``prune_n``/``prune_m``). ``blocksize`` must be a multiple of ``m``.
+* Quantization grids are RTN's (:mod:`moeviz.compression.quantize`): per row and group of
+  ``group_size`` columns, ``scale`` (and ``zero``) are computed by :func:`quantize_weight` itself
+  from the group's current (already updated) weights when the loop reaches the group's first column
+  (reference GPTQ, ``static_groups=False``); weights already decided pruned count as 0 there.
+  With ``act_order=True`` the grids are static: computed up front from the original ``W`` per
+  group, then columns are processed in descending ``diag(H)`` order. Every output weight is
+  ``(q - z) * scale`` computed with quantize.py's float32 ops, so it lies exactly on its group's
+  grid (``ObsResult.scales`` / ``zero_points``, shapes as in :class:`QuantizedWeight`).
+
+``ObsResult.loss`` is ``sum over rows of 1/2 (w - w')^T H_damped (w - w')`` where ``w`` is the input
+row (dead columns zeroed when ``zero_dead``) -- the reference's ``Losses.sum()``. Because each OBS
+step is exact, this equals the direct evaluation of that quadratic form on the result (tested).
+
+Cost: one Cholesky, one inverse and one more Cholesky of ``[in, in]`` (``O(in^3)``) plus
+``O(out * in^2)`` for the updates; per-row unstructured selection adds one sort of the remaining
+columns per block. Computation is float32 (float64 if ``W`` or ``H`` is float64); the result has
+``W``'s dtype (for bf16/fp16 the final cast rounds, as quantize.py's does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .masks import _parse_nm, nm_mask, prune_counts, row_ranks
+from .quantize import _effective_group_size, check_bits, quantize_weight
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Weight quantization grid, as :func:`quantize.quantize_weight` takes it.
+
+    ``group_size``: columns per group (-1 or None: one group per row); must divide ``in``.
+    ``bits=16`` means not quantized (as in quantize.py).
+    """
+
+    bits: int
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self):
+        check_bits(self.bits)
+
+
+@dataclass
+class ObsResult:
+    """Result of :func:`sparsegpt_prune` / :func:`gptq_quantize`.
+
+    weight: [out, in], dtype of the input ``W``. mask: [out, in] bool keep-mask (True = kept; None
+    for quantize-only). loss: see the module docstring. damp: value added to the diagonal.
+    dead_columns: number of columns with ``H_jj == 0``. scales / zero_points: the grid of each
+    (row, group), [out, in / group_size] float32 (zero_points None when symmetric; both None when
+    not quantized); group_size: effective group size (None when not quantized).
+    """
+
+    weight: torch.Tensor
+    mask: torch.Tensor | None
+    loss: float
+    damp: float
+    dead_columns: int
+    scales: torch.Tensor | None = None
+    zero_points: torch.Tensor | None = None
+    group_size: int | None = None
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _compute_dtype(*tensors) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def hessian_damped(H: torch.Tensor, percdamp: float = 0.01, *, dtype: torch.dtype | None = None):
+    """Damped copy of ``H``: ``(H_damped, damp, dead)``.
+
+    dead: [in] bool, columns with ``H_jj == 0`` (inputs never seen); their diagonal is set to 1
+    before damping, as in the reference code (the caller zeroes those weight columns).
+    damp = ``percdamp * mean(diag)`` (after the dead fix), added to every diagonal entry.
+    ``H`` is not modified. dtype: float32 unless ``H`` is float64 (or ``dtype`` says otherwise).
+    """
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be a square [in, in] matrix, got shape {tuple(H.shape)}")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp >= 0:
+        raise ValueError(f"percdamp must be a number >= 0, got {percdamp!r}")
+    dtype = dtype or _compute_dtype(H)
+    Hd = H.detach().to(dtype=dtype).clone()
+    if not bool(torch.isfinite(Hd).all()):
+        raise ValueError("H contains NaN or inf")
+    diag = torch.diagonal(Hd)  # a view: writes go to Hd
+    dead = diag == 0
+    diag[dead] = 1.0
+    damp = float(percdamp) * float(diag.mean()) if Hd.shape[0] else 0.0
+    diag += damp
+    return Hd, damp, dead
+
+
+def _inverse_cholesky_upper(Hd: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``Hd^-1`` (``Hd^-1 = U^T U``)."""
+    L, info = torch.linalg.cholesky_ex(Hd)
+    if int(info) != 0:
+        raise ValueError(
+            "the damped Hessian is not positive definite (Cholesky failed); increase percdamp "
+            "or collect more calibration tokens"
+        )
+    Hinv = torch.cholesky_inverse(L)
+    U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    if int(info) != 0:
+        raise ValueError("the inverse damped Hessian is not positive definite; increase percdamp")
+    return U
+
+
+def _grid(cur: torch.Tensor, spec: QuantSpec):
+    """RTN grid of each row of ``cur`` [out, g] (one group per row): scale, zero [out] float32."""
+    qw = quantize_weight(cur.to(torch.float32), spec.bits, -1, spec.symmetric)
+    scale = qw.scales[:, 0]
+    zero = None if qw.zero_points is None else qw.zero_points[:, 0]
+    return scale, zero
+
+
+def _quantize_col(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec):
+    """Round one column ``w`` [out] on its rows' grids with exactly quantize.py's float32 ops."""
+    wf = w.to(torch.float32)
+    if zero is None:
+        qmax = 2 ** (spec.bits - 1) - 1
+        deq = torch.clamp(torch.round(wf / scale), -qmax, qmax) * scale
+    else:
+        qmax = 2**spec.bits - 1
+        q = torch.clamp(torch.round(wf / scale) + zero, 0, qmax)
+        deq = (q - zero) * scale
+    return deq.to(w.dtype)
+
+
+def _check_blocksize(blocksize) -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0:
+        raise ValueError(f"blocksize must be a positive int, got {blocksize!r}")
+    return blocksize
+
+
+def _check_w_h(W: torch.Tensor, H: torch.Tensor) -> None:
+    if not isinstance(W, torch.Tensor) or W.dim() != 2:
+        raise ValueError(f"W must be a 2-D [out, in] tensor, got shape {tuple(getattr(W, 'shape', ()))}")
+    if not W.is_floating_point():
+        raise ValueError(f"W must be a floating-point tensor, got {W.dtype}")
+    if not isinstance(H, torch.Tensor) or tuple(H.shape) != (W.shape[1], W.shape[1]):
+        raise ValueError(
+            f"H must be [in, in] = {(W.shape[1], W.shape[1])} for W of shape {tuple(W.shape)}, "
+            f"got {tuple(getattr(H, 'shape', ()))}"
+        )
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("W contains NaN or inf")
+
+
+def _check_quant(quant, in_features: int):
+    """QuantSpec (bits 16 -> None) and its effective group size."""
+    if quant is None:
+        return None, None
+    if not isinstance(quant, QuantSpec):
+        raise ValueError(f"quant must be a QuantSpec, got {type(quant).__name__}")
+    if quant.bits == 16:
+        return None, None
+    return quant, _effective_group_size(quant.group_size, in_features)
+
+
+# -- the OBS loop ---------------------------------------------------------------------------------
+
+
+def _obs_loop(W, U, *, blocksize, pruned=None, k_row=None, nm=None, quant=None, gs=None, static=None):
+    """Sequential OBS over the columns of ``W`` [out, in] (compute dtype, overwritten with the result).
+
+    U: upper Cholesky factor of the inverse damped Hessian [in, in] (in processing order).
+    pruned: [out, in] bool, True = pruned: a fixed mask (k_row and nm None) or all False, filled in
+    as decisions are made. k_row: [out] int64 zeros per row (per-row unstructured selection).
+    nm: (n, m). quant/gs: grid spec and group size; static: (scales [out, G], zeros [out, G] | None,
+    group_of_col [in] int64) for precomputed grids, else grids are computed dynamically per group.
+    Returns (losses [out], scales [out, G] | None, zeros [out, G] | None).
+    """
+    out, n_cols = W.shape
+    diag_u = torch.diagonal(U)
+    losses = torch.zeros(out, dtype=W.dtype, device=W.device)
+    k_rem = None if k_row is None else k_row.clone()
+    scales = zeros = None
+    if quant is not None and static is None:
+        n_groups = n_cols // gs
+        scales = torch.empty(out, n_groups, dtype=torch.float32, device=W.device)
+        zeros = None if quant.symmetric else torch.empty_like(scales)
+    scale = zero = None
+
+    for i1 in range(0, n_cols, blocksize):
+        i2 = min(i1 + blocksize, n_cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()  # [out, count]: updated column by column inside the block
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+
+        if k_rem is not None:
+            # All columns i1.. are up to date here. Rank each row's remaining columns by saliency
+            # |w|/d (stable sort: ties to the lower column); the lowest k_rem of a row are its
+            # prune candidates, of which the ones inside this block are pruned now.
+            sal = W[:, i1:].abs() / diag_u[i1:]  # [out, in - i1]
+            sel = row_ranks(sal).to(torch.int64) < k_rem[:, None]  # [out, in - i1]
+            pruned[:, i1:i2] = sel[:, :count]
+            k_rem -= sel[:, :count].sum(dim=1)
+
+        for i in range(count):
+            j = i1 + i
+            if nm is not None and i % nm[1] == 0:
+                m = nm[1]
+                sal = W1[:, i:i + m].abs() / diag_u[j:j + m]  # [out, m]
+                pruned[:, j:j + m] = ~nm_mask(sal, nm[0], m)
+            if quant is not None:
+                if static is not None:
+                    g = int(static[2][j])
+                    scale = static[0][:, g]
+                    zero = None if static[1] is None else static[1][:, g]
+                elif j % gs == 0:
+                    # Current values of group [j, j + gs): inside the block from W1, after it from
+                    # W minus this block's pending lazy update. Already-pruned entries count as 0.
+                    g_end = j + gs
+                    cur = W1[:, i:min(count, i + gs)]
+                    if g_end > i2:
+                        beyond = W[:, i2:g_end] - Err1 @ U[i1:i2, i2:g_end]
+                        cur = torch.cat([cur, beyond], dim=1)
+                    if pruned is not None:
+                        cur = cur.masked_fill(pruned[:, j:g_end], 0.0)
+                    scale, zero = _grid(cur, quant)
+                    scales[:, j // gs] = scale
+                    if zeros is not None:
+                        zeros[:, j // gs] = zero
+            w = W1[:, i]
+            q = w.masked_fill(pruned[:, j], 0.0) if pruned is not None else w.clone()
+            if quant is not None:
+                q = _quantize_col(q, scale, zero, quant)
+            Q1[:, i] = q
+            err = (w - q) / diag_u[j]  # [out]
+            losses += err * err / 2
+            # OBS compensation of the block's later columns: [out, 1] x [1, count - i].
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy update of everything after the block
+    if static is not None:
+        scales, zeros = static[0], static[1]
+    return losses, scales, zeros
+
+
+def _refit(W0: torch.Tensor, Hd: torch.Tensor, keep: torch.Tensor, max_elems: int = 1 << 26) -> torch.Tensor:
+    """Exact least-squares optimum of every row for its keep-mask.
+
+    Minimises ``(w0 - w)^T Hd (w0 - w)`` over ``w`` with ``w[~keep] = 0``: ``Hd_SS w_S = (Hd w0)_S``
+    per row, S = kept columns. Rows with the same |S| are solved together (batched Cholesky),
+    in chunks of at most ``max_elems`` matrix entries. Cost O(out * |S|^3) time.
+    """
+    out, n = W0.shape
+    W = torch.zeros_like(W0)
+    rhs_full = W0 @ Hd  # [out, in]: (Hd w0) per row (Hd symmetric)
+    counts = keep.sum(dim=1)
+    # Kept column indices first, ascending (stable sort of "pruned" flags): [out, in].
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    for s in torch.unique(counts).tolist():
+        if s == 0:
+            continue
+        rows = (counts == s).nonzero().squeeze(1)
+        chunk = max(1, max_elems // (s * s))
+        for c0 in range(0, rows.numel(), chunk):
+            r = rows[c0:c0 + chunk]
+            idx = order[r, :s]  # [R, s]
+            Hss = Hd[idx[:, :, None], idx[:, None, :]]  # [R, s, s]
+            b = torch.gather(rhs_full[r], 1, idx)  # [R, s]
+            L, info = torch.linalg.cholesky_ex(Hss)
+            if bool((info != 0).any()):
+                raise ValueError("refit: a kept sub-Hessian is not positive definite; increase percdamp")
+            ws = torch.cholesky_solve(b[:, :, None], L)[:, :, 0]  # [R, s]
+            W[r] = W[r].scatter(1, idx, ws)
+    return W
+
+
+def _quadratic_loss(W0: torch.Tensor, W: torch.Tensor, Hd: torch.Tensor) -> float:
+    """sum over rows of 1/2 (w0 - w)^T Hd (w0 - w)."""
+    d = W0 - W
+    return float(((d @ Hd) * d).sum() / 2)
+
+
+# -- public API -----------------------------------------------------------------------------------
+
+
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float | None,
+    *,
+    nm: tuple[int, int] | None = None,
+    mask: torch.Tensor | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    quant: QuantSpec | None = None,
+    refit: bool = False,
+    zero_dead: bool = True,
+) -> ObsResult:
+    """SparseGPT: prune ``W`` [out, in] with OBS compensation from ``H`` [in, in].
+
+    Exactly one of: ``sparsity`` (per-row unstructured, ``prune_counts`` zeros per row), ``nm``
+    (``(n, m)``: ``n`` pruned of every ``m``; ``sparsity`` then None or ``n/m``), ``mask`` ([out, in]
+    bool keep-mask fixed by the caller; ``sparsity`` None). ``quant``: joint pruning + GPTQ
+    quantization of the kept weights (SparseGPT paper section 3.4). ``refit``: after the mask is
+    chosen, replace each row's kept weights by the exact least-squares optimum for that mask
+    (``H_SS w_S = (H w)_S`` with the damped H; cost O(out * |S|^3), only sensible for small ``in``;
+    not with ``quant``). ``zero_dead``: zero the columns whose inputs were never seen (reference
+    behaviour); False keeps them (they are then pruned or kept by saliency with ``H_jj = 1``).
+    """
+    _check_w_h(W, H)
+    out, n_cols = W.shape
+    blocksize = _check_blocksize(blocksize)
+    quant, gs = _check_quant(quant, n_cols)
+    if refit and quant is not None:
+        raise ValueError("refit=True cannot be combined with quant (the refit would leave the grid)")
+    k_row = None
+    pruned = None
+    if mask is not None:
+        if sparsity is not None or nm is not None:
+            raise ValueError("pass either mask or sparsity/nm, not both (sparsity must be None with mask)")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != tuple(W.shape):
+            raise ValueError(f"mask must be a bool keep-mask of W's shape {tuple(W.shape)}")
+        pruned = ~mask.to(W.device)
+    elif nm is not None:
+        if not isinstance(nm, (tuple, list)) or len(nm) != 2:
+            raise ValueError(f"nm must be a pair (n, m), got {nm!r}")
+        n_, m_ = nm
+        _parse_nm(n_, m_, n_cols)
+        if sparsity is not None and abs(float(sparsity) - n_ / m_) > 1e-9:
+            raise ValueError(f"sparsity {sparsity!r} contradicts nm={n_}:{m_} (pass None or {n_ / m_})")
+        if blocksize % m_ != 0:
+            raise ValueError(f"blocksize {blocksize} must be a multiple of m={m_} so no N:M group spans two blocks")
+        nm = (int(n_), int(m_))
+        pruned = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+    else:
+        if sparsity is None:
+            raise ValueError("sparsity is required (a ratio in [0, 1)) unless nm or mask is given")
+        k = int(prune_counts(sparsity, n_cols, ()))
+        pruned = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
+        k_row = torch.full((out,), k, dtype=torch.int64, device=W.device)
+
+    dtype = _compute_dtype(W, H)
+    Hd, damp, dead = hessian_damped(H.to(W.device), percdamp, dtype=dtype)
+    W0 = W.detach().to(dtype).clone()
+    if zero_dead:
+        W0[:, dead] = 0
+    U = _inverse_cholesky_upper(Hd)
+    Wc = W0.clone()
+    losses, scales, zeros = _obs_loop(Wc, U, blocksize=blocksize, pruned=pruned, k_row=k_row, nm=nm,
+                                      quant=quant, gs=gs)
+    keep = ~pruned
+    loss = float(losses.sum())
+    if refit:
+        Wc = _refit(W0, Hd, keep)
+        loss = _quadratic_loss(W0, Wc, Hd)
+    return ObsResult(Wc.to(W.dtype), keep, loss, damp, int(dead.sum()), scales, zeros, gs)
+
+
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    quant: QuantSpec,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    act_order: bool = False,
+    zero_dead: bool = True,
+) -> ObsResult:
+    """GPTQ: quantize ``W`` [out, in] on RTN grids with OBS error compensation from ``H`` [in, in].
+
+    Grids: dynamic per group (computed from the updated weights at the group's first column), or,
+    with ``act_order``, static (from the original ``W``) with columns processed in descending
+    ``diag(H)`` order (ties: lower column first). ``quant.bits == 16`` returns a copy of ``W``.
+    """
+    _check_w_h(W, H)
+    out, n_cols = W.shape
+    blocksize = _check_blocksize(blocksize)
+    if quant is None:
+        raise ValueError("gptq_quantize needs a QuantSpec")
+    spec, gs = _check_quant(quant, n_cols)
+    dtype = _compute_dtype(W, H)
+    Hd, damp, dead = hessian_damped(H.to(W.device), percdamp, dtype=dtype)
+    W0 = W.detach().to(dtype).clone()
+    if zero_dead:
+        W0[:, dead] = 0
+    if spec is None:  # 16 bits: not quantized
+        return ObsResult(W.detach().clone(), None, 0.0, damp, int(dead.sum()))
+
+    static = None
+    perm = None
+    if act_order:
+        # Static grids from the original (dead-zeroed) weights, one per (row, group): [out, G].
+        qw = quantize_weight(W0.to(torch.float32), spec.bits, gs, spec.symmetric)
+        # Descending diag(H); stable so equal diagonals keep column order.
+        perm = torch.sort(torch.diagonal(Hd), descending=True, stable=True).indices
+        static = (qw.scales, qw.zero_points, perm // gs)  # group of each column in processing order
+        Hd_p = Hd[perm][:, perm]
+        Wc = W0[:, perm].clone()
+    else:
+        Hd_p = Hd
+        Wc = W0.clone()
+    U = _inverse_cholesky_upper(Hd_p)
+    losses, scales, zeros = _obs_loop(Wc, U, blocksize=blocksize, quant=spec, gs=gs, static=static)
+    if perm is not None:
+        Wc = Wc[:, torch.argsort(perm)]
+    return ObsResult(Wc.to(W.dtype), None, float(losses.sum()), damp, int(dead.sum()), scales, zeros, gs)
