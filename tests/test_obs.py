@@ -357,9 +357,12 @@ def test_quantized_weights_lie_on_their_group_grid(symmetric):
     assert bool((r.weight[~r.mask] == 0).all())
 
 
-def test_inputs_not_modified_and_dtype_kept():
-    W = _w(8, 32, 29, torch.float32).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_inputs_not_modified_and_dtype_kept(dtype):
+    W = _w(8, 32, 29, torch.float32).to(dtype)
     H = _spd(32, 30, dtype=torch.float32)
+    H[3, :] = 0  # a dead column: its weights are zeroed in the result, never in W
+    H[:, 3] = 0
     W0, H0 = W.clone(), H.clone()
     for r in (
         sparsegpt_prune(W, H, 0.5, blocksize=8),
@@ -367,7 +370,7 @@ def test_inputs_not_modified_and_dtype_kept():
         gptq_quantize(W, H, QuantSpec(4, 8, False), act_order=True),
         sparsegpt_prune(W, H, None, nm=(2, 4), quant=QuantSpec(4, -1, True)),
     ):
-        assert r.weight.dtype == torch.bfloat16 and r.weight.shape == W.shape
+        assert r.weight.dtype == dtype and r.weight.shape == W.shape
     assert torch.equal(W, W0) and torch.equal(H, H0)
 
 
@@ -378,6 +381,10 @@ def test_dead_columns():
     H[:, dead] = 0
     Hd, damp, is_dead = hessian_damped(H, 0.01)
     assert torch.equal(is_dead.nonzero().squeeze(1), dead)
+    diag = torch.diagonal(H).clone()
+    diag[dead] = 1.0  # the reference's dead fix comes before the mean
+    assert damp == pytest.approx(0.01 * float(diag.mean()), rel=1e-12)
+    torch.testing.assert_close(Hd - torch.diag(torch.diagonal(Hd)), H - torch.diag(torch.diagonal(H)), rtol=0, atol=0)
     assert torch.equal(torch.diagonal(Hd)[dead], torch.full((3,), 1.0 + damp, dtype=Hd.dtype))
     for r in (
         sparsegpt_prune(W, H, 0.5, blocksize=4),
