@@ -305,6 +305,22 @@ def test_refit_handles_rows_with_different_kept_counts():
         assert bool((r.weight[row, ~keep[row]] == 0).all())
 
 
+def test_lowest_per_row_selection_matches_sorting():
+    """The one-threshold selection with a different k per row (many ties: small integers)."""
+    from moeviz.compression.obs import _lowest_per_row
+
+    g = torch.Generator().manual_seed(41)
+    for trial in range(20):
+        out, n = 7, int(torch.randint(1, 12, (1,), generator=g))
+        sal = torch.randint(0, 4, (out, n), generator=g).to(torch.float32)
+        k = torch.randint(0, n + 1, (out,), generator=g)
+        c = int(torch.randint(1, n + 1, (1,), generator=g))
+        got = _lowest_per_row(sal[:, :c], sal, k)
+        for r in range(out):
+            chosen = sorted(range(n), key=lambda j: (float(sal[r, j]), j))[: int(k[r])]
+            assert got[r].tolist() == [j in chosen for j in range(c)], (trial, r)
+
+
 # -- 4. invariants -------------------------------------------------------------------------------
 
 
