@@ -250,8 +250,14 @@ def _obs_loop(W, U, *, blocksize, pruned=None, k_row=None, nm=None, quant=None, 
     nm: (n, m). quant/gs: grid spec and group size; static: (scales [out, G], zeros [out, G] | None,
     group_of_col [in] int64) for precomputed grids, else grids are computed dynamically per group.
     Returns (losses [out], scales [out, G] | None, zeros [out, G] | None).
+
+    Internally the weight is held transposed, ``WT`` [in, out], so that the column being fixed and
+    the in-block update ``WT[i:] -= U[i, i:, None] * err`` touch contiguous memory (about 1.5-2x
+    faster on CPU than strided columns of [out, in]).
     """
     out, n_cols = W.shape
+    WT = W.T.contiguous()  # [in, out]
+    PT = None if pruned is None else pruned.T.contiguous()  # [in, out]
     diag_u = torch.diagonal(U)
     losses = torch.zeros(out, dtype=W.dtype, device=W.device)
     k_rem = None if k_row is None else k_row.clone()
@@ -265,26 +271,25 @@ def _obs_loop(W, U, *, blocksize, pruned=None, k_row=None, nm=None, quant=None, 
     for i1 in range(0, n_cols, blocksize):
         i2 = min(i1 + blocksize, n_cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()  # [out, count]: updated column by column inside the block
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()  # [count, out]: updated column by column inside the block
+        Err1 = torch.zeros_like(W1)  # [count, out]: (w - q) / d of each fixed column
         U1 = U[i1:i2, i1:i2]
 
         if k_rem is not None:
             # All columns i1.. are up to date here. Each row's lowest k_rem remaining columns by
             # saliency |w|/d (ties: lower column) are its prune candidates; those inside this
             # block are pruned now.
-            sal = W[:, i1:].abs() / diag_u[i1:]  # [out, in - i1]
+            sal = (WT[i1:].abs() / diag_u[i1:, None]).T  # [out, in - i1]
             sel = _lowest_per_row(sal[:, :count], sal, k_rem)  # [out, count]
-            pruned[:, i1:i2] = sel
+            PT[i1:i2] = sel.T
             k_rem -= sel.sum(dim=1)
 
         for i in range(count):
             j = i1 + i
             if nm is not None and i % nm[1] == 0:
                 m = nm[1]
-                sal = W1[:, i:i + m].abs() / diag_u[j:j + m]  # [out, m]
-                pruned[:, j:j + m] = ~nm_mask(sal, nm[0], m)
+                sal = (W1[i:i + m].abs() / diag_u[j:j + m, None]).T  # [out, m]
+                PT[j:j + m] = ~nm_mask(sal, nm[0], m).T
             if quant is not None:
                 if static is not None:
                     g = int(static[2][j])
@@ -292,30 +297,34 @@ def _obs_loop(W, U, *, blocksize, pruned=None, k_row=None, nm=None, quant=None, 
                     zero = None if static[1] is None else static[1][:, g]
                 elif j % gs == 0:
                     # Current values of group [j, j + gs): inside the block from W1, after it from
-                    # W minus this block's pending lazy update. Already-pruned entries count as 0.
+                    # WT minus this block's pending lazy update. Already-pruned entries count as 0.
                     g_end = j + gs
-                    cur = W1[:, i:min(count, i + gs)]
+                    cur = W1[i:min(count, i + gs)]  # [<= gs, out]
                     if g_end > i2:
-                        beyond = W[:, i2:g_end] - Err1 @ U[i1:i2, i2:g_end]
-                        cur = torch.cat([cur, beyond], dim=1)
-                    if pruned is not None:
-                        cur = cur.masked_fill(pruned[:, j:g_end], 0.0)
-                    scale, zero = _grid(cur, quant)
+                        beyond = WT[i2:g_end] - U[i1:i2, i2:g_end].T @ Err1
+                        cur = torch.cat([cur, beyond], dim=0)
+                    if PT is not None:
+                        cur = cur.masked_fill(PT[j:g_end], 0.0)
+                    scale, zero = _grid(cur.T, quant)
                     scales[:, j // gs] = scale
                     if zeros is not None:
                         zeros[:, j // gs] = zero
-            w = W1[:, i]
-            q = w.masked_fill(pruned[:, j], 0.0) if pruned is not None else w.clone()
+            w = W1[i]
+            q = w.masked_fill(PT[j], 0.0) if PT is not None else w
             if quant is not None:
                 q = _quantize_col(q, scale, zero, quant)
-            Q1[:, i] = q
             err = (w - q) / diag_u[j]  # [out]
-            # OBS compensation of the block's later columns: [out, 1] x [1, count - i].
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        losses += (Err1 * Err1).sum(dim=1) / 2  # OBS cost of each column: (w - q)^2 / (2 d^2)
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy update of everything after the block
+            # OBS compensation of the block's later columns: [count - i, 1] x [1, out]. Row i
+            # itself becomes q (up to rounding); it is overwritten with q exactly below.
+            W1[i:] -= U1[i, i:, None] * err[None, :]
+            W1[i] = q
+            Err1[i] = err
+        WT[i1:i2] = W1
+        losses += (Err1 * Err1).sum(dim=0) / 2  # OBS cost of each column: (w - q)^2 / (2 d^2)
+        WT[i2:] -= U[i1:i2, i2:].T @ Err1  # lazy update of everything after the block
+    W.copy_(WT.T)
+    if pruned is not None:
+        pruned.copy_(PT.T)
     if static is not None:
         scales, zeros = static[0], static[1]
     return losses, scales, zeros
