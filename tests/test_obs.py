@@ -414,9 +414,14 @@ def test_dead_columns():
     # zero_dead=False keeps what the rows had there (identity-like H on those columns).
     r = gptq_quantize(W, H, QuantSpec(8, -1, True), zero_dead=False)
     assert bool((r.weight[:, dead] != 0).all())
-    # An input never seen at all (H == 0): no NaN, everything dead.
-    r = sparsegpt_prune(W, torch.zeros(16, 16), 0.5)
-    assert r.dead_columns == 16 and bool(torch.isfinite(r.weight).all())
+    # A weight that saw no input at all (H == 0, e.g. an expert no calibration token reached) is
+    # not deleted: all columns are dead and the result is magnitude pruning / RTN.
+    Wf = W.to(torch.float32)
+    r = sparsegpt_prune(Wf, torch.zeros(16, 16), 0.5)
+    assert r.dead_columns == 16 and torch.equal(r.mask, unstructured_row_mask(Wf.abs(), 0.5))
+    assert torch.equal(r.weight, Wf * r.mask)
+    r = gptq_quantize(Wf, torch.zeros(16, 16), QuantSpec(3, 4, False))
+    assert torch.equal(r.weight, quantize_weight(Wf, 3, 4, False).dequantized)
 
 
 def test_input_errors():
@@ -444,6 +449,14 @@ def test_input_errors():
     for fn, msg in cases:
         with pytest.raises(ValueError, match=msg):
             fn()
+
+
+def test_zero_sparsity_is_a_copy():
+    W, H = _w(4, 8, 42), _spd(8, 43)
+    r = sparsegpt_prune(W, H, 0.0)
+    assert torch.equal(r.weight, W) and bool(r.mask.all()) and r.loss == 0.0
+    # Below half a weight per row rounds to zero pruned, as prune_counts says.
+    assert torch.equal(sparsegpt_prune(W, H, 0.05).weight, W)
 
 
 def test_sixteen_bits_means_unquantized():

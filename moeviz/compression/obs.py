@@ -367,6 +367,22 @@ def _quadratic_loss(W0: torch.Tensor, W: torch.Tensor, Hd: torch.Tensor) -> floa
     return float(((d @ Hd) * d).sum() / 2)
 
 
+def _prepare(W, H, percdamp, zero_dead):
+    """Compute-dtype copy of W (dead columns zeroed) and the damped Hessian.
+
+    An all-zero H (the weight saw no input at all, e.g. an expert no calibration token reached)
+    makes every column dead; zeroing them all would delete the weight on the strength of no data,
+    so then nothing is zeroed and H_damped = (1 + percdamp) I: the result is exactly magnitude
+    pruning / RTN (``dead_columns == in`` tells the caller).
+    """
+    dtype = _compute_dtype(W, H)
+    Hd, damp, dead = hessian_damped(H.to(W.device), percdamp, dtype=dtype)
+    W0 = W.detach().to(dtype).clone()
+    if zero_dead and not bool(dead.all()):
+        W0[:, dead] = 0
+    return W0, Hd, damp, dead
+
+
 # -- public API -----------------------------------------------------------------------------------
 
 
@@ -393,6 +409,7 @@ def sparsegpt_prune(
     (``H_SS w_S = (H w)_S`` with the damped H; cost O(out * |S|^3), only sensible for small ``in``;
     not with ``quant``). ``zero_dead``: zero the columns whose inputs were never seen (reference
     behaviour); False keeps them (they are then pruned or kept by saliency with ``H_jj = 1``).
+    If *every* column is dead (``H == 0``), nothing is zeroed: the result is magnitude pruning.
     """
     _check_w_h(W, H)
     out, n_cols = W.shape
@@ -426,11 +443,10 @@ def sparsegpt_prune(
         pruned = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
         k_row = torch.full((out,), k, dtype=torch.int64, device=W.device)
 
-    dtype = _compute_dtype(W, H)
-    Hd, damp, dead = hessian_damped(H.to(W.device), percdamp, dtype=dtype)
-    W0 = W.detach().to(dtype).clone()
-    if zero_dead:
-        W0[:, dead] = 0
+    W0, Hd, damp, dead = _prepare(W, H, percdamp, zero_dead)
+    if k_row is not None and int(k_row[0]) == 0 and quant is None:
+        # Nothing to prune or round: every OBS step would be a no-op.
+        return ObsResult(W0.to(W.dtype), ~pruned, 0.0, damp, int(dead.sum()))
     U = _inverse_cholesky_upper(Hd)
     Wc = W0.clone()
     losses, scales, zeros = _obs_loop(Wc, U, blocksize=blocksize, pruned=pruned, k_row=k_row, nm=nm,
@@ -458,6 +474,7 @@ def gptq_quantize(
     Grids: dynamic per group (computed from the updated weights at the group's first column), or,
     with ``act_order``, static (from the original ``W``) with columns processed in descending
     ``diag(H)`` order (ties: lower column first). ``quant.bits == 16`` returns a copy of ``W``.
+    ``zero_dead`` as in :func:`sparsegpt_prune` (``H == 0``: the result is RTN).
     """
     _check_w_h(W, H)
     out, n_cols = W.shape
@@ -465,11 +482,7 @@ def gptq_quantize(
     if quant is None:
         raise ValueError("gptq_quantize needs a QuantSpec")
     spec, gs = _check_quant(quant, n_cols)
-    dtype = _compute_dtype(W, H)
-    Hd, damp, dead = hessian_damped(H.to(W.device), percdamp, dtype=dtype)
-    W0 = W.detach().to(dtype).clone()
-    if zero_dead:
-        W0[:, dead] = 0
+    W0, Hd, damp, dead = _prepare(W, H, percdamp, zero_dead)
     if spec is None:  # 16 bits: not quantized
         return ObsResult(W.detach().clone(), None, 0.0, damp, int(dead.sum()))
 
