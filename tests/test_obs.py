@@ -315,10 +315,11 @@ def test_lowest_per_row_selection_matches_sorting():
         sal = torch.randint(0, 4, (out, n), generator=g).to(torch.float32)
         k = torch.randint(0, n + 1, (out,), generator=g)
         c = int(torch.randint(1, n + 1, (1,), generator=g))
-        got = _lowest_per_row(sal[:, :c], sal, k)
-        for r in range(out):
-            chosen = sorted(range(n), key=lambda j: (float(sal[r, j]), j))[: int(k[r])]
-            assert got[r].tolist() == [j in chosen for j in range(c)], (trial, r)
+        for use_numpy in (True, False):  # the CPU path and the one other devices take
+            got = _lowest_per_row(sal[:, :c], sal, k, use_numpy=use_numpy)
+            for r in range(out):
+                chosen = sorted(range(n), key=lambda j: (float(sal[r, j]), j))[: int(k[r])]
+                assert got[r].tolist() == [j in chosen for j in range(c)], (trial, r, use_numpy)
 
 
 # -- 4. invariants -------------------------------------------------------------------------------
