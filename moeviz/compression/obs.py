@@ -14,7 +14,8 @@ exact least-squares compensation given every fixed column,
 
 and the objective grows by ``(w_j - q_j)^2 / (2 [H_G^-1]_jj)``. Row ``j`` of the upper Cholesky
 factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) is exactly ``[H_G^-1]_{j,G} / sqrt([H_G^-1]_jj)``, so
-all these updates come from one factorisation (``d_j = U_jj``, update row ``U_{j,F} / d_j``).
+all these updates come from one factorisation: with ``d_j = U_jj`` and
+``err_j = (w_j - q_j) / d_j``, the update is ``w_F -= err_j * U_{j,F}`` and the cost ``err_j^2 / 2``.
 Updates are applied lazily: inside a block of ``blocksize`` columns immediately, to the columns
 after the block once per block (one matmul), which is what makes this fast.
 
@@ -22,7 +23,10 @@ Conventions shared with the rest of moeviz:
 
 * Damping: ``H + damp * I`` with ``damp = percdamp * mean(diag H)``; columns with ``H_jj == 0``
   (inputs never seen) are "dead": their diagonal is set to 1 and, by default, their weights to 0
-  (as the reference code does). See :func:`hessian_damped`.
+  (as the reference code does; ``zero_dead=False`` keeps them). See :func:`hessian_damped`.
+  Exception: if *every* column is dead (``H == 0``: the weight saw no input, e.g. an expert no
+  calibration token reached), nothing is zeroed, and the result is exactly magnitude pruning / RTN
+  (``ObsResult.dead_columns == in`` tells the caller).
 * Sparsity is per output row (unlike the reference's per-block global threshold): every row prunes
   exactly ``prune_counts(sparsity, in)`` weights, as :mod:`moeviz.compression.masks` does. Saliency
   of weight ``j`` is ``w_j^2 / d_j^2``; we rank by the equivalent ``|w_j| / d_j`` (monotone, fewer
@@ -50,8 +54,8 @@ row (dead columns zeroed when ``zero_dead``) -- the reference's ``Losses.sum()``
 step is exact, this equals the direct evaluation of that quadratic form on the result (tested).
 
 Cost: one Cholesky, one inverse and one more Cholesky of ``[in, in]`` (``O(in^3)``) plus
-``O(out * in^2)`` for the updates; per-row unstructured selection adds one sort of the remaining
-columns per block. Computation is float32 (float64 if ``W`` or ``H`` is float64); the result has
+``O(out * in^2)`` for the updates; per-row unstructured selection adds one selection (introselect,
+linear time) over the remaining columns per block. ``refit`` adds ``O(out * |S|^3)``. Computation is float32 (float64 if ``W`` or ``H`` is float64); the result has
 ``W``'s dtype (for bf16/fp16 the final cast rounds, as quantize.py's does).
 """
 
