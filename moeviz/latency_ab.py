@@ -95,6 +95,14 @@ def interleaved_decode_latency(base_model, compressed_model, input_ids: torch.Te
     return out
 
 
+def ab_metrics(ab: dict) -> dict:
+    """The flat run-store metrics of a back-to-back measurement (numbers only; flags as 0.0 / 1.0)."""
+    return dict(measured_decode_ms=ab["compressed"]["median"], base_measured_decode_ms=ab["base"]["median"],
+                measured_decode_q1_ms=ab["compressed"]["q1"], measured_decode_q3_ms=ab["compressed"]["q3"],
+                base_measured_decode_q1_ms=ab["base"]["q1"], base_measured_decode_q3_ms=ab["base"]["q3"],
+                latency_busy=float(ab["busy"]), latency_spreads_overlap=float(ab["spreads_overlap"]))
+
+
 def as_measured_latency(ab: dict, which: str) -> dict:
     """One side of a back-to-back measurement in the shape of `MeasuredLatency` (median decode and
     prefill) plus its spread: what `EvalResult.latency_measured` / `base_latency_measured` hold."""

@@ -84,3 +84,37 @@ def metric_diff(a: dict, b: dict, metrics=COMPARED_METRICS) -> list[dict]:
         if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and math.isfinite(va) and math.isfinite(vb):
             rows.append({"metric": m, "a": va, "b": vb, "b − a": vb - va})
     return rows
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return pd.to_numeric(df[name], errors="coerce") if name in df.columns else pd.Series(float("nan"), index=df.index)
+
+
+def with_measured_latency(df: pd.DataFrame) -> pd.DataFrame:
+    """The frame plus what the trade-off chart draws for measured latency: ``measured_lo`` / ``measured_hi``
+    (the quartiles of the back-to-back repeats, NaN for runs timed before that existed) and the base's
+    median and quartiles from the same loops (``base_measured_decode_ms``, ``base_measured_lo`` / ``_hi``)."""
+    return df.assign(measured_decode_ms=_col(df, "measured_decode_ms"),
+                     measured_lo=_col(df, "measured_decode_q1_ms"), measured_hi=_col(df, "measured_decode_q3_ms"),
+                     base_measured_decode_ms=_col(df, "base_measured_decode_ms"),
+                     base_measured_lo=_col(df, "base_measured_decode_q1_ms"),
+                     base_measured_hi=_col(df, "base_measured_decode_q3_ms"),
+                     latency_busy=_col(df, "latency_busy"))
+
+
+def latency_notes(df: pd.DataFrame) -> str:
+    """One sentence on how far the measured latencies of these runs can be trusted."""
+    measured = _col(df, "measured_decode_ms").notna()
+    ab = measured & _col(df, "measured_decode_q1_ms").notna()
+    parts = []
+    if ab.any():
+        overlap = int((_col(df, "latency_spreads_overlap")[ab] == 1).sum())
+        parts.append(f"{int(ab.sum())} run(s) timed back to back with the base; in {overlap} of them the compressed "
+                     "and base spreads overlap (no measurable difference on this machine)")
+        busy = int((_col(df, "latency_busy")[ab] == 1).sum())
+        if busy:
+            parts.append(f"{busy} timed while the machine was busy (open diamonds)")
+    old = int((measured & ~ab).sum())
+    if old:
+        parts.append(f"{old} run(s) from before back-to-back timing (base timed once, separately): no spread")
+    return ("; ".join(parts) + ".") if parts else ""

@@ -426,15 +426,17 @@ class RunStore:
         return None
 
     def update_metrics(self, run_id: int, extra: dict) -> dict:
-        """Merge `extra` into a run's metrics (top-level keys replaced), e.g. a later latency measurement;
-        returns the merged metrics."""
+        """Merge `extra` into a run's metrics (top-level keys replaced), e.g. a later latency measurement,
+        and the denormalised columns it names; returns the merged metrics."""
         with self._write() as conn:
             row = conn.execute("SELECT metrics_json FROM runs WHERE id = ?", (int(run_id),)).fetchone()
             if row is None:
                 raise KeyError(f"no run with id {run_id} in {self.path}")
             metrics = {**json.loads(row[0]), **_jsonable(extra)}
-            conn.execute("UPDATE runs SET metrics_json = ? WHERE id = ?",
-                         (json.dumps(metrics, allow_nan=False, sort_keys=True), int(run_id)))
+            cols = [m for m in DENORMALISED_METRICS if m in extra]
+            conn.execute(f"UPDATE runs SET {''.join(f'{m} = ?, ' for m in cols)}metrics_json = ? WHERE id = ?",
+                         (*[_number(metrics[m]) for m in cols], json.dumps(metrics, allow_nan=False, sort_keys=True),
+                          int(run_id)))
         return metrics
 
     def rename_run(self, run_id: int, name: str) -> None:

@@ -19,7 +19,7 @@ from moeviz.compression.table import (
 from moeviz.errors import MoevizError
 from moeviz.figures.units import bits_label, format_time_ms
 from moeviz.figures.latency import latency_spread_chart
-from moeviz.latency_ab import interleaved_decode_latency
+from moeviz.latency_ab import ab_metrics, interleaved_decode_latency
 from moeviz.latency_ab import verdict as latency_verdict
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
 from moeviz.store import plan_key
@@ -311,13 +311,15 @@ if result is not None:
                 help=f"Per generated token. Roofline model for {proj['device']}: active weight bytes / bandwidth "
                      "vs FLOPs / peak. A projection, not a measurement.")
     if m["latency_measured"]:
-        base_measured = m.get("base_latency_measured")
-        c[4].metric("Decode, measured" + stale, format_time_ms(m["latency_measured"]["decode_ms_per_token"]),
+        lat, base_measured = m["latency_measured"], m.get("base_latency_measured")
+        spread = (f" · IQR {format_time_ms(lat['decode_q1_ms'])}–{format_time_ms(lat['decode_q3_ms'])}"
+                  if lat.get("interleaved") else "")
+        c[4].metric("Decode, measured" + stale, format_time_ms(lat["decode_ms_per_token"]),
                     f"base {format_time_ms(base_measured['decode_ms_per_token'])}" if base_measured else "base unavailable",
                     delta_color="off", delta_arrow="off",
-                    help="Per generated token, wall clock on this machine. The base was timed once, earlier, so a busy "
-                         "moment can favour either side: 'Measure base and compressed back to back' below compares "
-                         "them fairly. Fake quantization and zeroed weights bring no speed-up; removed experts can.")
+                    help="Per generated token, wall clock on this machine: median of base and compressed timed "
+                         f"alternately in one loop ({lat['repeats']} repeats each){spread}. Fake quantization and "
+                         "zeroed weights bring no speed-up; removed experts can.")
     elif m.get("latency_unavailable"):
         c[4].metric("Decode, measured", "unavailable", help=m["latency_unavailable"])
         st.caption(f"Measured latency is unavailable for this model: {m['latency_unavailable']}")
@@ -336,13 +338,13 @@ if result is not None:
     st.caption("Decode latencies are per generated token; µs below 1 ms, ms above.")
 
     st.markdown("**Measured latency, base vs this plan, back to back**")
-    st.caption("The evaluation times the base model once and each plan later; here both are timed in one loop, "
-               "alternating base and compressed, so a busy moment on this machine hits both. Median and "
-               "quartiles of the per-token decode time; stored with the run.")
-    stored_ab = None
+    st.caption("Every evaluation times the base and the compressed model in one loop, alternating, so a busy "
+               "moment on this machine hits both: median and quartiles of the per-token decode time, stored with "
+               "the run. Measure again with more repeats for a tighter spread.")
+    stored_ab = None if is_stale else m.get("latency_ab")
     if s.last_run_id is not None and not is_stale:
         with contextlib.suppress(KeyError):
-            stored_ab = run_store().get_run(s.last_run_id).metrics.get("latency_ab")
+            stored_ab = run_store().get_run(s.last_run_id).metrics.get("latency_ab") or stored_ab
     with st.form("latency_ab_form"):
         l1, l2, l3 = st.columns([1, 1, 2])
         ab_repeats = l1.number_input("Repeats", 3, 101, 9, help="Each repeat times base and compressed once")
@@ -364,7 +366,7 @@ if result is not None:
                                                    progress=ab_progress)
             bar.empty()
             if s.last_run_id is not None:
-                run_store().update_metrics(s.last_run_id, {"latency_ab": stored_ab})
+                run_store().update_metrics(s.last_run_id, {"latency_ab": stored_ab, **ab_metrics(stored_ab)})
     if stored_ab:
         b, cc = stored_ab["base"], stored_ab["compressed"]
         l = st.columns([1, 1, 2])

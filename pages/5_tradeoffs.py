@@ -10,7 +10,9 @@ from moeviz.figures._common import readable
 from moeviz.compression.plan import METRICS, SUPPORTED_BITS, CompressionPlan
 from moeviz.evaluation import grid_plans, run_sweep
 from moeviz.figures.units import bits_label, format_time_ms
-from moeviz.runview import filter_runs, metric_diff, plan_diff, tag_list, with_facets
+from moeviz.runview import (
+    filter_runs, latency_notes, metric_diff, plan_diff, tag_list, with_facets, with_measured_latency,
+)
 from pages._state import base_evaluator, compressor, require_model, require_stats, run_store, set_plan, user_errors
 
 st.header("Trade-offs")
@@ -115,25 +117,18 @@ def select_run(run_id: int):
     s._loaded_note = f"Plan of run #{run_id} loaded into Compress."
 
 
-LATENCIES = {"projected_decode_ms": "projected (roofline, H100)", "measured_decode_ms": "measured (this machine)",
-             "interleaved_decode_ms": "measured back to back with base (median, IQR bars)"}
+LATENCIES = {"projected_decode_ms": "projected (roofline, H100)",
+             "measured_decode_ms": "measured, back to back with the base (median, IQR bars)"}
 latency = st.radio("Latency", list(LATENCIES), horizontal=True, format_func=LATENCIES.get,
-                   help="Back to back: measured on the Compress page, base and compressed alternating in one loop")
+                   help="Measured: each evaluation times its base and compressed model alternately in one loop "
+                        "(the Compress page can repeat it with more repeats); median and quartiles of the repeats")
 spread = None
-if latency == "interleaved_decode_ms":
-    if "latency_ab.compressed.median" not in df.columns:
-        st.info("No run has a back-to-back measurement yet: use 'Measure base and compressed back to back' on the "
-                "Compress page.")
-    else:
-        df = df.assign(interleaved_decode_ms=df["latency_ab.compressed.median"],
-                       interleaved_lo=df["latency_ab.compressed.q1"], interleaved_hi=df["latency_ab.compressed.q3"],
-                       base_interleaved_decode_ms=df["latency_ab.base.median"])
-        spread = ("interleaved_lo", "interleaved_hi")
-        overlapping = int(((df["latency_ab.compressed.q3"] >= df["latency_ab.base.q1"])
-                           & (df["latency_ab.base.q3"] >= df["latency_ab.compressed.q1"])).sum())
-        st.caption("Each run's base star is its own back-to-back base median; the chart shows the first. "
-                   + (f"{overlapping} run(s) have spreads overlapping their base: their difference is within noise."
-                      if overlapping else ""))
+if latency == "measured_decode_ms":
+    df = with_measured_latency(df)
+    spread = ("measured_lo", "measured_hi")
+    note = latency_notes(df)
+    if note:
+        st.caption(note)
 take_selection("tradeoff", st.plotly_chart(readable(figures.tradeoff_chart(
     df, latency_col=latency, latency_kind="projected" if latency.startswith("projected") else "measured",
     latency_spread=spread)), width="stretch",

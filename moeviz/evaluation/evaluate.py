@@ -27,7 +27,7 @@ from moeviz.errors import SettingsError
 from moeviz.evaluation.latency import (
     ACCELERATORS, active_bytes_per_token, active_flops_per_token, projected_decode_latency,
 )
-from moeviz.latency_ab import as_measured_latency, interleaved_decode_latency
+from moeviz.latency_ab import ab_metrics, as_measured_latency, interleaved_decode_latency
 from moeviz.evaluation.metrics import TokenLossAccumulator, load_balance_cv, routing_drift, utilization_shift
 from moeviz.models.loading import LoadedModel
 
@@ -125,10 +125,7 @@ class EvalResult:
         if self.base_latency_measured:
             m["base_measured_decode_ms"] = self.base_latency_measured["decode_ms_per_token"]
         if self.latency_ab:
-            ab = self.latency_ab
-            m.update(measured_decode_q1_ms=ab["compressed"]["q1"], measured_decode_q3_ms=ab["compressed"]["q3"],
-                     base_measured_decode_q1_ms=ab["base"]["q1"], base_measured_decode_q3_ms=ab["base"]["q3"],
-                     latency_busy=float(ab["busy"]), latency_spreads_overlap=float(ab["spreads_overlap"]))
+            m.update(ab_metrics(self.latency_ab))
         for name, d in self.per_domain.items():
             m[f"perplexity[{name}]"] = d["perplexity"]
             m[f"accuracy[{name}]"] = d["accuracy"]
