@@ -273,12 +273,14 @@ if go_eval or (s.get("_auto_eval", False) and (last is None or is_stale)):
 
     def eval_progress(stage, done, total):
         start = t_eval.setdefault(stage, time.perf_counter())
+        left = (time.perf_counter() - start) / max(done, 1) * (total - done)
+        eta = f" · about {left:.0f} s left" if done else ""
         if stage == "apply":
-            text = "Applying the plan" + (" (sequential: re-calibrating layer by layer)…" if plan.sequential else "…")
-            bar.progress(0.0, text=text)
+            what = "re-calibrating and compressing layer by layer" if plan.sequential else "compressing"
+            bar.progress(done / max(total, 1), text=f"Applying the plan ({what}): layer {done}/{total}{eta}")
         else:
-            left = (time.perf_counter() - start) / max(done, 1) * (total - done)
-            bar.progress(done / max(total, 1), text=f"Evaluating on held-out text: {done}/{total} · about {left:.0f} s left")
+            bar.progress(done / max(total, 1), text=f"Evaluating on held-out text: {done}/{total} batches{eta}, "
+                                                    "then timing base and compressed back to back")
 
     with user_errors(), st.spinner(message + (" Sequential plans re-calibrate layer by layer: slower." if plan.sequential else "")):
         result_dict, run_id, reused = evaluate_or_reuse(lm, stats, plan, progress=eval_progress)

@@ -9,7 +9,7 @@ from moeviz import figures
 from moeviz.figures._common import readable
 from moeviz.compression.plan import METRICS, SUPPORTED_BITS, CompressionPlan
 from moeviz.evaluation import grid_plans, run_sweep
-from moeviz.figures.units import bits_label, format_time_ms
+from moeviz.figures.units import bits_label, eta_text, format_time_ms
 from moeviz.runview import (
     filter_runs, latency_notes, metric_diff, plan_diff, tag_list, with_facets, with_measured_latency,
 )
@@ -24,13 +24,6 @@ s = st.session_state
 lm = require_model()
 stats = require_stats(lm)
 store = run_store()
-
-
-def eta_text(start: float, done: int, total: int) -> str:
-    if done == 0:
-        return ""
-    left = (time.perf_counter() - start) / done * (total - done)
-    return f" · about {left:.0f} s left" if left >= 1 else " · almost done"
 
 
 with st.form("sweep_form"):
@@ -54,12 +47,14 @@ if go:
         start = time.perf_counter()
         df = run_sweep(compressor(lm, stats), evaluator, plans, store=store,
                        progress=lambda d, t, row: bar.progress(
-                           d / t, text=f"Sweep: {d}/{t} plans · {row['name']}{eta_text(start, d, t)}"))
+                           d / t, text=f"Sweep: {d}/{t} plans · {row['name']}{eta_text(time.perf_counter() - start, d, t)}"))
         bar.empty()
         stop.empty()
         s.pop("_sweep_running", None)
     s.sweep_df = df
-    st.success(f"{len(df)} plans evaluated and stored (sweep {df.attrs.get('sweep_id')}).")
+    n_reused = int(df["reused"].sum()) if "reused" in df else 0
+    st.success(f"{len(df) - n_reused} plans evaluated and stored (sweep {df.attrs.get('sweep_id')})"
+               + (f"; {n_reused} evaluated before: their stored runs are reused, no duplicates." if n_reused else "."))
 
 runs = store.runs(model_fingerprint=lm.fingerprint)
 if runs.empty:

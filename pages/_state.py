@@ -213,7 +213,7 @@ def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None):
     if progress is not None:
         progress("apply", 0, 1)
     comp = compressor(loaded, stats)
-    compressed = comp.apply(plan, samples)
+    compressed = comp.apply(plan, samples, progress=(lambda d, t: progress("apply", d, t)) if progress else None)
     result = evaluator.evaluate(compressed, progress=(lambda d, t: progress("evaluate", d, t)) if progress else None)
     run_id = store_result(store, result, plan, loaded.fingerprint, stats.fingerprint if stats is not None else None,
                           duration_s=time.perf_counter() - start)
