@@ -132,3 +132,35 @@ def torch_ids():
     import torch
 
     return torch.arange(1, 9)
+
+
+def test_quality_proxy_is_the_gate_weighted_reconstruction_error_computed_by_hand(loaded_tiny):
+    """layer_errors = Σ_e Σ_p Σ_{r,j} (W − Ŵ)[r,j]² m[e,j] / Σ (W)[r,j]² m[e,j], m the gate-weighted input
+    second moments; recomputed here with plain loops over experts, rows and columns of layer 0."""
+    from moeviz.calibration import calibrate
+    from moeviz.compression.apply import Compressor
+    from moeviz.compression.proxy import layer_errors
+    from moeviz.data import Document, tokenize_documents
+
+    lm = loaded_tiny("mixtral")
+    docs = [Document("The quick brown fox jumps over the lazy dog. " * 40, "prose")]
+    stats = calibrate(lm, tokenize_documents(docs, lm.tokenizer, 6, 16, seed=0), batch_size=3)
+    comp = Compressor(lm, stats)
+    plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), removed_experts=[(1, 2)])
+    c = comp.apply(plan)
+    errors = layer_errors(lm.layers, c.layers, stats)
+    lb, lc, st = lm.layers[0], c.layers[0], stats.layers[0]
+    err = tot = 0.0
+    for p in lb.projections():
+        m = st.down_sq_weighted if p == "down" else st.input_sq_weighted
+        W, Wc = lb.weight(p), lc.weight(p)
+        for e in range(lb.num_experts):
+            for r in range(W.shape[1]):
+                for j in range(W.shape[2]):
+                    err += float(W[e, r, j] - Wc[e, r, j]) ** 2 * float(m[e, j])
+                    tot += float(W[e, r, j]) ** 2 * float(m[e, j])
+    assert errors[0] == pytest.approx(err / tot, rel=1e-9)
+    assert 0 < errors[0] < 1 and errors[1] > errors[0] * 0.5  # layer 1 also lost a whole expert
+    assert layer_errors(lm.layers, comp.apply(CompressionPlan()).layers, stats) == [0.0, 0.0]
+    more = layer_errors(lm.layers, comp.apply(CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.8))).layers, stats)
+    assert more[0] > errors[0]
