@@ -11,6 +11,10 @@ from moeviz.figures._common import readable
 from moeviz.compression.apply import check_plan_fits
 from moeviz.compression.plan import ALLOCATIONS, METRICS, SUPPORTED_BITS, CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.preview import expert_bytes, format_bytes, plan_storage
+from moeviz.compression.proxy import layer_errors
+from moeviz.compression.proxy import weighted_mean as proxy_mean
+from moeviz.evaluation.sweep import use_lazy
+from moeviz.figures.proxy import proxy_per_layer
 from moeviz.compression.removal import REMOVAL_SCORES, experts_to_remove
 from moeviz.compression.table import (
     apply_table_edits, expert_table, format_ratio, ignored_override_note, overridden_cells, parse_ratio,
@@ -141,6 +145,23 @@ c[2].metric("Model size (plan)", format_bytes(summary["compressed_bytes"]),
             help=f"Base model: {format_bytes(summary['base_bytes'])}")
 c[3].metric("Expert weights (plan)", format_bytes(summary["experts_bytes"]),
             help=f"Base experts: {format_bytes(summary['experts_base_bytes'])}")
+
+# Cheap, live: a quality proxy from the weights and the calibration statistics (no forward pass). Only where
+# a materialised apply is quick (the models evaluated without the lazy path); sequential plans as one-pass.
+if not use_lazy(compressor(lm, stats)):
+    proxy_plan = CompressionPlan.from_dict({**plan.to_dict(), "sequential": False})
+    proxy_key = (lm.fingerprint, stats.fingerprint, plan_key(proxy_plan.to_dict()))
+    if s.get("_proxy_for") != proxy_key:
+        with user_errors():
+            s._proxy = layer_errors(lm.layers, compressor(lm, stats).apply(proxy_plan).layers, stats)
+        s._proxy_for = proxy_key
+    p1, p2 = st.columns([1, 3])
+    p1.metric("Quality proxy (live)", f"{100 * proxy_mean(s._proxy):.3g} %",
+              help="Gate-weighted reconstruction error of the expert outputs, mean over layers: the squared error the "
+                   "plan adds to each expert's routed output on the calibration tokens (diagonal approximation), "
+                   "relative to that output; removed experts count in full. Ranks plans while you edit; Evaluate "
+                   "measures perplexity." + (" Sequential plans: shown as one-pass." if plan.sequential else ""))
+    p2.plotly_chart(readable(proxy_per_layer(s._proxy)), width="stretch")
 
 st.subheader("Per-expert settings")
 st.caption("Edit sparsity (type 50 % or 0.5), bits or remove for any expert; edited cells become per-expert overrides "

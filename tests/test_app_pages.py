@@ -482,3 +482,24 @@ def test_leaving_and_coming_back_keeps_the_plan_and_the_model_form(tiny_model_di
     at.switch_page("pages/1_model_and_calibration.py").run()
     ok(at)
     assert at.text_input[0].value == str(tiny_model_dirs["mixtral"])
+
+
+def test_quality_proxy_updates_live_while_editing(tiny_model_dirs):
+    """No Evaluate: each edit recomputes the gate-weighted reconstruction proxy and its per-layer chart."""
+    at = compress_page(tiny_model_dirs)
+    at.session_state["_auto_eval"] = False
+    at.slider[0].set_value(0.2).run()
+    ok(at)
+
+    def proxy():
+        return float(next(m for m in at.metric if m.label == "Quality proxy (live)").value.split()[0])
+
+    low = proxy()
+    at.slider[0].set_value(0.7).run()
+    ok(at)
+    high = proxy()
+    assert 0 < low < high
+    set_expert(at, 0, 1, sparsity="0 %", bits=16, remove=True)  # a whole expert removed: layer 0 rises
+    ok(at)
+    assert proxy() > high
+    assert at.session_state["last_result"] is None  # nothing was evaluated
