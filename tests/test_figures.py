@@ -538,3 +538,17 @@ def test_runs_frame_measured_latency_columns_and_notes():
     note = latency_notes(df)
     assert "2 run(s) timed back to back" in note and "in 1 of them" in note and "1 timed while the machine was busy" in note
     assert "1 run(s) from before back-to-back timing" in note
+
+
+def test_architecture_numbers_the_pruning_targets_in_order_on_the_elements():
+    dot = moe_layer_dot(dict(num_experts=4, top_k=2, index=0, routing_rule="softmax_topk"), plan={})
+    _assert_valid_dot(dot)
+    labels = _labels(dot)
+    assert [labels[f"target_{i}"].split(" ")[0] for i in (1, 2, 3)] == ["①", "②", "③"]
+    assert "weights within experts" in labels["target_1"] and "router" in labels["target_2"]
+    assert "whole experts" in labels["target_3"]
+    assert labels["router"].startswith("② router")
+    experts_box = re.search(r"subgraph cluster_experts \{[^}]*?label=\"([^\"]*)\"", dot).group(1)
+    assert "① weights within each expert" in experts_box and "③ whole experts" in experts_box
+    assert not re.search(r"target_\d+ -> (router|e\d|sum)", dot)  # no pointer crossing the drawing
+    assert 'fontsize=16' in dot  # node text sized for a projector

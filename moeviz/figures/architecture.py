@@ -3,12 +3,14 @@
     input → router (routing rule; router sparsity / bits) → experts (one node each) → weighted sum → output
                  └──────────────→ shared experts (always active) ─────────────────────↗
 
-The three pruning targets (weights within experts, the router, whole experts) are labelled with note
-nodes. Expert fill goes light → dark with sparsity; removed experts are grey, dashed, "✗ removed".
+The three pruning targets (① weights within experts, ② the router, ③ whole experts) are numbered on
+the elements themselves (the experts box, the router) and listed in that order in a key above the
+layer, so no pointer crosses the drawing. Fonts are sized for a projector (the chart is scaled to the
+page width). Expert fill goes light → dark with sparsity; removed experts are grey, dashed, "✗ removed".
 Returns DOT source only (no Graphviz binary needed); display with ``st.graphviz_chart(dot)``.
 
 Node names: ``input``, ``router``, ``e{i}`` (one per shown expert), ``more_experts`` (ellipsis, when
-experts are elided), ``shared{i}``, ``sum``, ``output``, ``target_*`` (notes), ``legend_*``.
+experts are elided), ``shared{i}``, ``sum``, ``output``, ``target_1..3`` (the key), ``legend_*``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ REMOVED_FILL, REMOVED_LINE = "#e0e0e0", "#9e9e9e"
 SHARED_FILL = "#fff3c4"
 MAX_SHOWN = 16  # beyond this: first HEAD, an ellipsis node, last TAIL
 HEAD, TAIL = 12, 2
+# (mark, target, what controls it), in the order the key lists them.
+TARGETS = (("①", "weights within experts", "sparsity, N:M, quantization"),
+           ("②", "the router", "router sparsity / bits"),
+           ("③", "whole experts", "expert removal"))
 
 
 def sparsity_color(sparsity: float) -> str:
@@ -101,16 +107,16 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     shown, hidden = _shown(E)
 
     g = graphviz.Digraph("moe_layer", graph_attr=dict(rankdir="LR", compound="true", fontname="Helvetica",
-                                                      nodesep="0.12", ranksep="0.6", labelloc="t"))
-    g.attr("node", fontname="Helvetica", fontsize="11")
-    g.attr("edge", fontname="Helvetica", fontsize="9", color="#555555")
+                                                      nodesep="0.15", ranksep="0.7", labelloc="t"))
+    g.attr("node", fontname="Helvetica", fontsize="16", margin="0.15,0.08")
+    g.attr("edge", fontname="Helvetica", fontsize="13", color="#555555")
     head = title or (f"MoE layer {li}" + (f" ({layer_info['path']})" if layer_info.get("path") else ""))
     fam = layer_info.get("family")
-    g.attr(label=f"{head}: {E} experts, top-{k}" + (f", {fam}" if fam else ""), fontsize="14")
+    g.attr(label=f"{head}: {E} experts, top-{k}" + (f", {fam}" if fam else ""), fontsize="20")
 
     hs = layer_info.get("hidden_size")
     g.node("input", f"input x\\n(hidden {hs})" if hs else "input x", shape="box", style="rounded")
-    rlabel = "router\\n" + str(layer_info.get("routing_rule") or "top-k routing")
+    rlabel = f"{TARGETS[1][0]} router\\n" + str(layer_info.get("routing_rule") or "top-k routing")
     rs, rb = float((plan or {}).get("router_sparsity", 0.0)), int((plan or {}).get("router_bits", 16))
     router_fill = sparsity_color(rs)
     if rs or rb < 16:
@@ -120,8 +126,9 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
 
     inter = layer_info.get("intermediate_size")
     with g.subgraph(name="cluster_experts") as c:
-        c.attr(label=f"routed experts (each token uses {k} of {E}" + (f"; intermediate {inter}" if inter else "") + ")",
-               style="rounded,dashed", color="#888888", fontsize="11")
+        c.attr(label=f"routed experts (each token uses {k} of {E}" + (f"; intermediate {inter}" if inter else "") + ")\\n"
+                     f"{TARGETS[0][0]} weights within each expert   {TARGETS[2][0]} whole experts",
+               style="rounded,dashed", color="#c9a227", penwidth="1.5", fontsize="15")
         for e in shown[:HEAD] + (["more"] if hidden else []) + shown[HEAD:]:
             if e == "more":
                 n_removed = sum(per[h]["removed"] for h in hidden)
@@ -160,39 +167,39 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     g.node("output", "output", shape="box", style="rounded")
     g.edge("sum", "output")
 
-    # The three pruning targets of the source text.
-    note = dict(shape="note", style="filled", fillcolor="#fff8e1", fontsize="10", color="#c9a227")
-    dotted = dict(style="dotted", arrowhead="none", color="#c9a227", constraint="false")
-    first = f"e{shown[0]}" if shown else "sum"
-    g.node("target_weights", "pruning target 1:\\nweights within experts\\n(sparsity, N:M, quantization)", **note)
-    g.node("target_router", "pruning target 2:\\nthe router\\n(router sparsity / bits)", **note)
-    g.node("target_experts", "pruning target 3:\\nwhole experts\\n(expert removal)", **note)
-    g.edge("target_router", "router", **dotted)
-    g.edge("target_weights", first, lhead="cluster_experts", **dotted)
-    g.edge("target_experts", f"e{shown[-1]}" if shown else "sum", lhead="cluster_experts", **dotted)
+    # The three pruning targets, in order, as a key; the numbers also sit on the router and the experts box.
+    with g.subgraph(name="cluster_targets") as c:
+        c.attr(label="pruning targets", style="rounded", color="#c9a227", fontsize="15")
+        prev = None
+        for i, (mark, what, how) in enumerate(TARGETS, start=1):
+            c.node(f"target_{i}", f"{mark} {what}\\n({how})", shape="note", style="filled", fillcolor="#fff8e1",
+                   color="#c9a227", fontsize="15")
+            if prev:
+                c.edge(prev, f"target_{i}", style="invis")
+            prev = f"target_{i}"
 
     with g.subgraph(name="cluster_legend") as c:
-        c.attr(label="legend", style="rounded", color="#bbbbbb", fontsize="10")
+        c.attr(label="legend", style="rounded", color="#bbbbbb", fontsize="14")
         prev = None
         for s in (0.0, 0.5, 0.9):
             fill = sparsity_color(s)
             c.node(f"legend_s{int(s * 100)}", f"{s:.0%} sparsity", shape="box", style="filled,rounded",
-                   fillcolor=fill, fontcolor=text_color_on(fill), fontsize="9")
+                   fillcolor=fill, fontcolor=text_color_on(fill), fontsize="14")
             if prev:
                 c.edge(prev, f"legend_s{int(s * 100)}", style="invis")
             prev = f"legend_s{int(s * 100)}"
         c.node("legend_removed", "✗ removed expert", shape="box", style="filled,dashed", fillcolor=REMOVED_FILL,
-               color=REMOVED_LINE, fontcolor="#616161", fontsize="9")
+               color=REMOVED_LINE, fontcolor="#616161", fontsize="14")
         c.edge(prev, "legend_removed", style="invis")
-        c.node("legend_label", "label: e<id> · sparsity · bits", shape="plaintext", fontsize="9")
+        c.node("legend_label", "label: e<id> · sparsity · bits", shape="plaintext", fontsize="14")
         c.edge("legend_removed", "legend_label", style="invis")
         if shared:
             c.node("legend_shared", "shared expert", shape="box", style="filled,rounded,bold", fillcolor=SHARED_FILL,
-                   fontsize="9")
+                   fontsize="14")
             c.edge("legend_label", "legend_shared", style="invis")
     if hidden:
         g.node("note_elided", f"showing {len(shown)} of {E} experts:\\nfirst {HEAD}, last {TAIL}", shape="plaintext",
-               fontsize="9", fontcolor="#666666")
+               fontsize="14", fontcolor="#666666")
     return g.source
 
 
