@@ -169,34 +169,25 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
 
     # The three pruning targets, in order, as a key; the numbers also sit on the router and the experts box.
     with g.subgraph(name="cluster_targets") as c:
+        # Unlinked nodes share the first rank, stacked top to bottom in a left-to-right graph: a narrow key, so
+        # the layer itself is drawn larger when the chart is scaled to the page width.
         c.attr(label="pruning targets", style="rounded", color="#c9a227", fontsize="15")
-        prev = None
         for i, (mark, what, how) in enumerate(TARGETS, start=1):
             c.node(f"target_{i}", f"{mark} {what}\\n({how})", shape="note", style="filled", fillcolor="#fff8e1",
                    color="#c9a227", fontsize="15")
-            if prev:
-                c.edge(prev, f"target_{i}", style="invis")
-            prev = f"target_{i}"
 
     with g.subgraph(name="cluster_legend") as c:
         c.attr(label="legend", style="rounded", color="#bbbbbb", fontsize="14")
-        prev = None
         for s in (0.0, 0.5, 0.9):
             fill = sparsity_color(s)
             c.node(f"legend_s{int(s * 100)}", f"{s:.0%} sparsity", shape="box", style="filled,rounded",
                    fillcolor=fill, fontcolor=text_color_on(fill), fontsize="14")
-            if prev:
-                c.edge(prev, f"legend_s{int(s * 100)}", style="invis")
-            prev = f"legend_s{int(s * 100)}"
         c.node("legend_removed", "✗ removed expert", shape="box", style="filled,dashed", fillcolor=REMOVED_FILL,
                color=REMOVED_LINE, fontcolor="#616161", fontsize="14")
-        c.edge(prev, "legend_removed", style="invis")
         c.node("legend_label", "label: e<id> · sparsity · bits", shape="plaintext", fontsize="14")
-        c.edge("legend_removed", "legend_label", style="invis")
         if shared:
             c.node("legend_shared", "shared expert", shape="box", style="filled,rounded,bold", fillcolor=SHARED_FILL,
                    fontsize="14")
-            c.edge("legend_label", "legend_shared", style="invis")
     if hidden:
         g.node("note_elided", f"showing {len(shown)} of {E} experts:\\nfirst {HEAD}, last {TAIL}", shape="plaintext",
                fontsize="14", fontcolor="#666666")
