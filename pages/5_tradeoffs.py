@@ -128,8 +128,8 @@ take_selection("tradeoff", st.plotly_chart(readable(figures.tradeoff_chart(
     df, latency_col=latency, latency_kind="projected" if latency.startswith("projected") else "measured",
     latency_spread=spread)), width="stretch",
                                            on_select="rerun", selection_mode="points", key="tradeoff"))
+log_y = st.checkbox("Log scale for perplexity", value=True)  # above both columns: the two charts' titles align
 c1, c2 = st.columns(2)
-log_y = c1.checkbox("Log scale for perplexity", value=True)
 take_selection("ppl", c1.plotly_chart(readable(figures.perplexity_vs_ratio(df, log_y=log_y)), width="stretch",
                                       on_select="rerun", selection_mode="points", key="ppl"))
 take_selection("cv", c2.plotly_chart(readable(figures.cv_vs_ratio(df)), width="stretch", on_select="rerun",
@@ -149,7 +149,8 @@ st.subheader("All runs")
 cols = ["id", "parent_run_id", "name", "tags", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
         "projected_decode_ms", "measured_decode_ms", "mean_cv", "mean_topk_overlap", "created_at"]
 table = df[[c for c in cols if c in df]].sort_values("id", ascending=False).reset_index(drop=True)
-shown = table.assign(parent_run_id=pd.to_numeric(table["parent_run_id"], errors="coerce").astype("Int64"),
+shown = table.assign(parent_run_id=pd.to_numeric(table["parent_run_id"], errors="coerce").map(
+                         lambda v: "" if pd.isna(v) else f"#{int(v)}"),
                      accuracy=table["accuracy"] * 100, mean_topk_overlap=table.get("mean_topk_overlap", pd.Series(dtype=float)) * 100,
                      projected_decode_ms=table["projected_decode_ms"].map(format_time_ms),
                      measured_decode_ms=table["measured_decode_ms"].map(format_time_ms))
@@ -157,7 +158,8 @@ event = st.dataframe(
     shown, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key="runs_table",
     column_config={
         "id": st.column_config.NumberColumn("run", format="%d"),
-        "parent_run_id": st.column_config.NumberColumn("recovered from", format="%d"),
+        "parent_run_id": st.column_config.TextColumn("recovered from", width="small"),
+        "name": st.column_config.TextColumn("name", width="medium"),
         "accuracy": st.column_config.NumberColumn("accuracy", format="%.1f %%"),
         "perplexity": st.column_config.NumberColumn("perplexity", format="%.2f"),
         "compression_ratio": st.column_config.NumberColumn("ratio", format="%.2f×"),
