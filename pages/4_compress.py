@@ -180,8 +180,16 @@ display = [{**r, "sparsity": format_ratio(r["sparsity"]),
             "bytes": format_bytes(sizes.get((r["layer"], r["expert"]), 0)),
             "share": f"{100 * sizes.get((r['layer'], r['expert']), 0) / max(summary['compressed_bytes'], 1):.2f} %"}
            for r in shown]
+
+
+def _highlight_overrides(row):
+    # Streamlit styles only the read-only columns of an editor: a row set by hand is tinted there.
+    tint = "background-color: #fff3c4" if row["override"] else ""
+    return [tint if c in ("layer", "expert", "override") else "" for c in row.index]
+
+
 edited = st.data_editor(
-    pd.DataFrame(display), hide_index=True, key=f"experts_{hash(plan.to_json())}_{layers_shown}",
+    pd.DataFrame(display).style.apply(_highlight_overrides, axis=1) if display else pd.DataFrame(display), hide_index=True, key=f"experts_{hash(plan.to_json())}_{layers_shown}",
     disabled=["layer", "expert", "utilization", "mean_gate", "override", "bytes", "share"],
     column_config={
         "utilization": st.column_config.NumberColumn("utilization", format="%.1f %%", help="share of top-k assignments"),

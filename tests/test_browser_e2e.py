@@ -199,6 +199,19 @@ def test_default_flow_in_chromium(app_url):
         nav(page, "Export")
         page.get_by_text("Plan (JSON)").wait_for(timeout=60_000)
         page.screenshot(path=SHOTS / "6_export.png", full_page=True)
+
+        # A per-expert override: the table tints that row's read-only cells and names the cell set by hand.
+        nav(page, "Compress")
+        page.get_by_text("Edit one expert by number").click()
+        form = page.locator("[data-testid='stForm']").filter(has=page.get_by_role("button", name="Set expert"))
+        before = metric_value(page, "Quality proxy (live)")
+        form.get_by_label("Sparsity").fill("80 %")
+        form.get_by_role("button", name="Set expert").click()
+        page.wait_for_function(f"""() => [...document.querySelectorAll("[data-testid='stMetric']")].some(m =>
+            m.innerText.includes('Quality proxy (live)') && !m.innerText.includes('{before}'))""", timeout=60_000)
+        page.get_by_text("Per-expert settings").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=SHOTS / "4e_override_highlighted.png")
         browser.close()
 
 

@@ -97,6 +97,7 @@ def test_router_probability_histogram(stats):
     np.testing.assert_allclose(fig.data[0].y, [30, 10, 5, 4, 1])
     np.testing.assert_allclose(fig.data[0].x, [0.1, 0.3, 0.5, 0.7, 0.9])
     assert fig.layout.yaxis.type == "log" and fig.data[0].hovertemplate
+    assert fig.layout.yaxis.dtick == 1  # powers of ten only: round ticks
     x, y = _titles(fig)
     assert "probability" in x.lower() and "count" in y
     assert len(router_probability_histogram(stats, 1).data) == 4
