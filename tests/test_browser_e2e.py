@@ -205,7 +205,7 @@ def test_default_flow_in_chromium(app_url):
         page.get_by_text("Edit one expert by number").click()
         form = page.locator("[data-testid='stForm']").filter(has=page.get_by_role("button", name="Set expert"))
         before = metric_value(page, "Quality proxy (live)")
-        form.get_by_label("Sparsity").fill("80 %")
+        form.get_by_role("textbox", name="Sparsity").fill("80 %")
         form.get_by_role("button", name="Set expert").click()
         page.wait_for_function(f"""() => [...document.querySelectorAll("[data-testid='stMetric']")].some(m =>
             m.innerText.includes('Quality proxy (live)') && !m.innerText.includes('{before}'))""", timeout=60_000)

@@ -4,13 +4,13 @@
                  └──────────────→ shared experts (always active) ─────────────────────↗
 
 The three pruning targets (① weights within experts, ② the router, ③ whole experts) are numbered on
-the elements themselves (the experts box, the router) and listed in that order in a key above the
+the elements themselves (the experts box, the router) and listed in that order in a key left of the
 layer, so no pointer crosses the drawing. Fonts are sized for a projector (the chart is scaled to the
 page width). Expert fill goes light → dark with sparsity; removed experts are grey, dashed, "✗ removed".
 Returns DOT source only (no Graphviz binary needed); display with ``st.graphviz_chart(dot)``.
 
 Node names: ``input``, ``router``, ``e{i}`` (one per shown expert), ``more_experts`` (ellipsis, when
-experts are elided), ``shared{i}``, ``sum``, ``output``, ``target_1..3`` (the key), ``legend_*``.
+experts are elided), ``shared{i}``, ``sum``, ``output``, ``targets`` (the key), ``legend``.
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     shown, hidden = _shown(E)
 
     g = graphviz.Digraph("moe_layer", graph_attr=dict(rankdir="LR", compound="true", fontname="Helvetica",
-                                                      nodesep="0.15", ranksep="0.7", labelloc="t"))
+                                                      nodesep="0.15", ranksep="0.5", labelloc="t"))
     g.attr("node", fontname="Helvetica", fontsize="16", margin="0.15,0.08")
     g.attr("edge", fontname="Helvetica", fontsize="13", color="#555555")
     head = title or (f"MoE layer {li}" + (f" ({layer_info['path']})" if layer_info.get("path") else ""))
@@ -145,7 +145,7 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
                 c.node(f"e{e}", expert_label(e, d["sparsity"], d["bits"]), shape="box", style="filled,rounded",
                        fillcolor=fill, fontcolor=text_color_on(fill))
     order = shown[:HEAD] + (["more"] if hidden else []) + shown[HEAD:]
-    g.node("sum", "Σ weighted sum\\nΣ gᵢ · expertᵢ(x)", shape="circle", fixedsize="false")
+    g.node("sum", "Σ gᵢ · expertᵢ(x)", shape="circle", fixedsize="false")
     for e in order:
         name = "more_experts" if e == "more" else f"e{e}"
         removed = e != "more" and per[e]["removed"]
@@ -167,27 +167,21 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     g.node("output", "output", shape="box", style="rounded")
     g.edge("sum", "output")
 
-    # The three pruning targets, in order, as a key; the numbers also sit on the router and the experts box.
-    with g.subgraph(name="cluster_targets") as c:
-        # Unlinked nodes share the first rank, stacked top to bottom in a left-to-right graph: a narrow key, so
-        # the layer itself is drawn larger when the chart is scaled to the page width.
-        c.attr(label="pruning targets", style="rounded", color="#c9a227", fontsize="15")
-        for i, (mark, what, how) in enumerate(TARGETS, start=1):
-            c.node(f"target_{i}", f"{mark} {what}\\n({how})", shape="note", style="filled", fillcolor="#fff8e1",
-                   color="#c9a227", fontsize="15")
-
-    with g.subgraph(name="cluster_legend") as c:
-        c.attr(label="legend", style="rounded", color="#bbbbbb", fontsize="14")
-        for s in (0.0, 0.5, 0.9):
-            fill = sparsity_color(s)
-            c.node(f"legend_s{int(s * 100)}", f"{s:.0%} sparsity", shape="box", style="filled,rounded",
-                   fillcolor=fill, fontcolor=text_color_on(fill), fontsize="14")
-        c.node("legend_removed", "✗ removed expert", shape="box", style="filled,dashed", fillcolor=REMOVED_FILL,
-               color=REMOVED_LINE, fontcolor="#616161", fontsize="14")
-        c.node("legend_label", "label: e<id> · sparsity · bits", shape="plaintext", fontsize="14")
-        if shared:
-            c.node("legend_shared", "shared expert", shape="box", style="filled,rounded,bold", fillcolor=SHARED_FILL,
-                   fontsize="14")
+    # The three pruning targets as one key node (its lines keep their order in every Graphviz renderer), and
+    # the legend as one table; both unlinked, so they share the first rank: a narrow column left of the layer.
+    key = "pruning targets\\n" + "".join(f"{mark} {what}\\l     ({how})\\l" for mark, what, how in TARGETS)
+    g.node("targets", key, shape="note", style="filled", fillcolor="#fff8e1", color="#c9a227", fontsize="15")
+    rows = []
+    for s in (0.0, 0.5, 0.9):
+        fill = sparsity_color(s)
+        rows.append(f'<TR><TD BGCOLOR="{fill}"><FONT COLOR="{text_color_on(fill)}">{s:.0%} sparsity</FONT></TD></TR>')
+    rows.append(f'<TR><TD BGCOLOR="{REMOVED_FILL}" STYLE="dashed"><FONT COLOR="#616161">✗ removed expert</FONT></TD></TR>')
+    if shared:
+        rows.append(f'<TR><TD BGCOLOR="{SHARED_FILL}">shared expert</TD></TR>')
+    rows.append("<TR><TD BORDER=\"0\">label: e&lt;id&gt; · sparsity · bits</TD></TR>")
+    g.node("legend", "<<TABLE BORDER=\"0\" CELLBORDER=\"1\" CELLSPACING=\"4\" CELLPADDING=\"4\">"
+                     "<TR><TD BORDER=\"0\"><B>legend</B></TD></TR>" + "".join(rows) + "</TABLE>>",
+           shape="plaintext", fontsize="14")
     if hidden:
         g.node("note_elided", f"showing {len(shown)} of {E} experts:\\nfirst {HEAD}, last {TAIL}", shape="plaintext",
                fontsize="14", fontcolor="#666666")
