@@ -550,6 +550,6 @@ def test_architecture_numbers_the_pruning_targets_in_order_on_the_elements():
     assert "weights within experts" in key[0] and "router" in key[1] and "whole experts" in key[2]
     assert labels["router"].startswith("② router")
     experts_box = re.search(r"subgraph cluster_experts \{[^}]*?label=\"([^\"]*)\"", dot).group(1)
-    assert "① weights within each expert" in experts_box and "③ whole experts" in experts_box
+    assert "① weights in each expert" in experts_box and "③ whole experts" in experts_box
     assert not re.search(r"targets -> ", dot)  # no pointer crossing the drawing
     assert 'fontsize=16' in dot  # node text sized for a projector

@@ -15,6 +15,8 @@ experts are elided), ``shared{i}``, ``sum``, ``output``, ``targets`` (the key), 
 
 from __future__ import annotations
 
+import textwrap
+
 import graphviz
 
 from moeviz.figures._common import interpolate_hex, text_color_on
@@ -107,7 +109,7 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     shown, hidden = _shown(E)
 
     g = graphviz.Digraph("moe_layer", graph_attr=dict(rankdir="LR", compound="true", fontname="Helvetica",
-                                                      nodesep="0.15", ranksep="0.5", labelloc="t"))
+                                                      nodesep="0.15", ranksep="0.4", labelloc="t"))
     g.attr("node", fontname="Helvetica", fontsize="16", margin="0.15,0.08")
     g.attr("edge", fontname="Helvetica", fontsize="13", color="#555555")
     head = title or (f"MoE layer {li}" + (f" ({layer_info['path']})" if layer_info.get("path") else ""))
@@ -116,7 +118,10 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
 
     hs = layer_info.get("hidden_size")
     g.node("input", f"input x\\n(hidden {hs})" if hs else "input x", shape="box", style="rounded")
-    rlabel = f"{TARGETS[1][0]} router\\n" + str(layer_info.get("routing_rule") or "top-k routing")
+    # The routing rule wrapped at ~22 characters: a long single line would widen the whole drawing (and the
+    # chart is scaled to the page width, so every text would shrink).
+    rule = textwrap.wrap(str(layer_info.get("routing_rule") or "top-k routing"), 22) or [""]
+    rlabel = f"{TARGETS[1][0]} router\\n" + "\\n".join(rule)
     rs, rb = float((plan or {}).get("router_sparsity", 0.0)), int((plan or {}).get("router_bits", 16))
     router_fill = sparsity_color(rs)
     if rs or rb < 16:
@@ -126,8 +131,8 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
 
     inter = layer_info.get("intermediate_size")
     with g.subgraph(name="cluster_experts") as c:
-        c.attr(label=f"routed experts (each token uses {k} of {E}" + (f"; intermediate {inter}" if inter else "") + ")\\n"
-                     f"{TARGETS[0][0]} weights within each expert   {TARGETS[2][0]} whole experts",
+        c.attr(label=f"routed experts: {k} of {E} per token" + (f"\\n(intermediate {inter})" if inter else "") + "\\n"
+                     f"{TARGETS[0][0]} weights in each expert\\n{TARGETS[2][0]} whole experts",
                style="rounded,dashed", color="#c9a227", penwidth="1.5", fontsize="15")
         for e in shown[:HEAD] + (["more"] if hidden else []) + shown[HEAD:]:
             if e == "more":
@@ -145,7 +150,7 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
                 c.node(f"e{e}", expert_label(e, d["sparsity"], d["bits"]), shape="box", style="filled,rounded",
                        fillcolor=fill, fontcolor=text_color_on(fill))
     order = shown[:HEAD] + (["more"] if hidden else []) + shown[HEAD:]
-    g.node("sum", "Σ gᵢ · expertᵢ(x)", shape="circle", fixedsize="false")
+    g.node("sum", "Σ\\ngᵢ·eᵢ(x)", shape="circle", fixedsize="false")
     for e in order:
         name = "more_experts" if e == "more" else f"e{e}"
         removed = e != "more" and per[e]["removed"]
