@@ -198,3 +198,20 @@ def test_runs_csv_and_report_use_the_app_units():
     assert "41.23 % (base 45.00 %)" in text and "1.6 µs per token" in text and "12.3 µs per token" in text
     assert "IQR 11 µs–14 µs" in text and "base 2.5 ms" in text and "no measurable difference" in text
     assert "machine was busy (load average 5.0 on 2 CPUs)" in text
+
+
+def test_apply_reports_progress_per_layer_for_an_eta(loaded_tiny):
+    """A sequential plan re-calibrates before each layer: apply says after each layer how far it is, so the
+    app can show layer i/L and an ETA (and its Stop button stays responsive)."""
+    from moeviz.calibration import calibrate
+    from moeviz.compression.apply import Compressor
+    from moeviz.data import Document, tokenize_documents
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents([Document("The quick brown fox jumps over the lazy dog. " * 40, "prose")],
+                                 lm.tokenizer, 4, 16, seed=0)
+    stats = calibrate(lm, samples, batch_size=2)
+    calls = []
+    Compressor(lm, stats).apply(CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), sequential=True),
+                                samples, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(i + 1, len(lm.layers)) for i in range(len(lm.layers))]
