@@ -144,11 +144,19 @@ if st.button("Compare one-pass and sequential"):
 
     stop = st.empty()
     stop.button("Stop comparing", help="Cancels the comparison")
-    with user_errors(), st.spinner("Applying both variants (the sequential one re-calibrates layer by layer) and "
-                                   "evaluating them; the first evaluation of a model evaluates the base model first…"):
-        cmp = compare_one_pass_sequential(compressor(lm, stats), base_evaluator(lm.fingerprint, lm), current_plan(),
-                                          calibration_samples(lm, stats))
+    bar = st.progress(0.0, text="Comparing…")
+    stage_start = {}
+
+    def compare_progress(stage, done, total):
+        t0 = stage_start.setdefault(stage, time.perf_counter())
+        bar.progress(done / max(total, 1), text=f"{stage}: {done}/{total}{eta_text(time.perf_counter() - t0, done, total)}")
+
+    with user_errors():
+        evaluator = base_evaluator(lm.fingerprint, lm)  # the first evaluation of a model evaluates the base once
+        cmp = compare_one_pass_sequential(compressor(lm, stats), evaluator, current_plan(),
+                                          calibration_samples(lm, stats), progress=compare_progress)
     stop.empty()
+    bar.empty()
     st.session_state.sequential_comparison = cmp.to_dict()
 cmp = st.session_state.get("sequential_comparison")
 if cmp is not None:
