@@ -346,7 +346,9 @@ if result is not None:
         spread = (f" · IQR {format_time_ms(lat['decode_q1_ms'])}–{format_time_ms(lat['decode_q3_ms'])}"
                   if lat.get("interleaved") else "")
         c[4].metric("Decode, measured" + stale, format_time_ms(lat["decode_ms_per_token"]),
-                    f"base {format_time_ms(base_measured['decode_ms_per_token'])}" if base_measured else "base unavailable",
+                    (f"base {format_time_ms(base_measured['decode_ms_per_token'])}"
+                     + (" · within noise" if (m.get("latency_ab") or {}).get("spreads_overlap") else ""))
+                    if base_measured else "base unavailable",
                     delta_color="off", delta_arrow="off",
                     help="Per generated token, wall clock on this machine: median of base and compressed timed "
                          f"alternately in one loop ({lat['repeats']} repeats each){spread}. Fake quantization and "
