@@ -407,7 +407,8 @@ if result is not None:
                     f"IQR {format_time_ms(cc['q1'])}–{format_time_ms(cc['q3'])}", delta_color="off", delta_arrow="off")
         l[1].metric("Decode, base (back to back)", format_time_ms(b["median"]),
                     f"IQR {format_time_ms(b['q1'])}–{format_time_ms(b['q3'])}", delta_color="off", delta_arrow="off")
-        l[2].plotly_chart(readable(latency_spread_chart(stored_ab)), width="stretch")
+        l[2].plotly_chart(readable(latency_spread_chart(stored_ab)), width="stretch",
+                          config={"displayModeBar": False})  # a small chart: the toolbar would sit on its title
         (st.warning if stored_ab["busy"] or stored_ab["spreads_overlap"] else st.caption)(latency_verdict(stored_ab))
 
 st.subheader("Recover by distillation")
