@@ -25,6 +25,7 @@ from pathlib import Path
 from moeviz.compression.apply import CompressedModel
 from moeviz.destination import check_destination
 from moeviz.errors import MoevizError
+from moeviz.figures.units import format_time_ms
 from moeviz.models.loading import LoadedModel
 from moeviz.models.offload import full_state_dict, module_weights
 from moeviz.models.runtime import experts_runtime
@@ -93,6 +94,35 @@ def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dic
     return state, changes, messages
 
 
+def evaluation_lines(result: dict) -> list[str]:
+    """The report's evaluation section, in the app's units (% accuracy; µs or ms by magnitude)."""
+    lines: list[str] = []
+    lines += ["## Evaluation", "", f"- eval data fingerprint `{result.get('eval_fingerprint')}`, "
+              f"{result.get('eval_tokens')} tokens",
+              f"- perplexity {result['perplexity']:.4f} (base {result['base_perplexity']:.4f})",
+              f"- next-token accuracy {100 * result['accuracy']:.2f} % (base {100 * result['base_accuracy']:.2f} %)",
+              f"- projected decode latency: {format_time_ms(result['latency_projected']['ms_per_token'])} per token "
+              f"on {result['latency_projected']['device']} (projected, roofline)", ""]
+    if result.get("latency_measured"):
+        lat, base = result["latency_measured"], result.get("base_latency_measured")
+        text = f"- measured decode latency: {format_time_ms(lat['decode_ms_per_token'])} per token"
+        if lat.get("interleaved") and base:
+            ab = result.get("latency_ab") or {}
+            text += (f" (median of {lat['repeats']} repeats, IQR {format_time_ms(lat['decode_q1_ms'])}–"
+                     f"{format_time_ms(lat['decode_q3_ms'])}; base {format_time_ms(base['decode_ms_per_token'])}, "
+                     f"timed back to back on {lat['device']})")
+            if ab.get("spreads_overlap"):
+                text += "; the spreads overlap: no measurable difference"
+            if ab.get("busy"):
+                text += f"; the machine was busy ({ab.get('busy_reason')})"
+        else:
+            text += " (measured on the evaluating machine)"
+        lines.append(text)
+    elif result.get("latency_unavailable"):
+        lines.append(f"- measured decode latency: unavailable ({result['latency_unavailable']})")
+    return lines
+
+
 def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | None, messages: list[str]) -> str:
     lines = ["# moeviz export", "", f"- source model: `{loaded.info.source}` (fingerprint `{loaded.fingerprint}`)",
              f"- architecture: {loaded.info.architecture}", ""]
@@ -114,17 +144,7 @@ def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | Non
                   f"- settings: `{json.dumps(r['settings'])}`",
                   f"- λ_expert {r['lambda_expert']:.4g}, λ_router {r['lambda_router']:.4g}", ""]
     if result:
-        lines += ["## Evaluation", "", f"- eval data fingerprint `{result.get('eval_fingerprint')}`, "
-                  f"{result.get('eval_tokens')} tokens",
-                  f"- perplexity {result['perplexity']:.4f} (base {result['base_perplexity']:.4f})",
-                  f"- accuracy {result['accuracy']:.4f} (base {result['base_accuracy']:.4f})",
-                  f"- projected decode latency: {result['latency_projected']['ms_per_token']:.6g} ms/token on "
-                  f"{result['latency_projected']['device']} (projected, roofline)", ""]
-        if result.get("latency_measured"):
-            lines.append(f"- measured decode latency on the exporting machine: "
-                         f"{result['latency_measured']['decode_ms_per_token']:.4g} ms/token (measured)")
-        elif result.get("latency_unavailable"):
-            lines.append(f"- measured decode latency: unavailable ({result['latency_unavailable']})")
+        lines += evaluation_lines(result)
     lines += [f"- {m}" for m in messages]
     return "\n".join(lines) + "\n"
 

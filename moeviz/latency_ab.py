@@ -1,9 +1,11 @@
 """Base and compressed decode latency measured back to back, under the same conditions.
 
-The evaluation measures the base model once (when the evaluator is built) and each compressed model
-later, so a busy moment on a shared machine lands on one side only. Here both are timed in the same
-loop, alternating A B B A …, each repeat one greedy generation with the KV cache, after one discarded
-warm-up generation of each. Reported per model: the median of the per-token decode times and the
+Timing the base model once and each compressed model later lets a busy moment on a shared machine
+land on one side only (the same plan measured 5 and 38 ms/token). Here both are timed in the same
+loop, alternating A B B A …, each repeat one greedy generation with the KV cache through the same
+code path as `moeviz.evaluation.latency.measure_latency` (`_generate`), after one discarded warm-up
+generation of each. Every evaluation measures this way (`Evaluator.evaluate`); the Compress page can
+repeat it with more repeats. Reported per model: the median of the per-token decode times and the
 spread (first and third quartiles, min and max), whether the two spreads overlap (then the difference
 is within this machine's noise) and whether the machine looked busy (load average, or a spread wider
 than a third of the median).
@@ -17,26 +19,12 @@ import time
 
 import torch
 
+from moeviz.evaluation.latency import _device_name, _generate
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def _decode_seconds_per_token(model, ids: torch.Tensor, decode_tokens: int) -> float:
-    device = ids.device
-    out = model(input_ids=ids, use_cache=True)
-    next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True)
-    cache = out.past_key_values
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(decode_tokens):
-        out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True)
-    _sync(device)
-    return (time.perf_counter() - t0) / decode_tokens
+# A spread (IQR) wider than this share of the median, or a load average above this share of the
+# CPUs before timing, marks the measurement as taken on a busy machine.
+BUSY_SPREAD = 1 / 3
+BUSY_LOAD = 0.8
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float]:
@@ -57,16 +45,17 @@ def compare(base_ms: list[float], compressed_ms: list[float], load_before: float
     """The summary of two sets of per-token decode times (ms), with the overlap and busy notes."""
     b, c = summarize(base_ms), summarize(compressed_ms)
     overlap = not (c["q3"] < b["q1"] or b["q3"] < c["q1"])
-    wide = any((s["q3"] - s["q1"]) > s["median"] / 3 for s in (b, c))
+    wide = any((s["q3"] - s["q1"]) > s["median"] * BUSY_SPREAD for s in (b, c))
     cpus = cpus or os.cpu_count() or 1
-    loaded = load_before is not None and load_before > 0.8 * cpus
+    loaded = load_before is not None and load_before > BUSY_LOAD * cpus
     busy = []
     if loaded:
-        busy.append(f"load average {load_before:.1f} on {cpus} CPUs")
+        busy.append(f"load average {load_before:.1f} on {cpus} CPUs")  # before timing: the 1-minute average
     if wide:
         busy.append("repeats differ by more than a third of the median")
     return dict(base=b, compressed=c, speedup=b["median"] / c["median"] if c["median"] > 0 else None,
-                spreads_overlap=overlap, busy=bool(busy), busy_reason="; ".join(busy) or None)
+                spreads_overlap=overlap, busy=bool(busy), busy_reason="; ".join(busy) or None,
+                load_average=load_before, cpus=cpus)
 
 
 @torch.no_grad()
@@ -81,23 +70,49 @@ def interleaved_decode_latency(base_model, compressed_model, input_ids: torch.Te
     states = {k: m.training for k, m in models.items()}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     times = {"base": [], "compressed": []}
+    prefill = {"base": [], "compressed": []}
     try:
         for m in models.values():
             m.eval()
-            _decode_seconds_per_token(m, ids, min(2, decode_tokens))  # warm-up, discarded
+            _generate(m, ids, min(2, decode_tokens), device)  # warm-up, discarded
         for r in range(repeats):
             order = ("base", "compressed") if r % 2 == 0 else ("compressed", "base")
             for k in order:
-                times[k].append(_decode_seconds_per_token(models[k], ids, decode_tokens) * 1e3)
+                pre_s, dec_s = _generate(models[k], ids, decode_tokens, device)
+                times[k].append(dec_s / decode_tokens * 1e3)
+                prefill[k].append(pre_s * 1e3)
             if progress is not None:
                 progress(r + 1, repeats)
     finally:
         for k, m in models.items():
             m.train(states[k])
     out = compare(times["base"], times["compressed"], load)
+    for k in models:
+        out[k]["prefill_ms"] = statistics.median(prefill[k])
     out.update(decode_tokens=decode_tokens, repeats=repeats, prompt_tokens=int(ids.shape[-1]),
-               device=str(device), torch_threads=torch.get_num_threads())
+               batch_size=int(ids.shape[0]), device=_device_name(device), torch_threads=torch.get_num_threads(),
+               dtype=str(next(base_model.parameters()).dtype).replace("torch.", ""))
     return out
+
+
+def ab_metrics(ab: dict) -> dict:
+    """The flat run-store metrics of a back-to-back measurement (numbers only; flags as 0.0 / 1.0)."""
+    return dict(measured_decode_ms=ab["compressed"]["median"], base_measured_decode_ms=ab["base"]["median"],
+                measured_decode_q1_ms=ab["compressed"]["q1"], measured_decode_q3_ms=ab["compressed"]["q3"],
+                base_measured_decode_q1_ms=ab["base"]["q1"], base_measured_decode_q3_ms=ab["base"]["q3"],
+                latency_busy=float(ab["busy"]), latency_spreads_overlap=float(ab["spreads_overlap"]))
+
+
+def as_measured_latency(ab: dict, which: str) -> dict:
+    """One side of a back-to-back measurement in the shape of `MeasuredLatency` (median decode and
+    prefill) plus its spread: what `EvalResult.latency_measured` / `base_latency_measured` hold."""
+    s = ab[which]
+    b, p = ab.get("batch_size", 1), ab["prompt_tokens"]
+    return dict(kind="measured", device=ab["device"], torch_threads=ab["torch_threads"], dtype=ab.get("dtype"),
+                batch_size=b, prompt_tokens=p, decode_tokens=ab["decode_tokens"], repeats=ab["repeats"],
+                prefill_ms=s["prefill_ms"], prefill_tokens_per_s=b * p / (s["prefill_ms"] / 1e3),
+                decode_ms_per_token=s["median"], decode_tokens_per_s=b / (s["median"] / 1e3),
+                decode_q1_ms=s["q1"], decode_q3_ms=s["q3"], interleaved=True, busy=ab["busy"])
 
 
 def verdict(ab: dict) -> str:

@@ -84,3 +84,72 @@ def metric_diff(a: dict, b: dict, metrics=COMPARED_METRICS) -> list[dict]:
         if isinstance(va, (int, float)) and isinstance(vb, (int, float)) and math.isfinite(va) and math.isfinite(vb):
             rows.append({"metric": m, "a": va, "b": vb, "b − a": vb - va})
     return rows
+
+
+def _col(df: pd.DataFrame, name: str) -> pd.Series:
+    return pd.to_numeric(df[name], errors="coerce") if name in df.columns else pd.Series(float("nan"), index=df.index)
+
+
+def with_measured_latency(df: pd.DataFrame) -> pd.DataFrame:
+    """The frame plus what the trade-off chart draws for measured latency: ``measured_lo`` / ``measured_hi``
+    (the quartiles of the back-to-back repeats, NaN for runs timed before that existed) and the base's
+    median and quartiles from the same loops (``base_measured_decode_ms``, ``base_measured_lo`` / ``_hi``)."""
+    return df.assign(measured_decode_ms=_col(df, "measured_decode_ms"),
+                     measured_lo=_col(df, "measured_decode_q1_ms"), measured_hi=_col(df, "measured_decode_q3_ms"),
+                     base_measured_decode_ms=_col(df, "base_measured_decode_ms"),
+                     base_measured_lo=_col(df, "base_measured_decode_q1_ms"),
+                     base_measured_hi=_col(df, "base_measured_decode_q3_ms"),
+                     latency_busy=_col(df, "latency_busy"))
+
+
+def latency_notes(df: pd.DataFrame) -> str:
+    """One sentence on how far the measured latencies of these runs can be trusted."""
+    measured = _col(df, "measured_decode_ms").notna()
+    ab = measured & _col(df, "measured_decode_q1_ms").notna()
+    parts = []
+    if ab.any():
+        overlap = int((_col(df, "latency_spreads_overlap")[ab] == 1).sum())
+        parts.append(f"{int(ab.sum())} run(s) timed back to back with the base; in {overlap} of them the compressed "
+                     "and base spreads overlap (no measurable difference on this machine)")
+        busy = int((_col(df, "latency_busy")[ab] == 1).sum())
+        if busy:
+            parts.append(f"{busy} timed while the machine was busy (open diamonds)")
+    old = int((measured & ~ab).sum())
+    if old:
+        parts.append(f"{old} run(s) from before back-to-back timing (base timed once, separately): no spread")
+    return ("; ".join(parts) + ".") if parts else ""
+
+
+# (column, CSV header, scale): shares in % (×100), times in ms per token (one unit per column: a CSV column
+# cannot switch between µs and ms), ratios as ×.
+CSV_COLUMNS = (
+    ("id", "run", 1), ("name", "name", 1), ("tags", "tags", 1), ("created_at", "created (UTC)", 1),
+    ("sweep_id", "sweep", 1), ("parent_run_id", "recovered from run", 1), ("method", "method", 1),
+    ("structure", "structure", 1), ("bits", "bits (16 = unquantized)", 1), ("sparsity", "sparsity (%)", 100),
+    ("perplexity", "perplexity", 1), ("base_perplexity", "base perplexity", 1),
+    ("accuracy", "next-token accuracy (%)", 100), ("base_accuracy", "base next-token accuracy (%)", 100),
+    ("compression_ratio", "compression ratio (×)", 1), ("experts_compression_ratio", "experts compression ratio (×)", 1),
+    ("parameter_bytes", "stored parameter bytes", 1),
+    ("projected_decode_ms", "decode, projected (ms/token)", 1),
+    ("base_projected_decode_ms", "base decode, projected (ms/token)", 1),
+    ("measured_decode_ms", "decode, measured median (ms/token)", 1),
+    ("measured_decode_q1_ms", "decode, measured Q1 (ms/token)", 1),
+    ("measured_decode_q3_ms", "decode, measured Q3 (ms/token)", 1),
+    ("base_measured_decode_ms", "base decode, measured back to back, median (ms/token)", 1),
+    ("latency_spreads_overlap", "measured spreads overlap base (1 = yes)", 1),
+    ("latency_busy", "machine busy while timing (1 = yes)", 1),
+    ("mean_cv", "load-balance CV, mean over layers", 1),
+    ("mean_topk_overlap", "top-k overlap with base (%)", 100), ("mean_top1_change", "top-1 change rate (%)", 100),
+    ("mean_kl", "router KL (nats)", 1), ("plan_json", "plan (JSON)", 1),
+)
+
+
+def runs_csv(df: pd.DataFrame) -> str:
+    """The run table as a CSV a person can read: the summary columns with units in their headers, shares
+    in %, the plan as JSON (the store's flattened details are left out)."""
+    df = with_facets(df)
+    out = pd.DataFrame(index=df.index)
+    for col, header, scale in CSV_COLUMNS:
+        if col in df.columns:
+            out[header] = pd.to_numeric(df[col], errors="coerce") * scale if scale != 1 else df[col]
+    return out.to_csv(index=False)

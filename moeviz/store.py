@@ -31,8 +31,9 @@ from pathlib import Path
 DB_FILENAME = "runs.sqlite"
 BUSY_TIMEOUT_MS = 30_000
 
-# Top-level keys of RunRecord.metrics copied into columns of the same name.
-DENORMALISED_METRICS = (
+# Top-level keys of RunRecord.metrics copied into columns of the same name: those of schema version 1
+# (its CREATE TABLE, frozen) and those added by later migrations.
+_V1_METRICS = (
     "perplexity",
     "accuracy",
     "compression_ratio",
@@ -42,6 +43,15 @@ DENORMALISED_METRICS = (
     "mean_cv",
     "mean_topk_overlap",
 )
+# Version 3: measured latency is base and compressed timed back to back; its spread (quartiles), the
+# base's median of the same loop, and whether the machine looked busy (1.0) are kept per run.
+_V3_METRICS = (
+    "base_measured_decode_ms",
+    "measured_decode_q1_ms",
+    "measured_decode_q3_ms",
+    "latency_busy",
+)
+DENORMALISED_METRICS = _V1_METRICS + _V3_METRICS
 
 _MIGRATION_1 = [
     """
@@ -56,7 +66,7 @@ _MIGRATION_1 = [
         plan_json TEXT NOT NULL,
         metrics_json TEXT NOT NULL,
     """
-    + "".join(f"        {m} REAL,\n" for m in DENORMALISED_METRICS)
+    + "".join(f"        {m} REAL,\n" for m in _V1_METRICS)
     + """
         duration_s REAL,
         created_at TEXT NOT NULL,
@@ -81,8 +91,16 @@ _MIGRATION_2 = [
     """,
 ]
 
+# Version 3: the back-to-back latency columns, filled from the metrics of runs stored before (old runs
+# have the base median only where their evaluation measured it, and no spread or busy flag: NULL).
+_MIGRATION_3 = [f"ALTER TABLE runs ADD COLUMN {m} REAL" for m in _V3_METRICS] + [
+    f"UPDATE runs SET {m} = json_extract(metrics_json, '$.{m}') "
+    f"WHERE json_valid(metrics_json) AND typeof(json_extract(metrics_json, '$.{m}')) IN ('real', 'integer')"
+    for m in _V3_METRICS
+]
+
 # MIGRATIONS[i] upgrades a database from schema version i to i + 1 (a list of SQL statements).
-MIGRATIONS: list[list[str]] = [_MIGRATION_1, _MIGRATION_2]
+MIGRATIONS: list[list[str]] = [_MIGRATION_1, _MIGRATION_2, _MIGRATION_3]
 
 _BASE_COLUMNS = (
     "id", "sweep_id", "parent_run_id", "name", "model_fingerprint", "calibration_fingerprint",
@@ -408,15 +426,17 @@ class RunStore:
         return None
 
     def update_metrics(self, run_id: int, extra: dict) -> dict:
-        """Merge `extra` into a run's metrics (top-level keys replaced), e.g. a later latency measurement;
-        returns the merged metrics."""
+        """Merge `extra` into a run's metrics (top-level keys replaced), e.g. a later latency measurement,
+        and the denormalised columns it names; returns the merged metrics."""
         with self._write() as conn:
             row = conn.execute("SELECT metrics_json FROM runs WHERE id = ?", (int(run_id),)).fetchone()
             if row is None:
                 raise KeyError(f"no run with id {run_id} in {self.path}")
             metrics = {**json.loads(row[0]), **_jsonable(extra)}
-            conn.execute("UPDATE runs SET metrics_json = ? WHERE id = ?",
-                         (json.dumps(metrics, allow_nan=False, sort_keys=True), int(run_id)))
+            cols = [m for m in DENORMALISED_METRICS if m in extra]
+            conn.execute(f"UPDATE runs SET {''.join(f'{m} = ?, ' for m in cols)}metrics_json = ? WHERE id = ?",
+                         (*[_number(metrics[m]) for m in cols], json.dumps(metrics, allow_nan=False, sort_keys=True),
+                          int(run_id)))
         return metrics
 
     def rename_run(self, run_id: int, name: str) -> None:

@@ -11,6 +11,10 @@ from moeviz.figures._common import readable
 from moeviz.compression.apply import check_plan_fits
 from moeviz.compression.plan import ALLOCATIONS, METRICS, SUPPORTED_BITS, CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.preview import expert_bytes, format_bytes, plan_storage
+from moeviz.compression.proxy import layer_errors
+from moeviz.compression.proxy import weighted_mean as proxy_mean
+from moeviz.evaluation.sweep import use_lazy
+from moeviz.figures.proxy import proxy_per_layer
 from moeviz.compression.removal import REMOVAL_SCORES, experts_to_remove
 from moeviz.compression.table import (
     apply_table_edits, expert_table, format_ratio, ignored_override_note, overridden_cells, parse_ratio,
@@ -19,7 +23,7 @@ from moeviz.compression.table import (
 from moeviz.errors import MoevizError
 from moeviz.figures.units import bits_label, format_time_ms
 from moeviz.figures.latency import latency_spread_chart
-from moeviz.latency_ab import interleaved_decode_latency
+from moeviz.latency_ab import ab_metrics, interleaved_decode_latency
 from moeviz.latency_ab import verdict as latency_verdict
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
 from moeviz.store import plan_key
@@ -142,6 +146,23 @@ c[2].metric("Model size (plan)", format_bytes(summary["compressed_bytes"]),
 c[3].metric("Expert weights (plan)", format_bytes(summary["experts_bytes"]),
             help=f"Base experts: {format_bytes(summary['experts_base_bytes'])}")
 
+# Cheap, live: a quality proxy from the weights and the calibration statistics (no forward pass). Only where
+# a materialised apply is quick (the models evaluated without the lazy path); sequential plans as one-pass.
+if not use_lazy(compressor(lm, stats)):
+    proxy_plan = CompressionPlan.from_dict({**plan.to_dict(), "sequential": False})
+    proxy_key = (lm.fingerprint, stats.fingerprint, plan_key(proxy_plan.to_dict()))
+    if s.get("_proxy_for") != proxy_key:
+        with user_errors():
+            s._proxy = layer_errors(lm.layers, compressor(lm, stats).apply(proxy_plan).layers, stats)
+        s._proxy_for = proxy_key
+    p1, p2 = st.columns([1, 3])
+    p1.metric("Quality proxy (live)", f"{100 * proxy_mean(s._proxy):.3g} %",
+              help="Gate-weighted reconstruction error of the expert outputs, mean over layers: the squared error the "
+                   "plan adds to each expert's routed output on the calibration tokens (diagonal approximation), "
+                   "relative to that output; removed experts count in full. Ranks plans while you edit; Evaluate "
+                   "measures perplexity." + (" Sequential plans: shown as one-pass." if plan.sequential else ""))
+    p2.plotly_chart(readable(proxy_per_layer(s._proxy)), width="stretch")
+
 st.subheader("Per-expert settings")
 st.caption("Edit sparsity (type 50 % or 0.5), bits or remove for any expert; edited cells become per-expert overrides "
            "of the plan at once. 'override' names the cells set by hand; bytes is the expert's stored size under the "
@@ -159,8 +180,16 @@ display = [{**r, "sparsity": format_ratio(r["sparsity"]),
             "bytes": format_bytes(sizes.get((r["layer"], r["expert"]), 0)),
             "share": f"{100 * sizes.get((r['layer'], r['expert']), 0) / max(summary['compressed_bytes'], 1):.2f} %"}
            for r in shown]
+
+
+def _highlight_overrides(row):
+    # Streamlit styles only the read-only columns of an editor: a row set by hand is tinted there.
+    tint = "background-color: #fff3c4" if row["override"] else ""
+    return [tint if c in ("layer", "expert", "override") else "" for c in row.index]
+
+
 edited = st.data_editor(
-    pd.DataFrame(display), hide_index=True, key=f"experts_{hash(plan.to_json())}_{layers_shown}",
+    pd.DataFrame(display).style.apply(_highlight_overrides, axis=1) if display else pd.DataFrame(display), hide_index=True, key=f"experts_{hash(plan.to_json())}_{layers_shown}",
     disabled=["layer", "expert", "utilization", "mean_gate", "override", "bytes", "share"],
     column_config={
         "utilization": st.column_config.NumberColumn("utilization", format="%.1f %%", help="share of top-k assignments"),
@@ -273,12 +302,14 @@ if go_eval or (s.get("_auto_eval", False) and (last is None or is_stale)):
 
     def eval_progress(stage, done, total):
         start = t_eval.setdefault(stage, time.perf_counter())
+        left = (time.perf_counter() - start) / max(done, 1) * (total - done)
+        eta = f" · about {left:.0f} s left" if done else ""
         if stage == "apply":
-            text = "Applying the plan" + (" (sequential: re-calibrating layer by layer)…" if plan.sequential else "…")
-            bar.progress(0.0, text=text)
+            what = "re-calibrating and compressing layer by layer" if plan.sequential else "compressing"
+            bar.progress(done / max(total, 1), text=f"Applying the plan ({what}): layer {done}/{total}{eta}")
         else:
-            left = (time.perf_counter() - start) / max(done, 1) * (total - done)
-            bar.progress(done / max(total, 1), text=f"Evaluating on held-out text: {done}/{total} · about {left:.0f} s left")
+            bar.progress(done / max(total, 1), text=f"Evaluating on held-out text: {done}/{total} batches{eta}, "
+                                                    "then timing base and compressed back to back")
 
     with user_errors(), st.spinner(message + (" Sequential plans re-calibrate layer by layer: slower." if plan.sequential else "")):
         result_dict, run_id, reused = evaluate_or_reuse(lm, stats, plan, progress=eval_progress)
@@ -311,13 +342,17 @@ if result is not None:
                 help=f"Per generated token. Roofline model for {proj['device']}: active weight bytes / bandwidth "
                      "vs FLOPs / peak. A projection, not a measurement.")
     if m["latency_measured"]:
-        base_measured = m.get("base_latency_measured")
-        c[4].metric("Decode, measured" + stale, format_time_ms(m["latency_measured"]["decode_ms_per_token"]),
-                    f"base {format_time_ms(base_measured['decode_ms_per_token'])}" if base_measured else "base unavailable",
+        lat, base_measured = m["latency_measured"], m.get("base_latency_measured")
+        spread = (f" · IQR {format_time_ms(lat['decode_q1_ms'])}–{format_time_ms(lat['decode_q3_ms'])}"
+                  if lat.get("interleaved") else "")
+        c[4].metric("Decode, measured" + stale, format_time_ms(lat["decode_ms_per_token"]),
+                    (f"base {format_time_ms(base_measured['decode_ms_per_token'])}"
+                     + (" · within noise" if (m.get("latency_ab") or {}).get("spreads_overlap") else ""))
+                    if base_measured else "base unavailable",
                     delta_color="off", delta_arrow="off",
-                    help="Per generated token, wall clock on this machine. The base was timed once, earlier, so a busy "
-                         "moment can favour either side: 'Measure base and compressed back to back' below compares "
-                         "them fairly. Fake quantization and zeroed weights bring no speed-up; removed experts can.")
+                    help="Per generated token, wall clock on this machine: median of base and compressed timed "
+                         f"alternately in one loop ({lat['repeats']} repeats each){spread}. Fake quantization and "
+                         "zeroed weights bring no speed-up; removed experts can.")
     elif m.get("latency_unavailable"):
         c[4].metric("Decode, measured", "unavailable", help=m["latency_unavailable"])
         st.caption(f"Measured latency is unavailable for this model: {m['latency_unavailable']}")
@@ -336,13 +371,13 @@ if result is not None:
     st.caption("Decode latencies are per generated token; µs below 1 ms, ms above.")
 
     st.markdown("**Measured latency, base vs this plan, back to back**")
-    st.caption("The evaluation times the base model once and each plan later; here both are timed in one loop, "
-               "alternating base and compressed, so a busy moment on this machine hits both. Median and "
-               "quartiles of the per-token decode time; stored with the run.")
-    stored_ab = None
+    st.caption("Every evaluation times the base and the compressed model in one loop, alternating, so a busy "
+               "moment on this machine hits both: median and quartiles of the per-token decode time, stored with "
+               "the run. Measure again with more repeats for a tighter spread.")
+    stored_ab = None if is_stale else m.get("latency_ab")
     if s.last_run_id is not None and not is_stale:
         with contextlib.suppress(KeyError):
-            stored_ab = run_store().get_run(s.last_run_id).metrics.get("latency_ab")
+            stored_ab = run_store().get_run(s.last_run_id).metrics.get("latency_ab") or stored_ab
     with st.form("latency_ab_form"):
         l1, l2, l3 = st.columns([1, 1, 2])
         ab_repeats = l1.number_input("Repeats", 3, 101, 9, help="Each repeat times base and compressed once")
@@ -364,7 +399,7 @@ if result is not None:
                                                    progress=ab_progress)
             bar.empty()
             if s.last_run_id is not None:
-                run_store().update_metrics(s.last_run_id, {"latency_ab": stored_ab})
+                run_store().update_metrics(s.last_run_id, {"latency_ab": stored_ab, **ab_metrics(stored_ab)})
     if stored_ab:
         b, cc = stored_ab["base"], stored_ab["compressed"]
         l = st.columns([1, 1, 2])
@@ -372,7 +407,8 @@ if result is not None:
                     f"IQR {format_time_ms(cc['q1'])}–{format_time_ms(cc['q3'])}", delta_color="off", delta_arrow="off")
         l[1].metric("Decode, base (back to back)", format_time_ms(b["median"]),
                     f"IQR {format_time_ms(b['q1'])}–{format_time_ms(b['q3'])}", delta_color="off", delta_arrow="off")
-        l[2].plotly_chart(readable(latency_spread_chart(stored_ab)), width="stretch")
+        l[2].plotly_chart(readable(latency_spread_chart(stored_ab)), width="stretch",
+                          config={"displayModeBar": False})  # a small chart: the toolbar would sit on its title
         (st.warning if stored_ab["busy"] or stored_ab["spreads_overlap"] else st.caption)(latency_verdict(stored_ab))
 
 st.subheader("Recover by distillation")

@@ -9,8 +9,10 @@ from moeviz import figures
 from moeviz.figures._common import readable
 from moeviz.compression.plan import METRICS, SUPPORTED_BITS, CompressionPlan
 from moeviz.evaluation import grid_plans, run_sweep
-from moeviz.figures.units import bits_label, format_time_ms
-from moeviz.runview import filter_runs, metric_diff, plan_diff, tag_list, with_facets
+from moeviz.figures.units import bits_label, eta_text, format_time_ms
+from moeviz.runview import (
+    filter_runs, latency_notes, metric_diff, plan_diff, tag_list, with_facets, with_measured_latency,
+)
 from pages._state import base_evaluator, compressor, require_model, require_stats, run_store, set_plan, user_errors
 
 st.header("Trade-offs")
@@ -22,13 +24,6 @@ s = st.session_state
 lm = require_model()
 stats = require_stats(lm)
 store = run_store()
-
-
-def eta_text(start: float, done: int, total: int) -> str:
-    if done == 0:
-        return ""
-    left = (time.perf_counter() - start) / done * (total - done)
-    return f" · about {left:.0f} s left" if left >= 1 else " · almost done"
 
 
 with st.form("sweep_form"):
@@ -52,12 +47,14 @@ if go:
         start = time.perf_counter()
         df = run_sweep(compressor(lm, stats), evaluator, plans, store=store,
                        progress=lambda d, t, row: bar.progress(
-                           d / t, text=f"Sweep: {d}/{t} plans · {row['name']}{eta_text(start, d, t)}"))
+                           d / t, text=f"Sweep: {d}/{t} plans · {row['name']}{eta_text(time.perf_counter() - start, d, t)}"))
         bar.empty()
         stop.empty()
         s.pop("_sweep_running", None)
     s.sweep_df = df
-    st.success(f"{len(df)} plans evaluated and stored (sweep {df.attrs.get('sweep_id')}).")
+    n_reused = int(df["reused"].sum()) if "reused" in df else 0
+    st.success(f"{len(df) - n_reused} plans evaluated and stored (sweep {df.attrs.get('sweep_id')})"
+               + (f"; {n_reused} evaluated before: their stored runs are reused, no duplicates." if n_reused else "."))
 
 runs = store.runs(model_fingerprint=lm.fingerprint)
 if runs.empty:
@@ -115,31 +112,24 @@ def select_run(run_id: int):
     s._loaded_note = f"Plan of run #{run_id} loaded into Compress."
 
 
-LATENCIES = {"projected_decode_ms": "projected (roofline, H100)", "measured_decode_ms": "measured (this machine)",
-             "interleaved_decode_ms": "measured back to back with base (median, IQR bars)"}
+LATENCIES = {"projected_decode_ms": "projected (roofline, H100)",
+             "measured_decode_ms": "measured, back to back with the base (median, IQR bars)"}
 latency = st.radio("Latency", list(LATENCIES), horizontal=True, format_func=LATENCIES.get,
-                   help="Back to back: measured on the Compress page, base and compressed alternating in one loop")
+                   help="Measured: each evaluation times its base and compressed model alternately in one loop "
+                        "(the Compress page can repeat it with more repeats); median and quartiles of the repeats")
 spread = None
-if latency == "interleaved_decode_ms":
-    if "latency_ab.compressed.median" not in df.columns:
-        st.info("No run has a back-to-back measurement yet: use 'Measure base and compressed back to back' on the "
-                "Compress page.")
-    else:
-        df = df.assign(interleaved_decode_ms=df["latency_ab.compressed.median"],
-                       interleaved_lo=df["latency_ab.compressed.q1"], interleaved_hi=df["latency_ab.compressed.q3"],
-                       base_interleaved_decode_ms=df["latency_ab.base.median"])
-        spread = ("interleaved_lo", "interleaved_hi")
-        overlapping = int(((df["latency_ab.compressed.q3"] >= df["latency_ab.base.q1"])
-                           & (df["latency_ab.base.q3"] >= df["latency_ab.compressed.q1"])).sum())
-        st.caption("Each run's base star is its own back-to-back base median; the chart shows the first. "
-                   + (f"{overlapping} run(s) have spreads overlapping their base: their difference is within noise."
-                      if overlapping else ""))
+if latency == "measured_decode_ms":
+    df = with_measured_latency(df)
+    spread = ("measured_lo", "measured_hi")
+    note = latency_notes(df)
+    if note:
+        st.caption(note)
 take_selection("tradeoff", st.plotly_chart(readable(figures.tradeoff_chart(
     df, latency_col=latency, latency_kind="projected" if latency.startswith("projected") else "measured",
     latency_spread=spread)), width="stretch",
                                            on_select="rerun", selection_mode="points", key="tradeoff"))
+log_y = st.checkbox("Log scale for perplexity", value=True)  # above both columns: the two charts' titles align
 c1, c2 = st.columns(2)
-log_y = c1.checkbox("Log scale for perplexity", value=True)
 take_selection("ppl", c1.plotly_chart(readable(figures.perplexity_vs_ratio(df, log_y=log_y)), width="stretch",
                                       on_select="rerun", selection_mode="points", key="ppl"))
 take_selection("cv", c2.plotly_chart(readable(figures.cv_vs_ratio(df)), width="stretch", on_select="rerun",
@@ -159,7 +149,8 @@ st.subheader("All runs")
 cols = ["id", "parent_run_id", "name", "tags", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
         "projected_decode_ms", "measured_decode_ms", "mean_cv", "mean_topk_overlap", "created_at"]
 table = df[[c for c in cols if c in df]].sort_values("id", ascending=False).reset_index(drop=True)
-shown = table.assign(parent_run_id=pd.to_numeric(table["parent_run_id"], errors="coerce").astype("Int64"),
+shown = table.assign(parent_run_id=pd.to_numeric(table["parent_run_id"], errors="coerce").map(
+                         lambda v: "" if pd.isna(v) else f"#{int(v)}"),
                      accuracy=table["accuracy"] * 100, mean_topk_overlap=table.get("mean_topk_overlap", pd.Series(dtype=float)) * 100,
                      projected_decode_ms=table["projected_decode_ms"].map(format_time_ms),
                      measured_decode_ms=table["measured_decode_ms"].map(format_time_ms))
@@ -167,7 +158,8 @@ event = st.dataframe(
     shown, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key="runs_table",
     column_config={
         "id": st.column_config.NumberColumn("run", format="%d"),
-        "parent_run_id": st.column_config.NumberColumn("recovered from", format="%d"),
+        "parent_run_id": st.column_config.TextColumn("recovered from", width="small"),
+        "name": st.column_config.TextColumn("name", width="medium"),
         "accuracy": st.column_config.NumberColumn("accuracy", format="%.1f %%"),
         "perplexity": st.column_config.NumberColumn("perplexity", format="%.2f"),
         "compression_ratio": st.column_config.NumberColumn("ratio", format="%.2f×"),

@@ -5,6 +5,7 @@ import json
 import streamlit as st
 
 from moeviz.export import check_destination, export_model
+from moeviz.runview import runs_csv
 from pages._state import compressor, current_plan, plan_samples, require_model, run_store, stats_for, user_errors
 
 st.header("Export")
@@ -20,8 +21,8 @@ runs = run_store().runs(model_fingerprint=lm.fingerprint)
 if runs.empty:
     st.info("No stored runs for this model yet.")
 else:
-    st.download_button("Results of all runs (CSV)", runs.to_csv(index=False), file_name="moeviz_runs.csv",
-                       mime="text/csv")
+    st.download_button("Results of all runs (CSV)", runs_csv(runs), file_name="moeviz_runs.csv", mime="text/csv",
+                       help="Units in the headers: shares in %, decode times in ms per token, ratios in ×")
     st.caption(f"{len(runs)} runs · model fingerprint {lm.fingerprint}")
 if st.session_state.last_result is not None:
     st.download_button("Last evaluation, all details (JSON)", json.dumps(st.session_state.last_result, indent=2),

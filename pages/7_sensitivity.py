@@ -1,5 +1,7 @@
 """Page 7 — per-expert sensitivity, plans fitted to a budget, one-pass vs sequential."""
 
+import time
+
 import pandas as pd
 import streamlit as st
 
@@ -10,6 +12,7 @@ from moeviz.sensitivity.budget import Budget, optimise_plan
 from moeviz.sensitivity.cache import sensitivity_cached
 from moeviz.sensitivity.figures import choice_heatmap, sensitivity_heatmap
 from moeviz.sensitivity.measure import first_windows
+from moeviz.figures.units import eta_text
 from moeviz.store import new_sweep_id
 from pages._state import (
     base_evaluator, calibration_samples, compressor, current_plan, require_model, require_stats, run_store, set_plan,
@@ -37,11 +40,15 @@ with st.form("sensitivity_form"):
 if measure:
     grid = SensitivityGrid(metric=metric, group_size=int(group_size))
     bar = st.progress(0.0, text="Measuring…")
+    stop = st.empty()
+    stop.button("Stop measuring", help="Cancels the measurement; nothing is cached then")
+    t0 = time.perf_counter()
     with user_errors():
         samples = first_windows(calibration_samples(lm, stats), int(n_windows))
-        sens, cached = sensitivity_cached(lm, stats, samples, grid,
-                                          progress=lambda d, t: bar.progress(d / t, text=f"Measuring… {d}/{t} (setting × layer)"))
+        sens, cached = sensitivity_cached(lm, stats, samples, grid, progress=lambda d, t: bar.progress(
+            d / t, text=f"Measuring… {d}/{t} (setting × layer){eta_text(time.perf_counter() - t0, d, t)}"))
     bar.empty()
+    stop.empty()
     st.session_state.sensitivity = sens
     st.success(("Loaded from the cache" if cached else f"Measured in {sens.seconds:.1f} s") +
                f": {sum(sens.num_experts)} experts × {len(sens.settings)} settings on {sens.n_tokens} tokens.")
@@ -107,7 +114,10 @@ levels = st.multiselect("Mean expert sparsity budgets", [0.3, 0.4, 0.5, 0.6, 0.7
 if st.button("Evaluate optimised plans") and levels:
     sweep = new_sweep_id()
     rows = []
-    bar = st.progress(0.0, text="Evaluating…")
+    bar = st.progress(0.0, text=f"Evaluating optimised plans: 0/{len(levels)}…")
+    stop = st.empty()
+    stop.button("Stop evaluating", help="Stops after the plan being evaluated; finished runs are already stored")
+    t0 = time.perf_counter()
     with user_errors():
         evaluator = base_evaluator(lm.fingerprint, lm)
         comp = compressor(lm, stats)
@@ -117,8 +127,10 @@ if st.button("Evaluate optimised plans") and levels:
             rows.append(dict(run=run_id, name=p.name, perplexity=result.perplexity,
                              base_perplexity=result.base_perplexity,
                              experts_ratio=result.compression["experts_compression_ratio"]))
-            bar.progress((i + 1) / len(levels), text=f"Evaluated {p.name}")
+            bar.progress((i + 1) / len(levels), text=f"Evaluated {p.name}: {i + 1}/{len(levels)}"
+                                                     f"{eta_text(time.perf_counter() - t0, i + 1, len(levels))}")
     bar.empty()
+    stop.empty()
     st.session_state.optimised_runs = rows
 if st.session_state.get("optimised_runs"):
     st.dataframe(pd.DataFrame(st.session_state.optimised_runs), hide_index=True)
@@ -130,9 +142,21 @@ st.caption("The current plan applied in one pass (every layer scored on the base
 if st.button("Compare one-pass and sequential"):
     from moeviz.sensitivity.sequential import compare_one_pass_sequential
 
-    with user_errors(), st.spinner("Applying both variants and evaluating them…"):
-        cmp = compare_one_pass_sequential(compressor(lm, stats), base_evaluator(lm.fingerprint, lm), current_plan(),
-                                          calibration_samples(lm, stats))
+    stop = st.empty()
+    stop.button("Stop comparing", help="Cancels the comparison")
+    bar = st.progress(0.0, text="Comparing…")
+    stage_start = {}
+
+    def compare_progress(stage, done, total):
+        t0 = stage_start.setdefault(stage, time.perf_counter())
+        bar.progress(done / max(total, 1), text=f"{stage}: {done}/{total}{eta_text(time.perf_counter() - t0, done, total)}")
+
+    with user_errors():
+        evaluator = base_evaluator(lm.fingerprint, lm)  # the first evaluation of a model evaluates the base once
+        cmp = compare_one_pass_sequential(compressor(lm, stats), evaluator, current_plan(),
+                                          calibration_samples(lm, stats), progress=compare_progress)
+    stop.empty()
+    bar.empty()
     st.session_state.sequential_comparison = cmp.to_dict()
 cmp = st.session_state.get("sequential_comparison")
 if cmp is not None:

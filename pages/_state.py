@@ -170,7 +170,7 @@ def base_evaluator(model_fingerprint: str, _loaded, measure_latency: bool = True
     context = _loaded.max_context or EVAL_SEQ_LEN  # a model built for shorter windows is evaluated on its context
     samples = load_eval_samples(_loaded.tokenizer, seq_len=min(EVAL_SEQ_LEN, context), max_samples=64,
                                 max_seq_len=_loaded.max_context)
-    settings = EvalSettings(measure_latency=measure_latency, latency_decode_tokens=8, latency_repeats=2)
+    settings = EvalSettings(measure_latency=measure_latency, latency_decode_tokens=8, latency_repeats=5)
     return Evaluator(_loaded, samples, settings)
 
 
@@ -213,7 +213,7 @@ def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None):
     if progress is not None:
         progress("apply", 0, 1)
     comp = compressor(loaded, stats)
-    compressed = comp.apply(plan, samples)
+    compressed = comp.apply(plan, samples, progress=(lambda d, t: progress("apply", d, t)) if progress else None)
     result = evaluator.evaluate(compressed, progress=(lambda d, t: progress("evaluate", d, t)) if progress else None)
     run_id = store_result(store, result, plan, loaded.fingerprint, stats.fingerprint if stats is not None else None,
                           duration_s=time.perf_counter() - start)

@@ -3,6 +3,7 @@
 render, and save a screenshot of each page under test-artifacts/screenshots/."""
 
 import contextlib
+import math
 import os
 import shutil
 import socket
@@ -77,6 +78,22 @@ def metric_value(page, label):
     return box.locator("[data-testid='stMetricValue']").inner_text()
 
 
+ERROR_BARS = """() => [...document.querySelectorAll('.js-plotly-plot')].some(div => (div.data || []).some(t =>
+    t.yaxis === 'y2' && t.error_y && (t.error_y.array || []).length > 0))"""
+
+
+def check_right_axis_ticks_are_round(page):
+    """The right-hand axis of the first chart: ticks evenly spaced by 1, 2 or 5 × 10^k (not 1.594, 1.437, …)."""
+    labels = page.locator(".js-plotly-plot").first.locator("g.y2tick text").all_text_contents()
+    values = [float(v.replace("−", "-").replace(",", "")) for v in labels if v and v.strip()]
+    assert len(values) >= 2, labels
+    steps = {round(b - a, 9) for a, b in zip(values, values[1:])}
+    assert len(steps) == 1, labels
+    step = steps.pop()
+    mantissa = step / 10 ** math.floor(math.log10(step))
+    assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 2.5, 5)), labels
+
+
 def test_default_flow_in_chromium(app_url):
     from playwright.sync_api import sync_playwright
 
@@ -100,11 +117,16 @@ def test_default_flow_in_chromium(app_url):
         shoot_charts(page, "2_routing")
 
         nav(page, "Architecture")
-        page.locator("svg, .stGraphVizChart").first.wait_for(timeout=60_000)
+        # The diagram itself (its key of numbered pruning targets), not just any svg on the page.
+        page.locator("[data-testid='stGraphVizChart'] svg text").filter(has_text="pruning targets").first.wait_for(
+            timeout=60_000)
+        page.wait_for_timeout(300)
         page.screenshot(path=SHOTS / "3_architecture.png", full_page=True)
 
         nav(page, "Compress")
         page.get_by_text("Compression ratio (plan)").wait_for(timeout=60_000)
+        page.get_by_text("Quality proxy (live)").wait_for(timeout=60_000)  # live, before any evaluation
+        wait_for_charts(page, 1)
         page.screenshot(path=SHOTS / "4_compress.png")
         ratio = metric_value(page, "Compression ratio (plan)")
         page.get_by_role("button", name="Evaluate", exact=True).click()
@@ -125,8 +147,10 @@ def test_default_flow_in_chromium(app_url):
         page.get_by_text("no duplicate stored").wait_for(timeout=60_000)
         wait_for_charts(page, 2)
         shoot_charts(page, "4_compress")
+        # Already timed back to back by the evaluation (5 repeats); measured again with 9.
+        page.get_by_text("Decode, compressed (back to back)").wait_for(timeout=60_000)
         page.get_by_role("button", name="Measure base and compressed back to back").click()
-        page.get_by_text("Decode, compressed (back to back)").wait_for(timeout=120_000)
+        page.get_by_text("medians of 9 interleaved repeats").wait_for(timeout=120_000)
         wait_for_charts(page, 3)
         page.get_by_text("Decode, compressed (back to back)").scroll_into_view_if_needed()
         page.screenshot(path=SHOTS / "4d_latency_back_to_back.png")
@@ -145,6 +169,15 @@ def test_default_flow_in_chromium(app_url):
         page.wait_for_function("document.querySelectorAll('.annotation-arrow-g').length >= 1", timeout=60_000)
         page.screenshot(path=SHOTS / "5_tradeoffs.png")
         shoot_charts(page, "5_tradeoffs")
+        check_right_axis_ticks_are_round(page)
+        # Measured latency: every evaluation timed base and compressed back to back, drawn with IQR bars.
+        page.get_by_text("measured, back to back with the base").click()
+        page.wait_for_function(ERROR_BARS, timeout=60_000)
+        page.get_by_text("timed back to back with the base").first.wait_for(timeout=60_000)
+        page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=SHOTS / "5d_measured_latency.png")
+        check_right_axis_ticks_are_round(page)
         # Clicking a point of the Pareto chart (the 4th chart) selects its run and can load its plan.
         pareto = page.locator(".js-plotly-plot").nth(3)
         pareto.scroll_into_view_if_needed()
@@ -166,6 +199,19 @@ def test_default_flow_in_chromium(app_url):
         nav(page, "Export")
         page.get_by_text("Plan (JSON)").wait_for(timeout=60_000)
         page.screenshot(path=SHOTS / "6_export.png", full_page=True)
+
+        # A per-expert override: the table tints that row's read-only cells and names the cell set by hand.
+        nav(page, "Compress")
+        page.get_by_text("Edit one expert by number").click()
+        form = page.locator("[data-testid='stForm']").filter(has=page.get_by_role("button", name="Set expert"))
+        before = metric_value(page, "Quality proxy (live)")
+        form.get_by_role("textbox", name="Sparsity").fill("80 %")
+        form.get_by_role("button", name="Set expert").click()
+        page.wait_for_function(f"""() => [...document.querySelectorAll("[data-testid='stMetric']")].some(m =>
+            m.innerText.includes('Quality proxy (live)') && !m.innerText.includes('{before}'))""", timeout=60_000)
+        page.get_by_text("Per-expert settings").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=SHOTS / "4e_override_highlighted.png")
         browser.close()
 
 
@@ -227,5 +273,9 @@ def test_sensitivity_heatmap_and_the_optimised_curve(app_url):
         page.get_by_role("heading", name="Pareto front").wait_for(timeout=60_000)
         wait_for_charts(page, 4)
         page.wait_for_function(OPTIMISED_LINE, timeout=60_000)
+        # Its own legend entry (and colour), not its method's.
+        page.wait_for_function("""() => [...document.querySelectorAll('.js-plotly-plot')].some(div =>
+            (div.data || []).some(t => (t.name || '').includes('· optimised') && t.showlegend !== false))""", timeout=30_000)
+        assert page.locator("g.legend text").filter(has_text="optimised").count() >= 1
         page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()
         page.screenshot(path=SHOTS / "7b_optimised_curve.png")

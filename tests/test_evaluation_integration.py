@@ -130,6 +130,61 @@ def test_measured_latency_is_real_and_labelled(loaded_tiny):
         assert lat["kind"] == "measured" and lat["decode_ms_per_token"] > 0 and lat["prefill_tokens_per_s"] > 0
 
 
+def test_every_evaluation_times_base_and_compressed_back_to_back(loaded_tiny, monkeypatch, tmp_path):
+    """Measured latency is never a cached base reading against a later compressed one: each evaluation
+    alternates base and compressed generations (ABBA…) in one loop, reports both medians with their
+    quartiles and a busy flag, and the run store keeps them (columns + the repeats)."""
+    from moeviz import latency_ab
+    from moeviz.evaluation.sweep import evaluate_plan
+
+    lm = loaded_tiny("mixtral")
+    held = tokenize_documents(DOCS, lm.tokenizer, 2, 16, seed=0)
+    ev = Evaluator(lm, held, EvalSettings(batch_size=2, record_tokens=16, latency_prompt_tokens=8,
+                                          latency_decode_tokens=2, latency_repeats=4))
+    comp = Compressor(lm)
+    calls, original = [], latency_ab._generate
+    monkeypatch.setattr(latency_ab, "_generate",
+                        lambda model, *a: calls.append("base" if model is lm.model else "compressed") or original(model, *a))
+    store = RunStore(tmp_path / "runs.sqlite")
+    for s in (0.3, 0.6):
+        calls.clear()
+        r, run_id = evaluate_plan(comp, ev, CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=s)), store)
+        # one warm-up each, then 4 repeats alternating: AB BA AB BA
+        assert calls == ["base", "compressed"] + ["base", "compressed", "compressed", "base"] * 2
+        ab = r.latency_ab
+        assert len(ab["base"]["samples"]) == len(ab["compressed"]["samples"]) == 4
+        assert r.latency_measured["decode_ms_per_token"] == ab["compressed"]["median"] == \
+            pytest.approx(sorted(ab["compressed"]["samples"])[1:3] and sum(sorted(ab["compressed"]["samples"])[1:3]) / 2)
+        assert r.base_latency_measured["decode_ms_per_token"] == ab["base"]["median"]
+        assert ab["compressed"]["q1"] <= ab["compressed"]["median"] <= ab["compressed"]["q3"]
+        assert isinstance(ab["busy"], bool) and isinstance(ab["spreads_overlap"], bool)
+        stored = store.get_run(run_id)
+        assert stored.extra["base_measured_decode_ms"] == ab["base"]["median"]
+        assert stored.extra["measured_decode_q1_ms"] == ab["compressed"]["q1"]
+        assert stored.extra["measured_decode_q3_ms"] == ab["compressed"]["q3"]
+        assert stored.extra["latency_busy"] == float(ab["busy"])
+        assert stored.metrics["latency_ab"]["compressed"]["samples"] == ab["compressed"]["samples"]
+
+
+def test_a_repeated_sweep_stores_no_duplicates(setup, tmp_path):
+    """A sweep over plans evaluated before (by a sweep or one by one) reuses their runs."""
+    from moeviz.evaluation.sweep import evaluate_plan
+
+    lm, _, _, comp, ev = setup
+    store = RunStore(tmp_path / "runs.sqlite")
+    plans = grid_plans(["magnitude"], [0.25, 0.5], base=CompressionPlan())
+    first = run_sweep(comp, ev, plans, store=store)
+    assert not first["reused"].any() and len(store.runs()) == 2
+    _, single = evaluate_plan(comp, ev, CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.75)), store)
+    again = run_sweep(comp, ev, grid_plans(["magnitude"], [0.25, 0.5, 0.75], base=CompressionPlan()), store=store)
+    assert len(store.runs()) == 3  # nothing new stored
+    assert list(again["reused"]) == [True, True, True]
+    assert list(again["run_id"]) == list(first["run_id"]) + [single]
+    assert list(again["perplexity"]) == list(first["perplexity"]) + [store.get_run(single).metrics["perplexity"]]
+    fresh = run_sweep(comp, ev, plans[:1], store=store, reuse=False)  # asked for: a new run
+    assert len(store.runs()) == 4 and not fresh["reused"].any()
+
+
 def test_sweep_rows_store_progress_and_cancel(setup, tmp_path):
     lm, stats, _, comp, ev = setup
     plans = grid_plans(["magnitude", "moe_pruner"], [0.25, 0.5], bits=[16, 4], base=CompressionPlan(quant=QuantSettings(group_size=-1)))
@@ -147,7 +202,7 @@ def test_sweep_rows_store_progress_and_cancel(setup, tmp_path):
     back = store.get_run(int(df["run_id"].iloc[0]))
     assert CompressionPlan.from_dict(back.plan) == plans[0]
     n = iter(range(100))
-    partial = run_sweep(comp, ev, plans, store=store, should_stop=lambda: next(n) >= 3)
+    partial = run_sweep(comp, ev, plans, store=store, should_stop=lambda: next(n) >= 3, reuse=False)
     assert len(partial) == 3 and partial.attrs["cancelled"]
     assert len(store.runs(sweep_id=partial.attrs["sweep_id"])) == 3
 
@@ -185,7 +240,7 @@ def test_failing_latency_measurement_is_isolated(setup, monkeypatch, tmp_path):
     def broken(*a, **k):
         raise RuntimeError("this cache cannot decode\nsecond line")
 
-    monkeypatch.setattr(ev_module, "measure_latency", broken)
+    monkeypatch.setattr(ev_module, "interleaved_decode_latency", broken)
     settings = EvalSettings(batch_size=4, record_tokens=64, latency_decode_tokens=1, latency_repeats=1)
     result = Evaluator(lm, held, settings).evaluate(comp.apply(CompressionPlan(pruning=PruningSettings(
         metric="wanda", sparsity=0.5))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import graphviz
@@ -96,6 +97,7 @@ def test_router_probability_histogram(stats):
     np.testing.assert_allclose(fig.data[0].y, [30, 10, 5, 4, 1])
     np.testing.assert_allclose(fig.data[0].x, [0.1, 0.3, 0.5, 0.7, 0.9])
     assert fig.layout.yaxis.type == "log" and fig.data[0].hovertemplate
+    assert fig.layout.yaxis.dtick == 1  # powers of ten only: round ticks
     x, y = _titles(fig)
     assert "probability" in x.lower() and "count" in y
     assert len(router_probability_histogram(stats, 1).data) == 4
@@ -205,7 +207,7 @@ def test_moe_layer_dot_plan_colouring_and_removed():
     e2 = re.search(r"^\s*e2 \[.*$", dot, flags=re.M).group(0)
     assert re.search(r'fillcolor="([^"]+)"', e0).group(1) != re.search(r'fillcolor="([^"]+)"', e2).group(1)
     assert "20% pruned · 8b" in labels["router"] and "softmax" in labels["router"]
-    assert "shared0" in labels and "cluster_legend" in dot and "e5 -> sum" not in dot
+    assert "shared0" in labels and "<B>legend</B>" in dot and "e5 -> sum" not in dot
     assert all(t in dot for t in ("weights within experts", "the router", "whole experts"))
     # expert states (applied plan) take precedence; other layers' states are ignored
     states = [dict(layer=1, expert=0, sparsity=0.75, bits=3, removed=False, zero_fraction=0.7),
@@ -468,3 +470,86 @@ def test_log_perplexity_keeps_its_range_and_readable_wraps_titles_and_moves_lege
     fig = readable(drift_per_layer({"drift": [dict(layer=0, topk_overlap=0.9, top1_change_rate=0.1, kl=0.01)]}))
     assert "<br>" in fig.layout.title.text and fig.layout.legend.orientation == "h"
     assert all(len(line) <= 50 for line in fig.layout.yaxis.title.text.split("<br>"))
+
+
+def test_the_optimised_curve_has_its_own_colour_and_legend_entry():
+    from moeviz.compression.plan import CompressionPlan, Override, PruningSettings
+
+    def plan(s, overrides=()):
+        return CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=s),
+                               overrides=[Override(layer=0, expert=e, sparsity=v) for e, v in overrides]).to_json(indent=None)
+
+    df = _sweep_frame().iloc[:5].assign(method="moe_pruner")
+    df["plan_json"] = [plan(0.3), plan(0.5), plan(0.0, [(0, 0.3)]), plan(0.0, [(0, 0.6)]), plan(0.0, [(0, 0.9)])]
+    df["sweep_id"] = ["s-grid", "s-grid", "s-opt", "s-opt", "s-opt"]
+    for fig, suffix in ((tradeoff_chart(df), " · accuracy"), (perplexity_vs_ratio(df), "")):
+        plain = next(t for t in fig.data if t.name == "moe_pruner" + suffix)
+        opt = next(t for t in fig.data if t.name == "moe_pruner · optimised" + suffix)
+        assert len(plain.x) == 2 and len(opt.x) == 3
+        assert plain.line.color != opt.line.color and opt.showlegend
+
+
+def _latency_frame(lo, hi):
+    df = _sweep_frame().iloc[:3].copy()
+    df["measured_decode_ms"] = [2.0, 1.8, 1.6]
+    df["measured_lo"], df["measured_hi"] = lo, hi
+    df["base_measured_decode_ms"], df["base_measured_lo"], df["base_measured_hi"] = 2.1, 1.9, 2.3
+    df["latency_busy"] = [0.0, 1.0, 0.0]
+    return df
+
+
+def test_overlapping_latency_spreads_are_points_with_a_note_not_a_trend():
+    # Quartiles that all share 1.7–1.9: no ordering can be read from these medians.
+    fig = tradeoff_chart(_latency_frame([1.5, 1.6, 1.4], [2.4, 2.0, 1.9]), latency_col="measured_decode_ms",
+                         latency_spread=("measured_lo", "measured_hi"))
+    lat = next(t for t in fig.data if t.name == "wanda · latency")
+    assert lat.mode == "markers" and list(lat.error_y.arrayminus) == pytest.approx([0.5, 0.2, 0.2])
+    assert any("overlap" in (a.text or "") for a in fig.layout.annotations)
+    assert list(lat.marker.symbol) == ["diamond", "diamond-open", "diamond"]  # the busy run is open
+    base = next(t for t in fig.data if t.name == "base model · latency")
+    assert list(base.error_y.array) == pytest.approx([0.2]) and list(base.error_y.arrayminus) == pytest.approx([0.2])
+    # Separated spreads: a trend, drawn as a line, no note.
+    fig = tradeoff_chart(_latency_frame([1.95, 1.75, 1.55], [2.05, 1.85, 1.65]), latency_col="measured_decode_ms",
+                         latency_spread=("measured_lo", "measured_hi"))
+    assert next(t for t in fig.data if t.name == "wanda · latency").mode == "lines+markers"
+    assert not any("overlap" in (a.text or "") for a in fig.layout.annotations)
+
+
+def test_right_hand_axes_get_round_ticks_of_their_own():
+    from moeviz.figures._common import readable
+
+    for fig in (tradeoff_chart(_sweep_frame()),
+                drift_per_layer({"drift": [dict(layer=0, topk_overlap=0.9, top1_change_rate=0.1, kl=0.01)]})):
+        assert fig.layout.yaxis2.overlaying == "y" and fig.layout.yaxis2.tickmode == "auto"
+    from plotly.subplots import make_subplots
+
+    fig = readable(make_subplots(specs=[[{"secondary_y": True}]]))
+    assert fig.layout.yaxis2.tickmode == "auto"
+
+
+def test_runs_frame_measured_latency_columns_and_notes():
+    from moeviz.runview import latency_notes, with_measured_latency
+
+    df = pd.DataFrame({"measured_decode_ms": [2.0, 1.8, 3.0], "measured_decode_q1_ms": [1.9, 1.7, None],
+                       "measured_decode_q3_ms": [2.1, 1.9, None], "base_measured_decode_ms": [2.0, 2.0, None],
+                       "latency_spreads_overlap": [1.0, 0.0, None], "latency_busy": [0.0, 1.0, None]})
+    out = with_measured_latency(df)
+    assert list(out["measured_lo"][:2]) == [1.9, 1.7] and math.isnan(out["measured_hi"][2])
+    assert math.isnan(out["base_measured_lo"][0])  # no base quartiles in this frame: none invented
+    note = latency_notes(df)
+    assert "2 run(s) timed back to back" in note and "in 1 of them" in note and "1 timed while the machine was busy" in note
+    assert "1 run(s) from before back-to-back timing" in note
+
+
+def test_architecture_numbers_the_pruning_targets_in_order_on_the_elements():
+    dot = moe_layer_dot(dict(num_experts=4, top_k=2, index=0, routing_rule="softmax_topk"), plan={})
+    _assert_valid_dot(dot)
+    labels = _labels(dot)
+    key = labels["targets"].split("\\n", 1)[1].split("\\l")[::2]  # one line per target, then its controls
+    assert [line.split(" ")[0] for line in key[:3]] == ["①", "②", "③"]
+    assert "weights within experts" in key[0] and "router" in key[1] and "whole experts" in key[2]
+    assert labels["router"].startswith("② router")
+    experts_box = re.search(r"subgraph cluster_experts \{[^}]*?label=\"([^\"]*)\"", dot).group(1)
+    assert "① weights in each expert" in experts_box and "③ whole experts" in experts_box
+    assert not re.search(r"targets -> ", dot)  # no pointer crossing the drawing
+    assert 'fontsize=16' in dot  # node text sized for a projector

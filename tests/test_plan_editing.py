@@ -132,3 +132,86 @@ def torch_ids():
     import torch
 
     return torch.arange(1, 9)
+
+
+def test_quality_proxy_is_the_gate_weighted_reconstruction_error_computed_by_hand(loaded_tiny):
+    """layer_errors = Σ_e Σ_p Σ_{r,j} (W − Ŵ)[r,j]² m[e,j] / Σ (W)[r,j]² m[e,j], m the gate-weighted input
+    second moments; recomputed here with plain loops over experts, rows and columns of layer 0."""
+    from moeviz.calibration import calibrate
+    from moeviz.compression.apply import Compressor
+    from moeviz.compression.proxy import layer_errors
+    from moeviz.data import Document, tokenize_documents
+
+    lm = loaded_tiny("mixtral")
+    docs = [Document("The quick brown fox jumps over the lazy dog. " * 40, "prose")]
+    stats = calibrate(lm, tokenize_documents(docs, lm.tokenizer, 6, 16, seed=0), batch_size=3)
+    comp = Compressor(lm, stats)
+    plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), removed_experts=[(1, 2)])
+    c = comp.apply(plan)
+    errors = layer_errors(lm.layers, c.layers, stats)
+    lb, lc, st = lm.layers[0], c.layers[0], stats.layers[0]
+    err = tot = 0.0
+    for p in lb.projections():
+        m = st.down_sq_weighted if p == "down" else st.input_sq_weighted
+        W, Wc = lb.weight(p), lc.weight(p)
+        for e in range(lb.num_experts):
+            for r in range(W.shape[1]):
+                for j in range(W.shape[2]):
+                    err += float(W[e, r, j] - Wc[e, r, j]) ** 2 * float(m[e, j])
+                    tot += float(W[e, r, j]) ** 2 * float(m[e, j])
+    assert errors[0] == pytest.approx(err / tot, rel=1e-9)
+    assert 0 < errors[0] < 1 and errors[1] > errors[0] * 0.5  # layer 1 also lost a whole expert
+    assert layer_errors(lm.layers, comp.apply(CompressionPlan()).layers, stats) == [0.0, 0.0]
+    more = layer_errors(lm.layers, comp.apply(CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.8))).layers, stats)
+    assert more[0] > errors[0]
+
+
+def test_runs_csv_and_report_use_the_app_units():
+    """CSV: shares in % and units in every header; report: % accuracy, µs / ms by magnitude, the back-to-back
+    spread and the busy / overlap notes."""
+    import io
+    import json
+
+    import pandas as pd
+
+    from moeviz.export import evaluation_lines
+
+    def report(result):
+        return "\n".join(evaluation_lines(result))
+    from moeviz.runview import runs_csv
+
+    df = pd.DataFrame({"id": [3], "name": ["r"], "plan_json": [json.dumps({"pruning": {"metric": "wanda", "sparsity": 0.5}})],
+                       "accuracy": [0.4123], "mean_topk_overlap": [0.9], "measured_decode_ms": [1.5],
+                       "details.perplexity": [9.0], "perplexity": [9.0]})
+    back = pd.read_csv(io.StringIO(runs_csv(df)))
+    assert back.loc[0, "next-token accuracy (%)"] == pytest.approx(41.23)
+    assert back.loc[0, "top-k overlap with base (%)"] == pytest.approx(90.0)
+    assert back.loc[0, "sparsity (%)"] == pytest.approx(50.0) and back.loc[0, "method"] == "wanda"
+    assert back.loc[0, "decode, measured median (ms/token)"] == 1.5
+    assert not any(c.startswith("details.") for c in back.columns)
+    lat = dict(decode_ms_per_token=0.0123, interleaved=True, repeats=5, decode_q1_ms=0.011, decode_q3_ms=0.014,
+               device="cpu")
+    text = report(dict(perplexity=9.0, base_perplexity=8.0, accuracy=0.4123, base_accuracy=0.45,
+                       latency_projected=dict(ms_per_token=0.0016, device="NVIDIA H100 SXM"),
+                       latency_measured=lat, base_latency_measured=dict(decode_ms_per_token=2.5),
+                       latency_ab=dict(spreads_overlap=True, busy=True, busy_reason="load average 5.0 on 2 CPUs")))
+    assert "41.23 % (base 45.00 %)" in text and "1.6 µs per token" in text and "12.3 µs per token" in text
+    assert "IQR 11 µs–14 µs" in text and "base 2.5 ms" in text and "no measurable difference" in text
+    assert "machine was busy (load average 5.0 on 2 CPUs)" in text
+
+
+def test_apply_reports_progress_per_layer_for_an_eta(loaded_tiny):
+    """A sequential plan re-calibrates before each layer: apply says after each layer how far it is, so the
+    app can show layer i/L and an ETA (and its Stop button stays responsive)."""
+    from moeviz.calibration import calibrate
+    from moeviz.compression.apply import Compressor
+    from moeviz.data import Document, tokenize_documents
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents([Document("The quick brown fox jumps over the lazy dog. " * 40, "prose")],
+                                 lm.tokenizer, 4, 16, seed=0)
+    stats = calibrate(lm, samples, batch_size=2)
+    calls = []
+    Compressor(lm, stats).apply(CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), sequential=True),
+                                samples, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(i + 1, len(lm.layers)) for i in range(len(lm.layers))]

@@ -207,7 +207,12 @@ def test_one_pass_vs_sequential_masks_and_results(loaded_tiny):
     stats = calibrate(lm, samples)
     ev = Evaluator(lm, tokenize_documents(DOCS, lm.tokenizer, 2, 32, seed=3), EvalSettings(measure_latency=False))
     plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5))
-    cmp = compare_one_pass_sequential(Compressor(lm, stats), ev, plan, samples)
+    stages = []
+    cmp = compare_one_pass_sequential(Compressor(lm, stats), ev, plan, samples,
+                                      progress=lambda stage, d, t: stages.append((stage, d == t)))
+    # every stage reported, in order, each up to its end (the page's progress bar and ETA)
+    assert [s for s, done in stages if done] == ["one-pass apply", "sequential apply", "one-pass evaluation",
+                                                 "sequential evaluation"]
     assert [r["layer"] for r in cmp.layers] == list(range(len(lm.layers)))
     assert cmp.layers[0]["differing"] == 0  # layer 0 sees the same inputs either way
     assert all(r["mask_entries"] > 0 for r in cmp.layers)

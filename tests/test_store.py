@@ -281,3 +281,28 @@ def test_version_1_file_gets_tags_and_plans(tmp_path, monkeypatch):
     r = s.runs()
     assert list(r["name"]) == ["old"] and list(r["tags"]) == [""]
     assert s.set_tags(int(r["id"][0]), "a") == ["a"] and s.get_run(int(r["id"][0])).tags == ["a"]
+
+
+def test_version_2_file_gets_the_latency_columns_filled_from_its_runs(tmp_path, monkeypatch):
+    """Migration 3 adds the back-to-back latency columns and fills them from each run's metrics; a run
+    stored before (base timed once, no spread) keeps NULL there and stays readable."""
+    path = tmp_path / "runs.sqlite"
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:2])
+    old = RunStore(path)
+    for name, metrics in (("old", {"measured_decode_ms": 5.0}),
+                          ("ab", {"measured_decode_ms": 4.0, "base_measured_decode_ms": 6.0, "measured_decode_q1_ms": 3.5,
+                                  "measured_decode_q3_ms": 4.5, "latency_busy": 1.0})):
+        old._conn.execute("INSERT INTO runs (name, model_fingerprint, plan_json, metrics_json, created_at) "
+                          "VALUES (?, 'm', '{}', ?, 'then')", (name, json.dumps(metrics)))
+    old.close()
+    monkeypatch.undo()
+    s = RunStore(path)
+    assert s.schema_version == len(store_mod.MIGRATIONS) >= 3
+    cols = ["base_measured_decode_ms", "measured_decode_q1_ms", "measured_decode_q3_ms", "latency_busy"]
+    rows = s._conn.execute(f"SELECT name, {', '.join(cols)} FROM runs ORDER BY id").fetchall()
+    assert rows == [("old", None, None, None, None), ("ab", 6.0, 3.5, 4.5, 1.0)]
+    df = s.runs().set_index("name")
+    assert df.loc["ab", "latency_busy"] == 1.0 and math.isnan(df.loc["old", "latency_busy"])
+    new = s.add_run(RunRecord(name="new", model_fingerprint="m", plan={}, metrics={"latency_busy": 0.0,
+                                                                                    "measured_decode_q3_ms": 2.0}))
+    assert s.get_run(new).extra["latency_busy"] == 0.0 and s.get_run(new).extra["measured_decode_q3_ms"] == 2.0

@@ -224,14 +224,15 @@ class Compressor:
         self._ranks: dict[tuple, torch.Tensor] = {}  # only with cache_ranks
 
     def apply(self, plan: CompressionPlan, samples: TokenSamples | None = None,
-              keep_masks: bool = False, lazy: bool = False) -> CompressedModel:
+              keep_masks: bool = False, lazy: bool = False, progress=None) -> CompressedModel:
         """Compress a structural copy of the base model according to `plan`.
 
         keep_masks: also return the pruning masks (1 byte per pruned weight; recovery needs them to
         keep pruned weights at zero, the app's interactive path does not).
         lazy: install weight providers instead of compressed tensors (`moeviz.compression.lazy`): each
         expert is compressed when the forward reaches it and dropped after, so evaluating never holds
-        a compressed copy. Not with keep_masks or sequential plans (those materialise)."""
+        a compressed copy. Not with keep_masks or sequential plans (those materialise).
+        progress(layers done, layers): after each layer (a sequential plan re-calibrates before each)."""
         start = time.perf_counter()
         base_layers = self.loaded.layers
         check_plan_fits(plan, base_layers)
@@ -260,6 +261,8 @@ class Compressor:
                 stats = calibrate(partial, samples, record_tokens=0)
             replaced += self._compress_layer(layer, plan, sparsity[layer.index], bits[layer.index],
                                              removed[layer.index], stats, sequential=plan.sequential, masks=masks)
+            if progress is not None:
+                progress(layer.index + 1, len(layers))
         if lazy:  # measuring zeros means compressing every expert once: only when someone asks
             experts = LazyExpertStates(lambda: self._expert_states(layers, plan, sparsity, bits, removed))
         else:

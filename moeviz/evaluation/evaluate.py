@@ -7,6 +7,9 @@ documented storage formats (compression ratio), or a roofline model (latency, ki
 The base model is evaluated once per (model, eval data) by `Evaluator` and reused for every plan.
 One pass per model gives both the loss (from the logits) and the routing (from the same hooks that
 calibration uses), so routing drift compares base and compressed routing on the same tokens.
+Measured latency is the exception: a clock reading is only comparable with one taken under the same
+conditions, so every evaluation times the base and the compressed model back to back (interleaved
+repeats, `moeviz.latency_ab`), with the median, the quartiles and a busy-machine flag.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from moeviz.compression.apply import CompressedModel
 from moeviz.data import TokenSamples, check_seq_len
 from moeviz.errors import SettingsError
 from moeviz.evaluation.latency import (
-    ACCELERATORS, active_bytes_per_token, active_flops_per_token, measure_latency, projected_decode_latency,
+    ACCELERATORS, active_bytes_per_token, active_flops_per_token, projected_decode_latency,
 )
+from moeviz.latency_ab import ab_metrics, as_measured_latency, interleaved_decode_latency
 from moeviz.evaluation.metrics import TokenLossAccumulator, load_balance_cv, routing_drift, utilization_shift
 from moeviz.models.loading import LoadedModel
 
@@ -39,7 +43,7 @@ class EvalSettings:
     measure_latency: bool = True
     latency_prompt_tokens: int = 64
     latency_decode_tokens: int = 16
-    latency_repeats: int = 3
+    latency_repeats: int = 5  # interleaved base / compressed pairs: the median and quartiles of these
     accelerator: str = DEFAULT_ACCELERATOR  # for projected latency
 
     def validate(self) -> "EvalSettings":
@@ -89,6 +93,9 @@ class EvalResult:
     eval_fingerprint: str
     # Why measured latency is missing although it was asked for (e.g. the model's cache cannot decode).
     latency_unavailable: str | None = None
+    # Base and compressed timed back to back (`moeviz.latency_ab`): medians, quartiles, every repeat,
+    # spreads_overlap, busy + busy_reason. latency_measured / base_latency_measured are its two sides.
+    latency_ab: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +124,8 @@ class EvalResult:
             m["measured_prefill_tok_s"] = self.latency_measured["prefill_tokens_per_s"]
         if self.base_latency_measured:
             m["base_measured_decode_ms"] = self.base_latency_measured["decode_ms_per_token"]
+        if self.latency_ab:
+            m.update(ab_metrics(self.latency_ab))
         for name, d in self.per_domain.items():
             m[f"perplexity[{name}]"] = d["perplexity"]
             m[f"accuracy[{name}]"] = d["accuracy"]
@@ -184,22 +193,28 @@ class Evaluator:
     def fingerprint(self) -> str:
         return self.samples.fingerprint
 
-    def _run(self, loaded: LoadedModel, progress=None, no_latency: str | None = None) -> ModelRun:
+    def _run(self, loaded: LoadedModel, progress=None) -> ModelRun:
+        """Loss and routing of one model on the held-out text (latency is timed by `_latency`)."""
         start = time.perf_counter()
         acc = TokenLossAccumulator(self.samples.domain_names)
         s = self.settings
         routing = calibrate(loaded, self.samples, batch_size=s.batch_size, record_tokens=s.record_tokens,
                             progress=progress, on_batch=lambda ids, dom, logits: acc.add(logits, ids, dom.tolist()))
-        latency, why = None, None
-        if s.measure_latency and no_latency:
-            why = no_latency
-        elif s.measure_latency:
-            prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
-            try:
-                latency = asdict(measure_latency(loaded.model, prompt, s.latency_decode_tokens, s.latency_repeats))
-            except Exception as e:  # e.g. a cache that cannot decode: only this measurement is lost
-                why = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-        return ModelRun(acc.result(), routing, latency, time.perf_counter() - start, why)
+        return ModelRun(acc.result(), routing, None, time.perf_counter() - start)
+
+    def _latency(self, compressed: CompressedModel) -> tuple[dict | None, str | None]:
+        """(back-to-back measurement of base and compressed, None) or (None, why it is unavailable)."""
+        s = self.settings
+        if not s.measure_latency:
+            return None, None
+        if compressed.lazy:  # its experts are compressed during the forward: timing it would time that
+            return None, LAZY_LATENCY
+        prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
+        try:
+            return interleaved_decode_latency(self.loaded.model, compressed.model, prompt, s.latency_decode_tokens,
+                                              s.latency_repeats), None
+        except Exception as e:  # e.g. a cache that cannot decode: only this measurement is lost
+            return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
 
     def _projected(self, storage_tensors, routing: CalibrationStats) -> dict:
         eb, em, dense_b, dense_m = _latency_inputs(self.loaded, storage_tensors, [l.num_experts for l in self.loaded.layers])
@@ -212,8 +227,8 @@ class Evaluator:
     def evaluate(self, compressed: CompressedModel, progress=None) -> EvalResult:
         start = time.perf_counter()
         view = LoadedModel(compressed.model, self.loaded.tokenizer, compressed.layers, self.loaded.info)
-        # A lazy model compresses each expert whenever the forward reaches it: timing it would time that.
-        run = self._run(view, progress, no_latency=LAZY_LATENCY) if compressed.lazy else self._run(view, progress)
+        run = self._run(view, progress)
+        ab, no_latency = self._latency(compressed)
         base, comp = self.base.routing, run.routing
         drift, balance, u_base, u_comp, u_shift = [], [], [], [], []
         for i, (lb, lc) in enumerate(zip(base.layers, comp.layers)):
@@ -243,12 +258,13 @@ class Evaluator:
             compression=compressed.storage.summary(),
             drift=drift, load_balance=balance,
             utilization=dict(base=u_base, compressed=u_comp, shift=u_shift),
-            latency_measured=run.measured_latency, base_latency_measured=self.base.measured_latency,
+            latency_measured=as_measured_latency(ab, "compressed") if ab else None,
+            base_latency_measured=as_measured_latency(ab, "base") if ab else None,
             latency_projected=self._projected(compressed.storage.tensors, comp),
             base_latency_projected=self._base_projected,
             seconds=time.perf_counter() - start, apply_seconds=compressed.seconds,
             eval_tokens=self.samples.n_tokens, eval_fingerprint=self.samples.fingerprint,
-            latency_unavailable=run.latency_unavailable or self.base.latency_unavailable,
+            latency_unavailable=no_latency, latency_ab=ab,
         )
 
 

@@ -65,6 +65,8 @@ def store_result(store: RunStore, result: EvalResult, plan: CompressionPlan, mod
                  parent_run_id: int | None = None, duration_s: float | None = None,
                  name: str | None = None, extra_metrics: dict | None = None) -> int:
     metrics = {**result.metrics(), **(extra_metrics or {}), "details": result.to_dict()}
+    if result.latency_ab:  # the back-to-back latency, where the Compress page's re-measurement also goes
+        metrics.setdefault("latency_ab", result.latency_ab)
     return store.add_run(RunRecord(
         name=name or plan_label(plan), model_fingerprint=model_fingerprint, plan=plan.to_dict(), metrics=metrics,
         calibration_fingerprint=calibration_fingerprint, eval_fingerprint=result.eval_fingerprint,
@@ -83,13 +85,33 @@ def use_lazy(compressor: Compressor) -> bool:
     return expert_bytes > LAZY_ABOVE_BYTES
 
 
+def stored_result(store: RunStore, compressor: Compressor, evaluator: Evaluator,
+                  plan: CompressionPlan) -> tuple[EvalResult, int] | None:
+    """(EvalResult, run id) of the stored evaluation of this exact plan (its name aside) on the same model,
+    calibration and held-out text (`RunStore.find_run`), or None."""
+    found = store.find_run(compressor.loaded.fingerprint, plan.to_dict(),
+                           compressor.stats.fingerprint if compressor.stats else None, evaluator.fingerprint)
+    if found is None or not found.metrics.get("details"):
+        return None
+    try:
+        return EvalResult(**found.metrics["details"]), found.id
+    except TypeError:  # stored by a moeviz whose EvalResult had other fields: evaluate again
+        return None
+
+
 def evaluate_plan(compressor: Compressor, evaluator: Evaluator, plan: CompressionPlan,
                   store: RunStore | None = None, sweep_id: str | None = None, samples=None,
-                  lazy: bool | None = None):
+                  lazy: bool | None = None, reuse: bool = True):
     """Apply + evaluate (+ store) one plan: returns (EvalResult, run id or None).
 
+    With a store and `reuse`, a plan already evaluated on this model, calibration and held-out text
+    returns its stored run instead of storing a duplicate (the run keeps its own sweep id).
     lazy: compress each expert while the forward reaches it (None: when the experts exceed
     LAZY_ABOVE_BYTES); the result is the same either way."""
+    if store is not None and reuse:
+        found = stored_result(store, compressor, evaluator, plan)
+        if found is not None:
+            return found
     start = time.perf_counter()
     compressed = compressor.apply(plan, samples, lazy=use_lazy(compressor) if lazy is None else lazy)
     result = evaluator.evaluate(compressed)
@@ -104,8 +126,11 @@ def evaluate_plan(compressor: Compressor, evaluator: Evaluator, plan: Compressio
 def run_sweep(compressor: Compressor, evaluator: Evaluator, plans: Sequence[CompressionPlan],
               store: RunStore | None = None, sweep_id: str | None = None,
               progress: Callable[[int, int, dict], None] | None = None,
-              should_stop: Callable[[], bool] | None = None, samples=None) -> pd.DataFrame:
+              should_stop: Callable[[], bool] | None = None, samples=None, reuse: bool = True) -> pd.DataFrame:
     """Evaluate `plans` in order; one DataFrame row per finished plan.
+
+    A plan evaluated before (same model, calibration, held-out text) reuses its stored run (column
+    ``reused``): repeating a sweep stores no duplicates.
 
     progress(done, total, row) after each plan; should_stop() is checked before each plan and a
     True stops the sweep (the returned frame then has `attrs["cancelled"] = True`).
@@ -116,8 +141,10 @@ def run_sweep(compressor: Compressor, evaluator: Evaluator, plans: Sequence[Comp
         if should_stop is not None and should_stop():
             cancelled = True
             break
-        result, run_id = evaluate_plan(compressor, evaluator, plan, store, sweep_id, samples)
-        row = dict(run_id=run_id, name=plan_label(plan), method=plan.pruning.metric, structure=plan.pruning.structure,
+        found = stored_result(store, compressor, evaluator, plan) if store is not None and reuse else None
+        reused = found is not None
+        result, run_id = found or evaluate_plan(compressor, evaluator, plan, store, sweep_id, samples, reuse=False)
+        row = dict(run_id=run_id, reused=reused, name=plan_label(plan), method=plan.pruning.metric, structure=plan.pruning.structure,
                    sparsity=plan.pruning.sparsity if plan.nm() is None else plan.nm()[0] / plan.nm()[1],
                    bits=plan.quant.bits, removed_experts=len(plan.removed_experts), **result.metrics(),
                    plan_json=plan.to_json(indent=None))

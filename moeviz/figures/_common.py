@@ -74,6 +74,9 @@ def readable(fig: go.Figure, title_chars: int = 48, axis_chars: int = 34) -> go.
             axis.title.text = _wrap(axis.title.text, axis_chars, small=False)
             axis.automargin = True
     overlaid = any(getattr(a, "overlaying", None) for a in fig.select_yaxes())
+    for axis in fig.select_yaxes():
+        if getattr(axis, "overlaying", None) and axis.tickmode is None:
+            axis.update(tickmode="auto", nticks=6)  # round ticks of its own, not the left axis' grid ("sync")
     if overlaid and fig.layout.legend.orientation != "h":
         # A right-hand axis: a legend beside the plot would sit on its tick labels and title.
         fig.update_layout(legend=dict(orientation="h", x=0, xanchor="left", y=-0.3, yanchor="top"))

@@ -3,15 +3,19 @@
     input → router (routing rule; router sparsity / bits) → experts (one node each) → weighted sum → output
                  └──────────────→ shared experts (always active) ─────────────────────↗
 
-The three pruning targets (weights within experts, the router, whole experts) are labelled with note
-nodes. Expert fill goes light → dark with sparsity; removed experts are grey, dashed, "✗ removed".
+The three pruning targets (① weights within experts, ② the router, ③ whole experts) are numbered on
+the elements themselves (the experts box, the router) and listed in that order in a key left of the
+layer, so no pointer crosses the drawing. Fonts are sized for a projector (the chart is scaled to the
+page width). Expert fill goes light → dark with sparsity; removed experts are grey, dashed, "✗ removed".
 Returns DOT source only (no Graphviz binary needed); display with ``st.graphviz_chart(dot)``.
 
 Node names: ``input``, ``router``, ``e{i}`` (one per shown expert), ``more_experts`` (ellipsis, when
-experts are elided), ``shared{i}``, ``sum``, ``output``, ``target_*`` (notes), ``legend_*``.
+experts are elided), ``shared{i}``, ``sum``, ``output``, ``targets`` (the key), ``legend``.
 """
 
 from __future__ import annotations
+
+import textwrap
 
 import graphviz
 
@@ -22,6 +26,10 @@ REMOVED_FILL, REMOVED_LINE = "#e0e0e0", "#9e9e9e"
 SHARED_FILL = "#fff3c4"
 MAX_SHOWN = 16  # beyond this: first HEAD, an ellipsis node, last TAIL
 HEAD, TAIL = 12, 2
+# (mark, target, what controls it), in the order the key lists them.
+TARGETS = (("①", "weights within experts", "sparsity, N:M, quantization"),
+           ("②", "the router", "router sparsity / bits"),
+           ("③", "whole experts", "expert removal"))
 
 
 def sparsity_color(sparsity: float) -> str:
@@ -101,16 +109,19 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     shown, hidden = _shown(E)
 
     g = graphviz.Digraph("moe_layer", graph_attr=dict(rankdir="LR", compound="true", fontname="Helvetica",
-                                                      nodesep="0.12", ranksep="0.6", labelloc="t"))
-    g.attr("node", fontname="Helvetica", fontsize="11")
-    g.attr("edge", fontname="Helvetica", fontsize="9", color="#555555")
+                                                      nodesep="0.15", ranksep="0.4", labelloc="t"))
+    g.attr("node", fontname="Helvetica", fontsize="16", margin="0.15,0.08")
+    g.attr("edge", fontname="Helvetica", fontsize="13", color="#555555")
     head = title or (f"MoE layer {li}" + (f" ({layer_info['path']})" if layer_info.get("path") else ""))
     fam = layer_info.get("family")
-    g.attr(label=f"{head}: {E} experts, top-{k}" + (f", {fam}" if fam else ""), fontsize="14")
+    g.attr(label=f"{head}: {E} experts, top-{k}" + (f", {fam}" if fam else ""), fontsize="20")
 
     hs = layer_info.get("hidden_size")
     g.node("input", f"input x\\n(hidden {hs})" if hs else "input x", shape="box", style="rounded")
-    rlabel = "router\\n" + str(layer_info.get("routing_rule") or "top-k routing")
+    # The routing rule wrapped at ~22 characters: a long single line would widen the whole drawing (and the
+    # chart is scaled to the page width, so every text would shrink).
+    rule = textwrap.wrap(str(layer_info.get("routing_rule") or "top-k routing"), 22) or [""]
+    rlabel = f"{TARGETS[1][0]} router\\n" + "\\n".join(rule)
     rs, rb = float((plan or {}).get("router_sparsity", 0.0)), int((plan or {}).get("router_bits", 16))
     router_fill = sparsity_color(rs)
     if rs or rb < 16:
@@ -120,8 +131,9 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
 
     inter = layer_info.get("intermediate_size")
     with g.subgraph(name="cluster_experts") as c:
-        c.attr(label=f"routed experts (each token uses {k} of {E}" + (f"; intermediate {inter}" if inter else "") + ")",
-               style="rounded,dashed", color="#888888", fontsize="11")
+        c.attr(label=f"routed experts: {k} of {E} per token" + (f"\\n(intermediate {inter})" if inter else "") + "\\n"
+                     f"{TARGETS[0][0]} weights in each expert\\n{TARGETS[2][0]} whole experts",
+               style="rounded,dashed", color="#c9a227", penwidth="1.5", fontsize="15")
         for e in shown[:HEAD] + (["more"] if hidden else []) + shown[HEAD:]:
             if e == "more":
                 n_removed = sum(per[h]["removed"] for h in hidden)
@@ -138,7 +150,7 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
                 c.node(f"e{e}", expert_label(e, d["sparsity"], d["bits"]), shape="box", style="filled,rounded",
                        fillcolor=fill, fontcolor=text_color_on(fill))
     order = shown[:HEAD] + (["more"] if hidden else []) + shown[HEAD:]
-    g.node("sum", "Σ weighted sum\\nΣ gᵢ · expertᵢ(x)", shape="circle", fixedsize="false")
+    g.node("sum", "Σ\\ngᵢ·eᵢ(x)", shape="circle", fixedsize="false")
     for e in order:
         name = "more_experts" if e == "more" else f"e{e}"
         removed = e != "more" and per[e]["removed"]
@@ -160,39 +172,24 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     g.node("output", "output", shape="box", style="rounded")
     g.edge("sum", "output")
 
-    # The three pruning targets of the source text.
-    note = dict(shape="note", style="filled", fillcolor="#fff8e1", fontsize="10", color="#c9a227")
-    dotted = dict(style="dotted", arrowhead="none", color="#c9a227", constraint="false")
-    first = f"e{shown[0]}" if shown else "sum"
-    g.node("target_weights", "pruning target 1:\\nweights within experts\\n(sparsity, N:M, quantization)", **note)
-    g.node("target_router", "pruning target 2:\\nthe router\\n(router sparsity / bits)", **note)
-    g.node("target_experts", "pruning target 3:\\nwhole experts\\n(expert removal)", **note)
-    g.edge("target_router", "router", **dotted)
-    g.edge("target_weights", first, lhead="cluster_experts", **dotted)
-    g.edge("target_experts", f"e{shown[-1]}" if shown else "sum", lhead="cluster_experts", **dotted)
-
-    with g.subgraph(name="cluster_legend") as c:
-        c.attr(label="legend", style="rounded", color="#bbbbbb", fontsize="10")
-        prev = None
-        for s in (0.0, 0.5, 0.9):
-            fill = sparsity_color(s)
-            c.node(f"legend_s{int(s * 100)}", f"{s:.0%} sparsity", shape="box", style="filled,rounded",
-                   fillcolor=fill, fontcolor=text_color_on(fill), fontsize="9")
-            if prev:
-                c.edge(prev, f"legend_s{int(s * 100)}", style="invis")
-            prev = f"legend_s{int(s * 100)}"
-        c.node("legend_removed", "✗ removed expert", shape="box", style="filled,dashed", fillcolor=REMOVED_FILL,
-               color=REMOVED_LINE, fontcolor="#616161", fontsize="9")
-        c.edge(prev, "legend_removed", style="invis")
-        c.node("legend_label", "label: e<id> · sparsity · bits", shape="plaintext", fontsize="9")
-        c.edge("legend_removed", "legend_label", style="invis")
-        if shared:
-            c.node("legend_shared", "shared expert", shape="box", style="filled,rounded,bold", fillcolor=SHARED_FILL,
-                   fontsize="9")
-            c.edge("legend_label", "legend_shared", style="invis")
+    # The three pruning targets as one key node (its lines keep their order in every Graphviz renderer), and
+    # the legend as one table; both unlinked, so they share the first rank: a narrow column left of the layer.
+    key = "pruning targets\\n" + "".join(f"{mark} {what}\\l     ({how})\\l" for mark, what, how in TARGETS)
+    g.node("targets", key, shape="note", style="filled", fillcolor="#fff8e1", color="#c9a227", fontsize="15")
+    rows = []
+    for s in (0.0, 0.5, 0.9):
+        fill = sparsity_color(s)
+        rows.append(f'<TR><TD BGCOLOR="{fill}"><FONT COLOR="{text_color_on(fill)}">{s:.0%} sparsity</FONT></TD></TR>')
+    rows.append(f'<TR><TD BGCOLOR="{REMOVED_FILL}" STYLE="dashed"><FONT COLOR="#616161">✗ removed expert</FONT></TD></TR>')
+    if shared:
+        rows.append(f'<TR><TD BGCOLOR="{SHARED_FILL}">shared expert</TD></TR>')
+    rows.append("<TR><TD BORDER=\"0\">label: e&lt;id&gt; · sparsity · bits</TD></TR>")
+    g.node("legend", "<<TABLE BORDER=\"0\" CELLBORDER=\"1\" CELLSPACING=\"4\" CELLPADDING=\"4\">"
+                     "<TR><TD BORDER=\"0\"><B>legend</B></TD></TR>" + "".join(rows) + "</TABLE>>",
+           shape="plaintext", fontsize="14")
     if hidden:
         g.node("note_elided", f"showing {len(shown)} of {E} experts:\\nfirst {HEAD}, last {TAIL}", shape="plaintext",
-               fontsize="9", fontcolor="#666666")
+               fontsize="14", fontcolor="#666666")
     return g.source
 
 

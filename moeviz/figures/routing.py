@@ -112,7 +112,9 @@ def router_probability_histogram(stats, layer: int, experts: list[int] | None = 
         title=f"Router probability distribution, MoE layer {layer} (decoder layer {ls.layer})",
         xaxis=dict(title=DISTRIBUTION_AXIS.get(distribution_kind(stats, layer), DISTRIBUTION_AXIS["softmax"]),
                    range=[0, 1]),
-        yaxis=dict(title="Tokens (count" + (", log scale)" if log_y else ")"), type="log" if log_y else "linear"),
+        # Log axis: a tick per power of ten (1, 10, 100, …), not plotly's 2 and 5 between them ("5, 2, 1000, 5").
+        yaxis=dict(title="Tokens (count" + (", log scale)" if log_y else ")"), type="log" if log_y else "linear",
+                   **(dict(dtick=1) if log_y else {})),
         legend=dict(title="Expert"), template=_TEMPLATE,
     )
     return fig

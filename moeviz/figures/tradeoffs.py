@@ -144,12 +144,30 @@ def series_keys(df: pd.DataFrame, ms: list[str] | None = None) -> list[str]:
     return keys
 
 
+OPTIMISED = "optimised"
+
+
 def _series(df, ms) -> list[tuple[str, list[int]]]:
-    """(method, row indices) per series, in order of first appearance."""
+    """(label, row indices) per series, in order of first appearance. The label is the method, or
+    "<method> · optimised" for a sweep over budgets (the sensitivity optimiser's plans): a curve of its
+    own colour and legend entry, not its method's."""
     groups: dict[str, list[int]] = {}
     for i, k in enumerate(series_keys(df, ms)):
         groups.setdefault(k, []).append(i)
-    return [(ms[rows[0]], rows) for rows in groups.values()]
+    return [(f"{ms[rows[0]]} · {OPTIMISED}" if '"sweep":' in key else ms[rows[0]], rows) for key, rows in groups.items()]
+
+
+def _series_colors(series) -> dict[str, str]:
+    return _method_colors([label for label, _ in series])
+
+
+def _round_ticks(fig: go.Figure) -> go.Figure:
+    """A right-hand (overlaying) axis gets its own round ticks: plotly.js would otherwise place its ticks
+    at the left axis' grid lines ("sync"), labelled 1.594, 1.437, …"""
+    for axis in fig.select_yaxes():
+        if getattr(axis, "overlaying", None):
+            axis.update(tickmode="auto", nticks=6)
+    return fig
 
 
 def _names(df: pd.DataFrame) -> list[str]:
@@ -222,13 +240,17 @@ def latency_axis_title(kind: str, device: str | None = None, unit: str = "ms/tok
 def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col: str = "projected_decode_ms",
                    ratio_col: str = "compression_ratio", latency_kind: str | None = None,
                    method_col: str | None = None, device: str | None = None,
-                   show_recovery: bool = True, latency_spread: tuple[str, str] | None = None) -> go.Figure:
+                   show_recovery: bool = True, latency_spread: tuple[str, str] | None = None,
+                   busy_col: str = "latency_busy") -> go.Figure:
     """Compression ratio (x) vs accuracy (left y, solid lines, circles) and decode latency (right y,
     dotted lines, diamonds), one colour per method, each method sorted by ratio. The base model is a
     black star at ratio 1 on both axes. The right axis says "projected (device)" or "measured (this
     machine)" (`latency_kind`, inferred from `latency_col` when None). With ``parent_run_id`` values,
     recovery arrows go from parent to child on the accuracy axis. `latency_spread`: (low, high) columns
-    drawn as asymmetric error bars on the latency points (e.g. the quartiles of interleaved repeats).
+    drawn as asymmetric error bars on the latency points (e.g. the quartiles of interleaved repeats; the
+    base star gets ``base_<low>`` / ``base_<high>``); a series whose spreads all overlap is drawn as points
+    with a note, never a line. Runs with `busy_col` = 1 (timed while the machine was busy) are open diamonds.
+    A sweep over budgets (optimised plans) is its own series, "<method> · optimised".
     """
     kind = latency_kind or infer_latency_kind(latency_col)
     title = "Accuracy and latency vs compression"
@@ -238,7 +260,8 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     fig = make_subplots(specs=[[{"secondary_y": True}]])
     has_latency = latency_col in df.columns and pd.to_numeric(df[latency_col], errors="coerce").notna().any()
     ids, names, ms = run_ids(df), _names(df), methods(df, method_col)
-    colors = _method_colors(ms)
+    series = _series(df, ms)
+    colors = _series_colors(series)
     xr, acc = _num(df, ratio_col), _num(df, accuracy_col) * _scale(accuracy_col)
     lat = _num(df, latency_col) if has_latency else np.full(len(df), np.nan)
     b_lat = base_value(df, latency_col)
@@ -248,7 +271,10 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     lat = lat * lat_scale
     ytitle2 = latency_axis_title(kind, device, lat_unit)
     shown_legend: set[str] = set()
-    for m, series_rows in _series(df, ms):
+    spread_cols = latency_spread if latency_spread and all(c in df.columns for c in latency_spread) else None
+    busy = (_num(df, busy_col) == 1) if busy_col in df.columns else np.zeros(len(df), dtype=bool)
+    noise_series = []
+    for m, series_rows in series:
         color = colors[m]
         rows = sorted((i for i in series_rows if math.isfinite(xr[i])), key=lambda i: xr[i])
         for values, second, symbol, dash, what, col in (
@@ -260,20 +286,30 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
                 continue
             unit = "%" if _scale(col) == 100 else (f" {lat_unit}" if what == "latency" else "")
             name = f"{m} · {what}"
-            error = None
-            if what == "latency" and latency_spread and all(c in df.columns for c in latency_spread):
-                lo, hi = (_num(df, c)[keep] * lat_scale for c in latency_spread)
+            error, joined, symbols, notes = None, len(keep) > 1, symbol, [""] * len(keep)
+            if what == "latency":
+                symbols = [f"{symbol}-open" if busy[i] else symbol for i in keep]
+                notes = ["<br>machine busy while timing" if busy[i] else "" for i in keep]
+            if what == "latency" and spread_cols:
+                lo, hi = (_num(df, c)[keep] * lat_scale for c in spread_cols)
                 error = dict(type="data", symmetric=False, array=np.nan_to_num(hi - values[keep]),
                              arrayminus=np.nan_to_num(values[keep] - lo), color=color, thickness=1.5, width=4)
+                ok = np.isfinite(lo) & np.isfinite(hi)
+                if joined and ok.sum() > 1 and np.nanmax(lo[ok]) <= np.nanmin(hi[ok]):
+                    # Every point's spread overlaps every other's: a line would draw noise as a trend.
+                    joined = False
+                    noise_series.append(m)
+                notes = [n + (f"<br>IQR {a:.3g}–{b:.3g}{unit}" if math.isfinite(a) and math.isfinite(b) else "")
+                         for n, a, b in zip(notes, lo, hi)]
             fig.add_trace(go.Scatter(
                 error_y=error,
-                x=xr[keep], y=values[keep], mode="lines+markers" if len(keep) > 1 else "markers", name=name,
+                x=xr[keep], y=values[keep], mode="lines+markers" if joined else "markers", name=name,
                 legendgroup=m, showlegend=name not in shown_legend,
-                line=dict(color=color, dash=dash), marker=dict(symbol=symbol, size=8, color=color),
-                customdata=_custom(ids, names, keep),
+                line=dict(color=color, dash=dash), marker=dict(symbol=symbols, size=8, color=color),
+                customdata=[[ids[i], names[i], n] for i, n in zip(keep, notes)],
                 hovertemplate=(f"<b>%{{customdata[1]}}</b><br>run %{{customdata[0]}} · {m}<br>"
                                f"compression %{{x:.3g}}×<br>{what}{' (' + kind + ')' if what == 'latency' else ''}: "
-                               f"%{{y:{_fmt(col)}}}{unit}<extra></extra>"),
+                               f"%{{y:{_fmt(col)}}}{unit}%{{customdata[2]}}<extra></extra>"),
             ), secondary_y=second)
             shown_legend.add(name)
     b_acc = base_value(df, accuracy_col)
@@ -283,7 +319,14 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
                                  hovertemplate="<b>base model</b><br>accuracy %{y:.2f}%<extra></extra>"),
                       secondary_y=False)
     if b_lat is not None and has_latency:
+        base_error = None
+        if spread_cols and all(f"base_{c}" in df.columns for c in spread_cols):
+            blo, bhi = (base_value(df, c) for c in spread_cols)
+            if blo is not None and bhi is not None:
+                base_error = dict(type="data", symmetric=False, array=[(bhi - b_lat) * lat_scale],
+                                  arrayminus=[(b_lat - blo) * lat_scale], color=BASE_COLOR, thickness=1.5, width=4)
         fig.add_trace(go.Scatter(x=[1.0], y=[b_lat * lat_scale], mode="markers", name="base model · latency", legendgroup="base",
+                                 error_y=base_error,
                                  marker=dict(symbol="star-diamond", size=13, color=BASE_COLOR),
                                  hovertemplate=f"<b>base model</b><br>latency ({kind}) %{{y:.4g}} {lat_unit}<extra></extra>"),
                       secondary_y=True)
@@ -295,9 +338,18 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     if not has_latency:
         fig.add_annotation(text=f"no {kind} latency in these runs", xref="paper", yref="paper", x=1, y=1.06,
                            showarrow=False, font=dict(size=11, color="#777777"))
+    if noise_series:
+        fig.add_annotation(
+            text=(f"Latency spreads (IQR) overlap within {', '.join(dict.fromkeys(noise_series))}: "
+                  "drawn as points, not a trend (within this machine's noise)"),
+            xref="paper", yref="paper", x=0, xanchor="left", y=1.0, yanchor="bottom", showarrow=False,
+            font=dict(size=11, color="#8a4b00"), name="latency-noise")
+    if busy.any() and has_latency:
+        fig.add_annotation(text="open diamonds: timed while the machine was busy", xref="paper", yref="paper", x=1,
+                           xanchor="right", y=-0.12, yanchor="top", showarrow=False, font=dict(size=11, color="#777777"))
     fig.update_layout(title=title + f" (latency {kind})", template=_TEMPLATE, legend=dict(title="Method · metric", orientation="h", yanchor="top", y=-0.2),
                       hovermode="closest")
-    return fig
+    return _round_ticks(fig)
 
 
 # ---------------------------------------------------------------------------------- per-method lines
@@ -308,8 +360,9 @@ def _per_method_lines(df, y: str, x: str, method_col, log_y: bool, title: str) -
     ids, names, ms = run_ids(df), _names(df), methods(df, method_col)
     xs, ys = _num(df, x) * _scale(x), _num(df, y) * _scale(y)
     fig = go.Figure()
-    colors, shown_legend = _method_colors(ms), set()
-    for m, series_rows in _series(df, ms):
+    series = _series(df, ms)
+    colors, shown_legend = _series_colors(series), set()
+    for m, series_rows in series:
         color = colors[m]
         rows = sorted((i for i in series_rows if math.isfinite(xs[i]) and math.isfinite(ys[i])), key=lambda i: xs[i])
         if not rows:
@@ -389,7 +442,7 @@ def drift_per_layer(result) -> go.Figure:
     fig.update_yaxes(title_text="Router KL divergence (nats per token)", secondary_y=True, showgrid=False,
                      rangemode="tozero")
     fig.update_layout(title=title, template=_TEMPLATE, legend=dict(title="Drift measure"))
-    return fig
+    return _round_ticks(fig)
 
 
 # ---------------------------------------------------------------------------------- pareto

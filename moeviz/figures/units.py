@@ -27,3 +27,11 @@ def time_unit(values_ms) -> tuple[str, float]:
     """(unit, factor from ms) for an axis of times: µs when every value is below 1 ms."""
     finite = [abs(float(v)) for v in values_ms if v is not None and math.isfinite(float(v))]
     return ("µs", 1000.0) if finite and max(finite) < 1 else ("ms", 1.0)
+
+
+def eta_text(elapsed_s: float, done: int, total: int) -> str:
+    """" · about 12 s left" from the time the first `done` of `total` equal steps took ("" before the first)."""
+    if done <= 0 or total <= done:
+        return ""
+    left = elapsed_s / done * (total - done)
+    return f" · about {left / 60:.0f} min left" if left >= 120 else f" · about {max(left, 1):.0f} s left"

@@ -53,12 +53,18 @@ def mask_differences(a: dict, b: dict, n_layers: int) -> list[dict]:
 
 
 def compare_one_pass_sequential(compressor: Compressor, evaluator: Evaluator, plan: CompressionPlan,
-                                samples: TokenSamples) -> SequentialComparison:
+                                samples: TokenSamples, progress=None) -> SequentialComparison:
+    """progress(stage, done, total) with stage one of "one-pass apply", "sequential apply" (layers),
+    "one-pass evaluation", "sequential evaluation" (held-out windows), for a progress bar and an ETA."""
+    def report(stage):
+        return None if progress is None else (lambda d, t: progress(stage, d, t))
+
     one, seq = copy.deepcopy(plan), copy.deepcopy(plan)
     one.sequential, seq.sequential = False, True
-    a = compressor.apply(one, keep_masks=True)
-    b = compressor.apply(seq, samples, keep_masks=True)
+    a = compressor.apply(one, keep_masks=True, progress=report("one-pass apply"))
+    b = compressor.apply(seq, samples, keep_masks=True, progress=report("sequential apply"))
     layers = mask_differences(a.masks, b.masks, len(a.layers))
-    ra, rb = evaluator.evaluate(a), evaluator.evaluate(b)
+    ra = evaluator.evaluate(a, progress=report("one-pass evaluation"))
+    rb = evaluator.evaluate(b, progress=report("sequential evaluation"))
     return SequentialComparison(layers=layers, one_pass=_summary(ra), sequential=_summary(rb),
                                 perplexity_difference=rb.perplexity - ra.perplexity, base_perplexity=ra.base_perplexity)
