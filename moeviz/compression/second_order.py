@@ -56,6 +56,7 @@ class SecondOrderResult:
     loss: float  # Σ of the OBS reconstruction losses reported by the kernels
     seconds: float
     threads: int = field(default_factory=torch.get_num_threads)
+    record: dict | None = field(default=None, repr=False)  # see compress_second_order(hessians=)
 
     def summary(self) -> dict:
         return dict(seconds=self.seconds, loss=self.loss, threads=self.threads, warnings=self.warnings)
@@ -71,11 +72,13 @@ def plan_key(plan, samples) -> str:
 
 def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarray, removed: np.ndarray,
                           samples, batch_size: int = 8, progress: ProgressFn | None = None,
-                          cancel: Callable[[], bool] | None = None) -> SecondOrderResult:
+                          cancel: Callable[[], bool] | None = None,
+                          hessians: dict | None = None) -> SecondOrderResult:
     """The compressed expert tensors of every layer `plan` touches (see the module docstring).
 
     compressor: the `Compressor` (its loaded model, statistics and per-layer settings);
-    sparsity, bits, removed: the plan resolved per expert ([L, E], `resolve_settings`)."""
+    sparsity, bits, removed: the plan resolved per expert ([L, E], `resolve_settings`).
+    hessians: if given, receives every undamped Hessian, (layer, expert, "in" | "down") -> [d, d] (tests)."""
     from moeviz.sensitivity.measure import decoder_layers  # import here: sensitivity imports apply
 
     start = time.perf_counter()
@@ -94,6 +97,7 @@ def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarr
     inputs = capture_decoder_inputs(view, blocks, last, batches)
     hidden = inputs.first_hidden
     result = SecondOrderResult({}, {}, [], 0.0, 0.0)
+    result.record = hessians
     for j in range(last + 1):
         if cancel is not None and cancel():
             raise Cancelled("second-order compression: cancelled")
@@ -208,6 +212,8 @@ def _compress(w: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, columns: in
                                     action="identity Hessian (no routed token)"))
     else:
         H = expert_hessian(x, w_tok)
+        if result.record is not None:
+            result.record[(layer, e, "down" if what == "down" else "in")] = H
         if n < columns:
             percdamp = max(percdamp, LOW_TOKEN_DAMP)
             result.warnings.append(dict(layer=layer, expert=e, projection=what, tokens=n, columns=columns,

@@ -1,0 +1,178 @@
+"""Second-order methods in plans (SparseGPT pruning, GPTQ quantization, router-weighted Hessians):
+Hessians against a brute-force sum over routed tokens, masks / grids / storage / export of a plan, the
+base model untouched, and the behaviour that justifies the methods (they beat the first-order ones)."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import moeviz
+from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
+from moeviz.compression.apply import Compressor, resolve_settings
+from moeviz.compression.masks import prune_counts
+from moeviz.compression.second_order import compress_second_order
+from moeviz.data import Document, tokenize_documents
+from moeviz.errors import PlanError
+from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
+from moeviz.export import export_model
+from moeviz.models.runtime import install_experts_runtime
+from moeviz.models.layers import find_moe_layers
+
+DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
+        Document("x = [i * i for i in range(10)]\n" * 20, "code")]
+
+
+def _brute_force_inputs(model, layers):
+    """Per MoE layer, what its experts receive over one forward: [(hidden [T, H], ids [T, k], weights [T, k])]."""
+    seen = {l.index: [] for l in layers}
+    for l in layers:
+        install_experts_runtime(l).routing_observers.append(
+            lambda h, i, w, l=l.index: seen[l].append((h.detach().double(), i.clone(), w.detach().double())))
+    return seen
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # qwen2_moe has a shared expert
+@pytest.mark.parametrize("hessian", ["router_weighted", "plain"])
+def test_hessians_equal_brute_force_sums_over_routed_tokens(family, hessian, loaded_tiny):
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), hessian=hessian)
+    comp = Compressor(lm, None)
+    record: dict = {}
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
+    compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    # The compressed model: layer 1's inputs come from the compressed layer 0 (sequential), and the down
+    # projection's inputs from the compressed gate / up of the same expert.
+    cm = comp.apply(plan, samples)
+    seen = _brute_force_inputs(cm.model, cm.layers)
+    with torch.no_grad():
+        for i in range(0, samples.n_samples, 4):
+            cm.model(input_ids=samples.input_ids[i:i + 4], use_cache=False)
+    checked = 0
+    for layer in cm.layers:
+        hidden = torch.cat([h for h, _, _ in seen[layer.index]])
+        ids = torch.cat([i for _, i, _ in seen[layer.index]])
+        gates = torch.cat([w for _, _, w in seen[layer.index]])
+        for e in range(layer.num_experts):
+            H_in = torch.zeros(layer.hidden_size, layer.hidden_size, dtype=torch.float64)
+            H_down = torch.zeros(layer.intermediate_size, layer.intermediate_size, dtype=torch.float64)
+            w_gate, w_up = layer.weight("gate")[e].double(), layer.weight("up")[e].double()
+            for t in range(hidden.shape[0]):  # plainly, token by token and slot by slot
+                for slot in range(ids.shape[1]):
+                    if int(ids[t, slot]) != e:
+                        continue
+                    g2 = float(gates[t, slot]) ** 2 if hessian == "router_weighted" else 1.0
+                    x = hidden[t]
+                    h = torch.nn.functional.silu(w_gate @ x) * (w_up @ x)
+                    H_in += g2 * torch.outer(x, x)
+                    H_down += g2 * torch.outer(h, h)
+            if (layer.index, e, "in") not in record:  # no token reached e: no Hessian (identity used)
+                assert H_in.abs().max() == 0
+                continue
+            torch.testing.assert_close(record[(layer.index, e, "in")].double(), H_in, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(record[(layer.index, e, "down")].double(), H_down, rtol=1e-3, atol=1e-5)
+            checked += 1
+    assert checked >= 4
+
+
+def test_low_token_experts_are_listed_in_the_result(loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    few = tokenize_documents(DOCS, lm.tokenizer, 1, 8)  # 8 tokens, top-2 of 4 experts: < 32 columns each
+    cm = Compressor(lm, None).apply(CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5)), few)
+    warned = {(w["layer"], w["expert"]) for w in cm.second_order["warnings"]}
+    assert warned == {(l.index, e) for l in lm.layers for e in range(l.num_experts)}
+    assert all(w["tokens"] < w["columns"] for w in cm.second_order["warnings"])
+
+
+def test_plan_settings_validate_and_stay_backwards_compatible():
+    old = CompressionPlan.from_json('{"pruning": {"metric": "wanda", "sparsity": 0.5}, "quant": {"bits": 4}}')
+    assert old.quant.method == "rtn" and old.hessian == "router_weighted" and not old.second_order()
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=3, method="gptq"), hessian="plain", act_order=True)
+    assert CompressionPlan.from_json(plan.to_json()) == plan and plan.validate().second_order()
+    for field, bad in (("hessian", "fisher"), ("obs_blocksize", 0), ("percdamp", 0.0), ("act_order", "yes")):
+        with pytest.raises(PlanError, match=field):
+            CompressionPlan(**{field: bad}).validate()
+    with pytest.raises(PlanError, match="quant.method"):
+        CompressionPlan(quant=QuantSettings(method="awq")).validate()
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.set_num_threads(1)
+    lm = moeviz.load_model()
+    # 32 windows: with 16 (about 512 routed tokens per expert for 128 columns) GPTQ overfits them
+    cal = moeviz.load_calibration_data(lm.tokenizer, n_samples=32, seq_len=128, seed=0)
+    stats = moeviz.calibrate(lm, cal)
+    ev = Evaluator(lm, load_eval_samples(lm.tokenizer, seq_len=128, max_samples=16), EvalSettings(measure_latency=False))
+    return lm, stats, cal, ev, Compressor(lm, stats)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_sparsegpt_gptq_plan_masks_grid_storage_and_base(demo, structure):
+    lm, stats, cal, _, comp = demo
+    before = _snapshot(lm.model)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.6 if structure == "unstructured" else 0,
+                                                   structure=structure),
+                           quant=QuantSettings(bits=3, group_size=64, method="gptq"))
+    cm = comp.apply(plan, cal, keep_masks=True)
+    for layer in cm.layers:
+        for proj in layer.projections():
+            w = layer.weight(proj).detach()  # [E, out, in]
+            keep = cm.masks[f"{layer.index}.{proj}"]
+            assert (w[~keep] == 0).all()  # pruned weights are exact zeros
+            if structure == "unstructured":
+                k = int(prune_counts(0.6, w.shape[-1], ()))
+                assert ((~keep).sum(-1) == k).all()
+            else:
+                assert ((~keep).reshape(*keep.shape[:-1], -1, 4).sum(-1) == 2).all()
+            # on the 3-bit symmetric grid: at most 2**3 - 1 levels per (row, group of 64)
+            groups = w.reshape(*w.shape[:-1], -1, 64)
+            levels = [torch.unique(g).numel() for g in groups.reshape(-1, 64)[::37]]  # a sample of groups
+            assert max(levels) <= 7
+    magnitude = CompressionPlan.from_dict({**plan.to_dict(), "pruning": {**plan.to_dict()["pruning"], "metric": "magnitude"},
+                                           "quant": {**plan.to_dict()["quant"], "method": "rtn"}})
+    ref = comp.apply(magnitude, cal)
+    assert cm.storage.summary() == ref.storage.summary() and cm.storage.tensors == ref.storage.tensors
+    for k, v in _snapshot(lm.model).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_second_order_plan_is_cached_and_exports_round_trip(demo, tmp_path):
+    lm, _, cal, _, comp = demo
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, method="gptq"), removed_experts=[(l, 3) for l in range(4)])
+    a = comp.apply(plan, cal)
+    calls = []
+    b = comp.apply(plan, cal, progress=lambda *x: calls.append(x))  # cached: no recomputation
+    assert not calls
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.weight("down"), lb.weight("down"))
+    assert (a.layers[1].weight("gate")[3] == 0).all()  # removal combines with the new method
+    out = export_model(lm, a, tmp_path / "out")
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = cal.input_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, a.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsegpt_beats_magnitude_and_gptq_beats_rtn_on_the_demo(demo):
+    lm, _, cal, ev, comp = demo
+
+    def ppl(plan):
+        return ev.evaluate(comp.apply(plan, cal)).perplexity
+
+    mag = ppl(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.6)))
+    sgpt = ppl(CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.6)))
+    base = ev.base.loss["perplexity"]
+    assert sgpt - base < 0.75 * (mag - base)  # measured on the full windows: about half the damage
+    rtn = ppl(CompressionPlan(quant=QuantSettings(bits=3)))
+    gptq = ppl(CompressionPlan(quant=QuantSettings(bits=3, method="gptq")))
+    assert gptq < rtn
