@@ -178,3 +178,23 @@ def test_sparsegpt_beats_magnitude_and_gptq_beats_rtn_on_the_demo(demo):
     rtn = ppl(CompressionPlan(quant=QuantSettings(bits=3)))
     gptq = ppl(CompressionPlan(quant=QuantSettings(bits=3, method="gptq")))
     assert gptq < rtn
+
+
+def test_cli_evaluate_with_second_order_methods(tiny_model_dirs, tmp_path, capsys):
+    import json
+
+    from moeviz.cli import main
+
+    data = tmp_path / "cal.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"calibration sentence {i} about experts. " * 6}) for i in range(30)))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"pruning": {"sparsity": 0.5}, "quant": {"bits": 4, "group_size": -1}}))
+    argv = ["evaluate", "--model", str(tiny_model_dirs["mixtral"]), "--data", str(data), "--samples", "4", "--seq-len",
+            "16", "--eval-data", str(data), "--eval-seq-len", "16", "--eval-samples", "4", "--no-latency", "--no-store",
+            "--plan", str(plan), "--json", str(tmp_path / "r.json")]
+    assert main(argv + ["--method", "sparsegpt", "--quant-method", "gptq", "--hessian", "plain"]) == 0
+    stored = json.loads((tmp_path / "r.json").read_text())["plan"]
+    assert (stored["pruning"]["metric"], stored["quant"]["method"], stored["hessian"]) == ("sparsegpt", "gptq", "plain")
+    assert json.loads(capsys.readouterr().out)["compression_ratio"] > 1
+    assert main(argv + ["--method", "obc"]) == 2
+    assert "pruning.metric: unknown metric 'obc'" in capsys.readouterr().err

@@ -89,6 +89,9 @@ class EvalResult:
     eval_fingerprint: str
     # Why measured latency is missing although it was asked for (e.g. the model's cache cannot decode).
     latency_unavailable: str | None = None
+    # SparseGPT / GPTQ plans: CompressedModel.second_order (seconds, threads, warnings: experts with fewer
+    # routed calibration tokens than columns, whose Hessian was damped more)
+    second_order: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -247,6 +250,7 @@ class Evaluator:
             latency_projected=self._projected(compressed.storage.tensors, comp),
             base_latency_projected=self._base_projected,
             seconds=time.perf_counter() - start, apply_seconds=compressed.seconds,
+            second_order=getattr(compressed, "second_order", None),
             eval_tokens=self.samples.n_tokens, eval_fingerprint=self.samples.fingerprint,
             latency_unavailable=run.latency_unavailable or self.base.latency_unavailable,
         )
