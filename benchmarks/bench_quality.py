@@ -11,9 +11,11 @@ held-out windows (the Evaluator's defaults; dense 11.72). Experts only: attentio
 * the time of each plan (`Compressor.apply`, wall and this process's CPU seconds): first-order methods
   use the statistics of one calibration pass (timed once, `calibration_seconds`); second-order ones
   collect their Hessians inside apply (included);
-* targets with PASS/MISS: SparseGPT (router-weighted) ≤ the peer's SparseGPT (12.40 / 13.34 / 16.61 /
-  13.13), the "aim" (increase ≤ 0.9 × the peer's at 70 % and 2:4), GPTQ 3-bit g128 ≤ 11.99, 4-bit g128
-  ≤ 11.79, and a whole 50 % SparseGPT plan (Hessians included) ≤ 2.2 s.
+* SparseGPT also with blocksize 32 and with refit (plan settings `obs_blocksize`, `refit`);
+* targets with PASS/MISS: SparseGPT (router-weighted; default settings, and blocksize 32 + refit) ≤ the
+  peer's SparseGPT (12.40 / 13.34 / 16.61 / 13.13), the "aim" (increase ≤ 0.9 × the peer's at 70 % and
+  2:4), GPTQ 3-bit g128 ≤ 11.99, 4-bit g128 ≤ 11.79 (best GPTQ variant, and the default settings), and a
+  whole 50 % SparseGPT plan (Hessians included, best of 3) ≤ 2.2 s, wall and CPU time.
 
     python -m benchmarks --only quality          (THREADS=1 by default)
 """
@@ -73,7 +75,12 @@ def run() -> dict:
                 ("moe_pruner sequential", "moe_pruner", dict(sequential=True)),
                 ("wanda sequential", "wanda", dict(sequential=True)),
                 ("sparsegpt plain", "sparsegpt", dict(hessian="plain")),
-                ("sparsegpt router_weighted", "sparsegpt", dict(hessian="router_weighted"))]
+                ("sparsegpt router_weighted", "sparsegpt", dict(hessian="router_weighted")),
+                # tuned: smaller blocks re-select each row's mask more often from the updated weights; refit
+                # re-solves the kept weights exactly for the final mask (both plan settings)
+                ("sparsegpt router_weighted blocksize 32", "sparsegpt", dict(obs_blocksize=32)),
+                ("sparsegpt plain blocksize 32 + refit", "sparsegpt", dict(hessian="plain", obs_blocksize=32, refit=True)),
+                ("sparsegpt router_weighted blocksize 32 + refit", "sparsegpt", dict(obs_blocksize=32, refit=True))]
     for name, metric, extra in variants:
         prune_rows[name] = {}
         for col, ps in PRUNE_SETTINGS.items():
@@ -97,28 +104,26 @@ def run() -> dict:
             quant_rows[name][col] = measure(plan)
     out["quantization"] = quant_rows
 
-    # -- SparseGPT settings at 70 % (router-weighted): block size and damping
-    ablation = {}
-    for bs in (32, 128):
-        for damp in (0.01, 0.1):
-            plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.7), obs_blocksize=bs,
-                                   percdamp=damp)
-            ablation[f"blocksize {bs} percdamp {damp}"] = measure(plan)
-    out["sparsegpt_70_settings"] = ablation
+    # -- the time target: a whole 50 % SparseGPT plan (default settings), best of 3 fresh runs
+    times = [measure(CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5))) for _ in range(3)]
+    out["sparsegpt_50%_timing_runs"] = times
 
     # -- targets
     targets = {}
     sg = prune_rows["sparsegpt router_weighted"]
-    for col, peer in PEER_SPARSEGPT.items():
-        targets[f"sparsegpt_router_weighted_{col}_le_{peer}"] = dict(measured=sg[col]["perplexity"],
-                                                                    result=_pass(sg[col]["perplexity"] <= peer))
     peer_base = 11.72  # the issue's dense perplexity (same windows)
-    for col in ("70%", "2:4"):
-        aim = base + 0.9 * (PEER_SPARSEGPT[col] - peer_base)
-        targets[f"aim_sparsegpt_{col}_increase_le_0.9x_peer"] = dict(
-            measured_increase=round(sg[col]["perplexity"] - base, 3),
-            allowed_increase=round(0.9 * (PEER_SPARSEGPT[col] - peer_base), 3),
-            result=_pass(sg[col]["perplexity"] <= aim))
+    for variant in ("sparsegpt router_weighted", "sparsegpt router_weighted blocksize 32 + refit"):
+        row = prune_rows[variant]
+        tag = "default_settings" if variant == "sparsegpt router_weighted" else "blocksize_32_refit"
+        for col, peer in PEER_SPARSEGPT.items():
+            targets[f"sparsegpt_{tag}_{col}_le_{peer}"] = dict(measured=row[col]["perplexity"],
+                                                               result=_pass(row[col]["perplexity"] <= peer))
+        for col in ("70%", "2:4"):
+            aim = base + 0.9 * (PEER_SPARSEGPT[col] - peer_base)
+            targets[f"aim_sparsegpt_{tag}_{col}_increase_le_0.9x_peer"] = dict(
+                measured_increase=round(row[col]["perplexity"] - base, 3),
+                allowed_increase=round(0.9 * (PEER_SPARSEGPT[col] - peer_base), 3),
+                result=_pass(row[col]["perplexity"] <= aim))
     gptq_names = [n for n in quant_rows if n.startswith("gptq")]
     default = "gptq router_weighted sym"
     for col in ("3-bit g128", "4-bit g128"):
@@ -129,15 +134,18 @@ def run() -> dict:
             result=_pass(quant_rows[best][col]["perplexity"] <= peer),
             default_settings=default, measured_default=quant_rows[default][col]["perplexity"],
             result_default=_pass(quant_rows[default][col]["perplexity"] <= peer))
-    t50 = sg["50%"]
+    wall, cpu = min(t["seconds"] for t in times), min(t["cpu_seconds"] for t in times)
     targets["sparsegpt_50%_plan_incl_hessians_le_2.2s"] = dict(
-        wall_seconds=t50["seconds"], cpu_seconds=t50["cpu_seconds"],
-        result_wall=_pass(t50["seconds"] <= 2.2), result_cpu=_pass(t50["cpu_seconds"] <= 2.2))
+        best_of_3_wall_seconds=wall, best_of_3_cpu_seconds=cpu,
+        result_wall=_pass(wall <= 2.2), result_cpu=_pass(cpu <= 2.2))
     out["targets"] = targets
     # which Hessian wins: per setting, router-weighted minus plain perplexity (negative = router-weighted better)
     out["router_weighted_minus_plain"] = {
         **{f"sparsegpt {c}": round(sg[c]["perplexity"] - prune_rows["sparsegpt plain"][c]["perplexity"], 3)
            for c in PRUNE_SETTINGS},
+        **{f"sparsegpt blocksize 32 + refit {c}": round(
+            prune_rows["sparsegpt router_weighted blocksize 32 + refit"][c]["perplexity"]
+            - prune_rows["sparsegpt plain blocksize 32 + refit"][c]["perplexity"], 3) for c in PRUNE_SETTINGS},
         **{f"gptq {v} {c}": round(quant_rows[f"gptq router_weighted {v}"][c]["perplexity"]
                                   - quant_rows[f"gptq plain {v}"][c]["perplexity"], 3)
            for v in ("sym", "asym", "sym act_order", "asym act_order") for c in QUANT_SETTINGS}}

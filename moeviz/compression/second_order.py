@@ -36,6 +36,7 @@ from moeviz.compression.steps import LayerSettings, layer_norms, prune, remove
 from moeviz.errors import PlanError
 from moeviz.models.experts import expert_output, gate_on_input
 from moeviz.models.layers import find_moe_layers
+from moeviz.models.offload import module_weights
 from moeviz.models.runtime import install_experts_runtime
 from moeviz.models.views import structural_copy
 
@@ -115,10 +116,11 @@ def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarr
                     inputs.run(j, hidden)
                 finally:
                     rt.observers.remove(seen)
-                new = _compress_layer(compressor, layer, plan, s, seen, result)
                 from moeviz.compression.apply import install_experts
 
-                install_experts(layer, new)
+                with module_weights(layer.experts):  # offloaded: loaded for this layer only
+                    new = _compress_layer(compressor, layer, plan, s, seen, result)
+                    install_experts(layer, new)
                 result.tensors[l] = {n: getattr(layer.experts, n) for n in new}
         if j < last:
             hidden = inputs.run(j, hidden)
@@ -161,7 +163,7 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
                 w = layer.view(p, fused[layer.fused_name(p)])[e]
                 w.copy_(new_in[rows:rows + w.shape[0]])
                 if mask_in is not None:
-                    masks.setdefault(p, torch.ones(layer.weight(p).shape, dtype=torch.bool))[e] = \
+                    masks.setdefault(p, torch.ones(layer.weight(p).shape, dtype=torch.bool, device=w.device))[e] = \
                         mask_in[rows:rows + w.shape[0]]
                 rows += w.shape[0]
         # down: its inputs from the compressed gate/up of this expert
@@ -174,7 +176,8 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
                                         prune_it="down" in s.projections, group=s.group_sizes["down"])
         w_down.copy_(new_down)
         if mask_down is not None and "down" in s.projections:
-            masks.setdefault("down", torch.ones(layer.weight("down").shape, dtype=torch.bool))[e] = mask_down
+            shape = layer.weight("down").shape
+            masks.setdefault("down", torch.ones(shape, dtype=torch.bool, device=w_down.device))[e] = mask_down
     remove(layer, fused, sel, s)
     for p, keep in masks.items():
         result.masks[f"{layer.index}.{p}"] = keep
