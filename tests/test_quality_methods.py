@@ -198,3 +198,25 @@ def test_cli_evaluate_with_second_order_methods(tiny_model_dirs, tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["compression_ratio"] > 1
     assert main(argv + ["--method", "obc"]) == 2
     assert "pruning.metric: unknown metric 'obc'" in capsys.readouterr().err
+
+
+def test_compress_page_runs_a_sparsegpt_gptq_plan(tiny_model_dirs):
+    from test_app_pages import button, new_app, ok
+
+    at = new_app(tiny_model_dirs["mixtral"])
+    at.number_input[0].set_value(8)
+    at.number_input[1].set_value(32)
+    button(at, "Run calibration").click().run()
+    at.switch_page("pages/4_compress.py").run()
+    ok(at)
+    next(b for b in at.selectbox if b.label == "Pruning metric").set_value("sparsegpt").run()
+    at.slider[0].set_value(0.5).run()
+    next(b for b in at.selectbox if b.label == "Expert weight bits").set_value(4).run()
+    next(b for b in at.selectbox if b.label == "Quantization method").set_value("gptq").run()
+    ok(at)
+    plan = at.session_state["plan"]
+    assert (plan["pruning"]["metric"], plan["quant"]["method"], plan["hessian"]) == ("sparsegpt", "gptq", "router_weighted")
+    button(at, "Evaluate").click().run()
+    ok(at)
+    result = at.session_state["last_result"]
+    assert result["plan"]["pruning"]["metric"] == "sparsegpt" and result["second_order"]["seconds"] > 0
