@@ -83,6 +83,7 @@ def test_low_token_experts_are_listed_in_the_result(loaded_tiny):
     few = tokenize_documents(DOCS, lm.tokenizer, 1, 8)  # 8 tokens, top-2 of 4 experts: < 32 columns each
     cm = Compressor(lm, None).apply(CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5)), few)
     warned = {(w["layer"], w["expert"]) for w in cm.second_order["warnings"]}
+    assert "(0, 0)" in __import__("moeviz.export", fromlist=["_report"])._report(lm, cm, None, [])
     assert warned == {(l.index, e) for l in lm.layers for e in range(l.num_experts)}
     assert all(w["tokens"] < w["columns"] for w in cm.second_order["warnings"])
 
@@ -159,6 +160,7 @@ def test_second_order_plan_is_cached_and_exports_round_trip(demo, tmp_path):
         assert torch.equal(la.weight("down"), lb.weight("down"))
     assert (a.layers[1].weight("gate")[3] == 0).all()  # removal combines with the new method
     out = export_model(lm, a, tmp_path / "out")
+    assert "Second-order compression" in (out / "moeviz_report.md").read_text()
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = cal.input_ids[:2]
     with torch.no_grad():
