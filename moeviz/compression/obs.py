@@ -14,7 +14,8 @@ exact least-squares compensation given every fixed column,
 
 and the objective grows by ``(w_j - q_j)^2 / (2 [H_G^-1]_jj)``. Row ``j`` of the upper Cholesky
 factor ``U`` of ``H^-1`` (``H^-1 = U^T U``) is exactly ``[H_G^-1]_{j,G} / sqrt([H_G^-1]_jj)``, so
-all these updates come from one factorisation (``d_j = U_jj``, update row ``U_{j,F} / d_j``).
+all these updates come from one factorisation: with ``d_j = U_jj`` and
+``err_j = (w_j - q_j) / d_j``, the update is ``w_F -= err_j * U_{j,F}`` and the cost ``err_j^2 / 2``.
 Updates are applied lazily: inside a block of ``blocksize`` columns immediately, to the columns
 after the block once per block (one matmul), which is what makes this fast.
 
@@ -22,7 +23,10 @@ Conventions shared with the rest of moeviz:
 
 * Damping: ``H + damp * I`` with ``damp = percdamp * mean(diag H)``; columns with ``H_jj == 0``
   (inputs never seen) are "dead": their diagonal is set to 1 and, by default, their weights to 0
-  (as the reference code does). See :func:`hessian_damped`.
+  (as the reference code does; ``zero_dead=False`` keeps them). See :func:`hessian_damped`.
+  Exception: if *every* column is dead (``H == 0``: the weight saw no input, e.g. an expert no
+  calibration token reached), nothing is zeroed, and the result is exactly magnitude pruning / RTN
+  (``ObsResult.dead_columns == in`` tells the caller).
 * Sparsity is per output row (unlike the reference's per-block global threshold): every row prunes
   exactly ``prune_counts(sparsity, in)`` weights, as :mod:`moeviz.compression.masks` does. Saliency
   of weight ``j`` is ``w_j^2 / d_j^2``; we rank by the equivalent ``|w_j| / d_j`` (monotone, fewer
@@ -50,8 +54,8 @@ row (dead columns zeroed when ``zero_dead``) -- the reference's ``Losses.sum()``
 step is exact, this equals the direct evaluation of that quadratic form on the result (tested).
 
 Cost: one Cholesky, one inverse and one more Cholesky of ``[in, in]`` (``O(in^3)``) plus
-``O(out * in^2)`` for the updates; per-row unstructured selection adds one sort of the remaining
-columns per block. Computation is float32 (float64 if ``W`` or ``H`` is float64); the result has
+``O(out * in^2)`` for the updates; per-row unstructured selection adds one selection (introselect,
+linear time) over the remaining columns per block. ``refit`` adds ``O(out * |S|^3)``. Computation is float32 (float64 if ``W`` or ``H`` is float64); the result has
 ``W``'s dtype (for bf16/fp16 the final cast rounds, as quantize.py's does).
 """
 
@@ -59,9 +63,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .masks import _parse_nm, nm_mask, prune_counts, row_ranks
+from .masks import _parse_nm, nm_mask, prune_counts
 from .quantize import _effective_group_size, check_bits, quantize_weight
 
 
@@ -200,6 +205,48 @@ def _check_quant(quant, in_features: int):
     return quant, _effective_group_size(quant.group_size, in_features)
 
 
+def _lowest_per_row(head: torch.Tensor, sal: torch.Tensor, k: torch.Tensor, use_numpy: bool | None = None) -> torch.Tensor:
+    """Which of the first columns ``head = sal[:, :c]`` are among the ``k[r]`` lowest of row ``r`` of
+    ``sal`` [out, n] (non-negative), ranked by ``(value, column)`` as in :mod:`masks`. [out, c] bool.
+
+    A threshold per row, ``v[r]`` = the ``k[r]``-th smallest of the row; entries below ``v`` are
+    selected and, of those equal to ``v``, the first ``k - #below`` (lowest column first). One
+    selection serves all rows although ``k`` differs per row: each row is padded with
+    ``kmax - k[r]`` entries of -1 (below every saliency) and ``k[r] - kmin`` of +inf, so the
+    ``kmax``-th smallest of a padded row is the ``k[r]``-th smallest of the row.
+    use_numpy: the numpy path (default on CPU) or the torch path (other devices).
+    """
+    out, n = sal.shape
+    kmin, kmax = int(k.min()), int(k.max())
+    sel = torch.zeros(head.shape, dtype=torch.bool, device=sal.device)
+    if kmax <= 0:
+        return sel
+    if kmin >= n:
+        return ~sel
+    pad = kmax - kmin
+    fill = None
+    if pad:
+        p = torch.arange(pad, device=sal.device)[None, :]
+        fill = torch.where(p < (kmax - k)[:, None], -1.0, float("inf")).to(sal.dtype)  # [out, pad]
+    if sal.device.type == "cpu" if use_numpy is None else use_numpy:
+        # numpy: introselect is ~10x faster than torch.kthvalue, and counting a comparison ~8x
+        # faster than torch's bool sum (measured, 1 thread, [2048, 1024]).
+        a = np.ascontiguousarray(sal.numpy())
+        padded = np.concatenate([a, fill.numpy()], axis=1) if pad else a.copy()
+        padded.partition(kmax - 1, axis=1)  # in place on the fresh copy
+        v_np = padded[:, kmax - 1:kmax]  # [out, 1]
+        below = torch.from_numpy(np.count_nonzero(a < v_np, axis=1)).to(k.dtype)
+        v = torch.from_numpy(v_np.copy())
+    else:
+        padded = torch.cat([sal, fill], dim=1) if pad else sal
+        v = torch.kthvalue(padded, kmax, dim=1, keepdim=True).values
+        below = (sal < v).sum(dim=1)
+    # Rows with k[r] == 0 get v = -1: nothing below, nothing equal, nothing selected.
+    need = k - below  # [out] entries equal to v to select, lowest column first
+    eq = head == v
+    return (head < v) | (eq & (torch.cumsum(eq, dim=1) <= need[:, None]))
+
+
 # -- the OBS loop ---------------------------------------------------------------------------------
 
 
@@ -212,8 +259,14 @@ def _obs_loop(W, U, *, blocksize, pruned=None, k_row=None, nm=None, quant=None, 
     nm: (n, m). quant/gs: grid spec and group size; static: (scales [out, G], zeros [out, G] | None,
     group_of_col [in] int64) for precomputed grids, else grids are computed dynamically per group.
     Returns (losses [out], scales [out, G] | None, zeros [out, G] | None).
+
+    Internally the weight is held transposed, ``WT`` [in, out], so that the column being fixed and
+    the in-block update ``WT[i:] -= U[i, i:, None] * err`` touch contiguous memory (about 1.5-2x
+    faster on CPU than strided columns of [out, in]).
     """
     out, n_cols = W.shape
+    WT = W.T.contiguous()  # [in, out]
+    PT = None if pruned is None else pruned.T.contiguous()  # [in, out]
     diag_u = torch.diagonal(U)
     losses = torch.zeros(out, dtype=W.dtype, device=W.device)
     k_rem = None if k_row is None else k_row.clone()
@@ -227,26 +280,25 @@ def _obs_loop(W, U, *, blocksize, pruned=None, k_row=None, nm=None, quant=None, 
     for i1 in range(0, n_cols, blocksize):
         i2 = min(i1 + blocksize, n_cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()  # [out, count]: updated column by column inside the block
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()  # [count, out]: updated column by column inside the block
+        Err1 = torch.zeros_like(W1)  # [count, out]: (w - q) / d of each fixed column
         U1 = U[i1:i2, i1:i2]
 
         if k_rem is not None:
-            # All columns i1.. are up to date here. Rank each row's remaining columns by saliency
-            # |w|/d (stable sort: ties to the lower column); the lowest k_rem of a row are its
-            # prune candidates, of which the ones inside this block are pruned now.
-            sal = W[:, i1:].abs() / diag_u[i1:]  # [out, in - i1]
-            sel = row_ranks(sal).to(torch.int64) < k_rem[:, None]  # [out, in - i1]
-            pruned[:, i1:i2] = sel[:, :count]
-            k_rem -= sel[:, :count].sum(dim=1)
+            # All columns i1.. are up to date here. Each row's lowest k_rem remaining columns by
+            # saliency |w|/d (ties: lower column) are its prune candidates; those inside this
+            # block are pruned now.
+            sal = (WT[i1:].abs() / diag_u[i1:, None]).T.contiguous()  # [out, in - i1]
+            sel = _lowest_per_row(sal[:, :count], sal, k_rem)  # [out, count]
+            PT[i1:i2] = sel.T
+            k_rem -= sel.sum(dim=1)
 
         for i in range(count):
             j = i1 + i
             if nm is not None and i % nm[1] == 0:
                 m = nm[1]
-                sal = W1[:, i:i + m].abs() / diag_u[j:j + m]  # [out, m]
-                pruned[:, j:j + m] = ~nm_mask(sal, nm[0], m)
+                sal = (W1[i:i + m].abs() / diag_u[j:j + m, None]).T  # [out, m]
+                PT[j:j + m] = ~nm_mask(sal, nm[0], m).T
             if quant is not None:
                 if static is not None:
                     g = int(static[2][j])
@@ -254,30 +306,34 @@ def _obs_loop(W, U, *, blocksize, pruned=None, k_row=None, nm=None, quant=None, 
                     zero = None if static[1] is None else static[1][:, g]
                 elif j % gs == 0:
                     # Current values of group [j, j + gs): inside the block from W1, after it from
-                    # W minus this block's pending lazy update. Already-pruned entries count as 0.
+                    # WT minus this block's pending lazy update. Already-pruned entries count as 0.
                     g_end = j + gs
-                    cur = W1[:, i:min(count, i + gs)]
+                    cur = W1[i:min(count, i + gs)]  # [<= gs, out]
                     if g_end > i2:
-                        beyond = W[:, i2:g_end] - Err1 @ U[i1:i2, i2:g_end]
-                        cur = torch.cat([cur, beyond], dim=1)
-                    if pruned is not None:
-                        cur = cur.masked_fill(pruned[:, j:g_end], 0.0)
-                    scale, zero = _grid(cur, quant)
+                        beyond = WT[i2:g_end] - U[i1:i2, i2:g_end].T @ Err1
+                        cur = torch.cat([cur, beyond], dim=0)
+                    if PT is not None:
+                        cur = cur.masked_fill(PT[j:g_end], 0.0)
+                    scale, zero = _grid(cur.T, quant)
                     scales[:, j // gs] = scale
                     if zeros is not None:
                         zeros[:, j // gs] = zero
-            w = W1[:, i]
-            q = w.masked_fill(pruned[:, j], 0.0) if pruned is not None else w.clone()
+            w = W1[i]
+            q = w.masked_fill(PT[j], 0.0) if PT is not None else w
             if quant is not None:
                 q = _quantize_col(q, scale, zero, quant)
-            Q1[:, i] = q
             err = (w - q) / diag_u[j]  # [out]
-            losses += err * err / 2
-            # OBS compensation of the block's later columns: [out, 1] x [1, count - i].
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy update of everything after the block
+            # OBS compensation of the block's later columns: [count - i, 1] x [1, out]. Row i
+            # itself becomes q (up to rounding); it is overwritten with q exactly below.
+            W1[i:] -= U1[i, i:, None] * err[None, :]
+            W1[i] = q
+            Err1[i] = err
+        WT[i1:i2] = W1
+        losses += (Err1 * Err1).sum(dim=0) / 2  # OBS cost of each column: (w - q)^2 / (2 d^2)
+        WT[i2:] -= U[i1:i2, i2:].T @ Err1  # lazy update of everything after the block
+    W.copy_(WT.T)
+    if pruned is not None:
+        pruned.copy_(PT.T)
     if static is not None:
         scales, zeros = static[0], static[1]
     return losses, scales, zeros
@@ -320,6 +376,22 @@ def _quadratic_loss(W0: torch.Tensor, W: torch.Tensor, Hd: torch.Tensor) -> floa
     return float(((d @ Hd) * d).sum() / 2)
 
 
+def _prepare(W, H, percdamp, zero_dead):
+    """Compute-dtype copy of W (dead columns zeroed) and the damped Hessian.
+
+    An all-zero H (the weight saw no input at all, e.g. an expert no calibration token reached)
+    makes every column dead; zeroing them all would delete the weight on the strength of no data,
+    so then nothing is zeroed and H_damped = (1 + percdamp) I: the result is exactly magnitude
+    pruning / RTN (``dead_columns == in`` tells the caller).
+    """
+    dtype = _compute_dtype(W, H)
+    Hd, damp, dead = hessian_damped(H.to(W.device), percdamp, dtype=dtype)
+    W0 = W.detach().to(dtype).clone()
+    if zero_dead and not bool(dead.all()):
+        W0[:, dead] = 0
+    return W0, Hd, damp, dead
+
+
 # -- public API -----------------------------------------------------------------------------------
 
 
@@ -346,6 +418,7 @@ def sparsegpt_prune(
     (``H_SS w_S = (H w)_S`` with the damped H; cost O(out * |S|^3), only sensible for small ``in``;
     not with ``quant``). ``zero_dead``: zero the columns whose inputs were never seen (reference
     behaviour); False keeps them (they are then pruned or kept by saliency with ``H_jj = 1``).
+    If *every* column is dead (``H == 0``), nothing is zeroed: the result is magnitude pruning.
     """
     _check_w_h(W, H)
     out, n_cols = W.shape
@@ -379,11 +452,10 @@ def sparsegpt_prune(
         pruned = torch.zeros(W.shape, dtype=torch.bool, device=W.device)
         k_row = torch.full((out,), k, dtype=torch.int64, device=W.device)
 
-    dtype = _compute_dtype(W, H)
-    Hd, damp, dead = hessian_damped(H.to(W.device), percdamp, dtype=dtype)
-    W0 = W.detach().to(dtype).clone()
-    if zero_dead:
-        W0[:, dead] = 0
+    W0, Hd, damp, dead = _prepare(W, H, percdamp, zero_dead)
+    if k_row is not None and int(k_row[0]) == 0 and quant is None:
+        # Nothing to prune or round: every OBS step would be a no-op.
+        return ObsResult(W0.to(W.dtype), ~pruned, 0.0, damp, int(dead.sum()))
     U = _inverse_cholesky_upper(Hd)
     Wc = W0.clone()
     losses, scales, zeros = _obs_loop(Wc, U, blocksize=blocksize, pruned=pruned, k_row=k_row, nm=nm,
@@ -411,6 +483,7 @@ def gptq_quantize(
     Grids: dynamic per group (computed from the updated weights at the group's first column), or,
     with ``act_order``, static (from the original ``W``) with columns processed in descending
     ``diag(H)`` order (ties: lower column first). ``quant.bits == 16`` returns a copy of ``W``.
+    ``zero_dead`` as in :func:`sparsegpt_prune` (``H == 0``: the result is RTN).
     """
     _check_w_h(W, H)
     out, n_cols = W.shape
@@ -418,11 +491,7 @@ def gptq_quantize(
     if quant is None:
         raise ValueError("gptq_quantize needs a QuantSpec")
     spec, gs = _check_quant(quant, n_cols)
-    dtype = _compute_dtype(W, H)
-    Hd, damp, dead = hessian_damped(H.to(W.device), percdamp, dtype=dtype)
-    W0 = W.detach().to(dtype).clone()
-    if zero_dead:
-        W0[:, dead] = 0
+    W0, Hd, damp, dead = _prepare(W, H, percdamp, zero_dead)
     if spec is None:  # 16 bits: not quantized
         return ObsResult(W.detach().clone(), None, 0.0, damp, int(dead.sum()))
 
