@@ -222,3 +222,27 @@ def test_compress_page_runs_a_sparsegpt_gptq_plan(tiny_model_dirs):
     ok(at)
     result = at.session_state["last_result"]
     assert result["plan"]["pruning"]["metric"] == "sparsegpt" and result["second_order"]["seconds"] > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # gpt_oss: per-layer masks (sliding / full attention)
+def test_decoder_layers_called_one_by_one_reproduce_the_model(family, loaded_tiny):
+    from moeviz.calibration.hessians import capture_decoder_inputs
+    from moeviz.models.views import structural_copy
+    from moeviz.sensitivity.measure import decoder_layers
+
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 32)  # longer than gpt_oss's sliding window (16)
+    view = structural_copy(lm.model)
+    layers = find_moe_layers(view, lm.layers)
+    blocks, _ = decoder_layers(view, layers)[0]
+    batches = [samples.input_ids[:2], samples.input_ids[2:4]]
+    last = len(blocks) - 1
+    inputs = capture_decoder_inputs(view, blocks, last, batches)
+    assert inputs.shared == (family == "mixtral")
+    with torch.no_grad():
+        hidden = inputs.first_hidden
+        for j in range(last):
+            hidden = inputs.run(j, hidden)
+            for b, ids in enumerate(batches):  # hidden_states[j + 1] = output of decoder layer j
+                ref = view(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[j + 1]
+                torch.testing.assert_close(hidden[b], ref, rtol=1e-5, atol=1e-5)

@@ -38,6 +38,7 @@ class DecoderInputs:
     blocks: nn.ModuleList
     calls: list[list[tuple[tuple, dict, bool]]]  # [layer][batch] -> (other args, kwargs, hidden is positional)
     first_hidden: list[torch.Tensor]  # [batch] hidden states [B, S, H] entering blocks[0]
+    shared: bool = False  # every layer is called with the same arguments (captured from blocks[0] only)
 
     def run(self, j: int, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
         """Decoder layer j on each batch's hidden states; its outputs (the next layer's inputs)."""
@@ -51,9 +52,13 @@ class DecoderInputs:
 @torch.no_grad()
 def capture_decoder_inputs(model: nn.Module, blocks: nn.ModuleList, last: int,
                            batches: list[torch.Tensor]) -> DecoderInputs:
-    """One forward per batch, stopped when it enters blocks[last]: record every decoder layer's call."""
+    """How each decoder layer 0..last is called, per batch. The first batch runs up to blocks[last]; when
+    every decoder layer got the very same arguments as the first (Mixtral and most families: one mask,
+    one position embedding per forward), the other batches stop at blocks[0] and reuse its arguments for
+    every layer; otherwise (e.g. GPT-OSS: sliding and full attention masks) they run up to blocks[last] too."""
     calls: list[list] = [[] for _ in range(last + 1)]
     first: list[torch.Tensor] = []
+    stop_at = {"j": last}
 
     def hook(j):
         def record(module, args, kwargs):
@@ -65,21 +70,35 @@ def capture_decoder_inputs(model: nn.Module, blocks: nn.ModuleList, last: int,
             calls[j].append((rest, kwargs, positional))
             if j == 0:
                 first.append(hidden)
-            if j == last:
+            if j == stop_at["j"]:
                 raise _Stop
         return record
 
     handles = [blocks[j].register_forward_pre_hook(hook(j), with_kwargs=True) for j in range(last + 1)]
     try:
-        for ids in batches:
+        for b, ids in enumerate(batches):
             try:
                 model(input_ids=ids, use_cache=False)
             except _Stop:
                 pass
+            if b == 0 and all(_same_call(calls[j][0], calls[0][0]) for j in range(1, last + 1)):
+                stop_at["j"] = 0
     finally:
         for h in handles:
             h.remove()
-    return DecoderInputs(blocks, calls, first)
+    if stop_at["j"] == 0:
+        calls = [[calls[j][0]] + calls[0][1:] for j in range(last + 1)]
+    return DecoderInputs(blocks, calls, first, stop_at["j"] == 0)
+
+
+def _same_call(a, b) -> bool:
+    """The same arguments (tensors and tuples by identity, other values by equality)."""
+    (ra, ka, pa), (rb, kb, pb) = a, b
+    if pa != pb or len(ra) != len(rb) or ka.keys() != kb.keys():
+        return False
+    va, vb = list(ra) + [ka[k] for k in ka], list(rb) + [kb[k] for k in ka]
+    return all(x is y or (not isinstance(x, (torch.Tensor, tuple, list, dict)) and type(x) is type(y) and x == y)
+               for x, y in zip(va, vb))
 
 
 class RoutedInputs:
