@@ -246,3 +246,25 @@ def test_decoder_layers_called_one_by_one_reproduce_the_model(family, loaded_tin
             for b, ids in enumerate(batches):  # hidden_states[j + 1] = output of decoder layer j
                 ref = view(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[j + 1]
                 torch.testing.assert_close(hidden[b], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_overrides_and_router_settings_combine_and_the_job_reports_and_cancels(demo):
+    from moeviz.compression.plan import Override
+    from moeviz.compression.second_order import Cancelled
+
+    lm, _, cal, _, comp = demo
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, method="gptq"), router_sparsity=0.2,
+                           overrides=[Override(0, 2, sparsity=0.0, bits=16), Override(1, 5, sparsity=0.3),
+                                      Override(2, None, bits=16)])
+    calls = []
+    cm = Compressor(lm, None).apply(plan, cal, keep_masks=True, progress=lambda *a: calls.append(a))
+    assert [c[:2] for c in calls] == [(j + 1, 4) for j in range(4)] and all(c[2] >= 0 for c in calls)
+    assert torch.equal(cm.layers[0].weight("down")[2], lm.layers[0].weight("down")[2])  # dense expert untouched
+    keep = cm.masks["1.gate"][5]
+    assert ((~keep).sum(-1) == int(prune_counts(0.3, keep.shape[-1], ()))).all()
+    layer2 = cm.layers[2].weight("up")  # layer 2: pruned, not quantized -> many distinct values per row
+    assert torch.unique(layer2[0, 0][layer2[0, 0] != 0]).numel() > 60
+    assert (cm.layers[0].router_weight == 0).float().mean() >= 0.19  # router pruned as with any method
+    with pytest.raises(Cancelled):
+        Compressor(lm, None).apply(plan, cal, cancel=lambda: True)
