@@ -268,3 +268,10 @@ def test_overrides_and_router_settings_combine_and_the_job_reports_and_cancels(d
     assert (cm.layers[0].router_weight == 0).float().mean() >= 0.19  # router pruned as with any method
     with pytest.raises(Cancelled):
         Compressor(lm, None).apply(plan, cal, cancel=lambda: True)
+
+
+def test_a_second_order_plan_that_compresses_nothing_with_it_takes_the_usual_path(loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    cm = Compressor(lm, None).apply(CompressionPlan(pruning=PruningSettings(metric="sparsegpt"),
+                                                    quant=QuantSettings(method="gptq"), router_bits=8))
+    assert cm.second_order is None and cm.replaced_tensors == [l.router_weight_path for l in cm.layers]

@@ -247,7 +247,9 @@ class Compressor:
             raise PlanError("sequential: re-calibrating layer by layer needs the calibration samples")
         sparsity, bits, removed = resolve_settings(plan, base_layers, self.stats)
         second = None
-        if plan.second_order():
+        # only when some expert is actually pruned by SparseGPT or quantized by GPTQ (else the usual path)
+        if (plan.pruning.metric == "sparsegpt" and (sparsity > 0).any()) or \
+                (plan.quant.method == "gptq" and (bits[~removed] < 16).any()):
             if samples is None:
                 raise PlanError("pruning.metric 'sparsegpt' / quant.method 'gptq': the per-expert Hessians need "
                                 "the calibration samples")

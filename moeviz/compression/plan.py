@@ -7,6 +7,10 @@ this package. Settings resolve from general to specific:
 
 N:M structure follows the convention "N of every M consecutive input weights of a row are zeroed"
 ("2:4" and "4:8" both prune 50 %). Allocation presets apply to unstructured pruning only.
+
+Second-order methods (`pruning.metric` "sparsegpt", `quant.method` "gptq") use the top-level settings
+`hessian`, `obs_blocksize`, `percdamp`, `act_order`, `refit` (moeviz.compression.second_order,
+docs/QUALITY.md); plans stored before they existed load with their defaults.
 """
 
 from __future__ import annotations
