@@ -275,3 +275,19 @@ def test_a_second_order_plan_that_compresses_nothing_with_it_takes_the_usual_pat
     cm = Compressor(lm, None).apply(CompressionPlan(pruning=PruningSettings(metric="sparsegpt"),
                                                     quant=QuantSettings(method="gptq"), router_bits=8))
     assert cm.second_order is None and cm.replaced_tensors == [l.router_weight_path for l in cm.layers]
+
+
+def test_recovery_of_a_sparsegpt_plan_keeps_its_masks(loaded_tiny):
+    from moeviz.recovery import RecoverySettings, recover
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), quant=QuantSettings(bits=4, method="gptq"))
+    comp = Compressor(lm, None)
+    reference = comp.apply(plan, samples, keep_masks=True)
+    recovered, result = recover(comp, plan, samples, RecoverySettings(steps=2, learning_rate=1e-2, batch_size=2))
+    assert result.steps_done == 2
+    for layer in recovered.layers:
+        for proj in layer.projections():
+            keep = reference.masks[f"{layer.index}.{proj}"]
+            assert (layer.weight(proj)[~keep] == 0).all() and (~keep).any()
