@@ -291,3 +291,18 @@ def test_recovery_of_a_sparsegpt_plan_keeps_its_masks(loaded_tiny):
         for proj in layer.projections():
             keep = reference.masks[f"{layer.index}.{proj}"]
             assert (layer.weight(proj)[~keep] == 0).all() and (~keep).any()
+
+
+@pytest.mark.parametrize("projections", [["gate", "up"], ["down"], ["gate"]])
+def test_sparsegpt_prunes_only_the_plans_projections(projections, loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5, projections=projections))
+    cm = Compressor(lm, None).apply(plan, samples, keep_masks=True)
+    for layer, base in zip(cm.layers, lm.layers):
+        for proj in layer.projections():
+            w = layer.weight(proj)
+            if proj in projections:
+                assert (w[~cm.masks[f"{layer.index}.{proj}"]] == 0).all() and (w == 0).float().mean() >= 0.5
+            elif proj == "down" or not any(p in projections for p in ("gate", "up")):
+                assert torch.equal(w, base.weight(proj))  # not pruned, no other change

@@ -23,6 +23,7 @@ identity Hessian (SparseGPT then prunes by magnitude, GPTQ rounds to nearest).
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -67,7 +68,6 @@ def plan_key(plan, samples) -> str:
     """Cache key: everything in the plan but its name, and the calibration windows."""
     d = plan.to_dict()
     d.pop("name", None)
-    import json
     return json.dumps(d, sort_keys=True) + "|" + str(samples.fingerprint)
 
 
@@ -153,7 +153,8 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
         # gate and up share their input: one [2I, H] problem (rows are independent given H), unless the
         # plan prunes only one of them
         pruned = [p in s.projections for p in in_projs]
-        for projs in ([in_projs] if all(pruned) or not any(pruned) else [[p] for p in in_projs]):
+        in_touched = layer.fused_name(in_projs[0]) in fused  # pruning only down leaves gate/up shared with the base
+        for projs in ([in_projs] if all(pruned) or not any(pruned) else [[p] for p in in_projs]) if in_touched else []:
             w_in = torch.cat([layer.view(p, fused[layer.fused_name(p)])[e] for p in projs])
             new_in, mask_in = _compress(w_in, x, w_tok, layer.hidden_size, plan, s, e, "/".join(projs), layer.index,
                                         result, _stacked_mask(masks, projs, e), prune_it=projs[0] in s.projections,
@@ -166,6 +167,8 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
                     masks.setdefault(p, torch.ones(layer.weight(p).shape, dtype=torch.bool, device=w.device))[e] = \
                         mask_in[rows:rows + w.shape[0]]
                 rows += w.shape[0]
+        if "down_proj" not in fused:  # pruning only gate/up: down stays the base's
+            continue
         # down: its inputs from the compressed gate/up of this expert
         in_name = "gate_up_proj" if layer.has_gate else "up_proj"
         w_in_storage = fused[in_name][e] if in_name in fused else getattr(layer.experts, in_name)[e]
