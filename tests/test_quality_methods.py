@@ -306,3 +306,19 @@ def test_sparsegpt_prunes_only_the_plans_projections(projections, loaded_tiny):
                 assert (w[~cm.masks[f"{layer.index}.{proj}"]] == 0).all() and (w == 0).float().mean() >= 0.5
             elif proj == "down" or not any(p in projections for p in ("gate", "up")):
                 assert torch.equal(w, base.weight(proj))  # not pruned, no other change
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe", "phimoe",
+                                    "gpt_oss"])
+def test_sparsegpt_gptq_on_every_tiny_family(family, loaded_tiny):
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
+    cm = Compressor(lm, None).apply(plan, samples, keep_masks=True)
+    with torch.no_grad():
+        assert torch.isfinite(cm.model(input_ids=samples.input_ids[:2]).logits).all()
+    for layer in cm.layers:
+        for proj in layer.projections():
+            keep = cm.masks[f"{layer.index}.{proj}"]
+            assert (layer.weight(proj)[~keep] == 0).all() and (~keep).float().mean() >= 0.45
