@@ -3,6 +3,8 @@
     moeviz info      [--model M]                       describe the model's MoE layers
     moeviz calibrate [--model M] [--data D] --out DIR  one calibration pass, statistics to DIR
     moeviz evaluate  --plan plan.json [--model M]      apply a plan, evaluate on held-out text, store the run
+                     [--method sparsegpt] [--quant-method gptq] [--hessian plain] [--act-order]
+                                                       (also export / sweep: second-order methods on top of the plan)
     moeviz sweep     --methods ... --sparsities ... --bits ...   evaluate a grid, store runs, write a CSV
     moeviz export    --plan plan.json --out DIR        write the compressed model (HF folder) + plan + report
     moeviz recover   --plan plan.json [--steps N]      distil the compressed model from the base; both runs stored
@@ -171,6 +173,34 @@ def _read_plan(path: str):
     return CompressionPlan.from_json(text).validate()
 
 
+def _add_method_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """Second-order settings (SparseGPT / GPTQ, moeviz.compression.second_order) on top of the plan."""
+    if not sweep:
+        p.add_argument("--method", default=None,
+                       help="pruning metric instead of the plan's (magnitude, wanda, moe_pruner, sparsegpt)")
+    p.add_argument("--quant-method", default=None, choices=["rtn", "gptq"],
+                   help="weight quantization method instead of the plan's (rtn, gptq)")
+    p.add_argument("--hessian", default=None, choices=["router_weighted", "plain"],
+                   help="SparseGPT / GPTQ Hessian per expert: Σ g² x xᵀ over routed tokens, or Σ x xᵀ")
+    p.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    p.add_argument("--percdamp", type=float, default=None, help="SparseGPT / GPTQ damping (fraction of mean diag H)")
+
+
+def _with_methods(args, plan):
+    """The plan with the command line's method settings applied, validated."""
+    if getattr(args, "method", None):
+        plan.pruning.metric = args.method
+    if args.quant_method:
+        plan.quant.method = args.quant_method
+    if args.hessian:
+        plan.hessian = args.hessian
+    if args.act_order:
+        plan.act_order = True
+    if args.percdamp is not None:
+        plan.percdamp = args.percdamp
+    return plan.validate()
+
+
 def _check_against_model(args, plans) -> None:
     """The checks that need the model's shapes and context, made on a weightless (meta-device) copy
     built from its config: a plan that does not fit fails before the weights load, not after calibrating."""
@@ -200,7 +230,7 @@ def cmd_evaluate(args) -> int:
     from moeviz.evaluation import evaluate_plan
     from moeviz.store import RunStore
 
-    plan = _read_plan(args.plan)
+    plan = _with_methods(args, _read_plan(args.plan))
     _check_before_load(args)
     _check_against_model(args, [plan])
     lm = _load(args)
@@ -227,7 +257,7 @@ def cmd_sweep(args) -> int:
 
     # Validate the whole grid before loading anything, so bad input fails in a second.
     plans = grid_plans(args.methods, args.sparsities, args.bits, structure=args.structure,
-                       base=CompressionPlan(quant=QuantSettings(group_size=args.group_size)))
+                       base=_with_methods(args, CompressionPlan(quant=QuantSettings(group_size=args.group_size))))
     _check_before_load(args)
     _check_against_model(args, plans)
     lm = _load(args)
@@ -236,7 +266,7 @@ def cmd_sweep(args) -> int:
     evaluator = _evaluator(args, lm)
     with tqdm(total=len(plans), desc="sweep", unit="plan", file=sys.stderr) as bar:
         df = run_sweep(Compressor(lm, stats), evaluator, plans, store=None if args.no_store else RunStore(args.store),
-                       progress=lambda d, t, row: bar.update(d - bar.n))
+                       progress=lambda d, t, row: bar.update(d - bar.n), samples=samples)
     df.to_csv(args.csv, index=False)
     print(f"{len(df)} plans evaluated; results in {args.csv}" + (f"; sweep {df.attrs['sweep_id']}" if df.attrs.get("sweep_id") else ""))
     return 0
@@ -293,7 +323,7 @@ def cmd_export(args) -> int:
     from moeviz.compression.apply import Compressor
     from moeviz.export import check_destination, export_model
 
-    plan = _read_plan(args.plan)
+    plan = _with_methods(args, _read_plan(args.plan))
     _check_before_load(args)
     check_destination(_source(args), args.out, args.overwrite)  # before loading, and again when writing
     _check_against_model(args, [plan])
@@ -413,17 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     p.add_argument("--plan", required=True, help="plan file written by the app's Export page or CompressionPlan.to_json")
     p.add_argument("--json", default=None, help="also write every detail of the result to this JSON file")
+    _add_method_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="evaluate a method × sparsity × bits grid; runs stored, table to CSV")
     add_eval_args(p)
     p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "moe_pruner"],
-                   help="pruning metrics (magnitude, wanda, moe_pruner)")
+                   help="pruning metrics (magnitude, wanda, moe_pruner, sparsegpt)")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.75], help="global sparsities in [0, 1)")
     p.add_argument("--bits", nargs="+", type=int, default=[16], help="expert weight bits (2, 3, 4, 8, 16)")
     p.add_argument("--structure", default="unstructured", help="unstructured or N:M such as 2:4")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size (-1 = whole row)")
     p.add_argument("--csv", default="moeviz_sweep.csv", help="output table (default moeviz_sweep.csv)")
+    _add_method_args(p, sweep=True)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("sensitivity", help="measure each expert's Δ loss at a grid of settings; fit a plan to a budget")
@@ -449,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder for the exported model (never the source folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating the plan for the report")
+    _add_method_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("recover", help="distil a compressed plan from the base model; unrecovered and recovered runs stored")

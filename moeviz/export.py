@@ -136,6 +136,13 @@ def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | Non
     if compressed.plan.activation_bits < 16:
         lines.append(f"- activation fake-quantization ({compressed.plan.activation_bits} bits) is not stored in the "
                      "checkpoint; apply it at inference time")
+    so = getattr(compressed, "second_order", None)
+    if so:  # SparseGPT / GPTQ: experts whose Hessian had fewer routed calibration tokens than columns
+        warned = sorted({(w["layer"], w["expert"]) for w in so["warnings"]})
+        lines += ["## Second-order compression (SparseGPT / GPTQ)", "",
+                  f"- {so['seconds']:.1f} s at {so['threads']} torch thread(s), Hessian `{compressed.plan.hessian}`",
+                  f"- experts with fewer routed calibration tokens than columns (damped Hessian): "
+                  + (", ".join(f"({l}, {e})" for l, e in warned) if warned else "none"), ""]
     if compressed.recovery:
         r = compressed.recovery
         lines += ["## Recovery (knowledge distillation from the source model)", "",

@@ -9,7 +9,9 @@ import streamlit as st
 from moeviz import figures
 from moeviz.figures._common import readable
 from moeviz.compression.apply import check_plan_fits
-from moeviz.compression.plan import ALLOCATIONS, METRICS, SUPPORTED_BITS, CompressionPlan, PruningSettings, QuantSettings
+from moeviz.compression.plan import (
+    ALLOCATIONS, HESSIANS, METRICS, QUANT_METHODS, SUPPORTED_BITS, CompressionPlan, PruningSettings, QuantSettings,
+)
 from moeviz.compression.preview import expert_bytes, format_bytes, plan_storage
 from moeviz.compression.proxy import layer_errors
 from moeviz.compression.proxy import weighted_mean as proxy_mean
@@ -64,7 +66,8 @@ with st.expander("Load a plan (JSON)"):
 # The controls show the plan; a plan set elsewhere (a run, an upload, a link) refills them, and so does
 # coming back to this page (Streamlit drops a widget's state while the widget is not shown).
 PLAN_WIDGETS = ("pw_metric", "pw_sparsity", "pw_structure", "pw_allocation", "pw_bits", "pw_group", "pw_symmetric",
-                "pw_act_bits", "pw_router_sparsity", "pw_router_bits", "pw_n_remove", "pw_sequential")
+                "pw_act_bits", "pw_router_sparsity", "pw_router_bits", "pw_n_remove", "pw_sequential",
+                "pw_quant_method", "pw_hessian", "pw_act_order")
 if s.get("_plan_widgets_for") != plan.to_json() or any(k not in s for k in PLAN_WIDGETS):
     s.pw_metric, s.pw_sparsity = plan.pruning.metric, float(plan.pruning.sparsity)
     s.pw_structure = plan.pruning.structure if plan.pruning.structure in STRUCTURES else "unstructured"
@@ -74,6 +77,7 @@ if s.get("_plan_widgets_for") != plan.to_json() or any(k not in s for k in PLAN_
     s.pw_router_sparsity, s.pw_router_bits = float(plan.router_sparsity), plan.router_bits
     s.pw_n_remove = min(max_remove, len(plan.removed_experts) // n_layers)
     s.pw_sequential = plan.sequential
+    s.pw_quant_method, s.pw_hessian, s.pw_act_order = plan.quant.method, plan.hessian, plan.act_order
     s._plan_widgets_for = plan.to_json()
 
 
@@ -83,7 +87,8 @@ def _repick_removal():
 
 c1, c2, c3, c4 = st.columns(4)
 c1.selectbox("Pruning metric", METRICS, key="pw_metric",
-             help="magnitude |W|; Wanda |W|·‖X‖; MoE-Pruner |W|·‖X·gate‖ (router-weighted)")
+             help="magnitude |W|; Wanda |W|·‖X‖; MoE-Pruner |W|·‖X·gate‖ (router-weighted); SparseGPT: second "
+                  "order, weights updated to compensate (runs as a job, then cached)")
 c2.slider("Global sparsity", 0.0, 0.95, step=0.05, key="pw_sparsity", format="percent")
 c3.selectbox("Structure", STRUCTURES, key="pw_structure",
              help="N:M zeroes N of every M consecutive input weights of a row (2:4 and 4:8 both prune 50 %)")
@@ -104,6 +109,12 @@ c4.number_input("Experts to remove per layer", 0, max_remove, key="pw_n_remove",
                      "removed until this number or the score changes.")
 st.checkbox("Sequential (re-calibrate each layer on the compressed layers before it, as the reference Wanda / "
             "MoE-Pruner procedures do; slower)", key="pw_sequential")
+c1, c2, c3, _ = st.columns(4)
+c1.selectbox("Quantization method", QUANT_METHODS, key="pw_quant_method",
+             help="rtn: round to nearest; gptq: second order, later columns compensate each rounding")
+c2.selectbox("Hessian (SparseGPT / GPTQ)", HESSIANS, key="pw_hessian",
+             help="router_weighted: each expert's Σ g²·x·xᵀ over its routed tokens (g = its routing weight); plain: Σ x·xᵀ")
+c3.checkbox("GPTQ act-order", key="pw_act_order", help="quantize columns by decreasing Hessian diagonal")
 
 removed = plan.removed_experts
 if s.pop("_repick_removal", False):
@@ -112,7 +123,10 @@ live = CompressionPlan(
     pruning=PruningSettings(metric=s.pw_metric, sparsity=round(float(s.pw_sparsity), 4), structure=s.pw_structure,
                             allocation=s.pw_allocation, projections=plan.pruning.projections,
                             allocation_bounds=plan.pruning.allocation_bounds),
-    quant=QuantSettings(bits=int(s.pw_bits), group_size=int(s.pw_group), symmetric=bool(s.pw_symmetric)),
+    quant=QuantSettings(bits=int(s.pw_bits), group_size=int(s.pw_group), symmetric=bool(s.pw_symmetric),
+                        method=s.pw_quant_method),
+    hessian=s.pw_hessian, act_order=bool(s.pw_act_order), obs_blocksize=plan.obs_blocksize, percdamp=plan.percdamp,
+    refit=plan.refit,
     overrides=plan.overrides, removed_experts=[tuple(x) for x in removed],
     router_sparsity=round(float(s.pw_router_sparsity), 4), router_bits=int(s.pw_router_bits),
     activation_bits=int(s.pw_act_bits), sequential=bool(s.pw_sequential), name=plan.name,
@@ -295,17 +309,19 @@ if go_eval or (s.get("_auto_eval", False) and (last is None or is_stale)):
     message = ("Applying the plan and evaluating on held-out text…" if base_known else
                "First evaluation of this model: the base model is evaluated once first (then cached), then the plan…")
     stop_slot = st.empty()
-    if plan.sequential or not base_known:
+    if plan.sequential or plan.second_order() or not base_known:
         stop_slot.button("Stop", help="Cancels this evaluation; nothing is stored")
     bar = st.empty()
     t_eval = {}
 
-    def eval_progress(stage, done, total):
+    def eval_progress(stage, done, total, left=None):
         start = t_eval.setdefault(stage, time.perf_counter())
-        left = (time.perf_counter() - start) / max(done, 1) * (total - done)
+        if left is None:
+            left = (time.perf_counter() - start) / max(done, 1) * (total - done)
         eta = f" · about {left:.0f} s left" if done else ""
         if stage == "apply":
-            what = "re-calibrating and compressing layer by layer" if plan.sequential else "compressing"
+            what = ("SparseGPT / GPTQ layer by layer" if plan.second_order() else
+                    "re-calibrating and compressing layer by layer" if plan.sequential else "compressing")
             bar.progress(done / max(total, 1), text=f"Applying the plan ({what}): layer {done}/{total}{eta}")
         else:
             bar.progress(done / max(total, 1), text=f"Evaluating on held-out text: {done}/{total} batches{eta}, "

@@ -13,7 +13,9 @@ from moeviz.figures.units import bits_label, eta_text, format_time_ms
 from moeviz.runview import (
     filter_runs, latency_notes, metric_diff, plan_diff, tag_list, with_facets, with_measured_latency,
 )
-from pages._state import base_evaluator, compressor, require_model, require_stats, run_store, set_plan, user_errors
+from pages._state import (
+    base_evaluator, compressor, plan_samples, require_model, require_stats, run_store, set_plan, user_errors,
+)
 
 st.header("Trade-offs")
 st.write("Sweep pruning methods × sparsity × bits and see what each setting costs: accuracy and latency against "
@@ -46,6 +48,7 @@ if go:
         s._sweep_running = True
         start = time.perf_counter()
         df = run_sweep(compressor(lm, stats), evaluator, plans, store=store,
+                       samples=plan_samples(lm, stats, plans[0]) if "sparsegpt" in methods else None,
                        progress=lambda d, t, row: bar.progress(
                            d / t, text=f"Sweep: {d}/{t} plans · {row['name']}{eta_text(time.perf_counter() - start, d, t)}"))
         bar.empty()

@@ -31,7 +31,9 @@ plan = current_plan()
 
 with st.form("sensitivity_form"):
     c1, c2, c3 = st.columns(3)
-    metric = c1.selectbox("Pruning metric", METRICS, index=METRICS.index(plan.pruning.metric))
+    first_order = [m for m in METRICS if m != "sparsegpt"]  # SparseGPT needs layer-by-layer Hessians: not per expert
+    metric = c1.selectbox("Pruning metric", first_order,
+                          index=first_order.index(plan.pruning.metric) if plan.pruning.metric in first_order else 0)
     group_size = c2.selectbox("Quantization group size", [32, 64, 128, -1],
                               index=[32, 64, 128, -1].index(plan.quant.group_size) if plan.quant.group_size in (32, 64, 128, -1) else 2)
     n_windows = c3.number_input("Calibration windows measured", 1, 256, 16,

@@ -213,7 +213,9 @@ def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None):
     if progress is not None:
         progress("apply", 0, 1)
     comp = compressor(loaded, stats)
-    compressed = comp.apply(plan, samples, progress=(lambda d, t: progress("apply", d, t)) if progress else None)
+    # sequential and second-order plans report per decoder layer (done, total[, seconds left])
+    compressed = comp.apply(plan, samples, progress=(lambda d, t, left=None: progress("apply", d, t, left))
+                            if progress else None)
     result = evaluator.evaluate(compressed, progress=(lambda d, t: progress("evaluate", d, t)) if progress else None)
     run_id = store_result(store, result, plan, loaded.fingerprint, stats.fingerprint if stats is not None else None,
                           duration_s=time.perf_counter() - start)
@@ -249,13 +251,13 @@ def calibration_samples(loaded, stats):
 
 
 def plan_samples(loaded, stats, plan: CompressionPlan):
-    """What `Compressor.apply` needs besides the plan: the calibration windows for a sequential plan
-    (it re-calibrates layer by layer on them), None otherwise."""
-    if not plan.sequential:
+    """What `Compressor.apply` needs besides the plan: the calibration windows for a sequential or
+    second-order plan (it re-calibrates / collects Hessians layer by layer on them), None otherwise."""
+    if not (plan.sequential or plan.second_order()):
         return None
     if stats is None:
-        raise PlanError("sequential: re-calibrating layer by layer needs calibration; run it on the "
-                        "Model & calibration page first")
+        raise PlanError("sequential / SparseGPT / GPTQ: layer-by-layer calibration needs calibration windows; run it "
+                        "on the Model & calibration page first")
     return calibration_samples(loaded, stats)
 
 

@@ -48,7 +48,7 @@ def test_plan_json_round_trip():
 @pytest.mark.parametrize("kw, message", [
     (dict(sparsity=1.0), r"pruning.sparsity: 1.0 is outside \[0, 1\)"),
     (dict(sparsity=-0.1), r"pruning.sparsity: -0.1 is outside"),
-    (dict(metric="sparsegpt"), r"pruning.metric: unknown metric 'sparsegpt'"),
+    (dict(metric="obc"), r"pruning.metric: unknown metric 'obc'"),
     (dict(structure="4:4"), r"pruning.structure: '4:4' needs 0 < N < M"),
     (dict(structure="2-4"), r"pruning.structure: '2-4' is neither"),
     (dict(q_bits=5), r"quant.bits: 5 bits is not supported; choose one of 2, 3, 4, 8, 16"),

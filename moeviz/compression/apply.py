@@ -117,6 +117,9 @@ class CompressedModel:
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     recovery: dict | None = None  # RecoveryResult.summary() when this model was recovered by distillation
     lazy: bool = False  # expert weights come from weight providers (moeviz.compression.lazy), not tensors
+    # SecondOrderResult.summary() for SparseGPT / GPTQ plans: seconds, threads, OBS loss, and `warnings`
+    # listing experts with fewer routed calibration tokens than columns (their Hessian was damped more)
+    second_order: dict | None = None
 
     def expert_table(self) -> list[dict]:
         return [asdict(e) for e in self.experts]
@@ -222,32 +225,48 @@ class Compressor:
         self.stats = stats
         self.cache_ranks = cache_ranks
         self._ranks: dict[tuple, torch.Tensor] = {}  # only with cache_ranks
+        # Second-order plans (SparseGPT / GPTQ) materialise their experts once: plan key -> SecondOrderResult
+        self._second_order: dict[str, object] = {}
+        self.second_order_cache_size = 4
 
     def apply(self, plan: CompressionPlan, samples: TokenSamples | None = None,
-              keep_masks: bool = False, lazy: bool = False, progress=None) -> CompressedModel:
+              keep_masks: bool = False, lazy: bool = False, progress=None, cancel=None) -> CompressedModel:
         """Compress a structural copy of the base model according to `plan`.
 
         keep_masks: also return the pruning masks (1 byte per pruned weight; recovery needs them to
         keep pruned weights at zero, the app's interactive path does not).
         lazy: install weight providers instead of compressed tensors (`moeviz.compression.lazy`): each
         expert is compressed when the forward reaches it and dropped after, so evaluating never holds
-        a compressed copy. Not with keep_masks or sequential plans (those materialise).
-        progress(layers done, layers): after each layer (a sequential plan re-calibrates before each)."""
+        a compressed copy. Not with keep_masks, sequential or second-order plans (those materialise).
+        progress(done, total, seconds left or None): after each layer of a sequential plan (which
+        re-calibrates before each) or of a second-order plan (SparseGPT, GPTQ: computed once per plan and
+        calibration windows, then cached); cancel(): checked between layers of a second-order plan."""
         start = time.perf_counter()
         base_layers = self.loaded.layers
         check_plan_fits(plan, base_layers)
         if plan.sequential and samples is None:
             raise PlanError("sequential: re-calibrating layer by layer needs the calibration samples")
         sparsity, bits, removed = resolve_settings(plan, base_layers, self.stats)
-        if self.stats is None and plan.pruning.metric != "magnitude" and (sparsity > 0).any():
+        second = None
+        # only when some expert is actually pruned by SparseGPT or quantized by GPTQ (else the usual path)
+        if (plan.pruning.metric == "sparsegpt" and (sparsity > 0).any()) or \
+                (plan.quant.method == "gptq" and (bits[~removed] < 16).any()):
+            if samples is None:
+                raise PlanError("pruning.metric 'sparsegpt' / quant.method 'gptq': the per-expert Hessians need "
+                                "the calibration samples")
+            second = self.second_order(plan, samples, sparsity, bits, removed, progress, cancel)
+        if self.stats is None and plan.pruning.metric not in ("magnitude", "sparsegpt") and (sparsity > 0).any():
             raise PlanError(f"pruning.metric {plan.pruning.metric!r} needs calibration statistics; calibrate first")
 
         view = structural_copy(self.loaded.model)
         layers = find_moe_layers(view, self.loaded.layers)
         replaced: list[str] = []
         masks: dict[str, torch.Tensor] | None = {} if keep_masks else None
-        lazy = lazy and not keep_masks and not plan.sequential
+        lazy = lazy and not keep_masks and not plan.sequential and second is None
         for layer in layers:
+            if second is not None:
+                replaced += self._install_second_order(layer, plan, second, sparsity, bits, removed, masks)
+                continue
             if lazy:
                 replaced += self._install_lazy(layer, plan, sparsity[layer.index], bits[layer.index],
                                                removed[layer.index])
@@ -269,7 +288,33 @@ class Compressor:
             experts = self._expert_states(layers, plan, sparsity, bits, removed)
         storage = self._storage(layers, plan, sparsity, bits, removed)
         return CompressedModel(view, layers, plan, experts, storage, time.perf_counter() - start, replaced,
-                               masks or {}, lazy=lazy)
+                               masks or {}, lazy=lazy, second_order=second.summary() if second is not None else None)
+
+    def second_order(self, plan: CompressionPlan, samples: TokenSamples, sparsity=None, bits=None, removed=None,
+                     progress=None, cancel=None):
+        """The plan's `SecondOrderResult` (moeviz.compression.second_order), cached per plan and windows."""
+        from moeviz.compression.second_order import compress_second_order, plan_key
+
+        key = plan_key(plan, samples)
+        if key not in self._second_order:
+            if sparsity is None:
+                sparsity, bits, removed = resolve_settings(plan, self.loaded.layers, self.stats)
+            result = compress_second_order(self, plan, sparsity, bits, removed, samples,
+                                           progress=progress, cancel=cancel)
+            while len(self._second_order) >= self.second_order_cache_size:
+                self._second_order.pop(next(iter(self._second_order)))
+            self._second_order[key] = result
+        return self._second_order[key]
+
+    def _install_second_order(self, layer, plan, second, sparsity, bits, removed, masks) -> list[str]:
+        """Install a layer's cached second-order tensors (copies: a caller may train them) + router steps."""
+        s = self.layer_settings(layer, plan, sparsity[layer.index], bits[layer.index], removed[layer.index])
+        replaced = install_experts(layer, {n: t.detach().clone() for n, t in second.tensors.get(layer.index, {}).items()})
+        if masks is not None:
+            for key, keep in second.masks.items():
+                if int(key.split(".")[0]) == layer.index:
+                    masks[key] = keep.clone()
+        return replaced + self._install_common(layer, plan, s, masks)
 
     def _install_lazy(self, layer, plan, sparsity, bits, removed) -> list[str]:
         """The lazy counterpart of `_compress_layer`: a weight provider instead of compressed tensors."""
@@ -283,7 +328,7 @@ class Compressor:
     def _check_layer(self, layer, s: LayerSettings, stats) -> None:
         if s.removed.any():
             _check_rerouting(layer)
-        if stats is None and s.metric != "magnitude" and (s.sparsity > 0).any():
+        if stats is None and s.metric not in ("magnitude", "sparsegpt") and (s.sparsity > 0).any():
             raise PlanError(f"pruning.metric {s.metric!r} needs calibration statistics; calibrate first (or use 'magnitude')")
 
     def _install_common(self, layer, plan, s: LayerSettings, masks) -> list[str]:

@@ -7,6 +7,10 @@ this package. Settings resolve from general to specific:
 
 N:M structure follows the convention "N of every M consecutive input weights of a row are zeroed"
 ("2:4" and "4:8" both prune 50 %). Allocation presets apply to unstructured pruning only.
+
+Second-order methods (`pruning.metric` "sparsegpt", `quant.method` "gptq") use the top-level settings
+`hessian`, `obs_blocksize`, `percdamp`, `act_order`, `refit` (moeviz.compression.second_order,
+docs/QUALITY.md); plans stored before they existed load with their defaults.
 """
 
 from __future__ import annotations
@@ -17,7 +21,9 @@ from typing import Sequence
 
 from moeviz.errors import PlanError
 
-METRICS = ("magnitude", "wanda", "moe_pruner")
+METRICS = ("magnitude", "wanda", "moe_pruner", "sparsegpt")
+QUANT_METHODS = ("rtn", "gptq")
+HESSIANS = ("router_weighted", "plain")
 ALLOCATIONS = ("uniform", "utilization")
 SUPPORTED_BITS = (2, 3, 4, 8, 16)
 PROJECTIONS = ("gate", "up", "down")
@@ -39,6 +45,7 @@ class QuantSettings:
     bits: int = 16  # 16 = not quantized
     group_size: int = 128  # input columns per scale; -1 = one group per row
     symmetric: bool = True
+    method: str = "rtn"  # "rtn" (round to nearest) or "gptq" (second order, sequential; see second_order.py)
 
 
 @dataclass
@@ -61,6 +68,12 @@ class CompressionPlan:
     router_bits: int = 16
     activation_bits: int = 16  # per-token fake quantization of the experts' inputs
     sequential: bool = False  # re-calibrate layer by layer on the already-compressed layers
+    # Second-order methods (pruning.metric "sparsegpt", quant.method "gptq"; moeviz.compression.second_order):
+    hessian: str = "router_weighted"  # per-expert H = Σ g² x xᵀ over its routed tokens; "plain": Σ x xᵀ
+    obs_blocksize: int = 128  # columns per lazy-update block
+    percdamp: float = 0.01  # damping, fraction of the mean Hessian diagonal
+    act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal
+    refit: bool = False  # SparseGPT: re-solve the kept weights exactly for the final mask
     name: str = ""
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -117,6 +130,10 @@ class CompressionPlan:
         n, m = parse_nm(s, "pruning.structure")
         return n, m
 
+    def second_order(self) -> bool:
+        """True when the plan uses SparseGPT pruning or GPTQ quantization (materialised, needs samples)."""
+        return self.pruning.metric == "sparsegpt" or self.quant.method == "gptq"
+
     def is_identity(self) -> bool:
         return (
             self.pruning.sparsity == 0 and self.nm() is None and self.quant.bits == 16
@@ -146,6 +163,18 @@ class CompressionPlan:
         check_bits(q.bits, "quant.bits")
         if not (q.group_size == -1 or (isinstance(q.group_size, int) and q.group_size > 0)):
             raise PlanError(f"quant.group_size: must be a positive integer or -1 (whole row), got {q.group_size!r}")
+        if q.method not in QUANT_METHODS:
+            raise PlanError(f"quant.method: unknown method {q.method!r}; choose one of {', '.join(QUANT_METHODS)}")
+        if self.hessian not in HESSIANS:
+            raise PlanError(f"hessian: unknown Hessian {self.hessian!r}; choose one of {', '.join(HESSIANS)}")
+        if not _is_int(self.obs_blocksize) or self.obs_blocksize < 1:
+            raise PlanError(f"obs_blocksize: must be a positive integer, got {self.obs_blocksize!r}")
+        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 < self.percdamp <= 1:
+            raise PlanError(f"percdamp: {self.percdamp!r} is outside (0, 1]; it is the damping as a fraction of "
+                            "the mean Hessian diagonal")
+        for flag in ("act_order", "refit"):
+            if not isinstance(getattr(self, flag), bool):
+                raise PlanError(f"{flag}: must be true or false, got {getattr(self, flag)!r}")
         check_ratio(self.router_sparsity, "router_sparsity")
         check_bits(self.router_bits, "router_bits")
         check_bits(self.activation_bits, "activation_bits")

@@ -96,6 +96,9 @@ class EvalResult:
     # Base and compressed timed back to back (`moeviz.latency_ab`): medians, quartiles, every repeat,
     # spreads_overlap, busy + busy_reason. latency_measured / base_latency_measured are its two sides.
     latency_ab: dict | None = None
+    # SparseGPT / GPTQ plans: CompressedModel.second_order (seconds, threads, warnings: experts with fewer
+    # routed calibration tokens than columns, whose Hessian was damped more)
+    second_order: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -263,6 +266,7 @@ class Evaluator:
             latency_projected=self._projected(compressed.storage.tensors, comp),
             base_latency_projected=self._base_projected,
             seconds=time.perf_counter() - start, apply_seconds=compressed.seconds,
+            second_order=getattr(compressed, "second_order", None),
             eval_tokens=self.samples.n_tokens, eval_fingerprint=self.samples.fingerprint,
             latency_unavailable=no_latency, latency_ab=ab,
         )

@@ -29,7 +29,7 @@ def plan_label(plan: CompressionPlan) -> str:
     elif p.sparsity > 0:
         parts.append(f"{p.metric} {p.sparsity:.0%}" + (f" ({p.allocation})" if p.allocation != "uniform" else ""))
     if plan.quant.bits < 16:
-        parts.append(f"{plan.quant.bits}-bit")
+        parts.append(f"{plan.quant.bits}-bit" + (" gptq" if plan.quant.method == "gptq" else ""))
     if plan.removed_experts:
         parts.append(f"−{len(plan.removed_experts)} experts")
     if plan.router_sparsity or plan.router_bits < 16:

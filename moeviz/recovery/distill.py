@@ -177,7 +177,7 @@ class DistillationSession:
     def __init__(self, compressor: Compressor, plan: CompressionPlan, train_router: bool = False,
                  samples: TokenSamples | None = None):
         loaded = compressor.loaded
-        self.student = compressor.apply(plan, samples if plan.sequential else None, keep_masks=True)
+        self.student = compressor.apply(plan, samples if plan.sequential or plan.second_order() else None, keep_masks=True)
         self.student.model.eval()
         self.teacher = structural_copy(loaded.model)  # a hookable view of the base; shares every tensor
         self.teacher.eval()

@@ -75,6 +75,9 @@ class SensitivityGrid:
             check_bits(b, "grid bits")
         if not self.settings():
             raise SettingsError("sensitivity grid: no setting besides the dense one; give a sparsity > 0 or bits < 16")
+        if self.metric == "sparsegpt":  # its Hessians come from the compressed layers before (sequential)
+            raise SettingsError("sensitivity grid: metric 'sparsegpt' (layer-by-layer Hessians) is not measured "
+                                "per expert; choose magnitude, wanda or moe_pruner")
         CompressionPlan(pruning=PruningSettings(metric=self.metric),
                         quant=QuantSettings(group_size=self.group_size)).validate()
         return self

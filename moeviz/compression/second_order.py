@@ -1,0 +1,245 @@
+"""Second-order compression of a plan's experts: SparseGPT pruning and GPTQ quantization per expert
+projection, with per-expert (router-weighted) Hessians, layer by layer.
+
+This is the thin configuration side; the OBS kernels are pure tensor functions in
+`moeviz.compression.obs` and the Hessians come from `moeviz.calibration.hessians`. For each decoder
+layer in order (on a structural copy; the base is never touched):
+
+1. router settings of the plan (removal re-routing, router compression, activation quantization) are
+   installed first, so the Hessians see the routing the compressed model will use;
+2. the layer runs on the outputs of the already-compressed layers before it; an expert observer keeps
+   each expert's routed inputs x and routing weights g;
+3. per expert: H_in = Σ w_t x xᵀ compresses gate and up (one solve: they share H), then the down
+   projection's inputs act(gate' x)·(up' x) of the *compressed* gate/up give H_down; the old metrics'
+   masks (magnitude / Wanda / MoE-Pruner with GPTQ) are kept fixed and compensated, RTN rounds after
+   the OBS pruning; removed experts are zeroed;
+4. the compressed layer produces the next layer's inputs (sequential by construction).
+
+Memory: one layer's routed inputs plus one expert's H×H (then I×I) at a time. An expert with fewer
+routed tokens than a projection's columns has a rank-deficient Hessian: it is damped more
+(`LOW_TOKEN_DAMP`) and listed in `SecondOrderResult.warnings`; an expert no token reaches gets the
+identity Hessian (SparseGPT then prunes by magnitude, GPTQ rounds to nearest).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from moeviz.calibration.hessians import RoutedInputs, capture_decoder_inputs, expert_hessian, token_weights
+from moeviz.compression.quantize import quantize_weight
+from moeviz.compression.steps import LayerSettings, layer_norms, prune, remove
+from moeviz.errors import PlanError
+from moeviz.models.experts import expert_output, gate_on_input
+from moeviz.models.layers import find_moe_layers
+from moeviz.models.offload import module_weights
+from moeviz.models.runtime import install_experts_runtime
+from moeviz.models.views import structural_copy
+
+LOW_TOKEN_DAMP = 0.1  # percdamp for experts with fewer routed tokens than columns
+
+ProgressFn = Callable[[int, int, float], None]  # (done decoder layers, total, seconds left: estimate)
+
+
+class Cancelled(PlanError):
+    """The second-order compression was stopped by its cancel callback."""
+
+
+@dataclass
+class SecondOrderResult:
+    tensors: dict[int, dict[str, torch.Tensor]]  # MoE layer -> fused name -> compressed tensor (module's shape)
+    masks: dict[str, torch.Tensor]  # "layer.proj" -> bool [E, out, in] keep-masks of pruned projections
+    warnings: list[dict]  # experts whose Hessian was damped more / replaced: layer, expert, projection, tokens, columns
+    loss: float  # Σ of the OBS reconstruction losses reported by the kernels
+    seconds: float
+    threads: int = field(default_factory=torch.get_num_threads)
+    record: dict | None = field(default=None, repr=False)  # see compress_second_order(hessians=)
+
+    def summary(self) -> dict:
+        return dict(seconds=self.seconds, loss=self.loss, threads=self.threads, warnings=self.warnings)
+
+
+def plan_key(plan, samples) -> str:
+    """Cache key: everything in the plan but its name, and the calibration windows."""
+    d = plan.to_dict()
+    d.pop("name", None)
+    return json.dumps(d, sort_keys=True) + "|" + str(samples.fingerprint)
+
+
+def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarray, removed: np.ndarray,
+                          samples, batch_size: int = 8, progress: ProgressFn | None = None,
+                          cancel: Callable[[], bool] | None = None,
+                          hessians: dict | None = None) -> SecondOrderResult:
+    """The compressed expert tensors of every layer `plan` touches (see the module docstring).
+
+    compressor: the `Compressor` (its loaded model, statistics and per-layer settings);
+    sparsity, bits, removed: the plan resolved per expert ([L, E], `resolve_settings`).
+    hessians: if given, receives every undamped Hessian, (layer, expert, "in" | "down") -> [d, d] (tests)."""
+    from moeviz.sensitivity.measure import decoder_layers  # import here: sensitivity imports apply
+
+    start = time.perf_counter()
+    loaded = compressor.loaded
+    view = structural_copy(loaded.model)
+    view.eval()
+    layers = find_moe_layers(view, loaded.layers)
+    dec = decoder_layers(view, layers)
+    blocks = dec[0][0]
+    if any(ml is not blocks for ml, _ in dec):
+        raise PlanError("second-order methods: the MoE layers are not all in one list of decoder layers")
+    moe_at = {di: layer for layer, (_, di) in zip(layers, dec)}
+    last = max(moe_at)
+    device = loaded.device if hasattr(loaded, "device") else next(view.parameters()).device
+    batches = [samples.input_ids[i:i + batch_size].to(device) for i in range(0, samples.n_samples, batch_size)]
+    inputs = capture_decoder_inputs(view, blocks, last, batches)
+    hidden = inputs.first_hidden
+    result = SecondOrderResult({}, {}, [], 0.0, 0.0)
+    result.record = hessians
+    for j in range(last + 1):
+        if cancel is not None and cancel():
+            raise Cancelled("second-order compression: cancelled")
+        layer = moe_at.get(j)
+        if layer is not None:
+            l = layer.index
+            s = compressor.layer_settings(layer, plan, sparsity[l], bits[l], removed[l])
+            compressor._check_layer(layer, s, compressor.stats)
+            compressor._install_common(layer, plan, s, None)  # routing the compressed model will use
+            if s.touched_names(layer):
+                rt = install_experts_runtime(layer)
+                seen = RoutedInputs(layer.num_experts)
+                rt.observers.append(seen)
+                try:
+                    inputs.run(j, hidden)
+                finally:
+                    rt.observers.remove(seen)
+                from moeviz.compression.apply import install_experts
+
+                with module_weights(layer.experts):  # offloaded: loaded for this layer only
+                    new = _compress_layer(compressor, layer, plan, s, seen, result)
+                    install_experts(layer, new)
+                result.tensors[l] = {n: getattr(layer.experts, n) for n in new}
+        if j < last:
+            hidden = inputs.run(j, hidden)
+        if progress is not None:
+            done = j + 1
+            elapsed = time.perf_counter() - start
+            progress(done, last + 1, elapsed / done * (last + 1 - done))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInputs,
+                    result: SecondOrderResult) -> dict[str, torch.Tensor]:
+    """Fused tensors [E, ...] of one layer with every touched expert compressed on its own Hessians."""
+    E = layer.num_experts
+    sel = np.arange(E)
+    fused = {n: getattr(layer.experts, n)[:E].detach().clone() for n in s.touched_names(layer)}
+    # Old metrics first (they score the base weights): their masks stay fixed, OBS compensates them.
+    masks: dict[str, torch.Tensor] = {}
+    if s.metric != "sparsegpt":
+        stats = compressor.stats.layers[layer.index] if compressor.stats is not None else None
+        prune(layer, fused, sel, s, layer_norms(stats, s.metric, sel, layer.weight("down").device), masks)
+    in_projs = [p for p in layer.projections() if p != "down"]
+    scale_in = gate_on_input(layer.experts)
+    for e in range(E):
+        if not s.touches(e) or s.removed[e]:
+            continue
+        x, g = seen.inputs(e, layer.hidden_size, layer.weight("down").device)
+        w_tok = token_weights(g, plan.hessian, scale_in)
+        # gate and up share their input: one [2I, H] problem (rows are independent given H), unless the
+        # plan prunes only one of them
+        pruned = [p in s.projections for p in in_projs]
+        in_touched = layer.fused_name(in_projs[0]) in fused  # pruning only down leaves gate/up shared with the base
+        for projs in ([in_projs] if all(pruned) or not any(pruned) else [[p] for p in in_projs]) if in_touched else []:
+            w_in = torch.cat([layer.view(p, fused[layer.fused_name(p)])[e] for p in projs])
+            new_in, mask_in = _compress(w_in, x, w_tok, layer.hidden_size, plan, s, e, "/".join(projs), layer.index,
+                                        result, _stacked_mask(masks, projs, e), prune_it=projs[0] in s.projections,
+                                        group=s.group_sizes[projs[0]])
+            rows = 0
+            for p in projs:
+                w = layer.view(p, fused[layer.fused_name(p)])[e]
+                w.copy_(new_in[rows:rows + w.shape[0]])
+                if mask_in is not None:
+                    masks.setdefault(p, torch.ones(layer.weight(p).shape, dtype=torch.bool, device=w.device))[e] = \
+                        mask_in[rows:rows + w.shape[0]]
+                rows += w.shape[0]
+        if "down_proj" not in fused:  # pruning only gate/up: down stays the base's
+            continue
+        # down: its inputs from the compressed gate/up of this expert
+        in_name = "gate_up_proj" if layer.has_gate else "up_proj"
+        w_in_storage = fused[in_name][e] if in_name in fused else getattr(layer.experts, in_name)[e]
+        h, _ = expert_output(layer.experts, e, x, (w_in_storage, layer.experts.down_proj[e]))
+        w_down = layer.view("down", fused["down_proj"])[e]
+        new_down, mask_down = _compress(w_down, h, w_tok, layer.intermediate_size, plan, s, e, "down", layer.index,
+                                        result, masks["down"][e] if "down" in masks else None,
+                                        prune_it="down" in s.projections, group=s.group_sizes["down"])
+        w_down.copy_(new_down)
+        if mask_down is not None and "down" in s.projections:
+            shape = layer.weight("down").shape
+            masks.setdefault("down", torch.ones(shape, dtype=torch.bool, device=w_down.device))[e] = mask_down
+    remove(layer, fused, sel, s)
+    for p, keep in masks.items():
+        result.masks[f"{layer.index}.{p}"] = keep
+    return fused
+
+
+def _stacked_mask(masks: dict, projs: list[str], e: int) -> torch.Tensor | None:
+    """The old metric's keep-masks of expert e's projections `projs`, stacked by rows (None: not pruned)."""
+    if not all(p in masks for p in projs):
+        return None
+    return torch.cat([masks[p][e] for p in projs])
+
+
+def _compress(w: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, columns: int, plan, s: LayerSettings, e: int,
+              what: str, layer: int, result: SecondOrderResult, keep: torch.Tensor | None, prune_it: bool,
+              group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One expert projection [out, in] compressed on its Hessian: (new weight, keep-mask or None)."""
+    from moeviz.compression.obs import QuantSpec, gptq_quantize, sparsegpt_prune
+
+    b = int(s.bits[e])
+    sp = float(s.sparsity[e]) if prune_it else 0.0
+    gptq = b < 16 and plan.quant.method == "gptq"
+    obs_prune = s.metric == "sparsegpt" and sp > 0
+    fixed_mask = keep is not None and gptq and sp > 0  # an old metric's mask, compensated while quantizing
+    if not (obs_prune or gptq):
+        out = w.float()
+        if b < 16:
+            out = quantize_weight(out, b, group, s.symmetric).dequantized
+        return out.to(w.dtype), None
+    n = x.shape[0]
+    percdamp = plan.percdamp
+    if n == 0:
+        H = torch.eye(columns, device=w.device)
+        result.warnings.append(dict(layer=layer, expert=e, projection=what, tokens=0, columns=columns,
+                                    action="identity Hessian (no routed token)"))
+    else:
+        H = expert_hessian(x, w_tok)
+        if result.record is not None:
+            result.record[(layer, e, "down" if what == "down" else "in")] = H
+        if n < columns:
+            percdamp = max(percdamp, LOW_TOKEN_DAMP)
+            result.warnings.append(dict(layer=layer, expert=e, projection=what, tokens=n, columns=columns,
+                                        action=f"damped (percdamp {percdamp})"))
+    spec = QuantSpec(b, group, s.symmetric) if gptq else None
+    W = w.float()
+    if obs_prune or fixed_mask:
+        if obs_prune:
+            r = sparsegpt_prune(W, H, None if s.nm else sp, nm=s.nm, blocksize=plan.obs_blocksize,
+                                percdamp=percdamp, quant=spec, refit=plan.refit and spec is None)
+        else:  # the old metric's mask, fixed: OBS compensates it while quantizing
+            r = sparsegpt_prune(W, H, None, mask=keep, blocksize=plan.obs_blocksize, percdamp=percdamp, quant=spec)
+        mask = r.mask
+    else:
+        r = gptq_quantize(W, H, spec, blocksize=plan.obs_blocksize, percdamp=percdamp, act_order=plan.act_order)
+        mask = None
+    out = r.weight
+    result.loss += float(r.loss) if r.loss is not None else 0.0
+    if b < 16 and not gptq:
+        out = quantize_weight(out, b, group, s.symmetric).dequantized
+    if mask is not None:
+        out = out * mask  # exact zeros where pruned (asymmetric RTN keeps 0 exact, see quantize.py)
+    return out.to(w.dtype), mask

@@ -1,0 +1,324 @@
+"""Second-order methods in plans (SparseGPT pruning, GPTQ quantization, router-weighted Hessians):
+Hessians against a brute-force sum over routed tokens, masks / grids / storage / export of a plan, the
+base model untouched, and the behaviour that justifies the methods (they beat the first-order ones)."""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import moeviz
+from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
+from moeviz.compression.apply import Compressor, resolve_settings
+from moeviz.compression.masks import prune_counts
+from moeviz.compression.second_order import compress_second_order
+from moeviz.data import Document, tokenize_documents
+from moeviz.errors import PlanError
+from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
+from moeviz.export import export_model
+from moeviz.models.runtime import install_experts_runtime
+from moeviz.models.layers import find_moe_layers
+
+DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
+        Document("x = [i * i for i in range(10)]\n" * 20, "code")]
+
+
+def _brute_force_inputs(model, layers):
+    """Per MoE layer, what its experts receive over one forward: [(hidden [T, H], ids [T, k], weights [T, k])]."""
+    seen = {l.index: [] for l in layers}
+    for l in layers:
+        install_experts_runtime(l).routing_observers.append(
+            lambda h, i, w, l=l.index: seen[l].append((h.detach().double(), i.clone(), w.detach().double())))
+    return seen
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # qwen2_moe has a shared expert
+@pytest.mark.parametrize("hessian", ["router_weighted", "plain"])
+def test_hessians_equal_brute_force_sums_over_routed_tokens(family, hessian, loaded_tiny):
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    # one removed expert per layer: its tokens are re-routed before the Hessians are collected
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), hessian=hessian,
+                           removed_experts=[(0, 1), (1, 2)])
+    comp = Compressor(lm, None)
+    record: dict = {}
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
+    compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    # The compressed model: layer 1's inputs come from the compressed layer 0 (sequential), and the down
+    # projection's inputs from the compressed gate / up of the same expert.
+    cm = comp.apply(plan, samples)
+    seen = _brute_force_inputs(cm.model, cm.layers)
+    with torch.no_grad():
+        for i in range(0, samples.n_samples, 4):
+            cm.model(input_ids=samples.input_ids[i:i + 4], use_cache=False)
+    checked = 0
+    for layer in cm.layers:
+        hidden = torch.cat([h for h, _, _ in seen[layer.index]])
+        ids = torch.cat([i for _, i, _ in seen[layer.index]])
+        gates = torch.cat([w for _, _, w in seen[layer.index]])
+        for e in range(layer.num_experts):
+            H_in = torch.zeros(layer.hidden_size, layer.hidden_size, dtype=torch.float64)
+            H_down = torch.zeros(layer.intermediate_size, layer.intermediate_size, dtype=torch.float64)
+            w_gate, w_up = layer.weight("gate")[e].double(), layer.weight("up")[e].double()
+            for t in range(hidden.shape[0]):  # plainly, token by token and slot by slot
+                for slot in range(ids.shape[1]):
+                    if int(ids[t, slot]) != e:
+                        continue
+                    g2 = float(gates[t, slot]) ** 2 if hessian == "router_weighted" else 1.0
+                    x = hidden[t]
+                    h = torch.nn.functional.silu(w_gate @ x) * (w_up @ x)
+                    H_in += g2 * torch.outer(x, x)
+                    H_down += g2 * torch.outer(h, h)
+            if (layer.index, e, "in") not in record:  # removed, or no token reached e: no Hessian
+                assert H_in.abs().max() == 0
+                continue
+            torch.testing.assert_close(record[(layer.index, e, "in")].double(), H_in, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(record[(layer.index, e, "down")].double(), H_down, rtol=1e-3, atol=1e-5)
+            checked += 1
+    assert checked >= 4
+
+
+def test_low_token_experts_are_listed_in_the_result(loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    few = tokenize_documents(DOCS, lm.tokenizer, 1, 8)  # 8 tokens, top-2 of 4 experts: < 32 columns each
+    cm = Compressor(lm, None).apply(CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5)), few)
+    warned = {(w["layer"], w["expert"]) for w in cm.second_order["warnings"]}
+    assert "(0, 0)" in __import__("moeviz.export", fromlist=["_report"])._report(lm, cm, None, [])
+    assert warned == {(l.index, e) for l in lm.layers for e in range(l.num_experts)}
+    assert all(w["tokens"] < w["columns"] for w in cm.second_order["warnings"])
+
+
+def test_plan_settings_validate_and_stay_backwards_compatible():
+    old = CompressionPlan.from_json('{"pruning": {"metric": "wanda", "sparsity": 0.5}, "quant": {"bits": 4}}')
+    assert old.quant.method == "rtn" and old.hessian == "router_weighted" and not old.second_order()
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=3, method="gptq"), hessian="plain", act_order=True)
+    assert CompressionPlan.from_json(plan.to_json()) == plan and plan.validate().second_order()
+    for field, bad in (("hessian", "fisher"), ("obs_blocksize", 0), ("percdamp", 0.0), ("act_order", "yes")):
+        with pytest.raises(PlanError, match=field):
+            CompressionPlan(**{field: bad}).validate()
+    with pytest.raises(PlanError, match="quant.method"):
+        CompressionPlan(quant=QuantSettings(method="awq")).validate()
+
+
+# ---------------------------------------------------------------------------------------------- demo
+
+@pytest.fixture(scope="module")
+def demo():
+    torch.set_num_threads(1)
+    lm = moeviz.load_model()
+    # 32 windows: with 16 (about 512 routed tokens per expert for 128 columns) GPTQ overfits them
+    cal = moeviz.load_calibration_data(lm.tokenizer, n_samples=32, seq_len=128, seed=0)
+    stats = moeviz.calibrate(lm, cal)
+    ev = Evaluator(lm, load_eval_samples(lm.tokenizer, seq_len=128, max_samples=16), EvalSettings(measure_latency=False))
+    return lm, stats, cal, ev, Compressor(lm, stats)
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("structure", ["unstructured", "2:4"])
+def test_sparsegpt_gptq_plan_masks_grid_storage_and_base(demo, structure):
+    lm, stats, cal, _, comp = demo
+    before = _snapshot(lm.model)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.6 if structure == "unstructured" else 0,
+                                                   structure=structure),
+                           quant=QuantSettings(bits=3, group_size=64, method="gptq"))
+    cm = comp.apply(plan, cal, keep_masks=True)
+    for layer in cm.layers:
+        for proj in layer.projections():
+            w = layer.weight(proj).detach()  # [E, out, in]
+            keep = cm.masks[f"{layer.index}.{proj}"]
+            assert (w[~keep] == 0).all()  # pruned weights are exact zeros
+            if structure == "unstructured":
+                k = int(prune_counts(0.6, w.shape[-1], ()))
+                assert ((~keep).sum(-1) == k).all()
+            else:
+                assert ((~keep).reshape(*keep.shape[:-1], -1, 4).sum(-1) == 2).all()
+            # on the 3-bit symmetric grid: at most 2**3 - 1 levels per (row, group of 64)
+            groups = w.reshape(*w.shape[:-1], -1, 64)
+            levels = [torch.unique(g).numel() for g in groups.reshape(-1, 64)[::37]]  # a sample of groups
+            assert max(levels) <= 7
+    magnitude = CompressionPlan.from_dict({**plan.to_dict(), "pruning": {**plan.to_dict()["pruning"], "metric": "magnitude"},
+                                           "quant": {**plan.to_dict()["quant"], "method": "rtn"}})
+    ref = comp.apply(magnitude, cal)
+    assert cm.storage.summary() == ref.storage.summary() and cm.storage.tensors == ref.storage.tensors
+    for k, v in _snapshot(lm.model).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_second_order_plan_is_cached_and_exports_round_trip(demo, tmp_path):
+    lm, _, cal, _, comp = demo
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, method="gptq"), removed_experts=[(l, 3) for l in range(4)])
+    a = comp.apply(plan, cal)
+    calls = []
+    b = comp.apply(plan, cal, progress=lambda *x: calls.append(x))  # cached: no recomputation
+    assert not calls
+    for la, lb in zip(a.layers, b.layers):
+        assert torch.equal(la.weight("down"), lb.weight("down"))
+    assert (a.layers[1].weight("gate")[3] == 0).all()  # removal combines with the new method
+    out = export_model(lm, a, tmp_path / "out")
+    assert "Second-order compression" in (out / "moeviz_report.md").read_text()
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = cal.input_ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, a.model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sparsegpt_beats_magnitude_and_gptq_beats_rtn_on_the_demo(demo):
+    lm, _, cal, ev, comp = demo
+
+    def ppl(plan):
+        return ev.evaluate(comp.apply(plan, cal)).perplexity
+
+    mag = ppl(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.6)))
+    sgpt = ppl(CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.6)))
+    base = ev.base.loss["perplexity"]
+    assert sgpt - base < 0.75 * (mag - base)  # measured on the full windows: about half the damage
+    rtn = ppl(CompressionPlan(quant=QuantSettings(bits=3)))
+    gptq = ppl(CompressionPlan(quant=QuantSettings(bits=3, method="gptq")))
+    assert gptq < rtn
+
+
+def test_cli_evaluate_with_second_order_methods(tiny_model_dirs, tmp_path, capsys):
+    import json
+
+    from moeviz.cli import main
+
+    data = tmp_path / "cal.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"calibration sentence {i} about experts. " * 6}) for i in range(30)))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"pruning": {"sparsity": 0.5}, "quant": {"bits": 4, "group_size": -1}}))
+    argv = ["evaluate", "--model", str(tiny_model_dirs["mixtral"]), "--data", str(data), "--samples", "4", "--seq-len",
+            "16", "--eval-data", str(data), "--eval-seq-len", "16", "--eval-samples", "4", "--no-latency", "--no-store",
+            "--plan", str(plan), "--json", str(tmp_path / "r.json")]
+    assert main(argv + ["--method", "sparsegpt", "--quant-method", "gptq", "--hessian", "plain"]) == 0
+    stored = json.loads((tmp_path / "r.json").read_text())["plan"]
+    assert (stored["pruning"]["metric"], stored["quant"]["method"], stored["hessian"]) == ("sparsegpt", "gptq", "plain")
+    assert json.loads(capsys.readouterr().out)["compression_ratio"] > 1
+    assert main(argv + ["--method", "obc"]) == 2
+    assert "pruning.metric: unknown metric 'obc'" in capsys.readouterr().err
+
+
+def test_compress_page_runs_a_sparsegpt_gptq_plan(tiny_model_dirs):
+    from test_app_pages import button, new_app, ok
+
+    at = new_app(tiny_model_dirs["mixtral"])
+    at.number_input[0].set_value(8)
+    at.number_input[1].set_value(32)
+    button(at, "Run calibration").click().run()
+    at.switch_page("pages/4_compress.py").run()
+    ok(at)
+    next(b for b in at.selectbox if b.label == "Pruning metric").set_value("sparsegpt").run()
+    at.slider[0].set_value(0.5).run()
+    next(b for b in at.selectbox if b.label == "Expert weight bits").set_value(4).run()
+    next(b for b in at.selectbox if b.label == "Quantization method").set_value("gptq").run()
+    ok(at)
+    plan = at.session_state["plan"]
+    assert (plan["pruning"]["metric"], plan["quant"]["method"], plan["hessian"]) == ("sparsegpt", "gptq", "router_weighted")
+    button(at, "Evaluate").click().run()
+    ok(at)
+    result = at.session_state["last_result"]
+    assert result["plan"]["pruning"]["metric"] == "sparsegpt" and result["second_order"]["seconds"] > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # gpt_oss: per-layer masks (sliding / full attention)
+def test_decoder_layers_called_one_by_one_reproduce_the_model(family, loaded_tiny):
+    from moeviz.calibration.hessians import capture_decoder_inputs
+    from moeviz.models.views import structural_copy
+    from moeviz.sensitivity.measure import decoder_layers
+
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 32)  # longer than gpt_oss's sliding window (16)
+    view = structural_copy(lm.model)
+    layers = find_moe_layers(view, lm.layers)
+    blocks, _ = decoder_layers(view, layers)[0]
+    batches = [samples.input_ids[:2], samples.input_ids[2:4]]
+    last = len(blocks) - 1
+    inputs = capture_decoder_inputs(view, blocks, last, batches)
+    assert inputs.shared == (family == "mixtral")
+    with torch.no_grad():
+        hidden = inputs.first_hidden
+        for j in range(last):
+            hidden = inputs.run(j, hidden)
+            for b, ids in enumerate(batches):  # hidden_states[j + 1] = output of decoder layer j
+                ref = view(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states[j + 1]
+                torch.testing.assert_close(hidden[b], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_overrides_and_router_settings_combine_and_the_job_reports_and_cancels(demo):
+    from moeviz.compression.plan import Override
+    from moeviz.compression.second_order import Cancelled
+
+    lm, _, cal, _, comp = demo
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, method="gptq"), router_sparsity=0.2,
+                           overrides=[Override(0, 2, sparsity=0.0, bits=16), Override(1, 5, sparsity=0.3),
+                                      Override(2, None, bits=16)])
+    calls = []
+    cm = Compressor(lm, None).apply(plan, cal, keep_masks=True, progress=lambda *a: calls.append(a))
+    assert [c[:2] for c in calls] == [(j + 1, 4) for j in range(4)] and all(c[2] >= 0 for c in calls)
+    assert torch.equal(cm.layers[0].weight("down")[2], lm.layers[0].weight("down")[2])  # dense expert untouched
+    keep = cm.masks["1.gate"][5]
+    assert ((~keep).sum(-1) == int(prune_counts(0.3, keep.shape[-1], ()))).all()
+    layer2 = cm.layers[2].weight("up")  # layer 2: pruned, not quantized -> many distinct values per row
+    assert torch.unique(layer2[0, 0][layer2[0, 0] != 0]).numel() > 60
+    assert (cm.layers[0].router_weight == 0).float().mean() >= 0.19  # router pruned as with any method
+    with pytest.raises(Cancelled):
+        Compressor(lm, None).apply(plan, cal, cancel=lambda: True)
+
+
+def test_a_second_order_plan_that_compresses_nothing_with_it_takes_the_usual_path(loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    cm = Compressor(lm, None).apply(CompressionPlan(pruning=PruningSettings(metric="sparsegpt"),
+                                                    quant=QuantSettings(method="gptq"), router_bits=8))
+    assert cm.second_order is None and cm.replaced_tensors == [l.router_weight_path for l in cm.layers]
+
+
+def test_recovery_of_a_sparsegpt_plan_keeps_its_masks(loaded_tiny):
+    from moeviz.recovery import RecoverySettings, recover
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), quant=QuantSettings(bits=4, method="gptq"))
+    comp = Compressor(lm, None)
+    reference = comp.apply(plan, samples, keep_masks=True)
+    recovered, result = recover(comp, plan, samples, RecoverySettings(steps=2, learning_rate=1e-2, batch_size=2))
+    assert result.steps_done == 2
+    for layer in recovered.layers:
+        for proj in layer.projections():
+            keep = reference.masks[f"{layer.index}.{proj}"]
+            assert (layer.weight(proj)[~keep] == 0).all() and (~keep).any()
+
+
+@pytest.mark.parametrize("projections", [["gate", "up"], ["down"], ["gate"]])
+def test_sparsegpt_prunes_only_the_plans_projections(projections, loaded_tiny):
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5, projections=projections))
+    cm = Compressor(lm, None).apply(plan, samples, keep_masks=True)
+    for layer, base in zip(cm.layers, lm.layers):
+        for proj in layer.projections():
+            w = layer.weight(proj)
+            if proj in projections:
+                assert (w[~cm.masks[f"{layer.index}.{proj}"]] == 0).all() and (w == 0).float().mean() >= 0.5
+            elif proj == "down" or not any(p in projections for p in ("gate", "up")):
+                assert torch.equal(w, base.weight(proj))  # not pruned, no other change
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe", "phimoe",
+                                    "gpt_oss"])
+def test_sparsegpt_gptq_on_every_tiny_family(family, loaded_tiny):
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
+    cm = Compressor(lm, None).apply(plan, samples, keep_masks=True)
+    with torch.no_grad():
+        assert torch.isfinite(cm.model(input_ids=samples.input_ids[:2]).logits).all()
+    for layer in cm.layers:
+        for proj in layer.projections():
+            keep = cm.masks[f"{layer.index}.{proj}"]
+            assert (layer.weight(proj)[~keep] == 0).all() and (~keep).float().mean() >= 0.45
