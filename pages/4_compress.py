@@ -162,7 +162,10 @@ c[3].metric("Expert weights (plan)", format_bytes(summary["experts_bytes"]),
 
 # Cheap, live: a quality proxy from the weights and the calibration statistics (no forward pass). Only where
 # a materialised apply is quick (the models evaluated without the lazy path); sequential plans as one-pass.
-if not use_lazy(compressor(lm, stats)):
+if plan.second_order():
+    st.caption("Quality proxy (live): not computed for SparseGPT / GPTQ plans, whose weights come from a layer-by-layer "
+               "job; Evaluate runs it (then cached for this plan) and measures perplexity.")
+elif not use_lazy(compressor(lm, stats)):
     proxy_plan = CompressionPlan.from_dict({**plan.to_dict(), "sequential": False})
     proxy_key = (lm.fingerprint, stats.fingerprint, plan_key(proxy_plan.to_dict()))
     if s.get("_proxy_for") != proxy_key:
