@@ -6,10 +6,12 @@ layers (found on a meta-device copy built from the config), and fits in the memo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -343,6 +345,52 @@ def inspect_model(source: str | os.PathLike | None = None, trust_remote_code: bo
     return ModelShape(require_moe_layers(_skeleton(config, trust_remote_code)), context_length(config))
 
 
+_READ_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _plain_reads():
+    """transformers 5 reads safetensors through one mmap per file and keeps the tensors it does not
+    convert (attention, norms, embeddings) as views into that mapping. Those views keep the whole
+    mapping alive, so every page read while fusing per-expert tensors (`MergeModulelist` +
+    `Concatenate` copy them into new `[E, out, in]` tensors) stays in the process's RSS as file pages,
+    on top of the fused anon copy: RSS after loading ≈ 2 × the checkpoint (measured: 1.93 GB for a
+    0.84 GB checkpoint, of which 0.88 GB file pages).
+
+    Inside this context transformers' loader reads with `pread` (safetensors' `backend="pread"`: each
+    tensor is read into its own memory, nothing stays mapped) and materialises one parameter's tensors
+    at a time (`HF_DEACTIVATE_ASYNC_LOAD`: its thread pool would otherwise read the whole checkpoint
+    ahead of the conversions). Peak ≈ checkpoint + one fused tensor's temporaries; RSS after ≈ 1 ×.
+    Weight conversions, dtype casts, device maps and offload are transformers' own, unchanged.
+
+    Both switches are process-wide, hence the lock; without transformers' `safe_open` name (another
+    version) loading simply keeps the mmap."""
+    import transformers.modeling_utils as modeling_utils
+
+    original = getattr(modeling_utils, "safe_open", None)
+    with _READ_LOCK:
+        if original is None:
+            yield
+            return
+
+        def pread_open(filename, framework, device="cpu", **kwargs):
+            if str(device) == "cpu":
+                kwargs["backend"] = "pread"
+            return original(filename, framework=framework, device=device, **kwargs)
+
+        previous = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+        modeling_utils.safe_open = pread_open
+        try:
+            yield
+        finally:
+            modeling_utils.safe_open = original
+            if previous is None:
+                os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+            else:
+                os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = previous
+
+
 def load_model(
     source: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "auto",
@@ -400,7 +448,8 @@ def load_model(
         hf_logging.disable_progress_bar()
     try:
         tokenizer = _load_tokenizer(source, trust_remote_code)  # first: it is quick, the weights are not
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        with _plain_reads():
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as e:
         raise ModelSourceError(f"cannot load {source}: {str(e).splitlines()[0]}") from e
     except SafetensorError as e:  # a truncated download or a file that is not safetensors at all
