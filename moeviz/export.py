@@ -153,6 +153,17 @@ def _checkpoint_format(skeleton: nn.Module, tensors: dict[str, torch.Tensor]) ->
     return {k: v.contiguous() for k, v in revert_weight_conversion(skeleton, tensors).items()}
 
 
+def _layout(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+
+
+@dataclass
+class _Unit:
+    keys: list[str]  # model state keys
+    planned: dict[str, torch.Tensor]  # checkpoint-format meta tensors
+    separable: bool  # converting each key alone gives the same checkpoint tensors as converting all together
+
+
 @dataclass
 class _Shard:
     file: str
@@ -161,15 +172,26 @@ class _Shard:
     data_start: int = 0
 
 
-def _plan_shards(skeleton: nn.Module, units: list[list[str]], meta: dict[str, torch.Tensor],
-                 max_shard_bytes: int) -> tuple[list[_Shard], list[dict[str, torch.Tensor]]]:
-    """Shard files (whole units each, ≤ max_shard_bytes unless one unit is larger) and the header of each,
-    from the skeleton's meta tensors in checkpoint format; also each unit's expected tensors."""
-    planned = [_checkpoint_format(skeleton, {k: meta[k] for k in unit}) for unit in units]
+def _plan_units(skeleton: nn.Module, meta: dict[str, torch.Tensor]) -> list[_Unit]:
+    """Units in checkpoint format, on meta tensors. A unit is separable when each key converts on its own
+    (fused experts -> per-expert tensors): then it is written one tensor at a time; otherwise (a
+    conversion that joins several tensors) its tensors are converted together."""
+    units = []
+    for keys in _units(list(meta)):
+        planned = _checkpoint_format(skeleton, {k: meta[k] for k in keys})
+        alone = {}
+        for k in keys:
+            alone.update(_checkpoint_format(skeleton, {k: meta[k]}))
+        units.append(_Unit(keys, planned, _layout(alone) == _layout(planned)))
+    return units
+
+
+def _plan_shards(units: list[_Unit], max_shard_bytes: int) -> list[_Shard]:
+    """Shard files (whole units each, ≤ max_shard_bytes unless one unit is larger) and their headers."""
     groups: list[list[int]] = []
     size = 0
-    for i, tensors in enumerate(planned):
-        b = sum(_nbytes(t) for t in tensors.values())
+    for i, unit in enumerate(units):
+        b = sum(_nbytes(t) for t in unit.planned.values())
         if not groups or (size + b > max_shard_bytes and size > 0):
             groups.append([])
             size = 0
@@ -178,7 +200,7 @@ def _plan_shards(skeleton: nn.Module, units: list[list[str]], meta: dict[str, to
     shards = []
     for n, group in enumerate(groups, 1):
         file = "model.safetensors" if len(groups) == 1 else f"model-{n:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {k: t for i in group for k, t in planned[i].items()}
+        tensors = {k: t for i in group for k, t in units[i].planned.items()}
         # safetensors' own layout: larger items first (keeps every tensor aligned), then by name.
         header, offset = {}, 0
         for k in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
@@ -188,7 +210,7 @@ def _plan_shards(skeleton: nn.Module, units: list[list[str]], meta: dict[str, to
             header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + _nbytes(t)]}
             offset += _nbytes(t)
         shards.append(_Shard(file, group, header))
-    return shards, planned
+    return shards
 
 
 def _write_header(f, shard: _Shard) -> None:
@@ -199,9 +221,9 @@ def _write_header(f, shard: _Shard) -> None:
     shard.data_start = 8 + len(text)
 
 
-def _unit_tensors(compressed: CompressedModel, unit: list[str], meta: dict[str, torch.Tensor],
-                  removal: _Removal) -> dict[str, torch.Tensor]:
-    """The compressed model's tensors for the keys of one unit, on CPU, experts sliced, in the export dtype."""
+def _unit_tensors(compressed: CompressedModel, keys: list[str], meta: dict[str, torch.Tensor], removal: _Removal):
+    """Yields (key, tensor) for one unit: the compressed model's tensor on CPU, experts sliced out, in the
+    export dtype, one at a time (the caller drops each before asking for the next)."""
     modules = dict(compressed.model.named_modules())
     lazy_paths = {}
     for layer in compressed.layers:
@@ -209,10 +231,9 @@ def _unit_tensors(compressed: CompressedModel, unit: list[str], meta: dict[str, 
         if rt is not None and rt.weights is not None and hasattr(rt.weights, "layer_tensors"):
             lazy_paths[layer.experts_path] = rt.weights
     by_module: dict[str, list[str]] = {}
-    for key in unit:
+    for key in keys:
         path, _, name = key.rpartition(".")
         by_module.setdefault(path, []).append(name)
-    out = {}
     for path, names in by_module.items():
         module = modules[path]
         with module_weights(module):  # an offloaded module's weights, loaded for this block only
@@ -220,16 +241,39 @@ def _unit_tensors(compressed: CompressedModel, unit: list[str], meta: dict[str, 
             lazy = lazy_paths[path].layer_tensors(module) if path in lazy_paths else {}
             for name in names:
                 key = f"{path}.{name}" if path else name
-                t = (lazy[name] if name in lazy else getattr(module, name)).detach().to("cpu")
+                # popped: a compressed tensor is freed as soon as what is written from it exists
+                t = (lazy.pop(name) if name in lazy else getattr(module, name)).detach().to("cpu")
                 if key in removal.keep:
                     axis, keep = removal.keep[key]
                     t = t.index_select(axis, keep)
                 if t.shape != meta[key].shape:
                     raise MoevizError(f"export: {key} has shape {tuple(t.shape)}, the exported config expects "
                                       f"{tuple(meta[key].shape)}")
-                out[key] = t.to(meta[key].dtype)
+                yield key, t.to(meta[key].dtype)
+                del t
             del lazy
-    return out
+
+
+def _write_unit(f, shard: _Shard, skeleton: nn.Module, unit: _Unit, tensors) -> None:
+    """Convert a unit's (key, tensor) stream to checkpoint format and write each result at its offset."""
+    if unit.separable:
+        batches = ({k: t} for k, t in tensors)
+    else:
+        batches = iter([dict(tensors)])
+    written = {}
+    for batch in batches:
+        out = _checkpoint_format(skeleton, batch)
+        del batch
+        for k, t in out.items():
+            if k not in unit.planned or _layout({k: t}) != _layout({k: unit.planned[k]}):
+                raise MoevizError(f"export: {k} {tuple(t.shape)} does not match the planned checkpoint layout")
+            if t.numel():
+                f.seek(shard.data_start + shard.header[k]["data_offsets"][0])
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
+            written[k] = True
+        del out
+    if written.keys() != unit.planned.keys():
+        raise MoevizError(f"export: {sorted(unit.planned.keys() - written.keys())[:3]} were not produced")
 
 
 def _write_weights(skeleton: nn.Module, compressed: CompressedModel, removal: _Removal, folder: Path,
@@ -245,30 +289,18 @@ def _write_weights(skeleton: nn.Module, compressed: CompressedModel, removal: _R
     for key in getattr(skeleton, "_keys_to_ignore_on_save", None) or []:
         meta.pop(key, None)
     meta = remove_tied_weights_from_state_dict(meta, skeleton)  # safetensors stores an alias once
-    units = _units(list(meta))
-    shards, planned = _plan_shards(skeleton, units, meta, max_shard_bytes)
-    files = {}
+    units = _plan_units(skeleton, meta)
+    shards = _plan_shards(units, max_shard_bytes)
     for shard in shards:
         with open(folder / shard.file, "wb") as f:
             _write_header(f, shard)
             f.truncate(shard.data_start + sum(e - b for b, e in (h["data_offsets"] for h in shard.header.values())))
             for i in shard.units:
-                tensors = _checkpoint_format(skeleton, _unit_tensors(compressed, units[i], meta, removal))
-                if {k: (t.shape, t.dtype) for k, t in tensors.items()} != {
-                        k: (t.shape, t.dtype) for k, t in planned[i].items()}:
-                    raise MoevizError(f"export: the tensors of {units[i][0].rsplit('.', 1)[0]} do not match the "
-                                      "planned checkpoint layout")
-                for k, t in tensors.items():
-                    begin = shard.header[k]["data_offsets"][0]
-                    if t.numel():
-                        f.seek(shard.data_start + begin)
-                        f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # no copy: the tensor's bytes
-                    files[k] = shard.file
-                del tensors
+                _write_unit(f, shard, skeleton, units[i], _unit_tensors(compressed, units[i].keys, meta, removal))
     if len(shards) > 1:
         index = {"metadata": {"total_parameters": sum(t.numel() for t in meta.values()),
-                              "total_size": sum(_nbytes(t) for p in planned for t in p.values())},
-                 "weight_map": dict(sorted(files.items()))}
+                              "total_size": sum(_nbytes(t) for u in units for t in u.planned.values())},
+                 "weight_map": {k: shard.file for shard in shards for k in sorted(shard.header)}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
