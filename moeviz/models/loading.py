@@ -7,10 +7,12 @@ layers (found on a meta-device copy built from the config), and fits in the memo
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
 import re
+import sys
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -391,6 +393,28 @@ def _plain_reads():
                 os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = previous
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_MMAP_THRESHOLD = 128 * 1024  # glibc's default value
+
+
+def give_back_freed_memory() -> None:
+    """Make glibc return large freed blocks to the system (fixed mmap threshold).
+
+    glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is freed. Loading
+    frees hundreds of per-expert tensors (stacked into fused ones), and lazy evaluation and export free
+    per-expert temporaries; after the first such free every temporary below the raised threshold comes
+    from the heap, which keeps it when freed. Measured on 2 OLMoE-shaped layers (1.7 GB, bf16): RSS grew
+    from 2.4 to 8.2 GB during one lazy evaluation, versus 2.4 GB with the threshold fixed at glibc's
+    default (which also stops the raising). Process-wide, so: skipped when the user set
+    MALLOC_MMAP_THRESHOLD_ and where the C library is not glibc."""
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # musl and others: no mallopt
+        pass
+
+
 def load_model(
     source: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "auto",
@@ -415,6 +439,7 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
+    give_back_freed_memory()
     if max_memory is not None:
         device_map = device_map or "auto"
         check_memory_first = False  # the budget is the caller's: offload takes what does not fit
