@@ -8,6 +8,7 @@ otherwise keep freed temporaries in its heap and RSS would count memory no longe
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -233,3 +234,24 @@ def test_freed_temporaries_are_given_back_after_loading():
     held = 64 * 2 * 2**20
     assert r["peak"] - r["before"] >= 0.5 * held, r  # the temporaries were resident (some may reuse free heap)
     assert r["after"] - r["before"] <= 0.25 * held, r
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_loading_reads_without_leaving_the_checkpoint_mapped(family, tiny_model_dirs):
+    """load_model gives transformers' own tensors (every dtype) and leaves no mapping of the checkpoint
+    in the process: transformers' mmap path keeps the file mapped through the tensors it does not convert."""
+    import transformers
+
+    from moeviz.models import load_model
+
+    folder = tiny_model_dirs[family]
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model(folder, dtype=dtype)
+        mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(folder) in line]
+        assert mapped == [], mapped
+        ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).state_dict()
+        got = lm.model.state_dict()
+        assert got.keys() == ref.keys()
+        assert all(got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]) for k in got)
+        del ref, lm
+        gc.collect()  # the reference model's mapping goes with its tensors
