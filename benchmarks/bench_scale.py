@@ -12,7 +12,9 @@ its own. Per model:
 * ``new_sparsity_to_result_s``: a 60 % plan on the warm compressor + its evaluation (the app's slider);
 * ``evaluate_s``: ``Evaluator.evaluate`` of the compressed model (no latency measurement);
 * ``export_s``: ``export_model`` of the 50 % plan;
-* RSS: after load, and the process's peak (``ru_maxrss``) after each step.
+* RSS: before and after load; the peak of each phase (``peak_rss_by_phase_bytes``: ``VmHWM``, reset
+  between phases; building the random model is not counted) and the peak so far after each step.
+  Export's extra peak is given per layer's checkpoint bytes (it streams one layer at a time).
 
 Targets (issue 13, measured as ratios within one run): calibration ≤ 1.2 × forward, cold apply ≤ 2 ×,
 new sparsity → result ≤ 1.3 ×; peak RSS while loading, calibrating and evaluating a 50 % plan ≤ 1.15 ×
@@ -70,7 +72,31 @@ def _rss_bytes() -> int:
 
 
 def _peak_bytes() -> int:
+    """Peak RSS since the last `_reset_peak` (VmHWM; ru_maxrss, which cannot be reset, where /proc lacks it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def _reset_peak() -> None:
+    """VmHWM := current RSS (Linux >= 4.0), so each phase's peak is its own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _take_peak(phases: dict, name: str) -> int:
+    """Record the peak RSS of the phase that just ended, start the next one; the peak so far."""
+    phases[name] = _peak_bytes()
+    _reset_peak()
+    return max(phases.values())
 
 
 def _timed(fn):
@@ -119,8 +145,11 @@ def measure_one(name: str, layers: int) -> dict:
     import gc
 
     gc.collect()
+    _reset_peak()  # building and saving the random model is not part of what is measured
+    phases: dict[str, int] = {}  # peak RSS of each phase
     rss_before = _rss_bytes()
     lm, t_load = _timed(lambda: moeviz.load_model(tmp / "model", dtype="bfloat16"))
+    _take_peak(phases, "load")
     rss_loaded = _rss_bytes()
     g = torch.Generator().manual_seed(0)
     n = max(1, EVAL_TOKENS // SEQ_LEN)
@@ -134,21 +163,25 @@ def measure_one(name: str, layers: int) -> dict:
 
     forward()  # warm-up (allocator, kernels)
     _, t_fwd = _timed(forward)
+    _take_peak(phases, "forward")
     stats, t_cal = _timed(lambda: moeviz.calibrate(lm, samples, batch_size=4))
-    peak_cal = _peak_bytes()
+    peak_cal = _take_peak(phases, "calibrate")
     evaluator = Evaluator(lm, samples, EvalSettings(measure_latency=False, batch_size=4))
     comp = Compressor(lm, stats)
     plan50 = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5))
     cm, t_cold = _timed(lambda: comp.apply(plan50, lazy=LAZY))
     _, t_eval = _timed(lambda: evaluator.evaluate(cm))
-    peak_eval = _peak_bytes()
+    peak_eval = _take_peak(phases, "apply_evaluate")
     del cm
     gc.collect()
     plan60 = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.6))
     _, t_new = _timed(lambda: evaluator.evaluate(comp.apply(plan60, lazy=LAZY)))
     cm = Compressor(lm, stats).apply(plan50, lazy=LAZY)  # a lazy model is materialised layer by layer by export
+    _take_peak(phases, "new_sparsity")
+    gc.collect()
+    rss_before_export = _rss_bytes()
     _, t_export = _timed(lambda: export_model(lm, cm, tmp / "exported"))
-    peak_all = _peak_bytes()
+    peak_all = _take_peak(phases, "export")
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
@@ -159,9 +192,13 @@ def measure_one(name: str, layers: int) -> dict:
         load_s=t_load, forward_s=t_fwd, calibration_s=t_cal, cold_apply_s=t_cold, evaluate_s=t_eval,
         new_sparsity_to_result_s=t_new, export_s=t_export,
         peak_rss_calibrate_bytes=peak_cal, peak_rss_evaluate_bytes=peak_eval, peak_rss_with_export_bytes=peak_all,
+        peak_rss_by_phase_bytes=phases, rss_before_export_bytes=rss_before_export,
+        malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         ratios=dict(calibration=t_cal / t_fwd, cold_apply=t_cold / t_fwd, new_sparsity_to_result=t_new / t_fwd,
                     evaluate=t_eval / t_fwd, export=t_export / t_fwd,
                     load_rss_over_checkpoint=(rss_loaded - rss_before) / ckpt,
+                    load_peak_over_checkpoint=(phases["load"] - rss_before) / ckpt,
+                    export_extra_over_layer=(phases["export"] - rss_before_export) / (ckpt / layers),
                     peak_rss_over_budget=peak_eval / budget),
     )
     r["targets"] = {
@@ -170,6 +207,8 @@ def measure_one(name: str, layers: int) -> dict:
         "new sparsity -> result <= 1.3x forward": "PASS" if r["ratios"]["new_sparsity_to_result"] <= 1.3 else "MISS",
         "peak RSS (load+calibrate+evaluate 50%) <= 1.15x ckpt + interpreter + one layer":
             "PASS" if peak_eval <= budget else "MISS",
+        "export peak <= RSS before export + one layer's working set (2x its bytes)":
+            "PASS" if r["ratios"]["export_extra_over_layer"] <= 2.0 else "MISS",
     }
     full_layers = SHAPES[name][2]
     r["projected_full_model_cpu"] = {  # per-layer time × the full model's MoE layers: projected, not measured

@@ -18,16 +18,21 @@ and a report, atomically, never into the source model's folder.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from moeviz.compression.apply import CompressedModel
 from moeviz.destination import check_destination
 from moeviz.errors import MoevizError
 from moeviz.figures.units import format_time_ms
 from moeviz.models.loading import LoadedModel
-from moeviz.models.offload import full_state_dict, module_weights
+from moeviz.models.offload import module_weights
 from moeviz.models.runtime import experts_runtime
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
@@ -45,20 +50,22 @@ def _expert_axis(t, num_experts: int) -> int | None:
     return None
 
 
-def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dict, dict, list[str]]:
-    """(state dict with removed experts sliced out, config changes, messages)."""
-    # No clone: load_state_dict copies into the exported model, and slicing makes new tensors.
-    state = full_state_dict(compressed.model)  # offloaded modules loaded one at a time
-    for layer in compressed.layers:  # a lazy model's experts are compressed here, one layer at a time
-        rt = experts_runtime(layer.experts)
-        if rt is not None and rt.weights is not None and hasattr(rt.weights, "layer_tensors"):
-            with module_weights(layer.experts):
-                for name, t in rt.weights.layer_tensors(layer.experts).items():
-                    state[f"{layer.experts_path}.{name}"] = t.to("cpu")
+@dataclass
+class _Removal:
+    """Experts physically removed from the file: per tensor key, the axis that indexes experts and the
+    experts kept; plus the config changes and messages."""
+
+    keep: dict[str, tuple[int, torch.Tensor]] = field(default_factory=dict)
+    changes: dict = field(default_factory=dict)
+    messages: list[str] = field(default_factory=list)
+
+
+def _removal(loaded: LoadedModel, compressed: CompressedModel) -> _Removal:
+    """What expert removal slices out of which tensor (refusals before anything is read or written)."""
+    out = _Removal()
     removed_per_layer = [(~compressed.allowed_experts(l.index)).sum().item() for l in compressed.layers]
-    messages, changes = [], {}
     if not any(removed_per_layer):
-        return state, changes, messages
+        return out
     if len(set(removed_per_layer)) != 1:
         raise MoevizError(
             f"export: removed experts per layer are {removed_per_layer}; a checkpoint has one expert count for all "
@@ -76,22 +83,226 @@ def _sliced_state(loaded: LoadedModel, compressed: CompressedModel) -> tuple[dic
                     f"export: layer {layer.index} removes {per_group} experts from its {n_group} routing groups; "
                     "remove the same number from every group so group-limited routing is unchanged"
                 )
-        keep = allowed.nonzero().squeeze(1)
+        keep = allowed.nonzero().squeeze(1).cpu()
         # Every per-expert tensor has the expert on one axis: the experts' weights and biases, the router's
         # rows (weight, bias, correction bias, per-expert scale) and the block's own per-expert biases.
         prefix = f"{layer.experts_path}."
         tensors = [(prefix + n, t) for n, t in list(layer.experts.named_parameters()) + list(layer.experts.named_buffers())]
         for key, t in tensors + layer.per_expert_tensors():
-            axis = _expert_axis(t, layer.num_experts)
-            if key in state and axis is not None:
-                state[key] = state[key].index_select(axis, keep.to(state[key].device)).contiguous()
+            axis = _expert_axis(t, layer.num_experts)  # shapes only: meta (offloaded) tensors are fine
+            if axis is not None:
+                out.keep[key] = (axis, keep)
     first = compressed.layers[0]
     new_e = first.num_experts - removed_per_layer[0]
-    changes["num_experts"] = new_e
+    out.changes["num_experts"] = new_e
     if new_e < first.top_k:
-        changes["top_k"] = new_e
-        messages.append(f"top-k clamped from {first.top_k} to {new_e}: only {new_e} experts remain per layer")
-    return state, changes, messages
+        out.changes["top_k"] = new_e
+        out.messages.append(f"top-k clamped from {first.top_k} to {new_e}: only {new_e} experts remain per layer")
+    return out
+
+
+def _export_config(loaded: LoadedModel, changes: dict):
+    config = type(loaded.model.config).from_dict(loaded.model.config.to_dict())
+    if "num_experts" in changes:
+        text = config.get_text_config()
+        for key in EXPERT_COUNT_KEYS:
+            if key in text.to_dict() or key in getattr(text, "attribute_map", {}):
+                setattr(text, key, changes["num_experts"])
+        n_group = getattr(config, "n_group", None)
+        if n_group and changes["num_experts"] % n_group:
+            raise MoevizError(f"export: {changes['num_experts']} experts cannot be split into n_group={n_group} groups")
+    if "top_k" in changes:
+        for key in TOP_K_KEYS:
+            if key in config.to_dict():
+                setattr(config, key, changes["top_k"])
+    return config
+
+
+# ---- streamed writing -------------------------------------------------------------------------------
+# The exported model exists only as a meta-device skeleton (names, shapes, dtypes, weight conversions).
+# Tensors are produced one unit at a time (a decoder layer, or the top-level modules), converted back to
+# the checkpoint format transformers saves (`revert_weight_conversion`: fused `[E, ...]` experts -> one
+# tensor per expert), and written at offsets planned beforehand from the skeleton, so no shard and no
+# state dict is ever held whole. Peak ≈ one unit's compressed tensors (a lazy layer is materialised
+# here, once) plus its per-expert copies.
+
+DEFAULT_SHARD_BYTES = 4 * 2**30
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+              torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64"}
+_LAYER_PREFIX = re.compile(r"^(.*?\.\d+)\.")
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _units(keys: list[str]) -> list[list[str]]:
+    """State keys grouped by decoder layer (the first numbered path component, e.g. `model.layers.3`),
+    the remaining top-level keys as one unit; weight conversions never span two units."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        m = _LAYER_PREFIX.match(k)
+        groups.setdefault(m.group(1) if m else "", []).append(k)
+    return list(groups.values())
+
+
+def _checkpoint_format(skeleton: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return {k: v.contiguous() for k, v in revert_weight_conversion(skeleton, tensors).items()}
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    return {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+
+
+@dataclass
+class _Unit:
+    keys: list[str]  # model state keys
+    planned: dict[str, torch.Tensor]  # checkpoint-format meta tensors
+    separable: bool  # converting each key alone gives the same checkpoint tensors as converting all together
+
+
+@dataclass
+class _Shard:
+    file: str
+    units: list[int]
+    header: dict  # name -> {"dtype", "shape", "data_offsets"}
+    data_start: int = 0
+
+
+def _plan_units(skeleton: nn.Module, meta: dict[str, torch.Tensor]) -> list[_Unit]:
+    """Units in checkpoint format, on meta tensors. A unit is separable when each key converts on its own
+    (fused experts -> per-expert tensors): then it is written one tensor at a time; otherwise (a
+    conversion that joins several tensors) its tensors are converted together."""
+    units = []
+    for keys in _units(list(meta)):
+        planned = _checkpoint_format(skeleton, {k: meta[k] for k in keys})
+        alone = {}
+        for k in keys:
+            alone.update(_checkpoint_format(skeleton, {k: meta[k]}))
+        units.append(_Unit(keys, planned, _layout(alone) == _layout(planned)))
+    return units
+
+
+def _plan_shards(units: list[_Unit], max_shard_bytes: int) -> list[_Shard]:
+    """Shard files (whole units each, ≤ max_shard_bytes unless one unit is larger) and their headers."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, unit in enumerate(units):
+        b = sum(_nbytes(t) for t in unit.planned.values())
+        if not groups or (size + b > max_shard_bytes and size > 0):
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += b
+    shards = []
+    for n, group in enumerate(groups, 1):
+        file = "model.safetensors" if len(groups) == 1 else f"model-{n:05d}-of-{len(groups):05d}.safetensors"
+        tensors = {k: t for i in group for k, t in units[i].planned.items()}
+        # safetensors' own layout: larger items first (keeps every tensor aligned), then by name.
+        header, offset = {}, 0
+        for k in sorted(tensors, key=lambda k: (-tensors[k].element_size(), k)):
+            t = tensors[k]
+            if t.dtype not in _ST_DTYPES:
+                raise MoevizError(f"export: {k} has dtype {t.dtype}, which safetensors cannot store")
+            header[k] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + _nbytes(t)]}
+            offset += _nbytes(t)
+        shards.append(_Shard(file, group, header))
+    return shards
+
+
+def _write_header(f, shard: _Shard) -> None:
+    text = json.dumps({"__metadata__": {"format": "pt"}, **shard.header}, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as safetensors writes it
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    shard.data_start = 8 + len(text)
+
+
+def _unit_tensors(compressed: CompressedModel, keys: list[str], meta: dict[str, torch.Tensor], removal: _Removal):
+    """Yields (key, tensor) for one unit: the compressed model's tensor on CPU, experts sliced out, in the
+    export dtype, one at a time (the caller drops each before asking for the next)."""
+    modules = dict(compressed.model.named_modules())
+    lazy_paths = {}
+    for layer in compressed.layers:
+        rt = experts_runtime(layer.experts)
+        if rt is not None and rt.weights is not None and hasattr(rt.weights, "layer_tensors"):
+            lazy_paths[layer.experts_path] = rt.weights
+    by_module: dict[str, list[str]] = {}
+    for key in keys:
+        path, _, name = key.rpartition(".")
+        by_module.setdefault(path, []).append(name)
+    for path, names in by_module.items():
+        module = modules[path]
+        with module_weights(module):  # an offloaded module's weights, loaded for this block only
+            # A lazy model's experts are compressed here: this layer only, once.
+            lazy = lazy_paths[path].layer_tensors(module) if path in lazy_paths else {}
+            for name in names:
+                key = f"{path}.{name}" if path else name
+                # popped: a compressed tensor is freed as soon as what is written from it exists
+                t = (lazy.pop(name) if name in lazy else getattr(module, name)).detach().to("cpu")
+                if key in removal.keep:
+                    axis, keep = removal.keep[key]
+                    t = t.index_select(axis, keep)
+                if t.shape != meta[key].shape:
+                    raise MoevizError(f"export: {key} has shape {tuple(t.shape)}, the exported config expects "
+                                      f"{tuple(meta[key].shape)}")
+                yield key, t.to(meta[key].dtype)
+                del t
+            del lazy
+
+
+def _write_unit(f, shard: _Shard, skeleton: nn.Module, unit: _Unit, tensors) -> None:
+    """Convert a unit's (key, tensor) stream to checkpoint format and write each result at its offset."""
+    if unit.separable:
+        batches = ({k: t} for k, t in tensors)
+    else:
+        batches = iter([dict(tensors)])
+    written = {}
+    for batch in batches:
+        out = _checkpoint_format(skeleton, batch)
+        del batch
+        for k, t in out.items():
+            if k not in unit.planned or _layout({k: t}) != _layout({k: unit.planned[k]}):
+                raise MoevizError(f"export: {k} {tuple(t.shape)} does not match the planned checkpoint layout")
+            if t.numel():
+                f.seek(shard.data_start + shard.header[k]["data_offsets"][0])
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
+            written[k] = True
+        del out
+    if written.keys() != unit.planned.keys():
+        raise MoevizError(f"export: {sorted(unit.planned.keys() - written.keys())[:3]} were not produced")
+
+
+def _write_weights(skeleton: nn.Module, compressed: CompressedModel, removal: _Removal, folder: Path,
+                   max_shard_bytes: int) -> None:
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    meta = skeleton.state_dict()
+    state_keys = set(compressed.model.state_dict())
+    if state_keys != set(meta):
+        missing, unexpected = sorted(set(meta) - state_keys), sorted(state_keys - set(meta))
+        raise MoevizError(f"export: state does not match the exported config (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
+    for key in getattr(skeleton, "_keys_to_ignore_on_save", None) or []:
+        meta.pop(key, None)
+    meta = remove_tied_weights_from_state_dict(meta, skeleton)  # safetensors stores an alias once
+    units = _plan_units(skeleton, meta)
+    shards = _plan_shards(units, max_shard_bytes)
+    for shard in shards:
+        with open(folder / shard.file, "wb") as f:
+            _write_header(f, shard)
+            f.truncate(shard.data_start + sum(e - b for b, e in (h["data_offsets"] for h in shard.header.values())))
+            for i in shard.units:
+                _write_unit(f, shard, skeleton, units[i], _unit_tensors(compressed, units[i].keys, meta, removal))
+    if len(shards) > 1:
+        index = {"metadata": {"total_parameters": sum(t.numel() for t in meta.values()),
+                              "total_size": sum(_nbytes(t) for u in units for t in u.planned.values())},
+                 "weight_map": {k: shard.file for shard in shards for k in sorted(shard.header)}}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def evaluation_lines(result: dict) -> list[str]:
@@ -157,40 +368,35 @@ def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | Non
 
 
 def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Path, overwrite: bool = False,
-                 result: dict | None = None) -> Path:
-    """Write the compressed model to `out` atomically (temporary folder, then rename)."""
+                 result: dict | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write the compressed model to `out` atomically (temporary folder, then rename), streamed: one
+    decoder layer's tensors in memory at a time, safetensors shards of at most `max_shard_bytes`
+    (whole layers; `model.safetensors.index.json` when there is more than one), in the checkpoint
+    format transformers' save_pretrained writes."""
     from transformers import AutoModelForCausalLM
 
     out = check_destination(loaded, out, overwrite)  # resolved; never the source, never a folder we did not write
-    state, changes, messages = _sliced_state(loaded, compressed)
-    config = type(loaded.model.config).from_dict(loaded.model.config.to_dict())
-    if "num_experts" in changes:
-        text = config.get_text_config()
-        for key in EXPERT_COUNT_KEYS:
-            if key in text.to_dict() or key in getattr(text, "attribute_map", {}):
-                setattr(text, key, changes["num_experts"])
-        n_group = getattr(config, "n_group", None)
-        if n_group and changes["num_experts"] % n_group:
-            raise MoevizError(f"export: {changes['num_experts']} experts cannot be split into n_group={n_group} groups")
-    if "top_k" in changes:
-        for key in TOP_K_KEYS:
-            if key in config.to_dict():
-                setattr(config, key, changes["top_k"])
-    # A real (randomly initialised) model, so non-persistent buffers such as rotary frequencies are
-    # computed; every persistent tensor is then replaced by the compressed state.
-    model = AutoModelForCausalLM.from_config(config, dtype=next(loaded.model.parameters()).dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise MoevizError(f"export: state does not match the exported config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    removal = _removal(loaded, compressed)
+    config = _export_config(loaded, removal.changes)
+    dtype = next(loaded.model.parameters()).dtype
+    # Names, shapes, dtypes and weight conversions of the exported model, without its weights.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if hasattr(skeleton, "tie_weights"):
+        skeleton.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        # What save_pretrained writes beside the weights.
+        skeleton.config.dtype = str(dtype).split(".")[1]
+        skeleton.config.architectures = [type(skeleton).__name__]
+        skeleton.config.save_pretrained(tmp)
+        if skeleton.can_generate():
+            skeleton.generation_config.save_pretrained(tmp)
+        _write_weights(skeleton, compressed, removal, tmp, max_shard_bytes)
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / "moeviz_plan.json").write_text(compressed.plan.to_json())
-        (tmp / "moeviz_report.md").write_text(_report(loaded, compressed, result, messages))
+        (tmp / "moeviz_report.md").write_text(_report(loaded, compressed, result, removal.messages))
         if out.exists():  # a previous moeviz export (or an empty folder): swap, so a failure never leaves neither
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / out.name)

@@ -7,6 +7,7 @@ import streamlit as st
 from moeviz.export import check_destination, export_model
 from moeviz.runview import runs_csv
 from pages._state import compressor, current_plan, plan_samples, require_model, run_store, stats_for, user_errors
+from pages._state import small_experts
 
 st.header("Export")
 st.write("Save the compressed model as a Hugging Face folder, or download the current compression plan (JSON, loadable with `CompressionPlan.from_json` and the CLI) "
@@ -50,6 +51,7 @@ with st.form("export_form"):
                 last = st.session_state.last_result
                 result = last if last is not None and last["plan"] == plan.to_dict() else None
                 stats = stats_for(lm)
-                model = compressor(lm, stats).apply(plan, plan_samples(lm, stats, plan))
+                # lazy on large models: export compresses one layer at a time instead of holding a copy
+                model = compressor(lm, stats).apply(plan, plan_samples(lm, stats, plan), lazy=not small_experts(lm))
             out = export_model(lm, model, folder, overwrite=overwrite, result=result)
         st.success(f"Exported to {out}")

@@ -5,8 +5,9 @@ every computation is a `moeviz` library call).
   every browser session; nothing ever mutates it (compression works on structural copies).
 - The evaluator (the base model's outputs on the held-out text) is shared the same way.
 - Calibration statistics are cached on disk by fingerprint (`moeviz.workspace`).
-- Each session has its own plan, its own `Compressor` (rank caches) and its own results; results
-  belong to the model they were computed on (`MODEL_SCOPED`) and are dropped when the model changes.
+- Each session has its own plan, its own `Compressor` (rank caches on small models only) and its own
+  results; results belong to the model they were computed on (`MODEL_SCOPED`) and are dropped when the
+  model changes.
 """
 
 from __future__ import annotations
@@ -213,20 +214,32 @@ def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None):
     if progress is not None:
         progress("apply", 0, 1)
     comp = compressor(loaded, stats)
-    # sequential and second-order plans report per decoder layer (done, total[, seconds left])
-    compressed = comp.apply(plan, samples, progress=(lambda d, t, left=None: progress("apply", d, t, left))
-                            if progress else None)
+    # sequential and second-order plans report per decoder layer (done, total[, seconds left]); they
+    # materialise whatever `lazy` says (see Compressor.apply)
+    compressed = comp.apply(plan, samples, lazy=not small_experts(loaded),
+                            progress=(lambda d, t, left=None: progress("apply", d, t, left)) if progress else None)
     result = evaluator.evaluate(compressed, progress=(lambda d, t: progress("evaluate", d, t)) if progress else None)
     run_id = store_result(store, result, plan, loaded.fingerprint, stats.fingerprint if stats is not None else None,
                           duration_s=time.perf_counter() - start)
     return result.to_dict(), run_id, False
 
 
+# Per-session state is model-sized only below this many bytes of expert weights (the demo): the rank
+# cache (one int16 per expert weight, per session) and materialised evaluation (a compressed copy of the
+# touched experts). Above it a session adds O(one layer): thresholds on the fly, lazy evaluation.
+SESSION_CACHE_MAX_BYTES = 256 * 2**20
+
+
+def small_experts(loaded) -> bool:
+    return loaded.info.expert_parameters * next(loaded.model.parameters()).element_size() <= SESSION_CACHE_MAX_BYTES
+
+
 def compressor(loaded, stats) -> Compressor:
     """This session's Compressor for (model, stats); rebuilt when either changes."""
     key = (loaded.fingerprint, stats.fingerprint if stats is not None else None)
     if st.session_state.get("_compressor_key") != key:
-        st.session_state._compressor = Compressor(loaded, stats, cache_ranks=True)  # slider: one comparison per plan
+        # slider: one comparison per plan
+        st.session_state._compressor = Compressor(loaded, stats, cache_ranks=small_experts(loaded))
         st.session_state._compressor_key = key
     return st.session_state._compressor
 

@@ -20,6 +20,11 @@ from moeviz.compression.steps import LayerSettings, compress_experts, layer_norm
 from moeviz.models.layers import MoELayer
 
 
+# Base-weight bytes compressed per call when a whole layer is materialised (export): bounds the steps'
+# temporaries (scores, masks, clones) to a few experts instead of the layer.
+LAYER_CHUNK_BYTES = 64 * 2**20
+
+
 @dataclass(frozen=True, eq=False)
 class LazyExpertWeights:
     """WeightProvider (see `moeviz.models.runtime`) for one MoE layer."""
@@ -61,20 +66,31 @@ class LazyExpertWeights:
         return {p: got[p][0] if p in got else torch.ones(self.layer.view(p, getattr(experts, self.layer.fused_name(p))[e:e + 1])[0].shape, dtype=torch.bool)
                 for p in self.settings.projections if p in self.layer.projections()}
 
-    def layer_tensors(self, experts: nn.Module) -> dict[str, torch.Tensor]:
+    def layer_tensors(self, experts: nn.Module, chunk_bytes: int | None = None) -> dict[str, torch.Tensor]:
         """The whole layer's compressed fused tensors (export materialises layer by layer with this),
-        name -> tensor shaped like the module's attribute (zero-compute experts' rows kept)."""
-        sel = np.arange(self.layer.num_experts)
+        name -> tensor shaped like the module's attribute (zero-compute experts' rows kept).
+        Computed a few experts at a time (`chunk_bytes` of base weights, default LAYER_CHUNK_BYTES) into
+        the output, so the scores, masks and clones of the steps exist for those experts only: the
+        layer costs its output plus a chunk (every step is per expert: same values as one call)."""
         names = self.settings.touched_names(self.layer)
+        if not names:
+            return {}
         base = {n: getattr(experts, n) for n in names}
-        device = base[names[0]].device if names else None
-        new = compress_experts(self.layer, base, sel, self.settings,
-                               layer_norms(self.stats_layer, self.settings.metric, sel, device))
-        for name, t in new.items():
-            if t.shape[0] != base[name].shape[0]:
-                full = base[name].detach().clone()
-                full[: t.shape[0]] = t
-                new[name] = full
+        device = base[names[0]].device
+        n = self.layer.num_experts
+        per_expert = sum(t[0].numel() * t.element_size() for t in base.values())
+        step = max(1, min(n, (LAYER_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(1, per_expert)))
+        new = {}
+        for name, t in base.items():  # [E_total, ...]: rows past E (zero-compute experts) are the base's
+            new[name] = torch.empty_like(t.detach())
+            new[name][n:] = t.detach()[n:]
+        for start in range(0, n, step):
+            sel = np.arange(start, min(start + step, n))
+            part = compress_experts(self.layer, base, sel, self.settings,
+                                    layer_norms(self.stats_layer, self.settings.metric, sel, device))
+            for name, t in part.items():
+                new[name][start:start + len(sel)] = t
+            del part
         return new
 
     def zero_counts(self, experts: nn.Module) -> torch.Tensor:
