@@ -168,6 +168,24 @@ def test_masks_equal_brute_force(seed):
             assert torch.equal(nm_mask(s, n, m), _bf_nm(s, n, m)), (n, m)
 
 
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_row_thresholds_both_selection_paths_equal_brute_force(use_numpy, monkeypatch):
+    """Per-row thresholds (numpy selection on CPU, topk elsewhere) give the brute-force masks at every
+    k from 1 to n-1, with many ties (integer scores) and without, and on bf16 scores (topk only)."""
+    import moeviz.compression.masks as masks_mod
+
+    real = masks_mod._kth_and_next
+    monkeypatch.setattr(masks_mod, "_kth_and_next", lambda s, k: real(s, k, use_numpy=use_numpy))
+    g = _gen(7)
+    cases = [torch.randint(0, 3, (3, 4, 11), generator=g).float(), torch.rand(3, 4, 11, generator=g).double()]
+    if not use_numpy:
+        cases.append(torch.randint(0, 5, (2, 3, 11), generator=g).to(torch.bfloat16))
+    for s in cases:
+        for k in range(1, 11):
+            t = masks_mod.row_thresholds(s, k)
+            assert torch.equal(masks_mod.mask_from_thresholds(s, t), _bf_unstructured(s.float(), k / 11)), (s.dtype, k)
+
+
 def test_nm_mask_large_m_path_equals_brute_force():
     s = torch.randint(0, 3, (3, 4, 32), generator=_gen(10)).float()
     assert torch.equal(nm_mask(s, 6, 16), _bf_nm(s, 6, 16))

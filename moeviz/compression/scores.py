@@ -45,7 +45,9 @@ def importance_scores(
 
     # float32 even for bf16 weights: bf16 has 8 mantissa bits, so many scores would tie and the
     # ranking (hence the mask) would depend on rounding rather than on the weights.
-    scores = weight.detach().to(torch.float32).abs()
+    # abs before the cast: exact either way (it clears the sign bit), but on a bf16 tensor it halves
+    # the bytes the abs pass touches and lets the cast allocate the only float32 tensor.
+    scores = weight.detach().abs().to(torch.float32)
     if metric == "magnitude":
         if col_sq_norm is not None:
             raise ValueError("metric 'magnitude' takes no col_sq_norm (it would be ignored)")
