@@ -175,15 +175,22 @@ def test_row_thresholds_both_selection_paths_equal_brute_force(use_numpy, monkey
     import moeviz.compression.masks as masks_mod
 
     real = masks_mod._kth_and_next
-    monkeypatch.setattr(masks_mod, "_kth_and_next", lambda s, k: real(s, k, use_numpy=use_numpy))
+    monkeypatch.setattr(masks_mod, "_kth_and_next",
+                        lambda s, k, work=None: real(s, k, use_numpy=use_numpy, work=work))
     g = _gen(7)
     cases = [torch.randint(0, 3, (3, 4, 11), generator=g).float(), torch.rand(3, 4, 11, generator=g).double()]
     if not use_numpy:
         cases.append(torch.randint(0, 5, (2, 3, 11), generator=g).to(torch.bfloat16))
     for s in cases:
         for k in range(1, 11):
+            want = _bf_unstructured(s.float(), k / 11)
             t = masks_mod.row_thresholds(s, k)
-            assert torch.equal(masks_mod.mask_from_thresholds(s, t), _bf_unstructured(s.float(), k / 11)), (s.dtype, k)
+            assert torch.equal(masks_mod.mask_from_thresholds(s, t), want), (s.dtype, k)
+            # The lazy path's reused buffers: selection in a work buffer, a 0/1 mask in the weights' dtype.
+            work = torch.full_like(s, 7.0) if use_numpy and s.dtype != torch.bfloat16 else None
+            t = masks_mod.row_thresholds(s, k, work=work)
+            out = torch.full(s.shape, 5.0, dtype=torch.bfloat16)
+            assert torch.equal(masks_mod.mask_from_thresholds(s, t, out=out), want.to(torch.bfloat16))
 
 
 def test_nm_mask_large_m_path_equals_brute_force():

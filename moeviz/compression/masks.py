@@ -74,7 +74,8 @@ class RowThresholds:
     need: torch.Tensor | None  # [..., out] entries equal to v to prune in each row, lowest column first
 
 
-def _kth_and_next(scores: torch.Tensor, k: int, use_numpy: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _kth_and_next(scores: torch.Tensor, k: int, use_numpy: bool | None = None,
+                  work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The k-th smallest score of each row ([..., out, 1]) and the (k+1)-th ([..., out]); 0 < k < n.
 
     On CPU (use_numpy None: float32/64 CPU tensors), numpy's `np.partition` (one selection per row)
@@ -82,13 +83,20 @@ def _kth_and_next(scores: torch.Tensor, k: int, use_numpy: bool | None = None) -
     5x faster than `torch.kthvalue` on [2048, 2048] float32 at one thread, and this selection is most
     of the cost of compressing an expert. Elsewhere one `topk` of the k+1 smallest entries (or the
     n-k+1 largest, whichever set is smaller), then their two largest (smallest). Both give exact
-    order statistics, so the masks do not depend on the path."""
+    order statistics, so the masks do not depend on the path. work: optional CPU buffer of the
+    scores' shape and dtype for the numpy path to select in (else it makes a copy)."""
     n = scores.shape[-1]
     if use_numpy is None:
         use_numpy = scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64)
     if use_numpy:
         rows = scores.detach().contiguous().reshape(-1, n).numpy()  # [R, n]: a view when contiguous
-        part = np.partition(rows, k - 1, axis=-1)  # a copy: position k-1 holds the k-th smallest, then larger ones
+        if work is not None:  # select in place in a reused buffer (no fresh pages)
+            part = work.reshape(-1, n).numpy()
+            np.copyto(part, rows)
+            part.partition(k - 1, axis=-1)
+        else:
+            part = np.partition(rows, k - 1, axis=-1)
+        # Position k-1 now holds the k-th smallest of each row, and everything after it is >= it.
         v = torch.from_numpy(part[:, k - 1].copy()).reshape(*scores.shape[:-1], 1)
         v_next = torch.from_numpy(part[:, k:].min(axis=-1)).reshape(scores.shape[:-1])
         return v, v_next
@@ -101,12 +109,13 @@ def _kth_and_next(scores: torch.Tensor, k: int, use_numpy: bool | None = None) -
     return two[..., 0:1], two[..., 1]
 
 
-def row_thresholds(scores: torch.Tensor, k: int) -> RowThresholds:
-    """Per-row thresholds pruning exactly ``k`` entries of every row of ``scores`` ([rows..., in])."""
+def row_thresholds(scores: torch.Tensor, k: int, work: torch.Tensor | None = None) -> RowThresholds:
+    """Per-row thresholds pruning exactly ``k`` entries of every row of ``scores`` ([rows..., in]).
+    work: optional buffer like ``scores`` to select in (see `_kth_and_next`)."""
     n = scores.shape[-1]
     if k <= 0 or k >= n:
         return RowThresholds(k, n, None, None, None)
-    v, v_next = _kth_and_next(scores, k)
+    v, v_next = _kth_and_next(scores, k, work=work)
     # v = k-th smallest score of each row: [..., out, 1]. Everything strictly above v is kept.
     # Without ties at v exactly n - k entries survive. A row where the (k+1)-th smallest equals v has
     # more than k entries <= v, so keeping only those above v would prune too many: there we prune
@@ -118,20 +127,26 @@ def row_thresholds(scores: torch.Tensor, k: int) -> RowThresholds:
     return RowThresholds(k, n, v, bad, need)
 
 
-def mask_from_thresholds(scores: torch.Tensor, t: RowThresholds) -> torch.Tensor:
-    """Keep-mask of ``scores`` from :func:`row_thresholds` of the same scores."""
+def mask_from_thresholds(scores: torch.Tensor, t: RowThresholds, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep-mask of ``scores`` from :func:`row_thresholds` of the same scores.
+
+    out: optional buffer of the scores' shape to write the mask into, bool or a float dtype (1 =
+    keep, 0 = prune: multiplying a weight by it is what multiplying by the bool mask does, and on CPU
+    a bf16 x bf16 product is several times faster than a bf16 x bool one)."""
+    if out is None:
+        out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     if t.k <= 0:
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        return out.fill_(1)
     if t.k >= t.n:
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    keep = scores > t.v
+        return out.fill_(0)
+    keep = torch.gt(scores, t.v, out=out)
     if bool(t.bad.any()):
         rows_v = t.v[t.bad]  # [R, 1]
         rows_s = scores[t.bad]  # [R, in]
         eq = rows_s == rows_v
         # cumsum counts equal entries from the left, so the first `need` of them are pruned.
         keep_eq = eq & (torch.cumsum(eq, dim=-1) > t.need[t.bad][:, None])
-        keep[t.bad] = keep[t.bad] | keep_eq
+        keep[t.bad] = (keep[t.bad].bool() | keep_eq).to(keep.dtype)
     return keep
 
 

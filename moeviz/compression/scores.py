@@ -26,7 +26,7 @@ METRICS = ("magnitude", "wanda", "moe_pruner")
 
 
 def importance_scores(
-    weight: torch.Tensor, metric: str, col_sq_norm: torch.Tensor | None = None
+    weight: torch.Tensor, metric: str, col_sq_norm: torch.Tensor | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Importance score of every weight, float32, shape of ``weight``.
 
@@ -37,6 +37,8 @@ def importance_scores(
         col_sq_norm: required for ``wanda``/``moe_pruner``; per-input-column squared L2 norm,
             shape ``[in]`` (shared by all rows/experts) or ``[..., in]`` matching the leading dims
             of ``weight`` (one statistic per expert). Must be non-negative.
+        out: optional float32 buffer of ``weight``'s shape to write the scores into (the lazy path
+            reuses one, `moeviz.compression.scratch`); the values are the same.
     """
     if metric not in METRICS:
         raise ValueError(f"unknown importance metric {metric!r}; expected one of {METRICS}")
@@ -47,7 +49,10 @@ def importance_scores(
     # ranking (hence the mask) would depend on rounding rather than on the weights.
     # abs before the cast: exact either way (it clears the sign bit), but on a bf16 tensor it halves
     # the bytes the abs pass touches and lets the cast allocate the only float32 tensor.
-    scores = weight.detach().abs().to(torch.float32)
+    if out is not None:
+        scores = out.copy_(weight.detach()).abs_()  # the cast is exact, so abs after it gives the same
+    else:
+        scores = weight.detach().abs().to(torch.float32)
     if metric == "magnitude":
         if col_sq_norm is not None:
             raise ValueError("metric 'magnitude' takes no col_sq_norm (it would be ignored)")

@@ -25,6 +25,7 @@ from moeviz.compression.masks import (
 )
 from moeviz.compression.quantize import quantize_weight
 from moeviz.compression.scores import importance_scores
+from moeviz.compression.scratch import Scratch
 from moeviz.models.layers import MoELayer
 
 # Which calibration statistic feeds each projection's Wanda / MoE-Pruner score.
@@ -70,13 +71,14 @@ RanksFn = Callable[[str, torch.Tensor], torch.Tensor] | None
 
 def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings, norms: NormsFn,
           masks: dict[str, torch.Tensor] | None = None, ranks: RanksFn = None,
-          thresholds: dict | None = None) -> list[str]:
+          thresholds: dict | None = None, scratch: Scratch | None = None) -> list[str]:
     """Zero the lowest-score weights of each row of the selected experts' pruned projections.
 
     sel: [n] expert indices that `fused` holds (in order). masks: if given, receives the keep-mask
     [n, out, in] per projection. Scores come from the weights in `fused`, which must still be the
     base weights (pruning is the first step). thresholds: a per-projection cache of one expert's
-    `RowThresholds` (O(rows) memory), filled on first use; the masks are the same as without."""
+    `RowThresholds` (O(rows) memory), filled on first use; the masks are the same as without.
+    scratch: reusable buffers for the one-expert path's temporaries (`moeviz.compression.scratch`)."""
     sparsity = s.sparsity[sel]
     if not (sparsity > 0).any():
         return []
@@ -85,12 +87,18 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
         if proj not in layer.projections():
             continue
         w = layer.view(proj, fused[layer.fused_name(proj)])  # [n, out, in] view into the fused clone
-        scores = None if ranks is not None and s.nm is None else importance_scores(w, s.metric, norms(proj))
-        if s.nm is None and thresholds is not None and len(sel) == 1:
+        one = s.nm is None and thresholds is not None and len(sel) == 1
+        buf = (lambda key, dtype: scratch.get(key, w.shape, dtype, w.device)) if one and scratch is not None else None
+        scores = None if ranks is not None and s.nm is None else \
+            importance_scores(w, s.metric, norms(proj), out=buf("scores", torch.float32) if buf else None)
+        if one:
             # One expert (lazy path): per-row thresholds selected once per plan, then one comparison.
             if proj not in thresholds:
-                thresholds[proj] = row_thresholds(scores, int(prune_counts(float(sparsity[0]), w.shape[-1], ())))
-            keep = mask_from_thresholds(scores, thresholds[proj])
+                thresholds[proj] = row_thresholds(scores, int(prune_counts(float(sparsity[0]), w.shape[-1], ())),
+                                                  work=buf("select", torch.float32) if buf else None)
+            # Without a caller asking for the bool mask, a 0/1 mask in the weights' dtype (a faster product).
+            out = buf("keep", w.dtype) if buf and masks is None and w.is_floating_point() else None
+            keep = mask_from_thresholds(scores, thresholds[proj], out=out)
         elif s.nm is None:
             prune_ratio = torch.as_tensor(sparsity, dtype=torch.float64)
             keep = mask_from_ranks(ranks(proj, w), prune_ratio) if scores is None else \
@@ -132,18 +140,22 @@ def remove(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: 
 
 def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings,
                      norms: NormsFn, masks: dict[str, torch.Tensor] | None = None,
-                     ranks: RanksFn = None, thresholds: dict | None = None) -> dict[str, torch.Tensor]:
+                     ranks: RanksFn = None, thresholds: dict | None = None,
+                     scratch: Scratch | None = None) -> dict[str, torch.Tensor]:
     """The compressed fused tensors of experts `sel`: prune, quantize, remove on clones of `base`
-    (name -> the base's fused tensor, [E_total, ...]). Only tensors the plan touches are returned."""
+    (name -> the base's fused tensor, [E_total, ...]). Only tensors the plan touches are returned.
+    scratch: reusable buffers (the lazy path); the returned tensors then live in them and are valid
+    until the next call with the same scratch."""
     idx = torch.as_tensor(sel)
     contiguous = len(sel) and sel[-1] - sel[0] + 1 == len(sel)
     fused = {}
     for name in s.touched_names(layer):
         t = base[name]
         # A slice then a clone copies only the selected experts' rows, not the whole fused tensor.
-        part = t[int(sel[0]):int(sel[-1]) + 1] if contiguous else t.index_select(0, idx.to(t.device))
-        fused[name] = part.detach().clone()
-    prune(layer, fused, sel, s, norms, masks, ranks, thresholds)
+        part = (t[int(sel[0]):int(sel[-1]) + 1] if contiguous else t.index_select(0, idx.to(t.device))).detach()
+        fused[name] = part.clone() if scratch is None else \
+            scratch.get(("out", name), part.shape, part.dtype, part.device).copy_(part)
+    prune(layer, fused, sel, s, norms, masks, ranks, thresholds, scratch)
     quantize(layer, fused, sel, s)
     remove(layer, fused, sel, s)
     return fused
