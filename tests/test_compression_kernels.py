@@ -193,6 +193,31 @@ def test_row_thresholds_both_selection_paths_equal_brute_force(use_numpy, monkey
             assert torch.equal(masks_mod.mask_from_thresholds(s, t, out=out), want.to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prune_rows_in_blocks_equals_brute_force(dtype, monkeypatch):
+    """The lazy path's one-expert pruning (rows in blocks, reused buffers, thresholds kept for the
+    next batch) zeroes exactly the brute-force mask's entries, and gives the same mask again from
+    its cached thresholds."""
+    from moeviz.compression import steps
+    from moeviz.compression.scores import column_factor
+    from moeviz.compression.scratch import Scratch
+
+    monkeypatch.setattr(steps, "BLOCK_ELEMENTS", 25)  # 2 rows of 12 per block: several blocks
+    g = _gen(3)
+    w = (torch.randint(-3, 4, (7, 12), generator=g).float() / 4).to(dtype)  # many ties
+    norm = torch.randint(1, 3, (12,), generator=g).float()
+    scratch = Scratch()
+    for metric, n in (("magnitude", None), ("wanda", norm)):
+        factor = column_factor((7, 12), metric, n)
+        want = _bf_unstructured(importance_scores(w, metric, n), 5 / 12)
+        got, keep = w.clone(), torch.empty(w.shape, dtype=torch.bool)
+        t = steps.prune_rows(got, factor, 5, None, scratch, keep)
+        assert torch.equal(keep, want) and torch.equal(got, w * want)
+        again = w.clone()
+        assert steps.prune_rows(again, factor, 5, t, scratch) is t
+        assert torch.equal(again, w * want)
+
+
 def test_nm_mask_large_m_path_equals_brute_force():
     s = torch.randint(0, 3, (3, 4, 32), generator=_gen(10)).float()
     assert torch.equal(nm_mask(s, 6, 16), _bf_nm(s, 6, 16))

@@ -85,6 +85,7 @@ class LazyExpertWeights:
                 new[name] = full
         return new
 
+    @torch.no_grad()  # so the experts are compressed in this thread's reused buffers
     def zero_counts(self, experts: nn.Module) -> torch.Tensor:
         """[E] exact zeros of each expert's compressed weights (all projections), one expert at a time."""
         counts = torch.zeros(self.layer.num_experts, dtype=torch.float64)

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from moeviz.compression.masks import (
-    mask_from_ranks, mask_from_thresholds, nm_mask, prune_counts, row_thresholds, unstructured_row_mask,
+    RowThresholds, mask_from_ranks, mask_from_thresholds, nm_mask, prune_counts, row_thresholds,
+    unstructured_row_mask,
 )
 from moeviz.compression.quantize import quantize_weight
-from moeviz.compression.scores import importance_scores
+from moeviz.compression.scores import column_factor, importance_scores, scores_from_factor
 from moeviz.compression.scratch import Scratch
 from moeviz.models.layers import MoELayer
 
@@ -87,19 +88,21 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
         if proj not in layer.projections():
             continue
         w = layer.view(proj, fused[layer.fused_name(proj)])  # [n, out, in] view into the fused clone
-        one = s.nm is None and thresholds is not None and len(sel) == 1
-        buf = (lambda key, dtype: scratch.get(key, w.shape, dtype, w.device)) if one and scratch is not None else None
-        scores = None if ranks is not None and s.nm is None else \
-            importance_scores(w, s.metric, norms(proj), out=buf("scores", torch.float32) if buf else None)
-        if one:
-            # One expert (lazy path): per-row thresholds selected once per plan, then one comparison.
-            if proj not in thresholds:
-                thresholds[proj] = row_thresholds(scores, int(prune_counts(float(sparsity[0]), w.shape[-1], ())),
-                                                  work=buf("select", torch.float32) if buf else None)
-            # Without a caller asking for the bool mask, a 0/1 mask in the weights' dtype (a faster product).
-            out = buf("keep", w.dtype) if buf and masks is None and w.is_floating_point() else None
-            keep = mask_from_thresholds(scores, thresholds[proj], out=out)
-        elif s.nm is None:
+        if s.nm is None and thresholds is not None and len(sel) == 1:
+            # One expert (lazy path): per-row thresholds selected once per plan (later batches only
+            # compare), rows in cache-sized blocks, temporaries in reused buffers.
+            k = int(prune_counts(float(sparsity[0]), w.shape[-1], ()))
+            keep = None if masks is None else torch.empty(w.shape, dtype=torch.bool, device=w.device)
+            norm = norms(proj)  # [1, in] or None
+            factor = column_factor(tuple(w.shape[1:]), s.metric, None if norm is None else norm[0], w.device)
+            thresholds[proj] = prune_rows(w[0], factor, k, thresholds.get(proj), scratch or Scratch(),
+                                          None if keep is None else keep[0])
+            if masks is not None:
+                masks[proj] = keep
+            changed.append(layer.fused_name(proj))
+            continue
+        scores = None if ranks is not None and s.nm is None else importance_scores(w, s.metric, norms(proj))
+        if s.nm is None:
             prune_ratio = torch.as_tensor(sparsity, dtype=torch.float64)
             keep = mask_from_ranks(ranks(proj, w), prune_ratio) if scores is None else \
                 unstructured_row_mask(scores, prune_ratio)
@@ -112,6 +115,53 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
             masks[proj] = keep
         changed.append(layer.fused_name(proj))
     return changed
+
+
+# Rows per block in `prune_rows`: every temporary of a block (float32 scores, the copy numpy selects
+# in, the mask) stays near 256 KB, inside the L2 cache, instead of streaming [out, in] tensors through
+# memory once per pass. Measured on a [1024, 2048] bf16 projection at one thread: 41 ms whole, 15 ms
+# in blocks of 16-64 rows.
+BLOCK_ELEMENTS = 1 << 16
+
+
+def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThresholds | None,
+               scratch: Scratch, keep_out: torch.Tensor | None = None) -> RowThresholds:
+    """Zero, in place, the k lowest-score entries of every row of one expert's projection w [out, in]
+    (scores |w| * factor, `moeviz.compression.scores`), a block of rows at a time.
+
+    t: this plan's thresholds for w from an earlier call (then no selection is needed), else None.
+    keep_out: optional bool [out, in] that receives the keep-mask. Returns the thresholds (O(rows)).
+    The result is the same as `mask_from_thresholds(scores, row_thresholds(scores, k))` applied to
+    the whole matrix: every step is per row."""
+    out_f, n = w.shape
+    rows = max(1, BLOCK_ELEMENTS // n)
+    parts = []
+    for r0 in range(0, out_f, rows):
+        blk = w[r0:r0 + rows]  # [b, in] view
+        shape = tuple(blk.shape)
+        scores = scores_from_factor(blk, factor, scratch.get("scores", shape, torch.float32, w.device))
+        tb = row_thresholds(scores, k, work=scratch.get("select", shape, torch.float32, w.device)) if t is None \
+            else _rows_of(t, r0, r0 + shape[0])
+        parts.append(tb)
+        if keep_out is not None:
+            keep = mask_from_thresholds(scores, tb, out=keep_out[r0:r0 + shape[0]])
+        elif blk.is_floating_point():  # a 0/1 mask in the weights' dtype: a faster product than with bool
+            keep = mask_from_thresholds(scores, tb, out=scratch.get("keep", shape, w.dtype, w.device))
+        else:
+            keep = mask_from_thresholds(scores, tb)
+        blk.mul_(keep)
+    if t is not None:
+        return t
+    if k <= 0 or k >= n:
+        return RowThresholds(k, n, None, None, None)
+    return RowThresholds(k, n, torch.cat([p.v for p in parts]), torch.cat([p.bad for p in parts]),
+                         torch.cat([p.need for p in parts]))
+
+
+def _rows_of(t: RowThresholds, r0: int, r1: int) -> RowThresholds:
+    if t.v is None:
+        return t
+    return RowThresholds(t.k, t.n, t.v[r0:r1], t.bad[r0:r1], t.need[r0:r1])
 
 
 def quantize(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings) -> list[str]:
