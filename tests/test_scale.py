@@ -260,3 +260,19 @@ def test_cli_evaluates_an_offloaded_model(tiny_model_dirs, tmp_path, capsys):
     assert main(["evaluate", *common, "--max-memory", "cpu=60KB", "--offload-folder", str(tmp_path / "off")]) == 0
     assert capsys.readouterr().out == in_memory and "perplexity" in in_memory
     assert any((tmp_path / "off").iterdir())  # the weights really went to disk
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_routing_only_pass_gives_the_same_routing_statistics(family, loaded_tiny):
+    """Evaluation's pass (`expert_stats=False`: no expert observer, so the family's own experts forward
+    runs on a base / materialised model) gives the routing statistics of the full calibration pass."""
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
+    full = calibrate(lm, samples, batch_size=2)
+    routing = calibrate(lm, samples, batch_size=2, expert_stats=False)
+    for a, b in zip(full.layers, routing.layers):
+        assert torch.equal(a.routed_counts, b.routed_counts) and torch.equal(a.top1_counts, b.top1_counts)
+        assert torch.equal(a.record_topk, b.record_topk)
+        torch.testing.assert_close(a.record_probs, b.record_probs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.coactivation, b.coactivation)
+        assert float(b.input_sq.abs().sum()) == 0 and float(a.input_sq.sum()) > 0  # really no expert observer

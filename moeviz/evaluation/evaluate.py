@@ -223,7 +223,9 @@ class Evaluator:
         start = time.perf_counter()
         acc = TokenLossAccumulator(self.samples.domain_names)
         s = self.settings
+        # Routing statistics only: drift, balance and utilization need no per-expert activation norms.
         routing = calibrate(loaded, self.samples, batch_size=batch_size or s.batch_size, record_tokens=s.record_tokens,
+                            expert_stats=False,
                             progress=progress, on_batch=lambda ids, dom, logits: acc.add(logits, ids, dom.tolist()))
         latency, why = None, None
         if s.measure_latency and no_latency:
