@@ -276,3 +276,29 @@ def test_routing_only_pass_gives_the_same_routing_statistics(family, loaded_tiny
         torch.testing.assert_close(a.record_probs, b.record_probs, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(a.coactivation, b.coactivation)
         assert float(b.input_sq.abs().sum()) == 0 and float(a.input_sq.sum()) > 0  # really no expert observer
+
+
+def test_lazy_evaluation_compresses_each_expert_once(loaded_tiny, monkeypatch):
+    """Evaluating a lazy model runs its windows in as few batches as the memory budget allows, so
+    each reached expert is compressed once per evaluation, not once per batch of `batch_size`; a
+    small `lazy_batch_tokens` gives more batches and the same result."""
+    from moeviz.compression.lazy import LazyExpertWeights
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
+    assert samples.n_samples >= 4
+    stats = calibrate(lm, samples, batch_size=4)
+    plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5))
+    calls: list[tuple[int, int]] = []
+    real = LazyExpertWeights.compressed
+    monkeypatch.setattr(LazyExpertWeights, "compressed",
+                        lambda self, experts, e, *a, **k: calls.append((id(self), e)) or real(self, experts, e, *a, **k))
+    one = Evaluator(lm, samples, EvalSettings(measure_latency=False, batch_size=1)).evaluate(
+        Compressor(lm, stats).apply(plan, lazy=True))
+    assert calls and len(calls) == len(set(calls))  # each (layer, expert) once
+    calls.clear()
+    many = Evaluator(lm, samples, EvalSettings(measure_latency=False, batch_size=1, lazy_batch_tokens=16)).evaluate(
+        Compressor(lm, stats).apply(plan, lazy=True))
+    assert len(calls) > len(set(calls))  # one window per batch: experts compressed again in every batch
+    assert one.perplexity == pytest.approx(many.perplexity, rel=1e-5)
+    assert one.utilization == many.utilization

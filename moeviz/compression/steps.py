@@ -22,7 +22,6 @@ import torch
 
 from moeviz.compression.masks import (
     RowThresholds, mask_from_ranks, mask_from_thresholds, nm_mask, prune_counts, row_thresholds,
-    unstructured_row_mask,
 )
 from moeviz.compression.quantize import quantize_weight
 from moeviz.compression.scores import column_factor, importance_scores, scores_from_factor
@@ -88,28 +87,32 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
         if proj not in layer.projections():
             continue
         w = layer.view(proj, fused[layer.fused_name(proj)])  # [n, out, in] view into the fused clone
-        if s.nm is None and thresholds is not None and len(sel) == 1:
-            # One expert (lazy path): per-row thresholds selected once per plan (later batches only
-            # compare), rows in cache-sized blocks, temporaries in reused buffers.
-            k = int(prune_counts(float(sparsity[0]), w.shape[-1], ()))
-            keep = None if masks is None else torch.empty(w.shape, dtype=torch.bool, device=w.device)
-            norm = norms(proj)  # [1, in] or None
-            factor = column_factor(tuple(w.shape[1:]), s.metric, None if norm is None else norm[0], w.device)
-            thresholds[proj] = prune_rows(w[0], factor, k, thresholds.get(proj), scratch or Scratch(),
-                                          None if keep is None else keep[0])
+        if s.nm is None and ranks is None:
+            # Unstructured, no rank cache: one expert at a time, rows in cache-sized blocks, temporaries
+            # in reused buffers (`prune_rows`). One expert (lazy path): the per-row thresholds are kept
+            # per plan, so later batches only compare.
+            one = thresholds is not None and len(sel) == 1
+            keep = None if masks is None else torch.ones(w.shape, dtype=torch.bool, device=w.device)
+            norm = norms(proj)  # [n, in] or None
+            buffers = scratch or Scratch()
+            for i in range(len(sel)):
+                k = int(prune_counts(float(sparsity[i]), w.shape[-1], ()))
+                if k <= 0:  # a dense expert (or too few columns to prune one)
+                    continue
+                factor = column_factor(tuple(w.shape[1:]), s.metric, None if norm is None else norm[i], w.device)
+                t = prune_rows(w[i], factor, k, thresholds.get(proj) if one else None, buffers,
+                               None if keep is None else keep[i])
+                if one:
+                    thresholds[proj] = t
             if masks is not None:
                 masks[proj] = keep
             changed.append(layer.fused_name(proj))
             continue
-        scores = None if ranks is not None and s.nm is None else importance_scores(w, s.metric, norms(proj))
-        if s.nm is None:
-            prune_ratio = torch.as_tensor(sparsity, dtype=torch.float64)
-            keep = mask_from_ranks(ranks(proj, w), prune_ratio) if scores is None else \
-                unstructured_row_mask(scores, prune_ratio)
+        if s.nm is None:  # the app's opt-in rank cache: one comparison per weight
+            keep = mask_from_ranks(ranks(proj, w), torch.as_tensor(sparsity, dtype=torch.float64))
         else:
-            keep = nm_mask(scores, *s.nm)
+            keep = nm_mask(importance_scores(w, s.metric, norms(proj)), *s.nm)
             keep |= torch.as_tensor(sparsity == 0, device=keep.device)[:, None, None]  # dense experts
-        del scores
         w.mul_(keep)
         if masks is not None:
             masks[proj] = keep
