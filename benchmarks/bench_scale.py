@@ -10,7 +10,8 @@ its own. Per model:
 * ``cold_apply_s``: the first ``Compressor.apply`` of a 50 % MoE-Pruner plan (lazy by default, which
   measures each expert's zeros once; ``MOEVIZ_SCALE_LAZY=0``: the materialised copy);
 * ``new_sparsity_to_result_s``: a 60 % plan on the warm compressor + its evaluation (the app's slider);
-* ``evaluate_s``: ``Evaluator.evaluate`` of the compressed model (no latency measurement);
+* ``evaluate_s``: ``Evaluator.evaluate`` of the compressed model (no latency measurement; a lazy
+  model runs ``lazy_batch_windows`` windows per forward, see ``evaluate.lazy_batch_size``);
 * ``export_s``: ``export_model`` of the 50 % plan;
 * RSS: before and after load; the peak of each phase (``peak_rss_by_phase_bytes``: ``VmHWM``, reset
   between phases; building the random model is not counted) and the peak so far after each step.
@@ -167,6 +168,9 @@ def measure_one(name: str, layers: int) -> dict:
     stats, t_cal = _timed(lambda: moeviz.calibrate(lm, samples, batch_size=4))
     peak_cal = _take_peak(phases, "calibrate")
     evaluator = Evaluator(lm, samples, EvalSettings(measure_latency=False, batch_size=4))
+    from moeviz.evaluation.evaluate import lazy_batch_size
+
+    lazy_windows = lazy_batch_size(lm, samples, evaluator.settings)  # windows per forward of a lazy evaluation
     comp = Compressor(lm, stats)
     plan50 = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5))
     cm, t_cold = _timed(lambda: comp.apply(plan50, lazy=LAZY))
@@ -188,6 +192,7 @@ def measure_one(name: str, layers: int) -> dict:
     budget = 1.15 * ckpt + rss_before + ckpt / layers  # + one layer's working set (one layer's weights)
     r = dict(
         model=name, layers=layers, lazy=LAZY, threads=torch.get_num_threads(), eval_tokens=int(ids.numel()),
+        lazy_batch_windows=lazy_windows, window_tokens=SEQ_LEN,
         checkpoint_bytes=ckpt, rss_before_load_bytes=rss_before, rss_after_load_bytes=rss_loaded,
         load_s=t_load, forward_s=t_fwd, calibration_s=t_cal, cold_apply_s=t_cold, evaluate_s=t_eval,
         new_sparsity_to_result_s=t_new, export_s=t_export,

@@ -168,6 +168,56 @@ def test_masks_equal_brute_force(seed):
             assert torch.equal(nm_mask(s, n, m), _bf_nm(s, n, m)), (n, m)
 
 
+@pytest.mark.parametrize("use_numpy", [True, False])
+def test_row_thresholds_both_selection_paths_equal_brute_force(use_numpy, monkeypatch):
+    """Per-row thresholds (numpy selection on CPU, topk elsewhere) give the brute-force masks at every
+    k from 1 to n-1, with many ties (integer scores) and without, and on bf16 scores (topk only)."""
+    import moeviz.compression.masks as masks_mod
+
+    real = masks_mod._kth_and_next
+    monkeypatch.setattr(masks_mod, "_kth_and_next",
+                        lambda s, k, work=None: real(s, k, use_numpy=use_numpy, work=work))
+    g = _gen(7)
+    cases = [torch.randint(0, 3, (3, 4, 11), generator=g).float(), torch.rand(3, 4, 11, generator=g).double()]
+    if not use_numpy:
+        cases.append(torch.randint(0, 5, (2, 3, 11), generator=g).to(torch.bfloat16))
+    for s in cases:
+        for k in range(1, 11):
+            want = _bf_unstructured(s.float(), k / 11)
+            t = masks_mod.row_thresholds(s, k)
+            assert torch.equal(masks_mod.mask_from_thresholds(s, t), want), (s.dtype, k)
+            # The lazy path's reused buffers: selection in a work buffer, a 0/1 mask in the weights' dtype.
+            work = torch.full_like(s, 7.0) if use_numpy and s.dtype != torch.bfloat16 else None
+            t = masks_mod.row_thresholds(s, k, work=work)
+            out = torch.full(s.shape, 5.0, dtype=torch.bfloat16)
+            assert torch.equal(masks_mod.mask_from_thresholds(s, t, out=out), want.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prune_rows_in_blocks_equals_brute_force(dtype, monkeypatch):
+    """The lazy path's one-expert pruning (rows in blocks, reused buffers, thresholds kept for the
+    next batch) zeroes exactly the brute-force mask's entries, and gives the same mask again from
+    its cached thresholds."""
+    from moeviz.compression import steps
+    from moeviz.compression.scores import column_factor
+    from moeviz.compression.scratch import Scratch
+
+    monkeypatch.setattr(steps, "BLOCK_ELEMENTS", 25)  # 2 rows of 12 per block: several blocks
+    g = _gen(3)
+    w = (torch.randint(-3, 4, (7, 12), generator=g).float() / 4).to(dtype)  # many ties
+    norm = torch.randint(1, 3, (12,), generator=g).float()
+    scratch = Scratch()
+    for metric, n in (("magnitude", None), ("wanda", norm)):
+        factor = column_factor((7, 12), metric, n)
+        want = _bf_unstructured(importance_scores(w, metric, n), 5 / 12)
+        got, keep = w.clone(), torch.empty(w.shape, dtype=torch.bool)
+        t = steps.prune_rows(got, factor, 5, None, scratch, keep)
+        assert torch.equal(keep, want) and torch.equal(got, w * want)
+        again = w.clone()
+        assert steps.prune_rows(again, factor, 5, t, scratch) is t
+        assert torch.equal(again, w * want)
+
+
 def test_nm_mask_large_m_path_equals_brute_force():
     s = torch.randint(0, 3, (3, 4, 32), generator=_gen(10)).float()
     assert torch.equal(nm_mask(s, 6, 16), _bf_nm(s, 6, 16))

@@ -47,8 +47,11 @@ def _plans(family, lm):
 
 
 @pytest.mark.parametrize("family", ALL)
-def test_lazy_evaluation_equals_the_materialised_model(family, loaded_tiny):
+def test_lazy_evaluation_equals_the_materialised_model(family, loaded_tiny, monkeypatch):
     """Same logits (<= 1e-5), same masks, same expert table, and no expert tensor replaced."""
+    from moeviz.compression import steps
+
+    monkeypatch.setattr(steps, "BLOCK_ELEMENTS", 40)  # the lazy path prunes rows in several blocks here too
     lm = loaded_tiny(family)
     samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
     stats = calibrate(lm, samples, batch_size=4)
@@ -257,3 +260,45 @@ def test_cli_evaluates_an_offloaded_model(tiny_model_dirs, tmp_path, capsys):
     assert main(["evaluate", *common, "--max-memory", "cpu=60KB", "--offload-folder", str(tmp_path / "off")]) == 0
     assert capsys.readouterr().out == in_memory and "perplexity" in in_memory
     assert any((tmp_path / "off").iterdir())  # the weights really went to disk
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3", "gpt_oss"])
+def test_routing_only_pass_gives_the_same_routing_statistics(family, loaded_tiny):
+    """Evaluation's pass (`expert_stats=False`: no expert observer, so the family's own experts forward
+    runs on a base / materialised model) gives the routing statistics of the full calibration pass."""
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
+    full = calibrate(lm, samples, batch_size=2)
+    routing = calibrate(lm, samples, batch_size=2, expert_stats=False)
+    for a, b in zip(full.layers, routing.layers):
+        assert torch.equal(a.routed_counts, b.routed_counts) and torch.equal(a.top1_counts, b.top1_counts)
+        assert torch.equal(a.record_topk, b.record_topk)
+        torch.testing.assert_close(a.record_probs, b.record_probs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.coactivation, b.coactivation)
+        assert float(b.input_sq.abs().sum()) == 0 and float(a.input_sq.sum()) > 0  # really no expert observer
+
+
+def test_lazy_evaluation_compresses_each_expert_once(loaded_tiny, monkeypatch):
+    """Evaluating a lazy model runs its windows in as few batches as the memory budget allows, so
+    each reached expert is compressed once per evaluation, not once per batch of `batch_size`; a
+    small `lazy_batch_tokens` gives more batches and the same result."""
+    from moeviz.compression.lazy import LazyExpertWeights
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
+    assert samples.n_samples >= 4
+    stats = calibrate(lm, samples, batch_size=4)
+    plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5))
+    calls: list[tuple[int, int]] = []
+    real = LazyExpertWeights.compressed
+    monkeypatch.setattr(LazyExpertWeights, "compressed",
+                        lambda self, experts, e, *a, **k: calls.append((id(self), e)) or real(self, experts, e, *a, **k))
+    one = Evaluator(lm, samples, EvalSettings(measure_latency=False, batch_size=1)).evaluate(
+        Compressor(lm, stats).apply(plan, lazy=True))
+    assert calls and len(calls) == len(set(calls))  # each (layer, expert) once
+    calls.clear()
+    many = Evaluator(lm, samples, EvalSettings(measure_latency=False, batch_size=1, lazy_batch_tokens=16)).evaluate(
+        Compressor(lm, stats).apply(plan, lazy=True))
+    assert len(calls) > len(set(calls))  # one window per batch: experts compressed again in every batch
+    assert one.perplexity == pytest.approx(many.perplexity, rel=1e-5)
+    assert one.utilization == many.utilization

@@ -122,11 +122,16 @@ def calibrate(
     record_tokens: int = 4096,
     progress: ProgressFn | None = None,
     on_batch: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    expert_stats: bool = True,
 ) -> CalibrationStats:
     """Run the calibration pass over `samples` and return its statistics.
 
     progress(done_samples, total_samples) is called after every batch; on_batch(input_ids [B, S],
     domain ids [B], logits [B, S, V]) lets evaluation score the same forward pass.
+    expert_stats=False: routing statistics only (counts, probabilities, co-activation, record); the
+    per-expert activation norms and gate outputs stay zero. Evaluation needs only the routing, and
+    without an expert observer the family's own experts forward runs (no reference loop, no
+    per-expert reductions) unless a weight provider or an activation transform needs the loop.
     """
     start = time.perf_counter()
     view = structural_copy(loaded.model)
@@ -138,7 +143,8 @@ def calibrate(
         c.layer.router.register_forward_hook(c.router_hook)
         rt = install_experts_runtime(c.layer)  # on this copy only
         rt.routing_observers.append(c.see_routing)
-        rt.observers.append(c.observe)
+        if expert_stats:
+            rt.observers.append(c.observe)
 
     n = samples.n_samples
     rec_ids, rec_dom = [], []
@@ -161,6 +167,7 @@ def calibrate(
             progress(min(start_i + batch_size, n), n)
 
     settings = dict(batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
+                    **({} if expert_stats else dict(expert_stats=False)),
                     n_samples=n, seq_len=samples.seq_len, seed=samples.seed,
                     distributions=[l.distribution for l in layers])
     return CalibrationStats(

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moeviz.compression.scratch import Scratch, thread_scratch
 from moeviz.compression.steps import LayerSettings, compress_experts, layer_norms
 from moeviz.models.layers import MoELayer
 
@@ -39,21 +40,28 @@ class LazyExpertWeights:
     def __deepcopy__(self, memo):  # immutable: a structural copy shares the provider
         return self
 
-    def compressed(self, experts: nn.Module, e: int, masks: dict | None = None) -> dict[str, torch.Tensor]:
-        """Expert e's compressed fused tensors, name -> [1, ...] (only those the plan changes)."""
+    def compressed(self, experts: nn.Module, e: int, masks: dict | None = None,
+                   scratch: Scratch | None = None) -> dict[str, torch.Tensor]:
+        """Expert e's compressed fused tensors, name -> [1, ...] (only those the plan changes).
+        scratch: buffers to compute in; the tensors returned then live in them (valid until the next
+        call on this thread)."""
         sel = np.array([e])
         names = self.settings.touched_names(self.layer)
         base = {n: getattr(experts, n) for n in names}
         device = base[names[0]].device if names else None
         norms = layer_norms(self.stats_layer, self.settings.metric, sel, device)
         return compress_experts(self.layer, base, sel, self.settings, norms, masks,
-                                thresholds=self.thresholds.setdefault(e, {}))
+                                thresholds=self.thresholds.setdefault(e, {}), scratch=scratch)
 
     def __call__(self, experts: nn.Module, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         in_name = "gate_up_proj" if self.layer.has_gate else "up_proj"
         if not self.settings.touches(e):
             return getattr(experts, in_name)[e], experts.down_proj[e]
-        new = self.compressed(experts, e)
+        # The forward uses an expert's weights and drops them before asking for the next expert, so
+        # without autograd (evaluation, calibration) they are computed in this thread's reused buffers:
+        # no fresh pages per expert (see moeviz.compression.scratch). With autograd a backward may still
+        # need them: fresh tensors.
+        new = self.compressed(experts, e, scratch=None if torch.is_grad_enabled() else thread_scratch())
         w_in = new[in_name][0] if in_name in new else getattr(experts, in_name)[e]
         w_out = new["down_proj"][0] if "down_proj" in new else experts.down_proj[e]
         return w_in, w_out
@@ -93,6 +101,7 @@ class LazyExpertWeights:
             del part
         return new
 
+    @torch.no_grad()  # so the experts are compressed in this thread's reused buffers
     def zero_counts(self, experts: nn.Module) -> torch.Tensor:
         """[E] exact zeros of each expert's compressed weights (all projections), one expert at a time."""
         counts = torch.zeros(self.layer.num_experts, dtype=torch.float64)

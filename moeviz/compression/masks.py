@@ -14,19 +14,20 @@ also ``torch.round``), computed in float64.
 
 Scores must not contain NaN (NaN has no place in an ordering); this is checked.
 
-Speed (why three entry points): selecting the k-th value of each row (``torch.kthvalue``) is about
-an order of magnitude slower than one elementwise pass over the weights on CPU, because every
-row does its own small quickselect. The UI changes sparsity far more often than scores, so
+Speed (why three entry points): selecting the k-th value of each row (``np.partition`` on CPU,
+``torch.topk`` elsewhere) costs several elementwise passes over the weights, because every row does
+its own small quickselect. The UI changes sparsity far more often than scores, so
 :func:`row_ranks` pays for one stable sort per score tensor, and :func:`mask_from_ranks` turns the
 cached ranks into a mask at any sparsity with a single comparison (cheaper than ``abs(W)``, since it
 reads int16 and writes bool). :func:`unstructured_row_mask` is the one-shot path
-(kthvalue + exact tie fix-up), which is faster than a full sort when the scores are used once.
+(per-row selection + exact tie fix-up), which is faster than a full sort when the scores are used once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .allocation import validate_ratio
@@ -73,35 +74,79 @@ class RowThresholds:
     need: torch.Tensor | None  # [..., out] entries equal to v to prune in each row, lowest column first
 
 
-def row_thresholds(scores: torch.Tensor, k: int) -> RowThresholds:
-    """Per-row thresholds pruning exactly ``k`` entries of every row of ``scores`` ([rows..., in])."""
+def _kth_and_next(scores: torch.Tensor, k: int, use_numpy: bool | None = None,
+                  work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k-th smallest score of each row ([..., out, 1]) and the (k+1)-th ([..., out]); 0 < k < n.
+
+    On CPU (use_numpy None: float32/64 CPU tensors), numpy's `np.partition` (one selection per row)
+    then the minimum of what lies above position k-1: measured about 4x faster than `torch.topk` and
+    5x faster than `torch.kthvalue` on [2048, 2048] float32 at one thread, and this selection is most
+    of the cost of compressing an expert. Elsewhere one `topk` of the k+1 smallest entries (or the
+    n-k+1 largest, whichever set is smaller), then their two largest (smallest). Both give exact
+    order statistics, so the masks do not depend on the path. work: optional CPU buffer of the
+    scores' shape and dtype for the numpy path to select in (else it makes a copy)."""
+    n = scores.shape[-1]
+    if use_numpy is None:
+        use_numpy = scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64)
+    if use_numpy:
+        rows = scores.detach().contiguous().reshape(-1, n).numpy()  # [R, n]: a view when contiguous
+        if work is not None:  # select in place in a reused buffer (no fresh pages)
+            part = work.reshape(-1, n).numpy()
+            np.copyto(part, rows)
+            part.partition(k - 1, axis=-1)
+        else:
+            part = np.partition(rows, k - 1, axis=-1)
+        # Position k-1 now holds the k-th smallest of each row, and everything after it is >= it.
+        v = torch.from_numpy(part[:, k - 1].copy()).reshape(*scores.shape[:-1], 1)
+        v_next = torch.from_numpy(part[:, k:].min(axis=-1)).reshape(scores.shape[:-1])
+        return v, v_next
+    if k + 1 <= n - k + 1:
+        part = torch.topk(scores, k + 1, dim=-1, largest=False, sorted=False).values  # [..., out, k+1]
+        two = torch.topk(part, 2, dim=-1, largest=True, sorted=True).values  # [v_{k+1}, v_k]
+        return two[..., 1:2], two[..., 0]
+    part = torch.topk(scores, n - k + 1, dim=-1, largest=True, sorted=False).values  # [..., out, n-k+1]
+    two = torch.topk(part, 2, dim=-1, largest=False, sorted=True).values  # [v_k, v_{k+1}]
+    return two[..., 0:1], two[..., 1]
+
+
+def row_thresholds(scores: torch.Tensor, k: int, work: torch.Tensor | None = None) -> RowThresholds:
+    """Per-row thresholds pruning exactly ``k`` entries of every row of ``scores`` ([rows..., in]).
+    work: optional buffer like ``scores`` to select in (see `_kth_and_next`)."""
     n = scores.shape[-1]
     if k <= 0 or k >= n:
         return RowThresholds(k, n, None, None, None)
+    v, v_next = _kth_and_next(scores, k, work=work)
     # v = k-th smallest score of each row: [..., out, 1]. Everything strictly above v is kept.
-    v = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
-    # Without ties at v exactly n - k entries survive. Rows with ties at v prune too many: there we
-    # prune only the `need` lowest-index entries equal to v and keep the rest of them.
-    kept = (scores > v).sum(dim=-1, dtype=torch.int32)
-    bad = kept != (n - k)
-    need = k - (scores < v).sum(dim=-1)  # ties to prune per row, >= 1 where bad
+    # Without ties at v exactly n - k entries survive. A row where the (k+1)-th smallest equals v has
+    # more than k entries <= v, so keeping only those above v would prune too many: there we prune
+    # only the `need` lowest-index entries equal to v and keep the rest of them.
+    bad = v_next == v[..., 0]
+    need = torch.zeros(bad.shape, dtype=torch.int64, device=scores.device)
+    if bool(bad.any()):
+        need[bad] = k - (scores[bad] < v[bad]).sum(dim=-1)  # ties to prune per bad row, >= 1
     return RowThresholds(k, n, v, bad, need)
 
 
-def mask_from_thresholds(scores: torch.Tensor, t: RowThresholds) -> torch.Tensor:
-    """Keep-mask of ``scores`` from :func:`row_thresholds` of the same scores."""
+def mask_from_thresholds(scores: torch.Tensor, t: RowThresholds, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep-mask of ``scores`` from :func:`row_thresholds` of the same scores.
+
+    out: optional buffer of the scores' shape to write the mask into, bool or a float dtype (1 =
+    keep, 0 = prune: multiplying a weight by it is what multiplying by the bool mask does, and on CPU
+    a bf16 x bf16 product is several times faster than a bf16 x bool one)."""
+    if out is None:
+        out = torch.empty(scores.shape, dtype=torch.bool, device=scores.device)
     if t.k <= 0:
-        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+        return out.fill_(1)
     if t.k >= t.n:
-        return torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    keep = scores > t.v
+        return out.fill_(0)
+    keep = torch.gt(scores, t.v, out=out)
     if bool(t.bad.any()):
         rows_v = t.v[t.bad]  # [R, 1]
         rows_s = scores[t.bad]  # [R, in]
         eq = rows_s == rows_v
         # cumsum counts equal entries from the left, so the first `need` of them are pruned.
         keep_eq = eq & (torch.cumsum(eq, dim=-1) > t.need[t.bad][:, None])
-        keep[t.bad] = keep[t.bad] | keep_eq
+        keep[t.bad] = (keep[t.bad].bool() | keep_eq).to(keep.dtype)
     return keep
 
 
@@ -124,7 +169,7 @@ def unstructured_row_mask(scores: torch.Tensor, sparsity: float | torch.Tensor) 
     k = prune_counts(sparsity, scores.shape[-1], tuple(scores.shape[:-2]))
     if k.dim() == 0:
         return _row_mask_fixed_k(scores, int(k))
-    # Per-matrix counts: kthvalue takes one k per call, so run once per distinct k (experts sharing
+    # Per-matrix counts: the selection takes one k per call, so run once per distinct k (experts sharing
     # a ratio are done together). [..., out, in] -> [B, out, in], k [...] -> [B].
     flat = scores.reshape(-1, *scores.shape[-2:])
     k_flat = k.reshape(-1)

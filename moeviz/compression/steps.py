@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from moeviz.compression.masks import (
-    mask_from_ranks, mask_from_thresholds, nm_mask, prune_counts, row_thresholds, unstructured_row_mask,
+    RowThresholds, mask_from_ranks, mask_from_thresholds, nm_mask, prune_counts, row_thresholds,
 )
 from moeviz.compression.quantize import quantize_weight
-from moeviz.compression.scores import importance_scores
+from moeviz.compression.scores import column_factor, importance_scores, scores_from_factor
+from moeviz.compression.scratch import Scratch
 from moeviz.models.layers import MoELayer
 
 # Which calibration statistic feeds each projection's Wanda / MoE-Pruner score.
@@ -70,13 +71,14 @@ RanksFn = Callable[[str, torch.Tensor], torch.Tensor] | None
 
 def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings, norms: NormsFn,
           masks: dict[str, torch.Tensor] | None = None, ranks: RanksFn = None,
-          thresholds: dict | None = None) -> list[str]:
+          thresholds: dict | None = None, scratch: Scratch | None = None) -> list[str]:
     """Zero the lowest-score weights of each row of the selected experts' pruned projections.
 
     sel: [n] expert indices that `fused` holds (in order). masks: if given, receives the keep-mask
     [n, out, in] per projection. Scores come from the weights in `fused`, which must still be the
     base weights (pruning is the first step). thresholds: a per-projection cache of one expert's
-    `RowThresholds` (O(rows) memory), filled on first use; the masks are the same as without."""
+    `RowThresholds` (O(rows) memory), filled on first use; the masks are the same as without.
+    scratch: reusable buffers for the one-expert path's temporaries (`moeviz.compression.scratch`)."""
     sparsity = s.sparsity[sel]
     if not (sparsity > 0).any():
         return []
@@ -85,25 +87,85 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
         if proj not in layer.projections():
             continue
         w = layer.view(proj, fused[layer.fused_name(proj)])  # [n, out, in] view into the fused clone
-        scores = None if ranks is not None and s.nm is None else importance_scores(w, s.metric, norms(proj))
-        if s.nm is None and thresholds is not None and len(sel) == 1:
-            # One expert (lazy path): per-row thresholds selected once per plan, then one comparison.
-            if proj not in thresholds:
-                thresholds[proj] = row_thresholds(scores, int(prune_counts(float(sparsity[0]), w.shape[-1], ())))
-            keep = mask_from_thresholds(scores, thresholds[proj])
-        elif s.nm is None:
-            prune_ratio = torch.as_tensor(sparsity, dtype=torch.float64)
-            keep = mask_from_ranks(ranks(proj, w), prune_ratio) if scores is None else \
-                unstructured_row_mask(scores, prune_ratio)
+        if s.nm is None and ranks is None:
+            # Unstructured, no rank cache: one expert at a time, rows in cache-sized blocks, temporaries
+            # in reused buffers (`prune_rows`). One expert (lazy path): the per-row thresholds are kept
+            # per plan, so later batches only compare.
+            one = thresholds is not None and len(sel) == 1
+            keep = None if masks is None else torch.ones(w.shape, dtype=torch.bool, device=w.device)
+            norm = norms(proj)  # [n, in] or None
+            buffers = scratch or Scratch()
+            for i in range(len(sel)):
+                k = int(prune_counts(float(sparsity[i]), w.shape[-1], ()))
+                if k <= 0:  # a dense expert (or too few columns to prune one)
+                    continue
+                factor = column_factor(tuple(w.shape[1:]), s.metric, None if norm is None else norm[i], w.device)
+                t = prune_rows(w[i], factor, k, thresholds.get(proj) if one else None, buffers,
+                               None if keep is None else keep[i])
+                if one:
+                    thresholds[proj] = t
+            if masks is not None:
+                masks[proj] = keep
+            changed.append(layer.fused_name(proj))
+            continue
+        if s.nm is None:  # the app's opt-in rank cache: one comparison per weight
+            keep = mask_from_ranks(ranks(proj, w), torch.as_tensor(sparsity, dtype=torch.float64))
         else:
-            keep = nm_mask(scores, *s.nm)
+            keep = nm_mask(importance_scores(w, s.metric, norms(proj)), *s.nm)
             keep |= torch.as_tensor(sparsity == 0, device=keep.device)[:, None, None]  # dense experts
-        del scores
         w.mul_(keep)
         if masks is not None:
             masks[proj] = keep
         changed.append(layer.fused_name(proj))
     return changed
+
+
+# Rows per block in `prune_rows`: every temporary of a block (float32 scores, the copy numpy selects
+# in, the mask) stays near 256 KB, inside the L2 cache, instead of streaming [out, in] tensors through
+# memory once per pass. Measured on a [1024, 2048] bf16 projection at one thread: 41 ms whole, 15 ms
+# in blocks of 16-64 rows.
+BLOCK_ELEMENTS = 1 << 16
+
+
+def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThresholds | None,
+               scratch: Scratch, keep_out: torch.Tensor | None = None) -> RowThresholds:
+    """Zero, in place, the k lowest-score entries of every row of one expert's projection w [out, in]
+    (scores |w| * factor, `moeviz.compression.scores`), a block of rows at a time.
+
+    t: this plan's thresholds for w from an earlier call (then no selection is needed), else None.
+    keep_out: optional bool [out, in] that receives the keep-mask. Returns the thresholds (O(rows)).
+    The result is the same as `mask_from_thresholds(scores, row_thresholds(scores, k))` applied to
+    the whole matrix: every step is per row."""
+    out_f, n = w.shape
+    rows = max(1, BLOCK_ELEMENTS // n)
+    parts = []
+    for r0 in range(0, out_f, rows):
+        blk = w[r0:r0 + rows]  # [b, in] view
+        shape = tuple(blk.shape)
+        scores = scores_from_factor(blk, factor, scratch.get("scores", shape, torch.float32, w.device))
+        tb = row_thresholds(scores, k, work=scratch.get("select", shape, torch.float32, w.device)) if t is None \
+            else _rows_of(t, r0, r0 + shape[0])
+        parts.append(tb)
+        # The product uses a 0/1 mask in the weights' dtype: much faster than with a bool mask on CPU.
+        mask01 = scratch.get("keep", shape, w.dtype, w.device) if blk.is_floating_point() else None
+        if keep_out is not None:  # the caller wants the bool mask too
+            keep = mask_from_thresholds(scores, tb, out=keep_out[r0:r0 + shape[0]])
+            keep = keep if mask01 is None else mask01.copy_(keep)
+        else:
+            keep = mask_from_thresholds(scores, tb, out=mask01)
+        blk.mul_(keep)
+    if t is not None:
+        return t
+    if k <= 0 or k >= n:
+        return RowThresholds(k, n, None, None, None)
+    return RowThresholds(k, n, torch.cat([p.v for p in parts]), torch.cat([p.bad for p in parts]),
+                         torch.cat([p.need for p in parts]))
+
+
+def _rows_of(t: RowThresholds, r0: int, r1: int) -> RowThresholds:
+    if t.v is None:
+        return t
+    return RowThresholds(t.k, t.n, t.v[r0:r1], t.bad[r0:r1], t.need[r0:r1])
 
 
 def quantize(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings) -> list[str]:
@@ -132,18 +194,22 @@ def remove(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: 
 
 def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings,
                      norms: NormsFn, masks: dict[str, torch.Tensor] | None = None,
-                     ranks: RanksFn = None, thresholds: dict | None = None) -> dict[str, torch.Tensor]:
+                     ranks: RanksFn = None, thresholds: dict | None = None,
+                     scratch: Scratch | None = None) -> dict[str, torch.Tensor]:
     """The compressed fused tensors of experts `sel`: prune, quantize, remove on clones of `base`
-    (name -> the base's fused tensor, [E_total, ...]). Only tensors the plan touches are returned."""
+    (name -> the base's fused tensor, [E_total, ...]). Only tensors the plan touches are returned.
+    scratch: reusable buffers (the lazy path); the returned tensors then live in them and are valid
+    until the next call with the same scratch."""
     idx = torch.as_tensor(sel)
     contiguous = len(sel) and sel[-1] - sel[0] + 1 == len(sel)
     fused = {}
     for name in s.touched_names(layer):
         t = base[name]
         # A slice then a clone copies only the selected experts' rows, not the whole fused tensor.
-        part = t[int(sel[0]):int(sel[-1]) + 1] if contiguous else t.index_select(0, idx.to(t.device))
-        fused[name] = part.detach().clone()
-    prune(layer, fused, sel, s, norms, masks, ranks, thresholds)
+        part = (t[int(sel[0]):int(sel[-1]) + 1] if contiguous else t.index_select(0, idx.to(t.device))).detach()
+        fused[name] = part.clone() if scratch is None else \
+            scratch.get(("out", name), part.shape, part.dtype, part.device).copy_(part)
+    prune(layer, fused, sel, s, norms, masks, ranks, thresholds, scratch)
     quantize(layer, fused, sel, s)
     remove(layer, fused, sel, s)
     return fused

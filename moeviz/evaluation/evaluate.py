@@ -45,6 +45,10 @@ class EvalSettings:
     latency_decode_tokens: int = 16
     latency_repeats: int = 5  # interleaved base / compressed pairs: the median and quartiles of these
     accelerator: str = DEFAULT_ACCELERATOR  # for projected latency
+    # Tokens per forward batch for a lazily compressed model (None: from a memory budget, see
+    # `lazy_batch_size`). Each forward batch compresses every expert it reaches again, so a lazy model
+    # is evaluated in as few batches as memory allows, not `batch_size` windows at a time.
+    lazy_batch_tokens: int | None = None
 
     def validate(self) -> "EvalSettings":
         """SettingsError naming the bad field; the CLI calls it before loading the model."""
@@ -54,6 +58,9 @@ class EvalSettings:
         for name in ("batch_size", "latency_prompt_tokens", "latency_decode_tokens", "latency_repeats"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise SettingsError(f"{name}: must be a positive integer, got {getattr(self, name)!r}")
+        if self.lazy_batch_tokens is not None and (not isinstance(self.lazy_batch_tokens, int)
+                                                   or self.lazy_batch_tokens < 1):
+            raise SettingsError(f"lazy_batch_tokens: must be a positive integer or None, got {self.lazy_batch_tokens!r}")
         return self
 
 
@@ -179,6 +186,33 @@ def _latency_inputs(loaded: LoadedModel, storage_tensors: list[dict], layers_E: 
     return expert_bytes, expert_macs, other_bytes + router_bytes, other_params + router_macs
 
 
+def lazy_batch_size(loaded: LoadedModel, samples: TokenSamples, settings: EvalSettings) -> int:
+    """Windows per forward batch when evaluating a lazily compressed model.
+
+    A lazy model compresses each expert a batch reaches, in every batch, and compressing an expert
+    costs far more than its matmuls (every weight is scored, selected and masked), so the fewer the
+    batches the better. The batch grows until its activations would take about as much memory as one
+    MoE layer's expert weights (at least 1 GiB): memory stays O(one layer) on top of the model. Per
+    token: logits, their log-softmax and a float copy (12 bytes x vocabulary), ~24 hidden-size float32
+    activations, the routed experts' intermediate activations (3 x top-k x intermediate) and the
+    attention scores (2 x heads x window, float32): an estimate, not a measurement."""
+    if settings.lazy_batch_tokens is not None:
+        tokens = settings.lazy_batch_tokens
+    else:
+        layers = loaded.layers
+        layer_bytes = max((l.expert_param_count() * l.num_experts * l.weight("down").element_size() for l in layers),
+                          default=0)
+        config = loaded.model.config
+        head = loaded.model.get_output_embeddings()
+        vocab = head.weight.shape[0] if head is not None else int(getattr(config, "vocab_size", 0) or 32000)
+        hidden = max((l.hidden_size for l in layers), default=getattr(config, "hidden_size", 1))
+        routed = max((l.top_k * l.intermediate_size for l in layers), default=0)
+        heads = int(getattr(config, "num_attention_heads", 32) or 32)
+        per_token = 12 * vocab + 4 * 24 * hidden + 4 * 3 * routed + 4 * 2 * heads * samples.seq_len
+        tokens = max(layer_bytes, 1024**3) // per_token
+    return max(settings.batch_size, min(samples.n_samples, tokens // samples.seq_len))
+
+
 class Evaluator:
     """Evaluates plans against one base model on one held-out token set; the base is run once."""
 
@@ -196,12 +230,14 @@ class Evaluator:
     def fingerprint(self) -> str:
         return self.samples.fingerprint
 
-    def _run(self, loaded: LoadedModel, progress=None) -> ModelRun:
+    def _run(self, loaded: LoadedModel, progress=None, batch_size: int | None = None) -> ModelRun:
         """Loss and routing of one model on the held-out text (latency is timed by `_latency`)."""
         start = time.perf_counter()
         acc = TokenLossAccumulator(self.samples.domain_names)
         s = self.settings
-        routing = calibrate(loaded, self.samples, batch_size=s.batch_size, record_tokens=s.record_tokens,
+        # Routing statistics only: drift, balance and utilization need no per-expert activation norms.
+        routing = calibrate(loaded, self.samples, batch_size=batch_size or s.batch_size, record_tokens=s.record_tokens,
+                            expert_stats=False,
                             progress=progress, on_batch=lambda ids, dom, logits: acc.add(logits, ids, dom.tolist()))
         return ModelRun(acc.result(), routing, None, time.perf_counter() - start)
 
@@ -230,7 +266,9 @@ class Evaluator:
     def evaluate(self, compressed: CompressedModel, progress=None) -> EvalResult:
         start = time.perf_counter()
         view = LoadedModel(compressed.model, self.loaded.tokenizer, compressed.layers, self.loaded.info)
-        run = self._run(view, progress)
+        # A lazy model compresses each expert whenever a forward batch reaches it: as few batches as memory allows.
+        run = self._run(view, progress, batch_size=lazy_batch_size(self.loaded, self.samples, self.settings)
+                        if compressed.lazy else None)
         ab, no_latency = self._latency(compressed)
         base, comp = self.base.routing, run.routing
         drift, balance, u_base, u_comp, u_shift = [], [], [], [], []
