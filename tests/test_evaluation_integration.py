@@ -212,7 +212,7 @@ def test_base_is_evaluated_once(setup, monkeypatch):
     calls = []
     ev = Evaluator(lm, held, FAST)
     original = Evaluator._run
-    monkeypatch.setattr(Evaluator, "_run", lambda self, loaded, progress=None: calls.append(loaded) or original(self, loaded, progress))
+    monkeypatch.setattr(Evaluator, "_run", lambda self, loaded, progress=None, **kw: calls.append(loaded) or original(self, loaded, progress, **kw))
     for s in (0.2, 0.4):
         ev.evaluate(comp.apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=s))))
     assert len(calls) == 2 and all(c is not lm for c in calls)  # only the two compressed models ran
