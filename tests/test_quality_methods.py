@@ -322,3 +322,28 @@ def test_sparsegpt_gptq_on_every_tiny_family(family, loaded_tiny):
         for proj in layer.projections():
             keep = cm.masks[f"{layer.index}.{proj}"]
             assert (layer.weight(proj)[~keep] == 0).all() and (~keep).float().mean() >= 0.45
+
+
+def test_second_order_plan_on_an_offloaded_model_matches_the_model_in_memory(tiny_model_dirs, tmp_path):
+    """accelerate offload (every weight on disk): the second-order job must keep the real compressed
+    tensors, not the module's meta placeholders, and give the in-memory model's weights and logits."""
+    from moeviz.models import load_model
+    from moeviz.models.offload import full_state_dict, module_weights
+
+    a = load_model(tiny_model_dirs["mixtral"])
+    b = load_model(tiny_model_dirs["mixtral"], max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    assert all(p.is_meta for p in b.model.parameters())
+    before = full_state_dict(b.model)
+    samples = tokenize_documents(DOCS, a.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
+    ca, cb = Compressor(a, None).apply(plan, samples), Compressor(b, None).apply(plan, samples)
+    for la, lb in zip(ca.layers, cb.layers):
+        with module_weights(lb.experts):
+            for proj in la.projections():
+                assert torch.equal(la.weight(proj), lb.weight(proj)), (la.index, proj)
+    with torch.no_grad():
+        ids = samples.input_ids[:2]
+        torch.testing.assert_close(cb.model(input_ids=ids).logits, ca.model(input_ids=ids).logits, rtol=0, atol=0)
+    after = full_state_dict(b.model)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the offloaded base is untouched

@@ -52,7 +52,7 @@ class Cancelled(PlanError):
 
 @dataclass
 class SecondOrderResult:
-    tensors: dict[int, dict[str, torch.Tensor]]  # MoE layer -> fused name -> compressed tensor (module's shape)
+    tensors: dict[int, dict[str, torch.Tensor]]  # MoE layer -> fused name -> compressed [E, ...] (install_experts)
     masks: dict[str, torch.Tensor]  # "layer.proj" -> bool [E, out, in] keep-masks of pruned projections
     warnings: list[dict]  # experts whose Hessian was damped more / replaced: layer, expert, projection, tokens, columns
     loss: float  # Σ of the OBS reconstruction losses reported by the kernels
@@ -121,7 +121,9 @@ def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarr
                 with module_weights(layer.experts):  # offloaded: loaded for this layer only
                     new = _compress_layer(compressor, layer, plan, s, seen, result)
                     install_experts(layer, new)
-                result.tensors[l] = {n: getattr(layer.experts, n) for n in new}
+                # `new` itself, not the module's attributes: on an offloaded model those are meta
+                # placeholders (the hook holds the real tensors)
+                result.tensors[l] = new
         if j < last:
             hidden = inputs.run(j, hidden)
         if progress is not None:
