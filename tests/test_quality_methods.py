@@ -347,3 +347,13 @@ def test_second_order_plan_on_an_offloaded_model_matches_the_model_in_memory(tin
         torch.testing.assert_close(cb.model(input_ids=ids).logits, ca.model(input_ids=ids).logits, rtol=0, atol=0)
     after = full_state_dict(b.model)
     assert all(torch.equal(after[k], before[k]) for k in before)  # the offloaded base is untouched
+
+
+def test_sparsegpt_n_m_needs_a_block_size_multiple_of_m():
+    """An N:M group may not span two OBS blocks: refused by the plan (field-named), not deep in the job."""
+    for structure, blocksize in (("2:4", 3), ("4:8", 4), ("2:4", 126)):
+        with pytest.raises(PlanError, match="obs_blocksize"):
+            CompressionPlan(pruning=PruningSettings(metric="sparsegpt", structure=structure),
+                            obs_blocksize=blocksize).validate()
+    CompressionPlan(pruning=PruningSettings(metric="sparsegpt", structure="2:4"), obs_blocksize=128).validate()
+    CompressionPlan(pruning=PruningSettings(metric="magnitude", structure="2:4"), obs_blocksize=3).validate()
