@@ -357,3 +357,30 @@ def test_sparsegpt_n_m_needs_a_block_size_multiple_of_m():
                             obs_blocksize=blocksize).validate()
     CompressionPlan(pruning=PruningSettings(metric="sparsegpt", structure="2:4"), obs_blocksize=128).validate()
     CompressionPlan(pruning=PruningSettings(metric="magnitude", structure="2:4"), obs_blocksize=3).validate()
+
+
+def test_stored_runs_are_reused_only_for_the_same_method_settings_and_calibration_windows(loaded_tiny, tmp_path):
+    """find_run's key holds the second-order fields (a GPTQ plan never reuses an RTN run, nor another
+    Hessian's), and a SparseGPT plan compressed without statistics (its result depends on the windows
+    alone) never reuses a run compressed on other calibration windows."""
+    from moeviz.evaluation import evaluate_plan
+    from moeviz.store import RunStore
+
+    lm = loaded_tiny("mixtral")
+    store = RunStore(tmp_path / "runs.sqlite")
+    ev = Evaluator(lm, tokenize_documents(DOCS, lm.tokenizer, 4, 16, seed=1), EvalSettings(measure_latency=False))
+    comp = Compressor(lm, None)
+    a, b = tokenize_documents(DOCS, lm.tokenizer, 4, 16, seed=0), tokenize_documents(DOCS[:1], lm.tokenizer, 4, 16, seed=3)
+    assert a.fingerprint != b.fingerprint
+    rtn = CompressionPlan(quant=QuantSettings(bits=4, group_size=-1))
+    _, rtn_id = evaluate_plan(comp, ev, rtn, store, samples=a)
+    gptq = CompressionPlan(quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
+    _, gptq_id = evaluate_plan(comp, ev, gptq, store, samples=a)
+    assert gptq_id != rtn_id
+    plain = CompressionPlan.from_dict({**gptq.to_dict(), "hessian": "plain"})
+    _, plain_id = evaluate_plan(comp, ev, plain, store, samples=a)
+    assert plain_id not in (rtn_id, gptq_id)
+    assert evaluate_plan(comp, ev, gptq, store, samples=a)[1] == gptq_id  # unchanged: reused
+    other, other_id = evaluate_plan(comp, ev, gptq, store, samples=b)
+    assert other_id not in (rtn_id, gptq_id, plain_id)
+    assert evaluate_plan(comp, ev, gptq, store, samples=b)[1] == other_id
