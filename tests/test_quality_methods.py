@@ -32,7 +32,20 @@ def _brute_force_inputs(model, layers):
     return seen
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # qwen2_moe has a shared expert
+def _expert_hidden(layer, e, x):
+    """Expert e's down-projection input act(gate x)·(up x) [I] written plainly from the module's raw storage
+    (GPT-OSS: [H, 2I] transposed, gate / up interleaved, biases, clamped SwiGLU as in transformers)."""
+    ex = layer.experts
+    if getattr(ex, "has_bias", False):  # gpt_oss
+        gu = x @ ex.gate_up_proj[e].double() + ex.gate_up_proj_bias[e].double()
+        gate, up = gu[::2].clamp(max=ex.limit), gu[1::2].clamp(min=-ex.limit, max=ex.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * ex.alpha)
+    w_gate, w_up = layer.weight("gate")[e].double(), layer.weight("up")[e].double()
+    return torch.nn.functional.silu(w_gate @ x) * (w_up @ x)
+
+
+# qwen2_moe has a shared expert; gpt_oss transposed [E, H, 2I] storage, interleaved gate / up, biases
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
 @pytest.mark.parametrize("hessian", ["router_weighted", "plain"])
 def test_hessians_equal_brute_force_sums_over_routed_tokens(family, hessian, loaded_tiny):
     lm = loaded_tiny(family)
@@ -59,14 +72,13 @@ def test_hessians_equal_brute_force_sums_over_routed_tokens(family, hessian, loa
         for e in range(layer.num_experts):
             H_in = torch.zeros(layer.hidden_size, layer.hidden_size, dtype=torch.float64)
             H_down = torch.zeros(layer.intermediate_size, layer.intermediate_size, dtype=torch.float64)
-            w_gate, w_up = layer.weight("gate")[e].double(), layer.weight("up")[e].double()
             for t in range(hidden.shape[0]):  # plainly, token by token and slot by slot
                 for slot in range(ids.shape[1]):
                     if int(ids[t, slot]) != e:
                         continue
                     g2 = float(gates[t, slot]) ** 2 if hessian == "router_weighted" else 1.0
                     x = hidden[t]
-                    h = torch.nn.functional.silu(w_gate @ x) * (w_up @ x)
+                    h = _expert_hidden(layer, e, x)
                     H_in += g2 * torch.outer(x, x)
                     H_down += g2 * torch.outer(h, h)
             if (layer.index, e, "in") not in record:  # removed, or no token reached e: no Hessian
