@@ -396,3 +396,67 @@ def test_stored_runs_are_reused_only_for_the_same_method_settings_and_calibratio
     other, other_id = evaluate_plan(comp, ev, gptq, store, samples=b)
     assert other_id not in (rtn_id, gptq_id, plain_id)
     assert evaluate_plan(comp, ev, gptq, store, samples=b)[1] == other_id
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    from family_configs import build_tiny
+    from tiny_models import tiny_tokenizer
+
+    from moeviz.models import load_model
+
+    folder = tmp_path_factory.mktemp("llama4_text")
+    model = build_tiny("llama4_text")
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(model.config.get_text_config().vocab_size).save_pretrained(folder)
+    return load_model(folder)
+
+
+@pytest.mark.parametrize("hessian", ["router_weighted", "plain"])
+def test_llama4_hessians_use_the_expert_inputs_the_model_already_scaled_by_g(hessian, llama4):
+    """Llama 4 (dense dispatch, transposed [E, H, 2I] storage, a shared expert) multiplies each expert's
+    *input* by its routing score g: the expert sees g·x, so its Hessian is Σ (g x)(g x)ᵀ with no extra g²
+    (for either setting), recomputed here token by token from the raw storage; the base stays bit-identical."""
+    lm = llama4
+    assert not lm.layers[0].calls_with_routing
+    before = _snapshot(lm.model)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), hessian=hessian)
+    comp = Compressor(lm, None)
+    record: dict = {}
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
+    compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    cm = comp.apply(plan, samples, keep_masks=True)
+    seen = _brute_force_inputs(cm.model, cm.layers)
+    with torch.no_grad():
+        for i in range(0, samples.n_samples, 4):
+            cm.model(input_ids=samples.input_ids[i:i + 4], use_cache=False)
+    checked = 0
+    for layer in cm.layers:
+        hidden = torch.cat([h for h, _, _ in seen[layer.index]])
+        ids = torch.cat([i for _, i, _ in seen[layer.index]])
+        gates = torch.cat([w for _, _, w in seen[layer.index]])
+        I = layer.intermediate_size
+        for e in range(layer.num_experts):
+            H_in = torch.zeros(layer.hidden_size, layer.hidden_size, dtype=torch.float64)
+            H_down = torch.zeros(I, I, dtype=torch.float64)
+            for t in range(hidden.shape[0]):
+                for slot in range(ids.shape[1]):
+                    if int(ids[t, slot]) != e:
+                        continue
+                    x = float(gates[t, slot]) * hidden[t]  # what the expert receives
+                    gu = x @ layer.experts.gate_up_proj[e].double()  # [H] @ [H, 2I]
+                    h = torch.nn.functional.silu(gu[:I]) * gu[I:]
+                    H_in += torch.outer(x, x)
+                    H_down += torch.outer(h, h)
+            if (layer.index, e, "in") not in record:
+                continue
+            torch.testing.assert_close(record[(layer.index, e, "in")].double(), H_in, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(record[(layer.index, e, "down")].double(), H_down, rtol=1e-3, atol=1e-6)
+            checked += 1
+        for proj in layer.projections():
+            keep = cm.masks[f"{layer.index}.{proj}"]
+            assert ((~keep).sum(-1) == int(prune_counts(0.5, keep.shape[-1], ()))).all()
+            assert (layer.weight(proj)[~keep] == 0).all()
+    assert checked >= 4
+    assert all(torch.equal(v, before[k]) for k, v in _snapshot(lm.model).items())
