@@ -460,3 +460,26 @@ def test_llama4_hessians_use_the_expert_inputs_the_model_already_scaled_by_g(hes
             assert (layer.weight(proj)[~keep] == 0).all()
     assert checked >= 4
     assert all(torch.equal(v, before[k]) for k, v in _snapshot(lm.model).items())
+
+
+def test_sparsegpt_gptq_on_a_bf16_model(tiny_model_dirs):
+    """bf16 weights: OBS runs in float32 and the compressed experts come back in bf16 (masks exact zeros,
+    at most 2**4 - 1 levels per row of a 4-bit symmetric whole-row grid), the base bit-identical."""
+    from moeviz.models import load_model
+
+    lm = load_model(tiny_model_dirs["mixtral"], dtype=torch.bfloat16)
+    before = _snapshot(lm.model)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
+    cm = Compressor(lm, None).apply(plan, samples, keep_masks=True)
+    for layer in cm.layers:
+        for proj in layer.projections():
+            w = layer.weight(proj)
+            assert w.dtype == torch.bfloat16
+            keep = cm.masks[f"{layer.index}.{proj}"]
+            assert (w[~keep] == 0).all() and ((~keep).sum(-1) == int(prune_counts(0.5, w.shape[-1], ()))).all()
+            assert max(torch.unique(r[r != 0]).numel() for r in w.reshape(-1, w.shape[-1])) <= 14
+    with torch.no_grad():
+        assert torch.isfinite(cm.model(input_ids=samples.input_ids[:2]).logits).all()
+    assert all(torch.equal(v, before[k]) for k, v in _snapshot(lm.model).items())
