@@ -483,3 +483,19 @@ def test_sparsegpt_gptq_on_a_bf16_model(tiny_model_dirs):
     with torch.no_grad():
         assert torch.isfinite(cm.model(input_ids=samples.input_ids[:2]).logits).all()
     assert all(torch.equal(v, before[k]) for k, v in _snapshot(lm.model).items())
+
+
+def test_quality_proxy_of_an_offloaded_model_equals_the_model_in_memory(tiny_model_dirs, tmp_path):
+    """The live proxy reads expert weights: on an offloaded model (meta placeholders) it must load them."""
+    from moeviz.calibration import calibrate
+    from moeviz.compression.proxy import layer_errors
+    from moeviz.models import load_model
+
+    a = load_model(tiny_model_dirs["mixtral"])
+    b = load_model(tiny_model_dirs["mixtral"], max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    samples = tokenize_documents(DOCS, a.tokenizer, 4, 16)
+    sa, sb = calibrate(a, samples, batch_size=2), calibrate(b, samples, batch_size=2)
+    plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), quant=QuantSettings(bits=4))
+    ea = layer_errors(a.layers, Compressor(a, sa).apply(plan).layers, sa)
+    eb = layer_errors(b.layers, Compressor(b, sb).apply(plan).layers, sb)
+    assert eb == pytest.approx(ea, rel=1e-6) and all(0 < e < 1 for e in ea)
