@@ -324,6 +324,7 @@ def test_sparsegpt_prunes_only_the_plans_projections(projections, loaded_tiny):
                                     "gpt_oss"])
 def test_sparsegpt_gptq_on_every_tiny_family(family, loaded_tiny):
     lm = loaded_tiny(family)
+    before = _snapshot(lm.model)
     samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
     plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
                            quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
@@ -333,7 +334,14 @@ def test_sparsegpt_gptq_on_every_tiny_family(family, loaded_tiny):
     for layer in cm.layers:
         for proj in layer.projections():
             keep = cm.masks[f"{layer.index}.{proj}"]
-            assert (layer.weight(proj)[~keep] == 0).all() and (~keep).float().mean() >= 0.45
+            k = int(prune_counts(0.5, keep.shape[-1], ()))
+            assert (layer.weight(proj)[~keep] == 0).all() and ((~keep).sum(-1) == k).all()  # per [out, in] row
+    # Exactly the routed experts' fused tensors changed (not biases, shared experts, dense first layers,
+    # attention, routers), and the base is bit-identical.
+    after = _snapshot(cm.model)
+    changed = {n for n in after if not torch.equal(after[n], before[n])}
+    assert changed == {f"{l.experts_path}.{lm.layers[l.index].fused_name(p)}" for l in cm.layers for p in l.projections()}
+    assert all(torch.equal(v, before[n]) for n, v in _snapshot(lm.model).items())
 
 
 def test_second_order_plan_on_an_offloaded_model_matches_the_model_in_memory(tiny_model_dirs, tmp_path):
