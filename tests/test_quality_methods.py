@@ -507,3 +507,20 @@ def test_quality_proxy_of_an_offloaded_model_equals_the_model_in_memory(tiny_mod
     ea = layer_errors(a.layers, Compressor(a, sa).apply(plan).layers, sa)
     eb = layer_errors(b.layers, Compressor(b, sb).apply(plan).layers, sb)
     assert eb == pytest.approx(ea, rel=1e-6) and all(0 < e < 1 for e in ea)
+
+
+def test_a_plan_stored_before_the_second_order_fields_is_the_same_plan_for_reuse(tmp_path):
+    """An RTN plan stored without quant.method / hessian / percdamp … is found for the same plan written
+    today (no duplicate run after an upgrade), never for a GPTQ plan."""
+    from moeviz.store import RunRecord, RunStore, plan_key
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    old = {"pruning": {"metric": "wanda", "sparsity": 0.5}, "quant": {"bits": 4, "group_size": 128}, "name": "old"}
+    run_id = store.add_run(RunRecord(name="old", model_fingerprint="m", plan=old, metrics={"perplexity": 12.0},
+                                     calibration_fingerprint="c", eval_fingerprint="e"))
+    same = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), quant=QuantSettings(bits=4))
+    assert plan_key(old) == plan_key(same.to_dict())
+    assert store.find_run("m", same.to_dict(), "c", "e").id == run_id
+    gptq = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), quant=QuantSettings(bits=4, method="gptq"))
+    assert store.find_run("m", gptq.to_dict(), "c", "e") is None
+    assert store.find_run("m", CompressionPlan.from_dict({**same.to_dict(), "percdamp": 0.1}).to_dict(), "c", "e") is None
