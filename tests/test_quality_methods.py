@@ -524,3 +524,37 @@ def test_a_plan_stored_before_the_second_order_fields_is_the_same_plan_for_reuse
     gptq = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), quant=QuantSettings(bits=4, method="gptq"))
     assert store.find_run("m", gptq.to_dict(), "c", "e") is None
     assert store.find_run("m", CompressionPlan.from_dict({**same.to_dict(), "percdamp": 0.1}).to_dict(), "c", "e") is None
+
+
+def test_old_metric_mask_with_gptq_is_compensated_from_the_base_weights(loaded_tiny):
+    """Wanda's mask + GPTQ: the mask stays fixed and OBS compensates the pruning *and* the rounding, i.e.
+    each expert projection is `sparsegpt_prune(base W, H, mask=Wanda's mask, quant=…)` on its own Hessian
+    (not a GPTQ of the already-zeroed weights, which would compensate the rounding only)."""
+    from moeviz.calibration import calibrate
+    from moeviz.compression.obs import QuantSpec, sparsegpt_prune
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 16, 32)
+    comp = Compressor(lm, calibrate(lm, samples, batch_size=4))
+    plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
+    record: dict = {}
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, comp.stats)
+    result = compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    assert not result.warnings  # enough tokens per expert: no extra damping below
+    cm = comp.apply(plan, samples, keep_masks=True)
+    spec = QuantSpec(4, -1, True)
+    checked = 0
+    for layer, base in zip(cm.layers, lm.layers):
+        for e in range(layer.num_experts):
+            if (layer.index, e, "in") not in record:
+                continue
+            for projs, h in ((["gate", "up"], "in"), (["down"], "down")):
+                W = torch.cat([base.weight(p)[e] for p in projs]).float()
+                keep = torch.cat([cm.masks[f"{layer.index}.{p}"][e] for p in projs])
+                want = sparsegpt_prune(W, record[(layer.index, e, h)], None, mask=keep, blocksize=plan.obs_blocksize,
+                                       percdamp=plan.percdamp, quant=spec).weight
+                got = torch.cat([layer.weight(p)[e] for p in projs])
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+                checked += 1
+    assert checked >= 8

@@ -158,9 +158,12 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
         in_touched = layer.fused_name(in_projs[0]) in fused  # pruning only down leaves gate/up shared with the base
         for projs in ([in_projs] if all(pruned) or not any(pruned) else [[p] for p in in_projs]) if in_touched else []:
             w_in = torch.cat([layer.view(p, fused[layer.fused_name(p)])[e] for p in projs])
+            keep_in = _stacked_mask(masks, projs, e)
+            # the old metric zeroed `fused` in place: OBS compensates that pruning from the base weights
+            base_in = None if keep_in is None else torch.cat([_base(layer, p, E)[e] for p in projs])
             new_in, mask_in = _compress(w_in, x, w_tok, layer.hidden_size, plan, s, e, "/".join(projs), layer.index,
-                                        result, _stacked_mask(masks, projs, e), prune_it=projs[0] in s.projections,
-                                        group=s.group_sizes[projs[0]])
+                                        result, keep_in, prune_it=projs[0] in s.projections,
+                                        group=s.group_sizes[projs[0]], base=base_in)
             rows = 0
             for p in projs:
                 w = layer.view(p, fused[layer.fused_name(p)])[e]
@@ -178,7 +181,8 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
         w_down = layer.view("down", fused["down_proj"])[e]
         new_down, mask_down = _compress(w_down, h, w_tok, layer.intermediate_size, plan, s, e, "down", layer.index,
                                         result, masks["down"][e] if "down" in masks else None,
-                                        prune_it="down" in s.projections, group=s.group_sizes["down"])
+                                        prune_it="down" in s.projections, group=s.group_sizes["down"],
+                                        base=_base(layer, "down", E)[e] if "down" in masks else None)
         w_down.copy_(new_down)
         if mask_down is not None and "down" in s.projections:
             shape = layer.weight("down").shape
@@ -187,6 +191,11 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
     for p, keep in masks.items():
         result.masks[f"{layer.index}.{p}"] = keep
     return fused
+
+
+def _base(layer, projection: str, E: int) -> torch.Tensor:
+    """[E, out, in] view of the layer's weights before this job replaces them (the base's)."""
+    return layer.view(projection, getattr(layer.experts, layer.fused_name(projection))[:E])
 
 
 def _stacked_mask(masks: dict, projs: list[str], e: int) -> torch.Tensor | None:
@@ -198,8 +207,11 @@ def _stacked_mask(masks: dict, projs: list[str], e: int) -> torch.Tensor | None:
 
 def _compress(w: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, columns: int, plan, s: LayerSettings, e: int,
               what: str, layer: int, result: SecondOrderResult, keep: torch.Tensor | None, prune_it: bool,
-              group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One expert projection [out, in] compressed on its Hessian: (new weight, keep-mask or None)."""
+              group: int, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One expert projection [out, in] compressed on its Hessian: (new weight, keep-mask or None).
+
+    keep: an old metric's keep-mask, already applied to `w`; base: the weights before it was (OBS then
+    compensates the pruning as well as the rounding)."""
     from moeviz.compression.obs import QuantSpec, gptq_quantize, sparsegpt_prune
 
     b = int(s.bits[e])
@@ -233,6 +245,7 @@ def _compress(w: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, columns: in
             r = sparsegpt_prune(W, H, None if s.nm else sp, nm=s.nm, blocksize=plan.obs_blocksize,
                                 percdamp=percdamp, quant=spec, refit=plan.refit and spec is None)
         else:  # the old metric's mask, fixed: OBS compensates it while quantizing
+            W = (base if base is not None else w).float()
             r = sparsegpt_prune(W, H, None, mask=keep, blocksize=plan.obs_blocksize, percdamp=percdamp, quant=spec)
         mask = r.mask
     else:
