@@ -558,3 +558,35 @@ def test_old_metric_mask_with_gptq_is_compensated_from_the_base_weights(loaded_t
                 torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
                 checked += 1
     assert checked >= 8
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_routed_inputs_held_for_a_group_of_experts_at_a_time_give_the_same_result(family, loaded_tiny, monkeypatch):
+    """Above ROUTED_INPUT_BYTES of routed inputs per layer, the experts are compressed in groups (the layer
+    runs once per group, only the group's inputs kept): bit-identical tensors and masks, bounded memory."""
+    import moeviz.compression.second_order as so
+    from moeviz.calibration.hessians import RoutedInputs
+
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1, method="gptq"), removed_experts=[(0, 1)])
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
+    whole = compress_second_order(Compressor(lm, None), plan, sparsity, bits, removed, samples)
+    held = []
+
+    class Spy(RoutedInputs):
+        def __call__(self, e, *args):
+            super().__call__(e, *args)
+            held.append(sum(bool(x) for x in self.x))  # experts with inputs held now
+
+    monkeypatch.setattr(so, "RoutedInputs", Spy)
+    monkeypatch.setattr(so, "ROUTED_INPUT_BYTES", 1)  # one expert per group
+    assert [len(g) for g in so.expert_groups(lm.layers[0], samples.n_tokens, 4)] == [1] * lm.layers[0].num_experts
+    grouped = compress_second_order(Compressor(lm, None), plan, sparsity, bits, removed, samples)
+    assert held and max(held) == 1
+    assert whole.tensors.keys() == grouped.tensors.keys() and whole.masks.keys() == grouped.masks.keys()
+    for l in whole.tensors:
+        for n in whole.tensors[l]:
+            assert torch.equal(whole.tensors[l][n], grouped.tensors[l][n]), (l, n)
+    assert all(torch.equal(whole.masks[k], grouped.masks[k]) for k in whole.masks)

@@ -15,7 +15,8 @@ layer in order (on a structural copy; the base is never touched):
    the OBS pruning; removed experts are zeroed;
 4. the compressed layer produces the next layer's inputs (sequential by construction).
 
-Memory: one layer's routed inputs plus one expert's H×H (then I×I) at a time. An expert with fewer
+Memory: one layer's routed inputs (in groups of experts when they exceed `ROUTED_INPUT_BYTES`: the layer
+then runs once per group) plus one expert's H×H (then I×I) at a time. An expert with fewer
 routed tokens than a projection's columns has a rank-deficient Hessian: it is damped more
 (`LOW_TOKEN_DAMP`) and listed in `SecondOrderResult.warnings`; an expert no token reaches gets the
 identity Hessian (SparseGPT then prunes by magnitude, GPTQ rounds to nearest).
@@ -42,6 +43,10 @@ from moeviz.models.runtime import install_experts_runtime
 from moeviz.models.views import structural_copy
 
 LOW_TOKEN_DAMP = 0.1  # percdamp for experts with fewer routed tokens than columns
+# At most this many bytes of routed expert inputs are held at once (estimated): above it, a layer's experts are
+# compressed in groups, the layer running once per group (e.g. 64 windows x 2048 tokens, top-8, H = 2048, bf16:
+# 4 GiB of inputs per layer -> 4 groups)
+ROUTED_INPUT_BYTES = 1 << 30
 
 ProgressFn = Callable[[int, int, float], None]  # (done decoder layers, total, seconds left: estimate)
 
@@ -109,17 +114,24 @@ def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarr
             compressor._check_layer(layer, s, compressor.stats)
             compressor._install_common(layer, plan, s, None)  # routing the compressed model will use
             if s.touched_names(layer):
-                rt = install_experts_runtime(layer)
-                seen = RoutedInputs(layer.num_experts)
-                rt.observers.append(seen)
-                try:
-                    inputs.run(j, hidden)
-                finally:
-                    rt.observers.remove(seen)
                 from moeviz.compression.apply import install_experts
 
                 with module_weights(layer.experts):  # offloaded: loaded for this layer only
-                    new = _compress_layer(compressor, layer, plan, s, seen, result)
+                    new, masks = _start_layer(compressor, layer, s)
+                # Routed inputs of a group of experts at a time (ROUTED_INPUT_BYTES): the layer runs once per group
+                for group in expert_groups(layer, samples.n_tokens, hidden[0].element_size()):
+                    rt = install_experts_runtime(layer)
+                    seen = RoutedInputs(layer.num_experts, group)
+                    rt.observers.append(seen)
+                    try:
+                        inputs.run(j, hidden)
+                    finally:
+                        rt.observers.remove(seen)
+                    with module_weights(layer.experts):
+                        _compress_experts(layer, plan, s, seen, result, new, masks, group)
+                    del seen
+                with module_weights(layer.experts):
+                    _end_layer(layer, s, result, new, masks)
                     install_experts(layer, new)
                 # `new` itself, not the module's attributes: on an offloaded model those are meta
                 # placeholders (the hook holds the real tensors)
@@ -134,9 +146,18 @@ def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarr
     return result
 
 
-def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInputs,
-                    result: SecondOrderResult) -> dict[str, torch.Tensor]:
-    """Fused tensors [E, ...] of one layer with every touched expert compressed on its own Hessians."""
+def expert_groups(layer, n_tokens: int, element_size: int) -> list[list[int]]:
+    """The layer's experts in consecutive groups whose routed inputs (n_tokens · top_k · H values in all,
+    spread over the experts: estimated evenly) fit in ROUTED_INPUT_BYTES; one group on small models."""
+    E = layer.num_experts
+    total = n_tokens * layer.top_k * layer.hidden_size * element_size
+    n = max(1, min(E, -(-total // ROUTED_INPUT_BYTES)))
+    size = -(-E // n)
+    return [list(range(a, min(a + size, E))) for a in range(0, E, size)]
+
+
+def _start_layer(compressor, layer, s: LayerSettings) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(fused tensors [E, ...] of the layer to compress: copies of the base's, old metric's keep-masks)."""
     E = layer.num_experts
     sel = np.arange(E)
     fused = {n: getattr(layer.experts, n)[:E].detach().clone() for n in s.touched_names(layer)}
@@ -145,9 +166,22 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
     if s.metric != "sparsegpt":
         stats = compressor.stats.layers[layer.index] if compressor.stats is not None else None
         prune(layer, fused, sel, s, layer_norms(stats, s.metric, sel, layer.weight("down").device), masks)
+    return fused, masks
+
+
+def _end_layer(layer, s: LayerSettings, result: SecondOrderResult, fused: dict, masks: dict) -> None:
+    remove(layer, fused, np.arange(layer.num_experts), s)
+    for p, keep in masks.items():
+        result.masks[f"{layer.index}.{p}"] = keep
+
+
+def _compress_experts(layer, plan, s: LayerSettings, seen: RoutedInputs, result: SecondOrderResult,
+                      fused: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], experts) -> None:
+    """Compress `experts` of the layer in `fused` (in place), each on its own Hessians."""
+    E = layer.num_experts
     in_projs = [p for p in layer.projections() if p != "down"]
     scale_in = gate_on_input(layer.experts)
-    for e in range(E):
+    for e in experts:
         if not s.touches(e) or s.removed[e]:
             continue
         x, g = seen.inputs(e, layer.hidden_size, layer.weight("down").device)
@@ -187,10 +221,6 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
         if mask_down is not None and "down" in s.projections:
             shape = layer.weight("down").shape
             masks.setdefault("down", torch.ones(shape, dtype=torch.bool, device=w_down.device))[e] = mask_down
-    remove(layer, fused, sel, s)
-    for p, keep in masks.items():
-        result.masks[f"{layer.index}.{p}"] = keep
-    return fused
 
 
 def _base(layer, projection: str, E: int) -> torch.Tensor:
