@@ -265,3 +265,21 @@ def test_modules_import_first_in_a_fresh_interpreter(module):
 
     done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_back_to_back_latency_is_measured_on_an_offloaded_model(tiny_model_dirs, tmp_path):
+    """Offloaded parameters are meta placeholders: the timing loop must run on the hooks' execution device
+    (it failed with 'Cannot copy out of meta tensor' and the evaluation said latency unavailable)."""
+    from moeviz.compression.apply import Compressor
+    from moeviz.data import Document, tokenize_documents
+    from moeviz.evaluation import EvalSettings, Evaluator
+    from moeviz.models import load_model
+
+    lm = load_model(tiny_model_dirs["mixtral"], max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    samples = tokenize_documents([Document("The quick brown fox jumps over the lazy dog. " * 20, "prose")],
+                                 lm.tokenizer, 2, 16)
+    ev = Evaluator(lm, samples, EvalSettings(measure_latency=True, latency_repeats=2, latency_decode_tokens=2,
+                                             latency_prompt_tokens=8))
+    r = ev.evaluate(Compressor(lm).apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5))))
+    assert r.latency_unavailable is None
+    assert r.latency_measured["decode_ms_per_token"] > 0 and r.base_latency_measured["decode_ms_per_token"] > 0
