@@ -19,7 +19,6 @@ import time
 
 import torch
 
-from moeviz.evaluation.latency import _device_name, _generate
 from moeviz.models.offload import execution_device
 
 # A spread (IQR) wider than this share of the median, or a load average above this share of the
@@ -126,3 +125,8 @@ def verdict(ab: dict) -> str:
     if ab["busy"]:
         text += f" The machine looked busy ({ab['busy_reason']}): measure again when it is idle."
     return text
+
+
+# Imported last: moeviz.evaluation (imported for these two) imports this module's functions above, so
+# `import moeviz.latency_ab` as the first import would otherwise find them not yet defined (a cycle).
+from moeviz.evaluation.latency import _device_name, _generate  # noqa: E402

@@ -27,9 +27,7 @@ from moeviz.errors import SettingsError
 from moeviz.evaluation.latency import (
     ACCELERATORS, active_bytes_per_token, active_flops_per_token, projected_decode_latency,
 )
-# The module, not its names: `import moeviz.latency_ab` first imports moeviz.evaluation (for `_generate`),
-# which lands here while latency_ab is still half-initialised.
-from moeviz import latency_ab
+from moeviz.latency_ab import ab_metrics, as_measured_latency, interleaved_decode_latency
 from moeviz.evaluation.metrics import TokenLossAccumulator, load_balance_cv, routing_drift, utilization_shift
 from moeviz.models.loading import LoadedModel
 
@@ -130,7 +128,7 @@ class EvalResult:
         if self.base_latency_measured:
             m["base_measured_decode_ms"] = self.base_latency_measured["decode_ms_per_token"]
         if self.latency_ab:
-            m.update(latency_ab.ab_metrics(self.latency_ab))
+            m.update(ab_metrics(self.latency_ab))
         for name, d in self.per_domain.items():
             m[f"perplexity[{name}]"] = d["perplexity"]
             m[f"accuracy[{name}]"] = d["accuracy"]
@@ -216,7 +214,7 @@ class Evaluator:
             return None, LAZY_LATENCY
         prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
         try:
-            return latency_ab.interleaved_decode_latency(self.loaded.model, compressed.model, prompt, s.latency_decode_tokens,
+            return interleaved_decode_latency(self.loaded.model, compressed.model, prompt, s.latency_decode_tokens,
                                               s.latency_repeats), None
         except Exception as e:  # e.g. a cache that cannot decode: only this measurement is lost
             return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
@@ -263,8 +261,8 @@ class Evaluator:
             compression=compressed.storage.summary(),
             drift=drift, load_balance=balance,
             utilization=dict(base=u_base, compressed=u_comp, shift=u_shift),
-            latency_measured=latency_ab.as_measured_latency(ab, "compressed") if ab else None,
-            base_latency_measured=latency_ab.as_measured_latency(ab, "base") if ab else None,
+            latency_measured=as_measured_latency(ab, "compressed") if ab else None,
+            base_latency_measured=as_measured_latency(ab, "base") if ab else None,
             latency_projected=self._projected(compressed.storage.tensors, comp),
             base_latency_projected=self._base_projected,
             seconds=time.perf_counter() - start, apply_seconds=compressed.seconds,
