@@ -590,3 +590,22 @@ def test_routed_inputs_held_for_a_group_of_experts_at_a_time_give_the_same_resul
         for n in whole.tensors[l]:
             assert torch.equal(whole.tensors[l][n], grouped.tensors[l][n]), (l, n)
     assert all(torch.equal(whole.masks[k], grouped.masks[k]) for k in whole.masks)
+
+
+def test_second_order_cache_is_bounded_by_bytes(loaded_tiny):
+    """Each cached result is a copy of the touched experts (+ masks): the Compressor drops older ones to stay
+    under second_order_cache_bytes, always keeping the newest."""
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    comp = Compressor(lm, None)
+    plans = [CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=s)) for s in (0.3, 0.5, 0.7)]
+    first = comp.second_order(plans[0], samples)
+    assert first.nbytes() == sum(t.numel() * t.element_size() for d in first.tensors.values() for t in d.values()) + \
+        sum(m.numel() for m in first.masks.values()) > 0
+    comp.second_order_cache_bytes = int(first.nbytes() * 2.5)  # room for two results
+    for plan in plans[1:]:
+        comp.second_order(plan, samples)
+    assert len(comp._second_order) == 2 and comp.second_order(plans[2], samples) is list(comp._second_order.values())[-1]
+    comp.second_order_cache_bytes = 1  # not even one: the newest is still kept
+    comp.second_order(plans[0], samples)
+    assert len(comp._second_order) == 1

@@ -68,6 +68,11 @@ class SecondOrderResult:
     def summary(self) -> dict:
         return dict(seconds=self.seconds, loss=self.loss, threads=self.threads, warnings=self.warnings)
 
+    def nbytes(self) -> int:
+        """Memory held by the compressed tensors and masks."""
+        tensors = [t for d in self.tensors.values() for t in d.values()] + list(self.masks.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
 
 def plan_key(plan, samples) -> str:
     """Cache key: everything in the plan but its name, and the calibration windows."""
