@@ -8,7 +8,7 @@ is Σ_t g_t² ‖ΔW x_t‖², so the Hessian of expert e's projection with inpu
 
 (gate/up: x = the expert's input [H]; down: x = act(gate x)·(up x) [I] of the already compressed gate/up).
 Experts called by dense dispatch (Llama 4) receive g_t·x_t as their input, so there g_t is already in x
-and the weight is 1.
+and the weight is 1 (for both settings: "plain" is router-weighted there, the unscaled x is never seen).
 
 Layer inputs come from `DecoderInputs`: one truncated forward records, per decoder layer, the
 arguments it is called with (masks, position embeddings: they do not depend on the hidden states) and
