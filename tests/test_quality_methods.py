@@ -44,8 +44,9 @@ def _expert_hidden(layer, e, x):
     return torch.nn.functional.silu(w_gate @ x) * (w_up @ x)
 
 
-# qwen2_moe has a shared expert; gpt_oss transposed [E, H, 2I] storage, interleaved gate / up, biases
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss"])
+# qwen2_moe has a shared expert; gpt_oss transposed [E, H, 2I] storage, interleaved gate / up, biases;
+# deepseek_v3 a dense first layer, group routing with a scaling factor and a shared expert
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("hessian", ["router_weighted", "plain"])
 def test_hessians_equal_brute_force_sums_over_routed_tokens(family, hessian, loaded_tiny):
     lm = loaded_tiny(family)
