@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from moeviz.evaluation.latency import _device_name, _generate
+from moeviz.models.offload import execution_device
 
 # A spread (IQR) wider than this share of the median, or a load average above this share of the
 # CPUs before timing, marks the measurement as taken on a busy machine.
@@ -64,7 +64,7 @@ def interleaved_decode_latency(base_model, compressed_model, input_ids: torch.Te
     """Median per-token decode latency (ms) and spread of both models, timed alternately (ABBA…)."""
     if decode_tokens < 1 or repeats < 1:
         raise ValueError("decode_tokens and repeats must be >= 1")
-    device = next(base_model.parameters()).device
+    device = execution_device(base_model)  # an offloaded model's parameters are meta placeholders
     ids = (input_ids.reshape(1, -1) if input_ids.dim() == 1 else input_ids).to(device)
     models = {"base": base_model, "compressed": compressed_model}
     states = {k: m.training for k, m in models.items()}
@@ -125,3 +125,8 @@ def verdict(ab: dict) -> str:
     if ab["busy"]:
         text += f" The machine looked busy ({ab['busy_reason']}): measure again when it is idle."
     return text
+
+
+# Imported last: moeviz.evaluation (imported for these two) imports this module's functions above, so
+# `import moeviz.latency_ab` as the first import would otherwise find them not yet defined (a cycle).
+from moeviz.evaluation.latency import _device_name, _generate  # noqa: E402

@@ -109,9 +109,16 @@ _BASE_COLUMNS = (
 
 
 def plan_key(plan: dict) -> str:
-    """Canonical JSON of a plan for identity: sorted keys, without its free-text name."""
-    return json.dumps({k: v for k, v in _jsonable(plan or {}).items() if k != "name"}, sort_keys=True,
-                      allow_nan=False)
+    """Canonical JSON of a plan for identity: sorted keys, without its free-text name. Fields a plan was
+    stored without (it predates them) count with their defaults: the same plan, the same key."""
+    d = _jsonable(plan or {})
+    try:
+        from moeviz.compression.plan import CompressionPlan
+
+        d = _jsonable(CompressionPlan.from_dict(d).to_dict())
+    except Exception:  # noqa: BLE001 - not a readable plan: compared as stored
+        pass
+    return json.dumps({k: v for k, v in d.items() if k != "name"}, sort_keys=True, allow_nan=False)
 
 
 def _tags(raw) -> list[str]:

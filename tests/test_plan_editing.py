@@ -215,3 +215,71 @@ def test_apply_reports_progress_per_layer_for_an_eta(loaded_tiny):
     Compressor(lm, stats).apply(CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), sequential=True),
                                 samples, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(i + 1, len(lm.layers)) for i in range(len(lm.layers))]
+
+
+def test_interleaved_latency_alternates_abba_and_its_statistics_match_a_brute_force(monkeypatch):
+    """The timing loop calls base and compressed as AB BA AB … after one warm-up each (recorded by a fake
+    `_generate`); medians and quartiles are numpy's (linear interpolation = 'inclusive' quartiles)."""
+    import numpy as np
+    import torch
+
+    import moeviz.latency_ab as lab
+
+    class Fake(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.w = name, torch.nn.Parameter(torch.zeros(1))
+
+    calls, clock = [], iter(range(1, 1000))
+    decode_s = {"base": [0.010, 0.013, 0.011, 0.020, 0.012, 0.009, 0.030],
+                "compressed": [0.005, 0.004, 0.007, 0.006, 0.005, 0.011, 0.004]}
+
+    def fake_generate(model, ids, n, device):
+        calls.append(model.name)
+        if len(calls) <= 2:  # the warm-ups
+            return 0.0, 1.0
+        k = sum(c == model.name for c in calls[2:]) - 1
+        return 0.001 * next(clock), decode_s[model.name][k] * n
+
+    monkeypatch.setattr(lab, "_generate", fake_generate)
+    ab = lab.interleaved_decode_latency(Fake("base"), Fake("compressed"), torch.arange(4), decode_tokens=4, repeats=7)
+    assert calls[:2] == ["base", "compressed"]
+    pairs = [tuple(calls[i:i + 2]) for i in range(2, len(calls), 2)]
+    assert pairs == [("base", "compressed") if r % 2 == 0 else ("compressed", "base") for r in range(7)]
+    for k in ("base", "compressed"):
+        ms = np.array(decode_s[k]) * 1e3
+        assert ab[k]["samples"] == pytest.approx(ms.tolist())
+        assert ab[k]["median"] == pytest.approx(np.median(ms))
+        assert (ab[k]["q1"], ab[k]["q3"]) == pytest.approx((np.percentile(ms, 25), np.percentile(ms, 75)))
+        assert (ab[k]["min"], ab[k]["max"]) == pytest.approx((ms.min(), ms.max()))
+    b, c = ab["base"], ab["compressed"]
+    assert ab["spreads_overlap"] == (not (c["q3"] < b["q1"] or b["q3"] < c["q1"]))
+    assert ab["speedup"] == pytest.approx(b["median"] / c["median"])
+
+
+@pytest.mark.parametrize("module", ["moeviz.latency_ab", "moeviz.evaluation.evaluate", "moeviz.compression.proxy"])
+def test_modules_import_first_in_a_fresh_interpreter(module):
+    """No import cycle: each module imports on its own (latency_ab -> evaluation -> evaluate -> latency_ab)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-500:]
+
+
+def test_back_to_back_latency_is_measured_on_an_offloaded_model(tiny_model_dirs, tmp_path):
+    """Offloaded parameters are meta placeholders: the timing loop must run on the hooks' execution device
+    (it failed with 'Cannot copy out of meta tensor' and the evaluation said latency unavailable)."""
+    from moeviz.compression.apply import Compressor
+    from moeviz.data import Document, tokenize_documents
+    from moeviz.evaluation import EvalSettings, Evaluator
+    from moeviz.models import load_model
+
+    lm = load_model(tiny_model_dirs["mixtral"], max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    samples = tokenize_documents([Document("The quick brown fox jumps over the lazy dog. " * 20, "prose")],
+                                 lm.tokenizer, 2, 16)
+    ev = Evaluator(lm, samples, EvalSettings(measure_latency=True, latency_repeats=2, latency_decode_tokens=2,
+                                             latency_prompt_tokens=8))
+    r = ev.evaluate(Compressor(lm).apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5))))
+    assert r.latency_unavailable is None
+    assert r.latency_measured["decode_ms_per_token"] > 0 and r.base_latency_measured["decode_ms_per_token"] > 0

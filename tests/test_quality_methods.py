@@ -32,7 +32,21 @@ def _brute_force_inputs(model, layers):
     return seen
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # qwen2_moe has a shared expert
+def _expert_hidden(layer, e, x):
+    """Expert e's down-projection input act(gate x)·(up x) [I] written plainly from the module's raw storage
+    (GPT-OSS: [H, 2I] transposed, gate / up interleaved, biases, clamped SwiGLU as in transformers)."""
+    ex = layer.experts
+    if getattr(ex, "has_bias", False):  # gpt_oss
+        gu = x @ ex.gate_up_proj[e].double() + ex.gate_up_proj_bias[e].double()
+        gate, up = gu[::2].clamp(max=ex.limit), gu[1::2].clamp(min=-ex.limit, max=ex.limit)
+        return (up + 1) * gate * torch.sigmoid(gate * ex.alpha)
+    w_gate, w_up = layer.weight("gate")[e].double(), layer.weight("up")[e].double()
+    return torch.nn.functional.silu(w_gate @ x) * (w_up @ x)
+
+
+# qwen2_moe has a shared expert; gpt_oss transposed [E, H, 2I] storage, interleaved gate / up, biases;
+# deepseek_v3 a dense first layer, group routing with a scaling factor and a shared expert
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("hessian", ["router_weighted", "plain"])
 def test_hessians_equal_brute_force_sums_over_routed_tokens(family, hessian, loaded_tiny):
     lm = loaded_tiny(family)
@@ -59,14 +73,13 @@ def test_hessians_equal_brute_force_sums_over_routed_tokens(family, hessian, loa
         for e in range(layer.num_experts):
             H_in = torch.zeros(layer.hidden_size, layer.hidden_size, dtype=torch.float64)
             H_down = torch.zeros(layer.intermediate_size, layer.intermediate_size, dtype=torch.float64)
-            w_gate, w_up = layer.weight("gate")[e].double(), layer.weight("up")[e].double()
             for t in range(hidden.shape[0]):  # plainly, token by token and slot by slot
                 for slot in range(ids.shape[1]):
                     if int(ids[t, slot]) != e:
                         continue
                     g2 = float(gates[t, slot]) ** 2 if hessian == "router_weighted" else 1.0
                     x = hidden[t]
-                    h = torch.nn.functional.silu(w_gate @ x) * (w_up @ x)
+                    h = _expert_hidden(layer, e, x)
                     H_in += g2 * torch.outer(x, x)
                     H_down += g2 * torch.outer(h, h)
             if (layer.index, e, "in") not in record:  # removed, or no token reached e: no Hessian
@@ -312,6 +325,7 @@ def test_sparsegpt_prunes_only_the_plans_projections(projections, loaded_tiny):
                                     "gpt_oss"])
 def test_sparsegpt_gptq_on_every_tiny_family(family, loaded_tiny):
     lm = loaded_tiny(family)
+    before = _snapshot(lm.model)
     samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
     plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
                            quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
@@ -321,4 +335,278 @@ def test_sparsegpt_gptq_on_every_tiny_family(family, loaded_tiny):
     for layer in cm.layers:
         for proj in layer.projections():
             keep = cm.masks[f"{layer.index}.{proj}"]
-            assert (layer.weight(proj)[~keep] == 0).all() and (~keep).float().mean() >= 0.45
+            k = int(prune_counts(0.5, keep.shape[-1], ()))
+            assert (layer.weight(proj)[~keep] == 0).all() and ((~keep).sum(-1) == k).all()  # per [out, in] row
+    # Exactly the routed experts' fused tensors changed (not biases, shared experts, dense first layers,
+    # attention, routers), and the base is bit-identical.
+    after = _snapshot(cm.model)
+    changed = {n for n in after if not torch.equal(after[n], before[n])}
+    assert changed == {f"{l.experts_path}.{lm.layers[l.index].fused_name(p)}" for l in cm.layers for p in l.projections()}
+    assert all(torch.equal(v, before[n]) for n, v in _snapshot(lm.model).items())
+
+
+def test_second_order_plan_on_an_offloaded_model_matches_the_model_in_memory(tiny_model_dirs, tmp_path):
+    """accelerate offload (every weight on disk): the second-order job must keep the real compressed
+    tensors, not the module's meta placeholders, and give the in-memory model's weights and logits."""
+    from moeviz.models import load_model
+    from moeviz.models.offload import full_state_dict, module_weights
+
+    a = load_model(tiny_model_dirs["mixtral"])
+    b = load_model(tiny_model_dirs["mixtral"], max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    assert all(p.is_meta for p in b.model.parameters())
+    before = full_state_dict(b.model)
+    samples = tokenize_documents(DOCS, a.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
+    ca, cb = Compressor(a, None).apply(plan, samples), Compressor(b, None).apply(plan, samples)
+    for la, lb in zip(ca.layers, cb.layers):
+        with module_weights(lb.experts):
+            for proj in la.projections():
+                assert torch.equal(la.weight(proj), lb.weight(proj)), (la.index, proj)
+    with torch.no_grad():
+        ids = samples.input_ids[:2]
+        torch.testing.assert_close(cb.model(input_ids=ids).logits, ca.model(input_ids=ids).logits, rtol=0, atol=0)
+    after = full_state_dict(b.model)
+    assert all(torch.equal(after[k], before[k]) for k in before)  # the offloaded base is untouched
+
+
+def test_sparsegpt_n_m_needs_a_block_size_multiple_of_m():
+    """An N:M group may not span two OBS blocks: refused by the plan (field-named), not deep in the job."""
+    for structure, blocksize in (("2:4", 3), ("4:8", 4), ("2:4", 126)):
+        with pytest.raises(PlanError, match="obs_blocksize"):
+            CompressionPlan(pruning=PruningSettings(metric="sparsegpt", structure=structure),
+                            obs_blocksize=blocksize).validate()
+    CompressionPlan(pruning=PruningSettings(metric="sparsegpt", structure="2:4"), obs_blocksize=128).validate()
+    CompressionPlan(pruning=PruningSettings(metric="magnitude", structure="2:4"), obs_blocksize=3).validate()
+
+
+def test_stored_runs_are_reused_only_for_the_same_method_settings_and_calibration_windows(loaded_tiny, tmp_path):
+    """find_run's key holds the second-order fields (a GPTQ plan never reuses an RTN run, nor another
+    Hessian's), and a SparseGPT plan compressed without statistics (its result depends on the windows
+    alone) never reuses a run compressed on other calibration windows."""
+    from moeviz.evaluation import evaluate_plan
+    from moeviz.store import RunStore
+
+    lm = loaded_tiny("mixtral")
+    store = RunStore(tmp_path / "runs.sqlite")
+    ev = Evaluator(lm, tokenize_documents(DOCS, lm.tokenizer, 4, 16, seed=1), EvalSettings(measure_latency=False))
+    comp = Compressor(lm, None)
+    a, b = tokenize_documents(DOCS, lm.tokenizer, 4, 16, seed=0), tokenize_documents(DOCS[:1], lm.tokenizer, 4, 16, seed=3)
+    assert a.fingerprint != b.fingerprint
+    rtn = CompressionPlan(quant=QuantSettings(bits=4, group_size=-1))
+    _, rtn_id = evaluate_plan(comp, ev, rtn, store, samples=a)
+    gptq = CompressionPlan(quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
+    _, gptq_id = evaluate_plan(comp, ev, gptq, store, samples=a)
+    assert gptq_id != rtn_id
+    plain = CompressionPlan.from_dict({**gptq.to_dict(), "hessian": "plain"})
+    _, plain_id = evaluate_plan(comp, ev, plain, store, samples=a)
+    assert plain_id not in (rtn_id, gptq_id)
+    assert evaluate_plan(comp, ev, gptq, store, samples=a)[1] == gptq_id  # unchanged: reused
+    other, other_id = evaluate_plan(comp, ev, gptq, store, samples=b)
+    assert other_id not in (rtn_id, gptq_id, plain_id)
+    assert evaluate_plan(comp, ev, gptq, store, samples=b)[1] == other_id
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    from family_configs import build_tiny
+    from tiny_models import tiny_tokenizer
+
+    from moeviz.models import load_model
+
+    folder = tmp_path_factory.mktemp("llama4_text")
+    model = build_tiny("llama4_text")
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(model.config.get_text_config().vocab_size).save_pretrained(folder)
+    return load_model(folder)
+
+
+@pytest.mark.parametrize("hessian", ["router_weighted", "plain"])
+def test_llama4_hessians_use_the_expert_inputs_the_model_already_scaled_by_g(hessian, llama4):
+    """Llama 4 (dense dispatch, transposed [E, H, 2I] storage, a shared expert) multiplies each expert's
+    *input* by its routing score g: the expert sees g·x, so its Hessian is Σ (g x)(g x)ᵀ with no extra g²
+    (for either setting), recomputed here token by token from the raw storage; the base stays bit-identical."""
+    lm = llama4
+    assert not lm.layers[0].calls_with_routing
+    before = _snapshot(lm.model)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), hessian=hessian)
+    comp = Compressor(lm, None)
+    record: dict = {}
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
+    compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    cm = comp.apply(plan, samples, keep_masks=True)
+    seen = _brute_force_inputs(cm.model, cm.layers)
+    with torch.no_grad():
+        for i in range(0, samples.n_samples, 4):
+            cm.model(input_ids=samples.input_ids[i:i + 4], use_cache=False)
+    checked = 0
+    for layer in cm.layers:
+        hidden = torch.cat([h for h, _, _ in seen[layer.index]])
+        ids = torch.cat([i for _, i, _ in seen[layer.index]])
+        gates = torch.cat([w for _, _, w in seen[layer.index]])
+        I = layer.intermediate_size
+        for e in range(layer.num_experts):
+            H_in = torch.zeros(layer.hidden_size, layer.hidden_size, dtype=torch.float64)
+            H_down = torch.zeros(I, I, dtype=torch.float64)
+            for t in range(hidden.shape[0]):
+                for slot in range(ids.shape[1]):
+                    if int(ids[t, slot]) != e:
+                        continue
+                    x = float(gates[t, slot]) * hidden[t]  # what the expert receives
+                    gu = x @ layer.experts.gate_up_proj[e].double()  # [H] @ [H, 2I]
+                    h = torch.nn.functional.silu(gu[:I]) * gu[I:]
+                    H_in += torch.outer(x, x)
+                    H_down += torch.outer(h, h)
+            if (layer.index, e, "in") not in record:
+                continue
+            torch.testing.assert_close(record[(layer.index, e, "in")].double(), H_in, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(record[(layer.index, e, "down")].double(), H_down, rtol=1e-3, atol=1e-6)
+            checked += 1
+        for proj in layer.projections():
+            keep = cm.masks[f"{layer.index}.{proj}"]
+            assert ((~keep).sum(-1) == int(prune_counts(0.5, keep.shape[-1], ()))).all()
+            assert (layer.weight(proj)[~keep] == 0).all()
+    assert checked >= 4
+    assert all(torch.equal(v, before[k]) for k, v in _snapshot(lm.model).items())
+
+
+def test_sparsegpt_gptq_on_a_bf16_model(tiny_model_dirs):
+    """bf16 weights: OBS runs in float32 and the compressed experts come back in bf16 (masks exact zeros,
+    at most 2**4 - 1 levels per row of a 4-bit symmetric whole-row grid), the base bit-identical."""
+    from moeviz.models import load_model
+
+    lm = load_model(tiny_model_dirs["mixtral"], dtype=torch.bfloat16)
+    before = _snapshot(lm.model)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
+    cm = Compressor(lm, None).apply(plan, samples, keep_masks=True)
+    for layer in cm.layers:
+        for proj in layer.projections():
+            w = layer.weight(proj)
+            assert w.dtype == torch.bfloat16
+            keep = cm.masks[f"{layer.index}.{proj}"]
+            assert (w[~keep] == 0).all() and ((~keep).sum(-1) == int(prune_counts(0.5, w.shape[-1], ()))).all()
+            assert max(torch.unique(r[r != 0]).numel() for r in w.reshape(-1, w.shape[-1])) <= 14
+    with torch.no_grad():
+        assert torch.isfinite(cm.model(input_ids=samples.input_ids[:2]).logits).all()
+    assert all(torch.equal(v, before[k]) for k, v in _snapshot(lm.model).items())
+
+
+def test_quality_proxy_of_an_offloaded_model_equals_the_model_in_memory(tiny_model_dirs, tmp_path):
+    """The live proxy reads expert weights: on an offloaded model (meta placeholders) it must load them."""
+    from moeviz.calibration import calibrate
+    from moeviz.compression.proxy import layer_errors
+    from moeviz.models import load_model
+
+    a = load_model(tiny_model_dirs["mixtral"])
+    b = load_model(tiny_model_dirs["mixtral"], max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    samples = tokenize_documents(DOCS, a.tokenizer, 4, 16)
+    sa, sb = calibrate(a, samples, batch_size=2), calibrate(b, samples, batch_size=2)
+    plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), quant=QuantSettings(bits=4))
+    ea = layer_errors(a.layers, Compressor(a, sa).apply(plan).layers, sa)
+    eb = layer_errors(b.layers, Compressor(b, sb).apply(plan).layers, sb)
+    assert eb == pytest.approx(ea, rel=1e-6) and all(0 < e < 1 for e in ea)
+
+
+def test_a_plan_stored_before_the_second_order_fields_is_the_same_plan_for_reuse(tmp_path):
+    """An RTN plan stored without quant.method / hessian / percdamp … is found for the same plan written
+    today (no duplicate run after an upgrade), never for a GPTQ plan."""
+    from moeviz.store import RunRecord, RunStore, plan_key
+
+    store = RunStore(tmp_path / "runs.sqlite")
+    old = {"pruning": {"metric": "wanda", "sparsity": 0.5}, "quant": {"bits": 4, "group_size": 128}, "name": "old"}
+    run_id = store.add_run(RunRecord(name="old", model_fingerprint="m", plan=old, metrics={"perplexity": 12.0},
+                                     calibration_fingerprint="c", eval_fingerprint="e"))
+    same = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), quant=QuantSettings(bits=4))
+    assert plan_key(old) == plan_key(same.to_dict())
+    assert store.find_run("m", same.to_dict(), "c", "e").id == run_id
+    gptq = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5), quant=QuantSettings(bits=4, method="gptq"))
+    assert store.find_run("m", gptq.to_dict(), "c", "e") is None
+    assert store.find_run("m", CompressionPlan.from_dict({**same.to_dict(), "percdamp": 0.1}).to_dict(), "c", "e") is None
+
+
+def test_old_metric_mask_with_gptq_is_compensated_from_the_base_weights(loaded_tiny):
+    """Wanda's mask + GPTQ: the mask stays fixed and OBS compensates the pruning *and* the rounding, i.e.
+    each expert projection is `sparsegpt_prune(base W, H, mask=Wanda's mask, quant=…)` on its own Hessian
+    (not a GPTQ of the already-zeroed weights, which would compensate the rounding only)."""
+    from moeviz.calibration import calibrate
+    from moeviz.compression.obs import QuantSpec, sparsegpt_prune
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 16, 32)
+    comp = Compressor(lm, calibrate(lm, samples, batch_size=4))
+    plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
+    record: dict = {}
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, comp.stats)
+    result = compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    assert not result.warnings  # enough tokens per expert: no extra damping below
+    cm = comp.apply(plan, samples, keep_masks=True)
+    spec = QuantSpec(4, -1, True)
+    checked = 0
+    for layer, base in zip(cm.layers, lm.layers):
+        for e in range(layer.num_experts):
+            if (layer.index, e, "in") not in record:
+                continue
+            for projs, h in ((["gate", "up"], "in"), (["down"], "down")):
+                W = torch.cat([base.weight(p)[e] for p in projs]).float()
+                keep = torch.cat([cm.masks[f"{layer.index}.{p}"][e] for p in projs])
+                want = sparsegpt_prune(W, record[(layer.index, e, h)], None, mask=keep, blocksize=plan.obs_blocksize,
+                                       percdamp=plan.percdamp, quant=spec).weight
+                got = torch.cat([layer.weight(p)[e] for p in projs])
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+                checked += 1
+    assert checked >= 8
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_routed_inputs_held_for_a_group_of_experts_at_a_time_give_the_same_result(family, loaded_tiny, monkeypatch):
+    """Above ROUTED_INPUT_BYTES of routed inputs per layer, the experts are compressed in groups (the layer
+    runs once per group, only the group's inputs kept): bit-identical tensors and masks, bounded memory."""
+    import moeviz.compression.second_order as so
+    from moeviz.calibration.hessians import RoutedInputs
+
+    lm = loaded_tiny(family)
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                           quant=QuantSettings(bits=4, group_size=-1, method="gptq"), removed_experts=[(0, 1)])
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
+    whole = compress_second_order(Compressor(lm, None), plan, sparsity, bits, removed, samples)
+    held = []
+
+    class Spy(RoutedInputs):
+        def __call__(self, e, *args):
+            super().__call__(e, *args)
+            held.append(sum(bool(x) for x in self.x))  # experts with inputs held now
+
+    monkeypatch.setattr(so, "RoutedInputs", Spy)
+    monkeypatch.setattr(so, "ROUTED_INPUT_BYTES", 1)  # one expert per group
+    assert [len(g) for g in so.expert_groups(lm.layers[0], samples.n_tokens, 4)] == [1] * lm.layers[0].num_experts
+    grouped = compress_second_order(Compressor(lm, None), plan, sparsity, bits, removed, samples)
+    assert held and max(held) == 1
+    assert whole.tensors.keys() == grouped.tensors.keys() and whole.masks.keys() == grouped.masks.keys()
+    for l in whole.tensors:
+        for n in whole.tensors[l]:
+            assert torch.equal(whole.tensors[l][n], grouped.tensors[l][n]), (l, n)
+    assert all(torch.equal(whole.masks[k], grouped.masks[k]) for k in whole.masks)
+
+
+def test_second_order_cache_is_bounded_by_bytes(loaded_tiny):
+    """Each cached result is a copy of the touched experts (+ masks): the Compressor drops older ones to stay
+    under second_order_cache_bytes, always keeping the newest."""
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    comp = Compressor(lm, None)
+    plans = [CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=s)) for s in (0.3, 0.5, 0.7)]
+    first = comp.second_order(plans[0], samples)
+    assert first.nbytes() == sum(t.numel() * t.element_size() for d in first.tensors.values() for t in d.values()) + \
+        sum(m.numel() for m in first.masks.values()) > 0
+    comp.second_order_cache_bytes = int(first.nbytes() * 2.5)  # room for two results
+    for plan in plans[1:]:
+        comp.second_order(plan, samples)
+    assert len(comp._second_order) == 2 and comp.second_order(plans[2], samples) is list(comp._second_order.values())[-1]
+    comp.second_order_cache_bytes = 1  # not even one: the newest is still kept
+    comp.second_order(plans[0], samples)
+    assert len(comp._second_order) == 1

@@ -8,7 +8,7 @@ is Σ_t g_t² ‖ΔW x_t‖², so the Hessian of expert e's projection with inpu
 
 (gate/up: x = the expert's input [H]; down: x = act(gate x)·(up x) [I] of the already compressed gate/up).
 Experts called by dense dispatch (Llama 4) receive g_t·x_t as their input, so there g_t is already in x
-and the weight is 1.
+and the weight is 1 (for both settings: "plain" is router-weighted there, the unscaled x is never seen).
 
 Layer inputs come from `DecoderInputs`: one truncated forward records, per decoder layer, the
 arguments it is called with (masks, position embeddings: they do not depend on the hidden states) and
@@ -102,14 +102,17 @@ def _same_call(a, b) -> bool:
 
 
 class RoutedInputs:
-    """Expert observer (see `moeviz.models.experts.ExpertObserver`): keeps, per expert, the inputs
-    x [n, H] of its routed tokens and their routing weights g [n], over all batches of one layer."""
+    """Expert observer (see `moeviz.models.experts.ExpertObserver`): keeps, per expert (of `experts`, default
+    all), the inputs x [n, H] of its routed tokens and their routing weights g [n], over all batches of one layer."""
 
-    def __init__(self, num_experts: int):
+    def __init__(self, num_experts: int, experts=None):
         self.x: list[list[torch.Tensor]] = [[] for _ in range(num_experts)]
         self.g: list[list[torch.Tensor]] = [[] for _ in range(num_experts)]
+        self.experts = None if experts is None else set(experts)  # None: all; else only these are kept
 
     def __call__(self, e, token_idx, gate, x, h, y) -> None:
+        if self.experts is not None and e not in self.experts:
+            return
         self.x[e].append(x.detach())
         self.g[e].append(gate.detach())
 

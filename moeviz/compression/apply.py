@@ -228,6 +228,7 @@ class Compressor:
         # Second-order plans (SparseGPT / GPTQ) materialise their experts once: plan key -> SecondOrderResult
         self._second_order: dict[str, object] = {}
         self.second_order_cache_size = 4
+        self.second_order_cache_bytes = 4 << 30  # older results are dropped to keep the cache under this (the newest stays)
 
     def apply(self, plan: CompressionPlan, samples: TokenSamples | None = None,
               keep_masks: bool = False, lazy: bool = False, progress=None, cancel=None) -> CompressedModel:
@@ -301,7 +302,9 @@ class Compressor:
                 sparsity, bits, removed = resolve_settings(plan, self.loaded.layers, self.stats)
             result = compress_second_order(self, plan, sparsity, bits, removed, samples,
                                            progress=progress, cancel=cancel)
-            while len(self._second_order) >= self.second_order_cache_size:
+            # each result is a copy of the touched experts + masks: bounded by count and by bytes
+            while self._second_order and (len(self._second_order) >= self.second_order_cache_size or sum(
+                    r.nbytes() for r in self._second_order.values()) + result.nbytes() > self.second_order_cache_bytes):
                 self._second_order.pop(next(iter(self._second_order)))
             self._second_order[key] = result
         return self._second_order[key]

@@ -169,6 +169,10 @@ class CompressionPlan:
             raise PlanError(f"hessian: unknown Hessian {self.hessian!r}; choose one of {', '.join(HESSIANS)}")
         if not _is_int(self.obs_blocksize) or self.obs_blocksize < 1:
             raise PlanError(f"obs_blocksize: must be a positive integer, got {self.obs_blocksize!r}")
+        if p.metric == "sparsegpt" and self.nm() is not None and self.obs_blocksize % self.nm()[1]:
+            # SparseGPT decides each N:M group inside one block (obs.sparsegpt_prune)
+            raise PlanError(f"obs_blocksize: {self.obs_blocksize} must be a multiple of M = {self.nm()[1]} of "
+                            f"pruning.structure {p.structure!r} (an N:M group may not span two blocks)")
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not 0 < self.percdamp <= 1:
             raise PlanError(f"percdamp: {self.percdamp!r} is outside (0, 1]; it is the damping as a fraction of "
                             "the mean Hessian diagonal")

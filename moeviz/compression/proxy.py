@@ -25,13 +25,16 @@ def layer_errors(base_layers, compressed_layers, stats) -> list[float]:
 
     base_layers / compressed_layers: `MoELayer`s of the base model and of a materialised compressed
     copy (weights [E, out, in] via `weight(p)`); stats: the `CalibrationStats` of the base model."""
+    from moeviz.models.offload import module_weights
+
     out = []
     for lb, lc, st in zip(base_layers, compressed_layers, stats.layers):
         err = total = 0.0
         for p in lb.projections():
             moments = (st.down_sq_weighted if p == "down" else st.input_sq_weighted).double()  # [E, in]
-            w = lb.weight(p).detach().double().cpu()  # [E, out, in]
-            dw = w - lc.weight(p).detach().double().cpu()
+            with module_weights(lb.experts), module_weights(lc.experts):  # offloaded: real values, this layer only
+                w = lb.weight(p).detach().double().cpu()  # [E, out, in]
+                dw = w - lc.weight(p).detach().double().cpu()
             # Σ over output rows first: [E, in], then weighted by each input column's moment.
             err += float((dw.pow(2).sum(1) * moments).sum())
             total += float((w.pow(2).sum(1) * moments).sum())

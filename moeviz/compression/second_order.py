@@ -15,7 +15,8 @@ layer in order (on a structural copy; the base is never touched):
    the OBS pruning; removed experts are zeroed;
 4. the compressed layer produces the next layer's inputs (sequential by construction).
 
-Memory: one layer's routed inputs plus one expert's H×H (then I×I) at a time. An expert with fewer
+Memory: one layer's routed inputs (in groups of experts when they exceed `ROUTED_INPUT_BYTES`: the layer
+then runs once per group) plus one expert's H×H (then I×I) at a time. An expert with fewer
 routed tokens than a projection's columns has a rank-deficient Hessian: it is damped more
 (`LOW_TOKEN_DAMP`) and listed in `SecondOrderResult.warnings`; an expert no token reaches gets the
 identity Hessian (SparseGPT then prunes by magnitude, GPTQ rounds to nearest).
@@ -42,6 +43,10 @@ from moeviz.models.runtime import install_experts_runtime
 from moeviz.models.views import structural_copy
 
 LOW_TOKEN_DAMP = 0.1  # percdamp for experts with fewer routed tokens than columns
+# At most this many bytes of routed expert inputs are held at once (estimated): above it, a layer's experts are
+# compressed in groups, the layer running once per group (e.g. 64 windows x 2048 tokens, top-8, H = 2048, bf16:
+# 4 GiB of inputs per layer -> 4 groups)
+ROUTED_INPUT_BYTES = 1 << 30
 
 ProgressFn = Callable[[int, int, float], None]  # (done decoder layers, total, seconds left: estimate)
 
@@ -52,7 +57,7 @@ class Cancelled(PlanError):
 
 @dataclass
 class SecondOrderResult:
-    tensors: dict[int, dict[str, torch.Tensor]]  # MoE layer -> fused name -> compressed tensor (module's shape)
+    tensors: dict[int, dict[str, torch.Tensor]]  # MoE layer -> fused name -> compressed [E, ...] (install_experts)
     masks: dict[str, torch.Tensor]  # "layer.proj" -> bool [E, out, in] keep-masks of pruned projections
     warnings: list[dict]  # experts whose Hessian was damped more / replaced: layer, expert, projection, tokens, columns
     loss: float  # Σ of the OBS reconstruction losses reported by the kernels
@@ -62,6 +67,11 @@ class SecondOrderResult:
 
     def summary(self) -> dict:
         return dict(seconds=self.seconds, loss=self.loss, threads=self.threads, warnings=self.warnings)
+
+    def nbytes(self) -> int:
+        """Memory held by the compressed tensors and masks."""
+        tensors = [t for d in self.tensors.values() for t in d.values()] + list(self.masks.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def plan_key(plan, samples) -> str:
@@ -109,19 +119,28 @@ def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarr
             compressor._check_layer(layer, s, compressor.stats)
             compressor._install_common(layer, plan, s, None)  # routing the compressed model will use
             if s.touched_names(layer):
-                rt = install_experts_runtime(layer)
-                seen = RoutedInputs(layer.num_experts)
-                rt.observers.append(seen)
-                try:
-                    inputs.run(j, hidden)
-                finally:
-                    rt.observers.remove(seen)
                 from moeviz.compression.apply import install_experts
 
                 with module_weights(layer.experts):  # offloaded: loaded for this layer only
-                    new = _compress_layer(compressor, layer, plan, s, seen, result)
+                    new, masks = _start_layer(compressor, layer, s)
+                # Routed inputs of a group of experts at a time (ROUTED_INPUT_BYTES): the layer runs once per group
+                for group in expert_groups(layer, samples.n_tokens, hidden[0].element_size()):
+                    rt = install_experts_runtime(layer)
+                    seen = RoutedInputs(layer.num_experts, group)
+                    rt.observers.append(seen)
+                    try:
+                        inputs.run(j, hidden)
+                    finally:
+                        rt.observers.remove(seen)
+                    with module_weights(layer.experts):
+                        _compress_experts(layer, plan, s, seen, result, new, masks, group)
+                    del seen
+                with module_weights(layer.experts):
+                    _end_layer(layer, s, result, new, masks)
                     install_experts(layer, new)
-                result.tensors[l] = {n: getattr(layer.experts, n) for n in new}
+                # `new` itself, not the module's attributes: on an offloaded model those are meta
+                # placeholders (the hook holds the real tensors)
+                result.tensors[l] = new
         if j < last:
             hidden = inputs.run(j, hidden)
         if progress is not None:
@@ -132,9 +151,18 @@ def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarr
     return result
 
 
-def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInputs,
-                    result: SecondOrderResult) -> dict[str, torch.Tensor]:
-    """Fused tensors [E, ...] of one layer with every touched expert compressed on its own Hessians."""
+def expert_groups(layer, n_tokens: int, element_size: int) -> list[list[int]]:
+    """The layer's experts in consecutive groups whose routed inputs (n_tokens · top_k · H values in all,
+    spread over the experts: estimated evenly) fit in ROUTED_INPUT_BYTES; one group on small models."""
+    E = layer.num_experts
+    total = n_tokens * layer.top_k * layer.hidden_size * element_size
+    n = max(1, min(E, -(-total // ROUTED_INPUT_BYTES)))
+    size = -(-E // n)
+    return [list(range(a, min(a + size, E))) for a in range(0, E, size)]
+
+
+def _start_layer(compressor, layer, s: LayerSettings) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(fused tensors [E, ...] of the layer to compress: copies of the base's, old metric's keep-masks)."""
     E = layer.num_experts
     sel = np.arange(E)
     fused = {n: getattr(layer.experts, n)[:E].detach().clone() for n in s.touched_names(layer)}
@@ -143,9 +171,22 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
     if s.metric != "sparsegpt":
         stats = compressor.stats.layers[layer.index] if compressor.stats is not None else None
         prune(layer, fused, sel, s, layer_norms(stats, s.metric, sel, layer.weight("down").device), masks)
+    return fused, masks
+
+
+def _end_layer(layer, s: LayerSettings, result: SecondOrderResult, fused: dict, masks: dict) -> None:
+    remove(layer, fused, np.arange(layer.num_experts), s)
+    for p, keep in masks.items():
+        result.masks[f"{layer.index}.{p}"] = keep
+
+
+def _compress_experts(layer, plan, s: LayerSettings, seen: RoutedInputs, result: SecondOrderResult,
+                      fused: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], experts) -> None:
+    """Compress `experts` of the layer in `fused` (in place), each on its own Hessians."""
+    E = layer.num_experts
     in_projs = [p for p in layer.projections() if p != "down"]
     scale_in = gate_on_input(layer.experts)
-    for e in range(E):
+    for e in experts:
         if not s.touches(e) or s.removed[e]:
             continue
         x, g = seen.inputs(e, layer.hidden_size, layer.weight("down").device)
@@ -156,9 +197,12 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
         in_touched = layer.fused_name(in_projs[0]) in fused  # pruning only down leaves gate/up shared with the base
         for projs in ([in_projs] if all(pruned) or not any(pruned) else [[p] for p in in_projs]) if in_touched else []:
             w_in = torch.cat([layer.view(p, fused[layer.fused_name(p)])[e] for p in projs])
+            keep_in = _stacked_mask(masks, projs, e)
+            # the old metric zeroed `fused` in place: OBS compensates that pruning from the base weights
+            base_in = None if keep_in is None else torch.cat([_base(layer, p, E)[e] for p in projs])
             new_in, mask_in = _compress(w_in, x, w_tok, layer.hidden_size, plan, s, e, "/".join(projs), layer.index,
-                                        result, _stacked_mask(masks, projs, e), prune_it=projs[0] in s.projections,
-                                        group=s.group_sizes[projs[0]])
+                                        result, keep_in, prune_it=projs[0] in s.projections,
+                                        group=s.group_sizes[projs[0]], base=base_in)
             rows = 0
             for p in projs:
                 w = layer.view(p, fused[layer.fused_name(p)])[e]
@@ -176,15 +220,17 @@ def _compress_layer(compressor, layer, plan, s: LayerSettings, seen: RoutedInput
         w_down = layer.view("down", fused["down_proj"])[e]
         new_down, mask_down = _compress(w_down, h, w_tok, layer.intermediate_size, plan, s, e, "down", layer.index,
                                         result, masks["down"][e] if "down" in masks else None,
-                                        prune_it="down" in s.projections, group=s.group_sizes["down"])
+                                        prune_it="down" in s.projections, group=s.group_sizes["down"],
+                                        base=_base(layer, "down", E)[e] if "down" in masks else None)
         w_down.copy_(new_down)
         if mask_down is not None and "down" in s.projections:
             shape = layer.weight("down").shape
             masks.setdefault("down", torch.ones(shape, dtype=torch.bool, device=w_down.device))[e] = mask_down
-    remove(layer, fused, sel, s)
-    for p, keep in masks.items():
-        result.masks[f"{layer.index}.{p}"] = keep
-    return fused
+
+
+def _base(layer, projection: str, E: int) -> torch.Tensor:
+    """[E, out, in] view of the layer's weights before this job replaces them (the base's)."""
+    return layer.view(projection, getattr(layer.experts, layer.fused_name(projection))[:E])
 
 
 def _stacked_mask(masks: dict, projs: list[str], e: int) -> torch.Tensor | None:
@@ -196,8 +242,11 @@ def _stacked_mask(masks: dict, projs: list[str], e: int) -> torch.Tensor | None:
 
 def _compress(w: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, columns: int, plan, s: LayerSettings, e: int,
               what: str, layer: int, result: SecondOrderResult, keep: torch.Tensor | None, prune_it: bool,
-              group: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One expert projection [out, in] compressed on its Hessian: (new weight, keep-mask or None)."""
+              group: int, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One expert projection [out, in] compressed on its Hessian: (new weight, keep-mask or None).
+
+    keep: an old metric's keep-mask, already applied to `w`; base: the weights before it was (OBS then
+    compensates the pruning as well as the rounding)."""
     from moeviz.compression.obs import QuantSpec, gptq_quantize, sparsegpt_prune
 
     b = int(s.bits[e])
@@ -231,6 +280,7 @@ def _compress(w: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, columns: in
             r = sparsegpt_prune(W, H, None if s.nm else sp, nm=s.nm, blocksize=plan.obs_blocksize,
                                 percdamp=percdamp, quant=spec, refit=plan.refit and spec is None)
         else:  # the old metric's mask, fixed: OBS compensates it while quantizing
+            W = (base if base is not None else w).float()
             r = sparsegpt_prune(W, H, None, mask=keep, blocksize=plan.obs_blocksize, percdamp=percdamp, quant=spec)
         mask = r.mask
     else:

@@ -85,12 +85,25 @@ def use_lazy(compressor: Compressor) -> bool:
     return expert_bytes > LAZY_ABOVE_BYTES
 
 
+def calibration_fingerprint(compressor: Compressor, plan: CompressionPlan, samples=None) -> str | None:
+    """The calibration a run of `plan` depends on, for the run store: the statistics' fingerprint, and
+    for a plan compressed on calibration windows (sequential, SparseGPT / GPTQ) those windows when they
+    are not the statistics' own (without statistics, the windows alone: else a plan run on other
+    windows would be reused as if it were the same run)."""
+    stats = compressor.stats
+    fp = stats.fingerprint if stats is not None else None
+    if samples is not None and (plan.sequential or plan.second_order()) and \
+            (stats is None or samples.fingerprint != stats.data_fingerprint):
+        fp = f"{fp or ''}|windows {samples.fingerprint}"
+    return fp
+
+
 def stored_result(store: RunStore, compressor: Compressor, evaluator: Evaluator,
-                  plan: CompressionPlan) -> tuple[EvalResult, int] | None:
+                  plan: CompressionPlan, samples=None) -> tuple[EvalResult, int] | None:
     """(EvalResult, run id) of the stored evaluation of this exact plan (its name aside) on the same model,
-    calibration and held-out text (`RunStore.find_run`), or None."""
+    calibration (`calibration_fingerprint`) and held-out text (`RunStore.find_run`), or None."""
     found = store.find_run(compressor.loaded.fingerprint, plan.to_dict(),
-                           compressor.stats.fingerprint if compressor.stats else None, evaluator.fingerprint)
+                           calibration_fingerprint(compressor, plan, samples), evaluator.fingerprint)
     if found is None or not found.metrics.get("details"):
         return None
     try:
@@ -109,7 +122,7 @@ def evaluate_plan(compressor: Compressor, evaluator: Evaluator, plan: Compressio
     lazy: compress each expert while the forward reaches it (None: when the experts exceed
     LAZY_ABOVE_BYTES); the result is the same either way."""
     if store is not None and reuse:
-        found = stored_result(store, compressor, evaluator, plan)
+        found = stored_result(store, compressor, evaluator, plan, samples)
         if found is not None:
             return found
     start = time.perf_counter()
@@ -118,7 +131,7 @@ def evaluate_plan(compressor: Compressor, evaluator: Evaluator, plan: Compressio
     run_id = None
     if store is not None:
         run_id = store_result(store, result, plan, compressor.loaded.fingerprint,
-                              compressor.stats.fingerprint if compressor.stats else None, sweep_id,
+                              calibration_fingerprint(compressor, plan, samples), sweep_id,
                               duration_s=time.perf_counter() - start)
     return result, run_id
 
@@ -141,7 +154,7 @@ def run_sweep(compressor: Compressor, evaluator: Evaluator, plans: Sequence[Comp
         if should_stop is not None and should_stop():
             cancelled = True
             break
-        found = stored_result(store, compressor, evaluator, plan) if store is not None and reuse else None
+        found = stored_result(store, compressor, evaluator, plan, samples) if store is not None and reuse else None
         reused = found is not None
         result, run_id = found or evaluate_plan(compressor, evaluator, plan, store, sweep_id, samples, reuse=False)
         row = dict(run_id=run_id, reused=reused, name=plan_label(plan), method=plan.pruning.metric, structure=plan.pruning.structure,
