@@ -306,8 +306,9 @@ c1, c2 = st.columns([1, 3])
 go_eval = c1.button("Evaluate", type="primary", disabled=last is not None and not is_stale,
                     help="The result shown is this plan's" if last is not None and not is_stale else None)
 c2.toggle("Re-evaluate on every change", key="auto_eval_toggle", on_change=_auto_eval_changed,
-          help="On by default when evaluating a plan of this model took under 2 s")
-if go_eval or (s.get("_auto_eval", False) and (last is None or is_stale)):
+          help="On by default when evaluating a plan of this model took under 2 s. Not for SparseGPT / GPTQ plans: "
+               "each is a layer-by-layer job, started with Evaluate")
+if go_eval or (s.get("_auto_eval", False) and not plan.second_order() and (last is None or is_stale)):
     base_known = lm.fingerprint in s.get("_base_evaluated", set())
     message = ("Applying the plan and evaluating on held-out text…" if base_known else
                "First evaluation of this model: the base model is evaluated once first (then cached), then the plan…")

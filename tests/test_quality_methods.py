@@ -237,6 +237,30 @@ def test_compress_page_runs_a_sparsegpt_gptq_plan(tiny_model_dirs):
     assert result["plan"]["pruning"]["metric"] == "sparsegpt" and result["second_order"]["seconds"] > 0
 
 
+def test_auto_evaluation_never_starts_a_second_order_job(tiny_model_dirs):
+    """"Re-evaluate on every change" (on for small models) re-runs cheap plans at once, but a SparseGPT /
+    GPTQ plan is a layer-by-layer job: it waits for Evaluate (auto-evaluating it made every slider move a
+    multi-second job)."""
+    from test_app_pages import button, new_app, ok
+
+    at = new_app(tiny_model_dirs["mixtral"])
+    at.number_input[0].set_value(8)
+    at.number_input[1].set_value(32)
+    button(at, "Run calibration").click().run()
+    at.switch_page("pages/4_compress.py").run()
+    at.session_state["_auto_eval"] = True
+    at.slider[0].set_value(0.3).run()
+    ok(at)
+    assert at.session_state["last_result"]["plan"]["pruning"]["sparsity"] == 0.3  # auto-evaluated
+    next(b for b in at.selectbox if b.label == "Pruning metric").set_value("sparsegpt").run()
+    at.slider[0].set_value(0.5).run()
+    ok(at)
+    assert at.session_state["last_result"]["plan"]["pruning"]["metric"] != "sparsegpt"  # not started
+    button(at, "Evaluate").click().run()
+    ok(at)
+    assert at.session_state["last_result"]["plan"]["pruning"]["metric"] == "sparsegpt"
+
+
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # gpt_oss: per-layer masks (sliding / full attention)
 def test_decoder_layers_called_one_by_one_reproduce_the_model(family, loaded_tiny):
     from moeviz.calibration.hessians import capture_decoder_inputs
