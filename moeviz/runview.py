@@ -9,6 +9,8 @@ import math
 
 import pandas as pd
 
+from moeviz.compression.plan import method_name
+
 COMPARED_METRICS = ("perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
                     "projected_decode_ms", "measured_decode_ms", "mean_cv", "mean_topk_overlap")
 
@@ -24,7 +26,7 @@ def with_facets(df: pd.DataFrame) -> pd.DataFrame:
     """The frame plus ``method``, ``structure``, ``bits``, ``sparsity`` (from each plan) and ``tags``."""
     out = df.copy()
     plans = [_plan(v) for v in out["plan_json"]] if "plan_json" in out else [{} for _ in range(len(out))]
-    out["method"] = [p.get("pruning", {}).get("metric", "?") for p in plans]
+    out["method"] = [method_name(p) if p.get("pruning") else "?" for p in plans]
     out["structure"] = [p.get("pruning", {}).get("structure", "unstructured") for p in plans]
     out["bits"] = [int(p.get("quant", {}).get("bits", 16)) for p in plans]
     out["sparsity"] = [float(p.get("pruning", {}).get("sparsity", 0.0)) for p in plans]

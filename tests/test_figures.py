@@ -553,3 +553,27 @@ def test_architecture_numbers_the_pruning_targets_in_order_on_the_elements():
     assert "① weights in each expert" in experts_box and "③ whole experts" in experts_box
     assert not re.search(r"targets -> ", dot)  # no pointer crossing the drawing
     assert 'fontsize=16' in dot  # node text sized for a projector
+
+
+def test_gptq_and_rtn_runs_of_one_metric_are_different_methods():
+    """An RTN and a GPTQ run of one pruning metric are two methods: two series, two colours, two legend
+    entries and two filter values (not one 'magnitude' legend entry for both)."""
+    from moeviz.compression.plan import CompressionPlan, PruningSettings, QuantSettings
+    from moeviz.runview import with_facets
+
+    def plan(s, method):
+        return CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=s),
+                               quant=QuantSettings(bits=4, method=method)).to_json(indent=None)
+
+    df = _sweep_frame().iloc[:4].drop(columns=["method"], errors="ignore")
+    df["plan_json"] = [plan(0.3, "rtn"), plan(0.5, "rtn"), plan(0.3, "gptq"), plan(0.5, "gptq")]
+    df = with_facets(df)
+    assert list(df["method"]) == ["magnitude", "magnitude", "magnitude + gptq", "magnitude + gptq"]
+    fig = perplexity_vs_ratio(df)
+    rtn = next(t for t in fig.data if t.name == "magnitude")
+    gptq = next(t for t in fig.data if t.name == "magnitude + gptq")
+    assert len(rtn.x) == 2 and len(gptq.x) == 2 and rtn.line.color != gptq.line.color
+    # 16-bit plans never name GPTQ, whatever quant.method says
+    assert with_facets(df.assign(plan_json=[CompressionPlan(pruning=PruningSettings(sparsity=0.5),
+                                                            quant=QuantSettings(method="gptq")).to_json()] * 4)
+                       )["method"].iloc[0] == "moe_pruner"

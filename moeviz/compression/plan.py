@@ -270,3 +270,13 @@ def _check_index(layer, expert, num_experts, where: str) -> None:
         raise PlanError(f"{where}: layer {layer} does not exist; the model has {len(num_experts)} MoE layers")
     if expert is not None and not 0 <= expert < num_experts[layer]:
         raise PlanError(f"{where}: expert {expert} does not exist; layer {layer} has {num_experts[layer]} experts")
+
+
+def method_name(plan: dict) -> str:
+    """The method a run is coloured, labelled and filtered by: the pruning metric, plus "+ gptq" when its
+    weights were quantized by GPTQ (an RTN and a GPTQ run of one metric are different methods)."""
+    name = str(plan.get("pruning", {}).get("metric", "runs"))
+    quant = plan.get("quant", {})
+    quantized = int(quant.get("bits", 16)) < 16 or any(
+        (o.get("bits") or 16) < 16 for o in plan.get("overrides", []) if isinstance(o, dict))
+    return f"{name} + gptq" if quant.get("method") == "gptq" and quantized else name

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Sequence
 import pandas as pd
 
 from moeviz.compression.apply import Compressor
-from moeviz.compression.plan import CompressionPlan
+from moeviz.compression.plan import CompressionPlan, method_name
 from moeviz.evaluation.evaluate import EvalResult, Evaluator
 from moeviz.store import RunRecord, RunStore, new_sweep_id
 
@@ -157,7 +157,7 @@ def run_sweep(compressor: Compressor, evaluator: Evaluator, plans: Sequence[Comp
         found = stored_result(store, compressor, evaluator, plan, samples) if store is not None and reuse else None
         reused = found is not None
         result, run_id = found or evaluate_plan(compressor, evaluator, plan, store, sweep_id, samples, reuse=False)
-        row = dict(run_id=run_id, reused=reused, name=plan_label(plan), method=plan.pruning.metric, structure=plan.pruning.structure,
+        row = dict(run_id=run_id, reused=reused, name=plan_label(plan), method=method_name(plan.to_dict()), structure=plan.pruning.structure,
                    sparsity=plan.pruning.sparsity if plan.nm() is None else plan.nm()[0] / plan.nm()[1],
                    bits=plan.quant.bits, removed_experts=len(plan.removed_experts), **result.metrics(),
                    plan_json=plan.to_json(indent=None))

@@ -24,6 +24,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from moeviz.compression.plan import method_name
 from moeviz.evaluation.pareto import pareto_mask
 from moeviz.figures._common import BASE_COLOR, color_for, empty_figure
 
@@ -90,7 +91,7 @@ def run_ids(df: pd.DataFrame) -> list:
 
 def _plan_metric(plan_json) -> str:
     try:
-        return json.loads(plan_json)["pruning"]["metric"]
+        return method_name(json.loads(plan_json))
     except Exception:  # noqa: BLE001 - any malformed plan just falls back
         return "runs"
 
