@@ -13,9 +13,11 @@ than a third of the median).
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,24 @@ from moeviz.models.offload import execution_device
 # CPUs before timing, marks the measurement as taken on a busy machine.
 BUSY_SPREAD = 1 / 3
 BUSY_LOAD = 0.8
+
+
+def available_cpus(cgroup_root: str | Path = "/sys/fs/cgroup") -> int:
+    """CPUs this process may run on: its affinity set (`os.sched_getaffinity`, else `os.cpu_count`),
+    capped by the cgroup v2 CPU quota (`cpu.max`: "quota period", or "max" for none), rounded up.
+
+    A container limited to 2 CPUs on a 64-core host has a load average measured against 2, not 64."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path(cgroup_root, "cpu.max").read_text().split()[:2]
+        if quota != "max" and int(period) > 0:
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):  # no cgroup v2 file, or not readable: the affinity set alone
+        pass
+    return max(1, n)
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float]:
@@ -46,7 +66,7 @@ def compare(base_ms: list[float], compressed_ms: list[float], load_before: float
     b, c = summarize(base_ms), summarize(compressed_ms)
     overlap = not (c["q3"] < b["q1"] or b["q3"] < c["q1"])
     wide = any((s["q3"] - s["q1"]) > s["median"] * BUSY_SPREAD for s in (b, c))
-    cpus = cpus or os.cpu_count() or 1
+    cpus = cpus or available_cpus()
     loaded = load_before is not None and load_before > BUSY_LOAD * cpus
     busy = []
     if loaded:

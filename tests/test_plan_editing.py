@@ -283,3 +283,23 @@ def test_back_to_back_latency_is_measured_on_an_offloaded_model(tiny_model_dirs,
     r = ev.evaluate(Compressor(lm).apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5))))
     assert r.latency_unavailable is None
     assert r.latency_measured["decode_ms_per_token"] > 0 and r.base_latency_measured["decode_ms_per_token"] > 0
+
+
+def test_busy_check_counts_the_cpus_this_process_may_use(monkeypatch, tmp_path):
+    """Affinity set, capped by the cgroup v2 quota (cpu.max), not os.cpu_count() of the host."""
+    import os
+
+    import moeviz.latency_ab as lab
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert lab.available_cpus(tmp_path) == 4  # no cpu.max: the affinity set
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert lab.available_cpus(tmp_path) == 4
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs -> 2
+    assert lab.available_cpus(tmp_path) == 2
+    (tmp_path / "cpu.max").write_text("800000 100000\n")  # quota above the affinity set
+    assert lab.available_cpus(tmp_path) == 4
+    monkeypatch.setattr(lab, "available_cpus", lambda: 2)
+    ab = lab.compare([10.0, 10.1], [5.0, 5.1], load_before=3.0)  # busy on 2 CPUs, idle on 64
+    assert ab["cpus"] == 2 and ab["busy"] and "on 2 CPUs" in ab["busy_reason"]
