@@ -239,3 +239,45 @@ def test_gap_recovered():
     assert gap_recovered(13.0, 12.0, 11.0) == 0.5
     assert gap_recovered(13.0, 10.0, 11.0) == 1.5  # better than the base
     assert gap_recovered(11.0, 11.5, 11.0) is None  # compression lost nothing: no gap to recover
+
+
+# ----------------------------------------------------------------------------- GPTQ plans: GPTQ's own grid
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_recovery_of_a_gptq_plan_starts_from_the_gptq_model_and_stays_on_its_grid(symmetric, loaded_tiny):
+    """Step 0 is the GPTQ model bit for bit (no RTN re-quantization with scales computed from the weights);
+    after training every weight lies on GPTQ's kept grid (per expert, row and group) and pruned weights stay 0."""
+    from moeviz.compression.quantize import quantize_on_grid
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    stats = calibrate(lm, samples, batch_size=4)
+    plan = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5),
+                           quant=QuantSettings(bits=3, group_size=8, symmetric=symmetric, method="gptq"))
+    comp = Compressor(lm, stats)
+    reference = comp.apply(plan, samples, keep_masks=True)
+    assert reference.grids, "the compressed model keeps GPTQ's grids"
+    ids = samples.input_ids[:2]
+    with torch.no_grad():
+        ref_logits = reference.model(input_ids=ids).logits
+    # A learning rate far below one float step of the weights: the latent weights stay where they are.
+    still, _ = recover(comp, plan, samples, RecoverySettings(steps=1, learning_rate=1e-12, batch_size=2,
+                                                            lambda_router=0.0))
+    for layer, ref in zip(still.layers, reference.layers):
+        for proj in layer.projections():
+            assert torch.equal(layer.weight(proj), ref.weight(proj)), f"layer {layer.index} {proj} moved at step 0"
+    with torch.no_grad():
+        assert torch.equal(still.model(input_ids=ids).logits, ref_logits)
+
+    trained, result = recover(comp, plan, samples, RecoverySettings(steps=3, learning_rate=1e-2, batch_size=2))
+    assert result.steps_done == 3
+    changed = False
+    for layer, ref in zip(trained.layers, reference.layers):
+        for proj in layer.projections():
+            grid = reference.grids[f"{layer.index}.{proj}"]
+            assert bool((grid.bits == 3).all()) and (grid.zero_points is None) == symmetric
+            w, keep = layer.weight(proj), reference.masks[f"{layer.index}.{proj}"]
+            assert torch.equal(quantize_on_grid(ref.weight(proj), grid.scales, grid.zero_points, 3), ref.weight(proj))
+            assert torch.equal(quantize_on_grid(w, grid.scales, grid.zero_points, 3), w), "a weight left GPTQ's grid"
+            assert bool((w[~keep] == 0).all()), "a pruned weight came back"
+            changed |= not torch.equal(w, ref.weight(proj))
+    assert changed, "recovery did not change the expert weights"

@@ -120,6 +120,9 @@ class CompressedModel:
     # SecondOrderResult.summary() for SparseGPT / GPTQ plans: seconds, threads, OBS loss, and `warnings`
     # listing experts with fewer routed calibration tokens than columns (their Hessian was damped more)
     second_order: dict | None = None
+    # GPTQ's grids ("layer.proj" -> second_order.GptqGrid: per expert, row and group scale / zero point), shared
+    # with the Compressor's cached result (read-only): recovery rounds on them, so it stays on GPTQ's grid
+    grids: dict = field(default_factory=dict, repr=False)
 
     def expert_table(self) -> list[dict]:
         return [asdict(e) for e in self.experts]
@@ -289,7 +292,8 @@ class Compressor:
             experts = self._expert_states(layers, plan, sparsity, bits, removed)
         storage = self._storage(layers, plan, sparsity, bits, removed)
         return CompressedModel(view, layers, plan, experts, storage, time.perf_counter() - start, replaced,
-                               masks or {}, lazy=lazy, second_order=second.summary() if second is not None else None)
+                               masks or {}, lazy=lazy, second_order=second.summary() if second is not None else None,
+                               grids=dict(second.grids) if second is not None else {})
 
     def second_order(self, plan: CompressionPlan, samples: TokenSamples, sparsity=None, bits=None, removed=None,
                      progress=None, cancel=None):

@@ -407,6 +407,7 @@ def sparsegpt_prune(
     quant: QuantSpec | None = None,
     refit: bool = False,
     zero_dead: bool = True,
+    act_order: bool = False,
 ) -> ObsResult:
     """SparseGPT: prune ``W`` [out, in] with OBS compensation from ``H`` [in, in].
 
@@ -416,7 +417,11 @@ def sparsegpt_prune(
     quantization of the kept weights (SparseGPT paper section 3.4). ``refit``: after the mask is
     chosen, replace each row's kept weights by the exact least-squares optimum for that mask
     (``H_SS w_S = (H w)_S`` with the damped H; cost O(out * |S|^3), only sensible for small ``in``;
-    not with ``quant``). ``zero_dead``: zero the columns whose inputs were never seen (reference
+    not with ``quant``). ``act_order`` (with ``quant``; not with ``nm``, whose groups are consecutive
+    columns): process columns in descending ``diag(H)`` order on static grids, as
+    :func:`gptq_quantize` does; the grids come from the weights before OBS (with a fixed ``mask``: its
+    pruned weights as 0; with ``sparsity``: the whole row, the mask being chosen along the way), and
+    the per-row selection ranks the remaining columns in the processing order. ``zero_dead``: zero the columns whose inputs were never seen (reference
     behaviour); False keeps them (they are then pruned or kept by saliency with ``H_jj = 1``).
     If *every* column is dead (``H == 0``), nothing is zeroed: the result is magnitude pruning.
     """
@@ -426,6 +431,8 @@ def sparsegpt_prune(
     quant, gs = _check_quant(quant, n_cols)
     if refit and quant is not None:
         raise ValueError("refit=True cannot be combined with quant (the refit would leave the grid)")
+    if act_order and (quant is None or nm is not None):
+        raise ValueError("act_order needs quant and cannot be combined with nm (N:M groups are consecutive columns)")
     k_row = None
     pruned = None
     if mask is not None:
@@ -456,10 +463,21 @@ def sparsegpt_prune(
     if k_row is not None and int(k_row[0]) == 0 and quant is None:
         # Nothing to prune or round: every OBS step would be a no-op.
         return ObsResult(W0.to(W.dtype), ~pruned, 0.0, damp, int(dead.sum()))
-    U = _inverse_cholesky_upper(Hd)
-    Wc = W0.clone()
+    Hp, Wc, static, perm = Hd, W0.clone(), None, None
+    if act_order:
+        # Static grids per (row, group) of the original columns, then columns in descending diag(H)
+        # (stable: equal diagonals keep column order); W, H and the mask permuted alike, undone below.
+        src = W0.masked_fill(pruned, 0.0) if mask is not None else W0
+        qw = quantize_weight(src.to(torch.float32), quant.bits, gs, quant.symmetric)
+        perm = torch.sort(torch.diagonal(Hd), descending=True, stable=True).indices
+        static = (qw.scales, qw.zero_points, perm // gs)
+        Hp, Wc, pruned = Hd[perm][:, perm], W0[:, perm].clone(), pruned[:, perm].contiguous()
+    U = _inverse_cholesky_upper(Hp)
     losses, scales, zeros = _obs_loop(Wc, U, blocksize=blocksize, pruned=pruned, k_row=k_row, nm=nm,
-                                      quant=quant, gs=gs)
+                                      quant=quant, gs=gs, static=static)
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Wc, pruned = Wc[:, inv], pruned[:, inv]
     keep = ~pruned
     loss = float(losses.sum())
     if refit:

@@ -72,8 +72,8 @@ class CompressionPlan:
     hessian: str = "router_weighted"  # per-expert H = Σ g² x xᵀ over its routed tokens; "plain": Σ x xᵀ
     obs_blocksize: int = 128  # columns per lazy-update block
     percdamp: float = 0.01  # damping, fraction of the mean Hessian diagonal
-    act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal
-    refit: bool = False  # SparseGPT: re-solve the kept weights exactly for the final mask
+    act_order: bool = False  # GPTQ: quantize columns in order of decreasing Hessian diagonal (not with SparseGPT N:M)
+    refit: bool = False  # SparseGPT without GPTQ: re-solve the kept weights exactly for the final mask
     name: str = ""
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -131,8 +131,27 @@ class CompressionPlan:
         return n, m
 
     def second_order(self) -> bool:
-        """True when the plan uses SparseGPT pruning or GPTQ quantization (materialised, needs samples)."""
-        return self.pruning.metric == "sparsegpt" or self.quant.method == "gptq"
+        """True when the plan may prune some expert with SparseGPT or quantize one with GPTQ (materialised,
+        needs calibration samples); False when those settings compress nothing (e.g. "sparsegpt" at
+        sparsity 0, "gptq" at 16 bits): the usual path then runs (live proxy, no windows).
+
+        From the plan alone, so conservative: True whenever `Compressor.apply`'s test on the resolved
+        per-expert settings (some expert pruned by SparseGPT / quantized below 16 bits by GPTQ) can be
+        true. It may be True where that test is False (overrides undoing every expert, e.g. a 4-bit GPTQ
+        plan whose every layer is overridden to 16 bits, or every pruned expert removed), never the reverse."""
+        return self.prunes_with_sparsegpt() or self.quantizes_with_gptq()
+
+    def prunes_with_sparsegpt(self) -> bool:
+        """SparseGPT may prune some expert: metric "sparsegpt" and a sparsity > 0 somewhere (global, N:M or
+        an override)."""
+        p = self.pruning
+        return p.metric == "sparsegpt" and (
+            p.structure != "unstructured" or p.sparsity > 0 or any((o.sparsity or 0) > 0 for o in self.overrides))
+
+    def quantizes_with_gptq(self) -> bool:
+        """GPTQ may quantize some expert: method "gptq" and fewer than 16 bits somewhere (global or an override)."""
+        q = self.quant
+        return q.method == "gptq" and (q.bits < 16 or any(o.bits is not None and o.bits < 16 for o in self.overrides))
 
     def is_identity(self) -> bool:
         return (
@@ -179,6 +198,14 @@ class CompressionPlan:
         for flag in ("act_order", "refit"):
             if not isinstance(getattr(self, flag), bool):
                 raise PlanError(f"{flag}: must be true or false, got {getattr(self, flag)!r}")
+        if self.refit and self.quantizes_with_gptq():
+            raise PlanError("refit: cannot be combined with quant.method 'gptq' (re-solving the kept weights by least "
+                            "squares would move them off GPTQ's grid); turn refit off, or quantize with 'rtn' "
+                            "(refit, then round to nearest)")
+        if self.act_order and self.quantizes_with_gptq() and p.metric == "sparsegpt" and self.nm() is not None:
+            raise PlanError(f"act_order: cannot be combined with SparseGPT {p.structure} pruning (its N:M groups are "
+                            "consecutive columns, chosen in column order); turn act_order off, or keep a fixed N:M "
+                            "mask from magnitude / wanda / moe_pruner, which GPTQ then quantizes in act-order")
         check_ratio(self.router_sparsity, "router_sparsity")
         check_bits(self.router_bits, "router_bits")
         check_bits(self.activation_bits, "activation_bits")

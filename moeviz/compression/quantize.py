@@ -108,6 +108,35 @@ def quantize_weight(
     return QuantizedWeight(deq, scale.squeeze(-1), zero, bits, gs, symmetric)
 
 
+def quantize_on_grid(
+    weight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Round ``weight`` ``[..., out, in]`` to nearest on a *given* grid (not one computed from it).
+
+    ``scales`` (and ``zero_points``; None = symmetric) ``[..., out, in / group_size]`` as in
+    :class:`QuantizedWeight` (e.g. GPTQ's grids, ``obs.ObsResult``). Same float32 ops as
+    :func:`quantize_weight`, so a weight already on the grid comes back bit-identical (its code is
+    an integer far from a rounding tie); result in ``weight``'s dtype.
+    """
+    bits = check_bits(bits)
+    if bits == 16:
+        return weight.detach().clone()
+    n_groups, in_features = scales.shape[-1], weight.shape[-1]
+    if in_features % n_groups:
+        raise ValueError(f"{n_groups} groups per row do not divide the {in_features} input columns")
+    # [..., out, in] -> [..., out, G, gs]; scales [..., out, G] -> [..., out, G, 1]
+    w = weight.detach().to(torch.float32).reshape(*weight.shape[:-1], n_groups, in_features // n_groups)
+    scale = scales.to(device=w.device, dtype=torch.float32)[..., None]
+    if zero_points is None:
+        qmax = 2 ** (bits - 1) - 1
+        deq = torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+    else:
+        qmax = 2**bits - 1
+        zero = zero_points.to(device=w.device, dtype=torch.float32)[..., None]
+        deq = (torch.clamp(torch.round(w / scale) + zero, 0, qmax) - zero) * scale
+    return deq.reshape(weight.shape).to(weight.dtype)
+
+
 def fake_quantize_activations(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Per-token symmetric RTN: each row of ``x`` (``[..., tokens, features]``, last dim = features)
     gets its own scale ``max|x_row| / (2**(b-1) - 1)``. ``bits=16`` returns ``x`` itself (no copy:

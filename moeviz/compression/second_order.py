@@ -48,11 +48,31 @@ LOW_TOKEN_DAMP = 0.1  # percdamp for experts with fewer routed tokens than colum
 # 4 GiB of inputs per layer -> 4 groups)
 ROUTED_INPUT_BYTES = 1 << 30
 
+# refit solves one |S| x |S| system per row (|S| = kept columns): O(out * |S|^3) per expert projection.
+# Above this many kept columns per row the plan is refused (PlanError naming refit, with the estimated cost).
+REFIT_MAX_COLUMNS = 1024
+
 ProgressFn = Callable[[int, int, float], None]  # (done decoder layers, total, seconds left: estimate)
 
 
 class Cancelled(PlanError):
     """The second-order compression was stopped by its cancel callback."""
+
+
+@dataclass
+class GptqGrid:
+    """GPTQ's grid of one projection of a layer (the values the OBS loop rounded every weight to).
+
+    Kept so that later steps (recovery) round on the *same* grid: re-computing RTN scales from the
+    weights would move weights off GPTQ's result (``quantize.quantize_on_grid`` rounds on it)."""
+
+    scales: torch.Tensor  # [E, out, G] float32, one per (expert, row, group); G = in / group_size
+    zero_points: torch.Tensor | None  # [E, out, G] float32; None when symmetric
+    group_size: int  # effective: the row length when one group spans the row
+    bits: torch.Tensor  # [E] int64: each expert's bit width on this grid; 16 = not quantized by GPTQ (rows unused)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.scales, self.zero_points, self.bits) if t is not None)
 
 
 @dataclass
@@ -64,6 +84,7 @@ class SecondOrderResult:
     seconds: float
     threads: int = field(default_factory=torch.get_num_threads)
     record: dict | None = field(default=None, repr=False)  # see compress_second_order(hessians=)
+    grids: dict[str, GptqGrid] = field(default_factory=dict, repr=False)  # "layer.proj" -> GPTQ's grid
 
     def summary(self) -> dict:
         return dict(seconds=self.seconds, loss=self.loss, threads=self.threads, warnings=self.warnings)
@@ -71,7 +92,7 @@ class SecondOrderResult:
     def nbytes(self) -> int:
         """Memory held by the compressed tensors and masks."""
         tensors = [t for d in self.tensors.values() for t in d.values()] + list(self.masks.values())
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + sum(g.nbytes() for g in self.grids.values())
 
 
 def plan_key(plan, samples) -> str:
@@ -94,6 +115,7 @@ def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarr
 
     start = time.perf_counter()
     loaded = compressor.loaded
+    check_refit_cost(plan, loaded.layers, sparsity, removed)  # before any forward: fail in milliseconds
     view = structural_copy(loaded.model)
     view.eval()
     layers = find_moe_layers(view, loaded.layers)
@@ -151,6 +173,38 @@ def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarr
     return result
 
 
+def check_refit_cost(plan, layers, sparsity: np.ndarray, removed: np.ndarray) -> None:
+    """PlanError naming `refit` when some row would keep more than REFIT_MAX_COLUMNS columns.
+
+    refit (SparseGPT only) solves H_SS w_S = (H w)_S for every row: a Cholesky of |S| x |S|, about
+    |S|^3 / 3 multiply-adds per row. The estimate uses the plan's resolved per-expert sparsities."""
+    from moeviz.compression.masks import prune_counts
+
+    if not (plan.refit and plan.pruning.metric == "sparsegpt"):
+        return
+    nm = plan.nm()
+    worst, flops = None, 0.0
+    for layer in layers:
+        for p in plan.pruning.projections:
+            if p not in layer.projections():
+                continue
+            out, n = layer.weight(p).shape[-2:]
+            for e in range(layer.num_experts):
+                sp = float(sparsity[layer.index, e])
+                if sp <= 0 or removed[layer.index, e]:
+                    continue
+                kept = n - (n * nm[0] // nm[1] if nm else int(prune_counts(sp, n, ())))
+                flops += out * kept ** 3 / 3
+                if worst is None or kept > worst[0]:
+                    worst = (kept, n, p, layer.path)
+    if worst is not None and worst[0] > REFIT_MAX_COLUMNS:
+        kept, n, p, path = worst
+        raise PlanError(
+            f"refit: re-solving each row's kept weights costs O(out·|S|³); {p} in {path} keeps {kept} of its {n} "
+            f"columns per row (limit {REFIT_MAX_COLUMNS}), about {flops:.1e} floating-point operations for the whole "
+            "plan (estimated); turn refit off (a smaller obs_blocksize gets most of its gain)")
+
+
 def expert_groups(layer, n_tokens: int, element_size: int) -> list[list[int]]:
     """The layer's experts in consecutive groups whose routed inputs (n_tokens · top_k · H values in all,
     spread over the experts: estimated evenly) fit in ROUTED_INPUT_BYTES; one group on small models."""
@@ -200,13 +254,14 @@ def _compress_experts(layer, plan, s: LayerSettings, seen: RoutedInputs, result:
             keep_in = _stacked_mask(masks, projs, e)
             # the old metric zeroed `fused` in place: OBS compensates that pruning from the base weights
             base_in = None if keep_in is None else torch.cat([_base(layer, p, E)[e] for p in projs])
-            new_in, mask_in = _compress(w_in, x, w_tok, layer.hidden_size, plan, s, e, "/".join(projs), layer.index,
+            new_in, mask_in, grid_in = _compress(w_in, x, w_tok, layer.hidden_size, plan, s, e, "/".join(projs), layer.index,
                                         result, keep_in, prune_it=projs[0] in s.projections,
                                         group=s.group_sizes[projs[0]], base=base_in)
             rows = 0
             for p in projs:
                 w = layer.view(p, fused[layer.fused_name(p)])[e]
                 w.copy_(new_in[rows:rows + w.shape[0]])
+                _keep_grid(result, layer, p, e, s, grid_in, rows, w.shape[0])
                 if mask_in is not None:
                     masks.setdefault(p, torch.ones(layer.weight(p).shape, dtype=torch.bool, device=w.device))[e] = \
                         mask_in[rows:rows + w.shape[0]]
@@ -218,14 +273,37 @@ def _compress_experts(layer, plan, s: LayerSettings, seen: RoutedInputs, result:
         w_in_storage = fused[in_name][e] if in_name in fused else getattr(layer.experts, in_name)[e]
         h, _ = expert_output(layer.experts, e, x, (w_in_storage, layer.experts.down_proj[e]))
         w_down = layer.view("down", fused["down_proj"])[e]
-        new_down, mask_down = _compress(w_down, h, w_tok, layer.intermediate_size, plan, s, e, "down", layer.index,
+        new_down, mask_down, grid_down = _compress(w_down, h, w_tok, layer.intermediate_size, plan, s, e, "down", layer.index,
                                         result, masks["down"][e] if "down" in masks else None,
                                         prune_it="down" in s.projections, group=s.group_sizes["down"],
                                         base=_base(layer, "down", E)[e] if "down" in masks else None)
         w_down.copy_(new_down)
+        _keep_grid(result, layer, "down", e, s, grid_down, 0, w_down.shape[0])
         if mask_down is not None and "down" in s.projections:
             shape = layer.weight("down").shape
             masks.setdefault("down", torch.ones(shape, dtype=torch.bool, device=w_down.device))[e] = mask_down
+
+
+def _keep_grid(result: SecondOrderResult, layer, projection: str, e: int, s: LayerSettings, grid, row0: int,
+               rows: int) -> None:
+    """Store rows [row0, row0 + rows) of expert e's GPTQ grid (scales [r, G], zeros | None) as `projection`'s."""
+    if grid is None:
+        return
+    scales, zeros = grid
+    key = f"{layer.index}.{projection}"
+    if key not in result.grids:
+        E = layer.num_experts
+        out, n = layer.weight(projection).shape[-2:]
+        G = scales.shape[-1]
+        result.grids[key] = GptqGrid(torch.ones(E, out, G, dtype=torch.float32, device=scales.device),
+                                     None if zeros is None else torch.zeros(E, out, G, dtype=torch.float32,
+                                                                            device=scales.device),
+                                     n // G, torch.full((E,), 16, dtype=torch.int64))
+    g = result.grids[key]
+    g.scales[e] = scales[row0:row0 + rows]
+    if zeros is not None:
+        g.zero_points[e] = zeros[row0:row0 + rows]
+    g.bits[e] = int(s.bits[e])
 
 
 def _base(layer, projection: str, E: int) -> torch.Tensor:
@@ -242,8 +320,9 @@ def _stacked_mask(masks: dict, projs: list[str], e: int) -> torch.Tensor | None:
 
 def _compress(w: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, columns: int, plan, s: LayerSettings, e: int,
               what: str, layer: int, result: SecondOrderResult, keep: torch.Tensor | None, prune_it: bool,
-              group: int, base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One expert projection [out, in] compressed on its Hessian: (new weight, keep-mask or None).
+              group: int, base: torch.Tensor | None = None):
+    """One expert projection [out, in] compressed on its Hessian: (new weight, keep-mask or None,
+    GPTQ grid (scales [out, G], zero points [out, G] | None) or None when GPTQ did not quantize).
 
     keep: an old metric's keep-mask, already applied to `w`; base: the weights before it was (OBS then
     compensates the pruning as well as the rounding)."""
@@ -258,7 +337,7 @@ def _compress(w: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, columns: in
         out = w.float()
         if b < 16:
             out = quantize_weight(out, b, group, s.symmetric).dequantized
-        return out.to(w.dtype), None
+        return out.to(w.dtype), None, None
     n = x.shape[0]
     percdamp = plan.percdamp
     if n == 0:
@@ -277,11 +356,14 @@ def _compress(w: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, columns: in
     W = w.float()
     if obs_prune or fixed_mask:
         if obs_prune:
+            # refit with GPTQ is refused by the plan (it would leave the grid); act-order with N:M too
             r = sparsegpt_prune(W, H, None if s.nm else sp, nm=s.nm, blocksize=plan.obs_blocksize,
-                                percdamp=percdamp, quant=spec, refit=plan.refit and spec is None)
+                                percdamp=percdamp, quant=spec, refit=plan.refit and spec is None,
+                                act_order=plan.act_order and spec is not None)
         else:  # the old metric's mask, fixed: OBS compensates it while quantizing
             W = (base if base is not None else w).float()
-            r = sparsegpt_prune(W, H, None, mask=keep, blocksize=plan.obs_blocksize, percdamp=percdamp, quant=spec)
+            r = sparsegpt_prune(W, H, None, mask=keep, blocksize=plan.obs_blocksize, percdamp=percdamp, quant=spec,
+                                act_order=plan.act_order)
         mask = r.mask
     else:
         r = gptq_quantize(W, H, spec, blocksize=plan.obs_blocksize, percdamp=percdamp, act_order=plan.act_order)
@@ -292,4 +374,4 @@ def _compress(w: torch.Tensor, x: torch.Tensor, w_tok: torch.Tensor, columns: in
         out = quantize_weight(out, b, group, s.symmetric).dequantized
     if mask is not None:
         out = out * mask  # exact zeros where pruned (asymmetric RTN keeps 0 exact, see quantize.py)
-    return out.to(w.dtype), mask
+    return out.to(w.dtype), mask, ((r.scales, r.zero_points) if gptq else None)

@@ -8,8 +8,17 @@ float tensor W and the model computes with
 
 so pruned weights stay exactly zero (their gradient is masked, their value multiplied by 0), removed
 experts stay all-zero (their keep rows are False), and quantized experts compute with weights on
-their b-bit grid at every step (re-quantized from the latent weights; RTN keeps 0 exact). At the
-end `release` writes the exact C(W) into a plain parameter: the model is again an ordinary
+their b-bit grid at every step (RTN keeps 0 exact). Two kinds of grid:
+
+* RTN experts: the grid is re-computed from the latent weights at every step (`quantize_weight`),
+  as RTN itself would store them;
+* GPTQ experts (`CompressedModel.grids`): the grid is GPTQ's own, FIXED per (expert, row, group)
+  scale / zero point, and the latent weights are rounded on it (`quantize_on_grid`). Re-computing
+  RTN scales would move weights off GPTQ's result at step 0 (its scales are not the RTN scales of
+  its weights); on the fixed grid step 0 reproduces the GPTQ model bit for bit, and the result lies
+  on the grid the storage report and export describe.
+
+At the end `release` writes the exact C(W) into a plain parameter: the model is again an ordinary
 compressed copy with frozen weights.
 """
 
@@ -22,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from moeviz.compression.apply import CompressedModel, group_size_for
-from moeviz.compression.quantize import quantize_weight
+from moeviz.compression.quantize import quantize_on_grid, quantize_weight
 from moeviz.models.layers import MoELayer
 
 
@@ -33,6 +42,10 @@ class _QuantGroup:
     bits: int
     group_size: int
     symmetric: bool
+    # A fixed grid (GPTQ's) for these experts: [n, out, G] float32 scales (and zero points, None =
+    # symmetric); None: RTN, the grid re-computed from the weights
+    scales: torch.Tensor | None = None
+    zero_points: torch.Tensor | None = None
 
 
 class ConstrainedWeight(nn.Module):
@@ -52,7 +65,10 @@ class ConstrainedWeight(nn.Module):
             # groups run along each output row's inputs exactly as the plan quantized them.
             v = self.layer.view(g.projection, q) if g.projection is not None else q.unsqueeze(0)
             idx = g.experts.to(q.device)
-            v[idx] = quantize_weight(v[idx], g.bits, g.group_size, g.symmetric).dequantized
+            if g.scales is not None:
+                v[idx] = quantize_on_grid(v[idx], g.scales, g.zero_points, g.bits)
+            else:
+                v[idx] = quantize_weight(v[idx], g.bits, g.group_size, g.symmetric).dequantized
         return q
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
@@ -90,10 +106,20 @@ def expert_constraints(compressed: CompressedModel, layer: MoELayer) -> dict[str
                 view[removed.to(view.device)] = False
         quant = []
         for proj in (p for p in layer.projections() if layer.fused_name(p) == name):
+            grid = compressed.grids.get(f"{layer.index}.{proj}")  # GPTQ's, if it quantized this projection
             for bits in sorted({s.bits for s in states if not s.removed} - {16}):
-                idx = torch.tensor([s.expert for s in states if s.bits == bits and not s.removed])
+                experts = [s.expert for s in states if s.bits == bits and not s.removed]
+                fixed = [e for e in experts if grid is not None and int(grid.bits[e]) == bits]
+                rtn = [e for e in experts if e not in fixed]
                 gs = group_size_for(plan.quant.group_size, layer.weight(proj).shape[-1], proj, layer)
-                quant.append(_QuantGroup(proj, idx, bits, gs, plan.quant.symmetric))
+                if rtn:
+                    quant.append(_QuantGroup(proj, torch.tensor(rtn), bits, gs, plan.quant.symmetric))
+                if fixed:
+                    idx = torch.tensor(fixed)
+                    sel = idx.to(grid.scales.device)
+                    quant.append(_QuantGroup(proj, idx, bits, grid.group_size, grid.zero_points is None,
+                                             grid.scales[sel], None if grid.zero_points is None
+                                             else grid.zero_points[sel]))
         out[name] = ConstrainedWeight(keep, quant, layer) if keep is not None or quant else None
     return out
 
