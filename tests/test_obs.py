@@ -495,3 +495,48 @@ def test_gptq_beats_rtn_at_three_bits():
             r = gptq_quantize(W, H, q, blocksize=16, act_order=act_order)
             rtn = quantize_weight(W, 3, group, False).dequantized
             assert _err(W, r.weight, H) < 0.8 * _err(W, rtn, H), (group, act_order)
+
+
+# -- act-order with pruning (fixed mask, per-row selection) ------------------------------------------
+
+
+def test_act_order_with_a_fixed_mask_matches_brute_force_in_permuted_order():
+    """A fixed keep-mask + GPTQ in act-order: columns in descending diag(H), static grids of the masked
+    original groups, written plainly as the OBS sequence in permuted order."""
+    W, H = _w(6, 16, 21), _spd(16, 22, corr=1.0)
+    keep = _random_keep(6, 16, 23)
+    q = QuantSpec(3, 4, False)
+    Hd, _, _ = hessian_damped(H, 0.01)
+    perm = torch.argsort(torch.diagonal(Hd), descending=True, stable=True)
+    static = quantize_weight((W * keep).to(torch.float32), 3, 4, False)
+    keep_p = keep[:, perm]
+
+    def decide(j, Wc):
+        g = int(perm[j]) // 4
+        return _on_grid(torch.where(keep_p[:, j], Wc[:, j], 0.0), static.scales[:, g], static.zero_points[:, g], q)
+
+    ref = _brute_obs(W[:, perm], Hd[perm][:, perm], decide)[:, torch.argsort(perm)]
+    r = sparsegpt_prune(W, H, None, mask=keep, quant=q, blocksize=5, act_order=True)
+    torch.testing.assert_close(r.weight, ref, rtol=0, atol=1e-9)
+    assert torch.equal(r.mask, keep) and bool((r.weight[~keep] == 0).all())
+    assert torch.equal(r.scales, static.scales) and torch.equal(r.zero_points, static.zero_points)
+    assert r.loss == pytest.approx(_err(W, r.weight, Hd), rel=1e-9)
+    # Identity Hessian: no compensation, so act-order with a fixed mask is RTN of the masked weights.
+    Wf = W.to(torch.float32)
+    r = sparsegpt_prune(Wf, torch.eye(16), None, mask=keep, quant=QuantSpec(4, 8, True), act_order=True)
+    assert torch.equal(r.weight, quantize_weight(Wf * keep, 4, 8, True).dequantized)
+
+
+def test_act_order_with_per_row_selection_keeps_exact_counts_and_the_grid():
+    W, H = _w(8, 32, 24, torch.float32), _spd(32, 25, corr=1.0, dtype=torch.float32)
+    q = QuantSpec(4, 8, True)
+    r = sparsegpt_prune(W, H, 0.5, quant=q, blocksize=8, act_order=True)
+    plain = sparsegpt_prune(W, H, 0.5, quant=q, blocksize=8)
+    assert bool(((~r.mask).sum(1) == 16).all()) and bool((r.weight[~r.mask] == 0).all())
+    assert torch.equal(r.scales, quantize_weight(W, 4, 8, True).scales)  # static grids of the original groups
+    _assert_on_grid(r, q)
+    assert not torch.equal(r.weight, plain.weight)
+    with pytest.raises(ValueError, match="act_order"):
+        sparsegpt_prune(W, H, None, nm=(2, 4), quant=q, act_order=True)
+    with pytest.raises(ValueError, match="act_order"):
+        sparsegpt_prune(W, H, 0.5, act_order=True)

@@ -634,3 +634,127 @@ def test_second_order_cache_is_bounded_by_bytes(loaded_tiny):
     comp.second_order_cache_bytes = 1  # not even one: the newest is still kept
     comp.second_order(plans[0], samples)
     assert len(comp._second_order) == 1
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+def test_second_order_is_true_only_when_sparsegpt_prunes_or_gptq_quantizes(loaded_tiny):
+    """plan.second_order() says whether SparseGPT prunes / GPTQ quantizes some expert (including overrides),
+    never False where Compressor.apply takes the second-order path, and False where it compresses nothing."""
+    from moeviz.compression.plan import Override
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
+    S, G = "sparsegpt", "gptq"
+    cases = [  # (plan, second_order expected)
+        (CompressionPlan(pruning=PruningSettings(metric=S), quant=QuantSettings(method=G)), False),
+        (CompressionPlan(pruning=PruningSettings(metric=S), quant=QuantSettings(bits=4)), False),  # RTN
+        (CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5), quant=QuantSettings(method=G)),
+         False),  # GPTQ at 16 bits
+        (CompressionPlan(pruning=PruningSettings(metric=S, sparsity=0.5)), True),
+        (CompressionPlan(pruning=PruningSettings(metric=S, structure="2:4")), True),
+        (CompressionPlan(pruning=PruningSettings(metric=S), overrides=[Override(1, 3, sparsity=0.5)]), True),
+        (CompressionPlan(quant=QuantSettings(bits=4, method=G)), True),
+        (CompressionPlan(quant=QuantSettings(method=G), overrides=[Override(0, bits=4)]), True),
+        (CompressionPlan(pruning=PruningSettings(metric=S), quant=QuantSettings(method=G),
+                         overrides=[Override(0, 2, bits=8)]), True),
+    ]
+    comp = Compressor(lm, None)
+    for plan, expected in cases:
+        assert plan.second_order() == expected, plan
+        cm = comp.apply(plan, samples)
+        assert (cm.second_order is not None) == expected, plan
+        if not expected:
+            comp.apply(plan)  # the usual path: no calibration windows needed
+    # Conservative, never wrong the dangerous way: every layer overridden back to 16 bits still says True.
+    undone = CompressionPlan(quant=QuantSettings(bits=4, method=G), overrides=[Override(l, bits=16) for l in range(len(lm.layers))])
+    assert undone.second_order() and comp.apply(undone).second_order is None
+
+
+def test_refit_is_refused_with_gptq_and_above_its_size_limit(loaded_tiny, monkeypatch):
+    import moeviz.compression.second_order as so
+    from moeviz.compression.second_order import REFIT_MAX_COLUMNS, check_refit_cost
+
+    with pytest.raises(PlanError, match="refit.*gptq"):
+        CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
+                        quant=QuantSettings(bits=4, method="gptq"), refit=True).validate()
+    from moeviz.compression.plan import Override
+    with pytest.raises(PlanError, match="refit"):  # GPTQ through an override only
+        CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), quant=QuantSettings(method="gptq"),
+                        overrides=[Override(0, 1, bits=3)], refit=True).validate()
+    # GPTQ quantizing nothing, or RTN after the refit: allowed
+    CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), quant=QuantSettings(method="gptq"),
+                    refit=True).validate()
+    CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), quant=QuantSettings(bits=4),
+                    refit=True).validate()
+
+    class Layer:  # shapes only: 4 experts of [8, 2048] gate rows
+        index, path, num_experts = 0, "model.layers.0.mlp", 4
+
+        def projections(self):
+            return ["gate"]
+
+        def weight(self, p):
+            return torch.empty(4, 8, 2048, device="meta")
+
+    plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5, projections=["gate"]), refit=True)
+    removed = np.zeros((1, 4), dtype=bool)
+    check_refit_cost(plan, [Layer()], np.full((1, 4), 0.5), removed)  # 1024 kept columns: at the limit
+    with pytest.raises(PlanError, match=r"refit: .*keeps 1229 of its 2048 columns.*limit 1024.*floating-point"):
+        check_refit_cost(plan, [Layer()], np.array([[0.5, 0.4, 0.5, 0.5]]), removed)
+    check_refit_cost(plan, [Layer()], np.array([[0.5, 0.4, 0.5, 0.5]]), np.array([[False, True, False, False]]))
+    check_refit_cost(CompressionPlan(pruning=plan.pruning), [Layer()], np.full((1, 4), 0.1), removed)  # refit off
+    assert REFIT_MAX_COLUMNS == 1024
+    # Through Compressor.apply, before any Hessian is collected (tiny rows: a lowered limit)
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
+    monkeypatch.setattr(so, "REFIT_MAX_COLUMNS", 4)
+    monkeypatch.setattr(so, "capture_decoder_inputs", lambda *a, **k: pytest.fail("ran a forward before refusing"))
+    with pytest.raises(PlanError, match="refit"):
+        Compressor(lm, None).apply(CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), refit=True),
+                                   samples)
+
+
+def test_act_order_applies_to_an_old_metric_mask_with_gptq(loaded_tiny):
+    """magnitude's fixed mask + GPTQ act-order: each expert projection is
+    `sparsegpt_prune(base W, H, mask=…, quant=…, act_order=True)` (not silently the column order), the
+    mask holds and every weight lies on the grid the compressed model keeps. SparseGPT's own N:M with
+    GPTQ act-order is refused (its groups are consecutive columns)."""
+    from moeviz.compression.obs import QuantSpec, sparsegpt_prune
+    from moeviz.compression.quantize import quantize_on_grid
+
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 16, 32)
+    comp = Compressor(lm, None)
+    plan = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5),
+                           quant=QuantSettings(bits=3, group_size=8, symmetric=False, method="gptq"), act_order=True)
+    record: dict = {}
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
+    compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    cm = comp.apply(plan, samples, keep_masks=True)
+    plain = comp.apply(CompressionPlan.from_dict({**plan.to_dict(), "act_order": False}), samples)
+    spec = QuantSpec(3, 8, False)
+    checked = 0
+    for layer, base, other in zip(cm.layers, lm.layers, plain.layers):
+        for p in layer.projections():
+            grid, w = cm.grids[f"{layer.index}.{p}"], layer.weight(p)
+            assert torch.equal(quantize_on_grid(w, grid.scales, grid.zero_points, 3), w)
+            assert bool((w[~cm.masks[f"{layer.index}.{p}"]] == 0).all())
+        assert not torch.equal(layer.weight("up"), other.weight("up"))
+        for e in range(layer.num_experts):
+            if (layer.index, e, "in") not in record or record[(layer.index, e, "in")].shape[0] == 0:
+                continue
+            W = torch.cat([base.weight(p)[e] for p in ("gate", "up")]).float()
+            keep = torch.cat([cm.masks[f"{layer.index}.{p}"][e] for p in ("gate", "up")])
+            if any(w_["expert"] == e and w_["layer"] == layer.index for w_ in cm.second_order["warnings"]):  # damped more
+                continue
+            want = sparsegpt_prune(W, record[(layer.index, e, "in")], None, mask=keep, blocksize=plan.obs_blocksize,
+                                   percdamp=plan.percdamp, quant=spec, act_order=True).weight
+            got = torch.cat([layer.weight(p)[e] for p in ("gate", "up")])
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            checked += 1
+    assert checked >= 4
+    with pytest.raises(PlanError, match="act_order"):
+        CompressionPlan(pruning=PruningSettings(metric="sparsegpt", structure="2:4"),
+                        quant=QuantSettings(bits=4, method="gptq"), act_order=True).validate()
+    CompressionPlan(pruning=PruningSettings(metric="magnitude", structure="2:4"),  # a fixed N:M mask: fine
+                    quant=QuantSettings(bits=4, method="gptq"), act_order=True).validate()
