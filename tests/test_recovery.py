@@ -242,6 +242,27 @@ def test_gap_recovered():
 
 
 # ----------------------------------------------------------------------------- GPTQ plans: GPTQ's own grid
+def _codes_on_grid(w, scales, zeros, bits) -> bool:
+    """Brute force, independent of quantize.py: every w = (q - z)·scale with an integer code q in range."""
+    G = scales.shape[-1]
+    groups = w.float().reshape(*w.shape[:-1], G, -1)  # [E, out, G, gs]
+    code = groups / scales[..., None] + (0 if zeros is None else zeros[..., None])
+    lo, hi = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if zeros is None else (0, 2 ** bits - 1)
+    return bool(((code - code.round()).abs() < 1e-3).all() and (code.round() >= lo).all() and (code.round() <= hi).all())
+
+
+def test_quantize_on_a_given_grid_is_rtn_on_rtn_grids_and_moves_onto_the_grid():
+    from moeviz.compression.quantize import quantize_on_grid
+
+    w = torch.randn(3, 5, 16)
+    for symmetric in (True, False):
+        qw = quantize_weight(w, 3, 8, symmetric)
+        assert torch.equal(quantize_on_grid(w, qw.scales, qw.zero_points, 3), qw.dequantized)
+        moved = quantize_on_grid(w * 0.7 + 0.01, qw.scales, qw.zero_points, 3)  # other weights, same grid
+        assert _codes_on_grid(moved, qw.scales, qw.zero_points, 3) and not _codes_on_grid(w * 0.7 + 0.01, qw.scales,
+                                                                                          qw.zero_points, 3)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 def test_recovery_of_a_gptq_plan_starts_from_the_gptq_model_and_stays_on_its_grid(symmetric, loaded_tiny):
     """Step 0 is the GPTQ model bit for bit (no RTN re-quantization with scales computed from the weights);
@@ -278,6 +299,7 @@ def test_recovery_of_a_gptq_plan_starts_from_the_gptq_model_and_stays_on_its_gri
             w, keep = layer.weight(proj), reference.masks[f"{layer.index}.{proj}"]
             assert torch.equal(quantize_on_grid(ref.weight(proj), grid.scales, grid.zero_points, 3), ref.weight(proj))
             assert torch.equal(quantize_on_grid(w, grid.scales, grid.zero_points, 3), w), "a weight left GPTQ's grid"
+            assert _codes_on_grid(w, grid.scales, grid.zero_points, 3)
             assert bool((w[~keep] == 0).all()), "a pruned weight came back"
             changed |= not torch.equal(w, ref.weight(proj))
     assert changed, "recovery did not change the expert weights"
