@@ -263,13 +263,13 @@ def test_quantize_on_a_given_grid_is_rtn_on_rtn_grids_and_moves_onto_the_grid():
                                                                                           qw.zero_points, 3)
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
-def test_recovery_of_a_gptq_plan_starts_from_the_gptq_model_and_stays_on_its_grid(symmetric, loaded_tiny):
+@pytest.mark.parametrize("family,symmetric", [("mixtral", True), ("mixtral", False), ("gpt_oss", False)])
+def test_recovery_of_a_gptq_plan_starts_from_the_gptq_model_and_stays_on_its_grid(family, symmetric, loaded_tiny):
     """Step 0 is the GPTQ model bit for bit (no RTN re-quantization with scales computed from the weights);
     after training every weight lies on GPTQ's kept grid (per expert, row and group) and pruned weights stay 0."""
     from moeviz.compression.quantize import quantize_on_grid
 
-    lm = loaded_tiny("mixtral")
+    lm = loaded_tiny(family)  # gpt_oss: [E, in, out] fused layout
     samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
     stats = calibrate(lm, samples, batch_size=4)
     plan = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5),
