@@ -125,34 +125,37 @@ uses_sparsegpt = s.pw_metric == "sparsegpt"
 if quantized or uses_sparsegpt:
     # Second-order options, shown only where they act: GPTQ needs quantized weights, the Hessian and the
     # OBS settings a SparseGPT or GPTQ plan.
-    c1, c2, c3, c4 = st.columns(4)
+    slots = iter(st.columns(4))  # the options shown, left to right without gaps
     if quantized:
-        c1.selectbox("Quantization method", QUANT_METHODS, key="pw_quant_method",
+        next(slots).selectbox("Quantization method", QUANT_METHODS, key="pw_quant_method",
                      format_func={"rtn": "RTN (round to nearest)", "gptq": "GPTQ (second order)"}.get,
                      help="RTN rounds each weight to its grid on its own. GPTQ quantizes one input column at a time "
                           "and updates the columns not yet quantized to cancel the error on the calibration inputs "
                           "(runs as a job, then cached for this plan)")
     if uses_sparsegpt or uses_gptq:
-        c2.selectbox("Hessian (SparseGPT / GPTQ)", HESSIANS, key="pw_hessian",
+        next(slots).selectbox("Hessian (SparseGPT / GPTQ)", HESSIANS, key="pw_hessian",
                      format_func={"router_weighted": "router-weighted (Σ g²·x·xᵀ)", "plain": "plain (Σ x·xᵀ)"}.get,
                      help="The inputs whose output error is minimised. router-weighted: each expert's tokens weighted "
                           "by the square of the routing weight g its output is multiplied by (the error the model "
                           "sees); plain: every routed token counts the same")
     if uses_gptq:
-        c3.checkbox("GPTQ act-order", key="pw_act_order",
+        next(slots).checkbox("GPTQ act-order", key="pw_act_order",
                     help="Quantize the columns with the largest Hessian diagonal (most active inputs) first, while "
                          "the most columns are left to absorb their error; often better at 3 bits, a little slower")
     if uses_sparsegpt:
-        c4.checkbox("SparseGPT refit", key="pw_refit",
-                    help="After the mask is chosen, re-solve the kept weights of each row exactly by least squares "
-                         "for that mask (slower; the usual SparseGPT update is an approximation of this)")
+        next(slots).checkbox("SparseGPT refit", key="pw_refit",
+                    help="After the mask is chosen, re-solve each row's kept weights exactly (least squares on the "
+                         "Hessian) for that mask; the usual SparseGPT update approximates this. Cost grows with "
+                         "the cube of the kept columns: fine for small experts, too slow for 4096-wide rows")
     if uses_sparsegpt or uses_gptq:
         with st.expander("Second-order solver settings (block size, damping)"):
             o1, o2, _ = st.columns([1, 1, 2])
             o1.number_input("Block size (columns)", 1, 4096, key="pw_blocksize", step=32,
-                            help="Columns processed together before the remaining columns are updated (lazy batch "
-                                 "updates). Changes speed, not the result, except for N:M, which needs a multiple "
-                                 "of M")
+                            help="Columns processed together before the columns after them are updated (lazy "
+                                 "batch updates). GPTQ and N:M: speed only (N:M needs a multiple of M). Unstructured "
+                                 "SparseGPT re-chooses each row's mask at every block, so smaller blocks adapt "
+                                 "more: better at high sparsity, slower (docs/QUALITY.md: 70 % on the demo, 16.3 "
+                                 "perplexity at 128, 15.0 at 32)")
             o2.number_input("Damping (percdamp)", 0.0001, 1.0, key="pw_percdamp", step=0.005, format="%.4f",
                             help="Added to the Hessian's diagonal, as a fraction of its mean, so that it can be "
                                  "inverted. Experts with fewer routed calibration tokens than input columns are "
@@ -358,9 +361,10 @@ go_eval = c1.button("Evaluate", type="primary", disabled=last is not None and no
 c2.toggle("Re-evaluate on every change", key="auto_eval_toggle", on_change=_auto_eval_changed,
           help="On by default when evaluating a plan of this model took under 2 s. Not for SparseGPT / GPTQ plans: "
                "each is a layer-by-layer job, started with Evaluate")
+job_hint = st.empty()  # cleared once this plan is evaluated
 if plan.second_order() and (last is None or is_stale):
     # The time of the last SparseGPT / GPTQ job on this model (any plan): said before a long job starts.
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(Exception), job_hint.container():
         past = run_store().runs(model_fingerprint=lm.fingerprint)
         col = "details.second_order.seconds"
         past = past[past[col].notna()] if col in past else past.iloc[0:0]
@@ -398,6 +402,7 @@ if go_eval or (s.get("_auto_eval", False) and not plan.second_order() and (last 
         result_dict, run_id, reused = evaluate_or_reuse(lm, stats, plan, progress=eval_progress)
     stop_slot.empty()
     bar.empty()
+    job_hint.empty()
     if not reused:  # the plan's apply + evaluation, not the one-off base evaluation
         s._last_eval_s = result_dict["seconds"] + result_dict["apply_seconds"]
     s.setdefault("_base_evaluated", set()).add(lm.fingerprint)
@@ -441,7 +446,8 @@ if result is not None:
         st.caption(f"Measured latency is unavailable for this model: {m['latency_unavailable']}")
     reused_note = " (this plan was evaluated before: its stored run is reused, no duplicate stored)" if s.get("_reused") else ""
     st.caption(f"Stored as run #{s.last_run_id}{reused_note}. Evaluated on {m['eval_tokens']:,} held-out tokens in "
-               f"{m['seconds']:.1f} s (apply {m['apply_seconds'] * 1000:.0f} ms).")
+               f"{m['seconds']:.1f} s (apply " + (f"{m['apply_seconds']:.1f} s)." if m["apply_seconds"] >= 1
+                                                else f"{m['apply_seconds'] * 1000:.0f} ms)."))
     so = m.get("second_order")
     if so:
         rp = CompressionPlan.from_dict(m["plan"])

@@ -178,7 +178,8 @@ event = st.dataframe(
     shown, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key="runs_table",
     column_config={
         "id": st.column_config.NumberColumn("run", format="%d"),
-        "parent_run_id": st.column_config.TextColumn("recovered from", width="small"),
+        "parent_run_id": st.column_config.TextColumn("parent", width="small",
+                                                     help="the run this one was recovered (distilled) from"),
         "name": st.column_config.TextColumn("name", width="medium"),
         "method": st.column_config.TextColumn("method", help="pruning metric, “+ gptq” when quantized by GPTQ"),
         "second_order": st.column_config.TextColumn(
