@@ -342,7 +342,12 @@ def test_sparsegpt_job_progress_stop_result_and_its_own_series(app_url):
         choose(page, "Pruning metric", "sparsegpt")
         wait_idle(page)
         page.get_by_text("Second-order solver settings").wait_for(timeout=30_000)  # shown for SparseGPT only
-        page.get_by_text("Hessian (SparseGPT / GPTQ)").scroll_into_view_if_needed()
+        page.get_by_text("Second-order solver settings").click()  # open: block size and damping
+        page.get_by_text("Damping (percdamp)").wait_for(timeout=30_000)
+        hessian = page.locator("[data-testid='stSelectbox']").filter(has_text="Hessian (SparseGPT / GPTQ)").first
+        hessian.scroll_into_view_if_needed()
+        hessian.locator("[data-testid='stTooltipIcon']").hover()  # its help text, as a person reads it
+        page.wait_for_timeout(500)
         page.screenshot(path=SHOTS / "4f_sparsegpt_options.png")
         page.get_by_role("button", name="Evaluate", exact=True).click()
         page.wait_for_function(JOB_RUNNING, timeout=60_000, polling=50)
@@ -377,3 +382,7 @@ def test_sparsegpt_job_progress_stop_result_and_its_own_series(app_url):
         page.get_by_role("heading", name="All runs").scroll_into_view_if_needed()
         page.wait_for_timeout(500)
         page.screenshot(path=SHOTS / "5f_runs_second_order.png")
+
+        nav(page, "Sensitivity")  # it cannot measure SparseGPT / GPTQ: it says so
+        page.get_by_text("which this page cannot measure").wait_for(timeout=60_000)
+        page.screenshot(path=SHOTS / "7c_sensitivity_second_order_note.png")
