@@ -306,7 +306,8 @@ def wait_idle(page, timeout_s=120):
 # While a SparseGPT job runs: the per-layer progress text with time left and the Stop button, at the same moment.
 JOB_RUNNING = r"""() => {
     const text = document.body.innerText;
-    const stop = [...document.querySelectorAll('button')].some(b => b.innerText.trim() === 'Stop');
+    // the page's own Stop button (st.button), not the toolbar's
+    const stop = [...document.querySelectorAll("[data-testid='stButton'] button")].some(b => b.innerText.trim() === 'Stop');
     return stop && /SparseGPT[^\n]*layer \d+\/\d+ · about \d+ s left/.test(text);
 }"""
 
