@@ -166,6 +166,8 @@ def second_order_settings(plan_json) -> str:
 
 
 df = df.assign(second_order=[second_order_settings(v) for v in df["plan_json"]]) if "plan_json" in df else df
+if "second_order" in df and not df["second_order"].astype(bool).any():  # no SparseGPT / GPTQ run: no empty column
+    df = df.drop(columns="second_order")
 cols = ["id", "parent_run_id", "name", "method", "second_order", "tags", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
         "projected_decode_ms", "measured_decode_ms", "mean_cv", "mean_topk_overlap", "created_at"]
 table = df[[c for c in cols if c in df]].sort_values("id", ascending=False).reset_index(drop=True)
