@@ -47,6 +47,7 @@ dims = ([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
 n_layers = max(len(lm.layers), 1)
 max_remove = min(l.num_experts - l.top_k for l in lm.layers)
 STRUCTURES = ["unstructured", "2:4", "4:8"]
+_DEFAULT = CompressionPlan()
 GROUPS = [32, 64, 128, -1]
 
 with st.expander("Load a plan (JSON)"):
@@ -65,20 +66,29 @@ with st.expander("Load a plan (JSON)"):
 
 # The controls show the plan; a plan set elsewhere (a run, an upload, a link) refills them, and so does
 # coming back to this page (Streamlit drops a widget's state while the widget is not shown).
-PLAN_WIDGETS = ("pw_metric", "pw_sparsity", "pw_structure", "pw_allocation", "pw_bits", "pw_group", "pw_symmetric",
-                "pw_act_bits", "pw_router_sparsity", "pw_router_bits", "pw_n_remove", "pw_sequential",
-                "pw_quant_method", "pw_hessian", "pw_act_order")
-if s.get("_plan_widgets_for") != plan.to_json() or any(k not in s for k in PLAN_WIDGETS):
-    s.pw_metric, s.pw_sparsity = plan.pruning.metric, float(plan.pruning.sparsity)
-    s.pw_structure = plan.pruning.structure if plan.pruning.structure in STRUCTURES else "unstructured"
-    s.pw_allocation, s.pw_bits = plan.pruning.allocation, plan.quant.bits
-    s.pw_group = plan.quant.group_size if plan.quant.group_size in GROUPS else 128
-    s.pw_symmetric, s.pw_act_bits = plan.quant.symmetric, plan.activation_bits
-    s.pw_router_sparsity, s.pw_router_bits = float(plan.router_sparsity), plan.router_bits
-    s.pw_n_remove = min(max_remove, len(plan.removed_experts) // n_layers)
-    s.pw_sequential = plan.sequential
-    s.pw_quant_method, s.pw_hessian, s.pw_act_order = plan.quant.method, plan.hessian, plan.act_order
+def _plan_widget_values(plan):
+    return dict(
+        pw_metric=plan.pruning.metric, pw_sparsity=float(plan.pruning.sparsity),
+        pw_structure=plan.pruning.structure if plan.pruning.structure in STRUCTURES else "unstructured",
+        pw_allocation=plan.pruning.allocation, pw_bits=plan.quant.bits,
+        pw_group=plan.quant.group_size if plan.quant.group_size in GROUPS else 128,
+        pw_symmetric=plan.quant.symmetric, pw_act_bits=plan.activation_bits,
+        pw_router_sparsity=float(plan.router_sparsity), pw_router_bits=plan.router_bits,
+        pw_n_remove=min(max_remove, len(plan.removed_experts) // n_layers), pw_sequential=plan.sequential,
+        pw_quant_method=plan.quant.method, pw_hessian=plan.hessian, pw_act_order=plan.act_order,
+        pw_blocksize=int(plan.obs_blocksize), pw_percdamp=float(plan.percdamp), pw_refit=plan.refit)
+
+
+# Widgets shown only when they matter (GPTQ options only for quantized weights, ...) lose their state while
+# hidden: those are refilled one by one from the plan, so that a hidden widget never resets the others.
+plan_values = _plan_widget_values(plan)
+if s.get("_plan_widgets_for") != plan.to_json():
+    s.update(plan_values)
     s._plan_widgets_for = plan.to_json()
+else:
+    for k, v in plan_values.items():
+        if k not in s:
+            s[k] = v
 
 
 def _repick_removal():
@@ -109,12 +119,50 @@ c4.number_input("Experts to remove per layer", 0, max_remove, key="pw_n_remove",
                      "removed until this number or the score changes.")
 st.checkbox("Sequential (re-calibrate each layer on the compressed layers before it, as the reference Wanda / "
             "MoE-Pruner procedures do; slower)", key="pw_sequential")
-c1, c2, c3, _ = st.columns(4)
-c1.selectbox("Quantization method", QUANT_METHODS, key="pw_quant_method",
-             help="rtn: round to nearest; gptq: second order, later columns compensate each rounding")
-c2.selectbox("Hessian (SparseGPT / GPTQ)", HESSIANS, key="pw_hessian",
-             help="router_weighted: each expert's Σ g²·x·xᵀ over its routed tokens (g = its routing weight); plain: Σ x·xᵀ")
-c3.checkbox("GPTQ act-order", key="pw_act_order", help="quantize columns by decreasing Hessian diagonal")
+quantized = int(s.pw_bits) < 16 or any(o.bits not in (None, 16) for o in plan.overrides)
+uses_gptq = quantized and s.pw_quant_method == "gptq"
+uses_sparsegpt = s.pw_metric == "sparsegpt"
+if quantized or uses_sparsegpt:
+    # Second-order options, shown only where they act: GPTQ needs quantized weights, the Hessian and the
+    # OBS settings a SparseGPT or GPTQ plan.
+    slots = iter(st.columns(4))  # the options shown, left to right without gaps
+    if quantized:
+        next(slots).selectbox("Quantization method", QUANT_METHODS, key="pw_quant_method",
+                     format_func={"rtn": "RTN (round to nearest)", "gptq": "GPTQ (second order)"}.get,
+                     help="RTN rounds each weight to its grid on its own. GPTQ quantizes one input column at a time "
+                          "and updates the columns not yet quantized to cancel the error on the calibration inputs "
+                          "(runs as a job, then cached for this plan)")
+    if uses_sparsegpt or uses_gptq:
+        next(slots).selectbox("Hessian (SparseGPT / GPTQ)", HESSIANS, key="pw_hessian",
+                     format_func={"router_weighted": "router-weighted (Σ g²·x·xᵀ)", "plain": "plain (Σ x·xᵀ)"}.get,
+                     help="The inputs whose output error is minimised. router-weighted: each expert's tokens weighted "
+                          "by the square of the routing weight g its output is multiplied by (the error the model "
+                          "sees); plain: every routed token counts the same")
+    if uses_gptq:
+        next(slots).checkbox("GPTQ act-order", key="pw_act_order",
+                    help="Quantize the columns with the largest Hessian diagonal (most active inputs) first, while "
+                         "the most columns are left to absorb their error; often better at 3 bits, a little slower")
+    if uses_sparsegpt:
+        next(slots).checkbox("SparseGPT refit", key="pw_refit",
+                    help="After the mask is chosen, re-solve each row's kept weights exactly (least squares on the "
+                         "Hessian) for that mask; the usual SparseGPT update approximates this. Cost grows with "
+                         "the cube of the kept columns: fine for small experts, too slow for 4096-wide rows")
+    if uses_sparsegpt or uses_gptq:
+        with st.expander("Second-order solver settings (block size, damping)"):
+            o1, o2, _ = st.columns([1, 1, 2])
+            o1.number_input("Block size (columns)", 1, 4096, key="pw_blocksize", step=32,
+                            help="Columns processed together before the columns after them are updated (lazy "
+                                 "batch updates). GPTQ and N:M: speed only (N:M needs a multiple of M). Unstructured "
+                                 "SparseGPT re-chooses each row's mask at every block, so smaller blocks adapt "
+                                 "more: better at high sparsity, slower (docs/QUALITY.md: 70 % on the demo, 16.3 "
+                                 "perplexity at 128, 15.0 at 32)")
+            o2.number_input("Damping (percdamp)", 0.0001, 1.0, key="pw_percdamp", step=0.005, format="%.4f",
+                            help="Added to the Hessian's diagonal, as a fraction of its mean, so that it can be "
+                                 "inverted. Experts with fewer routed calibration tokens than input columns are "
+                                 "damped at least 0.1 and listed after the evaluation")
+    if uses_sparsegpt or uses_gptq:
+        st.caption("SparseGPT / GPTQ run layer by layer as a job when you press Evaluate (progress, time left and a "
+                   "Stop button); the result is cached for this plan.")
 
 removed = plan.removed_experts
 if s.pop("_repick_removal", False):
@@ -123,10 +171,15 @@ live = CompressionPlan(
     pruning=PruningSettings(metric=s.pw_metric, sparsity=round(float(s.pw_sparsity), 4), structure=s.pw_structure,
                             allocation=s.pw_allocation, projections=plan.pruning.projections,
                             allocation_bounds=plan.pruning.allocation_bounds),
+    # Settings of a method the plan does not use are kept at their defaults: the same compression is one plan
+    # (one stored run), and a hidden GPTQ choice never turns a 16-bit plan into a second-order job.
     quant=QuantSettings(bits=int(s.pw_bits), group_size=int(s.pw_group), symmetric=bool(s.pw_symmetric),
-                        method=s.pw_quant_method),
-    hessian=s.pw_hessian, act_order=bool(s.pw_act_order), obs_blocksize=plan.obs_blocksize, percdamp=plan.percdamp,
-    refit=plan.refit,
+                        method=s.pw_quant_method if quantized else QuantSettings().method),
+    hessian=s.pw_hessian if uses_sparsegpt or uses_gptq else _DEFAULT.hessian,
+    act_order=bool(s.pw_act_order) if uses_gptq else _DEFAULT.act_order,
+    obs_blocksize=int(s.pw_blocksize) if uses_sparsegpt or uses_gptq else _DEFAULT.obs_blocksize,
+    percdamp=round(float(s.pw_percdamp), 6) if uses_sparsegpt or uses_gptq else _DEFAULT.percdamp,
+    refit=bool(s.pw_refit) if uses_sparsegpt else _DEFAULT.refit,
     overrides=plan.overrides, removed_experts=[tuple(x) for x in removed],
     router_sparsity=round(float(s.pw_router_sparsity), 4), router_bits=int(s.pw_router_bits),
     activation_bits=int(s.pw_act_bits), sequential=bool(s.pw_sequential), name=plan.name,
@@ -308,6 +361,20 @@ go_eval = c1.button("Evaluate", type="primary", disabled=last is not None and no
 c2.toggle("Re-evaluate on every change", key="auto_eval_toggle", on_change=_auto_eval_changed,
           help="On by default when evaluating a plan of this model took under 2 s. Not for SparseGPT / GPTQ plans: "
                "each is a layer-by-layer job, started with Evaluate")
+job_hint = st.empty()  # cleared once this plan is evaluated
+if plan.second_order() and (last is None or is_stale):
+    # The time of the last SparseGPT / GPTQ job on this model (any plan): said before a long job starts.
+    with contextlib.suppress(Exception), job_hint.container():
+        past = run_store().runs(model_fingerprint=lm.fingerprint)
+        col = "details.second_order.seconds"
+        past = past[past[col].notna()] if col in past else past.iloc[0:0]
+        if not past.empty:
+            st.caption(f"Evaluate runs a layer-by-layer job: the last SparseGPT / GPTQ job on this model took "
+                       f"{float(past[col].iloc[-1]):.1f} s (run #{int(past['id'].iloc[-1])}), then evaluation. "
+                       "Progress, time left and a Stop button are shown while it runs.")
+        else:
+            st.caption("Evaluate runs a layer-by-layer job (the first SparseGPT / GPTQ job on this model): time "
+                       "left is shown from the first layer on, with a Stop button.")
 if go_eval or (s.get("_auto_eval", False) and not plan.second_order() and (last is None or is_stale)):
     base_known = lm.fingerprint in s.get("_base_evaluated", set())
     message = ("Applying the plan and evaluating on held-out text…" if base_known else
@@ -335,6 +402,7 @@ if go_eval or (s.get("_auto_eval", False) and not plan.second_order() and (last 
         result_dict, run_id, reused = evaluate_or_reuse(lm, stats, plan, progress=eval_progress)
     stop_slot.empty()
     bar.empty()
+    job_hint.empty()
     if not reused:  # the plan's apply + evaluation, not the one-off base evaluation
         s._last_eval_s = result_dict["seconds"] + result_dict["apply_seconds"]
     s.setdefault("_base_evaluated", set()).add(lm.fingerprint)
@@ -378,7 +446,27 @@ if result is not None:
         st.caption(f"Measured latency is unavailable for this model: {m['latency_unavailable']}")
     reused_note = " (this plan was evaluated before: its stored run is reused, no duplicate stored)" if s.get("_reused") else ""
     st.caption(f"Stored as run #{s.last_run_id}{reused_note}. Evaluated on {m['eval_tokens']:,} held-out tokens in "
-               f"{m['seconds']:.1f} s (apply {m['apply_seconds'] * 1000:.0f} ms).")
+               f"{m['seconds']:.1f} s (apply " + (f"{m['apply_seconds']:.1f} s)." if m["apply_seconds"] >= 1
+                                                else f"{m['apply_seconds'] * 1000:.0f} ms)."))
+    so = m.get("second_order")
+    if so:
+        rp = CompressionPlan.from_dict(m["plan"])
+        what = " + ".join(x for x, on in (("SparseGPT", rp.pruning.metric == "sparsegpt"),
+                                          ("GPTQ", rp.quant.method == "gptq")) if on)
+        opts = [f"Hessian {rp.hessian.replace('_', '-')}", f"block {rp.obs_blocksize}", f"percdamp {rp.percdamp:g}"]
+        opts += ["act-order"] if rp.act_order and rp.quant.method == "gptq" else []
+        opts += ["refit"] if rp.refit and rp.pruning.metric == "sparsegpt" else []
+        st.caption(f"{what}: {so['seconds']:.1f} s layer by layer at {so['threads']} torch thread(s) · "
+                   + " · ".join(opts) + ". Cached for this plan in this session.")
+        if so.get("warnings"):
+            warned = so["warnings"]
+            experts = sorted({(w["layer"], w["expert"]) for w in warned})
+            st.warning(f"{len(experts)} expert(s) got fewer routed calibration tokens than their input columns "
+                       f"({len(warned)} projection(s)): their Hessian is rank-deficient, so it was damped more "
+                       "(or replaced by the identity when no token reached the expert) and their weights are "
+                       "closer to plain magnitude / RTN. More calibration windows (page 1) fix this.", icon="⚠️")
+            with st.expander("Experts with a damped Hessian"):
+                st.dataframe(pd.DataFrame(warned), hide_index=True, width="stretch")
     c1, c2 = st.columns(2)
     c1.plotly_chart(readable(figures.drift_per_layer(m)), width="stretch")
     c2.plotly_chart(readable(figures.load_balance_comparison(m)), width="stretch")

@@ -149,7 +149,26 @@ take_selection("pareto", st.plotly_chart(readable(figures.pareto_chart(df, x=x, 
                                          selection_mode="points", key="pareto"))
 
 st.subheader("All runs")
-cols = ["id", "parent_run_id", "name", "tags", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
+
+
+def second_order_settings(plan_json) -> str:
+    """SparseGPT / GPTQ settings of a run, e.g. "router-weighted · block 128 · damp 0.01 · act-order"; "" else."""
+    try:
+        p = CompressionPlan.from_json(plan_json)
+    except Exception:  # an unreadable stored plan: nothing to show
+        return ""
+    if not p.second_order():
+        return ""
+    parts = [p.hessian.replace("_", "-"), f"block {p.obs_blocksize}", f"damp {p.percdamp:g}"]
+    parts += ["act-order"] if p.act_order and p.quant.method == "gptq" else []
+    parts += ["refit"] if p.refit and p.pruning.metric == "sparsegpt" else []
+    return " · ".join(parts)
+
+
+df = df.assign(second_order=[second_order_settings(v) for v in df["plan_json"]]) if "plan_json" in df else df
+if "second_order" in df and not df["second_order"].astype(bool).any():  # no SparseGPT / GPTQ run: no empty column
+    df = df.drop(columns="second_order")
+cols = ["id", "parent_run_id", "name", "method", "second_order", "tags", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
         "projected_decode_ms", "measured_decode_ms", "mean_cv", "mean_topk_overlap", "created_at"]
 table = df[[c for c in cols if c in df]].sort_values("id", ascending=False).reset_index(drop=True)
 shown = table.assign(parent_run_id=pd.to_numeric(table["parent_run_id"], errors="coerce").map(
@@ -161,8 +180,12 @@ event = st.dataframe(
     shown, hide_index=True, width="stretch", on_select="rerun", selection_mode="single-row", key="runs_table",
     column_config={
         "id": st.column_config.NumberColumn("run", format="%d"),
-        "parent_run_id": st.column_config.TextColumn("recovered from", width="small"),
+        "parent_run_id": st.column_config.TextColumn("parent", width="small",
+                                                     help="the run this one was recovered (distilled) from"),
         "name": st.column_config.TextColumn("name", width="medium"),
+        "method": st.column_config.TextColumn("method", help="pruning metric, “+ gptq” when quantized by GPTQ"),
+        "second_order": st.column_config.TextColumn(
+            "SparseGPT / GPTQ settings", help="Hessian · block size · damping (percdamp) · act-order · refit"),
         "accuracy": st.column_config.NumberColumn("accuracy", format="%.1f %%"),
         "perplexity": st.column_config.NumberColumn("perplexity", format="%.2f"),
         "compression_ratio": st.column_config.NumberColumn("ratio", format="%.2f×"),

@@ -29,10 +29,17 @@ lm = require_model()
 stats = require_stats(lm)
 plan = current_plan()
 
+if plan.second_order():
+    # Sensitivity prunes / quantizes one expert at a time on cached inputs: SparseGPT and GPTQ compensate
+    # within a whole layer from Hessians collected layer by layer, which this per-expert grid cannot do.
+    st.info("The current plan uses SparseGPT / GPTQ, which this page cannot measure (their weight updates need "
+            "layer-by-layer Hessians, not one expert at a time): sensitivity is measured with a first-order metric "
+            "(chosen below) and round-to-nearest. A fitted plan keeps the metric chosen here; set SparseGPT / GPTQ "
+            "again on the Compress page to evaluate it with the second-order methods.")
 with st.form("sensitivity_form"):
     c1, c2, c3 = st.columns(3)
     first_order = [m for m in METRICS if m != "sparsegpt"]  # SparseGPT needs layer-by-layer Hessians: not per expert
-    metric = c1.selectbox("Pruning metric", first_order,
+    metric = c1.selectbox("Pruning metric", first_order, help="SparseGPT is not offered: see the note above",
                           index=first_order.index(plan.pruning.metric) if plan.pruning.metric in first_order else 0)
     group_size = c2.selectbox("Quantization group size", [32, 64, 128, -1],
                               index=[32, 64, 128, -1].index(plan.quant.group_size) if plan.quant.group_size in (32, 64, 128, -1) else 2)

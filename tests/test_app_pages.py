@@ -503,3 +503,74 @@ def test_quality_proxy_updates_live_while_editing(tiny_model_dirs):
     ok(at)
     assert proxy() > high
     assert at.session_state["last_result"] is None  # nothing was evaluated
+
+
+def test_second_order_options_show_where_they_act_and_the_result_says_what_ran(tiny_model_dirs):
+    """GPTQ options only for quantized weights, the Hessian / solver settings only for SparseGPT or GPTQ
+    plans; a hidden GPTQ choice never makes a 16-bit plan a second-order job; the result names the
+    settings and the experts whose Hessian was damped; Trade-offs lists the settings per run; Sensitivity
+    says it cannot measure SparseGPT."""
+    at = compress_page(tiny_model_dirs)
+    at.session_state["_auto_eval"] = False
+    labels = lambda: {w.label for w in [*at.selectbox, *at.checkbox, *at.number_input]}  # noqa: E731
+    second = {"Quantization method", "Hessian (SparseGPT / GPTQ)", "GPTQ act-order", "SparseGPT refit",
+              "Block size (columns)", "Damping (percdamp)"}
+    assert not labels() & second  # magnitude, 16 bits: none of them
+    next(b for b in at.selectbox if b.label == "Expert weight bits").set_value(4).run()
+    assert labels() & second == {"Quantization method"}  # RTN: no Hessian yet
+    next(b for b in at.selectbox if b.label == "Quantization method").set_value("gptq").run()
+    ok(at)
+    assert labels() & second == second - {"SparseGPT refit"}
+    assert plan_of(at).second_order()
+    next(b for b in at.selectbox if b.label == "Expert weight bits").set_value(16).run()
+    ok(at)
+    assert not labels() & second and not plan_of(at).second_order()  # gptq hidden: not a job any more
+    assert plan_of(at).quant.method == "rtn"
+
+    next(b for b in at.selectbox if b.label == "Pruning metric").set_value("sparsegpt").run()
+    at.slider[0].set_value(0.6).run()
+    assert labels() & second == second - {"Quantization method", "GPTQ act-order"}
+    next(b for b in at.selectbox if b.label == "Hessian (SparseGPT / GPTQ)").set_value("plain").run()
+    next(n for n in at.number_input if n.label == "Damping (percdamp)").set_value(0.05).run()
+    ok(at)
+    plan = plan_of(at)
+    assert (plan.pruning.metric, plan.hessian, plan.percdamp, plan.pruning.sparsity) == ("sparsegpt", "plain", 0.05, 0.6)
+    assert any("first SparseGPT / GPTQ job on this model" in c.value for c in at.caption)  # said before it starts
+    button(at, "Evaluate").click().run()
+    ok(at)
+    so = at.session_state["last_result"]["second_order"]
+    assert any(c.value.startswith("SparseGPT:") and "Hessian plain" in c.value and "percdamp 0.05" in c.value
+               for c in at.caption)
+    assert not so["warnings"] and not any("fewer routed calibration tokens" in w.value for w in at.warning)
+    at.slider[0].set_value(0.5).run()  # another second-order plan: the last job's time is said first
+    assert any(f"took {so['seconds']:.1f} s" in c.value for c in at.caption)
+
+    at.switch_page("pages/5_tradeoffs.py").run()
+    ok(at)
+    runs = next(d.value for d in at.dataframe if "second_order" in d.value.columns)
+    row = runs[runs["method"] == "sparsegpt"].iloc[0]
+    assert row["second_order"] == "plain · block 128 · damp 0.05"
+    at.switch_page("pages/7_sensitivity.py").run()
+    ok(at)
+    assert any("SparseGPT / GPTQ, which this page cannot measure" in i.value for i in at.info)
+
+
+def test_experts_with_too_few_calibration_tokens_are_named_after_a_second_order_job(tiny_model_dirs):
+    """One calibration window of 8 tokens: each expert sees fewer routed tokens than its input columns, its
+    Hessian is damped more, and the page says so (count + a table), not only the export report."""
+    at = new_app(tiny_model_dirs["mixtral"])
+    at.number_input[0].set_value(1)
+    at.number_input[1].set_value(8)
+    button(at, "Run calibration").click().run()
+    at.switch_page("pages/4_compress.py").run()
+    at.session_state["_auto_eval"] = False
+    next(b for b in at.selectbox if b.label == "Pruning metric").set_value("sparsegpt").run()
+    button(at, "Evaluate").click().run()
+    ok(at)
+    warned = at.session_state["last_result"]["second_order"]["warnings"]
+    assert warned
+    n_experts = len({(w["layer"], w["expert"]) for w in warned})
+    assert any(f"{n_experts} expert(s) got fewer routed calibration tokens" in w.value and "damped" in w.value
+               for w in at.warning)
+    table = next(d.value for d in at.dataframe if "tokens" in d.value.columns)
+    assert len(table) == len(warned) and (table["tokens"] < table["columns"]).all()

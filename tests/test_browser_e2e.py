@@ -279,3 +279,111 @@ def test_sensitivity_heatmap_and_the_optimised_curve(app_url):
         assert page.locator("g.legend text").filter(has_text="optimised").count() >= 1
         page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()
         page.screenshot(path=SHOTS / "7b_optimised_curve.png")
+
+
+def choose(page, label, option):
+    """Pick `option` in the st.selectbox labelled `label`, as a person does (open the list, click). A click
+    that lands while a rerun redraws the box can leave it closed: then click again."""
+    box = page.locator("[data-testid='stSelectbox']").filter(has_text=label).first
+    for attempt in range(3):
+        box.click()
+        try:
+            page.get_by_role("option", name=option, exact=True).click(timeout=5_000)
+            break
+        except Exception:
+            if attempt == 2:
+                raise
+            page.keyboard.press("Escape")
+    page.wait_for_timeout(300)
+
+
+def wait_idle(page, timeout_s=120):
+    """Until the script run the last click started has finished (Streamlit's status widget gone)."""
+    page.wait_for_timeout(300)
+    page.wait_for_function("!document.querySelector(\"[data-testid='stStatusWidget']\")", timeout=timeout_s * 1000)
+
+
+# While a SparseGPT job runs: the per-layer progress text with time left and the Stop button, at the same moment.
+JOB_RUNNING = r"""() => {
+    const text = document.body.innerText;
+    // the page's own Stop button (st.button), not the toolbar's
+    const stop = [...document.querySelectorAll("[data-testid='stButton'] button")].some(b => b.innerText.trim() === 'Stop');
+    return stop && /SparseGPT[^\n]*layer \d+\/\d+ · about \d+ s left/.test(text);
+}"""
+
+SERIES = """() => {
+    const traces = [...document.querySelectorAll('.js-plotly-plot')].flatMap(div => div.data || []);
+    const color = m => (traces.find(t => (t.name || '').split(' · ')[0] === m && t.showlegend !== false) || {}).marker;
+    const a = color('sparsegpt'), b = color('magnitude'), c = color('sparsegpt + gptq');
+    return a && b && c && a.color !== b.color && c.color !== a.color && c.color !== b.color;
+}"""
+
+
+def test_sparsegpt_job_progress_stop_result_and_its_own_series(app_url):
+    """Compress on the demo model: magnitude 60 %, then SparseGPT 60 % as a job (per-layer progress with time
+    left and a Stop button while it runs), a lower perplexity than magnitude's, the settings it ran with;
+    then SparseGPT + GPTQ 4-bit; Trade-offs draws "sparsegpt" and "sparsegpt + gptq" as series of their own."""
+    with calibrated_page(app_url) as page:
+        nav(page, "Compress")
+        page.get_by_text("Compression ratio (plan)").wait_for(timeout=60_000)
+        choose(page, "Pruning metric", "magnitude")
+        wait_idle(page)
+        thumb = page.get_by_role("slider").first  # Global sparsity: 50 % → 60 % with the keyboard
+        thumb.focus()
+        thumb.press("ArrowRight")
+        thumb.press("ArrowRight")
+        page.locator("[data-testid='stSliderThumbValue']").filter(has_text="60%").first.wait_for(timeout=30_000)
+        wait_idle(page)
+        assert "GPTQ act-order" not in page.locator("[data-testid='stMain']").inner_text()  # 16 bits: no GPTQ options
+        page.get_by_role("button", name="Evaluate", exact=True).click()
+        page.get_by_text("Stored as run").wait_for(timeout=120_000)
+        wait_idle(page)
+        magnitude = float(metric_value(page, "Perplexity"))
+
+        choose(page, "Pruning metric", "sparsegpt")
+        wait_idle(page)
+        page.get_by_text("Second-order solver settings").wait_for(timeout=30_000)  # shown for SparseGPT only
+        page.get_by_text("Second-order solver settings").click()  # open: block size and damping
+        page.get_by_text("Damping (percdamp)").wait_for(timeout=30_000)
+        hessian = page.locator("[data-testid='stSelectbox']").filter(has_text="Hessian (SparseGPT / GPTQ)").first
+        hessian.scroll_into_view_if_needed()
+        hessian.locator("[data-testid='stTooltipIcon']").hover()  # its help text, as a person reads it
+        page.wait_for_timeout(500)
+        page.screenshot(path=SHOTS / "4f_sparsegpt_options.png")
+        page.get_by_role("button", name="Evaluate", exact=True).click()
+        page.wait_for_function(JOB_RUNNING, timeout=60_000, polling=50)
+        page.screenshot(path=SHOTS / "4g_sparsegpt_running.png")  # taken while the job runs (or just after)
+        page.get_by_text("s layer by layer at").wait_for(timeout=180_000)
+        wait_idle(page)
+        sparsegpt = float(metric_value(page, "Perplexity"))
+        assert sparsegpt < magnitude, (sparsegpt, magnitude)
+        caption = page.get_by_text("s layer by layer at").inner_text()
+        assert caption.startswith("SparseGPT:") and "Hessian router-weighted" in caption, caption
+        page.get_by_text("Result (compressed vs base)").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "4h_sparsegpt_result.png")
+
+        choose(page, "Expert weight bits", "4-bit")
+        wait_idle(page)
+        choose(page, "Quantization method", "GPTQ (second order)")
+        wait_idle(page)
+        page.get_by_text("GPTQ act-order").wait_for(timeout=30_000)
+        page.get_by_role("button", name="Evaluate", exact=True).click()
+        page.get_by_text("SparseGPT + GPTQ:").wait_for(timeout=180_000)
+        wait_idle(page)
+
+        nav(page, "Trade-offs")
+        page.get_by_role("heading", name="Pareto front").wait_for(timeout=60_000)
+        wait_for_charts(page, 4)
+        page.wait_for_function(SERIES, timeout=60_000)
+        legend = page.locator("g.legend text")
+        assert legend.filter(has_text="sparsegpt + gptq").count() >= 1
+        page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
+        page.wait_for_timeout(300)
+        page.screenshot(path=SHOTS / "5e_sparsegpt_series.png")
+        page.get_by_role("heading", name="All runs").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=SHOTS / "5f_runs_second_order.png")
+
+        nav(page, "Sensitivity")  # it cannot measure SparseGPT / GPTQ: it says so
+        page.get_by_text("which this page cannot measure").wait_for(timeout=60_000)
+        page.screenshot(path=SHOTS / "7c_sensitivity_second_order_note.png")
