@@ -351,7 +351,9 @@ def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | Non
     if so:  # SparseGPT / GPTQ: experts whose Hessian had fewer routed calibration tokens than columns
         warned = sorted({(w["layer"], w["expert"]) for w in so["warnings"]})
         lines += ["## Second-order compression (SparseGPT / GPTQ)", "",
-                  f"- {so['seconds']:.1f} s at {so['threads']} torch thread(s), Hessian `{compressed.plan.hessian}`",
+                  f"- {so['seconds']:.1f} s at {so['threads']} torch thread(s), Hessian `{compressed.plan.hessian}`, "
+                  f"block {compressed.plan.obs_blocksize}, percdamp {compressed.plan.percdamp}, "
+                  f"act-order {'on' if compressed.plan.act_order else 'off'}, refit {'on' if compressed.plan.refit else 'off'}",
                   f"- experts with fewer routed calibration tokens than columns (damped Hessian): "
                   + (", ".join(f"({l}, {e})" for l, e in warned) if warned else "none"), ""]
     if compressed.recovery:

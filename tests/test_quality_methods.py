@@ -173,7 +173,8 @@ def test_second_order_plan_is_cached_and_exports_round_trip(demo, tmp_path):
         assert torch.equal(la.weight("down"), lb.weight("down"))
     assert (a.layers[1].weight("gate")[3] == 0).all()  # removal combines with the new method
     out = export_model(lm, a, tmp_path / "out")
-    assert "Second-order compression" in (out / "moeviz_report.md").read_text()
+    report = (out / "moeviz_report.md").read_text()
+    assert "Second-order compression" in report and "block 128, percdamp 0.01, act-order off" in report
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = cal.input_ids[:2]
     with torch.no_grad():
