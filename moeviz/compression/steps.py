@@ -255,7 +255,7 @@ def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.nda
         part = (t[int(sel[0]):int(sel[-1]) + 1] if contiguous else t.index_select(0, idx.to(t.device))).detach()
         fused[name] = part.clone() if scratch is None else \
             scratch.get(("out", name), part.shape, part.dtype, part.device).copy_(part)
-    table_fn = None if tables is None else \
+    table_fn = None if tables is None or not fused or next(iter(fused.values())).device.type != "cpu" else \
         (lambda proj, e, factor: slot(base[layer.fused_name(proj)], proj, e, factor, tables))
     prune(layer, fused, sel, s, norms, masks, ranks, thresholds, scratch, table_fn)
     quantize(layer, fused, sel, s)

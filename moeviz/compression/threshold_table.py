@@ -112,14 +112,18 @@ class TableCache:
         self.max_bytes = max_bytes
         self._tables: OrderedDict[tuple, RowTable] = OrderedDict()
         self._owners: dict[int, weakref.finalize] = {}  # id(base tensor) -> finalizer dropping its entries
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: a finalizer may run during a collection inside a locked section
         self.nbytes = 0
         self.builds = 0  # tables stored (a test checks that a second Compressor / session builds none)
         self.hits = 0
 
     @staticmethod
     def key(base: torch.Tensor, proj: str, expert: int, digest: bytes | None) -> tuple:
-        return (id(base), base._version, proj, int(expert), digest)
+        try:
+            version = base._version
+        except RuntimeError:  # an inference tensor has no version counter (and cannot be edited outside one)
+            version = -1
+        return (id(base), version, proj, int(expert), digest)
 
     def get(self, key: tuple) -> RowTable | None:
         with self._lock:
