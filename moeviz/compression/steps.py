@@ -73,7 +73,8 @@ RanksFn = Callable[[str, torch.Tensor], torch.Tensor] | None
 def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings, norms: NormsFn,
           masks: dict[str, torch.Tensor] | None = None, ranks: RanksFn = None,
           thresholds: dict | None = None, scratch: Scratch | None = None,
-          tables: Callable[[str, int, torch.Tensor | None], TableSlot] | None = None) -> list[str]:
+          tables: Callable[[str, int, torch.Tensor | None], TableSlot] | None = None,
+          src: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Zero the lowest-score weights of each row of the selected experts' pruned projections.
 
     sel: [n] expert indices that `fused` holds (in order). masks: if given, receives the keep-mask
@@ -82,7 +83,10 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
     `RowThresholds` (O(rows) memory), filled on first use; the masks are the same as without.
     scratch: reusable buffers for the one-expert path's temporaries (`moeviz.compression.scratch`).
     tables(proj, expert, column factor): the shared threshold-table slot of an expert's projection
-    (`moeviz.compression.threshold_table`), or None to select on the fly; same masks either way."""
+    (`moeviz.compression.threshold_table`), or None to select on the fly; same masks either way.
+    src: name -> base part, for fused tensors of `fused` left unfilled (see `compress_experts`): the
+    unstructured path reads the base there and writes every row of them (one pass instead of a copy
+    then a product)."""
     sparsity = s.sparsity[sel]
     if not (sparsity > 0).any():
         return []
@@ -91,6 +95,7 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
         if proj not in layer.projections():
             continue
         w = layer.view(proj, fused[layer.fused_name(proj)])  # [n, out, in] view into the fused clone
+        src_w = layer.view(proj, src[layer.fused_name(proj)]) if src and layer.fused_name(proj) in src else None
         if s.nm is None and ranks is None:
             # Unstructured, no rank cache: one expert at a time, rows in cache-sized blocks, temporaries
             # in reused buffers (`prune_rows`). One expert (lazy path): the per-row thresholds are kept
@@ -102,11 +107,14 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
             for i in range(len(sel)):
                 k = int(prune_counts(float(sparsity[i]), w.shape[-1], ()))
                 if k <= 0:  # a dense expert (or too few columns to prune one)
+                    if src_w is not None:
+                        w[i].copy_(src_w[i])
                     continue
                 factor = column_factor(tuple(w.shape[1:]), s.metric, None if norm is None else norm[i], w.device)
                 t = prune_rows(w[i], factor, k, thresholds.get(proj) if one else None, buffers,
                                None if keep is None else keep[i],
-                               None if tables is None else tables(proj, int(sel[i]), factor))
+                               None if tables is None else tables(proj, int(sel[i]), factor),
+                               None if src_w is None else src_w[i])
                 if one:
                     thresholds[proj] = t
             if masks is not None:
@@ -134,7 +142,7 @@ BLOCK_ELEMENTS = 1 << 16
 
 def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThresholds | None,
                scratch: Scratch, keep_out: torch.Tensor | None = None,
-               table: TableSlot | None = None) -> RowThresholds:
+               table: TableSlot | None = None, src: torch.Tensor | None = None) -> RowThresholds:
     """Zero, in place, the k lowest-score entries of every row of one expert's projection w [out, in]
     (scores |w| * factor, `moeviz.compression.scores`), a block of rows at a time.
 
@@ -142,7 +150,8 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
     keep_out: optional bool [out, in] that receives the keep-mask. table: the shared threshold-table
     slot of this projection (`moeviz.compression.threshold_table`; CPU only): if it holds k, no
     selection; if it is empty, each block's rows are sorted once and the table is filled (the
-    thresholds of k come from the same sort); if k is not in it, selection as without.
+    thresholds of k come from the same sort); if k is not in it, selection as without. src: the base
+    weights [out, in] to read (then w's contents are not read, only written: no copy beforehand).
     Returns the thresholds (O(rows)). The result is the same as
     `mask_from_thresholds(scores, row_thresholds(scores, k))` applied to the whole matrix: every step
     is per row."""
@@ -156,28 +165,34 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
         else:
             g = rt.column(k)
             rt = rt if g is not None else None
+    ties = rt is not None and bool(rt.tie[:, g].any())  # once per matrix, not per block
+    # Each block's buffers are views of one block-sized buffer per kind (the last block may be shorter).
+    full = (min(rows, out_f), n)
+    bufs = {key: scratch.get(key, full, dt, w.device) for key, dt in
+            (("scores", torch.float32), ("select", torch.float32), ("keep", w.dtype))}
     parts = []
     for r0 in range(0, out_f, rows):
         blk = w[r0:r0 + rows]  # [b, in] view
-        shape = tuple(blk.shape)
-        scores = scores_from_factor(blk, factor, scratch.get("scores", shape, torch.float32, w.device))
+        base = blk if src is None else src[r0:r0 + rows]
+        b = blk.shape[0]
+        scores = scores_from_factor(base, factor, bufs["scores"][:b])
         if t is not None:
-            tb = _rows_of(t, r0, r0 + shape[0])
+            tb = _rows_of(t, r0, r0 + b)
         elif rt is not None:
-            tb = rt.rows(scores, k, g, r0)
+            tb = rt.rows(scores, k, g, r0, ties)
         elif builder is not None:
-            tb = _sorted_thresholds(scores, k, scratch.get("select", shape, torch.float32, w.device), builder, r0)
+            tb = _sorted_thresholds(scores, k, bufs["select"][:b], builder, r0)
         else:
-            tb = row_thresholds(scores, k, work=scratch.get("select", shape, torch.float32, w.device))
+            tb = row_thresholds(scores, k, work=bufs["select"][:b])
         parts.append(tb)
         # The product uses a 0/1 mask in the weights' dtype: much faster than with a bool mask on CPU.
-        mask01 = scratch.get("keep", shape, w.dtype, w.device) if blk.is_floating_point() else None
+        mask01 = bufs["keep"][:b] if blk.is_floating_point() else None
         if keep_out is not None:  # the caller wants the bool mask too
-            keep = mask_from_thresholds(scores, tb, out=keep_out[r0:r0 + shape[0]])
+            keep = mask_from_thresholds(scores, tb, out=keep_out[r0:r0 + b])
             keep = keep if mask01 is None else mask01.copy_(keep)
         else:
             keep = mask_from_thresholds(scores, tb, out=mask01)
-        blk.mul_(keep)
+        torch.mul(base, keep, out=blk)
     if builder is not None:
         table.put(builder.table())
     if t is not None:
@@ -248,19 +263,31 @@ def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.nda
     (`moeviz.compression.threshold_table`; None: select on the fly), keyed by `base`'s tensors."""
     idx = torch.as_tensor(sel)
     contiguous = len(sel) and sel[-1] - sel[0] + 1 == len(sel)
-    fused = {}
+    fused, src = {}, {}
+    whole = _pruned_whole(layer, s, sel, ranks)
     for name in s.touched_names(layer):
         t = base[name]
         # A slice then a clone copies only the selected experts' rows, not the whole fused tensor.
         part = (t[int(sel[0]):int(sel[-1]) + 1] if contiguous else t.index_select(0, idx.to(t.device))).detach()
-        fused[name] = part.clone() if scratch is None else \
-            scratch.get(("out", name), part.shape, part.dtype, part.device).copy_(part)
+        out = torch.empty_like(part) if scratch is None else scratch.get(("out", name), part.shape, part.dtype, part.device)
+        if name in whole:  # pruning writes all of it from the base: no copy
+            fused[name], src[name] = out, part
+        else:
+            fused[name] = out.copy_(part)
     table_fn = None if tables is None or not fused or next(iter(fused.values())).device.type != "cpu" else \
         (lambda proj, e, factor: slot(base[layer.fused_name(proj)], proj, e, factor, tables))
-    prune(layer, fused, sel, s, norms, masks, ranks, thresholds, scratch, table_fn)
+    prune(layer, fused, sel, s, norms, masks, ranks, thresholds, scratch, table_fn, src)
     quantize(layer, fused, sel, s)
     remove(layer, fused, sel, s)
     return fused
+
+
+def _pruned_whole(layer: MoELayer, s: LayerSettings, sel: np.ndarray, ranks: RanksFn) -> set[str]:
+    """Fused tensors whose every projection the unstructured path of `prune` writes for experts `sel`."""
+    if s.nm is not None or ranks is not None or not (s.sparsity[sel] > 0).any():
+        return set()
+    names = {layer.fused_name(p) for p in s.projections if p in layer.projections()}
+    return {n for n in names if all(p in s.projections for p in layer.projections() if layer.fused_name(p) == n)}
 
 
 def layer_norms(stats_layer, metric: str, sel: np.ndarray, device) -> NormsFn:

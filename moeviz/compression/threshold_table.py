@@ -66,14 +66,15 @@ class RowTable:
         except ValueError:
             return None
 
-    def rows(self, scores: torch.Tensor, k: int, g: int, r0: int) -> RowThresholds:
+    def rows(self, scores: torch.Tensor, k: int, g: int, r0: int, ties: bool = True) -> RowThresholds:
         """RowThresholds of rows r0 .. r0 + len(scores) for count ks[g] = k, scores [b, n] being those
-        rows' scores (only read on rows with a tie, to count the tied entries to prune)."""
+        rows' scores (only read on rows with a tie, to count the tied entries to prune). ties=False:
+        the caller knows no row of column g has a tie (saves a check per block)."""
         b, n = scores.shape
         v = self.v[r0:r0 + b, g:g + 1]
         bad = self.tie[r0:r0 + b, g]
         need = torch.zeros(b, dtype=torch.int64)
-        if bool(bad.any()):  # as in masks.row_thresholds
+        if ties and bool(bad.any()):  # as in masks.row_thresholds
             need[bad] = k - (scores[bad] < v[bad]).sum(dim=-1)
         return RowThresholds(k, n, v, bad, need)
 
