@@ -150,6 +150,26 @@ def mask_from_thresholds(scores: torch.Tensor, t: RowThresholds, out: torch.Tens
     return keep
 
 
+def mask_in_scores_(scores: torch.Tensor, t: RowThresholds) -> torch.Tensor:
+    """:func:`mask_from_thresholds` written into ``scores`` itself (1 = keep, 0 = prune, in the scores'
+    float dtype), which it returns: no other buffer, and the comparison runs in place in one dtype
+    (see `steps.prune_rows`). ``scores`` are overwritten."""
+    if t.k <= 0:
+        return scores.fill_(1)
+    if t.k >= t.n:
+        return scores.fill_(0)
+    fix = None
+    if bool(t.bad.any()):  # rows with ties at the threshold, from the scores before they are overwritten
+        rows_v = t.v[t.bad]  # [R, 1]
+        rows_s = scores[t.bad]  # [R, in] (a copy)
+        eq = rows_s == rows_v
+        fix = (rows_s > rows_v) | (eq & (torch.cumsum(eq, dim=-1) > t.need[t.bad][:, None]))
+    keep = scores.gt_(t.v)
+    if fix is not None:
+        keep[t.bad] = fix.to(keep.dtype)
+    return keep
+
+
 def _row_mask_fixed_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep-mask pruning exactly ``k`` entries of every row of ``scores`` ([rows..., in])."""
     return mask_from_thresholds(scores, row_thresholds(scores, k))
