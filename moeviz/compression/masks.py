@@ -21,6 +21,9 @@ its own small quickselect. The UI changes sparsity far more often than scores, s
 cached ranks into a mask at any sparsity with a single comparison (cheaper than ``abs(W)``, since it
 reads int16 and writes bool). :func:`unstructured_row_mask` is the one-shot path
 (per-row selection + exact tie fix-up), which is faster than a full sort when the scores are used once.
+The thresholds of the app's slider sparsities are also kept per row, shared by the whole process
+(`moeviz.compression.threshold_table`: O(rows), built from one sort per row), so a new sparsity there
+needs no selection at all.
 """
 
 from __future__ import annotations
