@@ -9,7 +9,9 @@ its own. Per model:
 * ``calibration_s``: one moeviz calibration pass over the same number of tokens;
 * ``cold_apply_s``: the first ``Compressor.apply`` of a 50 % MoE-Pruner plan (lazy by default, which
   measures each expert's zeros once; ``MOEVIZ_SCALE_LAZY=0``: the materialised copy);
-* ``new_sparsity_to_result_s``: a 60 % plan on the warm compressor + its evaluation (the app's slider);
+* ``new_sparsity_to_result_s``: a 60 % plan on the warm compressor + its evaluation (the app's slider;
+  the per-row threshold tables the 50 % evaluation built serve it: ``threshold_table_bytes``, shared
+  by every compressor of the process, see ``moeviz.compression.threshold_table``);
 * ``evaluate_s``: ``Evaluator.evaluate`` of the compressed model (no latency measurement; a lazy
   model runs ``lazy_batch_windows`` windows per forward, see ``evaluate.lazy_batch_size``);
 * ``export_s``: ``export_model`` of the 50 % plan;
@@ -180,6 +182,9 @@ def measure_one(name: str, layers: int) -> dict:
     gc.collect()
     plan60 = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.6))
     _, t_new = _timed(lambda: evaluator.evaluate(comp.apply(plan60, lazy=LAZY)))
+    from moeviz.compression.threshold_table import TABLES
+
+    table_bytes = TABLES.nbytes  # the shared per-row threshold tables the first evaluation built
     cm = Compressor(lm, stats).apply(plan50, lazy=LAZY)  # a lazy model is materialised layer by layer by export
     _take_peak(phases, "new_sparsity")
     gc.collect()
@@ -195,7 +200,7 @@ def measure_one(name: str, layers: int) -> dict:
         lazy_batch_windows=lazy_windows, window_tokens=SEQ_LEN,
         checkpoint_bytes=ckpt, rss_before_load_bytes=rss_before, rss_after_load_bytes=rss_loaded,
         load_s=t_load, forward_s=t_fwd, calibration_s=t_cal, cold_apply_s=t_cold, evaluate_s=t_eval,
-        new_sparsity_to_result_s=t_new, export_s=t_export,
+        new_sparsity_to_result_s=t_new, export_s=t_export, threshold_table_bytes=table_bytes,
         peak_rss_calibrate_bytes=peak_cal, peak_rss_evaluate_bytes=peak_eval, peak_rss_with_export_bytes=peak_all,
         peak_rss_by_phase_bytes=phases, rss_before_export_bytes=rss_before_export,
         malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),

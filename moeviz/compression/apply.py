@@ -29,6 +29,7 @@ from moeviz.compression.masks import row_ranks, unstructured_row_mask
 from moeviz.compression.plan import CompressionPlan
 from moeviz.compression.quantize import fake_quantize_activations, quantize_weight
 from moeviz.compression.scores import importance_scores
+from moeviz.compression import threshold_table
 from moeviz.compression.lazy import LazyExpertWeights
 from moeviz.compression.steps import LayerSettings, compress_experts, layer_norms
 from moeviz.data import TokenSamples
@@ -384,8 +385,11 @@ class Compressor:
                 device = layer.weight("down").device
                 norms = layer_norms(stats.layers[layer.index] if stats is not None else None, s.metric, sel, device)
                 base = {n: getattr(layer.experts, n) for n in s.touched_names(layer)}
-                new = compress_experts(layer, base, sel, s, norms, layer_masks,
-                                       self._ranks_fn(layer, s, norms, sequential))
+                ranks = self._ranks_fn(layer, s, norms, sequential)
+                # The shared threshold tables (threshold_table) serve statistics that outlive this call;
+                # a sequential plan's per-layer re-calibration does not.
+                new = compress_experts(layer, base, sel, s, norms, layer_masks, ranks,
+                                       tables=threshold_table.TABLES if not sequential and ranks is None else None)
                 replaced += install_experts(layer, new)
             if masks is not None:
                 for proj, keep in layer_masks.items():

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moeviz.compression import threshold_table
 from moeviz.compression.scratch import Scratch, thread_scratch
 from moeviz.compression.steps import LayerSettings, compress_experts, layer_norms
 from moeviz.models.layers import MoELayer
@@ -35,6 +36,8 @@ class LazyExpertWeights:
     stats_layer: object | None  # LayerStats of this layer (None: magnitude or no pruning)
     # expert -> {projection: RowThresholds}: per-row thresholds of this plan (O(rows) memory, not
     # per weight), selected the first time an expert is compressed; later batches only compare.
+    # Across plans the process-wide threshold tables (`threshold_table.TABLES`) serve the slider's
+    # sparsities without any selection.
     thresholds: dict = field(default_factory=dict, repr=False)
 
     def __deepcopy__(self, memo):  # immutable: a structural copy shares the provider
@@ -51,7 +54,8 @@ class LazyExpertWeights:
         device = base[names[0]].device if names else None
         norms = layer_norms(self.stats_layer, self.settings.metric, sel, device)
         return compress_experts(self.layer, base, sel, self.settings, norms, masks,
-                                thresholds=self.thresholds.setdefault(e, {}), scratch=scratch)
+                                thresholds=self.thresholds.setdefault(e, {}), scratch=scratch,
+                                tables=threshold_table.TABLES)
 
     def __call__(self, experts: nn.Module, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         in_name = "gate_up_proj" if self.layer.has_gate else "up_proj"
@@ -95,7 +99,8 @@ class LazyExpertWeights:
         for start in range(0, n, step):
             sel = np.arange(start, min(start + step, n))
             part = compress_experts(self.layer, base, sel, self.settings,
-                                    layer_norms(self.stats_layer, self.settings.metric, sel, device))
+                                    layer_norms(self.stats_layer, self.settings.metric, sel, device),
+                                    tables=threshold_table.TABLES)
             for name, t in part.items():
                 new[name][start:start + len(sel)] = t
             del part

@@ -21,6 +21,9 @@ its own small quickselect. The UI changes sparsity far more often than scores, s
 cached ranks into a mask at any sparsity with a single comparison (cheaper than ``abs(W)``, since it
 reads int16 and writes bool). :func:`unstructured_row_mask` is the one-shot path
 (per-row selection + exact tie fix-up), which is faster than a full sort when the scores are used once.
+The thresholds of the app's slider sparsities are also kept per row, shared by the whole process
+(`moeviz.compression.threshold_table`: O(rows), built from one sort per row), so a new sparsity there
+needs no selection at all.
 """
 
 from __future__ import annotations
@@ -147,6 +150,26 @@ def mask_from_thresholds(scores: torch.Tensor, t: RowThresholds, out: torch.Tens
         # cumsum counts equal entries from the left, so the first `need` of them are pruned.
         keep_eq = eq & (torch.cumsum(eq, dim=-1) > t.need[t.bad][:, None])
         keep[t.bad] = (keep[t.bad].bool() | keep_eq).to(keep.dtype)
+    return keep
+
+
+def mask_in_scores_(scores: torch.Tensor, t: RowThresholds) -> torch.Tensor:
+    """:func:`mask_from_thresholds` written into ``scores`` itself (1 = keep, 0 = prune, in the scores'
+    float dtype), which it returns: no other buffer, and the comparison runs in place in one dtype
+    (see `steps.prune_rows`). ``scores`` are overwritten."""
+    if t.k <= 0:
+        return scores.fill_(1)
+    if t.k >= t.n:
+        return scores.fill_(0)
+    fix = None
+    if bool(t.bad.any()):  # rows with ties at the threshold, from the scores before they are overwritten
+        rows_v = t.v[t.bad]  # [R, 1]
+        rows_s = scores[t.bad]  # [R, in] (a copy)
+        eq = rows_s == rows_v
+        fix = (rows_s > rows_v) | (eq & (torch.cumsum(eq, dim=-1) > t.need[t.bad][:, None]))
+    keep = scores.gt_(t.v)
+    if fix is not None:
+        keep[t.bad] = fix.to(keep.dtype)
     return keep
 
 

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from moeviz.compression.masks import (
-    RowThresholds, mask_from_ranks, mask_from_thresholds, nm_mask, prune_counts, row_thresholds,
+    RowThresholds, mask_from_ranks, mask_in_scores_, nm_mask, prune_counts, row_thresholds,
 )
 from moeviz.compression.quantize import quantize_weight
 from moeviz.compression.scores import column_factor, importance_scores, scores_from_factor
 from moeviz.compression.scratch import Scratch
+from moeviz.compression.threshold_table import TableBuilder, TableCache, TableSlot, slot
 from moeviz.models.layers import MoELayer
 
 # Which calibration statistic feeds each projection's Wanda / MoE-Pruner score.
@@ -71,14 +72,21 @@ RanksFn = Callable[[str, torch.Tensor], torch.Tensor] | None
 
 def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings, norms: NormsFn,
           masks: dict[str, torch.Tensor] | None = None, ranks: RanksFn = None,
-          thresholds: dict | None = None, scratch: Scratch | None = None) -> list[str]:
+          thresholds: dict | None = None, scratch: Scratch | None = None,
+          tables: Callable[[str, int, torch.Tensor | None], TableSlot] | None = None,
+          src: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Zero the lowest-score weights of each row of the selected experts' pruned projections.
 
     sel: [n] expert indices that `fused` holds (in order). masks: if given, receives the keep-mask
     [n, out, in] per projection. Scores come from the weights in `fused`, which must still be the
     base weights (pruning is the first step). thresholds: a per-projection cache of one expert's
     `RowThresholds` (O(rows) memory), filled on first use; the masks are the same as without.
-    scratch: reusable buffers for the one-expert path's temporaries (`moeviz.compression.scratch`)."""
+    scratch: reusable buffers for the one-expert path's temporaries (`moeviz.compression.scratch`).
+    tables(proj, expert, column factor): the shared threshold-table slot of an expert's projection
+    (`moeviz.compression.threshold_table`), or None to select on the fly; same masks either way.
+    src: name -> base part, for fused tensors of `fused` left unfilled (see `compress_experts`): the
+    unstructured path reads the base there and writes every row of them (one pass instead of a copy
+    then a product)."""
     sparsity = s.sparsity[sel]
     if not (sparsity > 0).any():
         return []
@@ -87,6 +95,7 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
         if proj not in layer.projections():
             continue
         w = layer.view(proj, fused[layer.fused_name(proj)])  # [n, out, in] view into the fused clone
+        src_w = layer.view(proj, src[layer.fused_name(proj)]) if src and layer.fused_name(proj) in src else None
         if s.nm is None and ranks is None:
             # Unstructured, no rank cache: one expert at a time, rows in cache-sized blocks, temporaries
             # in reused buffers (`prune_rows`). One expert (lazy path): the per-row thresholds are kept
@@ -98,10 +107,14 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
             for i in range(len(sel)):
                 k = int(prune_counts(float(sparsity[i]), w.shape[-1], ()))
                 if k <= 0:  # a dense expert (or too few columns to prune one)
+                    if src_w is not None:
+                        w[i].copy_(src_w[i])
                     continue
                 factor = column_factor(tuple(w.shape[1:]), s.metric, None if norm is None else norm[i], w.device)
                 t = prune_rows(w[i], factor, k, thresholds.get(proj) if one else None, buffers,
-                               None if keep is None else keep[i])
+                               None if keep is None else keep[i],
+                               None if tables is None else tables(proj, int(sel[i]), factor),
+                               None if src_w is None else src_w[i])
                 if one:
                     thresholds[proj] = t
             if masks is not None:
@@ -128,38 +141,90 @@ BLOCK_ELEMENTS = 1 << 16
 
 
 def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThresholds | None,
-               scratch: Scratch, keep_out: torch.Tensor | None = None) -> RowThresholds:
+               scratch: Scratch, keep_out: torch.Tensor | None = None,
+               table: TableSlot | None = None, src: torch.Tensor | None = None) -> RowThresholds:
     """Zero, in place, the k lowest-score entries of every row of one expert's projection w [out, in]
     (scores |w| * factor, `moeviz.compression.scores`), a block of rows at a time.
 
     t: this plan's thresholds for w from an earlier call (then no selection is needed), else None.
-    keep_out: optional bool [out, in] that receives the keep-mask. Returns the thresholds (O(rows)).
-    The result is the same as `mask_from_thresholds(scores, row_thresholds(scores, k))` applied to
-    the whole matrix: every step is per row."""
+    keep_out: optional bool [out, in] that receives the keep-mask. table: the shared threshold-table
+    slot of this projection (`moeviz.compression.threshold_table`; CPU only): if it holds k, no
+    selection; if it is empty, each block's rows are sorted once and the table is filled (the
+    thresholds of k come from the same sort); if k is not in it, selection as without. src: the base
+    weights [out, in] to read (then w's contents are not read, only written: no copy beforehand).
+    Returns the thresholds (O(rows)). The result is the same as
+    `mask_from_thresholds(scores, row_thresholds(scores, k))` applied to the whole matrix: every step
+    is per row."""
     out_f, n = w.shape
     rows = max(1, BLOCK_ELEMENTS // n)
+    rt, g, builder = None, None, None
+    if t is None and table is not None and w.device.type == "cpu":
+        rt = table.get()
+        if rt is None:
+            builder = TableBuilder(out_f, n)
+        else:
+            g = rt.column(k)
+            rt = rt if g is not None else None
+    ties = rt is not None and bool(rt.tie[:, g].any())  # once per matrix, not per block
+    # Each block's buffers are views of one block-sized buffer per kind (the last block may be shorter).
+    full = (min(rows, out_f), n)
+    bufs = {key: scratch.get(key, full, dt, w.device) for key, dt in
+            (("scores", torch.float32), ("select", torch.float32), ("keep", w.dtype))}
     parts = []
     for r0 in range(0, out_f, rows):
         blk = w[r0:r0 + rows]  # [b, in] view
-        shape = tuple(blk.shape)
-        scores = scores_from_factor(blk, factor, scratch.get("scores", shape, torch.float32, w.device))
-        tb = row_thresholds(scores, k, work=scratch.get("select", shape, torch.float32, w.device)) if t is None \
-            else _rows_of(t, r0, r0 + shape[0])
-        parts.append(tb)
-        # The product uses a 0/1 mask in the weights' dtype: much faster than with a bool mask on CPU.
-        mask01 = scratch.get("keep", shape, w.dtype, w.device) if blk.is_floating_point() else None
-        if keep_out is not None:  # the caller wants the bool mask too
-            keep = mask_from_thresholds(scores, tb, out=keep_out[r0:r0 + shape[0]])
-            keep = keep if mask01 is None else mask01.copy_(keep)
+        base = blk if src is None else src[r0:r0 + rows]
+        b = blk.shape[0]
+        scores = scores_from_factor(base, factor, bufs["scores"][:b])
+        if t is not None:
+            tb = _rows_of(t, r0, r0 + b)
+        elif rt is not None:
+            tb = rt.rows(scores, k, g, r0, ties)
+        elif builder is not None:
+            tb = _sorted_thresholds(scores, k, bufs["select"][:b], builder, r0)
         else:
-            keep = mask_from_thresholds(scores, tb, out=mask01)
-        blk.mul_(keep)
+            tb = row_thresholds(scores, k, work=bufs["select"][:b])
+        parts.append(tb)
+        # The mask is made in the float32 scores' own buffer (`mask_in_scores_`), then copied to a 0/1
+        # mask in the weights' dtype: the product with it is much faster than with a bool mask on CPU.
+        # A comparison writing the bf16 mask directly took 69 us per 64 K block under the fixed mmap
+        # threshold of `models.loading` (14-17 us without it: apparently a per-call temporary), in
+        # place then a copy 5 + 9 us.
+        keep = mask_in_scores_(scores, tb)
+        if keep_out is not None:  # the caller wants the bool mask too
+            keep_out[r0:r0 + b].copy_(keep)
+        if blk.is_floating_point():
+            keep = bufs["keep"][:b].copy_(keep)
+        else:
+            keep = keep.bool()
+        torch.mul(base, keep, out=blk)
+    if builder is not None:
+        table.put(builder.table())
     if t is not None:
         return t
     if k <= 0 or k >= n:
         return RowThresholds(k, n, None, None, None)
     return RowThresholds(k, n, torch.cat([p.v for p in parts]), torch.cat([p.bad for p in parts]),
                          torch.cat([p.need for p in parts]))
+
+
+def _sorted_thresholds(scores: torch.Tensor, k: int, work: torch.Tensor, builder: TableBuilder,
+                       r0: int) -> RowThresholds:
+    """Sort a block's scores [b, n] in `work` (numpy's SIMD sort: about one np.partition), add its rows to
+    the table being built, and return the block's thresholds for k (as `row_thresholds` would)."""
+    b, n = scores.shape
+    srt = work.numpy()
+    np.copyto(srt, scores.numpy())
+    srt.sort(axis=-1)
+    builder.add(r0, srt)
+    if k <= 0 or k >= n:
+        return RowThresholds(k, n, None, None, None)
+    v = torch.from_numpy(srt[:, k - 1:k].copy())  # [b, 1] k-th smallest
+    bad = torch.from_numpy(srt[:, k] == srt[:, k - 1])  # the (k+1)-th equals it: a tie at the threshold
+    need = torch.zeros(b, dtype=torch.int64)
+    if bool(bad.any()):
+        need[bad] = k - (scores[bad] < v[bad]).sum(dim=-1)
+    return RowThresholds(k, n, v, bad, need)
 
 
 def _rows_of(t: RowThresholds, r0: int, r1: int) -> RowThresholds:
@@ -195,24 +260,39 @@ def remove(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: 
 def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings,
                      norms: NormsFn, masks: dict[str, torch.Tensor] | None = None,
                      ranks: RanksFn = None, thresholds: dict | None = None,
-                     scratch: Scratch | None = None) -> dict[str, torch.Tensor]:
+                     scratch: Scratch | None = None, tables: TableCache | None = None) -> dict[str, torch.Tensor]:
     """The compressed fused tensors of experts `sel`: prune, quantize, remove on clones of `base`
     (name -> the base's fused tensor, [E_total, ...]). Only tensors the plan touches are returned.
     scratch: reusable buffers (the lazy path); the returned tensors then live in them and are valid
-    until the next call with the same scratch."""
+    until the next call with the same scratch. tables: the shared threshold tables to read and fill
+    (`moeviz.compression.threshold_table`; None: select on the fly), keyed by `base`'s tensors."""
     idx = torch.as_tensor(sel)
     contiguous = len(sel) and sel[-1] - sel[0] + 1 == len(sel)
-    fused = {}
+    fused, src = {}, {}
+    whole = _pruned_whole(layer, s, sel, ranks)
     for name in s.touched_names(layer):
         t = base[name]
         # A slice then a clone copies only the selected experts' rows, not the whole fused tensor.
         part = (t[int(sel[0]):int(sel[-1]) + 1] if contiguous else t.index_select(0, idx.to(t.device))).detach()
-        fused[name] = part.clone() if scratch is None else \
-            scratch.get(("out", name), part.shape, part.dtype, part.device).copy_(part)
-    prune(layer, fused, sel, s, norms, masks, ranks, thresholds, scratch)
+        out = torch.empty_like(part) if scratch is None else scratch.get(("out", name), part.shape, part.dtype, part.device)
+        if name in whole:  # pruning writes all of it from the base: no copy
+            fused[name], src[name] = out, part
+        else:
+            fused[name] = out.copy_(part)
+    table_fn = None if tables is None or not fused or next(iter(fused.values())).device.type != "cpu" else \
+        (lambda proj, e, factor: slot(base[layer.fused_name(proj)], proj, e, factor, tables))
+    prune(layer, fused, sel, s, norms, masks, ranks, thresholds, scratch, table_fn, src)
     quantize(layer, fused, sel, s)
     remove(layer, fused, sel, s)
     return fused
+
+
+def _pruned_whole(layer: MoELayer, s: LayerSettings, sel: np.ndarray, ranks: RanksFn) -> set[str]:
+    """Fused tensors whose every projection the unstructured path of `prune` writes for experts `sel`."""
+    if s.nm is not None or ranks is not None or not (s.sparsity[sel] > 0).any():
+        return set()
+    names = {layer.fused_name(p) for p in s.projections if p in layer.projections()}
+    return {n for n in names if all(p in s.projections for p in layer.projections() if layer.fused_name(p) == n)}
 
 
 def layer_norms(stats_layer, metric: str, sel: np.ndarray, device) -> NormsFn:
