@@ -302,3 +302,38 @@ def test_lazy_evaluation_compresses_each_expert_once(loaded_tiny, monkeypatch):
     assert len(calls) > len(set(calls))  # one window per batch: experts compressed again in every batch
     assert one.perplexity == pytest.approx(many.perplexity, rel=1e-5)
     assert one.utilization == many.utilization
+
+
+def test_transposed_experts_are_pruned_in_a_row_major_copy_with_the_same_result(loaded_tiny, monkeypatch):
+    """GPT-OSS stores experts [E, in, out]; the lazy path (reused buffers) prunes a row-major copy
+    (`steps._rowmajor_copy`): the weights and masks equal the materialised model's bit for bit."""
+    from moeviz.compression import steps
+    from moeviz.compression.scratch import thread_scratch
+
+    monkeypatch.setattr(steps, "BLOCK_ELEMENTS", 40)  # several row blocks
+    monkeypatch.setattr(steps, "STRIP", 5)  # several copy strips, the last one shorter
+    lm = loaded_tiny("gpt_oss")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
+    stats = calibrate(lm, samples, batch_size=4)
+    comp = Compressor(lm, stats)
+    plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5),
+                           overrides=[Override(layer=0, expert=1, sparsity=0.0)])
+    eager = comp.apply(plan, keep_masks=True)
+    lazy = comp.apply(plan, lazy=True)
+    checked = 0
+    for layer in lazy.layers:
+        assert layer.transposed
+        provider = experts_runtime(layer.experts).weights
+        ref = eager.layers[layer.index].experts
+        for e in range(layer.num_experts):
+            with torch.no_grad():  # the forward's path: this thread's scratch buffers
+                w_in, w_out = provider(layer.experts, e)
+                if provider.settings.sparsity[e] > 0:  # computed in the row-major buffer
+                    assert w_in.stride(-2) == 1 and w_out.stride(-2) == 1
+                    checked += 1
+                assert torch.equal(w_in, ref.gate_up_proj[e]) and torch.equal(w_out, ref.down_proj[e])
+                got = {}
+                provider.compressed(layer.experts, e, got, scratch=thread_scratch())
+            for proj, keep in got.items():
+                assert torch.equal(keep[0], eager.masks[f"{layer.index}.{proj}"][e]), (layer.index, e, proj)
+    assert checked > 0
