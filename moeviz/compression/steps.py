@@ -274,6 +274,9 @@ def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.nda
         t = base[name]
         # A slice then a clone copies only the selected experts' rows, not the whole fused tensor.
         part = (t[int(sel[0]):int(sel[-1]) + 1] if contiguous else t.index_select(0, idx.to(t.device))).detach()
+        # Transposed storage (GPT-OSS), lazy CPU path: prune a row-major copy (see `_rowmajor_copy`). Only
+        # with scratch: the returned tensors are then read by the forward alone, which takes either stride
+        # order; materialising paths copy them into [E, in, out] tensors, elementwise from this layout.
         if scratch is not None and layer.transposed and part.device.type == "cpu" and name in whole:
             fused[name] = _rowmajor_copy(part, scratch.get(("out", name), part.mT.shape, part.dtype, part.device))
             continue
@@ -295,7 +298,7 @@ def _rowmajor_copy(part: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
     as the [n, in, out] view `buf.mT`: same values and shape, but each projection's row (one output) is
     contiguous, so `prune_rows` reads and writes whole cache lines. In the stored layout a row is strided
     (2I elements apart for the interleaved gate/up): measured on a [2880, 2880] bf16 projection at one
-    thread, the blocked scores copy + product took 108 ms on the strided view, 7 ms on row-contiguous rows;
+    thread, the blocked scores copy + product took 108 ms on the strided view, 7 ms on row-contiguous rows.
     The copy goes in strips of STRIP stored rows ([STRIP, out] contiguous -> a [out, STRIP] column strip of
     buf): measured for one expert's [2880, 5760] gate_up 20 ms, against 36 ms for torch's whole 2-D
     transposed copy and 69 ms for a strided copy of one projection; [2880, 2880] down 7 ms against 18 ms.
