@@ -44,6 +44,20 @@ def _expert_hidden(layer, e, x):
     return torch.nn.functional.silu(w_gate @ x) * (w_up @ x)
 
 
+def _recorded_hessians_and_routed_inputs(lm, comp, plan, samples, keep_masks=False):
+    """(the Hessians the second-order job recorded, the compressed model, what each of its experts received
+    in a plain forward over the same windows: layer -> [(hidden, ids, gates)]), for brute-force sums."""
+    record: dict = {}
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
+    compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    cm = comp.apply(plan, samples, keep_masks=keep_masks)
+    seen = _brute_force_inputs(cm.model, cm.layers)
+    with torch.no_grad():
+        for i in range(0, samples.n_samples, 4):
+            cm.model(input_ids=samples.input_ids[i:i + 4], use_cache=False)
+    return record, cm, seen
+
+
 # qwen2_moe has a shared expert; gpt_oss transposed [E, H, 2I] storage, interleaved gate / up, biases;
 # deepseek_v3 a dense first layer, group routing with a scaling factor and a shared expert
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "gpt_oss", "deepseek_v3"])
@@ -55,16 +69,9 @@ def test_hessians_equal_brute_force_sums_over_routed_tokens(family, hessian, loa
     plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), hessian=hessian,
                            removed_experts=[(0, 1), (1, 2)])
     comp = Compressor(lm, None)
-    record: dict = {}
-    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
-    compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
     # The compressed model: layer 1's inputs come from the compressed layer 0 (sequential), and the down
     # projection's inputs from the compressed gate / up of the same expert.
-    cm = comp.apply(plan, samples)
-    seen = _brute_force_inputs(cm.model, cm.layers)
-    with torch.no_grad():
-        for i in range(0, samples.n_samples, 4):
-            cm.model(input_ids=samples.input_ids[i:i + 4], use_cache=False)
+    record, cm, seen = _recorded_hessians_and_routed_inputs(lm, comp, plan, samples)
     checked = 0
     for layer in cm.layers:
         hidden = torch.cat([h for h, _, _ in seen[layer.index]])
@@ -217,14 +224,9 @@ def test_cli_evaluate_with_second_order_methods(tiny_model_dirs, tmp_path, capsy
 
 
 def test_compress_page_runs_a_sparsegpt_gptq_plan(tiny_model_dirs):
-    from test_app_pages import button, new_app, ok
+    from test_app_pages import button, compress_page, ok
 
-    at = new_app(tiny_model_dirs["mixtral"])
-    at.number_input[0].set_value(8)
-    at.number_input[1].set_value(32)
-    button(at, "Run calibration").click().run()
-    at.switch_page("pages/4_compress.py").run()
-    ok(at)
+    at = compress_page(tiny_model_dirs)
     next(b for b in at.selectbox if b.label == "Pruning metric").set_value("sparsegpt").run()
     at.slider[0].set_value(0.5).run()
     next(b for b in at.selectbox if b.label == "Expert weight bits").set_value(4).run()
@@ -242,13 +244,9 @@ def test_auto_evaluation_never_starts_a_second_order_job(tiny_model_dirs):
     """"Re-evaluate on every change" (on for small models) re-runs cheap plans at once, but a SparseGPT /
     GPTQ plan is a layer-by-layer job: it waits for Evaluate (auto-evaluating it made every slider move a
     multi-second job)."""
-    from test_app_pages import button, new_app, ok
+    from test_app_pages import button, compress_page, ok
 
-    at = new_app(tiny_model_dirs["mixtral"])
-    at.number_input[0].set_value(8)
-    at.number_input[1].set_value(32)
-    button(at, "Run calibration").click().run()
-    at.switch_page("pages/4_compress.py").run()
+    at = compress_page(tiny_model_dirs)
     at.session_state["_auto_eval"] = True
     at.slider[0].set_value(0.3).run()
     ok(at)
@@ -457,14 +455,7 @@ def test_llama4_hessians_use_the_expert_inputs_the_model_already_scaled_by_g(hes
     samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
     plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), hessian=hessian)
     comp = Compressor(lm, None)
-    record: dict = {}
-    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
-    compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
-    cm = comp.apply(plan, samples, keep_masks=True)
-    seen = _brute_force_inputs(cm.model, cm.layers)
-    with torch.no_grad():
-        for i in range(0, samples.n_samples, 4):
-            cm.model(input_ids=samples.input_ids[i:i + 4], use_cache=False)
+    record, cm, seen = _recorded_hessians_and_routed_inputs(lm, comp, plan, samples, keep_masks=True)
     checked = 0
     for layer in cm.layers:
         hidden = torch.cat([h for h, _, _ in seen[layer.index]])
