@@ -27,6 +27,8 @@ import time
 
 import torch
 
+from benchmarks import verdict
+
 import moeviz
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.apply import Compressor
@@ -38,10 +40,6 @@ PEER_GPTQ = {"4-bit g128": 11.79, "3-bit g128": 11.99, "3-bit g64": 11.96}
 PRUNE_SETTINGS = {"50%": dict(sparsity=0.5), "60%": dict(sparsity=0.6), "70%": dict(sparsity=0.7),
                   "2:4": dict(structure="2:4")}
 QUANT_SETTINGS = {"4-bit g128": (4, 128), "3-bit g128": (3, 128), "3-bit g64": (3, 64)}
-
-
-def _pass(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def run() -> dict:
@@ -117,13 +115,13 @@ def run() -> dict:
         tag = "default_settings" if variant == "sparsegpt router_weighted" else "blocksize_32_refit"
         for col, peer in PEER_SPARSEGPT.items():
             targets[f"sparsegpt_{tag}_{col}_le_{peer}"] = dict(measured=row[col]["perplexity"],
-                                                               result=_pass(row[col]["perplexity"] <= peer))
+                                                               result=verdict(row[col]["perplexity"] <= peer))
         for col in ("70%", "2:4"):
             aim = base + 0.9 * (PEER_SPARSEGPT[col] - peer_base)
             targets[f"aim_sparsegpt_{tag}_{col}_increase_le_0.9x_peer"] = dict(
                 measured_increase=round(row[col]["perplexity"] - base, 3),
                 allowed_increase=round(0.9 * (PEER_SPARSEGPT[col] - peer_base), 3),
-                result=_pass(row[col]["perplexity"] <= aim))
+                result=verdict(row[col]["perplexity"] <= aim))
     gptq_names = [n for n in quant_rows if n.startswith("gptq")]
     default = "gptq router_weighted sym"
     for col in ("3-bit g128", "4-bit g128"):
@@ -131,13 +129,13 @@ def run() -> dict:
         best = min(gptq_names, key=lambda n: quant_rows[n][col]["perplexity"])
         targets[f"gptq_{col.replace(' ', '_')}_le_{peer}"] = dict(
             best=best, measured_best=quant_rows[best][col]["perplexity"],
-            result=_pass(quant_rows[best][col]["perplexity"] <= peer),
+            result=verdict(quant_rows[best][col]["perplexity"] <= peer),
             default_settings=default, measured_default=quant_rows[default][col]["perplexity"],
-            result_default=_pass(quant_rows[default][col]["perplexity"] <= peer))
+            result_default=verdict(quant_rows[default][col]["perplexity"] <= peer))
     wall, cpu = min(t["seconds"] for t in times), min(t["cpu_seconds"] for t in times)
     targets["sparsegpt_50%_plan_incl_hessians_le_2.2s"] = dict(
         best_of_3_wall_seconds=wall, best_of_3_cpu_seconds=cpu,
-        result_wall=_pass(wall <= 2.2), result_cpu=_pass(cpu <= 2.2))
+        result_wall=verdict(wall <= 2.2), result_cpu=verdict(cpu <= 2.2))
     out["targets"] = targets
     # which Hessian wins: per setting, router-weighted minus plain perplexity (negative = router-weighted better)
     out["router_weighted_minus_plain"] = {

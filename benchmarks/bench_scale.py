@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import verdict
+
 THREADS = int(os.environ.get("MOEVIZ_BENCH_THREADS", "2"))
 EVAL_TOKENS = int(os.environ.get("MOEVIZ_SCALE_TOKENS", "2048"))
 SEQ_LEN = 256
@@ -212,13 +214,13 @@ def measure_one(name: str, layers: int) -> dict:
                     peak_rss_over_budget=peak_eval / budget),
     )
     r["targets"] = {
-        "calibration <= 1.2x forward": "PASS" if r["ratios"]["calibration"] <= 1.2 else "MISS",
-        "cold apply <= 2x forward": "PASS" if r["ratios"]["cold_apply"] <= 2.0 else "MISS",
-        "new sparsity -> result <= 1.3x forward": "PASS" if r["ratios"]["new_sparsity_to_result"] <= 1.3 else "MISS",
+        "calibration <= 1.2x forward": verdict(r["ratios"]["calibration"] <= 1.2),
+        "cold apply <= 2x forward": verdict(r["ratios"]["cold_apply"] <= 2.0),
+        "new sparsity -> result <= 1.3x forward": verdict(r["ratios"]["new_sparsity_to_result"] <= 1.3),
         "peak RSS (load+calibrate+evaluate 50%) <= 1.15x ckpt + interpreter + one layer":
-            "PASS" if peak_eval <= budget else "MISS",
+            verdict(peak_eval <= budget),
         "export peak <= RSS before export + one layer's working set (2x its bytes)":
-            "PASS" if r["ratios"]["export_extra_over_layer"] <= 2.0 else "MISS",
+            verdict(r["ratios"]["export_extra_over_layer"] <= 2.0),
     }
     full_layers = SHAPES[name][2]
     r["projected_full_model_cpu"] = {  # per-layer time × the full model's MoE layers: projected, not measured

@@ -25,6 +25,8 @@ import time
 
 import torch
 
+from benchmarks import verdict
+
 import moeviz
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.apply import Compressor
@@ -37,10 +39,6 @@ from moeviz.sensitivity.measure import first_windows
 # several times faster than two (threads spin-wait for a busy core), so the default is 1: set THREADS=2
 # on an idle machine. The number used is reported.
 THREADS = int(os.environ.get("THREADS", 1))
-
-
-def _pass(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
 
 
 def run() -> dict:
@@ -58,11 +56,11 @@ def run() -> dict:
                sensitivity_seconds=round(sens.seconds, 2), sensitivity_cpu_seconds=round(cpu, 2),
                of_which_grid_settings_seconds=round(sens.measure_seconds, 2),
                of_which_removal_seconds=round(sens.meta_extra.get("removal_seconds", 0.0), 2))
-    out["sensitivity_target_60s"] = _pass(sens.seconds <= 60)  # wall clock, whatever else runs on the machine
-    out["sensitivity_cpu_target_60s"] = _pass(cpu <= 60)  # this process's CPU time (1 thread: ~ wall on an idle core)
+    out["sensitivity_target_60s"] = verdict(sens.seconds <= 60)  # wall clock, whatever else runs on the machine
+    out["sensitivity_cpu_target_60s"] = verdict(cpu <= 60)  # this process's CPU time (1 thread: ~ wall on an idle core)
     rho = sens.rank_correlation("fisher")
     out["proxy_fisher_spearman_per_layer"] = [round(r, 3) for r in rho]
-    out["proxy_fisher_target_0.8"] = _pass(min(rho) >= 0.8)
+    out["proxy_fisher_target_0.8"] = verdict(min(rho) >= 0.8)
     out["proxy_output_error_spearman_per_layer"] = [round(r, 3) for r in sens.rank_correlation("output_error")]
 
     ev = Evaluator(lm, load_eval_samples(lm.tokenizer, seq_len=256, max_samples=64), EvalSettings(measure_latency=False))
@@ -101,7 +99,7 @@ def run() -> dict:
         best = min(v["increase"] for k, v in case.items() if k in ("uniform", "utilization"))
         ratio = case["optimised"]["increase"] / best if best > 0 else float("nan")
         case["increase_vs_best_baseline"] = round(ratio, 3)
-        case["target_0.8"] = _pass(ratio <= 0.8)
+        case["target_0.8"] = verdict(ratio <= 0.8)
         cases[name] = case
     # The 3-bit budget with the sensitivity measured on 4x the tokens (64 windows; bit widths only)
     sens64 = measure_sensitivity(lm, stats, cal, SensitivityGrid(sparsities=(0.0,), bits=(16, 8, 4, 3, 2)))
@@ -110,11 +108,11 @@ def run() -> dict:
                  optimised=evaluate(optimise_plan(lm, sens64, budget).plan),
                  optimised_proxy_fisher=evaluate(optimise_plan(lm, sens64, budget, kind="fisher").plan))
     extra["increase_vs_best_baseline"] = round(extra["optimised"]["increase"] / cases["bits_3"]["uniform"]["increase"], 3)
-    extra["target_0.8"] = _pass(extra["increase_vs_best_baseline"] <= 0.8)
+    extra["target_0.8"] = verdict(extra["increase_vs_best_baseline"] <= 0.8)
     cases["bits_3_sensitivity_on_64_windows"] = extra
     out["budgets"] = cases
     out["optimiser_seconds_max"] = round(max(opt_times), 4)
-    out["optimiser_target_1s"] = _pass(max(opt_times) <= 1.0)
+    out["optimiser_target_1s"] = verdict(max(opt_times) <= 1.0)
     out["one_pass_vs_sequential"] = run_sequential(lm, stats, cal, ev)
     return out
 
