@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from moeviz.compression import fused_prune
 from moeviz.compression.masks import (
     RowThresholds, mask_from_ranks, mask_in_scores_, nm_mask, prune_counts, row_thresholds,
 )
@@ -152,20 +153,25 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
     selection; if it is empty, each block's rows are sorted once and the table is filled (the
     thresholds of k come from the same sort); if k is not in it, selection as without. src: the base
     weights [out, in] to read (then w's contents are not read, only written: no copy beforehand).
-    Returns the thresholds (O(rows)). The result is the same as
+    When every threshold is known (t, or k in the table), one fused pass does the work
+    (`fused_prune`, numba) instead of the blocked torch ops. Returns the thresholds (O(rows)). The result is the same as
     `mask_from_thresholds(scores, row_thresholds(scores, k))` applied to the whole matrix: every step
     is per row."""
     out_f, n = w.shape
     rows = max(1, BLOCK_ELEMENTS // n)
-    rt, g, builder = None, None, None
-    if t is None and table is not None and w.device.type == "cpu":
-        rt = table.get()
-        if rt is None:
+    rt, g, builder, finite = None, None, None, False
+    if table is not None and w.device.type == "cpu":
+        tab = table.get()
+        finite = tab is not None and tab.finite  # no inf / NaN weight: the fused kernel gives torch's result
+        if t is None and tab is None:
             builder = TableBuilder(out_f, n)
-        else:
-            g = rt.column(k)
-            rt = rt if g is not None else None
+        elif t is None:
+            g = tab.column(k)
+            rt = tab if g is not None else None
     ties = rt is not None and bool(rt.tie[:, g].any())  # once per matrix, not per block
+    if finite and keep_out is None and 0 < k < n and (t is not None or rt is not None) and \
+            fused_prune.supports(w, w if src is None else src):
+        return _prune_known(w, src, factor, k, t, rt, g, ties)
     # Each block's buffers are views of one block-sized buffer per kind (the last block may be shorter).
     full = (min(rows, out_f), n)
     bufs = {key: scratch.get(key, full, dt, w.device) for key, dt in
@@ -206,6 +212,35 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
         return RowThresholds(k, n, None, None, None)
     return RowThresholds(k, n, torch.cat([p.v for p in parts]), torch.cat([p.bad for p in parts]),
                          torch.cat([p.need for p in parts]))
+
+
+def _prune_known(w: torch.Tensor, src: torch.Tensor | None, factor: torch.Tensor | None, k: int,
+                 t: RowThresholds | None, rt, g: int | None, ties: bool) -> RowThresholds:
+    """`prune_rows` when every row's threshold is known (this plan's `t`, or column g of the shared table
+    `rt`) and every weight is finite: one fused pass (`fused_prune`), then the rows with a tie at their
+    threshold again, with the tie rule of `masks.mask_in_scores_`. Returns the thresholds."""
+    base = w if src is None else src  # [out, in]
+    n = w.shape[-1]
+    if t is not None:
+        v, bad, need = t.v[:, 0], t.bad, t.need
+    else:
+        v, bad, need = rt.v[:, g], rt.tie[:, g], None
+    idx = torch.nonzero(bad).flatten() if (t is not None and bool(bad.any())) or ties else None
+    rows = None if idx is None else base[idx].clone()  # [R, in]: before an in-place pass overwrites them
+    fused_prune.prune_known_rows(w, base, factor, v)
+    if rows is not None:  # rows with ties: count the tied entries to prune (`row_thresholds`' rule)
+        scores = scores_from_factor(rows, factor)  # [R, in] float32
+        vr = v[idx][:, None]  # [R, 1]
+        need_r = need[idx] if need is not None else k - (scores < vr).sum(dim=-1)
+        keep = mask_in_scores_(scores, RowThresholds(k, n, vr, torch.ones(len(idx), dtype=torch.bool), need_r))
+        w[idx] = rows * keep.to(w.dtype)
+        if need is None:
+            need = torch.zeros(w.shape[0], dtype=torch.int64)
+            need[idx] = need_r
+    if t is not None:
+        return t
+    return RowThresholds(k, n, v[:, None].clone(), bad.clone(),
+                         need if need is not None else torch.zeros(w.shape[0], dtype=torch.int64))
 
 
 def _sorted_thresholds(scores: torch.Tensor, k: int, work: torch.Tensor, builder: TableBuilder,

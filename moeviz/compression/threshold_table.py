@@ -55,6 +55,7 @@ class RowTable:
     ks: tuple[int, ...]
     v: torch.Tensor  # [out, G] float32
     tie: torch.Tensor  # [out, G] bool
+    finite: bool = True  # every score finite (no inf / NaN weight): `fused_prune` may be used
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +87,7 @@ class TableBuilder:
         self.ks = grid_counts(n)
         self.v = torch.empty(out_features, len(self.ks), dtype=torch.float32)
         self.tie = torch.empty(out_features, len(self.ks), dtype=torch.bool)
+        self.finite = True
 
     def add(self, r0: int, sorted_rows: np.ndarray) -> None:
         """sorted_rows: [b, n] float32, each row's scores in ascending order."""
@@ -93,9 +95,11 @@ class TableBuilder:
         lo = sorted_rows[:, self.ks - 1]  # [b, G]: k-th smallest
         self.v[r0:r0 + b] = torch.from_numpy(lo)
         self.tie[r0:r0 + b] = torch.from_numpy(sorted_rows[:, self.ks] == lo)
+        # numpy sorts NaN last, so a row's last entry is finite iff all its scores are.
+        self.finite = self.finite and bool(np.isfinite(sorted_rows[:, -1]).all())
 
     def table(self) -> RowTable:
-        return RowTable(tuple(int(k) for k in self.ks), self.v, self.tie)
+        return RowTable(tuple(int(k) for k in self.ks), self.v, self.tie, self.finite)
 
 
 def factor_digest(factor: torch.Tensor | None) -> bytes | None:

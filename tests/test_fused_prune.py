@@ -1,0 +1,91 @@
+"""The fused pruning kernel (moeviz.compression.fused_prune): where a row's threshold is known (a
+threshold-table hit or this plan's thresholds), `steps.prune_rows` prunes in one numba pass. Its
+weights must be the torch path's bit for bit (signed zeros included), equal a brute-force mask, and
+the kernel must really run (not silently fall back)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeviz.compression import fused_prune, steps
+from moeviz.compression.scores import column_factor, importance_scores
+from moeviz.compression.scratch import Scratch
+from moeviz.compression.threshold_table import TableCache, grid_counts, slot
+
+pytestmark = pytest.mark.skipif(not fused_prune.enabled(), reason="numba not installed")
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+def _brute_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Prune the k entries of each row with the lowest (score, column), the masks module's order."""
+    keep = torch.ones(scores.shape, dtype=torch.bool)
+    for i, row in enumerate(scores.tolist()):
+        for j in sorted(range(len(row)), key=lambda j: (row[j], j))[:k]:
+            keep[i, j] = False
+    return keep
+
+
+def _prune(base, factor, k, *, fused: bool, monkeypatch, inplace: bool, plan_t: bool = False):
+    """prune_rows from a built table (k on the grid), or with this plan's thresholds `t` (plan_t)."""
+    monkeypatch.setenv("MOEVIZ_NO_NUMBA", "0" if fused else "1")
+    cache, scratch = TableCache(), Scratch()
+    s = slot(base, "gate", 0, factor, cache)
+    t = steps.prune_rows(torch.empty_like(base), factor, k, None, scratch, table=s, src=base)  # builds the table
+    w = base.clone() if inplace else torch.empty_like(base)
+    got_t = steps.prune_rows(w, factor, k, t if plan_t else None, scratch, table=s,
+                             src=None if inplace else base)
+    return w, got_t
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("metric", ["magnitude", "moe_pruner"])
+def test_fused_equals_torch_path_bit_for_bit_and_brute_force(dtype, ties, metric, monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    n = 96
+    base = torch.randn(40, n, generator=g)
+    if ties:  # few distinct values: ties at the threshold in most rows
+        base = (base * 2).round() / 2
+    base[0, :7] = -0.0  # signed zeros must stay what w * 0 gives
+    base = base.to(dtype)
+    norm = None if metric == "magnitude" else (torch.rand(n, generator=g) * 3).round() + 1
+    factor = column_factor(tuple(base.shape), metric, norm)
+    scores = importance_scores(base, metric, norm)
+    calls = []
+    real = fused_prune.prune_known_rows
+    monkeypatch.setattr(fused_prune, "prune_known_rows", lambda *a: calls.append(1) or real(*a))
+    for k in grid_counts(n).tolist()[::3]:
+        want = base * _brute_keep(scores, k)
+        for inplace in (False, True):
+            for plan_t in (False, True):
+                calls.clear()
+                got, t = _prune(base, factor, k, fused=True, monkeypatch=monkeypatch, inplace=inplace, plan_t=plan_t)
+                assert calls, "the fused kernel did not run"
+                ref, t_ref = _prune(base, factor, k, fused=False, monkeypatch=monkeypatch, inplace=inplace,
+                                    plan_t=plan_t)
+                assert torch.equal(_bits(got), _bits(ref)), (k, inplace, plan_t)
+                assert torch.equal(_bits(got), _bits(want)), (k, inplace, plan_t)
+                assert torch.equal(t.v, t_ref.v) and torch.equal(t.bad, t_ref.bad) and torch.equal(t.need, t_ref.need)
+
+
+def test_non_finite_weights_take_the_torch_path(monkeypatch):
+    """A NaN or inf weight: the table records it and the torch path (NaN * 0 = NaN) runs, not the kernel."""
+    base = torch.randn(6, 64).to(torch.bfloat16)
+    base[1, 2], base[4, 5] = float("nan"), float("inf")
+    monkeypatch.setattr(fused_prune, "prune_known_rows", lambda *a: pytest.fail("kernel used on non-finite weights"))
+    got, _ = _prune(base, None, 32, fused=True, monkeypatch=monkeypatch, inplace=False)
+    assert torch.isnan(got[1, 2])  # pruned (a NaN score is never kept) and NaN, as torch's product gives
+
+
+def test_kernel_switch_and_shapes(monkeypatch):
+    """MOEVIZ_NO_NUMBA turns it off; only CPU bf16 / float32 with contiguous rows is taken."""
+    w = torch.zeros(4, 8, dtype=torch.bfloat16)
+    assert fused_prune.supports(w, w)
+    assert not fused_prune.supports(w.half(), w.half())
+    assert not fused_prune.supports(w.mT, w.mT)  # strided rows
+    monkeypatch.setenv("MOEVIZ_NO_NUMBA", "1")
+    assert not fused_prune.enabled() and not fused_prune.supports(w, w)
