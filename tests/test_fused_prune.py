@@ -36,6 +36,8 @@ def _prune(base, factor, k, *, fused: bool, monkeypatch, inplace: bool, plan_t: 
     s = slot(base, "gate", 0, factor, cache)
     t = steps.prune_rows(torch.empty_like(base), factor, k, None, scratch, table=s, src=base)  # builds the table
     w = base.clone() if inplace else torch.empty_like(base)
+    if inplace and not base.is_contiguous():  # keep the row stride for the in-place kernel too
+        w = torch.cat([base, base], dim=1)[:, :base.shape[1]]
     got_t = steps.prune_rows(w, factor, k, t if plan_t else None, scratch, table=s,
                              src=None if inplace else base)
     return w, got_t
@@ -44,14 +46,16 @@ def _prune(base, factor, k, *, fused: bool, monkeypatch, inplace: bool, plan_t: 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("metric", ["magnitude", "moe_pruner"])
-def test_fused_equals_torch_path_bit_for_bit_and_brute_force(dtype, ties, metric, monkeypatch):
+@pytest.mark.parametrize("row_stride", [1, 2])
+def test_fused_equals_torch_path_bit_for_bit_and_brute_force(dtype, ties, metric, row_stride, monkeypatch):
+    """row_stride 2: rows of a wider tensor (row-strided views, the kernel's second compiled layout)."""
     g = torch.Generator().manual_seed(3)
     n = 96
-    base = torch.randn(40, n, generator=g)
+    base = torch.randn(40, n * row_stride, generator=g)
     if ties:  # few distinct values: ties at the threshold in most rows
         base = (base * 2).round() / 2
     base[0, :7] = -0.0  # signed zeros must stay what w * 0 gives
-    base = base.to(dtype)
+    base = base.to(dtype)[:, :n]
     norm = None if metric == "magnitude" else (torch.rand(n, generator=g) * 3).round() + 1
     factor = column_factor(tuple(base.shape), metric, norm)
     scores = importance_scores(base, metric, norm)

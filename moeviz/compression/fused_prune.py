@@ -15,7 +15,9 @@ NaN), so the caller uses the kernel only where the threshold table found every s
 with a tie at the threshold are fixed up by the caller (`steps.prune_rows`), as before.
 
 numba is optional: without it (or with MOEVIZ_NO_NUMBA=1) `available()` is False and the torch path
-runs. It is imported on first use, so importing moeviz does not pay for it.
+runs. It is imported and compiled (or read from numba's cache: about 0.6 s in all) on first use, so
+importing moeviz does not pay for it; `steps.prune_rows` asks for it while building the first
+threshold table (the cold pass), not in the first new sparsity.
 """
 
 from __future__ import annotations
@@ -52,15 +54,22 @@ def _load() -> dict | None:
 def _compile() -> dict:
     import numba
 
-    def jit(fn):
-        try:
-            return numba.njit(nogil=True, cache=True)(fn)
-        except RuntimeError:  # no writable cache location: compile in memory, once per process
-            return numba.njit(nogil=True)(fn)
+    def jit(sigs):
+        # Compiled (or read from numba's cache) here, for rows that are contiguous arrays (C) and for
+        # row-strided views (A: e.g. GPT-OSS's interleaved gate rows), so no call compiles lazily later.
+        def wrap(fn):
+            try:
+                return numba.njit(sigs, nogil=True, cache=True)(fn)
+            except RuntimeError:  # no writable cache location: compile in memory, once per process
+                return numba.njit(sigs, nogil=True)(fn)
+        return wrap
+
+    def sigs(t):
+        return [numba.void(a, a, numba.float32[::1], numba.float32[:]) for a in (t[:, ::1], t[:, :])]
 
     # Loops are branch-free (a select per weight) so that LLVM vectorises them: with an `if` around the
     # store, or an inf / NaN check per weight, the same kernel measured 1.7-3x slower.
-    @jit
+    @jit(sigs(numba.uint16))
     def bf16(src, dst, factor, v):  # src, dst: [out, in] uint16 (bf16 bits); factor: [in]; v: [out] float32
         out_f, n = src.shape
         absw = np.empty(n, dtype=np.uint32)
@@ -73,7 +82,7 @@ def _compile() -> dict:
                 # kept: w; pruned: w * 0 for a finite w, i.e. zero with w's sign
                 res[j] = row[j] if fabs[j] * factor[j] > t else row[j] & np.uint16(0x8000)
 
-    @jit
+    @jit(sigs(numba.float32))
     def f32(src, dst, factor, v):  # src, dst: [out, in] float32
         out_f, n = src.shape
         for i in range(out_f):
@@ -107,7 +116,7 @@ def prune_known_rows(dst: torch.Tensor, src: torch.Tensor, factor: torch.Tensor 
         if f is None:
             f = _ones[n] = np.ones(n, dtype=np.float32)
     else:
-        f = factor.detach().reshape(n).to(torch.float32).numpy()
+        f = factor.detach().reshape(n).to(torch.float32).contiguous().numpy()
     if src.dtype == torch.bfloat16:  # numpy has no bf16: the kernel works on the bits
         a, b = (x.detach().view(torch.int16).numpy().view(np.uint16) for x in (src, dst))
     else:

@@ -165,6 +165,7 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
         finite = tab is not None and tab.finite  # no inf / NaN weight: the fused kernel gives torch's result
         if t is None and tab is None:
             builder = TableBuilder(out_f, n)
+            fused_prune.enabled()  # load the kernel in this cold pass (once per process), not in the first new sparsity
         elif t is None:
             g = tab.column(k)
             rt = tab if g is not None else None
