@@ -5,6 +5,7 @@ import torch
 
 from moeviz.calibration import CalibrationStats, calibrate
 from moeviz.calibration.collect import _LayerCollector
+from moeviz.calibration.stats import stats_fingerprint
 from moeviz.data import Document, tokenize_documents
 from moeviz.models.layers import find_moe_layers
 from moeviz.models.routing import full_distribution
@@ -244,3 +245,21 @@ def test_llama4_weighted_norms_count_the_routing_weight_once(llama4):
         assert not torch.allclose(ls.input_sq_weighted, twice, rtol=2e-4, atol=1e-6)
         checked += int((ls.routed_counts > 0).sum())
     assert checked >= 4
+
+
+def test_llama4_stats_fingerprint_names_the_weight_rule(llama4, loaded_tiny, tmp_path):
+    """Llama 4 statistics carry the gate-on-input weight rule in their settings, so ones calibrated before
+    the rule (g counted twice) have another fingerprint (not reused from the cache or the run store); the
+    on-disk cache keys them the same way. A standard family's settings, hence fingerprints, are unchanged."""
+    from moeviz.workspace import calibrate_cached
+
+    samples = samples_for(llama4, n=2, seq_len=8)
+    a, cached_a = calibrate_cached(llama4, samples, batch_size=2, cache_dir=tmp_path)
+    b, cached_b = calibrate_cached(llama4, samples, batch_size=2, cache_dir=tmp_path)
+    assert (cached_a, cached_b) == (False, True) and b.fingerprint == a.fingerprint
+    assert (tmp_path / a.fingerprint / "stats.json").exists()  # the cache's key is the stats' fingerprint
+    assert a.settings["gate_weight"] == "on_input"
+    old = {k: v for k, v in a.settings.items() if k != "gate_weight"}
+    assert stats_fingerprint(a.model_fingerprint, a.data_fingerprint, old) != a.fingerprint
+    lm = loaded_tiny("mixtral")
+    assert "gate_weight" not in calibrate(lm, samples_for(lm, n=2, seq_len=8), batch_size=2).settings

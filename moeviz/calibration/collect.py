@@ -41,6 +41,14 @@ def _gate_weight(gate: torch.Tensor, gate_on_input: bool) -> torch.Tensor:
     return torch.ones_like(g) if gate_on_input else g
 
 
+def weight_rule_settings(layers: list[MoELayer]) -> dict:
+    """Settings entry (part of the statistics' fingerprint) naming the weight-1 rule of `_gate_weight` for
+    models whose experts apply g to their input: statistics calibrated before that rule (g counted twice)
+    are then neither loaded from the cache nor matched by stored runs. Empty for every other model, whose
+    fingerprints do not change."""
+    return {"gate_weight": "on_input"} if any(not l.calls_with_routing for l in layers) else {}
+
+
 class _LayerCollector:
     """Accumulators for one MoE layer (float64 on the model's device, so sums stay exact enough
     for brute-force comparison)."""
@@ -184,7 +192,7 @@ def calibrate(
     settings = dict(batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
                     **({} if expert_stats else dict(expert_stats=False)),
                     n_samples=n, seq_len=samples.seq_len, seed=samples.seed,
-                    distributions=[l.distribution for l in layers])
+                    distributions=[l.distribution for l in layers], **weight_rule_settings(layers))
     return CalibrationStats(
         model_fingerprint=loaded.fingerprint,
         data_fingerprint=samples.fingerprint,
