@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from moeviz.calibration.collect import calibrate
+from moeviz.calibration.collect import calibrate, weight_rule_settings
 from moeviz.calibration.stats import CalibrationStats, stats_fingerprint
 from moeviz.data import TokenSamples, check_seq_len
 from moeviz.models.loading import LoadedModel
@@ -31,7 +31,7 @@ def calibrate_cached(loaded: LoadedModel, samples: TokenSamples, batch_size: int
     settings = dict(batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
                     n_samples=samples.n_samples, seq_len=samples.seq_len, seed=samples.seed,
                     # the verified routing rules decide how probabilities are formed: part of the key, as in calibrate
-                    distributions=[l.distribution for l in loaded.layers])
+                    distributions=[l.distribution for l in loaded.layers], **weight_rule_settings(loaded.layers))
     folder = (cache_dir or stats_cache_dir()) / stats_fingerprint(loaded.fingerprint, samples.fingerprint, settings)
     if (folder / "stats.json").exists():
         try:

@@ -5,6 +5,7 @@ import torch
 
 from moeviz.calibration import CalibrationStats, calibrate
 from moeviz.calibration.collect import _LayerCollector
+from moeviz.calibration.stats import stats_fingerprint
 from moeviz.data import Document, tokenize_documents
 from moeviz.models.layers import find_moe_layers
 from moeviz.models.routing import full_distribution
@@ -91,6 +92,7 @@ def brute_force_stats(lm, samples):
         r = dict(in_sq=torch.zeros(E, H, dtype=torch.float64), in_sq_w=torch.zeros(E, H, dtype=torch.float64),
                  down_sq=torch.zeros(E, I, dtype=torch.float64), down_sq_w=torch.zeros(E, I, dtype=torch.float64),
                  routed=torch.zeros(E, dtype=torch.float64), gate_sum=torch.zeros(E, dtype=torch.float64),
+                 gate_out=torch.zeros(E, dtype=torch.float64),
                  domain=torch.zeros(len(samples.domain_names), E, dtype=torch.float64),
                  prob_sum=torch.zeros(E, dtype=torch.float64))
         logits, weights, indices = layer.router(hidden)
@@ -106,8 +108,11 @@ def brute_force_stats(lm, samples):
                 else:
                     pre = torch.nn.functional.linear(hidden[t], gate_up)
                 h = layer.experts._apply_gate(pre[None])[0].double()
+                down = layer.experts.down_proj[e].double()
+                y = h @ down + layer.experts.down_proj_bias[e] if layer.transposed else down @ h  # [H]
                 r["routed"][e] += 1
                 r["gate_sum"][e] += g
+                r["gate_out"][e] += g * y.norm()  # the model adds g·y to the residual stream
                 r["domain"][domains[t], e] += 1
                 for j in range(H):
                     r["in_sq"][e, j] += x[j] ** 2
@@ -128,7 +133,8 @@ def test_norms_equal_brute_force(family, loaded_tiny):
         assert torch.equal(layer_stats.routed_counts, ref["routed"])
         torch.testing.assert_close(layer_stats.domain_counts, ref["domain"])
         for ours, key in [("input_sq", "in_sq"), ("input_sq_weighted", "in_sq_w"), ("down_sq", "down_sq"),
-                          ("down_sq_weighted", "down_sq_w"), ("gate_sum", "gate_sum"), ("prob_sum", "prob_sum")]:
+                          ("down_sq_weighted", "down_sq_w"), ("gate_sum", "gate_sum"), ("prob_sum", "prob_sum"),
+                          ("gate_output_norm", "gate_out")]:
             torch.testing.assert_close(getattr(layer_stats, ours), ref[key], rtol=2e-4, atol=1e-5, msg=ours)
 
 
@@ -172,3 +178,88 @@ def test_fingerprint_changes_with_data_and_settings(loaded_tiny):
     c = calibrate(lm, samples_for(lm, seed=0), batch_size=3, hist_bins=7)
     assert len({a.fingerprint, b.fingerprint, c.fingerprint}) == 3
     assert a.fingerprint == calibrate(lm, samples_for(lm, seed=0), batch_size=3).fingerprint
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    from family_configs import build_tiny
+    from tiny_models import tiny_tokenizer
+
+    from moeviz.models import load_model
+
+    folder = tmp_path_factory.mktemp("llama4_text")
+    model = build_tiny("llama4_text")
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(model.config.get_text_config().vocab_size).save_pretrained(folder)
+    return load_model(folder)
+
+
+def test_llama4_weighted_norms_count_the_routing_weight_once(llama4):
+    """Llama 4 (dense dispatch) multiplies each expert's *input* by its routing score g and adds the
+    expert's output to the residual unscaled. So the expert sees x' = g·x and its contribution is y(x'):
+    the router-weighted statistics must weight each token by 1 (input_sq_weighted = Σ x'², not Σ g²x'²;
+    gate_output_norm = Σ ‖y‖, not Σ g‖y‖). Recomputed token by token from the router's scores and the raw
+    [E, H, 2I] / [E, I, H] storage; the hand computation is checked to rebuild the block's output first."""
+    lm = llama4
+    assert not lm.layers[0].calls_with_routing
+    samples = samples_for(lm, n=3, seq_len=8)
+    seen = {}
+    hooks = [layer.block.register_forward_hook(
+        lambda m, args, out, i=i: seen.setdefault(i, []).append((args[0].detach().reshape(-1, args[0].shape[-1]),
+                                                                 out[0].detach().reshape(-1, args[0].shape[-1]))))
+        for i, layer in enumerate(lm.layers)]
+    try:
+        for row in samples.input_ids:
+            lm.model(input_ids=row[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    stats = calibrate(lm, samples, batch_size=2)
+    checked = 0
+    for i, (layer, ls) in enumerate(zip(lm.layers, stats.layers)):
+        hidden = torch.cat([a for a, _ in seen[i]])  # [T, H] the block's input
+        block_out = torch.cat([o for _, o in seen[i]])  # [T, H]
+        E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
+        in_sq, twice = torch.zeros(E, H, dtype=torch.float64), torch.zeros(E, H, dtype=torch.float64)
+        down_sq = torch.zeros(E, I, dtype=torch.float64)
+        out_norm = torch.zeros(E, dtype=torch.float64)
+        with torch.no_grad():
+            rebuilt = layer.block.shared_expert(hidden).double()  # [T, H]
+            scores, _ = layer.block.router(hidden)  # [T, E]: sigmoid of the top-k logits, 0 elsewhere
+        for t in range(hidden.shape[0]):
+            for e in scores[t].nonzero().flatten().tolist():
+                x = float(scores[t, e]) * hidden[t].double()  # what the expert receives
+                gu = x @ layer.experts.gate_up_proj[e].double()  # [H] @ [H, 2I]
+                h = layer.experts.act_fn(gu[:I]) * gu[I:]  # [I]
+                y = h @ layer.experts.down_proj[e].double()  # [I] @ [I, H]
+                rebuilt[t] += y  # added as is: no routing weight on the output
+                in_sq[e] += x.square()
+                twice[e] += float(scores[t, e]) ** 2 * x.square()
+                down_sq[e] += h.square()
+                out_norm[e] += y.norm()
+        torch.testing.assert_close(rebuilt.float(), block_out, rtol=1e-4, atol=1e-5)
+        for name, ref in [("input_sq_weighted", in_sq), ("input_sq", in_sq), ("down_sq_weighted", down_sq),
+                          ("down_sq", down_sq), ("gate_output_norm", out_norm)]:
+            torch.testing.assert_close(getattr(ls, name), ref, rtol=2e-4, atol=1e-6, msg=name)
+        # the routing weights are far enough from 1 that weighting by g² once more would show
+        assert not torch.allclose(ls.input_sq_weighted, twice, rtol=2e-4, atol=1e-6)
+        checked += int((ls.routed_counts > 0).sum())
+    assert checked >= 4
+
+
+def test_llama4_stats_fingerprint_names_the_weight_rule(llama4, loaded_tiny, tmp_path):
+    """Llama 4 statistics carry the gate-on-input weight rule in their settings, so ones calibrated before
+    the rule (g counted twice) have another fingerprint (not reused from the cache or the run store); the
+    on-disk cache keys them the same way. A standard family's settings, hence fingerprints, are unchanged."""
+    from moeviz.workspace import calibrate_cached
+
+    samples = samples_for(llama4, n=2, seq_len=8)
+    a, cached_a = calibrate_cached(llama4, samples, batch_size=2, cache_dir=tmp_path)
+    b, cached_b = calibrate_cached(llama4, samples, batch_size=2, cache_dir=tmp_path)
+    assert (cached_a, cached_b) == (False, True) and b.fingerprint == a.fingerprint
+    assert (tmp_path / a.fingerprint / "stats.json").exists()  # the cache's key is the stats' fingerprint
+    assert a.settings["gate_weight"] == "on_input"
+    old = {k: v for k, v in a.settings.items() if k != "gate_weight"}
+    assert stats_fingerprint(a.model_fingerprint, a.data_fingerprint, old) != a.fingerprint
+    lm = loaded_tiny("mixtral")
+    assert "gate_weight" not in calibrate(lm, samples_for(lm, n=2, seq_len=8), batch_size=2).settings

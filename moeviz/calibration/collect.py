@@ -7,6 +7,11 @@ that keeps its logits, and each experts module's runtime (`moeviz.models.runtime
 observers: one sees the routing the experts receive, one each expert's inputs and intermediate
 activations while the reference loop computes them (no extra matmul). A compressed copy's provider
 and activation quantization stay in place, so the statistics are those of the compressed model.
+
+Router-weighted statistics weight each routed token by the factor g its expert's output is multiplied
+by (g² for squared norms). Experts called by dense dispatch (Llama 4) receive g·x as their input and
+their output enters the residual unscaled, so there g is already in x, h and y and the weight is 1
+(the weighted norms equal the plain ones, both Σ (g·x)²; `_gate_weight`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import torch
 
 from moeviz.calibration.stats import CalibrationStats, LayerStats
 from moeviz.data import TokenSamples
-from moeviz.models.experts import experts_forward
+from moeviz.models.experts import experts_forward, gate_on_input
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.loading import LoadedModel
 from moeviz.models.runtime import install_experts_runtime
@@ -26,6 +31,22 @@ from moeviz.models.routing import full_distribution, selected_distribution
 from moeviz.models.views import structural_copy
 
 ProgressFn = Callable[[int, int], None]
+
+
+def _gate_weight(gate: torch.Tensor, gate_on_input: bool) -> torch.Tensor:
+    """[n] factor each routed token's expert output is multiplied by in the layer output: g, or 1 for
+    experts that apply g to their input (Llama 4: x, h and y already contain it). Squared for the
+    weighted norms, as is for the gate-weighted output norm."""
+    g = gate.detach().float()
+    return torch.ones_like(g) if gate_on_input else g
+
+
+def weight_rule_settings(layers: list[MoELayer]) -> dict:
+    """Settings entry (part of the statistics' fingerprint) naming the weight-1 rule of `_gate_weight` for
+    models whose experts apply g to their input: statistics calibrated before that rule (g counted twice)
+    are then neither loaded from the cache nor matched by stored runs. Empty for every other model, whose
+    fingerprints do not change."""
+    return {"gate_weight": "on_input"} if any(not l.calls_with_routing for l in layers) else {}
 
 
 class _LayerCollector:
@@ -37,6 +58,7 @@ class _LayerCollector:
         z = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
         self.layer, self.bins, self.record_cap = layer, bins, record_cap
         self.kind = layer.distribution
+        self.gate_on_input = gate_on_input(layer.experts)  # dense dispatch: g already in the expert's input
         self.routed, self.top1, self.prob_sum, self.gate_sum, self.gate_out = z(E), z(E), z(E), z(E), z(E)
         self.in_sq, self.in_sq_w, self.down_sq, self.down_sq_w = z(E, H), z(E, H), z(E, I), z(E, I)
         self.coact, self.domain, self.hist = z(E, E), z(n_domains, E), z(E, bins)
@@ -87,15 +109,16 @@ class _LayerCollector:
     def observe(self, e, token_idx, gate, x, h, y):
         # Per-batch sums in float32 (cheap), accumulated across batches in float64 (exact enough).
         g = gate.detach().float()  # [n]
-        g2 = g * g
+        w = _gate_weight(gate, self.gate_on_input)  # [n] g, or 1 where g is already in x
+        w2 = w * w
         x2 = x.detach().float().square()  # [n, H]
         h2 = h.detach().float().square()  # [n, I]
         self.in_sq[e] += x2.sum(0)
-        self.in_sq_w[e] += g2 @ x2
+        self.in_sq_w[e] += w2 @ x2
         self.down_sq[e] += h2.sum(0)
-        self.down_sq_w[e] += g2 @ h2
+        self.down_sq_w[e] += w2 @ h2
         self.gate_sum[e] += g.sum()
-        self.gate_out[e] += g @ y.detach().float().norm(dim=1)
+        self.gate_out[e] += w @ y.detach().float().norm(dim=1)
 
     def result(self) -> LayerStats:
         l = self.layer
@@ -169,7 +192,7 @@ def calibrate(
     settings = dict(batch_size=batch_size, hist_bins=hist_bins, record_tokens=record_tokens,
                     **({} if expert_stats else dict(expert_stats=False)),
                     n_samples=n, seq_len=samples.seq_len, seed=samples.seed,
-                    distributions=[l.distribution for l in layers])
+                    distributions=[l.distribution for l in layers], **weight_rule_settings(layers))
     return CalibrationStats(
         model_fingerprint=loaded.fingerprint,
         data_fingerprint=samples.fingerprint,

@@ -18,6 +18,9 @@ Per layer (E experts, H hidden size, I expert intermediate size, D domains, B hi
     record_probs       [N, E]  full router distribution of those tokens
 
 Column norms are kept squared so they add across batches; ‖X_j‖ = sqrt(input_sq[e, j]).
+g is the factor the model multiplies the expert's output by. Experts called by dense dispatch (Llama 4)
+receive g·x as their input (x, h and the output already contain g), so there the weight is 1: the
+weighted norms equal the plain ones (both Σ (g·x_j)²) and gate_output_norm is Σ ‖expert output‖.
 """
 
 from __future__ import annotations

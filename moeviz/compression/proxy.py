@@ -3,8 +3,10 @@
 For expert e and projection p with weight W [out, in] and compressed weight Ŵ, the calibration pass
 recorded, per input column j, the gate-weighted second moment m[e, j] = Σ_t g_t² x_tj² over the tokens t
 routed to e (`input_sq_weighted` for gate / up, whose input is the hidden state; `down_sq_weighted` for
-down, whose input is the expert's intermediate activation in the base model). Ignoring the cross terms
-between input columns (the diagonal approximation Wanda and MoE-Pruner make),
+down, whose input is the expert's intermediate activation in the base model). Experts that apply g to
+their input (Llama 4) receive g_t·x_t, so there g_t is already in x_t and m[e, j] = Σ_t x_tj² (weight 1,
+see `moeviz.calibration.stats`). Ignoring the cross terms between input columns (the diagonal
+approximation Wanda and MoE-Pruner make),
 
     Σ_t g_t² ‖(W − Ŵ) x_t‖²  ≈  Σ_{r, j} (W − Ŵ)[r, j]² · m[e, j]
 

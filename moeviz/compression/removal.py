@@ -3,7 +3,8 @@
 Scores (higher = more important, the lowest are removed first):
 - "frequency": share of the layer's top-k assignments the expert received.
 - "reap": router-weighted output norm, mean over the tokens routed to the expert of
-  gate · ‖expert output‖ (REAP-style); an expert never routed scores 0.
+  gate · ‖expert output‖ (REAP-style; Llama 4 applies the gate to the expert's input, so there it is
+  ‖expert output‖ alone, see `moeviz.calibration.stats`); an expert never routed scores 0.
 """
 
 from __future__ import annotations
