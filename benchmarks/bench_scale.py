@@ -9,9 +9,11 @@ its own. Per model:
 * ``calibration_s``: one moeviz calibration pass over the same number of tokens;
 * ``cold_apply_s``: the first ``Compressor.apply`` of a 50 % MoE-Pruner plan (lazy by default, which
   measures each expert's zeros once; ``MOEVIZ_SCALE_LAZY=0``: the materialised copy);
-* ``new_sparsity_to_result_s``: a 60 % plan on the warm compressor + its evaluation (the app's slider;
-  the per-row threshold tables the 50 % evaluation built serve it: ``threshold_table_bytes``, shared
-  by every compressor of the process, see ``moeviz.compression.threshold_table``);
+* ``new_sparsity_to_result_s``: a new plan on the warm compressor + its evaluation (the app's slider),
+  median over 60 / 55 / 65 % (the forward: median of 3 too); the per-row threshold tables the 50 %
+  evaluation built serve it (``threshold_table_bytes``, shared by every compressor of the process, see
+  ``moeviz.compression.threshold_table``). The demo model (``demo-moe``, the trained model in
+  sample_data/, all 4 layers) is also measured on the app's path for it (materialised, rank cache);
 * ``evaluate_s``: ``Evaluator.evaluate`` of the compressed model (no latency measurement; a lazy
   model runs ``lazy_batch_windows`` windows per forward, see ``evaluate.lazy_batch_size``);
 * ``export_s``: ``export_model`` of the 50 % plan;
@@ -21,17 +23,20 @@ its own. Per model:
 
 Targets (issue 13, measured as ratios within one run): calibration ≤ 1.2 × forward, cold apply ≤ 2 ×,
 new sparsity → result ≤ 1.3 ×; peak RSS while loading, calibrating and evaluating a 50 % plan ≤ 1.15 ×
-the checkpoint's bytes + the interpreter and libraries (RSS before loading) + one layer's working set.
+the checkpoint's bytes + the interpreter and libraries (the RSS before loading, at least the issue's
+~1 GB; ``peak_rss_over_strict_budget`` uses the RSS before loading alone) + one layer's working set.
 The full-model projection multiplies per-layer times by the model's MoE-layer count (labelled projected).
 
     python -m benchmarks --only scale                # every shape that fits in memory here
     MOEVIZ_SCALE_MODELS=olmoe-1b-7b MOEVIZ_SCALE_LAYERS=2 python -m benchmarks --only scale
+    MOEVIZ_SCALE_MODELS=demo-moe python -m benchmarks --only scale
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import resource
 import subprocess
 import sys
@@ -69,6 +74,14 @@ SHAPES: dict[str, tuple[str, dict, int]] = {
     "mixtral-8x7b": ("MixtralConfig", dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8,
                                            num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8), 32),
 }
+# The trained demo model shipped in sample_data/ (the issue's targets hold on it too): loaded as is, all its
+# layers (MOEVIZ_SCALE_LAYERS does not apply), and also measured on the path the app takes for it (a
+# materialised compressed copy with the rank cache, `pages/_state.small_experts`).
+DEMO = "demo-moe"
+REPEATS = 3  # the forward and the new sparsity are medians of this many (the sparsities below)
+NEW_SPARSITIES = (0.6, 0.55, 0.65)
+LIBRARIES_BYTES = 10**9  # the issue's "interpreter and libraries (~1 GB)"
+EXPORT_FIXED_BYTES = 64 * 2**20  # export's fixed buffers (file writer, index), whatever the layer size
 
 
 def _rss_bytes() -> int:
@@ -146,19 +159,27 @@ def measure_one(name: str, layers: int) -> dict:
     from moeviz.export import export_model
 
     tmp = Path(tempfile.mkdtemp(prefix=f"moeviz-scale-{name}-"))
-    ckpt = _build(name, layers, tmp / "model")
+    if name == DEMO:
+        from moeviz.models import DEMO_MODEL_DIR as model_dir
+
+        ckpt = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    else:
+        model_dir = tmp / "model"
+        ckpt = _build(name, layers, model_dir)
     import gc
 
     gc.collect()
     _reset_peak()  # building and saving the random model is not part of what is measured
     phases: dict[str, int] = {}  # peak RSS of each phase
     rss_before = _rss_bytes()
-    lm, t_load = _timed(lambda: moeviz.load_model(tmp / "model", dtype="bfloat16"))
+    lm, t_load = _timed(lambda: moeviz.load_model(model_dir, dtype=None if name == DEMO else "bfloat16"))
+    layers = len(lm.layers) if name == DEMO else layers
+    vocab = lm.model.config.vocab_size
     _take_peak(phases, "load")
     rss_loaded = _rss_bytes()
     g = torch.Generator().manual_seed(0)
     n = max(1, EVAL_TOKENS // SEQ_LEN)
-    ids = torch.randint(3, VOCAB, (n, SEQ_LEN), generator=g)
+    ids = torch.randint(3, vocab, (n, SEQ_LEN), generator=g)
     samples = TokenSamples(ids, ["text"] * n, "random", 0, f"random-{n}x{SEQ_LEN}", ["text"])
 
     def forward():
@@ -167,7 +188,8 @@ def measure_one(name: str, layers: int) -> dict:
                 lm.model(input_ids=ids[i:i + 4])
 
     forward()  # warm-up (allocator, kernels)
-    _, t_fwd = _timed(forward)
+    t_fwds = [_timed(forward)[1] for _ in range(REPEATS)]
+    t_fwd = statistics.median(t_fwds)
     _take_peak(phases, "forward")
     stats, t_cal = _timed(lambda: moeviz.calibrate(lm, samples, batch_size=4))
     peak_cal = _take_peak(phases, "calibrate")
@@ -182,8 +204,17 @@ def measure_one(name: str, layers: int) -> dict:
     peak_eval = _take_peak(phases, "apply_evaluate")
     del cm
     gc.collect()
-    plan60 = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.6))
-    _, t_new = _timed(lambda: evaluator.evaluate(comp.apply(plan60, lazy=LAZY)))
+    def new_sparsity(compressor, lazy):  # the slider moved: apply + evaluate, median over NEW_SPARSITIES
+        plans = [CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=x)) for x in NEW_SPARSITIES]
+        return [_timed(lambda: evaluator.evaluate(compressor.apply(p, lazy=lazy)))[1] for p in plans]
+
+    t_news = new_sparsity(comp, LAZY)
+    t_new = statistics.median(t_news)
+    app_path = None
+    if name == DEMO:  # what the app does with a model this small: materialised, rank cache
+        app = Compressor(lm, stats, cache_ranks=True)
+        evaluator.evaluate(app.apply(plan50, lazy=False))  # its cold apply (ranks computed)
+        app_path = statistics.median(new_sparsity(app, False))
     from moeviz.compression.threshold_table import TABLES
 
     table_bytes = TABLES.nbytes  # the shared per-row threshold tables the first evaluation built
@@ -196,13 +227,21 @@ def measure_one(name: str, layers: int) -> dict:
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
-    budget = 1.15 * ckpt + rss_before + ckpt / layers  # + one layer's working set (one layer's weights)
+    # The issue's budget: 1.15 x checkpoint + the interpreter and libraries (~1 GB) + one layer's working set
+    # (one layer's weights). Libraries: the RSS before loading, or the issue's 1 GB if that is more (on the
+    # demo, libraries that load during `load_model` and the first evaluation, e.g. numba, are ~0.3 GB of a
+    # 15 MB checkpoint's peak). `strict_budget` counts only the RSS before loading.
+    strict_budget = 1.15 * ckpt + rss_before + ckpt / layers
+    budget = 1.15 * ckpt + max(rss_before, LIBRARIES_BYTES) + ckpt / layers
+    layer_bytes = ckpt / layers
     r = dict(
         model=name, layers=layers, lazy=LAZY, threads=torch.get_num_threads(), eval_tokens=int(ids.numel()),
         lazy_batch_windows=lazy_windows, window_tokens=SEQ_LEN,
         checkpoint_bytes=ckpt, rss_before_load_bytes=rss_before, rss_after_load_bytes=rss_loaded,
         load_s=t_load, forward_s=t_fwd, calibration_s=t_cal, cold_apply_s=t_cold, evaluate_s=t_eval,
         new_sparsity_to_result_s=t_new, export_s=t_export, threshold_table_bytes=table_bytes,
+        forward_runs_s=t_fwds, new_sparsity_runs_s=t_news, new_sparsities=NEW_SPARSITIES,
+        new_sparsity_app_path_s=app_path,
         peak_rss_calibrate_bytes=peak_cal, peak_rss_evaluate_bytes=peak_eval, peak_rss_with_export_bytes=peak_all,
         peak_rss_by_phase_bytes=phases, rss_before_export_bytes=rss_before_export,
         malloc_mmap_threshold=os.environ.get("MALLOC_MMAP_THRESHOLD_"),
@@ -210,18 +249,24 @@ def measure_one(name: str, layers: int) -> dict:
                     evaluate=t_eval / t_fwd, export=t_export / t_fwd,
                     load_rss_over_checkpoint=(rss_loaded - rss_before) / ckpt,
                     load_peak_over_checkpoint=(phases["load"] - rss_before) / ckpt,
-                    export_extra_over_layer=(phases["export"] - rss_before_export) / (ckpt / layers),
-                    peak_rss_over_budget=peak_eval / budget),
+                    export_extra_over_layer=(phases["export"] - rss_before_export) / layer_bytes,
+                    peak_rss_over_budget=peak_eval / budget, peak_rss_over_strict_budget=peak_eval / strict_budget),
     )
     r["targets"] = {
         "calibration <= 1.2x forward": verdict(r["ratios"]["calibration"] <= 1.2),
         "cold apply <= 2x forward": verdict(r["ratios"]["cold_apply"] <= 2.0),
         "new sparsity -> result <= 1.3x forward": verdict(r["ratios"]["new_sparsity_to_result"] <= 1.3),
+        **({} if app_path is None else {"new sparsity -> result, the app's path, <= 1.3x forward":
+                                        verdict(app_path / t_fwd <= 1.3)}),
         "peak RSS (load+calibrate+evaluate 50%) <= 1.15x ckpt + interpreter + one layer":
             verdict(peak_eval <= budget),
-        "export peak <= RSS before export + one layer's working set (2x its bytes)":
-            verdict(r["ratios"]["export_extra_over_layer"] <= 2.0),
+        "export peak <= RSS before export + one layer's working set (2x its bytes + 64 MiB)":
+            verdict(phases["export"] - rss_before_export <= 2 * layer_bytes + EXPORT_FIXED_BYTES),
     }
+    if app_path is not None:
+        r["ratios"]["new_sparsity_to_result_app_path"] = app_path / t_fwd
+    if name == DEMO:
+        return r
     full_layers = SHAPES[name][2]
     r["projected_full_model_cpu"] = {  # per-layer time × the full model's MoE layers: projected, not measured
         k: r[k] / layers * full_layers for k in ("forward_s", "calibration_s", "cold_apply_s", "new_sparsity_to_result_s")
@@ -230,7 +275,7 @@ def measure_one(name: str, layers: int) -> dict:
 
 
 def run() -> dict:
-    names = [n for n in os.environ.get("MOEVIZ_SCALE_MODELS", ",".join(SHAPES)).split(",") if n]
+    names = [n for n in os.environ.get("MOEVIZ_SCALE_MODELS", ",".join([DEMO, *SHAPES])).split(",") if n]
     layers = int(os.environ.get("MOEVIZ_SCALE_LAYERS", "1"))
     results = {}
     for name in names:
