@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from moeviz.compression import storage_for
+from moeviz.evaluation import metrics
 from moeviz.evaluation import (
     ACCELERATORS,
     TokenLossAccumulator,
@@ -129,7 +130,12 @@ def test_utilization_shift():
 # -- perplexity and accuracy -----------------------------------------------------------------------
 
 
-def test_perplexity_and_accuracy_match_cross_entropy():
+@pytest.mark.parametrize("chunk_rows", [None, 1, 4])
+def test_perplexity_and_accuracy_match_cross_entropy(chunk_rows, monkeypatch):
+    """chunk_rows: rows of logits per chunk in `add` (None: the default, one chunk here; 4: chunks that
+    straddle sequences of 6 positions)."""
+    if chunk_rows is not None:
+        monkeypatch.setattr(metrics, "LOSS_CHUNK_ELEMENTS", chunk_rows * 11)
     torch.manual_seed(1)
     V = 11
     batches = []
