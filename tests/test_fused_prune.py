@@ -93,3 +93,18 @@ def test_kernel_switch_and_shapes(monkeypatch):
     assert not fused_prune.supports(w.mT, w.mT)  # strided rows
     monkeypatch.setenv("MOEVIZ_NO_NUMBA", "1")
     assert not fused_prune.enabled() and not fused_prune.supports(w, w)
+
+
+def test_rows_split_across_threads_give_the_same_weights(monkeypatch):
+    """With several torch threads the rows are split over a pool: the same bits as one call."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(37, 64, generator=g).to(torch.bfloat16)
+    factor, v = torch.rand(1, 64, generator=g) + 0.1, torch.rand(37, generator=g)
+    one, split = torch.empty_like(base), torch.empty_like(base)
+    monkeypatch.setenv("MOEVIZ_PRUNE_THREADS", "1")
+    fused_prune.prune_known_rows(one, base, factor, v)
+    monkeypatch.setenv("MOEVIZ_PRUNE_THREADS", "3")
+    monkeypatch.setattr(fused_prune, "PARALLEL_MIN_ELEMENTS", 1)
+    assert fused_prune._parts(37, base.numel()) == [(0, 12), (12, 24), (24, 37)]
+    fused_prune.prune_known_rows(split, base, factor, v)
+    assert torch.equal(_bits(one), _bits(split)) and bool((one == 0).any()) and bool((one != 0).any())

@@ -121,4 +121,39 @@ def prune_known_rows(dst: torch.Tensor, src: torch.Tensor, factor: torch.Tensor 
         a, b = (x.detach().view(torch.int16).numpy().view(np.uint16) for x in (src, dst))
     else:
         a, b = src.detach().numpy(), dst.detach().numpy()
-    kernel(a, b, f, v.detach().numpy())
+    t = v.detach().numpy()
+    parts = _parts(a.shape[0], a.size)
+    if len(parts) == 1:
+        kernel(a, b, f, t)
+        return
+    # torch's threads are idle meanwhile: the row ranges run in a pool (the kernel releases the GIL), the
+    # last one in this thread. Rows are independent, so the result does not depend on the split.
+    futures = [_pool().submit(kernel, a[r0:r1], b[r0:r1], f, t[r0:r1]) for r0, r1 in parts[:-1]]
+    r0, r1 = parts[-1]
+    kernel(a[r0:r1], b[r0:r1], f, t[r0:r1])
+    for fut in futures:
+        fut.result()
+
+
+PARALLEL_MIN_ELEMENTS = 1 << 18  # below this one thread: a pool hand-off (~20-50 us) would cost more than it saves
+_executor = None
+
+
+def _parts(rows: int, size: int) -> list[tuple[int, int]]:
+    """Row ranges for torch's thread count, or MOEVIZ_PRUNE_THREADS (one range for small matrices or one
+    thread)."""
+    threads = int(os.environ.get("MOEVIZ_PRUNE_THREADS", "0")) or torch.get_num_threads()
+    if threads <= 1 or size < PARALLEL_MIN_ELEMENTS or rows < 2:
+        return [(0, rows)]
+    cuts = np.linspace(0, rows, min(threads, rows) + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _pool():
+    global _executor
+    with _lock:
+        if _executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _executor = ThreadPoolExecutor(max(1, (os.cpu_count() or 2) - 1), thread_name_prefix="moeviz-prune")
+        return _executor
