@@ -17,41 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from rss_scripts import preamble
 
-MEMORY_SCRIPT = r"""
-import gc, json, os, shutil, sys, tempfile, torch, transformers
-sys.path.insert(0, sys.argv[1])
-from tiny_models import tiny_tokenizer
-import moeviz
-from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
-from moeviz.compression.apply import Compressor
-from moeviz.data import TokenSamples
-from moeviz.export import export_model
-from moeviz.compression import fused_prune
-fused_prune.enabled()  # a library (numba, ~150 MB once per process): loaded before measuring, like torch
-
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-
+MEMORY_SCRIPT = preamble() + r"""
 def reset_peak():
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS
 
-folder = tempfile.mkdtemp(prefix="moeviz-mem-")
-cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
-                                 num_local_experts=32, num_experts_per_tok=2, num_attention_heads=8,
-                                 num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)
-torch.manual_seed(0)
-m = transformers.AutoModelForCausalLM.from_config(cfg)
-params = sum(p.numel() for p in m.parameters())
-layer_bytes = sum(p.numel() * p.element_size() for p in m.model.layers[0].parameters())
-m.save_pretrained(folder, safe_serialization=True)
-tiny_tokenizer(128).save_pretrained(folder)
-del m
-ckpt = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder) if f.endswith(".safetensors"))
 r = dict(params=params, checkpoint=ckpt, layer_bytes=layer_bytes)
 reset_peak()
 r["before_load"] = status("VmRSS")
@@ -195,22 +168,7 @@ def test_sharded_export_equals_the_single_file(family, loaded_tiny, tmp_path, mo
     assert load_model(many).info.num_parameters == load_model(one).info.num_parameters
 
 
-FRAGMENT_SCRIPT = r"""
-import json, os, sys, tempfile, torch, transformers
-sys.path.insert(0, sys.argv[1])
-from tiny_models import tiny_tokenizer
-import moeviz
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-folder = tempfile.mkdtemp(prefix="moeviz-mem-")
-cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers=1,
-                                 num_local_experts=8, num_experts_per_tok=2, num_attention_heads=8,
-                                 num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)
-transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)  # per-expert 3 MB tensors
-tiny_tokenizer(128).save_pretrained(folder)
+FRAGMENT_SCRIPT = preamble(layers=1, experts=8) + r"""
 lm = moeviz.load_model(folder)  # frees the per-expert tensors it stacks
 before = rss()
 temporaries, kept = [], []

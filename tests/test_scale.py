@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from rss_scripts import preamble
 from tiny_models import FAMILIES
 
 from moeviz.calibration.collect import calibrate
@@ -122,33 +123,7 @@ def test_nothing_monkey_patches_forward(family, loaded_tiny):
     assert all(not experts_runtime(l.experts).observers for l in lazy.layers + recovered.layers)
 
 
-MEMORY_SCRIPT = r"""
-import json, os, resource, sys, tempfile, torch, transformers
-sys.path.insert(0, sys.argv[1])
-from tiny_models import tiny_tokenizer
-import moeviz
-from moeviz.compression import CompressionPlan, PruningSettings
-from moeviz.compression.apply import Compressor
-from moeviz.data import TokenSamples
-from moeviz.evaluation import EvalSettings, Evaluator
-from moeviz.compression import fused_prune
-fused_prune.enabled()  # a library (numba, ~150 MB once per process): loaded before measuring, like torch
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-folder = tempfile.mkdtemp(prefix="moeviz-mem-")
-cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
-                                 num_local_experts=32, num_experts_per_tok=2, num_attention_heads=8,
-                                 num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)
-torch.manual_seed(0)
-m = transformers.AutoModelForCausalLM.from_config(cfg)
-params = sum(p.numel() for p in m.parameters())
-m.save_pretrained(folder, safe_serialization=True)
-tiny_tokenizer(128).save_pretrained(folder)
-del m
-import gc; gc.collect()
+MEMORY_SCRIPT = preamble() + r"""
 lm = moeviz.load_model(folder)
 ids = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(0))
 samples = TokenSamples(ids, ["text"] * 4, "random", 0, "random-4x64", ["text"])
@@ -156,9 +131,7 @@ stats = moeviz.calibrate(lm, samples, batch_size=4)
 evaluator = Evaluator(lm, samples, EvalSettings(measure_latency=False, batch_size=4))
 gc.collect()
 after_load = rss()
-resource.setrlimit  # peak is sampled below
-peak = [after_load]
-import threading, time
+peak = [after_load]  # sampled every 2 ms below
 stop = False
 def sample():
     while not stop:
@@ -168,6 +141,7 @@ plan = CompressionPlan(pruning=PruningSettings(metric=sys.argv[2], sparsity=0.5)
 cm = Compressor(lm, stats).apply(plan, lazy=sys.argv[3] == "lazy")
 evaluator.evaluate(cm)
 stop = True; t.join()
+shutil.rmtree(folder)
 print(json.dumps(dict(params=params, after_load=after_load, peak=peak[0])))
 """
 
