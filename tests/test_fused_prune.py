@@ -34,12 +34,15 @@ def _prune(base, factor, k, *, fused: bool, monkeypatch, inplace: bool, plan_t: 
     monkeypatch.setenv("MOEVIZ_NO_NUMBA", "0" if fused else "1")
     cache, scratch = TableCache(), Scratch()
     s = slot(base, "gate", 0, factor, cache)
-    t = steps.prune_rows(torch.empty_like(base), factor, k, None, scratch, table=s, src=base)  # builds the table
+    first = torch.empty_like(base)
+    t = steps.prune_rows(first, factor, k, None, scratch, table=s, src=base)  # builds the table (then fused)
+    assert s.get() is not None
     w = base.clone() if inplace else torch.empty_like(base)
     if inplace and not base.is_contiguous():  # keep the row stride for the in-place kernel too
         w = torch.cat([base, base], dim=1)[:, :base.shape[1]]
     got_t = steps.prune_rows(w, factor, k, t if plan_t else None, scratch, table=s,
                              src=None if inplace else base)
+    assert torch.equal(_bits(first), _bits(w))  # the building call prunes the same way
     return w, got_t
 
 

@@ -170,13 +170,26 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
             g = tab.column(k)
             rt = tab if g is not None else None
     ties = rt is not None and bool(rt.tie[:, g].any())  # once per matrix, not per block
-    if finite and keep_out is None and 0 < k < n and (t is not None or rt is not None) and \
-            fused_prune.supports(w, w if src is None else src):
+    fused = keep_out is None and 0 < k < n and fused_prune.supports(w, w if src is None else src)
+    if fused and finite and (t is not None or rt is not None):
         return _prune_known(w, src, factor, k, t, rt, g, ties)
     # Each block's buffers are views of one block-sized buffer per kind (the last block may be shorter).
     full = (min(rows, out_f), n)
     bufs = {key: scratch.get(key, full, dt, w.device) for key, dt in
             (("scores", torch.float32), ("select", torch.float32), ("keep", w.dtype))}
+    if fused and builder is not None and k in builder.ks:
+        # First use of this projection with k on the grid: sort every block into the table (nothing
+        # else per block), then one fused pass from it, as every later plan does.
+        for r0 in range(0, out_f, rows):
+            base = (w if src is None else src)[r0:r0 + rows]
+            _sorted_thresholds(scores_from_factor(base, factor, bufs["scores"][:base.shape[0]]), 0,
+                               bufs["select"][:base.shape[0]], builder, r0)
+        built = builder.table()
+        table.put(built)
+        if built.finite:
+            g = built.column(k)
+            return _prune_known(w, src, factor, k, None, built, g, bool(built.tie[:, g].any()))
+        builder = None  # an inf / NaN weight: select on the fly below, as without a table
     parts = []
     for r0 in range(0, out_f, rows):
         blk = w[r0:r0 + rows]  # [b, in] view
