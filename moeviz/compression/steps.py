@@ -326,15 +326,19 @@ STRIP = 64
 def _stored_copy(t: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """`t` [n, in, out] written into the contiguous `dst` of the same shape. If `t` is a `_rowmajor_copy`
     result (the view `buf.mT` of a row-major [n, out, in] buffer) this is `_rowmajor_copy` in reverse: STRIP
-    columns of buf at a time ([out, STRIP] strided -> a [STRIP, out] contiguous strip of dst), so both
-    sides move whole cache lines; else a plain copy."""
+    rows of buf at a time ([STRIP, in] contiguous -> an [in, STRIP] column strip of dst), so the copy's inner
+    loop writes STRIP contiguous elements from STRIP cache lines that the next ones reuse. Measured at one
+    thread (shared machine): one expert's [2880, 5760] gate_up 28-47 ms, [2880, 2880] down 12-16 ms, against
+    165 / 80 ms for strips of dst's rows ([STRIP, out]: each inner loop then reads one element from each of
+    `out` cache lines) and 200-250 / 90-110 ms for torch's whole transposed copy into fresh pages. Else a
+    plain copy."""
     if not t.mT.is_contiguous():
         return dst.copy_(t)
     buf = t.mT
     for j in range(buf.shape[0]):
         b, d = buf[j], dst[j]  # [out, in] row-major, [in, out] stored
-        for c in range(0, b.shape[1], STRIP):
-            d[c:c + STRIP].copy_(b[:, c:c + STRIP].mT)
+        for r in range(0, b.shape[0], STRIP):
+            d[:, r:r + STRIP].copy_(b[r:r + STRIP].mT)
     return dst
 
 
