@@ -313,3 +313,54 @@ def test_transposed_experts_are_pruned_in_a_row_major_copy_with_the_same_result(
             for proj, keep in got.items():
                 assert torch.equal(keep[0], eager.masks[f"{layer.index}.{proj}"][e]), (layer.index, e, proj)
     assert checked > 0
+
+
+def test_materialised_and_exported_transposed_layers_equal_the_strided_steps(loaded_tiny, monkeypatch):
+    """GPT-OSS ([E, in, out] storage): the materialised apply and export's `layer_tensors` prune row-major
+    copies a few experts at a time (`steps._compress_transposed`), written back in strips; weights and masks
+    equal, bit for bit, the steps run on strided views of a clone of the whole layer (the reference)."""
+    import numpy as np
+
+    from moeviz.compression import steps
+    from moeviz.compression.apply import resolve_settings
+
+    monkeypatch.setattr(steps, "BLOCK_ELEMENTS", 40)  # several row blocks
+    monkeypatch.setattr(steps, "STRIP", 5)  # several strips, the last one shorter
+    monkeypatch.setattr(steps, "ROWMAJOR_CHUNK_BYTES", 1)  # one expert per row-major round
+    lm = loaded_tiny("gpt_oss")
+    samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16)
+    stats = calibrate(lm, samples, batch_size=4)
+    comp = Compressor(lm, stats)
+    plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5),
+                           overrides=[Override(layer=0, expert=1, sparsity=0.0), Override(layer=1, expert=2, bits=4),
+                                      Override(layer=1, expert=3, sparsity=0.7)],
+                           removed_experts=[(0, 2)])
+    sparsity, bits, removed = resolve_settings(plan, lm.layers, stats)
+    rounds = []  # experts per row-major copy: the materialising paths take the row-major route
+    rowmajor_copy = steps._rowmajor_copy
+    monkeypatch.setattr(steps, "_rowmajor_copy", lambda part, buf: rounds.append(len(part)) or rowmajor_copy(part, buf))
+    eager = comp.apply(plan, keep_masks=True)
+    assert rounds and set(rounds) == {1}
+    lazy = comp.apply(plan, lazy=True)
+    for layer in lm.layers:
+        assert layer.transposed
+        s = comp.layer_settings(layer, plan, sparsity[layer.index], bits[layer.index], removed[layer.index])
+        sel = np.arange(layer.num_experts)
+        norms = steps.layer_norms(stats.layers[layer.index], s.metric, sel, "cpu")
+        # Reference: the steps on strided [E, out, in] views of clones of the stored tensors.
+        want = {n: getattr(layer.experts, n).detach()[: layer.num_experts].clone() for n in s.touched_names(layer)}
+        want_masks = {}
+        steps.prune(layer, want, sel, s, norms, want_masks)
+        steps.quantize(layer, want, sel, s)
+        steps.remove(layer, want, sel, s)
+        assert set(want) == {"gate_up_proj", "down_proj"} and set(want_masks) == {"gate", "up", "down"}
+        got_layer = eager.layers[layer.index].experts
+        rounds.clear()
+        exported = experts_runtime(lazy.layers[layer.index].experts).weights.layer_tensors(layer.experts, chunk_bytes=1)
+        assert len(rounds) >= layer.num_experts - 1  # one per pruned expert and pruned fused tensor
+        for name, w in want.items():
+            assert torch.equal(getattr(got_layer, name), w), (layer.index, name)  # materialised apply
+            assert torch.equal(exported[name], w), (layer.index, name)  # export of a lazy model
+        for proj, keep in want_masks.items():
+            assert torch.equal(eager.masks[f"{layer.index}.{proj}"], keep), (layer.index, proj)
+        assert (want["down_proj"] == 0).any() and not torch.equal(want["down_proj"], getattr(layer.experts, "down_proj"))

@@ -83,7 +83,8 @@ class LazyExpertWeights:
         name -> tensor shaped like the module's attribute (zero-compute experts' rows kept).
         Computed a few experts at a time (`chunk_bytes` of base weights, default LAYER_CHUNK_BYTES) into
         the output, so the scores, masks and clones of the steps exist for those experts only: the
-        layer costs its output plus a chunk (every step is per expert: same values as one call)."""
+        layer costs its output plus a chunk (every step is per expert: same values as one call).
+        Transposed storage (GPT-OSS) is pruned in row-major copies (`steps._compress_transposed`)."""
         names = self.settings.touched_names(self.layer)
         if not names:
             return {}
@@ -92,18 +93,17 @@ class LazyExpertWeights:
         n = self.layer.num_experts
         per_expert = sum(t[0].numel() * t.element_size() for t in base.values())
         step = max(1, min(n, (LAYER_CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // max(1, per_expert)))
-        new = {}
+        new, work = {}, Scratch()  # work: the row-major buffers of a transposed layer, reused by every chunk
         for name, t in base.items():  # [E_total, ...]: rows past E (zero-compute experts) are the base's
             new[name] = torch.empty_like(t.detach())
             new[name][n:] = t.detach()[n:]
         for start in range(0, n, step):
             sel = np.arange(start, min(start + step, n))
-            part = compress_experts(self.layer, base, sel, self.settings,
-                                    layer_norms(self.stats_layer, self.settings.metric, sel, device),
-                                    tables=threshold_table.TABLES)
-            for name, t in part.items():
-                new[name][start:start + len(sel)] = t
-            del part
+            # written straight into the output's rows (every touched name is in `new`: no copy after)
+            compress_experts(self.layer, base, sel, self.settings,
+                             layer_norms(self.stats_layer, self.settings.metric, sel, device),
+                             tables=threshold_table.TABLES,
+                             out={name: t[start:start + len(sel)] for name, t in new.items()}, work=work)
         return new
 
     @torch.no_grad()  # so the experts are compressed in this thread's reused buffers
