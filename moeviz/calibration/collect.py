@@ -5,8 +5,11 @@ of tokens (except the per-token routing record, capped at `record_tokens`).
 How: on a structural copy of the model (the base is never touched), each router gets a forward hook
 that keeps its logits, and each experts module's runtime (`moeviz.models.runtime`) gets two
 observers: one sees the routing the experts receive, one each expert's inputs and intermediate
-activations while the reference loop computes them (no extra matmul). A compressed copy's provider
-and activation quantization stay in place, so the statistics are those of the compressed model.
+activations while the reference computation runs (no extra matmul): a layer observer that gets each
+call's rows grouped by expert once, so every statistic is a segment reduction (and, with nothing else
+to alter per expert, the experts run grouped as the family's own forward does: no loop over
+experts). A compressed copy's provider and activation quantization stay in place, so the statistics
+are those of the compressed model.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 
 from moeviz.calibration.stats import CalibrationStats, LayerStats
 from moeviz.data import TokenSamples
-from moeviz.models.experts import experts_forward
+from moeviz.models.experts import GroupedActivations, experts_forward
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.loading import LoadedModel
 from moeviz.models.runtime import install_experts_runtime
@@ -26,6 +29,21 @@ from moeviz.models.routing import full_distribution, selected_distribution
 from moeviz.models.views import structural_copy
 
 ProgressFn = Callable[[int, int], None]
+
+
+def _squared(t: torch.Tensor) -> torch.Tensor:
+    """t² in float32, a new tensor (t itself is never written)."""
+    if t.dtype == torch.float32:
+        return t.detach().square()
+    return t.detach().float().square_()  # the float copy is ours: square it in place
+
+
+def _segment_sum(src: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[E, D]: for each expert e, Σ weights[i] · src[rows[i]] over its segment i in [starts[e], starts[e+1])
+    (src [N, D] float32, rows [S], starts [E], weights [S] or None = 1). One embedding-bag call: a
+    segment reduction that reads the rows where they are (no [S, D] gather)."""
+    return torch.nn.functional.embedding_bag(rows, src, starts, mode="sum", per_sample_weights=weights)
 
 
 class _LayerCollector:
@@ -82,20 +100,38 @@ class _LayerCollector:
     def experts_forward(self, hidden_states, top_k_index, top_k_weights):
         """Both observers around the plain reference loop (for callers without a runtime)."""
         self.see_routing(hidden_states, top_k_index, top_k_weights)
-        return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights, observer=self.observe)
+        return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights,
+                               layer_observer=self.observe_layer)
 
-    def observe(self, e, token_idx, gate, x, h, y):
-        # Per-batch sums in float32 (cheap), accumulated across batches in float64 (exact enough).
-        g = gate.detach().float()  # [n]
-        g2 = g * g
-        x2 = x.detach().float().square()  # [n, H]
-        h2 = h.detach().float().square()  # [n, I]
-        self.in_sq[e] += x2.sum(0)
-        self.in_sq_w[e] += g2 @ x2
-        self.down_sq[e] += h2.sum(0)
-        self.down_sq_w[e] += g2 @ h2
-        self.gate_sum[e] += g.sum()
-        self.gate_out[e] += g @ y.detach().float().norm(dim=1)
+    def stat_weights(self, gate: torch.Tensor) -> torch.Tensor:
+        """[S] weight of each routed pair in the *_weighted statistics: g² (float32)."""
+        return gate.float().square()
+
+    def observe_layer(self, acts: GroupedActivations):
+        """Layer observer: every expert's statistics of one call as segment sums over the rows grouped
+        by expert (float32 per call, accumulated across calls in float64)."""
+        if acts.expert.numel() == 0:
+            return
+        g = acts.gate.detach().float()  # [S]
+        w = self.stat_weights(acts.gate.detach())  # [S]
+        starts = acts.starts
+        if acts.x is None:  # inputs are rows of hidden: square the [T, H] hidden once, sum gathered rows
+            src, rows = acts.hidden, acts.token_idx
+        else:
+            src, rows = acts.x, torch.arange(acts.x.shape[0], device=acts.x.device)
+        x2 = _squared(src)  # [T or S, H] float32
+        self.in_sq += _segment_sum(x2, rows, starts)
+        self.in_sq_w += _segment_sum(x2, rows, starts, w)
+        del x2
+        h2 = _squared(acts.h)  # [S, I]
+        every = torch.arange(h2.shape[0], device=h2.device)
+        self.down_sq += _segment_sum(h2, every, starts)
+        self.down_sq_w += _segment_sum(h2, every, starts, w)
+        del h2
+        y_norm = torch.linalg.vector_norm(acts.y.detach(), dim=1, dtype=torch.float32)  # [S]
+        E = self.layer.num_experts
+        self.gate_sum += torch.zeros(E, device=g.device).index_add_(0, acts.expert, g)
+        self.gate_out += torch.zeros(E, device=g.device).index_add_(0, acts.expert, g * y_norm)
 
     def result(self) -> LayerStats:
         l = self.layer
@@ -144,7 +180,7 @@ def calibrate(
         rt = install_experts_runtime(c.layer)  # on this copy only
         rt.routing_observers.append(c.see_routing)
         if expert_stats:
-            rt.observers.append(c.observe)
+            rt.layer_observers.append(c.observe_layer)
 
     n = samples.n_samples
     rec_ids, rec_dom = [], []
