@@ -80,16 +80,19 @@ class _LayerCollector:
         # Histogram: bin b of expert e counts tokens with b/B <= p < (b+1)/B; flat index e*B + b.
         b = (probs * self.bins).long().clamp_(max=self.bins - 1)
         flat = (torch.arange(E, device=b.device) * self.bins + b).reshape(-1)
-        self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        self.hist.view(-1).add_(torch.bincount(flat, minlength=E * self.bins))
 
+        # Counts per batch in float32 are exact (integers < 2^24 whatever the summation order), then
+        # added to the float64 totals once.
         valid = top_k_index < E  # some routers mark empty slots with an out-of-range id
-        onehot = torch.zeros(probs.shape, dtype=torch.float64, device=probs.device)  # [T, E]
-        onehot.scatter_add_(1, top_k_index.clamp(max=E - 1), valid.double())
+        onehot = torch.zeros(probs.shape, dtype=torch.float32, device=probs.device)  # [T, E]
+        onehot.scatter_add_(1, top_k_index.clamp(max=E - 1), valid.float())
         self.routed += onehot.sum(0)
         top1 = top_k_index.gather(1, top_k_weights.argmax(dim=1, keepdim=True)).squeeze(1)
-        self.top1 += torch.bincount(top1, minlength=E)[:E].double()
+        self.top1 += torch.bincount(top1, minlength=E)[:E]
         self.coact += onehot.T @ onehot
-        self.domain.index_add_(0, self.token_domain.to(onehot.device), onehot)
+        self.domain += torch.zeros_like(self.domain, dtype=torch.float32).index_add_(
+            0, self.token_domain.to(onehot.device), onehot)
 
         room = self.record_cap - self.n_recorded
         if room > 0:

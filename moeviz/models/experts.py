@@ -274,7 +274,9 @@ def _grouped_forward(experts, hidden, T, k, pos, expert, token_idx, gate, counts
         return None
     layer_observer(GroupedActivations(counts, ec, token_idx[:n_compute], gate[:n_compute], hidden,
                                       x[:n_compute] if scale_input else None, h, y))
-    rows = torch.cat([y if scale_input else y * gate[:n_compute, None], x[n_compute:] * gate[n_compute:, None]])
+    rows = y if scale_input else y * gate[:n_compute, None]  # [n_compute, H]
+    if n_compute < x.shape[0]:  # zero-compute (identity) experts' rows follow
+        rows = torch.cat([rows, x[n_compute:] * gate[n_compute:, None]])
     out = rows.new_zeros(k * T, hidden.shape[-1])  # [k*T, H] at position slot*T + token; sentinels stay 0
     out[pos] = rows
     return out.view(k, T, -1).sum(0).to(hidden.dtype)
