@@ -165,7 +165,7 @@ def experts_forward(
     gate_all = top_k_weights[token_all, slot_all]  # [n_routed]
     if (layer_observer is not None and observer is None and input_transform is None and weights is None
             and not torch.is_grad_enabled() and _can_group(experts, hidden_states)):
-        out = _grouped_forward(experts, hidden_states, T, top_k_weights.shape[1], pos, flat[pos], token_all,
+        out = _grouped_forward(experts, hidden_states, T, top_k_weights.shape[1], order, flat[pos], token_all,
                                gate_all, counts_t[:num_experts], n_compute, scale_input, layer_observer)
         if out is not None:
             return out
@@ -251,13 +251,14 @@ def _grouped_project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, t
     return out + b if b is not None else out
 
 
-def _grouped_forward(experts, hidden, T, k, pos, expert, token_idx, gate, counts, n_compute, scale_input,
+def _grouped_forward(experts, hidden, T, k, order, expert, token_idx, gate, counts, n_compute, scale_input,
                      layer_observer) -> torch.Tensor | None:
     """Every expert at once, as transformers' grouped forward: rows sorted by expert (the first
     n_compute are computing experts, then zero-compute ones), two grouped matmuls, the weighted rows
     put back at their (slot, token) position and summed over the k slots in float32 (no per-expert
     index_add_). None (nothing observed) where the grouped matmul kernel fails."""
     num_experts = counts.shape[0]
+    pos = order[:token_idx.shape[0]]  # (slot, token) position of each routed row; sentinels sorted after
     x = hidden[token_idx]  # [n_routed, H]
     if scale_input:  # Llama 4: expert(x * w) instead of w * expert(x)
         x = x * gate[:, None].to(x.dtype)
@@ -277,6 +278,8 @@ def _grouped_forward(experts, hidden, T, k, pos, expert, token_idx, gate, counts
     rows = y if scale_input else y * gate[:n_compute, None]  # [n_compute, H]
     if n_compute < x.shape[0]:  # zero-compute (identity) experts' rows follow
         rows = torch.cat([rows, x[n_compute:] * gate[n_compute:, None]])
-    out = rows.new_zeros(k * T, hidden.shape[-1])  # [k*T, H] at position slot*T + token; sentinels stay 0
+    out = rows.new_empty(k * T, hidden.shape[-1])  # [k*T, H] at position slot*T + token
     out[pos] = rows
+    if pos.shape[0] < k * T:  # sentinel pairs contribute nothing
+        out[order[pos.shape[0]:]] = 0
     return out.view(k, T, -1).sum(0).to(hidden.dtype)
