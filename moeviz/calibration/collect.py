@@ -101,7 +101,7 @@ class _LayerCollector:
             self.n_recorded += min(room, top_k_index.shape[0])
 
     def experts_forward(self, hidden_states, top_k_index, top_k_weights):
-        """Both observers around the plain reference loop (for callers without a runtime)."""
+        """Both observers around the reference computation (for callers without a runtime)."""
         self.see_routing(hidden_states, top_k_index, top_k_weights)
         return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights,
                                layer_observer=self.observe_layer)
@@ -132,9 +132,9 @@ class _LayerCollector:
         self.down_sq_w += _segment_sum(h2, every, starts, w)
         del h2
         y_norm = torch.linalg.vector_norm(acts.y.detach(), dim=1, dtype=torch.float32)  # [S]
-        E = self.layer.num_experts
-        self.gate_sum += torch.zeros(E, device=g.device).index_add_(0, acts.expert, g)
-        self.gate_out += torch.zeros(E, device=g.device).index_add_(0, acts.expert, g * y_norm)
+        # 1-D segment sums in a fixed order (no atomics on a GPU).
+        self.gate_sum += torch.segment_reduce(g, "sum", lengths=acts.counts)
+        self.gate_out += torch.segment_reduce(g * y_norm, "sum", lengths=acts.counts)
 
     def result(self) -> LayerStats:
         l = self.layer
