@@ -7,6 +7,7 @@ from moeviz.calibration import CalibrationStats, calibrate
 from moeviz.calibration.collect import _LayerCollector
 from moeviz.calibration.stats import stats_fingerprint
 from moeviz.data import Document, tokenize_documents
+from moeviz.models.experts import experts_forward, gate_on_input
 from moeviz.models.layers import find_moe_layers
 from moeviz.models.routing import full_distribution
 from moeviz.models.views import structural_copy
@@ -263,3 +264,75 @@ def test_llama4_stats_fingerprint_names_the_weight_rule(llama4, loaded_tiny, tmp
     assert stats_fingerprint(a.model_fingerprint, a.data_fingerprint, old) != a.fingerprint
     lm = loaded_tiny("mixtral")
     assert "gate_weight" not in calibrate(lm, samples_for(lm, n=2, seq_len=8), batch_size=2).settings
+
+
+def _family_layer(model_type, tmp_path_factory):
+    """First MoE layer of a tiny `model_type` from the family sweep (tests/family_configs.py)."""
+    from family_configs import build_tiny
+    from moeviz.models import load_model
+    from tiny_models import tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp(model_type)
+    model = build_tiny(model_type)
+    model.save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer(model.config.get_text_config().vocab_size).save_pretrained(folder)
+    return load_model(folder).layers[0]
+
+
+def _per_expert_sums(layer, hidden, idx, w):
+    """Float64 statistics from the per-expert observer of the reference loop (one call per expert)."""
+    E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
+    z = lambda *s: torch.zeros(*s, dtype=torch.float64)  # noqa: E731
+    r = dict(in_sq=z(E, H), in_sq_w=z(E, H), down_sq=z(E, I), down_sq_w=z(E, I), gate_sum=z(E), gate_out=z(E))
+
+    on_input = gate_on_input(layer.experts)  # Llama 4: g is already in x, h and y, so the weight is 1
+
+    def seen(e, token_idx, gate, x, h, y):
+        g, x2, h2 = gate.double(), x.double() ** 2, h.double() ** 2
+        wt = torch.ones_like(g) if on_input else g
+        r["in_sq"][e] += x2.sum(0)
+        r["in_sq_w"][e] += wt**2 @ x2
+        r["down_sq"][e] += h2.sum(0)
+        r["down_sq_w"][e] += wt**2 @ h2
+        r["gate_sum"][e] += g.sum()
+        r["gate_out"][e] += wt @ y.double().norm(dim=1)
+
+    with torch.no_grad():
+        out = experts_forward(layer.experts, hidden, idx, w, observer=seen)
+    return r, out
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "gpt_oss", "longcat_flash", "llama4_text"])
+def test_grouped_statistics_equal_per_expert_sums(model_type, tmp_path_factory, monkeypatch):
+    """The layer observer's segment reductions (grouped path and per-expert loop fallback) equal per-expert
+    float64 sums, with shared experts (qwen2_moe), biases (gpt_oss), zero-compute experts and sentinel ids
+    (longcat_flash) and the routing weight on the expert's input (llama4_text); outputs match the loop."""
+    import moeviz.models.experts as ex
+
+    layer = _family_layer(model_type, tmp_path_factory)
+    E, k = layer.num_experts, layer.top_k
+    total = max(E, ex._input_weight(layer.experts).shape[0])
+    torch.manual_seed(0)
+    T = 24
+    hidden = torch.randn(T, layer.hidden_size)
+    idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+    if total > E:  # zero-compute experts (ids E..total-1) in every third token's last slot
+        idx[::3, -1] = E + torch.arange(0, T, 3) % (total - E)
+    idx[::5, 0] = total  # sentinel: "no expert"
+    idx[idx == 1] = total  # expert 1 gets no token
+    w = torch.rand(T, k)
+    ref, out_loop = _per_expert_sums(layer, hidden, idx, w)
+    grouped_calls = []
+    real = ex._grouped_forward
+    monkeypatch.setattr(ex, "_grouped_forward", lambda *a: grouped_calls.append(1) or real(*a))
+    for grad, want_grouped in [(False, True), (True, False)]:  # autograd on: the loop builds the grouped record
+        c = _LayerCollector(layer, 1, 10, 0, "cpu")
+        grouped_calls.clear()
+        with torch.set_grad_enabled(grad):
+            out = experts_forward(layer.experts, hidden, idx, w, layer_observer=c.observe_layer)
+        assert bool(grouped_calls) == want_grouped
+        torch.testing.assert_close(out.detach(), out_loop, rtol=1e-5, atol=1e-6)
+        for name, key in [("in_sq", "in_sq"), ("in_sq_w", "in_sq_w"), ("down_sq", "down_sq"),
+                          ("down_sq_w", "down_sq_w"), ("gate_sum", "gate_sum"), ("gate_out", "gate_out")]:
+            assert getattr(c, name).abs().sum() > 0, name
+            torch.testing.assert_close(getattr(c, name), ref[key], rtol=1e-5, atol=1e-6, msg=f"{name} grad={grad}")

@@ -5,8 +5,11 @@ of tokens (except the per-token routing record, capped at `record_tokens`).
 How: on a structural copy of the model (the base is never touched), each router gets a forward hook
 that keeps its logits, and each experts module's runtime (`moeviz.models.runtime`) gets two
 observers: one sees the routing the experts receive, one each expert's inputs and intermediate
-activations while the reference loop computes them (no extra matmul). A compressed copy's provider
-and activation quantization stay in place, so the statistics are those of the compressed model.
+activations while the reference computation runs (no extra matmul): a layer observer that gets each
+call's rows grouped by expert once, so every statistic is a segment reduction (and, with nothing else
+to alter per expert, the experts run grouped as the family's own forward does: no loop over
+experts). A compressed copy's provider and activation quantization stay in place, so the statistics
+are those of the compressed model.
 
 Router-weighted statistics weight each routed token by the factor g its expert's output is multiplied
 by (g² for squared norms). Experts called by dense dispatch (Llama 4) receive g·x as their input and
@@ -23,7 +26,7 @@ import torch
 
 from moeviz.calibration.stats import CalibrationStats, LayerStats
 from moeviz.data import TokenSamples
-from moeviz.models.experts import experts_forward, gate_on_input
+from moeviz.models.experts import GroupedActivations, experts_forward, gate_on_input
 from moeviz.models.layers import MoELayer, find_moe_layers
 from moeviz.models.loading import LoadedModel
 from moeviz.models.runtime import install_experts_runtime
@@ -47,6 +50,21 @@ def weight_rule_settings(layers: list[MoELayer]) -> dict:
     are then neither loaded from the cache nor matched by stored runs. Empty for every other model, whose
     fingerprints do not change."""
     return {"gate_weight": "on_input"} if any(not l.calls_with_routing for l in layers) else {}
+
+
+def _squared(t: torch.Tensor) -> torch.Tensor:
+    """t² in float32, a new tensor (t itself is never written)."""
+    if t.dtype == torch.float32:
+        return t.detach().square()
+    return t.detach().float().square_()  # the float copy is ours: square it in place
+
+
+def _segment_sum(src: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
+                 weights: torch.Tensor | None = None) -> torch.Tensor:
+    """[E, D]: for each expert e, Σ weights[i] · src[rows[i]] over its segment i in [starts[e], starts[e+1])
+    (src [N, D] float32, rows [S], starts [E], weights [S] or None = 1). One embedding-bag call: a
+    segment reduction that reads the rows where they are (no [S, D] gather)."""
+    return torch.nn.functional.embedding_bag(rows, src, starts, mode="sum", per_sample_weights=weights)
 
 
 class _LayerCollector:
@@ -84,16 +102,19 @@ class _LayerCollector:
         # Histogram: bin b of expert e counts tokens with b/B <= p < (b+1)/B; flat index e*B + b.
         b = (probs * self.bins).long().clamp_(max=self.bins - 1)
         flat = (torch.arange(E, device=b.device) * self.bins + b).reshape(-1)
-        self.hist.view(-1).index_add_(0, flat, torch.ones_like(flat, dtype=torch.float64))
+        self.hist.view(-1).add_(torch.bincount(flat, minlength=E * self.bins))
 
+        # Counts per batch in float32 are exact (integers < 2^24 whatever the summation order), then
+        # added to the float64 totals once.
         valid = top_k_index < E  # some routers mark empty slots with an out-of-range id
-        onehot = torch.zeros(probs.shape, dtype=torch.float64, device=probs.device)  # [T, E]
-        onehot.scatter_add_(1, top_k_index.clamp(max=E - 1), valid.double())
+        onehot = torch.zeros(probs.shape, dtype=torch.float32, device=probs.device)  # [T, E]
+        onehot.scatter_add_(1, top_k_index.clamp(max=E - 1), valid.float())
         self.routed += onehot.sum(0)
         top1 = top_k_index.gather(1, top_k_weights.argmax(dim=1, keepdim=True)).squeeze(1)
-        self.top1 += torch.bincount(top1, minlength=E)[:E].double()
+        self.top1 += torch.bincount(top1, minlength=E)[:E]
         self.coact += onehot.T @ onehot
-        self.domain.index_add_(0, self.token_domain.to(onehot.device), onehot)
+        self.domain += torch.zeros_like(self.domain, dtype=torch.float32).index_add_(
+            0, self.token_domain.to(onehot.device), onehot)
 
         room = self.record_cap - self.n_recorded
         if room > 0:
@@ -102,23 +123,42 @@ class _LayerCollector:
             self.n_recorded += min(room, top_k_index.shape[0])
 
     def experts_forward(self, hidden_states, top_k_index, top_k_weights):
-        """Both observers around the plain reference loop (for callers without a runtime)."""
+        """Both observers around the reference computation (for callers without a runtime)."""
         self.see_routing(hidden_states, top_k_index, top_k_weights)
-        return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights, observer=self.observe)
+        return experts_forward(self.layer.experts, hidden_states, top_k_index, top_k_weights,
+                               layer_observer=self.observe_layer)
 
-    def observe(self, e, token_idx, gate, x, h, y):
-        # Per-batch sums in float32 (cheap), accumulated across batches in float64 (exact enough).
-        g = gate.detach().float()  # [n]
-        w = _gate_weight(gate, self.gate_on_input)  # [n] g, or 1 where g is already in x
-        w2 = w * w
-        x2 = x.detach().float().square()  # [n, H]
-        h2 = h.detach().float().square()  # [n, I]
-        self.in_sq[e] += x2.sum(0)
-        self.in_sq_w[e] += w2 @ x2
-        self.down_sq[e] += h2.sum(0)
-        self.down_sq_w[e] += w2 @ h2
-        self.gate_sum[e] += g.sum()
-        self.gate_out[e] += w @ y.detach().float().norm(dim=1)
+    def stat_weights(self, gate: torch.Tensor) -> torch.Tensor:
+        """[S] weight of each routed pair in the *_weighted statistics: g², or 1 where g is already in x
+        (`_gate_weight`), float32."""
+        return _gate_weight(gate, self.gate_on_input).square()
+
+    def observe_layer(self, acts: GroupedActivations):
+        """Layer observer: every expert's statistics of one call as segment sums over the rows grouped
+        by expert (float32 per call, accumulated across calls in float64)."""
+        if acts.expert.numel() == 0:
+            return
+        g = acts.gate.detach().float()  # [S]
+        w = self.stat_weights(acts.gate.detach())  # [S]
+        starts = acts.starts
+        if acts.x is None:  # inputs are rows of hidden: square the [T, H] hidden once, sum gathered rows
+            src, rows = acts.hidden, acts.token_idx
+        else:
+            src, rows = acts.x, torch.arange(acts.x.shape[0], device=acts.x.device)
+        x2 = _squared(src)  # [T or S, H] float32
+        self.in_sq += _segment_sum(x2, rows, starts)
+        self.in_sq_w += _segment_sum(x2, rows, starts, w)
+        del x2
+        h2 = _squared(acts.h)  # [S, I]
+        every = torch.arange(h2.shape[0], device=h2.device)
+        self.down_sq += _segment_sum(h2, every, starts)
+        self.down_sq_w += _segment_sum(h2, every, starts, w)
+        del h2
+        y_norm = torch.linalg.vector_norm(acts.y.detach(), dim=1, dtype=torch.float32)  # [S]
+        # 1-D segment sums in a fixed order (no atomics on a GPU).
+        self.gate_sum += torch.segment_reduce(g, "sum", lengths=acts.counts)
+        out_w = _gate_weight(g, self.gate_on_input)  # [S] g, or 1 where the output enters unscaled (Llama 4)
+        self.gate_out += torch.segment_reduce(out_w * y_norm, "sum", lengths=acts.counts)
 
     def result(self) -> LayerStats:
         l = self.layer
@@ -167,7 +207,7 @@ def calibrate(
         rt = install_experts_runtime(c.layer)  # on this copy only
         rt.routing_observers.append(c.see_routing)
         if expert_stats:
-            rt.observers.append(c.observe)
+            rt.layer_observers.append(c.observe_layer)
 
     n = samples.n_samples
     rec_ids, rec_dom = [], []

@@ -9,7 +9,8 @@ parameters, same module tree) whose forward consults a typed state object:
 * `ExpertsRuntime`: a weight provider (None: the module's own tensors; else e.g. lazily compressed
   weights, `moeviz.compression.lazy`), an input transform (activation fake-quantization) and
   observers (calibration, evaluation, distillation, token explorer add observers; nothing replaces a
-  module's `forward`).
+  module's `forward`): per-expert ones, and layer ones that see each call's tensors grouped by expert
+  (calibration: with only layer observers the reference computation is grouped, no loop over experts).
 
 With no provider, transform or expert observer the family's own forward runs unchanged. Otherwise
 the reference loop (`experts.experts_forward`) runs, which reproduces the family's forward (checked
@@ -31,7 +32,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from moeviz.models.experts import ExpertObserver, experts_forward, takes_routing
+from moeviz.models.experts import ExpertObserver, LayerObserver, experts_forward, takes_routing
 
 RUNTIME_ATTR = "_moeviz_runtime"
 
@@ -56,6 +57,7 @@ class ExpertsRuntime:
     weights: WeightProvider | None = None
     input_transform: Callable[[int, torch.Tensor], torch.Tensor] | None = None
     observers: list[ExpertObserver] = field(default_factory=list)
+    layer_observers: list[LayerObserver] = field(default_factory=list)  # each call's grouped tensors, once
     routing_observers: list[RoutingObserver] = field(default_factory=list)
     dispatch: tuple[int, int, int] | None = None  # dense dispatch only: (E, top_k, H)
     dispatch_state: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
@@ -63,11 +65,22 @@ class ExpertsRuntime:
     @property
     def computes(self) -> bool:
         """True when the reference loop must run (the family's forward cannot do what is asked)."""
-        return self.weights is not None or self.input_transform is not None or bool(self.observers)
+        return (self.weights is not None or self.input_transform is not None or bool(self.observers)
+                or bool(self.layer_observers))
 
     def observe(self, e, token_idx, gate, x, h, y) -> None:
         for obs in self.observers:
             obs(e, token_idx, gate, x, h, y)
+
+    def observe_layer(self, grouped) -> None:
+        for obs in self.layer_observers:
+            obs(grouped)
+
+    def run(self, experts, hidden, index, weights) -> torch.Tensor:
+        """The reference computation with this state's provider, transform and observers."""
+        return experts_forward(experts, hidden, index, weights, observer=self.observe if self.observers else None,
+                               input_transform=self.input_transform, weights=self.weights,
+                               layer_observer=self.observe_layer if self.layer_observers else None)
 
     def __deepcopy__(self, memo):
         # Provider and transform are immutable and shared; observers and per-pass state are not copied.
@@ -93,8 +106,7 @@ class _ExpertsRuntimeMixin:
             obs(hidden, index, weights)
         if not rt.computes:
             return super().forward(*args, **kwargs)
-        return experts_forward(self, hidden, index, weights, observer=rt.observe if rt.observers else None,
-                               input_transform=rt.input_transform, weights=rt.weights)
+        return rt.run(self, hidden, index, weights)
 
 
 @functools.lru_cache(maxsize=None)
@@ -118,8 +130,7 @@ def _dense_forward(self, rt: ExpertsRuntime, routed_in: torch.Tensor) -> torch.T
     weights, index = scores.topk(k, dim=-1)  # unchosen experts have score 0
     for obs in rt.routing_observers:
         obs(hidden, index, weights)
-    final = experts_forward(self, hidden, index, weights, observer=rt.observe if rt.observers else None,
-                            input_transform=rt.input_transform, weights=rt.weights)
+    final = rt.run(self, hidden, index, weights)
     # The block reshapes the result to [E, T, H] and sums over E: put everything in the first block.
     out = routed_in.new_zeros(E, hidden.shape[0], H)
     out[0] = final
