@@ -111,3 +111,24 @@ def test_rows_split_across_threads_give_the_same_weights(monkeypatch):
     assert fused_prune._parts(37, base.numel()) == [(0, 12), (12, 24), (24, 37)]
     fused_prune.prune_known_rows(split, base, factor, v)
     assert torch.equal(_bits(one), _bits(split)) and bool((one == 0).any()) and bool((one != 0).any())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_stored_layout_pass_equals_the_row_pass_on_the_transpose(dtype):
+    """`prune_known_columns` on W^T stored [in, out] (factor per stored row, threshold per stored column,
+    -inf = keep the column) gives the bits `prune_known_rows` gives on W [out, in]."""
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(24, 40, generator=g).to(dtype)  # [out, in]
+    w[0, :3] = -0.0
+    factor = torch.rand(1, 40, generator=g) + 0.1
+    scores = w.float().abs() * factor  # [out, in]
+    v = scores.sort(dim=-1).values[:, 19].clone()  # each row's 20th smallest score, as a table holds it
+    v[5] = float("-inf")
+    want = w * (scores > v[:, None]).to(dtype)  # torch: the reference bits
+    rows = torch.empty_like(w)
+    fused_prune.prune_known_rows(rows, w, factor, v)
+    stored = w.mT.contiguous()  # [in, out]
+    cols = torch.empty_like(stored)
+    fused_prune.prune_known_columns(cols, stored, factor, v)
+    assert torch.equal(_bits(cols.mT.contiguous()), _bits(want)) and torch.equal(_bits(rows), _bits(want))
+    assert bool((rows == 0).any()) and torch.equal(rows[5], w[5])

@@ -14,6 +14,7 @@ from rss_scripts import preamble
 from tiny_models import FAMILIES
 
 from moeviz.calibration.collect import calibrate
+from moeviz.compression import threshold_table
 from moeviz.compression.apply import Compressor
 from moeviz.compression.plan import CompressionPlan, Override, PruningSettings, QuantSettings
 from moeviz.data import Document, tokenize_documents
@@ -296,6 +297,9 @@ def test_transposed_experts_are_pruned_in_a_row_major_copy_with_the_same_result(
                            overrides=[Override(layer=0, expert=1, sparsity=0.0)])
     eager = comp.apply(plan, keep_masks=True)
     lazy = comp.apply(plan, lazy=True)
+    # Empty threshold tables: the first use of each expert takes the row-major route (with tables in place it
+    # would prune in the stored layout, the next test).
+    monkeypatch.setattr(threshold_table, "TABLES", threshold_table.TableCache())
     checked = 0
     for layer in lazy.layers:
         assert layer.transposed
@@ -313,6 +317,42 @@ def test_transposed_experts_are_pruned_in_a_row_major_copy_with_the_same_result(
             for proj, keep in got.items():
                 assert torch.equal(keep[0], eager.masks[f"{layer.index}.{proj}"][e]), (layer.index, e, proj)
     assert checked > 0
+
+
+@pytest.mark.parametrize("metric", ["moe_pruner", "wanda"])
+def test_transposed_experts_with_known_thresholds_are_pruned_in_the_stored_layout(metric, loaded_tiny, monkeypatch):
+    """GPT-OSS, lazy path, threshold tables in place (built by a first apply): each expert's gate_up / down is
+    pruned in one fused pass over the stored [in, out] layout (`steps._prune_stored`: thresholds per stored
+    column, gate and up interleaved), with no row-major copy; the weights equal the materialised model's
+    bit for bit, for a dense expert too."""
+    from moeviz.compression import fused_prune
+
+    if not fused_prune.enabled():
+        pytest.skip("numba not installed")
+    monkeypatch.setattr(threshold_table, "TABLES", threshold_table.TableCache())
+    lm = loaded_tiny("gpt_oss")
+    stats = calibrate(lm, tokenize_documents(DOCS, lm.tokenizer, 4, 16), batch_size=4)
+    comp = Compressor(lm, stats)
+    plan = CompressionPlan(pruning=PruningSettings(metric=metric, sparsity=0.5),
+                           overrides=[Override(layer=0, expert=1, sparsity=0.0)])
+    eager = comp.apply(plan)  # builds the tables
+    calls = []
+    real = fused_prune.prune_known_columns
+    monkeypatch.setattr(fused_prune, "prune_known_columns", lambda *a: calls.append(1) or real(*a))
+    lazy = comp.apply(plan, lazy=True)
+    for layer in lazy.layers:
+        provider = experts_runtime(layer.experts).weights
+        ref = eager.layers[layer.index].experts
+        for e in range(layer.num_experts):
+            with torch.no_grad():
+                w_in, w_out = provider(layer.experts, e)
+            if provider.settings.sparsity[e] > 0:
+                assert w_in.stride(-1) == 1 and w_out.stride(-1) == 1  # the stored layout
+            for got, want in ((w_in, ref.gate_up_proj[e]), (w_out, ref.down_proj[e])):
+                assert torch.equal(got.view(torch.int16) if got.dtype == torch.bfloat16 else got, want
+                                   if got.dtype != torch.bfloat16 else want.view(torch.int16)), (layer.index, e)
+    assert len(calls) == 2 * sum(int((experts_runtime(l.experts).weights.settings.sparsity > 0).sum())
+                                 for l in lazy.layers)
 
 
 def test_materialised_and_exported_transposed_layers_equal_the_strided_steps(loaded_tiny, monkeypatch):
@@ -356,11 +396,19 @@ def test_materialised_and_exported_transposed_layers_equal_the_strided_steps(loa
         assert set(want) == {"gate_up_proj", "down_proj"} and set(want_masks) == {"gate", "up", "down"}
         got_layer = eager.layers[layer.index].experts
         rounds.clear()
-        exported = experts_runtime(lazy.layers[layer.index].experts).weights.layer_tensors(layer.experts, chunk_bytes=1)
+        # Empty threshold tables: the row-major route (with the tables the first call builds, a second call
+        # prunes in the stored layout: `_prune_stored`, also checked).
+        monkeypatch.setattr(threshold_table, "TABLES", threshold_table.TableCache())
+        provider = experts_runtime(lazy.layers[layer.index].experts).weights
+        exported = provider.layer_tensors(layer.experts, chunk_bytes=1)
         assert len(rounds) >= layer.num_experts - 1  # one per pruned expert and pruned fused tensor
+        rounds.clear()
+        exported_stored = provider.layer_tensors(layer.experts, chunk_bytes=1)
+        assert not rounds  # no row-major copy: every pruned expert had its thresholds in the tables
         for name, w in want.items():
             assert torch.equal(getattr(got_layer, name), w), (layer.index, name)  # materialised apply
             assert torch.equal(exported[name], w), (layer.index, name)  # export of a lazy model
+            assert torch.equal(exported_stored[name], w), (layer.index, name)
         for proj, keep in want_masks.items():
             assert torch.equal(eager.masks[f"{layer.index}.{proj}"], keep), (layer.index, proj)
         assert (want["down_proj"] == 0).any() and not torch.equal(want["down_proj"], getattr(layer.experts, "down_proj"))

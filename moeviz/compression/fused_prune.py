@@ -91,7 +91,30 @@ def _compile() -> dict:
                 w = row[j]
                 res[j] = w if abs(w) * factor[j] > t else w * np.float32(0.0)  # the same IEEE w * 0 as torch
 
-    return {torch.bfloat16: bf16, torch.float32: f32}
+    # The same pass over a transposed (stored [in, out]) matrix: the column factor is per stored row and
+    # the threshold per stored column (GPT-OSS: prune without a row-major copy first).
+    @jit(sigs(numba.uint16))
+    def bf16_t(src, dst, factor, v):  # src, dst: [in, out] uint16; factor: [in]; v: [out] float32
+        rows, n = src.shape
+        absw = np.empty(n, dtype=np.uint32)
+        fabs = absw.view(np.float32)
+        for i in range(rows):
+            row, res, f = src[i], dst[i], factor[i]
+            for j in range(n):
+                absw[j] = np.uint32(row[j] & 0x7FFF) << 16
+            for j in range(n):
+                res[j] = row[j] if fabs[j] * f > v[j] else row[j] & np.uint16(0x8000)
+
+    @jit(sigs(numba.float32))
+    def f32_t(src, dst, factor, v):  # src, dst: [in, out] float32
+        rows, n = src.shape
+        for i in range(rows):
+            row, res, f = src[i], dst[i], factor[i]
+            for j in range(n):
+                w = row[j]
+                res[j] = w if abs(w) * f > v[j] else w * np.float32(0.0)
+
+    return {torch.bfloat16: bf16, torch.float32: f32, ("T", torch.bfloat16): bf16_t, ("T", torch.float32): f32_t}
 
 
 def supports(dst: torch.Tensor, src: torch.Tensor) -> bool:
@@ -102,6 +125,20 @@ def supports(dst: torch.Tensor, src: torch.Tensor) -> bool:
 
 
 _ones: dict[int, np.ndarray] = {}
+
+
+def prune_known_columns(dst: torch.Tensor, src: torch.Tensor, factor: torch.Tensor | None, v: torch.Tensor) -> None:
+    """`prune_known_rows` of a matrix stored transposed: src [in, out] holds W^T, so dst = src * (|src| *
+    factor[i] > v[j]) with factor [in] per stored row and the thresholds v [out] per stored column (v
+    may be -inf: keep the column). Same float32 product and comparison, so the same bits."""
+    kernel = _load()[("T", src.dtype)]
+    n = src.shape[0]
+    f = np.ones(n, dtype=np.float32) if factor is None else factor.detach().reshape(n).to(torch.float32).contiguous().numpy()
+    if src.dtype == torch.bfloat16:
+        a, b = (x.detach().view(torch.int16).numpy().view(np.uint16) for x in (src, dst))
+    else:
+        a, b = src.detach().numpy(), dst.detach().numpy()
+    kernel(a, b, f, v.detach().to(torch.float32).contiguous().numpy())
 
 
 def prune_known_rows(dst: torch.Tensor, src: torch.Tensor, factor: torch.Tensor | None, v: torch.Tensor) -> None:

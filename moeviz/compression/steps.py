@@ -14,6 +14,7 @@ weights to running them on the whole layer.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -322,7 +323,7 @@ def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.nda
     for a caller that compresses a layer in several calls (export); None: this call's own."""
     idx = torch.as_tensor(sel)
     contiguous = len(sel) and sel[-1] - sel[0] + 1 == len(sel)
-    fused, src = {}, {}
+    fused, src, done = {}, {}, set()  # done: pruned already (in the stored layout, `_prune_stored`)
     whole = _pruned_whole(layer, s, sel, ranks)
     if scratch is None and layer.transposed and whole and base[next(iter(whole))].device.type == "cpu":
         return _compress_transposed(layer, base, sel, s, norms, masks, tables, out, work)
@@ -334,6 +335,12 @@ def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.nda
         # with scratch: the returned tensors are then read by the forward alone, which takes either stride
         # order; materialising paths copy them into [E, in, out] tensors, elementwise from this layout.
         if scratch is not None and layer.transposed and part.device.type == "cpu" and name in whole:
+            stored = scratch.get(("stored", name), part.shape, part.dtype, part.device)
+            if masks is None and tables is not None and _prune_stored(layer, name, part, stored, base[name], sel, s,
+                                                                      norms, tables):
+                fused[name] = stored
+                done.add(name)
+                continue
             fused[name] = _rowmajor_copy(part, scratch.get(("out", name), part.mT.shape, part.dtype, part.device))
             continue
         if out is not None and name in out:
@@ -346,10 +353,50 @@ def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.nda
             fused[name] = dst.copy_(part)
     table_fn = None if tables is None or not fused or next(iter(fused.values())).device.type != "cpu" else \
         (lambda proj, e, factor: slot(base[layer.fused_name(proj)], proj, e, factor, tables))
-    prune(layer, fused, sel, s, norms, masks, ranks, thresholds, scratch, table_fn, src)
+    if done:
+        s_rest = dataclasses.replace(s, projections=tuple(p for p in s.projections if layer.fused_name(p) not in done))
+        prune(layer, fused, sel, s_rest, norms, masks, ranks, thresholds, scratch, table_fn, src)
+    else:
+        prune(layer, fused, sel, s, norms, masks, ranks, thresholds, scratch, table_fn, src)
     quantize(layer, fused, sel, s)
     remove(layer, fused, sel, s)
     return fused
+
+
+def _prune_stored(layer: MoELayer, name: str, part: torch.Tensor, dst: torch.Tensor, base: torch.Tensor,
+                  sel: np.ndarray, s: LayerSettings, norms: NormsFn, tables: TableCache) -> bool:
+    """Prune the transposed fused tensor `name` of experts `sel` (part [n, in, out] -> dst, same layout) in
+    one fused pass per expert, without a row-major copy: every pruned projection's thresholds come from
+    the shared tables (k on the grid, all scores finite, no tie at the threshold) and the projections of
+    the tensor share one column factor (gate and up read the same input statistic); each stored column
+    is one output row of one projection (gate / up interleaved or in halves, `layer.view`), so the
+    thresholds are laid out per stored column, -inf for a projection the plan leaves dense. Returns False,
+    having written nothing that will be used, where any of that does not hold (the caller then prunes
+    a row-major copy)."""
+    if not fused_prune.enabled() or part.dtype not in (torch.bfloat16, torch.float32) or part.stride(-1) != 1:
+        return False
+    projs = [p for p in layer.projections() if layer.fused_name(p) == name]
+    stats = {p: norms(p) for p in projs if p in s.projections}
+    for i, e in enumerate(sel):
+        k = int(prune_counts(float(s.sparsity[e]), layer.view(projs[0], part).shape[-1], ()))
+        if k <= 0:  # a dense expert
+            dst[i].copy_(part[i])
+            continue
+        v = torch.full((1, 1, part.shape[-1]), float("-inf"))  # [1, 1, out] thresholds per stored column
+        factor = None
+        for p, norm in stats.items():
+            w = layer.view(p, part)  # [n, out_p, in]
+            f = column_factor(tuple(w.shape[1:]), s.metric, None if norm is None else norm[i], w.device)
+            if factor is not None and not torch.equal(f, factor):
+                return False
+            factor = f
+            tab = slot(base, p, int(e), f, tables).get()
+            g = None if tab is None or not tab.finite else tab.column(k)
+            if g is None or bool(tab.tie[:, g].any()):
+                return False
+            layer.view(p, v)[0, :, 0] = tab.v[:, g]  # projection p's rows are these stored columns
+        fused_prune.prune_known_columns(dst[i], part[i], factor, v[0, 0])
+    return True
 
 
 def _rowmajor_copy(part: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
