@@ -319,18 +319,29 @@ def test_transposed_experts_are_pruned_in_a_row_major_copy_with_the_same_result(
     assert checked > 0
 
 
-@pytest.mark.parametrize("metric", ["moe_pruner", "wanda"])
-def test_transposed_experts_with_known_thresholds_are_pruned_in_the_stored_layout(metric, loaded_tiny, monkeypatch):
+@pytest.mark.parametrize("metric,ties", [("moe_pruner", False), ("wanda", False), ("magnitude", True)])
+def test_transposed_experts_with_known_thresholds_are_pruned_in_the_stored_layout(metric, ties, loaded_tiny,
+                                                                                   tiny_model_dirs, monkeypatch):
     """GPT-OSS, lazy path, threshold tables in place (built by a first apply): each expert's gate_up / down is
     pruned in one fused pass over the stored [in, out] layout (`steps._prune_stored`: thresholds per stored
     column, gate and up interleaved), with no row-major copy; the weights equal the materialised model's
-    bit for bit, for a dense expert too."""
+    bit for bit, for a dense expert too. ties: expert weights rounded to a few values, so most rows have
+    ties at their threshold (redone with the tie rule after the pass)."""
     from moeviz.compression import fused_prune
+    from moeviz.models import load_model
 
     if not fused_prune.enabled():
         pytest.skip("numba not installed")
     monkeypatch.setattr(threshold_table, "TABLES", threshold_table.TableCache())
     lm = loaded_tiny("gpt_oss")
+    if ties:
+        lm = load_model(tiny_model_dirs["gpt_oss"])  # a private copy to round
+        with torch.no_grad():
+            for layer in lm.layers:
+                for name in ("gate_up_proj", "down_proj"):
+                    w = getattr(layer.experts, name)
+                    step = float(w.std()) / 2
+                    w.copy_((w / step).round() * step)  # a few distinct non-zero magnitudes per row
     stats = calibrate(lm, tokenize_documents(DOCS, lm.tokenizer, 4, 16), batch_size=4)
     comp = Compressor(lm, stats)
     plan = CompressionPlan(pruning=PruningSettings(metric=metric, sparsity=0.5),
@@ -353,6 +364,8 @@ def test_transposed_experts_with_known_thresholds_are_pruned_in_the_stored_layou
                                    if got.dtype != torch.bfloat16 else want.view(torch.int16)), (layer.index, e)
     assert len(calls) == 2 * sum(int((experts_runtime(l.experts).weights.settings.sparsity > 0).sum())
                                  for l in lazy.layers)
+    if ties:  # the tie rule really ran
+        assert any(bool(t.tie.any()) for t in threshold_table.TABLES._tables.values())
 
 
 def test_materialised_and_exported_transposed_layers_equal_the_strided_steps(loaded_tiny, monkeypatch):

@@ -64,8 +64,8 @@ def _compile() -> dict:
                 return numba.njit(sigs, nogil=True)(fn)
         return wrap
 
-    def sigs(t):
-        return [numba.void(a, a, numba.float32[::1], numba.float32[:]) for a in (t[:, ::1], t[:, :])]
+    def sigs(t, v=numba.float32[:]):
+        return [numba.void(a, a, numba.float32[::1], v) for a in (t[:, ::1], t[:, :])]
 
     # Loops are branch-free (a select per weight) so that LLVM vectorises them: with an `if` around the
     # store, or an inf / NaN check per weight, the same kernel measured 1.7-3x slower.
@@ -93,7 +93,7 @@ def _compile() -> dict:
 
     # The same pass over a transposed (stored [in, out]) matrix: the column factor is per stored row and
     # the threshold per stored column (GPT-OSS: prune without a row-major copy first).
-    @jit(sigs(numba.uint16))
+    @jit(sigs(numba.uint16, numba.float32[::1]))  # v contiguous: read per weight, vectorised
     def bf16_t(src, dst, factor, v):  # src, dst: [in, out] uint16; factor: [in]; v: [out] float32
         rows, n = src.shape
         absw = np.empty(n, dtype=np.uint32)
@@ -105,7 +105,7 @@ def _compile() -> dict:
             for j in range(n):
                 res[j] = row[j] if fabs[j] * f > v[j] else row[j] & np.uint16(0x8000)
 
-    @jit(sigs(numba.float32))
+    @jit(sigs(numba.float32, numba.float32[::1]))
     def f32_t(src, dst, factor, v):  # src, dst: [in, out] float32
         rows, n = src.shape
         for i in range(rows):

@@ -367,7 +367,8 @@ def _prune_stored(layer: MoELayer, name: str, part: torch.Tensor, dst: torch.Ten
                   sel: np.ndarray, s: LayerSettings, norms: NormsFn, tables: TableCache) -> bool:
     """Prune the transposed fused tensor `name` of experts `sel` (part [n, in, out] -> dst, same layout) in
     one fused pass per expert, without a row-major copy: every pruned projection's thresholds come from
-    the shared tables (k on the grid, all scores finite, no tie at the threshold) and the projections of
+    the shared tables (k on the grid, all scores finite; rows tied at the threshold are redone with the
+    tie rule afterwards) and the projections of
     the tensor share one column factor (gate and up read the same input statistic); each stored column
     is one output row of one projection (gate / up interleaved or in halves, `layer.view`), so the
     thresholds are laid out per stored column, -inf for a projection the plan leaves dense. Returns False,
@@ -377,6 +378,7 @@ def _prune_stored(layer: MoELayer, name: str, part: torch.Tensor, dst: torch.Ten
         return False
     projs = [p for p in layer.projections() if layer.fused_name(p) == name]
     stats = {p: norms(p) for p in projs if p in s.projections}
+    tied = []  # (projection, table, column) of this expert with rows tied at the threshold
     for i, e in enumerate(sel):
         k = int(prune_counts(float(s.sparsity[e]), layer.view(projs[0], part).shape[-1], ()))
         if k <= 0:  # a dense expert
@@ -392,11 +394,27 @@ def _prune_stored(layer: MoELayer, name: str, part: torch.Tensor, dst: torch.Ten
             factor = f
             tab = slot(base, p, int(e), f, tables).get()
             g = None if tab is None or not tab.finite else tab.column(k)
-            if g is None or bool(tab.tie[:, g].any()):
+            if g is None:
                 return False
             layer.view(p, v)[0, :, 0] = tab.v[:, g]  # projection p's rows are these stored columns
+            if bool(tab.tie[:, g].any()):
+                tied.append((p, tab, g))
         fused_prune.prune_known_columns(dst[i], part[i], factor, v[0, 0])
+        for p, tab, g in tied:  # rows with a tie at the threshold: the tie rule, on those rows only
+            idx = torch.nonzero(tab.tie[:, g]).flatten()
+            rows = layer.view(p, part)[i][idx]  # [R, in] (a copy)
+            scores = scores_from_factor(rows, factor)
+            keep = mask_in_scores_(scores, _tied_rows(tab, scores, k, g, idx))
+            layer.view(p, dst)[i][idx] = rows * keep.to(rows.dtype)
+        tied.clear()
     return True
+
+
+def _tied_rows(tab, scores: torch.Tensor, k: int, g: int, idx: torch.Tensor) -> RowThresholds:
+    """RowThresholds of the rows `idx` of a table column g (all tied), from those rows' scores [R, in]."""
+    v = tab.v[idx, g:g + 1]  # [R, 1]
+    return RowThresholds(k, scores.shape[-1], v, torch.ones(len(idx), dtype=torch.bool),
+                         k - (scores < v).sum(dim=-1))
 
 
 def _rowmajor_copy(part: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
