@@ -35,3 +35,26 @@ def loaded_tiny(tiny_model_dirs):
         return cache[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def loaded_family(tmp_path_factory):
+    """model_type -> LoadedModel of a tiny model of any MoE family of the installed transformers
+    (tests/family_configs.py), saved and loaded through moeviz.load_model (cached; read-only)."""
+    from family_configs import build_tiny
+    from tiny_models import tiny_tokenizer
+
+    from moeviz.models import load_model
+
+    cache = {}
+
+    def get(model_type):
+        if model_type not in cache:
+            folder = tmp_path_factory.mktemp(model_type)
+            model = build_tiny(model_type)
+            model.save_pretrained(folder, safe_serialization=True)
+            tiny_tokenizer(model.config.get_text_config().vocab_size).save_pretrained(folder)
+            cache[model_type] = load_model(folder)
+        return cache[model_type]
+
+    return get

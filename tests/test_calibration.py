@@ -181,18 +181,9 @@ def test_fingerprint_changes_with_data_and_settings(loaded_tiny):
     assert a.fingerprint == calibrate(lm, samples_for(lm, seed=0), batch_size=3).fingerprint
 
 
-@pytest.fixture(scope="module")
-def llama4(tmp_path_factory):
-    from family_configs import build_tiny
-    from tiny_models import tiny_tokenizer
-
-    from moeviz.models import load_model
-
-    folder = tmp_path_factory.mktemp("llama4_text")
-    model = build_tiny("llama4_text")
-    model.save_pretrained(folder, safe_serialization=True)
-    tiny_tokenizer(model.config.get_text_config().vocab_size).save_pretrained(folder)
-    return load_model(folder)
+@pytest.fixture
+def llama4(loaded_family):
+    return loaded_family("llama4_text")
 
 
 def test_llama4_weighted_norms_count_the_routing_weight_once(llama4):
@@ -266,19 +257,6 @@ def test_llama4_stats_fingerprint_names_the_weight_rule(llama4, loaded_tiny, tmp
     assert "gate_weight" not in calibrate(lm, samples_for(lm, n=2, seq_len=8), batch_size=2).settings
 
 
-def _family_layer(model_type, tmp_path_factory):
-    """First MoE layer of a tiny `model_type` from the family sweep (tests/family_configs.py)."""
-    from family_configs import build_tiny
-    from moeviz.models import load_model
-    from tiny_models import tiny_tokenizer
-
-    folder = tmp_path_factory.mktemp(model_type)
-    model = build_tiny(model_type)
-    model.save_pretrained(folder, safe_serialization=True)
-    tiny_tokenizer(model.config.get_text_config().vocab_size).save_pretrained(folder)
-    return load_model(folder).layers[0]
-
-
 def _per_expert_sums(layer, hidden, idx, w):
     """Float64 statistics from the per-expert observer of the reference loop (one call per expert)."""
     E, H, I = layer.num_experts, layer.hidden_size, layer.intermediate_size
@@ -303,13 +281,13 @@ def _per_expert_sums(layer, hidden, idx, w):
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "gpt_oss", "longcat_flash", "llama4_text"])
-def test_grouped_statistics_equal_per_expert_sums(model_type, tmp_path_factory, monkeypatch):
+def test_grouped_statistics_equal_per_expert_sums(model_type, loaded_family, monkeypatch):
     """The layer observer's segment reductions (grouped path and per-expert loop fallback) equal per-expert
     float64 sums, with shared experts (qwen2_moe), biases (gpt_oss), zero-compute experts and sentinel ids
     (longcat_flash) and the routing weight on the expert's input (llama4_text); outputs match the loop."""
     import moeviz.models.experts as ex
 
-    layer = _family_layer(model_type, tmp_path_factory)
+    layer = loaded_family(model_type).layers[0]
     E, k = layer.num_experts, layer.top_k
     total = max(E, ex._input_weight(layer.experts).shape[0])
     torch.manual_seed(0)

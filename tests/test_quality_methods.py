@@ -430,18 +430,9 @@ def test_stored_runs_are_reused_only_for_the_same_method_settings_and_calibratio
     assert evaluate_plan(comp, ev, gptq, store, samples=b)[1] == other_id
 
 
-@pytest.fixture(scope="module")
-def llama4(tmp_path_factory):
-    from family_configs import build_tiny
-    from tiny_models import tiny_tokenizer
-
-    from moeviz.models import load_model
-
-    folder = tmp_path_factory.mktemp("llama4_text")
-    model = build_tiny("llama4_text")
-    model.save_pretrained(folder, safe_serialization=True)
-    tiny_tokenizer(model.config.get_text_config().vocab_size).save_pretrained(folder)
-    return load_model(folder)
+@pytest.fixture
+def llama4(loaded_family):
+    return loaded_family("llama4_text")
 
 
 @pytest.mark.parametrize("hessian", ["router_weighted", "plain"])

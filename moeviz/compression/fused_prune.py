@@ -132,13 +132,9 @@ def prune_known_columns(dst: torch.Tensor, src: torch.Tensor, factor: torch.Tens
     factor[i] > v[j]) with factor [in] per stored row and the thresholds v [out] per stored column (v
     may be -inf: keep the column). Same float32 product and comparison, so the same bits."""
     kernel = _load()[("T", src.dtype)]
-    n = src.shape[0]
-    f = np.ones(n, dtype=np.float32) if factor is None else factor.detach().reshape(n).to(torch.float32).contiguous().numpy()
-    if src.dtype == torch.bfloat16:
-        a, b = (x.detach().view(torch.int16).numpy().view(np.uint16) for x in (src, dst))
-    else:
-        a, b = src.detach().numpy(), dst.detach().numpy()
-    kernel(a, b, f, v.detach().to(torch.float32).contiguous().numpy())
+    a, b = _arrays(src, dst)
+    f, t = _factor(factor, src.shape[0]), v.detach().to(torch.float32).contiguous().numpy()
+    _split_rows(lambda r0, r1: kernel(a[r0:r1], b[r0:r1], f[r0:r1], t), a.shape[0], a.size)
 
 
 def prune_known_rows(dst: torch.Tensor, src: torch.Tensor, factor: torch.Tensor | None, v: torch.Tensor) -> None:
@@ -147,27 +143,35 @@ def prune_known_rows(dst: torch.Tensor, src: torch.Tensor, factor: torch.Tensor 
     factor: [1, in] or [in] float32 column factor (None: magnitude); v: [out] float32 row thresholds
     (may be a strided column of a table). Every weight must be finite (see the module docstring)."""
     kernel = _load()[src.dtype]
-    n = src.shape[-1]
-    if factor is None:
-        f = _ones.get(n)
-        if f is None:
-            f = _ones[n] = np.ones(n, dtype=np.float32)
-    else:
-        f = factor.detach().reshape(n).to(torch.float32).contiguous().numpy()
-    if src.dtype == torch.bfloat16:  # numpy has no bf16: the kernel works on the bits
-        a, b = (x.detach().view(torch.int16).numpy().view(np.uint16) for x in (src, dst))
-    else:
-        a, b = src.detach().numpy(), dst.detach().numpy()
-    t = v.detach().numpy()
-    parts = _parts(a.shape[0], a.size)
-    if len(parts) == 1:
-        kernel(a, b, f, t)
-        return
-    # torch's threads are idle meanwhile: the row ranges run in a pool (the kernel releases the GIL), the
-    # last one in this thread. Rows are independent, so the result does not depend on the split.
-    futures = [_pool().submit(kernel, a[r0:r1], b[r0:r1], f, t[r0:r1]) for r0, r1 in parts[:-1]]
-    r0, r1 = parts[-1]
-    kernel(a[r0:r1], b[r0:r1], f, t[r0:r1])
+    a, b = _arrays(src, dst)
+    f, t = _factor(factor, src.shape[-1]), v.detach().numpy()
+    _split_rows(lambda r0, r1: kernel(a[r0:r1], b[r0:r1], f, t[r0:r1]), a.shape[0], a.size)
+
+
+def _arrays(src: torch.Tensor, dst: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """numpy views of src and dst (no copy); bf16 as its uint16 bits (numpy has no bf16)."""
+    if src.dtype == torch.bfloat16:
+        return tuple(x.detach().view(torch.int16).numpy().view(np.uint16) for x in (src, dst))
+    return src.detach().numpy(), dst.detach().numpy()
+
+
+def _factor(factor: torch.Tensor | None, n: int) -> np.ndarray:
+    """[n] contiguous float32 factor; ones (exact: x * 1 = x) for magnitude."""
+    if factor is not None:
+        return factor.detach().reshape(n).to(torch.float32).contiguous().numpy()
+    f = _ones.get(n)
+    if f is None:
+        f = _ones[n] = np.ones(n, dtype=np.float32)
+    return f
+
+
+def _split_rows(run, rows: int, size: int) -> None:
+    """run(r0, r1) over row ranges: torch's threads are idle meanwhile, so the ranges run in a pool (the
+    kernels release the GIL), the last one in this thread. Rows are independent: the result does not depend
+    on the split."""
+    parts = _parts(rows, size)
+    futures = [_pool().submit(run, r0, r1) for r0, r1 in parts[:-1]]
+    run(*parts[-1])
     for fut in futures:
         fut.result()
 
