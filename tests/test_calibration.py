@@ -70,21 +70,25 @@ def test_instrumented_forward_gives_the_same_logits(family, loaded_tiny):
     torch.testing.assert_close(ours, base, rtol=1e-5, atol=1e-5)
 
 
-def brute_force_stats(lm, samples):
-    """Recompute every statistic with plain Python loops over tokens and their chosen experts."""
-    captured = {}
-    hooks = [
-        layer.block.register_forward_pre_hook(
-            lambda m, args, i=i: captured.setdefault(i, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        )
-        for i, layer in enumerate(lm.layers)
-    ]
+def block_io(lm, samples) -> dict:
+    """layer -> [(MoE block input [S, H], its output [S, H]) per sample], from hooks on the base model."""
+    seen = {}
+    hooks = [layer.block.register_forward_hook(
+        lambda m, args, out, i=i: seen.setdefault(i, []).append((args[0].detach().reshape(-1, args[0].shape[-1]),
+                                                                 out[0].detach().reshape(-1, args[0].shape[-1]))))
+        for i, layer in enumerate(lm.layers)]
     try:
         for row in samples.input_ids:
             lm.model(input_ids=row[None])
     finally:
         for h in hooks:
             h.remove()
+    return seen
+
+
+def brute_force_stats(lm, samples):
+    """Recompute every statistic with plain Python loops over tokens and their chosen experts."""
+    captured = {i: [x for x, _ in pairs] for i, pairs in block_io(lm, samples).items()}
     domains = samples.domain_index().repeat_interleave(samples.seq_len)
     out = []
     for i, layer in enumerate(lm.layers):
@@ -195,17 +199,7 @@ def test_llama4_weighted_norms_count_the_routing_weight_once(llama4):
     lm = llama4
     assert not lm.layers[0].calls_with_routing
     samples = samples_for(lm, n=3, seq_len=8)
-    seen = {}
-    hooks = [layer.block.register_forward_hook(
-        lambda m, args, out, i=i: seen.setdefault(i, []).append((args[0].detach().reshape(-1, args[0].shape[-1]),
-                                                                 out[0].detach().reshape(-1, args[0].shape[-1]))))
-        for i, layer in enumerate(lm.layers)]
-    try:
-        for row in samples.input_ids:
-            lm.model(input_ids=row[None])
-    finally:
-        for h in hooks:
-            h.remove()
+    seen = block_io(lm, samples)
     stats = calibrate(lm, samples, batch_size=2)
     checked = 0
     for i, (layer, ls) in enumerate(zip(lm.layers, stats.layers)):

@@ -92,7 +92,8 @@ def _compile() -> dict:
                 res[j] = w if abs(w) * factor[j] > t else w * np.float32(0.0)  # the same IEEE w * 0 as torch
 
     # The same pass over a transposed (stored [in, out]) matrix: the column factor is per stored row and
-    # the threshold per stored column (GPT-OSS: prune without a row-major copy first).
+    # the threshold per stored column (GPT-OSS: prune without a row-major copy first). A kernel of its own:
+    # one kernel for both layouts would read a factor and a threshold per weight in each.
     @jit(sigs(numba.uint16, numba.float32[::1]))  # v contiguous: read per weight, vectorised
     def bf16_t(src, dst, factor, v):  # src, dst: [in, out] uint16; factor: [in]; v: [out] float32
         rows, n = src.shape
