@@ -95,27 +95,35 @@ POINT_XY = """({chart, trace, i}) => {
     return [r.x + r.width / 2, r.y + r.height / 2];
 }"""
 
-# Every drawn marker of the n-th chart as [trace index, point index, pixels to the nearest other marker].
-POINT_SPACING = """(chart) => {
+# Every drawn marker of the n-th chart as [trace index, point index, x, y (viewport centre), run id or null].
+POINTS = """(chart) => {
     const gd = document.querySelectorAll('.js-plotly-plot')[chart];
     const pts = [];
     for (const g of gd.querySelectorAll('g.trace.scatter')) {
         if (!(g.__data__ && g.__data__[0])) continue;
+        const t = g.__data__[0].trace;
         g.querySelectorAll('path.point').forEach((p, i) => {
             const r = p.getBoundingClientRect();
-            pts.push([g.__data__[0].trace.index, i, r.x + r.width / 2, r.y + r.height / 2]);
+            const c = (t.customdata || [])[i];
+            pts.push([t.index, i, r.x + r.width / 2, r.y + r.height / 2, (c && typeof c[0] === 'number') ? c[0] : null]);
         });
     }
-    return pts.map(a => [a[0], a[1], Math.min(1e9, ...pts.filter(b => b !== a).map(b => Math.hypot(a[2] - b[2], a[3] - b[3])))]);
+    return pts;
 }"""
 
 
-def click_point(page, chart: int, trace: int, i: int) -> None:
+def click_point(page, chart: int, trace: int, i: int, away_from: tuple[float, float] | None = None) -> None:
     """Hover then click point i of trace `trace` of the `chart`-th plotly chart, as a person does (plotly picks
-    the point under the cursor)."""
+    the point under the cursor). away_from: a neighbouring marker's centre; the click then lands on the far
+    side of the point's marker (4 px off its centre), where this point is the nearest one."""
     page.locator(".js-plotly-plot").nth(chart).scroll_into_view_if_needed()
     page.wait_for_timeout(300)
     x, y = page.evaluate(POINT_XY, {"chart": chart, "trace": trace, "i": i})
+    if away_from is not None:
+        dx, dy = x - away_from[0], y - away_from[1]
+        d = math.hypot(dx, dy)
+        if d > 0:
+            x, y = x + 4 * dx / d, y + 4 * dy / d
     page.mouse.move(x, y)
     page.wait_for_timeout(300)
     page.mouse.click(x, y)
@@ -225,16 +233,22 @@ def test_default_flow_in_chromium(app_url):
         front = page.evaluate(RUN_IDS, {"chart": 3, "trace": 1})  # trace 1 of the Pareto chart: the front
         page.locator(".js-plotly-plot").first.scroll_into_view_if_needed()
         page.wait_for_timeout(300)
-        candidates = [(t, i, rid) for t in range(page.evaluate(N_TRACES, 0))
-                      for i, rid in enumerate(page.evaluate(RUN_IDS, {"chart": 0, "trace": t}))
-                      if rid is not None and rid not in front]
-        spacing = page.evaluate(POINT_SPACING, 0)  # [[trace, i, distance to the nearest other point]]
-        clearance = {(t, i): d for t, i, d in spacing}
-        # The clearest point first; if its click lands on a neighbour or an arrow (markers of one ratio stack up
-        # on two axes), the next one. At least one click must select its run.
+        points = page.evaluate(POINTS, 0)  # [[trace, i, x, y, run id]]
+
+        def nearest_other(p):  # the closest marker of another run (markers of one ratio stack up on two axes)
+            others = [q for q in points if q[4] != p[4]]
+            return min(others, key=lambda q: math.hypot(q[2] - p[2], q[3] - p[3]), default=None)
+
+        candidates = sorted((p for p in points if p[4] is not None and p[4] not in front),
+                            key=lambda p: -math.hypot(p[2] - nearest_other(p)[2], p[3] - nearest_other(p)[3]))
+        # The clearest point first, clicked on its side away from the other run's marker; if the click still lands
+        # elsewhere, the next one. At least one click must select its run.
         selected = None
-        for picked in sorted(candidates, key=lambda c: -clearance.get((c[0], c[1]), 0)):
-            click_point(page, 0, picked[0], picked[1])
+        for p in candidates:
+            wait_idle(page)  # a click while the script reruns can be dropped with the old chart
+            other = nearest_other(p)
+            click_point(page, 0, p[0], p[1], away_from=(other[2], other[3]))
+            picked = (p[0], p[1], p[4])
             try:
                 page.get_by_role("heading", name=f"Selected run #{picked[2]}:").wait_for(timeout=20_000)
             except PlaywrightTimeout:
