@@ -368,8 +368,8 @@ def _prune_stored(layer: MoELayer, name: str, part: torch.Tensor, dst: torch.Ten
     """Prune the transposed fused tensor `name` of experts `sel` (part [n, in, out] -> dst, same layout) in
     one fused pass per expert, without a row-major copy: every pruned projection's thresholds come from
     the shared tables (k on the grid, all scores finite; rows tied at the threshold are redone with the
-    tie rule afterwards) and the projections of
-    the tensor share one column factor (gate and up read the same input statistic); each stored column
+    tie rule afterwards) and the projections of the tensor share one column factor (gate and up read the
+    same input statistic); each stored column
     is one output row of one projection (gate / up interleaved or in halves, `layer.view`), so the
     thresholds are laid out per stored column, -inf for a projection the plan leaves dense. Returns False,
     having written nothing that will be used, where any of that does not hold (the caller then prunes
