@@ -243,15 +243,13 @@ def _prune_known(w: torch.Tensor, src: torch.Tensor | None, factor: torch.Tensor
     idx = torch.nonzero(bad).flatten() if (t is not None and bool(bad.any())) or ties else None
     rows = None if idx is None else base[idx].clone()  # [R, in]: before an in-place pass overwrites them
     fused_prune.prune_known_rows(w, base, factor, v)
-    if rows is not None:  # rows with ties: count the tied entries to prune (`row_thresholds`' rule)
+    if rows is not None:  # rows with ties: the tie rule on those rows only
         scores = scores_from_factor(rows, factor)  # [R, in] float32
-        vr = v[idx][:, None]  # [R, 1]
-        need_r = need[idx] if need is not None else k - (scores < vr).sum(dim=-1)
-        keep = mask_in_scores_(scores, RowThresholds(k, n, vr, torch.ones(len(idx), dtype=torch.bool), need_r))
-        w[idx] = rows * keep.to(w.dtype)
+        tied = _tied_rows(v[idx][:, None], scores, k)
+        w[idx] = rows * mask_in_scores_(scores, tied).to(w.dtype)
         if need is None:
             need = torch.zeros(w.shape[0], dtype=torch.int64)
-            need[idx] = need_r
+            need[idx] = tied.need
     if t is not None:
         return t
     return RowThresholds(k, n, v[:, None].clone(), bad.clone(),
@@ -374,7 +372,7 @@ def _prune_stored(layer: MoELayer, name: str, part: torch.Tensor, dst: torch.Ten
     thresholds are laid out per stored column, -inf for a projection the plan leaves dense. Returns False,
     having written nothing that will be used, where any of that does not hold (the caller then prunes
     a row-major copy)."""
-    if not fused_prune.enabled() or part.dtype not in (torch.bfloat16, torch.float32) or part.stride(-1) != 1:
+    if not fused_prune.supports(dst, part):
         return False
     projs = [p for p in layer.projections() if layer.fused_name(p) == name]
     stats = {p: norms(p) for p in projs if p in s.projections}
@@ -404,17 +402,16 @@ def _prune_stored(layer: MoELayer, name: str, part: torch.Tensor, dst: torch.Ten
             idx = torch.nonzero(tab.tie[:, g]).flatten()
             rows = layer.view(p, part)[i][idx]  # [R, in] (a copy)
             scores = scores_from_factor(rows, factor)
-            keep = mask_in_scores_(scores, _tied_rows(tab, scores, k, g, idx))
+            keep = mask_in_scores_(scores, _tied_rows(tab.v[idx, g:g + 1], scores, k))
             layer.view(p, dst)[i][idx] = rows * keep.to(rows.dtype)
         tied.clear()
     return True
 
 
-def _tied_rows(tab, scores: torch.Tensor, k: int, g: int, idx: torch.Tensor) -> RowThresholds:
-    """RowThresholds of the rows `idx` of a table column g (all tied), from those rows' scores [R, in]."""
-    v = tab.v[idx, g:g + 1]  # [R, 1]
-    return RowThresholds(k, scores.shape[-1], v, torch.ones(len(idx), dtype=torch.bool),
-                         k - (scores < v).sum(dim=-1))
+def _tied_rows(v: torch.Tensor, scores: torch.Tensor, k: int) -> RowThresholds:
+    """RowThresholds of rows tied at their threshold v [R, 1], from their scores [R, in]: each prunes the
+    entries below v and its first `need` entries equal to v (`masks.row_thresholds`' rule)."""
+    return RowThresholds(k, scores.shape[-1], v, torch.ones(len(v), dtype=torch.bool), k - (scores < v).sum(dim=-1))
 
 
 def _rowmajor_copy(part: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
