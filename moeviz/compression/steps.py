@@ -235,25 +235,17 @@ def _prune_known(w: torch.Tensor, src: torch.Tensor | None, factor: torch.Tensor
     `rt`) and every weight is finite: one fused pass (`fused_prune`), then the rows with a tie at their
     threshold again, with the tie rule of `masks.mask_in_scores_`. Returns the thresholds."""
     base = w if src is None else src  # [out, in]
-    n = w.shape[-1]
-    if t is not None:
-        v, bad, need = t.v[:, 0], t.bad, t.need
-    else:
-        v, bad, need = rt.v[:, g], rt.tie[:, g], None
-    idx = torch.nonzero(bad).flatten() if (t is not None and bool(bad.any())) or ties else None
+    v, bad = (t.v[:, 0], t.bad) if t is not None else (rt.v[:, g], rt.tie[:, g])
+    idx = torch.nonzero(bad).flatten() if (bool(bad.any()) if t is not None else ties) else None
     rows = None if idx is None else base[idx].clone()  # [R, in]: before an in-place pass overwrites them
     fused_prune.prune_known_rows(w, base, factor, v)
+    need = torch.zeros(w.shape[0], dtype=torch.int64)
     if rows is not None:  # rows with ties: the tie rule on those rows only
         scores = scores_from_factor(rows, factor)  # [R, in] float32
         tied = _tied_rows(v[idx][:, None], scores, k)
         w[idx] = rows * mask_in_scores_(scores, tied).to(w.dtype)
-        if need is None:
-            need = torch.zeros(w.shape[0], dtype=torch.int64)
-            need[idx] = tied.need
-    if t is not None:
-        return t
-    return RowThresholds(k, n, v[:, None].clone(), bad.clone(),
-                         need if need is not None else torch.zeros(w.shape[0], dtype=torch.int64))
+        need[idx] = tied.need
+    return t if t is not None else RowThresholds(k, w.shape[-1], v[:, None].clone(), bad.clone(), need)
 
 
 def _sorted_thresholds(scores: torch.Tensor, k: int, work: torch.Tensor, builder: TableBuilder,
@@ -351,11 +343,10 @@ def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.nda
             fused[name] = dst.copy_(part)
     table_fn = None if tables is None or not fused or next(iter(fused.values())).device.type != "cpu" else \
         (lambda proj, e, factor: slot(base[layer.fused_name(proj)], proj, e, factor, tables))
-    if done:
-        s_rest = dataclasses.replace(s, projections=tuple(p for p in s.projections if layer.fused_name(p) not in done))
-        prune(layer, fused, sel, s_rest, norms, masks, ranks, thresholds, scratch, table_fn, src)
-    else:
-        prune(layer, fused, sel, s, norms, masks, ranks, thresholds, scratch, table_fn, src)
+    # Projections pruned already in the stored layout are left out of `prune`.
+    rest = dataclasses.replace(s, projections=tuple(p for p in s.projections if layer.fused_name(p) not in done)) \
+        if done else s
+    prune(layer, fused, sel, rest, norms, masks, ranks, thresholds, scratch, table_fn, src)
     quantize(layer, fused, sel, s)
     remove(layer, fused, sel, s)
     return fused
