@@ -85,6 +85,7 @@ def test_table_key_is_the_base_tensor_and_the_factor():
     assert cache.builds == 2 and len(cache._tables) == 1  # the freed tensor's table is gone
 
 
+@torch.no_grad()  # as in an evaluation: the provider computes in its reused buffers (hence the clones)
 def _lazy_weights(cm):
     from moeviz.models.runtime import experts_runtime
 
@@ -154,3 +155,63 @@ def test_table_is_shared_across_compressors_and_gives_the_same_weights(loaded_ti
     assert cache.builds == builds  # the moe_pruner tables were shared: nothing rebuilt
     _lazy_weights(comp.apply(plans[4], lazy=True))
     assert cache.builds > builds  # magnitude scores are other scores: their own tables
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_table_served_expert_equals_the_general_path_bit_for_bit(family, tiny_model_dirs, monkeypatch):
+    """Once the tables hold a slider sparsity, the lazy provider serves a pruned-only expert straight
+    from them (`LazyExpertWeights._from_tables`, skipping the general path's bookkeeping): every expert's
+    weights equal the general path's and the materialised model's, bit for bit, on bf16 weights with
+    ties at the thresholds; a quantized expert and an off-grid sparsity take the general path."""
+    from moeviz.calibration.collect import calibrate
+    from moeviz.compression.apply import Compressor
+    from moeviz.compression.lazy import LazyExpertWeights
+    from moeviz.compression.plan import CompressionPlan, Override, PruningSettings
+    from moeviz.data import Document, tokenize_documents
+    from moeviz.models import load_model
+
+    cache = TableCache()
+    monkeypatch.setattr(threshold_table, "TABLES", cache)
+    lm = load_model(tiny_model_dirs[family], dtype="bfloat16")  # this test's own copy: its weights are edited
+    with torch.no_grad():  # a coarse grid: many equal |w| in a row, so thresholds tie
+        for layer in lm.layers:
+            for name in {layer.fused_name(p) for p in layer.projections()}:
+                t = getattr(layer.experts, name)
+                t.copy_((t / t.abs().max() * 8).round() / 8)
+    samples = tokenize_documents([Document("The quick brown fox jumps over the lazy dog. " * 20, "prose")],
+                                 lm.tokenizer, 4, 16)
+    comp = Compressor(lm, calibrate(lm, samples, batch_size=4))
+    served: list[bool] = []
+    real = LazyExpertWeights._from_tables
+    monkeypatch.setattr(LazyExpertWeights, "_from_tables",
+                        lambda self, *a: served.append(r := real(self, *a)) or r)  # noqa: B023
+    n_experts = sum(layer.num_experts for layer in lm.layers)
+    tied = 0
+    for metric in ("moe_pruner", "magnitude"):
+        _lazy_weights(comp.apply(CompressionPlan(pruning=PruningSettings(metric=metric, sparsity=0.5)), lazy=True))
+        plan = CompressionPlan(pruning=PruningSettings(metric=metric, sparsity=0.6))
+        served.clear()
+        fast = _lazy_weights(comp.apply(plan, lazy=True))
+        assert len(served) == n_experts and all(r is not None for r in served)  # all from the tables
+        monkeypatch.setattr(LazyExpertWeights, "_from_tables", lambda self, *a: None)
+        general = _lazy_weights(comp.apply(plan, lazy=True))
+        monkeypatch.setattr(LazyExpertWeights, "_from_tables", lambda self, *a: served.append(r := real(self, *a)) or r)  # noqa: B023,E501
+        materialised = comp.apply(plan)
+        assert fast.keys() == general.keys() and len(fast) == n_experts
+        for key in general:
+            assert all(torch.equal(a, b) for a, b in zip(fast[key], general[key])), (metric, key)
+        for layer in materialised.layers:
+            for proj in layer.projections():
+                for e in range(layer.num_experts):
+                    ref = general[(layer.index, e)][0 if proj != "down" else 1]
+                    assert torch.equal(layer.view(proj, ref[None])[0], layer.weight(proj)[e]), (metric, proj, e)
+        tied += sum(bool(t.tie.any()) for t in cache._tables.values())
+    assert tied > 0  # the tie rule was exercised
+    served.clear()
+    quantized = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.6),
+                                overrides=[Override(layer=0, expert=1, bits=4)])
+    _lazy_weights(comp.apply(quantized, lazy=True))
+    assert served.count(None) == 1 and len(served) == n_experts
+    served.clear()
+    _lazy_weights(comp.apply(CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.37)), lazy=True))
+    assert len(served) == n_experts and all(r is None for r in served)  # off the grid: selection

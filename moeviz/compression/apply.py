@@ -229,6 +229,8 @@ class Compressor:
         self.stats = stats
         self.cache_ranks = cache_ranks
         self._ranks: dict[tuple, torch.Tensor] = {}  # only with cache_ranks
+        # (layer, metric) -> the lazy providers' column factors (`LazyExpertWeights.factors`): O(experts x in)
+        self._factors: dict[tuple, dict] = {}
         # Second-order plans (SparseGPT / GPTQ) materialise their experts once: plan key -> SecondOrderResult
         self._second_order: dict[str, object] = {}
         self.second_order_cache_size = 4
@@ -330,7 +332,9 @@ class Compressor:
         self._check_layer(layer, s, self.stats)
         if s.touched_names(layer):
             stats_layer = self.stats.layers[layer.index] if self.stats is not None else None
-            install_experts_runtime(layer).weights = LazyExpertWeights(self.loaded.layers[layer.index], s, stats_layer)
+            factors = self._factors.setdefault((layer.index, s.metric), {})  # this compressor's statistics
+            install_experts_runtime(layer).weights = LazyExpertWeights(self.loaded.layers[layer.index], s, stats_layer,
+                                                                      factors=factors)
         return self._install_common(layer, plan, s, None)
 
     def _check_layer(self, layer, s: LayerSettings, stats) -> None:
