@@ -224,9 +224,10 @@ def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None):
     return result.to_dict(), run_id, False
 
 
-# Per-session state is model-sized only below this many bytes of expert weights (the demo): the rank
-# cache (one int16 per expert weight, per session) and materialised evaluation (a compressed copy of the
-# touched experts). Above it a session adds O(one layer): thresholds on the fly, lazy evaluation.
+# Below this many bytes of expert weights (the demo) a plan is evaluated on a materialised compressed copy
+# of the touched experts (per session, model-sized), so its decode latency can be measured. Above it a
+# session adds O(one layer): lazy evaluation. Either way a new sparsity on the slider reads its per-row
+# thresholds from the process-wide tables (`moeviz.compression.threshold_table`): no per-session rank cache.
 SESSION_CACHE_MAX_BYTES = 256 * 2**20
 
 
@@ -238,8 +239,8 @@ def compressor(loaded, stats) -> Compressor:
     """This session's Compressor for (model, stats); rebuilt when either changes."""
     key = (loaded.fingerprint, stats.fingerprint if stats is not None else None)
     if st.session_state.get("_compressor_key") != key:
-        # slider: one comparison per plan
-        st.session_state._compressor = Compressor(loaded, stats, cache_ranks=small_experts(loaded))
+        # slider: thresholds from the shared tables, one fused pass per expert
+        st.session_state._compressor = Compressor(loaded, stats)
         st.session_state._compressor_key = key
     return st.session_state._compressor
 

@@ -321,3 +321,17 @@ def test_pareto_empty_and_float_points():
     pts = rng.random((200, 2))
     df = pd.DataFrame(pts, columns=["x", "y"])
     assert set(pareto_front(df, "x", "y").index) == brute_force_front(list(pts[:, 0]), list(pts[:, 1]), True, True)
+
+
+def test_loss_skips_ignored_positions_whatever_their_logits():
+    """An ignored label (-100) contributes nothing even where the logits there are extreme (the loss of
+    an ignored position is never computed into the sums: no inf * 0)."""
+    V = 5
+    logits = torch.randn(1, 4, V)
+    labels = torch.tensor([[0, 1, -100, 2]])
+    logits[0, 1, 0] = float("-inf")  # position 1 predicts the ignored label 2
+    acc = TokenLossAccumulator()
+    acc.add(logits, labels)
+    expected = F.cross_entropy(logits[0, [0, 2]].double(), labels[0, [1, 3]])
+    assert acc.n_tokens == 2
+    assert acc.result()["perplexity"] == pytest.approx(math.exp(expected.item()), rel=1e-6)

@@ -161,8 +161,9 @@ def test_table_is_shared_across_compressors_and_gives_the_same_weights(loaded_ti
 def test_table_served_expert_equals_the_general_path_bit_for_bit(family, tiny_model_dirs, monkeypatch):
     """Once the tables hold a slider sparsity, the lazy provider serves a pruned-only expert straight
     from them (`LazyExpertWeights._from_tables`, skipping the general path's bookkeeping): every expert's
-    weights equal the general path's and the materialised model's, bit for bit, on bf16 weights with
-    ties at the thresholds; a quantized expert and an off-grid sparsity take the general path."""
+    weights equal the general path's and the materialised model's (which materialises through the same
+    provider, a dense expert included), bit for bit, on bf16 weights with ties at the thresholds; a
+    quantized expert and an off-grid sparsity take the general path."""
     from moeviz.calibration.collect import calibrate
     from moeviz.compression.apply import Compressor
     from moeviz.compression.lazy import LazyExpertWeights
@@ -189,14 +190,18 @@ def test_table_served_expert_equals_the_general_path_bit_for_bit(family, tiny_mo
     tied = 0
     for metric in ("moe_pruner", "magnitude"):
         _lazy_weights(comp.apply(CompressionPlan(pruning=PruningSettings(metric=metric, sparsity=0.5)), lazy=True))
-        plan = CompressionPlan(pruning=PruningSettings(metric=metric, sparsity=0.6))
+        plan = CompressionPlan(pruning=PruningSettings(metric=metric, sparsity=0.6),
+                               overrides=[Override(layer=0, expert=2, sparsity=0.0)])  # one dense expert
         served.clear()
         fast = _lazy_weights(comp.apply(plan, lazy=True))
-        assert len(served) == n_experts and all(r is not None for r in served)  # all from the tables
+        # every pruned expert from the tables (the dense one never asks: it keeps the base's tensors)
+        assert len(served) == n_experts - 1 and all(r is not None for r in served)
         monkeypatch.setattr(LazyExpertWeights, "_from_tables", lambda self, *a: None)
         general = _lazy_weights(comp.apply(plan, lazy=True))
         monkeypatch.setattr(LazyExpertWeights, "_from_tables", lambda self, *a: served.append(r := real(self, *a)) or r)  # noqa: B023,E501
+        served.clear()
         materialised = comp.apply(plan)
+        assert len(served) == n_experts and all(r is not None for r in served)  # materialised from the tables
         assert fast.keys() == general.keys() and len(fast) == n_experts
         for key in general:
             assert all(torch.equal(a, b) for a, b in zip(fast[key], general[key])), (metric, key)

@@ -289,7 +289,10 @@ class Compressor:
                                              removed[layer.index], stats, sequential=plan.sequential, masks=masks)
             if progress is not None:
                 progress(layer.index + 1, len(layers))
-        if lazy:  # measuring zeros means compressing every expert once: only when someone asks
+        if lazy or masks is None:
+            # Measuring zeros means compressing every expert once (lazy) or a pass over every weight: only
+            # when someone asks (the app's evaluation does not). With masks (recovery, which trains the
+            # weights afterwards) the zeros as compressed, now.
             experts = LazyExpertStates(lambda: self._expert_states(layers, plan, sparsity, bits, removed))
         else:
             experts = self._expert_states(layers, plan, sparsity, bits, removed)
@@ -331,11 +334,13 @@ class Compressor:
         s = self.layer_settings(layer, plan, sparsity, bits, removed)
         self._check_layer(layer, s, self.stats)
         if s.touched_names(layer):
-            stats_layer = self.stats.layers[layer.index] if self.stats is not None else None
-            factors = self._factors.setdefault((layer.index, s.metric), {})  # this compressor's statistics
-            install_experts_runtime(layer).weights = LazyExpertWeights(self.loaded.layers[layer.index], s, stats_layer,
-                                                                      factors=factors)
+            install_experts_runtime(layer).weights = self._lazy_weights(layer, s)
         return self._install_common(layer, plan, s, None)
+
+    def _lazy_weights(self, layer: MoELayer, s: LayerSettings) -> LazyExpertWeights:
+        stats_layer = self.stats.layers[layer.index] if self.stats is not None else None
+        factors = self._factors.setdefault((layer.index, s.metric), {})  # this compressor's statistics
+        return LazyExpertWeights(self.loaded.layers[layer.index], s, stats_layer, factors=factors)
 
     def _check_layer(self, layer, s: LayerSettings, stats) -> None:
         if s.removed.any():
@@ -390,10 +395,15 @@ class Compressor:
                 norms = layer_norms(stats.layers[layer.index] if stats is not None else None, s.metric, sel, device)
                 base = {n: getattr(layer.experts, n) for n in s.touched_names(layer)}
                 ranks = self._ranks_fn(layer, s, norms, sequential)
-                # The shared threshold tables (threshold_table) serve statistics that outlive this call;
-                # a sequential plan's per-layer re-calibration does not.
-                new = compress_experts(layer, base, sel, s, norms, layer_masks, ranks,
-                                       tables=threshold_table.TABLES if not sequential and ranks is None else None)
+                if layer_masks is None and ranks is None and not sequential:
+                    # The lazy provider's materialisation: a few experts at a time, and the experts the
+                    # shared threshold tables serve in one fused pass each (`LazyExpertWeights.layer_tensors`).
+                    new = self._lazy_weights(layer, s).layer_tensors(layer.experts)
+                else:
+                    # The shared threshold tables (threshold_table) serve statistics that outlive this call;
+                    # a sequential plan's per-layer re-calibration does not.
+                    new = compress_experts(layer, base, sel, s, norms, layer_masks, ranks,
+                                           tables=threshold_table.TABLES if not sequential and ranks is None else None)
                 replaced += install_experts(layer, new)
             if masks is not None:
                 for proj, keep in layer_masks.items():

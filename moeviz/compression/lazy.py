@@ -73,9 +73,12 @@ class LazyExpertWeights:
         # no fresh pages per expert (see moeviz.compression.scratch). With autograd a backward may still
         # need them: fresh tensors.
         if not torch.is_grad_enabled():
-            got = self._from_tables(experts, e, in_name)
+            scratch = thread_scratch()
+            got = self._from_tables(experts, e, lambda name, src: scratch.get(("out", name), src.shape, src.dtype,
+                                                                                src.device))
             if got is not None:
-                return got
+                w_in = got[in_name][0] if in_name in got else getattr(experts, in_name)[e]
+                return w_in, got["down_proj"][0] if "down_proj" in got else experts.down_proj[e]
         new = self.compressed(experts, e, scratch=None if torch.is_grad_enabled() else thread_scratch())
         w_in = new[in_name][0] if in_name in new else getattr(experts, in_name)[e]
         w_out = new["down_proj"][0] if "down_proj" in new else experts.down_proj[e]
@@ -105,36 +108,40 @@ class LazyExpertWeights:
             got = self.factors[key] = (factor, threshold_table.factor_digest(factor))
         return got
 
-    def _from_tables(self, experts: nn.Module, e: int, in_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Expert e's weights when the plan only prunes it (unstructured, no quantization, not removed)
-        and every pruned projection's per-row thresholds are in the shared tables (a slider sparsity once
-        the first evaluation built them): one fused pass per projection into this thread's buffers, the
-        general path's bookkeeping skipped (measured on the demo's 32 experts: 4 vs 20 ms a plan).
-        Bit-identical to `compressed` (same `steps._prune_known`); None where any of that does not hold,
-        and the caller takes the general path (which fills the tables)."""
+    def _from_tables(self, experts: nn.Module, e: int, dst_for) -> dict[str, torch.Tensor] | None:
+        """Expert e's pruned fused tensors (name -> [1, ...], written into dst_for(name, base part)) when
+        the plan only prunes it (unstructured, no quantization, not removed) and every pruned projection's
+        per-row thresholds are in the shared tables (a slider sparsity once the first evaluation built
+        them): one fused pass per projection, the general path's bookkeeping skipped (measured on the
+        demo's 32 experts: 4 vs 20 ms a plan). Bit-identical to `compressed` (same `steps._prune_known`);
+        None where any of that does not hold, and the caller takes the general path (which fills the
+        tables)."""
         s, layer, names, tables = self.settings, self.layer, self._pruned_names, threshold_table.TABLES
         if not names or tables is None or s.bits[e] < 16 or s.removed[e]:
             return None
-        scratch, out = thread_scratch(), {}
+        if not s.sparsity[e] > 0:  # a dense expert: nothing changes
+            return {}
+        out = {}
         for name, projs in names.items():
             base = getattr(experts, name)  # [E_total, ...] fused
             src = base[e:e + 1].detach()
-            dst = scratch.get(("out", name), src.shape, src.dtype, src.device)
+            dst = dst_for(name, src)
             if not fused_prune.supports(dst, src):
                 return None
             for p in projs:
                 w, sw = layer.view(p, dst)[0], layer.view(p, src)[0]  # [out, in]
                 k = int(prune_counts(float(s.sparsity[e]), sw.shape[-1], ()))
+                if k <= 0:  # too few columns to prune one (as `steps.prune`)
+                    w.copy_(sw)
+                    continue
                 factor, digest = self._factor(p, e, sw)
                 tab = tables.get(threshold_table.TableCache.key(base, p, e, digest))
                 g = None if tab is None or not tab.finite else tab.column(k)
-                if g is None:  # a dense row count, a count off the grid, or no table yet
+                if g is None:  # a count off the grid, or no table yet
                     return None
                 _prune_known(w, sw, factor, k, None, tab, g, bool(tab.tie[:, g].any()), keep_thresholds=False)
-            out[name] = dst[0]
-        w_in = out[in_name] if in_name in out else getattr(experts, in_name)[e]
-        w_out = out["down_proj"] if "down_proj" in out else experts.down_proj[e]
-        return w_in, w_out
+            out[name] = dst
+        return out
 
     def masks(self, experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
         """Keep-masks [out, in] of expert e per pruned projection (all True if e is not pruned)."""
@@ -165,12 +172,27 @@ class LazyExpertWeights:
             new[name][n:] = t.detach()[n:]
         for start in range(0, n, step):
             sel = np.arange(start, min(start + step, n))
+            if self._chunk_from_tables(experts, sel, new):
+                continue
             # written straight into the output's rows (every touched name is in `new`: no copy after)
             compress_experts(self.layer, base, sel, self.settings,
                              layer_norms(self.stats_layer, self.settings.metric, sel, device),
                              tables=threshold_table.TABLES,
                              out={name: t[start:start + len(sel)] for name, t in new.items()}, work=work)
         return new
+
+    def _chunk_from_tables(self, experts: nn.Module, sel: np.ndarray, new: dict[str, torch.Tensor]) -> bool:
+        """Experts `sel` of `layer_tensors` by `_from_tables`, written into their rows of `new`; False (rows
+        partly written, to be overwritten) unless it served every one of them."""
+        with torch.no_grad():
+            for e in sel:
+                got = self._from_tables(experts, int(e), lambda name, src: new[name][e:e + 1])
+                if got is None:
+                    return False
+                for name, t in new.items():  # touched but not pruned for this expert: the base's rows
+                    if name not in got:
+                        t[e:e + 1] = getattr(experts, name)[e:e + 1]
+        return True
 
     @torch.no_grad()  # so the experts are compressed in this thread's reused buffers
     def zero_counts(self, experts: nn.Module) -> torch.Tensor:

