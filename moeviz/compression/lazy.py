@@ -21,7 +21,7 @@ from moeviz.compression import fused_prune, threshold_table
 from moeviz.compression.masks import prune_counts
 from moeviz.compression.scores import column_factor
 from moeviz.compression.scratch import Scratch, thread_scratch
-from moeviz.compression.steps import NORMS, LayerSettings, _prune_known, compress_experts, layer_norms
+from moeviz.compression.steps import LayerSettings, _prune_known, compress_experts, layer_norms
 from moeviz.models.layers import MoELayer
 
 
@@ -103,8 +103,8 @@ class LazyExpertWeights:
         got = self.factors.get(key)
         if got is None:
             metric = self.settings.metric
-            norm = None if metric == "magnitude" else getattr(self.stats_layer, NORMS[(metric, proj)])[e]
-            factor = column_factor(tuple(w.shape), metric, norm, w.device)  # validated once
+            norm = layer_norms(self.stats_layer, metric, np.array([e]), w.device)(proj)  # [1, in] or None
+            factor = column_factor(tuple(w.shape), metric, None if norm is None else norm[0], w.device)  # validated once
             got = self.factors[key] = (factor, threshold_table.factor_digest(factor))
         return got
 
