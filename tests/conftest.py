@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Run store and calibration cache of the tests live in a throw-away folder, never in ~/.cache.
 os.environ["MOEVIZ_DATA_DIR"] = __import__("tempfile").mkdtemp(prefix="moeviz-test-data-")
+atexit.register(shutil.rmtree, os.environ["MOEVIZ_DATA_DIR"], True)
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import FAMILIES, save_tiny_model  # noqa: E402

@@ -54,7 +54,9 @@ NONE_FILLED = set(EXPERT_COUNT_KEYS) | {"head_dim", "attention_head_dim", "num_e
 PATTERNS = [
     (re.compile(r"(intermediate|ffn|ffw|mlp|expert)_?(hidden_)?(size|dim)$"), INTER),
     (re.compile(r"^n_inner$"), INTER),
-    (re.compile(r"vocab_size$"), VOCAB),  # e.g. an unpadded vocabulary size beside vocab_size
+    # e.g. an unpadded vocabulary size beside vocab_size, or Gemma 4's per-layer-input vocabulary
+    # (262,144 × 512 per-layer embeddings: 537 MB of a tiny model otherwise)
+    (re.compile(r"vocab_size(_per_layer_input)?$"), VOCAB),
 ]
 # Fields whose value is the number of layers' worth of something (lists / strings are cut to LAYERS).
 LAYER_LISTS = re.compile(r"(layer_types|layers_block_type|_pattern|mlp_only_layers|moe_layers|block_types|"

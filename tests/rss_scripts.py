@@ -10,9 +10,26 @@ the given shapes to `folder`; it leaves `params`, `layer_bytes` and `ckpt` (chec
 from __future__ import annotations
 
 
+import shutil
+import tempfile
+
+import pytest
+
+# The scripts write a ~0.6 GB checkpoint (and an export beside it) to the temporary folder.
+DISK_NEEDED = 2 * 1024**3
+
+
+def skip_without_disk(needed: int = DISK_NEEDED) -> None:
+    """Skip (with the numbers) where the temporary folder's disk cannot hold the scripts' checkpoints:
+    a full disk is the machine's state, not a memory regression."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    if free < needed:
+        pytest.skip(f"needs {needed / 1024**3:.1f} GiB free in {tempfile.gettempdir()}, has {free / 1024**3:.2f} GiB")
+
+
 def preamble(layers: int = 2, experts: int = 32) -> str:
     return f'''
-import gc, json, os, shutil, sys, tempfile, threading, time, torch, transformers
+import atexit, gc, json, os, shutil, sys, tempfile, threading, time, torch, transformers
 sys.path.insert(0, sys.argv[1])
 from tiny_models import tiny_tokenizer
 import moeviz
@@ -33,6 +50,7 @@ def status(key):
             return int(line.split()[1]) * 1024
 
 folder = tempfile.mkdtemp(prefix="moeviz-mem-")
+atexit.register(shutil.rmtree, folder, True)  # also when the script fails half-way
 cfg = transformers.MixtralConfig(vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers={layers},
                                  num_local_experts={experts}, num_experts_per_tok=2, num_attention_heads=8,
                                  num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rss_scripts import preamble
+from rss_scripts import preamble, skip_without_disk
 
 MEMORY_SCRIPT = preamble() + r"""
 def reset_peak():
@@ -41,6 +41,7 @@ if sys.argv[2] == "export":
     reset_peak()
     r["before_export"] = status("VmRSS")
     exported = tempfile.mkdtemp(prefix="moeviz-mem-export-")
+    atexit.register(shutil.rmtree, exported, True)
     export_model(lm, cm, exported, overwrite=True)
     r["export_peak"] = status("VmHWM")
     shutil.rmtree(exported)
@@ -50,6 +51,7 @@ print(json.dumps(r))
 
 
 def _measure(*args: str) -> dict:
+    skip_without_disk()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
                MALLOC_MMAP_THRESHOLD_="65536")
     out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(Path(__file__).parent), *args],

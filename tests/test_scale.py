@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rss_scripts import preamble
+from rss_scripts import preamble, skip_without_disk
 from tiny_models import FAMILIES
 
 from moeviz.calibration.collect import calibrate
@@ -148,6 +148,7 @@ print(json.dumps(dict(params=params, after_load=after_load, peak=peak[0])))
 
 
 def _memory(mode: str) -> dict:
+    skip_without_disk()
     # A fixed mmap threshold: glibc otherwise raises it after each large free and keeps later
     # per-expert temporaries in its heap, so RSS would count memory freed but not returned.
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]),
