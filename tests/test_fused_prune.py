@@ -109,6 +109,7 @@ def test_rows_split_across_threads_give_the_same_weights(monkeypatch):
     monkeypatch.setenv("MOEVIZ_PRUNE_THREADS", "3")
     monkeypatch.setattr(fused_prune, "PARALLEL_MIN_ELEMENTS", 1)
     assert fused_prune._parts(37, base.numel()) == [(0, 12), (12, 24), (24, 37)]
+    assert fused_prune._parts(37, base.numel(), threads=1) == [(0, 37)]  # an explicit count wins (lazy forward)
     fused_prune.prune_known_rows(split, base, factor, v)
     assert torch.equal(_bits(one), _bits(split)) and bool((one == 0).any()) and bool((one != 0).any())
 

@@ -185,7 +185,7 @@ def test_table_served_expert_equals_the_general_path_bit_for_bit(family, tiny_mo
     served: list[bool] = []
     real = LazyExpertWeights._from_tables
     monkeypatch.setattr(LazyExpertWeights, "_from_tables",
-                        lambda self, *a: served.append(r := real(self, *a)) or r)  # noqa: B023
+                        lambda self, *a, **k: served.append(r := real(self, *a, **k)) or r)  # noqa: B023
     n_experts = sum(layer.num_experts for layer in lm.layers)
     tied = 0
     for metric in ("moe_pruner", "magnitude"):
@@ -196,9 +196,9 @@ def test_table_served_expert_equals_the_general_path_bit_for_bit(family, tiny_mo
         fast = _lazy_weights(comp.apply(plan, lazy=True))
         # every pruned expert from the tables (the dense one never asks: it keeps the base's tensors)
         assert len(served) == n_experts - 1 and all(r is not None for r in served)
-        monkeypatch.setattr(LazyExpertWeights, "_from_tables", lambda self, *a: None)
+        monkeypatch.setattr(LazyExpertWeights, "_from_tables", lambda self, *a, **k: None)
         general = _lazy_weights(comp.apply(plan, lazy=True))
-        monkeypatch.setattr(LazyExpertWeights, "_from_tables", lambda self, *a: served.append(r := real(self, *a)) or r)  # noqa: B023,E501
+        monkeypatch.setattr(LazyExpertWeights, "_from_tables", lambda self, *a, **k: served.append(r := real(self, *a, **k)) or r)  # noqa: B023,E501
         served.clear()
         materialised = comp.apply(plan)
         assert len(served) == n_experts and all(r is not None for r in served)  # materialised from the tables

@@ -138,15 +138,17 @@ def prune_known_columns(dst: torch.Tensor, src: torch.Tensor, factor: torch.Tens
     _split_rows(lambda r0, r1: kernel(a[r0:r1], b[r0:r1], f[r0:r1], t), a.shape[0], a.size)
 
 
-def prune_known_rows(dst: torch.Tensor, src: torch.Tensor, factor: torch.Tensor | None, v: torch.Tensor) -> None:
+def prune_known_rows(dst: torch.Tensor, src: torch.Tensor, factor: torch.Tensor | None, v: torch.Tensor,
+                     threads: int | None = None) -> None:
     """dst [out, in] = src * (|src| * factor > v[row]) in one pass (dst may be src: in place).
 
     factor: [1, in] or [in] float32 column factor (None: magnitude); v: [out] float32 row thresholds
-    (may be a strided column of a table). Every weight must be finite (see the module docstring)."""
+    (may be a strided column of a table). Every weight must be finite (see the module docstring).
+    threads: row ranges run at once (default: torch's thread count, see `_parts`)."""
     kernel = _load()[src.dtype]
     a, b = _arrays(src, dst)
     f, t = _factor(factor, src.shape[-1]), v.detach().numpy()
-    _split_rows(lambda r0, r1: kernel(a[r0:r1], b[r0:r1], f, t[r0:r1]), a.shape[0], a.size)
+    _split_rows(lambda r0, r1: kernel(a[r0:r1], b[r0:r1], f, t[r0:r1]), a.shape[0], a.size, threads)
 
 
 def _arrays(src: torch.Tensor, dst: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -166,11 +168,11 @@ def _factor(factor: torch.Tensor | None, n: int) -> np.ndarray:
     return f
 
 
-def _split_rows(run, rows: int, size: int) -> None:
+def _split_rows(run, rows: int, size: int, threads: int | None = None) -> None:
     """run(r0, r1) over row ranges: torch's threads are idle meanwhile, so the ranges run in a pool (the
     kernels release the GIL), the last one in this thread. Rows are independent: the result does not depend
     on the split."""
-    parts = _parts(rows, size)
+    parts = _parts(rows, size, threads)
     futures = [_pool().submit(run, r0, r1) for r0, r1 in parts[:-1]]
     run(*parts[-1])
     for fut in futures:
@@ -181,10 +183,10 @@ PARALLEL_MIN_ELEMENTS = 1 << 18  # below this one thread: a pool hand-off (~20-5
 _executor = None
 
 
-def _parts(rows: int, size: int) -> list[tuple[int, int]]:
-    """Row ranges for torch's thread count, or MOEVIZ_PRUNE_THREADS (one range for small matrices or one
-    thread)."""
-    threads = int(os.environ.get("MOEVIZ_PRUNE_THREADS", "0")) or torch.get_num_threads()
+def _parts(rows: int, size: int, threads: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges for `threads`, else MOEVIZ_PRUNE_THREADS, else torch's thread count (one range for small
+    matrices or one thread)."""
+    threads = threads or int(os.environ.get("MOEVIZ_PRUNE_THREADS", "0")) or torch.get_num_threads()
     if threads <= 1 or size < PARALLEL_MIN_ELEMENTS or rows < 2:
         return [(0, rows)]
     cuts = np.linspace(0, rows, min(threads, rows) + 1).astype(int)

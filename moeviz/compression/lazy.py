@@ -74,8 +74,11 @@ class LazyExpertWeights:
         # need them: fresh tensors.
         if not torch.is_grad_enabled():
             scratch = thread_scratch()
+            # One thread for the pass: between the forward's matmuls torch's OpenMP thread spins on the other
+            # core, and a pass split over both measured slower there (OLMoE shape, 2 layers, 2 threads:
+            # new sparsity 1.49 vs 1.44 s; back to back, without matmuls between, the split is faster).
             got = self._from_tables(experts, e, lambda name, src: scratch.get(("out", name), src.shape, src.dtype,
-                                                                                src.device))
+                                                                                src.device), threads=1)
             if got is not None:
                 w_in = got[in_name][0] if in_name in got else getattr(experts, in_name)[e]
                 return w_in, got["down_proj"][0] if "down_proj" in got else experts.down_proj[e]
@@ -108,7 +111,8 @@ class LazyExpertWeights:
             got = self.factors[key] = (factor, threshold_table.factor_digest(factor))
         return got
 
-    def _from_tables(self, experts: nn.Module, e: int, dst_for) -> dict[str, torch.Tensor] | None:
+    def _from_tables(self, experts: nn.Module, e: int, dst_for,
+                     threads: int | None = None) -> dict[str, torch.Tensor] | None:
         """Expert e's pruned fused tensors (name -> [1, ...], written into dst_for(name, base part)) when
         the plan only prunes it (unstructured, no quantization, not removed) and every pruned projection's
         per-row thresholds are in the shared tables (a slider sparsity once the first evaluation built
@@ -139,7 +143,8 @@ class LazyExpertWeights:
                 g = None if tab is None or not tab.finite else tab.column(k)
                 if g is None:  # a count off the grid, or no table yet
                     return None
-                _prune_known(w, sw, factor, k, None, tab, g, bool(tab.tie[:, g].any()), keep_thresholds=False)
+                _prune_known(w, sw, factor, k, None, tab, g, bool(tab.tie[:, g].any()), keep_thresholds=False,
+                             threads=threads)
             out[name] = dst
         return out
 

@@ -231,7 +231,7 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
 
 def _prune_known(w: torch.Tensor, src: torch.Tensor | None, factor: torch.Tensor | None, k: int,
                  t: RowThresholds | None, rt, g: int | None, ties: bool,
-                 keep_thresholds: bool = True) -> RowThresholds | None:
+                 keep_thresholds: bool = True, threads: int | None = None) -> RowThresholds | None:
     """`prune_rows` when every row's threshold is known (this plan's `t`, or column g of the shared table
     `rt`) and every weight is finite: one fused pass (`fused_prune`), then the rows with a tie at their
     threshold again, with the tie rule of `masks.mask_in_scores_`. Returns the thresholds (None with
@@ -240,7 +240,7 @@ def _prune_known(w: torch.Tensor, src: torch.Tensor | None, factor: torch.Tensor
     v, bad = (t.v[:, 0], t.bad) if t is not None else (rt.v[:, g], rt.tie[:, g])
     idx = torch.nonzero(bad).flatten() if (bool(bad.any()) if t is not None else ties) else None
     rows = None if idx is None else base[idx].clone()  # [R, in]: before an in-place pass overwrites them
-    fused_prune.prune_known_rows(w, base, factor, v)
+    fused_prune.prune_known_rows(w, base, factor, v, threads)
     tied = None
     if rows is not None:  # rows with ties: the tie rule on those rows only
         scores = scores_from_factor(rows, factor)  # [R, in] float32

@@ -87,6 +87,33 @@ def is_transposed(experts: nn.Module, hidden_size: int) -> bool:
     return down.shape[2] == hidden_size and down.shape[1] != hidden_size
 
 
+def padded_rows(n: int) -> int:
+    """n rounded up to its shape bucket: multiples of 1/8 of n's octave (at least 16), so a padded
+    matmul does at most 12.5 % more rows and at most 8 shapes per octave occur.
+
+    Why: on CPU, oneDNN builds (JIT-compiles) a kernel per matmul shape, and the row count of an expert's
+    matmul is its token count, which changes with every plan (routing changes). Measured: a bf16
+    [n, 2048] x [2048, 2048] matmul, 2 threads, 1.0 ms with a row count seen before, 10.2 ms with a new
+    one. With buckets a new plan meets shapes the earlier plans built."""
+    step = max(16, 1 << max(0, n.bit_length() - 4))
+    return -(-n // step) * step
+
+
+def _bucketed(x: torch.Tensor) -> torch.Tensor:
+    """x [n, H] with zero rows appended up to `padded_rows(n)` (a half-precision CPU input only: float32
+    matmuls do not build kernels per shape on CPU). Each real row's result is the same as without the
+    padding (rows of a matmul are independent; tests/test_expert_buckets.py checks the bits)."""
+    n = x.shape[0]
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or x.dim() != 2:
+        return x
+    m = padded_rows(n)
+    if m == n:
+        return x
+    out = x.new_zeros(m, x.shape[1])
+    out[:n] = x
+    return out
+
+
 def expert_output(experts: nn.Module, e: int, x: torch.Tensor,
                   weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert `e` of a fused experts module on inputs x [n, H]: (h [n, I] = act(gate) * up, y [n, H]).
@@ -101,9 +128,10 @@ def expert_output(experts: nn.Module, e: int, x: torch.Tensor,
     w_in, w_out = weights
     b_in = (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias) if has_bias else None
     b_out = experts.down_proj_bias if has_bias else None
-    h = _gated(experts, _project(x, w_in, b_in[e] if b_in is not None else None, transposed))
+    n, xp = x.shape[0], _bucketed(x)  # xp: [m >= n, H]; the padding rows are dropped below
+    h = _gated(experts, _project(xp, w_in, b_in[e] if b_in is not None else None, transposed))
     y = _project(h, w_out, b_out[e] if b_out is not None else None, transposed)
-    return h, y
+    return (h, y) if xp is x else (h[:n], y[:n])
 
 
 @functools.lru_cache(maxsize=None)
