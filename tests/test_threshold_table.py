@@ -220,3 +220,31 @@ def test_table_served_expert_equals_the_general_path_bit_for_bit(family, tiny_mo
     served.clear()
     _lazy_weights(comp.apply(CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.37)), lazy=True))
     assert len(served) == n_experts and all(r is None for r in served)  # off the grid: selection
+
+
+def test_forward_pass_runs_on_one_thread_for_small_experts_only(loaded_tiny, monkeypatch):
+    """Inside the forward the table-served pass of a small expert runs on one thread (torch's OpenMP thread
+    spins on the other core between matmuls), of a large one on all threads (`lazy.SPLIT_MIN_ELEMENTS`)."""
+    from moeviz.calibration.collect import calibrate
+    from moeviz.compression import fused_prune, lazy
+    from moeviz.compression.apply import Compressor
+    from moeviz.compression.plan import CompressionPlan, PruningSettings
+    from moeviz.data import Document, tokenize_documents
+
+    monkeypatch.setattr(threshold_table, "TABLES", TableCache())
+    lm = loaded_tiny("mixtral")
+    samples = tokenize_documents([Document("The quick brown fox jumps over the lazy dog. " * 20, "prose")],
+                                 lm.tokenizer, 4, 16)
+    comp = Compressor(lm, calibrate(lm, samples, batch_size=4))
+    plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5))
+    _lazy_weights(comp.apply(plan, lazy=True))  # builds the tables
+    seen = []
+    real = fused_prune.prune_known_rows
+    monkeypatch.setattr(fused_prune, "prune_known_rows", lambda *a: seen.append(a[4]) or real(*a))
+    with torch.no_grad():
+        _lazy_weights(comp.apply(plan, lazy=True))
+        assert seen and set(seen) == {1}
+        seen.clear()
+        monkeypatch.setattr(lazy, "SPLIT_MIN_ELEMENTS", 1)  # every expert counts as large
+        _lazy_weights(comp.apply(plan, lazy=True))
+        assert seen and set(seen) == {None}

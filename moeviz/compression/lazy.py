@@ -28,6 +28,7 @@ from moeviz.models.layers import MoELayer
 # Base-weight bytes compressed per call when a whole layer is materialised (export): bounds the steps'
 # temporaries (scores, masks, clones) to a few experts instead of the layer.
 LAYER_CHUNK_BYTES = 64 * 2**20
+SPLIT_MIN_ELEMENTS = 1 << 25  # weights of one expert from which the forward's fused pass uses every thread
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,11 +75,8 @@ class LazyExpertWeights:
         # need them: fresh tensors.
         if not torch.is_grad_enabled():
             scratch = thread_scratch()
-            # One thread for the pass: between the forward's matmuls torch's OpenMP thread spins on the other
-            # core, and a pass split over both measured slower there (OLMoE shape, 2 layers, 2 threads:
-            # new sparsity 1.49 vs 1.44 s; back to back, without matmuls between, the split is faster).
             got = self._from_tables(experts, e, lambda name, src: scratch.get(("out", name), src.shape, src.dtype,
-                                                                                src.device), threads=1)
+                                                                                src.device), threads=self._threads)
             if got is not None:
                 w_in = got[in_name][0] if in_name in got else getattr(experts, in_name)[e]
                 return w_in, got["down_proj"][0] if "down_proj" in got else experts.down_proj[e]
@@ -86,6 +84,15 @@ class LazyExpertWeights:
         w_in = new[in_name][0] if in_name in new else getattr(experts, in_name)[e]
         w_out = new["down_proj"][0] if "down_proj" in new else experts.down_proj[e]
         return w_in, w_out
+
+    @cached_property
+    def _threads(self) -> int | None:
+        """Threads for the fused pass inside the forward: one for small experts, else all of torch's.
+        Between the forward's matmuls torch's OpenMP thread spins on the other core for a while, so a short
+        pass split over both cores loses to it (OLMoE shape, 6.3 M weights an expert, 2 layers, 2
+        threads: new sparsity 1.44 s on one thread vs 1.49 s split), a long one still gains (Mixtral shape,
+        176 M: 1.27 vs 1.45-1.50x a forward)."""
+        return 1 if self.layer.expert_param_count() < SPLIT_MIN_ELEMENTS else None
 
     @cached_property
     def _pruned_names(self) -> dict[str, tuple[str, ...]] | None:
