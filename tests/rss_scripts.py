@@ -9,7 +9,6 @@ the given shapes to `folder`; it leaves `params`, `layer_bytes` and `ckpt` (chec
 
 from __future__ import annotations
 
-
 import shutil
 import tempfile
 
