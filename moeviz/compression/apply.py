@@ -448,24 +448,31 @@ class Compressor:
         nm = plan.nm()
         tensors = []
         exp_base = exp_bytes = r_base = r_bytes = 0
+        # Experts with the same shape and settings store the same way: one StorageFormat (and its dict) per
+        # distinct setting, not per expert (a uniform plan has one per projection shape).
+        formats: dict[tuple, tuple] = {}
         for layer in layers:
             dtype_bytes = layer.weight("down").element_size()
+            shapes = {proj: tuple(layer.weight(proj).shape[1:]) for proj in layer.projections()}
             for e in range(layer.num_experts):
-                for proj in layer.projections():
-                    shape = tuple(layer.weight(proj).shape[1:])
+                b, gone = int(bits[layer.index, e]), bool(removed[layer.index, e])
+                for proj, shape in shapes.items():
                     s = float(sparsity[layer.index, e]) if proj in plan.pruning.projections else 0.0
-                    st = storage_for(
-                        shape, dtype_bytes=dtype_bytes, sparsity=0.0 if nm else s,
-                        structure=(("n:m" if nm else "unstructured") if s > 0 else None),
-                        n=nm[0] if nm and s > 0 else None, m=nm[1] if nm and s > 0 else None,
-                        bits=int(bits[layer.index, e]),
-                        group_size=group_size_for(plan.quant.group_size, shape[-1], proj, layer,
-                                                  int(bits[layer.index, e])),
-                        symmetric=plan.quant.symmetric, removed=bool(removed[layer.index, e]),
-                    )
+                    key = (shape, dtype_bytes, s, b, gone, proj)
+                    got = formats.get(key)
+                    if got is None:
+                        st = storage_for(
+                            shape, dtype_bytes=dtype_bytes, sparsity=0.0 if nm else s,
+                            structure=(("n:m" if nm else "unstructured") if s > 0 else None),
+                            n=nm[0] if nm and s > 0 else None, m=nm[1] if nm and s > 0 else None,
+                            bits=b, group_size=group_size_for(plan.quant.group_size, shape[-1], proj, layer, b),
+                            symmetric=plan.quant.symmetric, removed=gone,
+                        )
+                        got = formats[key] = (st, asdict(st))
+                    st, st_dict = got
                     exp_base += st.dense_bytes
                     exp_bytes += st.bytes
-                    tensors.append(dict(layer=layer.index, expert=e, tensor=proj, **asdict(st)))
+                    tensors.append(dict(layer=layer.index, expert=e, tensor=proj, **st_dict))
             w = layer.router_weight
             st = storage_for(tuple(w.shape), dtype_bytes=w.element_size(),
                              sparsity=plan.router_sparsity,
