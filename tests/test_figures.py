@@ -247,6 +247,28 @@ def test_tradeoff_chart_two_axes_methods_and_base():
         tradeoff_chart(df, latency_col="lat")
 
 
+def test_tradeoff_chart_keeps_accuracy_above_latency_so_no_marker_hides_another():
+    """On two overlaid axes the accuracy markers take the upper band and the latency markers (error bars
+    included) the lower one: every point within its axis, no height shared by the two sets."""
+    df = _sweep_frame()
+    df["q1"], df["q3"] = df["projected_decode_ms"] - 0.1, df["projected_decode_ms"] + 1.5  # above the base star
+    for fig in (tradeoff_chart(df), tradeoff_chart(df, latency_spread=("q1", "q3")),
+                tradeoff_chart(df.iloc[[0]]),  # one run
+                tradeoff_chart(df.iloc[[0]].assign(base_accuracy=0.40, base_projected_decode_ms=2.0))):  # one value each
+        acc_r, lat_r = fig.layout.yaxis.range, fig.layout.yaxis2.range
+        assert acc_r is not None and lat_r is not None
+
+        def height(ys, r):  # [0, 1] = bottom .. top of the plot
+            return [(y - r[0]) / (r[1] - r[0]) for y in ys]
+        acc = [h for t in fig.data if t.yaxis in (None, "y") for h in height(t.y, acc_r)]
+        lat = [h for t in fig.data if t.yaxis == "y2" for h in height(t.y, lat_r)]
+        assert acc and lat and all(0 < h < 1 for h in acc + lat)
+        assert min(acc) > max(lat) + 0.05  # base stars included: the two never share a height
+    with_bars = tradeoff_chart(df, latency_spread=("q1", "q3"))
+    top = max(height([y + 1.5 for y in with_bars.data[1].y], with_bars.layout.yaxis2.range))
+    assert top < 0.5  # the error bars stay inside the latency band
+
+
 def test_store_frame_methods_from_plan_json_and_recovery_arrows():
     df = _sweep_frame().drop(columns=["method"]).rename(columns={"run_id": "id"})
     df["plan_json"] = [json.dumps(dict(pruning=dict(metric=m))) for m in ["wanda"] * 3 + ["magnitude"] * 3]

@@ -350,7 +350,35 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
                            xanchor="right", y=-0.12, yanchor="top", showarrow=False, font=dict(size=11, color="#777777"))
     fig.update_layout(title=title + f" (latency {kind})", template=_TEMPLATE, legend=dict(title="Method · metric", orientation="h", yanchor="top", y=-0.2),
                       hovermode="closest")
+    if has_latency:
+        _band_axes(fig)
     return _round_ticks(fig)
+
+
+def _band_axes(fig: go.Figure, share: float = 0.42) -> None:
+    """Accuracy in the upper band of the plot, latency in the lower one (each `share` of the height, a gap
+    between): on two overlaid axes a run's accuracy circle and latency diamond, or the base model's two
+    stars, otherwise land on the same pixels whenever the two values sit at the same height of their
+    own axes, and one hides the other. Ranges cover every point and error bar; zoom still works."""
+    values: dict[str, list[float]] = {"y": [], "y2": []}
+    for trace in fig.data:
+        ys = np.asarray([v for v in (trace.y if trace.y is not None else ()) if v is not None], dtype=float)
+        err = trace.error_y
+        up = np.asarray(err.array, dtype=float) if err is not None and err.array is not None else np.zeros(len(ys))
+        down = np.asarray(err.arrayminus, dtype=float) if err is not None and err.arrayminus is not None else up
+        if len(up) == len(ys) == len(down):
+            ys = np.concatenate([ys, ys + up, ys - down])
+        values.setdefault(trace.yaxis or "y", []).extend(v for v in ys if math.isfinite(v))
+    for axis, upper in (("y", True), ("y2", False)):
+        v = values.get(axis)
+        if not v:
+            continue
+        lo, hi = min(v), max(v)
+        span = (hi - lo) or max(abs(hi) * 0.02, 1e-9)  # one value: a band around it
+        full = span / share  # the axis' whole range, of which the data takes `share`
+        pad = 0.04 * full
+        r = [hi + pad - full, hi + pad] if upper else [lo - pad, lo - pad + full]
+        fig.update_yaxes(range=r, secondary_y=axis == "y2")
 
 
 # ---------------------------------------------------------------------------------- per-method lines
