@@ -393,7 +393,6 @@ class Compressor:
             with module_weights(layer.experts):  # offloaded: loaded for this layer only
                 device = layer.weight("down").device
                 norms = layer_norms(stats.layers[layer.index] if stats is not None else None, s.metric, sel, device)
-                base = {n: getattr(layer.experts, n) for n in s.touched_names(layer)}
                 ranks = self._ranks_fn(layer, s, norms, sequential)
                 if layer_masks is None and ranks is None and not sequential:
                     # The lazy provider's materialisation: a few experts at a time, and the experts the
@@ -402,6 +401,7 @@ class Compressor:
                 else:
                     # The shared threshold tables (threshold_table) serve statistics that outlive this call;
                     # a sequential plan's per-layer re-calibration does not.
+                    base = {n: getattr(layer.experts, n) for n in s.touched_names(layer)}
                     new = compress_experts(layer, base, sel, s, norms, layer_masks, ranks,
                                            tables=threshold_table.TABLES if not sequential and ranks is None else None)
                 replaced += install_experts(layer, new)

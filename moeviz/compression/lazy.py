@@ -44,7 +44,7 @@ class LazyExpertWeights:
     # sparsities without any selection.
     thresholds: dict = field(default_factory=dict, repr=False)
     # (projection, expert) -> (column factor, its digest): a function of the statistics alone, so one
-    # Compressor's providers of this layer and metric share it (`Compressor._install_lazy`) and a new
+    # Compressor's providers of this layer and metric share it (`Compressor._lazy_weights`) and a new
     # plan neither re-validates nor re-hashes them (`_from_tables`).
     factors: dict = field(default_factory=dict, repr=False)
 

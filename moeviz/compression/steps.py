@@ -243,9 +243,7 @@ def _prune_known(w: torch.Tensor, src: torch.Tensor | None, factor: torch.Tensor
     fused_prune.prune_known_rows(w, base, factor, v, threads)
     tied = None
     if rows is not None:  # rows with ties: the tie rule on those rows only
-        scores = scores_from_factor(rows, factor)  # [R, in] float32
-        tied = _tied_rows(v[idx][:, None], scores, k)
-        w[idx] = rows * mask_in_scores_(scores, tied).to(w.dtype)
+        w[idx], tied = _tie_rule(rows, v[idx][:, None], factor, k)
     if not keep_thresholds:
         return None
     need = torch.zeros(w.shape[0], dtype=torch.int64)
@@ -398,11 +396,18 @@ def _prune_stored(layer: MoELayer, name: str, part: torch.Tensor, dst: torch.Ten
         for p, tab, g in tied:  # rows with a tie at the threshold: the tie rule, on those rows only
             idx = torch.nonzero(tab.tie[:, g]).flatten()
             rows = layer.view(p, part)[i][idx]  # [R, in] (a copy)
-            scores = scores_from_factor(rows, factor)
-            keep = mask_in_scores_(scores, _tied_rows(tab.v[idx, g:g + 1], scores, k))
-            layer.view(p, dst)[i][idx] = rows * keep.to(rows.dtype)
+            layer.view(p, dst)[i][idx], _ = _tie_rule(rows, tab.v[idx, g:g + 1], factor, k)
         tied.clear()
     return True
+
+
+def _tie_rule(rows: torch.Tensor, v: torch.Tensor, factor: torch.Tensor | None, k: int
+              ) -> tuple[torch.Tensor, RowThresholds]:
+    """Rows [R, in] tied at their threshold v [R, 1], pruned with the tie rule (`_tied_rows`): the pruned
+    rows and their thresholds."""
+    scores = scores_from_factor(rows, factor)  # [R, in] float32
+    tied = _tied_rows(v, scores, k)
+    return rows * mask_in_scores_(scores, tied).to(rows.dtype), tied
 
 
 def _tied_rows(v: torch.Tensor, scores: torch.Tensor, k: int) -> RowThresholds:
