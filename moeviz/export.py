@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from moeviz.compression.apply import CompressedModel
+from moeviz.ct_export import ExpertPacker
 from moeviz.destination import check_destination
 from moeviz.errors import MoevizError
 from moeviz.figures.units import format_time_ms
@@ -35,6 +36,7 @@ from moeviz.models.loading import LoadedModel
 from moeviz.models.offload import module_weights
 from moeviz.models.runtime import experts_runtime
 
+EXPORT_FORMATS = ("dense", "compressed-tensors")
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
                      "n_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "top_k_experts", "moe_topk", "moe_k", "num_experts_per_token")
@@ -173,17 +175,21 @@ class _Shard:
     data_start: int = 0
 
 
-def _plan_units(skeleton: nn.Module, meta: dict[str, torch.Tensor]) -> list[_Unit]:
+def _plan_units(skeleton: nn.Module, meta: dict[str, torch.Tensor], packer: ExpertPacker | None) -> list[_Unit]:
     """Units in checkpoint format, on meta tensors. A unit is separable when each key converts on its own
     (fused experts -> per-expert tensors): then it is written one tensor at a time; otherwise (a
-    conversion that joins several tensors) its tensors are converted together."""
+    conversion that joins several tensors) its tensors are converted together. With a packer
+    (compressed-tensors), quantized expert projections are planned in their packed form."""
     units = []
     for keys in _units(list(meta)):
         planned = _checkpoint_format(skeleton, {k: meta[k] for k in keys})
         alone = {}
         for k in keys:
             alone.update(_checkpoint_format(skeleton, {k: meta[k]}))
-        units.append(_Unit(keys, planned, _layout(alone) == _layout(planned)))
+        separable = _layout(alone) == _layout(planned)
+        if packer is not None:
+            planned = packer.layout(keys, planned)
+        units.append(_Unit(keys, planned, separable))
     return units
 
 
@@ -255,8 +261,9 @@ def _unit_tensors(compressed: CompressedModel, keys: list[str], meta: dict[str, 
             del lazy
 
 
-def _write_unit(f, shard: _Shard, skeleton: nn.Module, unit: _Unit, tensors) -> None:
-    """Convert a unit's (key, tensor) stream to checkpoint format and write each result at its offset."""
+def _write_unit(f, shard: _Shard, skeleton: nn.Module, unit: _Unit, tensors, packer: ExpertPacker | None) -> None:
+    """Convert a unit's (key, tensor) stream to checkpoint format (and pack its quantized experts, with a
+    packer) and write each result at its offset."""
     if unit.separable:
         batches = ({k: t} for k, t in tensors)
     else:
@@ -264,6 +271,8 @@ def _write_unit(f, shard: _Shard, skeleton: nn.Module, unit: _Unit, tensors) -> 
     written = {}
     for batch in batches:
         out = _checkpoint_format(skeleton, batch)
+        if packer is not None:
+            out = packer.pack(unit.keys, out)
         del batch
         for k, t in out.items():
             if k not in unit.planned or _layout({k: t}) != _layout({k: unit.planned[k]}):
@@ -278,7 +287,8 @@ def _write_unit(f, shard: _Shard, skeleton: nn.Module, unit: _Unit, tensors) -> 
 
 
 def _write_weights(skeleton: nn.Module, compressed: CompressedModel, removal: _Removal, folder: Path,
-                   max_shard_bytes: int) -> None:
+                   max_shard_bytes: int, packer: ExpertPacker | None = None) -> int:
+    """Writes the shards; returns the bytes of tensor data written (headers excluded)."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     meta = skeleton.state_dict()
@@ -290,19 +300,20 @@ def _write_weights(skeleton: nn.Module, compressed: CompressedModel, removal: _R
     for key in getattr(skeleton, "_keys_to_ignore_on_save", None) or []:
         meta.pop(key, None)
     meta = remove_tied_weights_from_state_dict(meta, skeleton)  # safetensors stores an alias once
-    units = _plan_units(skeleton, meta)
+    units = _plan_units(skeleton, meta, packer)
     shards = _plan_shards(units, max_shard_bytes)
     for shard in shards:
         with open(folder / shard.file, "wb") as f:
             _write_header(f, shard)
             f.truncate(shard.data_start + sum(e - b for b, e in (h["data_offsets"] for h in shard.header.values())))
             for i in shard.units:
-                _write_unit(f, shard, skeleton, units[i], _unit_tensors(compressed, units[i].keys, meta, removal))
+                _write_unit(f, shard, skeleton, units[i], _unit_tensors(compressed, units[i].keys, meta, removal), packer)
     if len(shards) > 1:
         index = {"metadata": {"total_parameters": sum(t.numel() for t in meta.values()),
                               "total_size": sum(_nbytes(t) for u in units for t in u.planned.values())},
                  "weight_map": {k: shard.file for shard in shards for k in sorted(shard.header)}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return sum(_nbytes(t) for u in units for t in u.planned.values())
 
 
 def evaluation_lines(result: dict) -> list[str]:
@@ -334,16 +345,68 @@ def evaluation_lines(result: dict) -> list[str]:
     return lines
 
 
-def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | None, messages: list[str]) -> str:
+@dataclass
+class ExportedFiles:
+    """What an export wrote: its format, tensor bytes (safetensors data, headers excluded), file bytes, the
+    schemes of a packed export and how to load the folder."""
+
+    format: str
+    data_bytes: int
+    file_bytes: int
+    schemes: list[str]
+    load: list[str]
+
+
+def load_instructions(format: str, packer: ExpertPacker | None) -> list[str]:
+    """How to load an exported folder, first line the one call that loads it exactly."""
+    if format == "dense":
+        return ["AutoModelForCausalLM.from_pretrained(folder)  # plain transformers, every weight dense"]
+    one_scheme = len({s for s in packer.schemes.values()}) == 1
+    lines = []
+    if one_scheme:
+        lines.append("AutoModelForCausalLM.from_pretrained(folder, quantization_config=CompressedTensorsConfig("
+                     "dequantize=True))  # transformers + compressed-tensors; from transformers import "
+                     "CompressedTensorsConfig")
+    else:
+        lines.append("moeviz.load_model(folder)  # moeviz dequantizes each layer with its own scheme")
+        lines.append("NOT plain transformers: it applies one scheme to the experts of every layer, and this folder "
+                     "has one per layer, so its experts would load wrong")
+    lines.append("vllm serve folder  # vLLM's compressed-tensors MoE path (one scheme per layer)")
+    lines.append("moeviz.load_model(folder)  # moeviz recognises compressed-tensors folders")
+    return lines
+
+
+def _folder_readme(loaded: LoadedModel, compressed: CompressedModel, written: ExportedFiles) -> str:
+    lines = [f"# {loaded.info.architecture} compressed by moeviz ({written.format})", "",
+             f"Source: `{loaded.info.source}`. Plan: `moeviz_plan.json`; measurements: `moeviz_report.md`.", "",
+             "## Load", "", "```python"] + written.load + ["```", ""]
+    if written.format == "compressed-tensors":
+        lines += ["A plain `AutoModelForCausalLM.from_pretrained(folder)` without the quantization_config above is "
+                  "not the documented way to load this folder: use the call above, and compare a few logits with "
+                  "moeviz's if in doubt.", ""]
+    return "\n".join(lines)
+
+
+def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | None, messages: list[str],
+            written: ExportedFiles | None = None) -> str:
     lines = ["# moeviz export", "", f"- source model: `{loaded.info.source}` (fingerprint `{loaded.fingerprint}`)",
              f"- architecture: {loaded.info.architecture}", ""]
     lines += ["## Plan", "", "```json", compressed.plan.to_json(), "```", ""]
     s = compressed.storage.summary()
     lines += ["## Storage (documented formats, moeviz/compression/formats.py)", "",
-              f"- compression ratio, whole model: {s['compression_ratio']:.3f}×",
+              f"- compression ratio, whole model: {s['compression_ratio']:.3f}× (on paper: the documented formats)",
               f"- compression ratio, experts: {s['experts_compression_ratio']:.3f}×",
-              f"- parameter bytes if packed: {s['compressed_bytes']:,} (base {s['base_bytes']:,})",
-              "- the safetensors in this folder hold dequantized values in the model dtype (pack with the plan's bits)", ""]
+              f"- parameter bytes if packed: {s['compressed_bytes']:,} (base {s['base_bytes']:,})"]
+    if written is not None:
+        lines += [f"- this folder ({written.format}): {written.data_bytes:,} bytes of tensors, {written.file_bytes:,} "
+                  f"bytes of safetensors files, {s['base_bytes'] / max(written.data_bytes, 1):.3f}× smaller than the "
+                  "base's tensors"]
+        if written.format == "dense":
+            lines.append("- the safetensors in this folder hold dequantized values in the model dtype (pruned "
+                         "weights as zeros): only removed experts make it smaller")
+        lines += [f"- scheme {x}" for x in written.schemes]
+        lines += ["", "## How to load this folder", "", "```python"] + written.load + ["```"]
+    lines.append("")
     if compressed.plan.activation_bits < 16:
         lines.append(f"- activation fake-quantization ({compressed.plan.activation_bits} bits) is not stored in the "
                      "checkpoint; apply it at inference time")
@@ -370,15 +433,27 @@ def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | Non
 
 
 def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Path, overwrite: bool = False,
-                 result: dict | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+                 result: dict | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 format: str = "dense") -> Path:
     """Write the compressed model to `out` atomically (temporary folder, then rename), streamed: one
     decoder layer's tensors in memory at a time, safetensors shards of at most `max_shard_bytes`
     (whole layers; `model.safetensors.index.json` when there is more than one), in the checkpoint
-    format transformers' save_pretrained writes."""
+    format transformers' save_pretrained writes.
+
+    format: "dense" (every weight in the model dtype: pruned zeros, dequantized values) or
+    "compressed-tensors" (quantized experts packed as llm-compressor writes them and vLLM serves them,
+    `moeviz.ct_format`; the rest dense). Every refusal happens before anything is written."""
     from transformers import AutoModelForCausalLM
 
+    if format not in EXPORT_FORMATS:
+        raise MoevizError(f"export: unknown format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     out = check_destination(loaded, out, overwrite)  # resolved; never the source, never a folder we did not write
     removal = _removal(loaded, compressed)
+    packer = None
+    if format == "compressed-tensors":
+        keep = {l.index: compressed.allowed_experts(l.index).nonzero().squeeze(1).cpu() for l in compressed.layers
+                if not bool(compressed.allowed_experts(l.index).all())}
+        packer = ExpertPacker(compressed, keep)
     config = _export_config(loaded, removal.changes)
     dtype = next(loaded.model.parameters()).dtype
     # Names, shapes, dtypes and weight conversions of the exported model, without its weights.
@@ -395,10 +470,20 @@ def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Pa
         skeleton.config.save_pretrained(tmp)
         if skeleton.can_generate():
             skeleton.generation_config.save_pretrained(tmp)
-        _write_weights(skeleton, compressed, removal, tmp, max_shard_bytes)
+        data_bytes = _write_weights(skeleton, compressed, removal, tmp, max_shard_bytes, packer)
+        if packer is not None:
+            if packer.packed_keys == 0:
+                raise MoevizError("compressed-tensors export: no expert projection was packed (the checkpoint "
+                                  "layout was not recognised); export --format dense")
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg["quantization_config"] = packer.config()
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / "moeviz_plan.json").write_text(compressed.plan.to_json())
-        (tmp / "moeviz_report.md").write_text(_report(loaded, compressed, result, removal.messages))
+        written = ExportedFiles(format, data_bytes, sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
+                                packer.describe() if packer else [], load_instructions(format, packer))
+        (tmp / "moeviz_report.md").write_text(_report(loaded, compressed, result, removal.messages, written))
+        (tmp / "README.md").write_text(_folder_readme(loaded, compressed, written))
         if out.exists():  # a previous moeviz export (or an empty folder): swap, so a failure never leaves neither
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / out.name)

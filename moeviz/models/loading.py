@@ -445,6 +445,10 @@ def load_model(
         check_memory_first = False  # the budget is the caller's: offload takes what does not fit
 
     source, local = resolve_source(source)
+    shown_source = source
+    if local is not None:
+        local = _dense_if_compressed(local)  # a compressed-tensors folder is read from its dense copy
+        source = str(local)
     torch_dtype = resolve_dtype(dtype)
     if device_map is None:
         check_device(device)
@@ -494,7 +498,7 @@ def load_model(
     verify_model_layers(model, layers)
     first = layers[0]
     info = ModelInfo(
-        source=source,
+        source=shown_source,
         architecture=type(model).__name__,
         model_type=config.model_type,
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -514,6 +518,18 @@ def load_model(
     )
     info.fingerprint = model_fingerprint(info.fingerprint, info.dtype, _placement(model, device_map))
     return LoadedModel(model=model, tokenizer=tokenizer, layers=layers, info=info)
+
+
+def _dense_if_compressed(local: Path) -> Path:
+    """The folder to read: `local` itself, or for a compressed-tensors checkpoint (moeviz's exports, llm-compressor's
+    output) its dense copy in moeviz's data folder (`moeviz.ct_format.dense_copy`)."""
+    from moeviz import ct_format
+
+    if ct_format.compressed_tensors_config(local) is None:
+        return local
+    from moeviz.store import data_dir
+
+    return ct_format.dense_copy(local, data_dir() / "dequantized")
 
 
 def verify_model_layers(model: nn.Module, layers: list[MoELayer]) -> None:

@@ -1,0 +1,168 @@
+"""What a compressed-tensors export writes for a plan: one scheme per MoE layer, and the packing of each
+expert projection as the streamed export produces it (see `moeviz.export`, `moeviz.ct_format`).
+
+The export streams one decoder layer at a time in checkpoint format (per-expert 2-D keys). `ExpertPacker`
+plugs into that stream: `layout` turns a unit's planned meta tensors into the packed ones (so the shard
+headers are written before any weight is computed), `pack` does the same to the real tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from moeviz.compression.apply import CompressedModel, resolve_settings
+from moeviz.compression.plan import CompressionPlan
+from moeviz.ct_format import (EXPERT_KEY, PROJECTION_OF, PackScheme, expert_target, pack_projection, packed_layout,
+                              quantization_config, scheme_for)
+from moeviz.errors import MoevizError
+from moeviz.models.layers import MoELayer
+
+
+def plan_bits(plan: CompressionPlan, layers: list[MoELayer]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-expert (bits [L, E], removed [L, E]) of a plan. Bits and removal do not depend on the pruning
+    allocation, so the plan is resolved without its sparsity (no calibration statistics needed)."""
+    d = plan.to_dict()
+    d["pruning"]["sparsity"] = 0.0
+    d["overrides"] = [dict(o, sparsity=None) for o in d["overrides"]]
+    _, bits, removed = resolve_settings(CompressionPlan.from_dict(d), layers, None)
+    return bits, removed
+
+
+def layer_schemes(plan: CompressionPlan, layers: list[MoELayer], bits: np.ndarray,
+                  removed: np.ndarray) -> dict[int, PackScheme | None]:
+    """MoE layer -> the one scheme of its quantized experts (None: experts left unquantized). Raises with
+    the reason when a layer mixes bit widths (compressed-tensors / vLLM take one scheme per layer) or its
+    projections would need different group sizes."""
+    out: dict[int, PackScheme | None] = {}
+    for layer in layers:
+        kept = bits[layer.index, : layer.num_experts][~removed[layer.index, : layer.num_experts]]
+        widths = sorted(set(kept.tolist()))
+        if widths == [16] or not widths:
+            out[layer.index] = None
+            continue
+        if len(widths) > 1:
+            raise MoevizError(
+                f"compressed-tensors export: MoE layer {layer.index} has experts at {', '.join(map(str, widths))} bits "
+                "(16 = unquantized); a compressed-tensors checkpoint holds one scheme per layer (vLLM loads no other), "
+                "so give every expert of a layer the same bits, or export --format dense")
+        schemes = {scheme_for(widths[0], plan.quant.group_size, plan.quant.symmetric, layer.weight(p).shape[-1])
+                   for p in layer.projections()}
+        if len(schemes) > 1:
+            raise MoevizError(
+                f"compressed-tensors export: the projections of MoE layer {layer.index} need different schemes "
+                f"({', '.join(sorted(s.label() for s in schemes))}); choose a group size dividing every projection's "
+                "input width, or -1")
+        out[layer.index] = schemes.pop()
+    if all(s is None for s in out.values()):
+        raise MoevizError("compressed-tensors export: the plan quantizes no expert, so there is nothing to pack "
+                          "(pruned weights ship as zeros in either format); export --format dense")
+    return out
+
+
+@dataclass
+class ExpertPacker:
+    """Packs the quantized experts of a compressed model into compressed-tensors tensors, unit by unit."""
+
+    compressed: CompressedModel
+    keep: dict[int, torch.Tensor]  # MoE layer -> experts kept in the file (original indices), when some are removed
+    schemes: dict[int, PackScheme | None] = field(init=False)
+    prefixes: dict[int, str] = field(init=False, default_factory=dict)  # MoE layer -> checkpoint `…experts` prefix
+    packed_keys: int = field(init=False, default=0)
+
+    def __post_init__(self):
+        bits, removed = plan_bits(self.compressed.plan, self.compressed.layers)
+        self.schemes = layer_schemes(self.compressed.plan, self.compressed.layers, bits, removed)
+
+    def _layer_of(self, model_keys: list[str]) -> MoELayer | None:
+        for layer in self.compressed.layers:
+            if any(k.startswith(layer.experts_path + ".") for k in model_keys):
+                return layer
+        return None
+
+    def _targets(self, layer: MoELayer, keys, whole_unit: bool = False) -> dict[str, tuple[int, str]]:
+        """Checkpoint key -> (original expert, projection) for the layer's per-expert keys to pack; with
+        `whole_unit` (all of a decoder layer's keys), refuses a layer whose experts are saved fused."""
+        if self.schemes.get(layer.index) is None:
+            return {}
+        found = {}
+        for key in keys:
+            m = EXPERT_KEY.match(key)
+            if m and m.group("name") in PROJECTION_OF:
+                e = int(m.group("expert"))
+                keep = self.keep.get(layer.index)
+                found[key] = (int(keep[e]) if keep is not None else e, PROJECTION_OF[m.group("name")])
+                self.prefixes.setdefault(layer.index, m.group("prefix"))
+        if whole_unit and not found:
+            raise MoevizError(
+                f"compressed-tensors export: {type(self.compressed.model).__name__} saves the experts of MoE layer "
+                f"{layer.index} as fused tensors, not as per-expert 2-D projections, and compressed-tensors packs "
+                "2-D weights only; export --format dense")
+        return found
+
+    def layout(self, model_keys: list[str], planned: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A unit's planned checkpoint meta tensors with its quantized experts replaced by their packed form."""
+        layer = self._layer_of(model_keys)
+        if layer is None:
+            return planned
+        targets = self._targets(layer, planned, whole_unit=True)
+        scheme = self.schemes[layer.index]
+        out = {}
+        for key, t in planned.items():
+            if key in targets:
+                stem = key[: -len("weight")]
+                for name, m in packed_layout(tuple(t.shape), scheme, t.dtype).items():
+                    out[stem + name] = m
+            else:
+                out[key] = t
+        return out
+
+    def pack(self, model_keys: list[str], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The same for real tensors: each quantized expert projection packed (codes checked exactly)."""
+        layer = self._layer_of(model_keys)
+        if layer is None:
+            return tensors
+        targets = self._targets(layer, tensors)
+        scheme = self.schemes[layer.index]
+        out = {}
+        for key, t in tensors.items():
+            if key not in targets:
+                out[key] = t
+                continue
+            expert, proj = targets[key]
+            stem = key[: -len("weight")]
+            for name, v in pack_projection(t, scheme, self._grid(layer, proj, expert, scheme), what=key).items():
+                out[stem + name] = v
+            self.packed_keys += 1
+        return out
+
+    def _grid(self, layer: MoELayer, proj: str, expert: int, scheme: PackScheme):
+        """GPTQ's own grid of this expert projection, where GPTQ quantized it (else None: RTN, recomputed)."""
+        g = self.compressed.grids.get(f"{layer.index}.{proj}")
+        if g is None or int(g.bits[expert]) != scheme.bits:
+            return None
+        zeros = None if g.zero_points is None else g.zero_points[expert]
+        return g.scales[expert], zeros
+
+    def config(self) -> dict:
+        """config.json's quantization_config: one group per scheme, targeting the experts of its layers."""
+        used = {i: s for i, s in self.schemes.items() if s is not None}
+        groups: dict[PackScheme, list[str]] = {}
+        if len(set(used.values())) == 1 and len(used) == len(self.schemes):
+            groups[next(iter(used.values()))] = [expert_target(None)]  # every MoE layer: one scheme
+        else:
+            for i, s in used.items():
+                groups.setdefault(s, []).append(expert_target(self.prefixes.get(i, self.compressed.layers[i].experts_path)))
+        routers = sorted({l.router_path.rsplit(".", 1)[-1] for l in self.compressed.layers})
+        ignore = ["lm_head"] + [f"re:.*\\.{re.escape(r)}$" for r in routers]
+        return quantization_config(groups, ignore)
+
+    def describe(self) -> list[str]:
+        """One line per distinct scheme: which MoE layers use it."""
+        by: dict[str, list[int]] = {}
+        for i, s in self.schemes.items():
+            by.setdefault(s.label() if s else "unquantized (dense)", []).append(i)
+        return [f"{label}: MoE layers {', '.join(map(str, ls))}" for label, ls in by.items()]
