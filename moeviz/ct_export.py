@@ -17,7 +17,8 @@ import torch
 from moeviz.compression.apply import CompressedModel, resolve_settings
 from moeviz.compression.plan import CompressionPlan
 from moeviz.ct_format import (EXPERT_KEY, PROJECTION_OF, PackScheme, expert_target, pack_projection, packed_layout,
-                              quantization_config, scheme_for)
+                              quantization_config)
+from moeviz.deployability import layer_schemes
 from moeviz.errors import MoevizError
 from moeviz.models.layers import MoELayer
 
@@ -30,37 +31,6 @@ def plan_bits(plan: CompressionPlan, layers: list[MoELayer]) -> tuple[np.ndarray
     d["overrides"] = [dict(o, sparsity=None) for o in d["overrides"]]
     _, bits, removed = resolve_settings(CompressionPlan.from_dict(d), layers, None)
     return bits, removed
-
-
-def layer_schemes(plan: CompressionPlan, layers: list[MoELayer], bits: np.ndarray,
-                  removed: np.ndarray) -> dict[int, PackScheme | None]:
-    """MoE layer -> the one scheme of its quantized experts (None: experts left unquantized). Raises with
-    the reason when a layer mixes bit widths (compressed-tensors / vLLM take one scheme per layer) or its
-    projections would need different group sizes."""
-    out: dict[int, PackScheme | None] = {}
-    for layer in layers:
-        kept = bits[layer.index, : layer.num_experts][~removed[layer.index, : layer.num_experts]]
-        widths = sorted(set(kept.tolist()))
-        if widths == [16] or not widths:
-            out[layer.index] = None
-            continue
-        if len(widths) > 1:
-            raise MoevizError(
-                f"compressed-tensors export: MoE layer {layer.index} has experts at {', '.join(map(str, widths))} bits "
-                "(16 = unquantized); a compressed-tensors checkpoint holds one scheme per layer (vLLM loads no other), "
-                "so give every expert of a layer the same bits, or export --format dense")
-        schemes = {scheme_for(widths[0], plan.quant.group_size, plan.quant.symmetric, layer.weight(p).shape[-1])
-                   for p in layer.projections()}
-        if len(schemes) > 1:
-            raise MoevizError(
-                f"compressed-tensors export: the projections of MoE layer {layer.index} need different schemes "
-                f"({', '.join(sorted(s.label() for s in schemes))}); choose a group size dividing every projection's "
-                "input width, or -1")
-        out[layer.index] = schemes.pop()
-    if all(s is None for s in out.values()):
-        raise MoevizError("compressed-tensors export: the plan quantizes no expert, so there is nothing to pack "
-                          "(pruned weights ship as zeros in either format); export --format dense")
-    return out
 
 
 @dataclass

@@ -31,6 +31,7 @@ from moeviz.compression.quantize import fake_quantize_activations, quantize_weig
 from moeviz.compression.scores import importance_scores
 from moeviz.compression import threshold_table
 from moeviz.compression.lazy import LazyExpertWeights
+from moeviz.deployability import assess
 from moeviz.compression.steps import LayerSettings, compress_experts, layer_norms
 from moeviz.data import TokenSamples
 from moeviz.errors import PlanError
@@ -85,6 +86,12 @@ class StorageReport:
     router_base_bytes: int
     router_bytes: int
     other_bytes: int  # everything else (attention, embeddings, shared experts, norms, biases), dense
+    checkpoint_dtype: str = ""  # the dtype the ratios above count against ("float32", "bfloat16", …)
+    # The same base and plan counted as a bf16 checkpoint (how papers and model cards count ratios)
+    bf16_base_bytes: int | None = None
+    bf16_compressed_bytes: int | None = None
+    # Which targets can hold the plan, and the bytes of the smallest format one can (moeviz.deployability)
+    deployability: object | None = None
 
     @property
     def base_bytes(self) -> int:
@@ -95,13 +102,25 @@ class StorageReport:
         return self.experts_bytes + self.router_bytes + self.other_bytes
 
     def summary(self) -> dict:
-        return dict(
+        """Ratios on paper (the documented formats of formats.py, against the checkpoint as stored), the same
+        against bf16, and the ratio of the smallest format an export target can hold (`export_*`)."""
+        out = dict(
             experts_compression_ratio=self.experts_base_bytes / max(self.experts_bytes, 1),
             compression_ratio=self.base_bytes / max(self.compressed_bytes, 1),
             base_bytes=self.base_bytes, compressed_bytes=self.compressed_bytes,
             experts_base_bytes=self.experts_base_bytes, experts_bytes=self.experts_bytes,
             router_base_bytes=self.router_base_bytes, router_bytes=self.router_bytes, other_bytes=self.other_bytes,
+            checkpoint_dtype=self.checkpoint_dtype,
         )
+        if self.bf16_compressed_bytes:
+            out["compression_ratio_bf16"] = self.bf16_base_bytes / self.bf16_compressed_bytes
+        d = self.deployability
+        if d is not None:
+            out["export_format"] = d.export_format
+            out["export_bytes"] = d.export_bytes
+            out["export_compression_ratio"] = self.base_bytes / d.export_bytes if d.export_bytes else None
+            out["export_targets"] = [v.target for v in d.verdicts if v.ok]
+        return out
 
 
 @dataclass
@@ -448,6 +467,7 @@ class Compressor:
         nm = plan.nm()
         tensors = []
         exp_base = exp_bytes = r_base = r_bytes = 0
+        bf16_exp = bf16_router = counted = 0  # the same plan on a bf16 checkpoint; numel accounted for
         # Experts with the same shape and settings store the same way: one StorageFormat (and its dict) per
         # distinct setting, not per expert (a uniform plan has one per projection shape).
         formats: dict[tuple, tuple] = {}
@@ -461,17 +481,20 @@ class Compressor:
                     key = (shape, dtype_bytes, s, b, gone, proj)
                     got = formats.get(key)
                     if got is None:
-                        st = storage_for(
-                            shape, dtype_bytes=dtype_bytes, sparsity=0.0 if nm else s,
+                        setting = dict(
+                            sparsity=0.0 if nm else s,
                             structure=(("n:m" if nm else "unstructured") if s > 0 else None),
                             n=nm[0] if nm and s > 0 else None, m=nm[1] if nm and s > 0 else None,
                             bits=b, group_size=group_size_for(plan.quant.group_size, shape[-1], proj, layer, b),
                             symmetric=plan.quant.symmetric, removed=gone,
                         )
-                        got = formats[key] = (st, asdict(st))
-                    st, st_dict = got
+                        st = storage_for(shape, dtype_bytes=dtype_bytes, **setting)
+                        got = formats[key] = (st, asdict(st), storage_for(shape, dtype_bytes=2, **setting).bytes)
+                    st, st_dict, st_bf16 = got
                     exp_base += st.dense_bytes
                     exp_bytes += st.bytes
+                    bf16_exp += st_bf16
+                    counted += st.numel
                     tensors.append(dict(layer=layer.index, expert=e, tensor=proj, **st_dict))
             w = layer.router_weight
             st = storage_for(tuple(w.shape), dtype_bytes=w.element_size(),
@@ -483,12 +506,26 @@ class Compressor:
                              symmetric=plan.quant.symmetric)
             r_base += st.dense_bytes
             r_bytes += st.bytes
+            counted += st.numel
+            bf16_router += storage_for(tuple(w.shape), dtype_bytes=2, sparsity=plan.router_sparsity,
+                                       structure="unstructured" if plan.router_sparsity > 0 else None,
+                                       bits=plan.router_bits, group_size=group_size_for(
+                                           plan.quant.group_size, w.shape[-1], "router", layer, plan.router_bits),
+                                       symmetric=plan.quant.symmetric).bytes
             tensors.append(dict(layer=layer.index, expert=None, tensor="router", **asdict(st)))
         # Everything else (attention, embeddings, norms, shared experts, expert biases) stays dense
         # in the base dtype: the base's total minus what was accounted for above.
-        total = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
+        params = list(self.loaded.model.parameters())
+        total = sum(p.numel() * p.element_size() for p in params)
         other = total - exp_base - r_base
-        return StorageReport(tensors, exp_base, exp_bytes, r_base, r_bytes, other)
+        numel = sum(p.numel() for p in params)
+        dtype_bytes = layers[0].weight("down").element_size()
+        deploy = assess(plan, layers, bits, removed, dtype_bytes, r_base + other)
+        return StorageReport(tensors, exp_base, exp_bytes, r_base, r_bytes, other,
+                             checkpoint_dtype=str(layers[0].weight("down").dtype).replace("torch.", ""),
+                             bf16_base_bytes=2 * numel,
+                             bf16_compressed_bytes=bf16_exp + bf16_router + 2 * (numel - counted),
+                             deployability=deploy)
 
 
 def check_plan_fits(plan: CompressionPlan, layers: list[MoELayer], routing_known: bool = True) -> CompressionPlan:

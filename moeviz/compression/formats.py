@@ -22,7 +22,9 @@ Formats (``b`` = value width in bits: the quantization bit width, or the dtype w
   1 bit/weight); that layout is available as ``nm_metadata="per_value"``
   (``ceil(log2(m))`` bits per kept value). Like bitmask, it competes with dense.
 * quantization (``bits`` in {2, 3, 4, 8}): values at ``b = bits``; per group of ``group_size``
-  inputs of each row (whole row if None/-1) one fp16 scale (2 bytes), and for asymmetric
+  inputs of each row (whole row if None/-1) one scale in the checkpoint's dtype (2 bytes for
+  bf16 / fp16, 4 for float32: what compressed-tensors' pack-quantized format, which
+  ``moeviz export --format compressed-tensors`` writes, stores), and for asymmetric
   quantization one zero point stored at ``bits`` bits (packed, as GPTQ/AWQ ``qzeros``). Scales
   cover the dense grid of groups, so they are charged in full even when the tensor is also sparse
   (sparse + quantized = kept values at ``b`` bits + mask/index metadata + scales/zeros).
@@ -39,7 +41,6 @@ from .allocation import validate_ratio
 from .masks import _parse_nm
 from .quantize import check_bits
 
-_SCALE_BYTES = 2  # fp16 scale per quantization group
 NM_METADATA = ("combinatorial", "per_value")
 
 
@@ -144,7 +145,7 @@ def storage_for(
             compression_ratio=(dense_bytes / total) if total else None,
         )
 
-    # -- quantization scales: one fp16 scale (+ b-bit zero point) per group of each row -----------
+    # -- quantization scales: one scale in the checkpoint dtype (+ b-bit zero point) per group of each row
     group_eff = None
     scale_bytes = 0
     if quantized:
@@ -152,7 +153,7 @@ def storage_for(
         if group_eff <= 0:
             raise ValueError(f"group_size must be positive, -1 or None, got {group_size!r}")
         n_groups = n_rows * math.ceil(in_features / group_eff)
-        scale_bytes = n_groups * _SCALE_BYTES + (0 if symmetric else _ceil_bytes(n_groups * bits))
+        scale_bytes = n_groups * dtype_bytes + (0 if symmetric else _ceil_bytes(n_groups * bits))
 
     if removed:
         return TensorStorage(

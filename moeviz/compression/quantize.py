@@ -21,8 +21,9 @@ columns (``group_size`` None or -1: one group per whole row). For each group:
 A group whose scale would be 0 (all zeros) gets scale 1, so it dequantizes to exact zeros instead of
 NaN. Both schemes guarantee ``|w - dequantized| <= scale / 2`` elementwise. Arithmetic is float32;
 the dequantized tensor is cast back to the input dtype (for bf16/fp16 inputs that cast adds its own
-rounding on top of the grid). Scales are kept in float32 here; the storage accounting charges an
-fp16 scale per group, whose relative rounding (2**-11) is far below the quantization step.
+rounding on top of the grid). Scales are kept in float32 here; the storage accounting and the packed
+export store one scale per group in the checkpoint dtype (exact for float32 checkpoints; for bf16 the
+scale's rounding, 2**-9 relative, is far below the quantization step).
 
 ``bits=16`` means "not quantized": the weight is returned unchanged (a copy), with no scales.
 """

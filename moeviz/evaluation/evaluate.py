@@ -119,6 +119,9 @@ class EvalResult:
             perplexity_increase=self.perplexity / self.base_perplexity - 1,
             compression_ratio=self.compression["compression_ratio"],
             experts_compression_ratio=self.compression["experts_compression_ratio"],
+            # against a bf16 checkpoint (how papers count), and the smallest format an export target holds
+            compression_ratio_bf16=self.compression.get("compression_ratio_bf16"),
+            export_compression_ratio=self.compression.get("export_compression_ratio"),
             parameter_bytes=self.compression["compressed_bytes"],
             projected_decode_ms=self.latency_projected["ms_per_token"],
             base_projected_decode_ms=self.base_latency_projected["ms_per_token"],
