@@ -321,7 +321,7 @@ def cmd_sensitivity(args) -> int:
 
 def cmd_export(args) -> int:
     from moeviz.compression.apply import Compressor
-    from moeviz.export import check_destination, export_model
+    from moeviz.export import check_destination, export_format, export_model, exported_files
 
     plan = _with_methods(args, _read_plan(args.plan))
     _check_before_load(args)
@@ -331,9 +331,17 @@ def cmd_export(args) -> int:
     _check_loaded(lm, [plan])
     stats, samples = _calibrated(args, lm)
     compressed = Compressor(lm, stats).apply(plan, samples)  # applied once: evaluated and exported as is
+    deploy = compressed.storage.deployability
+    print("deployable to:")
+    for line in deploy.lines():
+        print(f"  {line}")
+    fmt = export_format(args.format, compressed)
     result = None if args.no_eval else _evaluator(args, lm).evaluate(compressed).to_dict()
-    out = export_model(lm, compressed, args.out, overwrite=args.overwrite, result=result)
-    print(f"exported to {out}")
+    out = export_model(lm, compressed, args.out, overwrite=args.overwrite, result=result, format=fmt)
+    files = exported_files(out)
+    ratio = compressed.storage.base_bytes / max(files.data_bytes, 1)
+    print(f"exported to {out} ({fmt}: {files.file_bytes:,} bytes of safetensors, {ratio:.2f}× smaller than the base's tensors)")
+    print(f"load it with: {files.load[0]}")
     return 0
 
 
@@ -481,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="new folder for the exported model (never the source folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-eval", action="store_true", help="skip evaluating the plan for the report")
+    p.add_argument("--format", choices=("auto", "dense", "compressed-tensors"), default="auto",
+                   help="compressed-tensors: quantized experts packed (llm-compressor's format, served by vLLM); "
+                        "dense: every weight in the model dtype; auto (default): compressed-tensors when the plan "
+                        "quantizes experts in a way it can hold, else dense")
     _add_method_args(p)
     p.set_defaults(func=cmd_export)
 

@@ -122,7 +122,8 @@ def experts_file_bytes(layers: list[MoELayer], removed: np.ndarray, dtype_bytes:
 def assess(plan: CompressionPlan, layers: list[MoELayer], bits: np.ndarray, removed: np.ndarray,
            dtype_bytes: int, rest_bytes: int) -> Deployability:
     """The verdict of every target for a resolved plan (bits [L, E], removed [L, E]); `rest_bytes`: every
-    tensor but the experts' (router, attention, embeddings…), which every format stores dense."""
+    tensor but the experts' and the per-expert ones (`per_expert_bytes`: routers, correction biases), which
+    every format stores dense (per-expert tensors without the entries of removed experts)."""
     pruned = plan.pruning.sparsity > 0 or plan.nm() is not None or any((o.sparsity or 0) > 0 for o in plan.overrides)
     counts = removal_counts(layers, removed)
     common: list[str] = []
@@ -169,4 +170,17 @@ def assess(plan: CompressionPlan, layers: list[MoELayer], bits: np.ndarray, remo
         fmt, experts = "dense", experts_file_bytes(layers, removed, dtype_bytes, None)
     else:
         fmt, experts = None, None
-    return Deployability(verdicts, fmt, None if experts is None else experts + rest_bytes)
+    return Deployability(verdicts, fmt, None if experts is None else experts + per_expert_bytes(layers, removed)
+                         + rest_bytes)
+
+
+def per_expert_bytes(layers: list[MoELayer], removed: np.ndarray | None = None) -> int:
+    """Bytes of the routers' and blocks' per-expert tensors (router weight and biases, correction biases),
+    without the entries of removed experts (the export slices them out)."""
+    total = 0
+    for l in layers:
+        kept = l.num_experts if removed is None else int((~removed[l.index, : l.num_experts]).sum())
+        for _, t in l.per_expert_tensors():
+            nbytes = t.numel() * t.element_size()
+            total += nbytes * kept // l.num_experts if t.numel() % l.num_experts == 0 and t.numel() else nbytes
+    return total

@@ -21,7 +21,7 @@ import json
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -361,19 +361,35 @@ def load_instructions(format: str, packer: ExpertPacker | None) -> list[str]:
     """How to load an exported folder, first line the one call that loads it exactly."""
     if format == "dense":
         return ["AutoModelForCausalLM.from_pretrained(folder)  # plain transformers, every weight dense"]
-    one_scheme = len({s for s in packer.schemes.values()}) == 1
+    deploy = packer.compressed.storage.deployability
     lines = []
-    if one_scheme:
+    if deploy is not None and deploy.ok("ct-transformers"):
         lines.append("AutoModelForCausalLM.from_pretrained(folder, quantization_config=CompressedTensorsConfig("
                      "dequantize=True))  # transformers + compressed-tensors; from transformers import "
                      "CompressedTensorsConfig")
     else:
-        lines.append("moeviz.load_model(folder)  # moeviz dequantizes each layer with its own scheme")
-        lines.append("NOT plain transformers: it applies one scheme to the experts of every layer, and this folder "
-                     "has one per layer, so its experts would load wrong")
-    lines.append("vllm serve folder  # vLLM's compressed-tensors MoE path (one scheme per layer)")
+        why = "; ".join(v for t in (deploy.verdicts if deploy else []) if t.target == "ct-transformers"
+                        for v in t.reasons)
+        lines.append("moeviz.load_model(folder)  # moeviz decompresses each layer with its own scheme")
+        lines.append(f"# NOT transformers' from_pretrained: its experts would load wrong ({why})")
+    if deploy is not None and deploy.ok("ct-vllm"):
+        lines.append("vllm serve folder  # vLLM's compressed-tensors MoE path (one scheme per layer)")
     lines.append("moeviz.load_model(folder)  # moeviz recognises compressed-tensors folders")
-    return lines
+    return list(dict.fromkeys(lines))
+
+
+def export_format(requested: str, compressed: CompressedModel) -> str:
+    """The format an export writes: as requested, or for "auto" the smallest one a target can hold
+    (compressed-tensors when the plan quantizes experts in a way it can pack, else dense)."""
+    if requested != "auto":
+        return requested
+    deploy = compressed.storage.deployability
+    return "compressed-tensors" if deploy is not None and deploy.export_format == "compressed-tensors" else "dense"
+
+
+def exported_files(folder: Path) -> ExportedFiles:
+    """What an export wrote into `folder` (its moeviz_export.json)."""
+    return ExportedFiles(**json.loads((Path(folder) / "moeviz_export.json").read_text()))
 
 
 def _folder_readme(loaded: LoadedModel, compressed: CompressedModel, written: ExportedFiles) -> str:
@@ -484,6 +500,7 @@ def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Pa
                                 packer.describe() if packer else [], load_instructions(format, packer))
         (tmp / "moeviz_report.md").write_text(_report(loaded, compressed, result, removal.messages, written))
         (tmp / "README.md").write_text(_folder_readme(loaded, compressed, written))
+        (tmp / "moeviz_export.json").write_text(json.dumps(asdict(written), indent=2))
         if out.exists():  # a previous moeviz export (or an empty folder): swap, so a failure never leaves neither
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             out.rename(old / out.name)

@@ -31,7 +31,7 @@ from moeviz.compression.quantize import fake_quantize_activations, quantize_weig
 from moeviz.compression.scores import importance_scores
 from moeviz.compression import threshold_table
 from moeviz.compression.lazy import LazyExpertWeights
-from moeviz.deployability import assess
+from moeviz.deployability import assess, per_expert_bytes
 from moeviz.compression.steps import LayerSettings, compress_experts, layer_norms
 from moeviz.data import TokenSamples
 from moeviz.errors import PlanError
@@ -520,7 +520,11 @@ class Compressor:
         other = total - exp_base - r_base
         numel = sum(p.numel() for p in params)
         dtype_bytes = layers[0].weight("down").element_size()
-        deploy = assess(plan, layers, bits, removed, dtype_bytes, r_base + other)
+        # What an export writes besides the experts and per-expert tensors: the saved state (tied tensors once,
+        # persistent buffers included) minus those
+        saved = {t.data_ptr(): t.numel() * t.element_size() for t in self.loaded.model.state_dict().values()}
+        rest = sum(saved.values()) - exp_base - per_expert_bytes(layers)
+        deploy = assess(plan, layers, bits, removed, dtype_bytes, rest)
         return StorageReport(tensors, exp_base, exp_bytes, r_base, r_bytes, other,
                              checkpoint_dtype=str(layers[0].weight("down").dtype).replace("torch.", ""),
                              bf16_base_bytes=2 * numel,
