@@ -184,3 +184,33 @@ def per_expert_bytes(layers: list[MoELayer], removed: np.ndarray | None = None) 
             nbytes = t.numel() * t.element_size()
             total += nbytes * kept // l.num_experts if t.numel() % l.num_experts == 0 and t.numel() else nbytes
     return total
+
+
+def export_note(summary: dict, deploy: Deployability | None) -> tuple[str, str | None]:
+    """(caption, warning or None) for the app beside a plan's ratio: the ratio of the smallest exportable
+    format and the ratio against bf16; a warning as soon as a target that held the plan's kind no longer does."""
+    parts = []
+    if summary.get("export_compression_ratio"):
+        parts.append(f"exportable as {summary['export_format']}: {summary['export_compression_ratio']:.2f}× "
+                     "(the bytes that export writes)")
+    if summary.get("compression_ratio_bf16") and summary.get("checkpoint_dtype") != "bfloat16":
+        parts.append(f"against a bf16 checkpoint: {summary['compression_ratio_bf16']:.2f}× (how papers count)")
+    caption = "Ratio on paper counts the documented formats against the " \
+              f"{summary.get('checkpoint_dtype') or 'checkpoint'} checkpoint; " + "; ".join(parts)
+    if deploy is None:
+        return caption, None
+    if deploy.export_format is None:
+        return caption, "This plan cannot be exported: " + "; ".join(deploy.verdicts[0].reasons)
+    if deploy.ok("ct-vllm"):
+        return caption, None
+    why = "; ".join(next(v.reasons for v in deploy.verdicts if v.target == "ct-vllm"))
+    return caption, f"Not servable by vLLM as compressed-tensors: {why}"
+
+
+def deployability_table(deploy: Deployability | None) -> list[dict]:
+    """Rows for the app: target, whether it holds the plan, what it keeps or why not."""
+    if deploy is None:
+        return []
+    return [{"target": v.label, "holds this plan": "yes" if v.ok else "no",
+             "what it keeps / why not": "; ".join(v.keeps if v.ok else v.reasons) or "everything"}
+            for v in deploy.verdicts]

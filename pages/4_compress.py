@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from moeviz import figures
+from moeviz.deployability import export_note
 from moeviz.figures._common import readable
 from moeviz.compression.apply import check_plan_fits
 from moeviz.compression.plan import (
@@ -212,6 +213,10 @@ c[2].metric("Model size (plan)", format_bytes(summary["compressed_bytes"]),
             help=f"Base model: {format_bytes(summary['base_bytes'])}")
 c[3].metric("Expert weights (plan)", format_bytes(summary["experts_bytes"]),
             help=f"Base experts: {format_bytes(summary['experts_base_bytes'])}")
+caption, export_warning = export_note(summary, storage.deployability)
+st.caption(caption)
+if export_warning:
+    st.warning(export_warning)
 
 # Cheap, live: a quality proxy from the weights and the calibration statistics (no forward pass). Only where
 # a materialised apply is quick (the models evaluated without the lazy path); sequential plans as one-pass.

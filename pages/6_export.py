@@ -4,7 +4,9 @@ import json
 
 import streamlit as st
 
-from moeviz.export import check_destination, export_model
+from moeviz.deployability import deployability_table
+from moeviz.export import check_destination, export_model, exported_files
+from moeviz.compression.preview import format_bytes, plan_storage
 from moeviz.runview import runs_csv
 from pages._state import compressor, current_plan, plan_samples, require_model, run_store, stats_for, user_errors
 from pages._state import small_experts
@@ -30,15 +32,23 @@ if st.session_state.last_result is not None:
                        file_name="moeviz_result.json", mime="application/json")
 
 st.subheader("Compressed model")
-st.caption("A Hugging Face folder (config, safetensors, tokenizer) that `AutoModelForCausalLM.from_pretrained` loads: "
-           "pruned weights stored as zeros, quantized weights dequantized (bits recorded in moeviz_plan.json), removed "
-           "experts physically removed; plus moeviz_report.md. Written atomically; never into or over the source model, "
-           "and \"Replace\" replaces only a folder that a moeviz export wrote.")
+st.caption("A Hugging Face folder (config, safetensors, tokenizer, moeviz_plan.json, moeviz_report.md, a README with "
+           "the exact call that loads it). **compressed-tensors** packs the quantized experts as llm-compressor writes "
+           "them and vLLM serves them (really smaller); **dense** stores every weight in the model dtype (pruned "
+           "weights as zeros, quantized weights dequantized: only removed experts make it smaller). Written "
+           "atomically; never into or over the source model, and \"Replace\" replaces only a folder that a moeviz "
+           "export wrote.")
+with user_errors():
+    storage = plan_storage(compressor(lm, stats_for(lm)), plan)
+deploy = storage.deployability
+st.dataframe(deployability_table(deploy), hide_index=True, width="stretch")
 rec = st.session_state.recovery
 recovered = st.session_state.recovered_model
 has_recovered = rec is not None and recovered is not None and rec["plan"] == plan.to_dict()
+formats = ["compressed-tensors", "dense"] if deploy.export_format == "compressed-tensors" else ["dense", "compressed-tensors"]
 with st.form("export_form"):
     folder = st.text_input("Output folder", value="exported-moe")
+    fmt = st.radio("Format", formats, horizontal=True, help="The first is the smallest format this plan can be written in")
     which = st.radio("Model", ["compressed (the plan as applied)", f"recovered (run #{rec['run_id']})"] if has_recovered
                      else ["compressed (the plan as applied)"], horizontal=True)
     overwrite = st.checkbox("Replace the folder if it exists")
@@ -53,5 +63,9 @@ with st.form("export_form"):
                 stats = stats_for(lm)
                 # lazy on large models: export compresses one layer at a time instead of holding a copy
                 model = compressor(lm, stats).apply(plan, plan_samples(lm, stats, plan), lazy=not small_experts(lm))
-            out = export_model(lm, model, folder, overwrite=overwrite, result=result)
-        st.success(f"Exported to {out}")
+            out = export_model(lm, model, folder, overwrite=overwrite, result=result, format=fmt)
+            files = exported_files(out)
+        st.success(f"Exported to {out}: {format_bytes(files.file_bytes)} of safetensors ({fmt}), "
+                   f"{storage.base_bytes / max(files.data_bytes, 1):.2f}× smaller than the base's tensors")
+        st.markdown("Load it with:")
+        st.code("\n".join(files.load), language="python")
