@@ -42,6 +42,7 @@ st.write("Choose how to prune and quantize the experts and edit any expert by ha
 
 s = st.session_state
 lm = require_model()
+dtype_bits_label = lambda b: bits_label(b, lm.info.dtype)  # noqa: E731  "unquantized (float32)"
 stats = require_stats(lm)
 plan = current_plan()
 dims = ([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
@@ -106,13 +107,13 @@ c3.selectbox("Structure", STRUCTURES, key="pw_structure",
 c4.selectbox("Allocation", ALLOCATIONS, key="pw_allocation",
              help="uniform: same ratio everywhere; utilization: less-used experts pruned more")
 c1, c2, c3, c4 = st.columns(4)
-c1.selectbox("Expert weight bits", SUPPORTED_BITS, key="pw_bits", format_func=bits_label)
+c1.selectbox("Expert weight bits", SUPPORTED_BITS, key="pw_bits", format_func=dtype_bits_label)
 c2.selectbox("Group size", GROUPS, key="pw_group", help="-1 = one group per row")
 c3.checkbox("Symmetric", key="pw_symmetric")
-c4.selectbox("Activation bits (expert inputs)", SUPPORTED_BITS, key="pw_act_bits", format_func=bits_label)
+c4.selectbox("Activation bits (expert inputs)", SUPPORTED_BITS, key="pw_act_bits", format_func=dtype_bits_label)
 c1, c2, c3, c4 = st.columns(4)
 c1.slider("Router sparsity", 0.0, 0.9, step=0.05, key="pw_router_sparsity", format="percent")
-c2.selectbox("Router bits", SUPPORTED_BITS, key="pw_router_bits", format_func=bits_label)
+c2.selectbox("Router bits", SUPPORTED_BITS, key="pw_router_bits", format_func=dtype_bits_label)
 c3.selectbox("Expert removal score", REMOVAL_SCORES, key="pw_removal_score", on_change=_repick_removal,
              help="frequency: share of tokens; reap: mean gate·‖expert output‖")
 c4.number_input("Experts to remove per layer", 0, max_remove, key="pw_n_remove", on_change=_repick_removal,
@@ -270,8 +271,8 @@ edited = st.data_editor(
         "utilization": st.column_config.NumberColumn("utilization", format="%.1f %%", help="share of top-k assignments"),
         "mean_gate": st.column_config.NumberColumn("mean gate weight", format="%.3f"),
         "sparsity": st.column_config.TextColumn("sparsity", help="50 %, 50% or 0.5; at most 99.99 %"),
-        "bits": st.column_config.SelectboxColumn("bits", options=list(SUPPORTED_BITS), format_func=bits_label,
-                                                 help="16 = unquantized", width="medium"),
+        "bits": st.column_config.SelectboxColumn("bits", options=list(SUPPORTED_BITS), format_func=dtype_bits_label,
+                                                 help="16 = unquantized: the checkpoint dtype", width="medium"),
         "layer": st.column_config.NumberColumn("layer", width="small"),
         "expert": st.column_config.NumberColumn("expert", width="small"),
         "remove": st.column_config.CheckboxColumn("remove"),
@@ -302,7 +303,7 @@ with st.expander("Bulk edits"):
         bl_sparsity = l2.text_input("Sparsity", "", placeholder="unchanged", key="bulk_layer_sparsity",
                                     help="e.g. 50 % or 0.5; empty keeps the layer's sparsity")
         bl_bits = l3.selectbox("Bits", [None, *SUPPORTED_BITS], key="bulk_layer_bits",
-                               format_func=lambda b: "unchanged" if b is None else bits_label(b))
+                               format_func=lambda b: "unchanged" if b is None else dtype_bits_label(b))
         if st.form_submit_button("Set layer"):
             with user_errors():
                 sp = parse_ratio(bl_sparsity, "sparsity") if bl_sparsity.strip() else None
@@ -333,7 +334,7 @@ with st.expander("Edit one expert by number"):
         e_layer = c1.number_input("Layer", 0, len(lm.layers) - 1, 0)
         e_expert = c2.number_input("Expert", 0, max(l.num_experts for l in lm.layers) - 1, 0)
         e_sparsity = c3.text_input("Sparsity", "50 %", help="50 %, 50% or 0.5")
-        e_bits = c4.selectbox("Bits", SUPPORTED_BITS, index=SUPPORTED_BITS.index(16), format_func=bits_label)
+        e_bits = c4.selectbox("Bits", SUPPORTED_BITS, index=SUPPORTED_BITS.index(16), format_func=dtype_bits_label)
         e_remove = c5.checkbox("Remove")
         if st.form_submit_button("Set expert"):
             i = next(i for i, r in enumerate(table) if r["layer"] == e_layer and r["expert"] == e_expert)

@@ -24,6 +24,7 @@ st.write("Sweep pruning methods × sparsity × bits and see what each setting co
 
 s = st.session_state
 lm = require_model()
+dtype_bits_label = lambda b: bits_label(b, lm.info.dtype)  # noqa: E731  "unquantized (float32)"
 stats = require_stats(lm)
 store = run_store()
 
@@ -33,7 +34,7 @@ with st.form("sweep_form"):
     methods = c1.multiselect("Methods", METRICS, default=["magnitude", "moe_pruner"])
     sparsities = c2.multiselect("Sparsities", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], default=[0.3, 0.5, 0.7],
                                 format_func=lambda v: f"{v:.0%}")
-    bits = c3.multiselect("Bits", SUPPORTED_BITS, default=[16], format_func=bits_label)
+    bits = c3.multiselect("Bits", SUPPORTED_BITS, default=[16], format_func=dtype_bits_label)
     go = st.form_submit_button("Run sweep", type="primary")
 if s.pop("_sweep_running", None) is not None and not go:
     # The last run of this script was a sweep interrupted by "Stop sweep" (or by another click).
@@ -68,7 +69,7 @@ runs = with_facets(runs)
 st.subheader("Runs shown")
 f = st.columns(5)
 sel_methods = f[0].multiselect("Method", sorted(runs["method"].unique()), placeholder="all")
-sel_bits = f[1].multiselect("Bits", sorted(runs["bits"].unique()), placeholder="all", format_func=bits_label)
+sel_bits = f[1].multiselect("Bits", sorted(runs["bits"].unique()), placeholder="all", format_func=dtype_bits_label)
 sel_structures = f[2].multiselect("Structure", sorted(runs["structure"].unique()), placeholder="all")
 sweeps = [v for v in runs["sweep_id"].dropna().unique()]
 last_sweep = s.sweep_df.attrs.get("sweep_id") if s.sweep_df is not None else None

@@ -6,9 +6,12 @@ from __future__ import annotations
 import math
 
 
-def bits_label(bits) -> str:
-    """16 -> "16 (unquantized)", 4 -> "4-bit"."""
-    return "16 (unquantized)" if int(bits) >= 16 else f"{int(bits)}-bit"
+def bits_label(bits, dtype: str | None = None) -> str:
+    """16 -> "unquantized (float32)" (the checkpoint's dtype, which the ratios count against; "unquantized"
+    without one), 4 -> "4-bit"."""
+    if int(bits) >= 16:
+        return f"unquantized ({dtype})" if dtype else "unquantized"
+    return f"{int(bits)}-bit"
 
 
 def format_time_ms(ms, digits: int = 3) -> str:
