@@ -311,7 +311,8 @@ def cmd_sensitivity(args) -> int:
 
         kind, value = budget[0]
         kind = dict(budget_sparsity="mean_sparsity", budget_bits="mean_bits", budget_ratio="experts_ratio")[kind]
-        result = optimise_plan(lm, sens, Budget(kind, value), kind="fisher" if args.estimate_only else "measured")
+        result = optimise_plan(lm, sens, Budget(kind, value), kind="fisher" if args.estimate_only else "measured",
+                               target=args.target)
         out = Path(args.plan_out)
         out.write_text(result.plan.to_json())
         print(f"plan for {kind} {value}: predicted Δ loss {result.predicted_delta:.4f}, experts "
@@ -481,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-bits", type=float, default=None, help="fit a plan to this mean bit width (bits 16 = dense)")
     p.add_argument("--budget-ratio", type=float, default=None, help="fit a plan to this experts compression ratio (×)")
     p.add_argument("--plan-out", default="moeviz_plan.json", help="where the fitted plan goes (default moeviz_plan.json)")
+    p.add_argument("--target", choices=("any", "hf-dense", "vllm"), default="hf-dense",
+                   help="what the fitted plan must export to: hf-dense (default: the same removal count in every "
+                        "layer), vllm (also one bit width per layer among 4, 8, 16), any (no constraint; may not export)")
     p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("export", help="apply a plan and save the compressed model as a Hugging Face folder")

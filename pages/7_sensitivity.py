@@ -94,12 +94,16 @@ with st.form("budget_form"):
                                 "everything in the grid otherwise (with expert removal where it was measured)")
     predictor = c4.selectbox("Predicted Δ loss from", kinds,
                              help="the measured sensitivity (recommended) or a one-backward proxy")
+    target = st.radio("The plan must export to", ["hf-dense", "vllm", "any"], horizontal=True,
+                      format_func={"hf-dense": "a Hugging Face folder (same removal count per layer)",
+                                   "vllm": "vLLM (also one bit width per layer: 4, 8 or unquantized)",
+                                   "any": "anything (per-expert choices; may not export)"}.get)
     fit = st.form_submit_button("Fit the plan to this budget", type="primary")
 if fit:
     with user_errors():
         budget = Budget(k, float(value) * (1e6 if k == "model_bytes" else 1),
                         options=None if options == "default" else options)
-        result = optimise_plan(lm, sens, budget, kind=predictor)
+        result = optimise_plan(lm, sens, budget, kind=predictor, target=target)
     set_plan(result.plan)
     st.session_state.budget_result = dict(budget=result.budget, predicted_delta=result.predicted_delta,
                                           experts_bytes=result.experts_bytes, experts_ratio=result.experts_ratio,

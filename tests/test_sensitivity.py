@@ -244,11 +244,48 @@ def test_removal_option_keeps_top_k_experts_per_layer(demo):
     L, E = len(lm.layers), lm.layers[0].num_experts
     sens.removal = np.full((L, E), 10.0)
     sens.removal[0] = 0.0  # removing any expert of layer 0 costs nothing: the knapsack would remove all 8
-    res = optimise_plan(lm, sens, Budget("experts_ratio", 3.0))
+    res = optimise_plan(lm, sens, Budget("experts_ratio", 3.0), target="any")
     removed = res.plan.removed_experts
     assert sorted({l for l, _ in removed}) == [0] and len(removed) == E - lm.layers[0].top_k
     res.plan.validate([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
     st = Compressor(lm, stats).apply(res.plan).storage
     assert st.experts_bytes == res.experts_bytes and st.summary()["experts_compression_ratio"] >= 3.0
-    no_removal = optimise_plan(lm, sens, Budget("experts_ratio", 3.0, options="sparsity"))
+    no_removal = optimise_plan(lm, sens, Budget("experts_ratio", 3.0, options="sparsity"), target="any")
     assert not no_removal.plan.removed_experts
+
+
+def _by_layer(removed, L):
+    return [sum(1 for l, _ in removed if l == i) for i in range(L)]
+
+
+def test_fitted_plans_can_be_exported_by_default(demo):
+    """Default target hf-dense: the same removal count in every layer; vllm: also one bit width per layer
+    among 4 / 8 / 16. Both stay within the budget, as the storage report counts it."""
+    from moeviz.ct_export import plan_bits
+
+    lm, stats, _ = demo
+    sens = _fake_sensitivity(lm, SensitivityGrid())
+    L, E = len(lm.layers), lm.layers[0].num_experts
+    sens.removal = np.full((L, E), 10.0)
+    sens.removal[0] = 0.0
+    sens.removal[1, 3] = 0.0  # cheap removals in layers 0 and 1 only: "any" removes unevenly
+    uneven = optimise_plan(lm, sens, Budget("experts_ratio", 3.0), target="any")
+    assert len(set(_by_layer(uneven.plan.removed_experts, L))) > 1
+    for target in ("hf-dense", "vllm"):
+        res = optimise_plan(lm, sens, Budget("experts_ratio", 3.0), target=target)
+        assert len(set(_by_layer(res.plan.removed_experts, L))) == 1, target
+        st = Compressor(lm, stats).apply(res.plan, lazy=True).storage
+        assert st.experts_bytes == res.experts_bytes and st.summary()["experts_compression_ratio"] >= 3.0
+        assert res.predicted_delta >= uneven.predicted_delta - 1e-12  # a constraint never predicts better
+        deploy = st.deployability
+        assert deploy.ok("hf-dense")
+        if target == "vllm":
+            bits, removed = plan_bits(res.plan, lm.layers)
+            for i in range(L):
+                assert len(set(bits[i][~removed[i]].tolist())) == 1 and set(bits[i].tolist()) <= {4, 8, 16}
+            assert deploy.ok("ct-vllm") or deploy.export_format == "dense"
+    res = optimise_plan(lm, sens, Budget("mean_bits", 6.0), target="vllm")
+    bits, removed = plan_bits(res.plan, lm.layers)
+    assert all(len(set(bits[i].tolist())) == 1 for i in range(L)) and res.mean_bits <= 6.0 + 1e-9
+    with pytest.raises(SettingsError, match="target 'vllm'"):
+        optimise_plan(lm, sens, Budget("mean_bits", 3.0), target="vllm")  # below vLLM's 4 bits

@@ -42,6 +42,8 @@ from moeviz.errors import SettingsError
 from moeviz.sensitivity.measure import ExpertSensitivity
 
 REMOVED = (1.0, 0)  # the option "remove the expert" in a settings list (0 bytes, nothing kept)
+OPTIMISER_TARGETS = ("any", "hf-dense", "vllm")  # what a fitted plan must export to (optimise_plan's target)
+VLLM_BITS = (4, 8, 16)  # widths vLLM's compressed-tensors MoE path serves (16 = unquantized)
 BUDGET_KINDS = ("experts_bytes", "experts_ratio", "model_bytes", "model_ratio", "mean_sparsity", "mean_bits")
 DP_MAX_CELLS = 4_000_000
 
@@ -266,13 +268,125 @@ def option_table(loaded, sens: ExpertSensitivity, option_set: str = "all"):
     return settings, allowed, nbytes, kept, bitw, params
 
 
+def _exportable(solve, ok, values, costs, limit, where, rm, spare, settings, target):
+    """The best solution whose removal count is the same in every MoE layer (a checkpoint has one expert count)
+    and, for "vllm", whose experts of a layer share one bit width.
+
+    Removal: for each count r, every layer removes exactly its r experts whose removal Δ is smallest (and no
+    other); the r with the smallest summed Δ that fits wins. Bits ("vllm"): each layer's one width is chosen by a
+    Lagrangian relaxation over layers, then the knapsack is solved again with each expert restricted to its
+    layer's width (its sparsity still free); see `_one_width_per_layer`."""
+    layers = sorted(spare)
+    by_layer = {l: np.flatnonzero(where[:, 0] == l) for l in layers}
+    has_removal = bool(ok[:, rm].any())
+    best, errors = None, []
+    for r in range(0, (min(spare.values()) if has_removal else 0) + 1):
+        mask = ok.copy()
+        mask[:, rm] = False
+        for l in layers:
+            idx = by_layer[l]
+            removable = [i for i in idx if ok[i, rm]]
+            if len(removable) < r:
+                mask = None
+                break
+            for i in sorted(removable, key=lambda i: values[i, rm])[:r]:  # forced: removed, nothing else
+                mask[i, :] = False
+                mask[i, rm] = True
+        if mask is None:
+            continue
+        try:
+            if target != "vllm":
+                sol = solve(mask)
+            else:
+                sol = solve(_one_width_per_layer(mask, values, costs, by_layer, rm, settings, limit))
+        except SettingsError as e:
+            errors.append(str(e))
+            continue
+        total = float(np.where(np.isfinite(values[np.arange(len(sol.choice)), sol.choice]),
+                               values[np.arange(len(sol.choice)), sol.choice], 0).sum())
+        if best is None or total < best[0]:
+            best = (total, sol)
+    if best is None:
+        why = errors[0] if errors else "no option fits"
+        raise SettingsError(f"{why}; with target {target!r} (" + ("one bit width per layer among 4, 8, 16 and "
+                            if target == "vllm" else "") + "the same removal count in every layer); relax the budget "
+                            "or fit with target 'any' (the plan may then not export)")
+    return best[1]
+
+
+def _one_width_per_layer(mask, values, costs, by_layer, rm, settings, limit):
+    """`mask` restricted so every kept expert of a layer uses one bit width, the widths chosen by Lagrangian
+    relaxation over layers: for a price λ per unit of cost each expert takes its best option of each width,
+    each layer the width whose sum of (Δ + λ·cost) is smallest; the smallest λ (bisection) whose choice fits
+    the limit decides. The caller then solves the knapsack again inside these widths (sparsity still free)."""
+    bits = np.array([b for _, b in settings[:-1]] + [-1])
+    v = np.where(np.isfinite(values), values, np.inf)
+    cst = np.where(np.isfinite(costs), costs, np.inf)
+    forced = mask[:, rm] & (mask.sum(1) == 1)  # removed experts: no width
+    widths = sorted({int(b) for b in bits[:rm][mask[~forced, :rm].any(0)]}) if (~forced).any() else []
+
+    def choose(lam):
+        pick, total = {}, 0.0
+        for layer, idx in by_layer.items():
+            idx = idx[~forced[idx]]
+            best = None
+            for w in widths:
+                sel = mask[idx, :rm] & (bits[:rm] == w)
+                if not sel.any(1).all():
+                    continue
+                score = np.where(sel, v[idx, :rm] + lam * cst[idx, :rm], np.inf)
+                j = score.argmin(1)
+                obj, c = float(score[np.arange(len(idx)), j].sum()), float(cst[idx, j].sum())
+                if best is None or obj < best[0]:
+                    best = (obj, w, c)
+            if best is not None:
+                pick[layer] = best[1]
+                total += best[2]
+        return pick, total
+
+    lo, hi = 0.0, 1e-12
+    pick, total = choose(lo)
+    if total > limit:
+        for _ in range(200):  # grow the price until the choice fits
+            pick, total = choose(hi)
+            if total <= limit:
+                break
+            lo, hi = hi, hi * 4
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            p, t = choose(mid)
+            if t <= limit:
+                hi, pick = mid, p
+            else:
+                lo = mid
+    mask = mask.copy()
+    for layer, idx in by_layer.items():
+        if layer in pick:
+            for i in idx:
+                if not forced[i]:
+                    mask[i, :rm] &= bits[:rm] == pick[layer]
+    return mask
+
+
 def optimise_plan(loaded, sens: ExpertSensitivity, budget: Budget, kind: str = "measured",
-                  exact: bool | None = None, name: str | None = None) -> BudgetResult:
+                  exact: bool | None = None, name: str | None = None, target: str = "hf-dense") -> BudgetResult:
     """The plan with the smallest summed predicted Δ loss (`kind`: "measured" or a proxy name) within
-    `budget`; see the module docstring."""
+    `budget`; see the module docstring.
+
+    target: what the plan must be exportable to (`moeviz.deployability`). "any": no constraint (per-expert
+    bits, any removal; the plan may not export). "hf-dense" (default): the same number of removed experts in
+    every MoE layer, so a checkpoint can hold it. "vllm": that, and one bit width per layer among those vLLM
+    serves (4, 8 or unquantized; symmetric), so it exports as compressed-tensors and vLLM serves it."""
     start = time.perf_counter()
     budget.validate()
+    if target not in OPTIMISER_TARGETS:
+        raise SettingsError(f"budget: unknown target {target!r}; choose one of {', '.join(OPTIMISER_TARGETS)}")
+    if target == "vllm" and not sens.grid["symmetric"]:
+        raise SettingsError("budget: target vllm needs a symmetric quantization grid (vLLM's MoE kernels are "
+                            "checked for symmetric weights only); measure the sensitivity with symmetric settings")
     settings, allowed, nbytes, kept, bitw, params = option_table(loaded, sens, budget.option_set())
+    if target == "vllm":  # only widths vLLM serves
+        allowed &= np.array([b in VLLM_BITS for _, b in settings[:-1]] + [bool(allowed[-1])])
     L, Emax, K = nbytes.shape
     removal = sens.removal if sens.removal is not None else np.full((L, Emax), np.nan)
     delta = np.concatenate([np.zeros((L, Emax, 1)), sens.values(kind), removal[..., None]], axis=2)
@@ -307,20 +421,28 @@ def optimise_plan(loaded, sens: ExpertSensitivity, budget: Budget, kind: str = "
     where = np.argwhere(real)  # [n, 2] (layer, expert) of each group
     rm = len(settings) - 1
     spare = {layer.index: layer.num_experts - layer.top_k for layer in loaded.layers}
-    while True:
-        sol = solve_mckp(np.where(ok, values, np.nan), costs, limit, exact=exact)
-        # Removal is limited per layer (keep at least top-k experts): the knapsack does not know that, so
-        # in a layer with too many removals the removal of the expert it hurts most is ruled out, then solve again.
-        over = False
-        for layer, n_spare in spare.items():
-            idx = [i for i in np.flatnonzero(sol.choice == rm) if where[i][0] == layer]
-            if len(idx) > n_spare:
-                worst = max(idx, key=lambda i: values[i, rm])
-                ok[worst, rm] = False
-                costs[worst, rm] = np.nan
-                over = True
-        if not over:
-            break
+
+    def solve(ok):
+        ok, costs_ok = ok.copy(), np.where(ok, c, np.nan)
+        while True:
+            sol = solve_mckp(np.where(ok, values, np.nan), costs_ok, limit, exact=exact)
+            # Removal is limited per layer (keep at least top-k experts): the knapsack does not know that, so in a
+            # layer with too many removals the removal of the expert it hurts most is ruled out, then solve again.
+            over = False
+            for layer, n_spare in spare.items():
+                idx = [i for i in np.flatnonzero(sol.choice == rm) if where[i][0] == layer]
+                if len(idx) > n_spare:
+                    worst = max(idx, key=lambda i: values[i, rm])
+                    ok[worst, rm] = False
+                    costs_ok[worst, rm] = np.nan
+                    over = True
+            if not over:
+                return sol
+
+    if target == "any":
+        sol = solve(ok)
+    else:
+        sol = _exportable(solve, ok, values, c, limit, where, rm, spare, settings, target)
     sol.value = float(predicted[np.arange(len(sol.choice)), sol.choice].sum())
     choice = np.zeros((L, Emax), dtype=np.int64)
     choice[real] = sol.choice
