@@ -122,10 +122,13 @@ def pack_projection(weight: torch.Tensor, scheme: PackScheme, grid: tuple | None
     else:
         codes = torch.round(wf / scales[..., None]) + zeros[..., None] - offset  # shifted to signed
     codes = codes.reshape(w.shape)
-    state = {"weight": w, "weight_scale": scales.to(w.dtype)}
+    # Codes computed in float32 (compressed-tensors divides in the weight's dtype: in bf16 that rounds some codes
+    # differently); the scale is stored in the checkpoint dtype, as llm-compressor stores it.
+    state = {"weight": w.to(torch.float32), "weight_scale": scales}
     if zeros is not None:
         state["weight_zero_point"] = (zeros - offset).to(torch.int8)
     packed = BaseCompressor.get_value_from_registry("pack-quantized").compress(state, scheme.scheme([what]))
+    packed["weight_scale"] = scales.to(w.dtype)
     got = unpack_from_int32(packed["weight_packed"], scheme.bits, torch.Size(w.shape)).to(torch.float32)
     if not torch.equal(got, codes):
         bad = int((got != codes).sum())

@@ -355,6 +355,9 @@ class ExportedFiles:
     file_bytes: int
     schemes: list[str]
     load: list[str]
+    # Largest relative difference between a packed weight as unpacked and the weight moeviz evaluated
+    # (0.0: exact; 16-bit checkpoints store the scales in their own dtype)
+    max_relative_deviation: float = 0.0
 
 
 def load_instructions(format: str, packer: ExpertPacker | None) -> list[str]:
@@ -421,6 +424,11 @@ def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | Non
             lines.append("- the safetensors in this folder hold dequantized values in the model dtype (pruned "
                          "weights as zeros): only removed experts make it smaller")
         lines += [f"- scheme {x}" for x in written.schemes]
+        if written.format == "compressed-tensors":
+            lines.append("- packed weights unpack to exactly the values moeviz evaluated" if not written.max_relative_deviation
+                         else f"- scales stored in the checkpoint dtype (as llm-compressor stores them): unpacked weights "
+                              f"differ from the values moeviz evaluated by at most {written.max_relative_deviation:.2g} "
+                              "of their magnitude (same integer codes)")
         lines += ["", "## How to load this folder", "", "```python"] + written.load + ["```"]
     lines.append("")
     if compressed.plan.activation_bits < 16:
@@ -497,7 +505,8 @@ def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Pa
         loaded.tokenizer.save_pretrained(tmp)
         (tmp / "moeviz_plan.json").write_text(compressed.plan.to_json())
         written = ExportedFiles(format, data_bytes, sum(f.stat().st_size for f in tmp.glob("*.safetensors")),
-                                packer.describe() if packer else [], load_instructions(format, packer))
+                                packer.describe() if packer else [], load_instructions(format, packer),
+                                packer.max_relative_deviation if packer else 0.0)
         (tmp / "moeviz_report.md").write_text(_report(loaded, compressed, result, removal.messages, written))
         (tmp / "README.md").write_text(_folder_readme(loaded, compressed, written))
         (tmp / "moeviz_export.json").write_text(json.dumps(asdict(written), indent=2))

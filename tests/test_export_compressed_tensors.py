@@ -228,3 +228,18 @@ def test_storage_report_counts_against_bf16_too(demo):
     want = 2 * (n - experts) + experts // 2 + (experts // 128) * 2
     assert s["compression_ratio_bf16"] == pytest.approx(2 * n / want)
     assert s["compression_ratio"] > s["compression_ratio_bf16"]
+
+
+def test_bf16_checkpoint_keeps_the_codes_and_bounds_the_scale_rounding(tiny_model_dirs, tmp_path):
+    """A bf16 checkpoint stores its scales in bf16 (as llm-compressor does): the integer codes are moeviz's, and
+    each unpacked weight is within 2^-7 of its magnitude of the value moeviz evaluated (8 bits: the worst case)."""
+    lm = load_model(tiny_model_dirs["qwen3_moe"], dtype="bfloat16")
+    cm = Compressor(lm).apply(CompressionPlan(quant=QuantSettings(bits=8, group_size=-1)))
+    out = export_model(lm, cm, tmp_path / "out", format="compressed-tensors")
+    files = exported_files(out)
+    assert 0 < files.max_relative_deviation <= 2 ** -7
+    assert "at most" in (out / "moeviz_report.md").read_text()
+    back = load_model(out, dtype="bfloat16")
+    for a, b in zip(back.layers, cm.layers):
+        w, v = a.weight("gate").float(), b.weight("gate").float()
+        assert ((w - v).abs() <= 2 ** -7 * v.abs() + 1e-30).all()
