@@ -101,7 +101,8 @@ class ExpertPacker:
         targets = self._targets(layer, tensors)
         scheme = self.schemes[layer.index]
         out = {}
-        for key, t in tensors.items():
+        for key in list(tensors):
+            t = tensors.pop(key)  # popped: each dense expert copy is freed once packed
             if key not in targets:
                 out[key] = t
                 continue
