@@ -242,7 +242,8 @@ def cmd_evaluate(args) -> int:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
     m = result.metrics()
     print(json.dumps({k: m[k] for k in ("perplexity", "base_perplexity", "accuracy", "base_accuracy",
-                                        "compression_ratio", "experts_compression_ratio", "projected_decode_ms",
+                                        "compression_ratio", "compression_ratio_bf16", "export_compression_ratio",
+                                        "experts_compression_ratio", "projected_decode_ms",
                                         "mean_cv", "mean_topk_overlap", "mean_kl")} | {"run_id": run_id}, indent=2))
     return 0
 

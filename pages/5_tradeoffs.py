@@ -128,22 +128,29 @@ if latency == "measured_decode_ms":
     note = latency_notes(df)
     if note:
         st.caption(note)
+RATIOS = {"compression_ratio": "on paper (checkpoint dtype)", "compression_ratio_bf16": "on paper vs bf16",
+          "export_compression_ratio": "best exportable format (bytes written)"}
+ratio = st.radio("Compression ratio", [r for r in RATIOS if r in df.columns and df[r].notna().any()] or
+                 ["compression_ratio"], horizontal=True, format_func=RATIOS.get,
+                 help="On paper: the documented formats (sparse formats included) against the checkpoint as stored; "
+                      "vs bf16: the same counted on a bf16 checkpoint; exportable: what `moeviz export` writes for the "
+                      "smallest format a target can hold (pruning counts nothing there)")
 take_selection("tradeoff", st.plotly_chart(readable(figures.tradeoff_chart(
     df, latency_col=latency, latency_kind="projected" if latency.startswith("projected") else "measured",
-    latency_spread=spread)), width="stretch",
+    latency_spread=spread, ratio_col=ratio)), width="stretch",
                                            on_select="rerun", selection_mode="points", key="tradeoff"))
 log_y = st.checkbox("Log scale for perplexity", value=True)  # above both columns: the two charts' titles align
 c1, c2 = st.columns(2)
-take_selection("ppl", c1.plotly_chart(readable(figures.perplexity_vs_ratio(df, log_y=log_y)), width="stretch",
+take_selection("ppl", c1.plotly_chart(readable(figures.perplexity_vs_ratio(df, log_y=log_y, ratio_col=ratio)), width="stretch",
                                       on_select="rerun", selection_mode="points", key="ppl"))
-take_selection("cv", c2.plotly_chart(readable(figures.cv_vs_ratio(df)), width="stretch", on_select="rerun",
+take_selection("cv", c2.plotly_chart(readable(figures.cv_vs_ratio(df, ratio_col=ratio)), width="stretch", on_select="rerun",
                                      selection_mode="points", key="cv"))
 
 st.subheader("Pareto front")
 c1, c2 = st.columns(2)
 y = c1.selectbox("Quality axis", ["accuracy", "perplexity"])
-x = c2.selectbox("Cost axis", ["compression_ratio", "projected_decode_ms", "measured_decode_ms"],
-                 format_func=lambda c: {"compression_ratio": "compression ratio",
+x = c2.selectbox("Cost axis", [ratio, "projected_decode_ms", "measured_decode_ms"],
+                 format_func=lambda c: {ratio: f"compression ratio, {RATIOS[ratio]}",
                                         "projected_decode_ms": "decode latency, projected",
                                         "measured_decode_ms": "decode latency, measured"}[c])
 take_selection("pareto", st.plotly_chart(readable(figures.pareto_chart(df, x=x, y=y)), on_select="rerun",

@@ -29,13 +29,17 @@ from moeviz.evaluation.pareto import pareto_mask
 from moeviz.figures._common import BASE_COLOR, color_for, empty_figure
 
 _TEMPLATE = "plotly_white"
+# Compression ratios a chart's x axis can count (the base is 1.0 on each)
+RATIO_COLUMNS = ("compression_ratio", "compression_ratio_bf16", "export_compression_ratio", "experts_compression_ratio")
 
 # column -> (axis title with unit, display scale)
 COLUMNS: dict[str, tuple[str, float]] = {
     "accuracy": ("Next-token accuracy (%)", 100.0),
     "perplexity": ("Perplexity (held-out, exp of mean NLL; lower is better)", 1.0),
     "perplexity_increase": ("Perplexity increase over base (%)", 100.0),
-    "compression_ratio": ("Compression ratio (× smaller, stored model bytes)", 1.0),
+    "compression_ratio": ("Compression ratio on paper (× smaller, documented formats vs the checkpoint dtype)", 1.0),
+    "compression_ratio_bf16": ("Compression ratio on paper vs bf16 (× smaller, how papers count)", 1.0),
+    "export_compression_ratio": ("Compression ratio of the best exportable format (× smaller, bytes written)", 1.0),
     "experts_compression_ratio": ("Experts compression ratio (× smaller, expert weight bytes)", 1.0),
     "projected_decode_ms": ("Decode latency, projected (device) (ms/token)", 1.0),
     "measured_decode_ms": ("Decode latency, measured (this machine) (ms/token)", 1.0),
@@ -177,7 +181,7 @@ def _names(df: pd.DataFrame) -> list[str]:
 
 def base_value(df: pd.DataFrame, col: str) -> float | None:
     """The base model's value of `col`: the first finite ``base_<col>`` (1.0 for compression ratios)."""
-    if col in ("compression_ratio", "experts_compression_ratio"):
+    if col in RATIO_COLUMNS:
         return 1.0
     bc = f"base_{col}"
     if bc in df.columns:
