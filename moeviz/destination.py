@@ -51,11 +51,13 @@ def is_moeviz_export(folder: Path) -> bool:
     return (folder / EXPORT_MARKER).is_file()
 
 
-def check_destination(source, out: str | os.PathLike, overwrite: bool) -> Path:
+def check_destination(source, out: str | os.PathLike, overwrite: bool,
+                      overwrite_hint: str = "pass overwrite=True (--overwrite)") -> Path:
     """The resolved folder to export to, or a MoevizError saying why `out` is refused.
 
     source: the loaded model (anything with `.info.source`), its folder, or its hub id.
     overwrite: allow replacing an existing folder, and then only one that a moeviz export wrote.
+    overwrite_hint: how the caller's user allows replacing (the CLI's flag, the app's checkbox).
     """
     if hasattr(source, "info"):
         source = source.info.source
@@ -82,7 +84,7 @@ def check_destination(source, out: str | os.PathLike, overwrite: bool) -> Path:
     if not any(target.iterdir()):
         return target  # an empty folder holds nothing to lose
     if not overwrite:
-        raise MoevizError(f"{target} already exists; choose a new folder or pass overwrite=True (--overwrite)")
+        raise MoevizError(f"{target} already exists; choose a new folder or {overwrite_hint}")
     if not is_moeviz_export(target):
         raise MoevizError(f"refusing to replace {target}: it was not written by a moeviz export (no {EXPORT_MARKER}); "
                           "choose a new folder")

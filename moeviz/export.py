@@ -381,6 +381,13 @@ def load_instructions(format: str, packer: ExpertPacker | None) -> list[str]:
     return list(dict.fromkeys(lines))
 
 
+def default_export_folder(loaded: LoadedModel) -> Path:
+    """Where the app proposes to export: an absolute folder under ~/moeviz-exports named after the model (a
+    relative default would land in whatever folder the app server was started from, e.g. the checkout)."""
+    name = Path(str(loaded.info.source)).name or loaded.info.architecture
+    return Path.home() / "moeviz-exports" / f"{re.sub(r'[^A-Za-z0-9._-]+', '-', name)}-compressed"
+
+
 def export_format(requested: str, compressed: CompressedModel) -> str:
     """The format an export writes: as requested, or for "auto" the smallest one a target can hold
     (compressed-tensors when the plan quantizes experts in a way it can pack, else dense)."""
@@ -458,7 +465,7 @@ def _report(loaded: LoadedModel, compressed: CompressedModel, result: dict | Non
 
 def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Path, overwrite: bool = False,
                  result: dict | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 format: str = "dense") -> Path:
+                 format: str = "dense", overwrite_hint: str = "pass overwrite=True (--overwrite)") -> Path:
     """Write the compressed model to `out` atomically (temporary folder, then rename), streamed: one
     decoder layer's tensors in memory at a time, safetensors shards of at most `max_shard_bytes`
     (whole layers; `model.safetensors.index.json` when there is more than one), in the checkpoint
@@ -471,7 +478,7 @@ def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Pa
 
     if format not in EXPORT_FORMATS:
         raise MoevizError(f"export: unknown format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    out = check_destination(loaded, out, overwrite)  # resolved; never the source, never a folder we did not write
+    out = check_destination(loaded, out, overwrite, overwrite_hint)  # resolved; never the source, never a folder we did not write
     removal = _removal(loaded, compressed)
     packer = None
     if format == "compressed-tensors":

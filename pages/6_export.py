@@ -5,7 +5,7 @@ import json
 import streamlit as st
 
 from moeviz.deployability import deployability_table
-from moeviz.export import check_destination, export_model, exported_files
+from moeviz.export import check_destination, default_export_folder, export_model, exported_files
 from moeviz.compression.preview import format_bytes, plan_storage
 from moeviz.runview import runs_csv
 from pages._state import compressor, current_plan, plan_samples, require_model, run_store, stats_for, user_errors
@@ -47,14 +47,16 @@ recovered = st.session_state.recovered_model
 has_recovered = rec is not None and recovered is not None and rec["plan"] == plan.to_dict()
 formats = ["compressed-tensors", "dense"] if deploy.export_format == "compressed-tensors" else ["dense", "compressed-tensors"]
 with st.form("export_form"):
-    folder = st.text_input("Output folder", value="exported-moe")
-    fmt = st.radio("Format", formats, horizontal=True, help="The first is the smallest format this plan can be written in")
+    folder = st.text_input("Output folder", value=str(default_export_folder(lm)),
+                           help="An absolute path (a relative one would land in the app server's working folder)")
     which = st.radio("Model", ["compressed (the plan as applied)", f"recovered (run #{rec['run_id']})"] if has_recovered
                      else ["compressed (the plan as applied)"], horizontal=True)
+    fmt = st.radio("Format", formats, horizontal=True, help="The first is the smallest format this plan can be written in")
     overwrite = st.checkbox("Replace the folder if it exists")
     if st.form_submit_button("Export model"):
         with user_errors(), st.spinner("Writing the model…"):
-            check_destination(lm, folder, overwrite)  # refuse a bad folder before applying the plan
+            hint = 'tick "Replace the folder if it exists"'
+            check_destination(lm, folder, overwrite, hint)  # refuse a bad folder before applying the plan
             if which.startswith("recovered"):
                 model, result = recovered, rec["result"]
             else:
@@ -63,7 +65,7 @@ with st.form("export_form"):
                 stats = stats_for(lm)
                 # lazy on large models: export compresses one layer at a time instead of holding a copy
                 model = compressor(lm, stats).apply(plan, plan_samples(lm, stats, plan), lazy=not small_experts(lm))
-            out = export_model(lm, model, folder, overwrite=overwrite, result=result, format=fmt)
+            out = export_model(lm, model, folder, overwrite=overwrite, result=result, format=fmt, overwrite_hint=hint)
             files = exported_files(out)
         st.success(f"Exported to {out}: {format_bytes(files.file_bytes)} of safetensors ({fmt}), "
                    f"{storage.base_bytes / max(files.data_bytes, 1):.2f}× smaller than the base's tensors")

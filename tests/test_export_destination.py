@@ -150,3 +150,21 @@ def test_export_page_refuses_a_parent_of_the_source(user_folder):
     assert not at.exception
     assert any("contains the source model's folder" in e.value for e in at.error), [e.value for e in at.error]
     assert snapshot(user_folder) == before
+
+
+def test_the_apps_default_folder_is_absolute_and_outside_the_checkout_and_refusals_name_the_callers_switch(tmp_path):
+    from types import SimpleNamespace
+
+    from moeviz.destination import check_destination
+    from moeviz.export import default_export_folder
+    from moeviz.models.loading import DEMO_MODEL_DIR
+
+    lm = SimpleNamespace(info=SimpleNamespace(source=str(DEMO_MODEL_DIR), architecture="MixtralForCausalLM"))
+    folder = default_export_folder(lm)
+    assert folder.is_absolute() and folder.name == "demo-moe-compressed"
+    assert Path(__file__).resolve().parents[1] not in folder.parents  # not inside the checkout
+    check_destination(lm, folder, False)  # an allowed destination
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "f").write_text("1")
+    with pytest.raises(MoevizError, match='tick "Replace"$'):
+        check_destination(lm, tmp_path / "x", False, 'tick "Replace"')
