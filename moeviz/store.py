@@ -398,22 +398,6 @@ class RunStore:
             df[m] = pd.to_numeric(df[m], errors="coerce")
         return df
 
-    def pareto(
-        self,
-        model_fingerprint: str,
-        x: str = "compression_ratio",
-        y: str = "accuracy",
-        maximize_x: bool = True,
-        maximize_y: bool = True,
-    ):
-        """The model's runs on the Pareto front of (x, y), sorted by x (runs lacking x or y excluded)."""
-        from moeviz.evaluation.pareto import pareto_front
-
-        df = self.runs(model_fingerprint=model_fingerprint)
-        if df.empty or x not in df or y not in df:
-            return df.iloc[0:0]
-        return pareto_front(df, x, y, maximize_x=maximize_x, maximize_y=maximize_y)
-
     def delete_run(self, run_id: int) -> bool:
         """Delete a run (recovery runs that pointed at it keep existing, with parent_run_id NULL)."""
         with self._write() as conn:

@@ -376,7 +376,7 @@ def test_materialised_and_exported_transposed_layers_equal_the_strided_steps(loa
     import numpy as np
 
     from moeviz.compression import steps
-    from moeviz.compression.apply import resolve_settings
+    from moeviz.compression.resolve import resolve_plan
 
     monkeypatch.setattr(steps, "BLOCK_ELEMENTS", 40)  # several row blocks
     monkeypatch.setattr(steps, "STRIP", 5)  # several strips, the last one shorter
@@ -389,7 +389,7 @@ def test_materialised_and_exported_transposed_layers_equal_the_strided_steps(loa
                            overrides=[Override(layer=0, expert=1, sparsity=0.0), Override(layer=1, expert=2, bits=4),
                                       Override(layer=1, expert=3, sparsity=0.7)],
                            removed_experts=[(0, 2)])
-    sparsity, bits, removed = resolve_settings(plan, lm.layers, stats)
+    resolved = resolve_plan(plan, lm.layers, stats)
     rounds = []  # experts per row-major copy: the materialising paths take the row-major route
     rowmajor_copy = steps._rowmajor_copy
     monkeypatch.setattr(steps, "_rowmajor_copy", lambda part, buf: rounds.append(len(part)) or rowmajor_copy(part, buf))
@@ -398,7 +398,7 @@ def test_materialised_and_exported_transposed_layers_equal_the_strided_steps(loa
     lazy = comp.apply(plan, lazy=True)
     for layer in lm.layers:
         assert layer.transposed
-        s = comp.layer_settings(layer, plan, sparsity[layer.index], bits[layer.index], removed[layer.index])
+        s = resolved.layer(layer)
         sel = np.arange(layer.num_experts)
         norms = steps.layer_norms(stats.layers[layer.index], s.metric, sel, "cpu")
         # Reference: the steps on strided [E, out, in] views of clones of the stored tensors.

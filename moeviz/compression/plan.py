@@ -19,9 +19,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+from moeviz.compression.registry import METRICS, nm_of, parse_nm
 from moeviz.errors import PlanError
 
-METRICS = ("magnitude", "wanda", "moe_pruner", "sparsegpt")
 QUANT_METHODS = ("rtn", "gptq")
 HESSIANS = ("router_weighted", "plain")
 ALLOCATIONS = ("uniform", "utilization")
@@ -124,11 +124,7 @@ class CompressionPlan:
     # ------------------------------------------------------------------ structure helpers
     def nm(self) -> tuple[int, int] | None:
         """(N, M) for N:M structure, None for unstructured."""
-        s = self.pruning.structure
-        if s == "unstructured":
-            return None
-        n, m = parse_nm(s, "pruning.structure")
-        return n, m
+        return nm_of(self.pruning.structure)
 
     def second_order(self) -> bool:
         """True when the plan may prune some expert with SparseGPT or quantize one with GPTQ (materialised,
@@ -280,16 +276,6 @@ def check_bits(value, name: str) -> int:
     if isinstance(value, bool) or value not in SUPPORTED_BITS:
         raise PlanError(f"{name}: {value!r} bits is not supported; choose one of {', '.join(map(str, SUPPORTED_BITS))}")
     return int(value)
-
-
-def parse_nm(structure: str, name: str) -> tuple[int, int]:
-    try:
-        n, m = (int(v) for v in str(structure).split(":"))
-    except ValueError:
-        raise PlanError(f"{name}: {structure!r} is neither 'unstructured' nor 'N:M' (e.g. '2:4')") from None
-    if not 0 < n < m:
-        raise PlanError(f"{name}: {structure!r} needs 0 < N < M (N of every M weights are zeroed)")
-    return n, m
 
 
 def _check_index(layer, expert, num_experts, where: str) -> None:
