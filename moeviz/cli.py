@@ -23,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moeviz import runtime_config
 from moeviz.errors import MoevizError
 
 DEFAULT_SEQ_LEN = 128  # calibration windows
@@ -510,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    runtime_config.configure()  # the process-wide settings (allocator, loader reads, kernels), env switches
     try:
         return args.func(args)
     except MoevizError as e:

@@ -17,6 +17,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import FAMILIES, save_tiny_model  # noqa: E402
 
+from moeviz import runtime_config  # noqa: E402
+
+# The suite runs as the app and the CLI do (moeviz.runtime_config: plain reads, fixed mmap threshold).
+runtime_config.configure()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):

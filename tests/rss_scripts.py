@@ -32,6 +32,7 @@ import atexit, gc, json, os, shutil, sys, tempfile, threading, time, torch, tran
 sys.path.insert(0, sys.argv[1])
 from tiny_models import tiny_tokenizer
 import moeviz
+from moeviz import runtime_config; runtime_config.configure()  # as the app and the CLI run
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings, fused_prune
 from moeviz.compression.apply import Compressor
 from moeviz.data import TokenSamples

@@ -184,7 +184,7 @@ print(json.dumps(dict(before=before, peak=peak, after=rss())))
 
 
 def test_freed_temporaries_are_given_back_after_loading():
-    """After load_model (without MALLOC_MMAP_THRESHOLD_ set), memory of freed multi-MB temporaries goes
+    """After load_model with the runtime configuration applied (without MALLOC_MMAP_THRESHOLD_ set), memory of freed multi-MB temporaries goes
     back to the system even when small long-lived tensors sit between them: glibc's raised mmap threshold
     would put them on the heap and keep them (the 5.8 GB RSS growth of a lazy evaluation, docs/SCALE.md)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}

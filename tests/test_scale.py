@@ -331,8 +331,6 @@ def test_transposed_experts_with_known_thresholds_are_pruned_in_the_stored_layou
     from moeviz.compression import fused_prune
     from moeviz.models import load_model
 
-    if not fused_prune.enabled():
-        pytest.skip("numba not installed")
     monkeypatch.setattr(threshold_table, "TABLES", threshold_table.TableCache())
     lm = loaded_tiny("gpt_oss")
     if ties:
