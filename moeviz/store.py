@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from moeviz.compression.plan import plan_key as canonical_plan_key
+
 DB_FILENAME = "runs.sqlite"
 BUSY_TIMEOUT_MS = 30_000
 
@@ -109,16 +111,8 @@ _BASE_COLUMNS = (
 
 
 def plan_key(plan: dict) -> str:
-    """Canonical JSON of a plan for identity: sorted keys, without its free-text name. Fields a plan was
-    stored without (it predates them) count with their defaults: the same plan, the same key."""
-    d = _jsonable(plan or {})
-    try:
-        from moeviz.compression.plan import CompressionPlan
-
-        d = _jsonable(CompressionPlan.from_dict(d).to_dict())
-    except Exception:  # noqa: BLE001 - not a readable plan: compared as stored
-        pass
-    return json.dumps({k: v for k, v in d.items() if k != "name"}, sort_keys=True, allow_nan=False)
+    """`compression.plan.plan_key` of a stored plan (arrays, numpy numbers and NaN made plain JSON first)."""
+    return canonical_plan_key(_jsonable(plan or {}))
 
 
 def _tags(raw) -> list[str]:

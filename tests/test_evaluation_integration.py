@@ -142,8 +142,8 @@ def test_every_evaluation_times_base_and_compressed_back_to_back(loaded_tiny, mo
     ev = Evaluator(lm, held, EvalSettings(batch_size=2, record_tokens=16, latency_prompt_tokens=8,
                                           latency_decode_tokens=2, latency_repeats=4))
     comp = Compressor(lm)
-    calls, original = [], latency_ab._generate
-    monkeypatch.setattr(latency_ab, "_generate",
+    calls, original = [], latency_ab.timed_generation
+    monkeypatch.setattr(latency_ab, "timed_generation",
                         lambda model, *a: calls.append("base" if model is lm.model else "compressed") or original(model, *a))
     store = RunStore(tmp_path / "runs.sqlite")
     for s in (0.3, 0.6):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from moeviz.calibration.stats import CalibrationStats
-from moeviz.compression.plan import CompressionPlan
+from moeviz.compression.plan import CompressionPlan, plan_key
 from moeviz.compression import threshold_table
 from moeviz.compression.install import install_experts, install_layer_routing
 from moeviz.compression.lazy import LazyExpertWeights
@@ -192,9 +192,9 @@ class Compressor:
     def second_order(self, plan: CompressionPlan, samples: TokenSamples, resolved: ResolvedPlan | None = None,
                      progress=None, cancel=None):
         """The plan's `SecondOrderResult` (moeviz.compression.second_order), cached per plan and windows."""
-        from moeviz.compression.second_order import compress_second_order, plan_key
+        from moeviz.compression.second_order import compress_second_order
 
-        key = plan_key(plan, samples)
+        key = plan_key(plan) + "|" + str(samples.fingerprint)  # the plan and the calibration windows
         if key not in self._second_order:
             if resolved is None:
                 resolved = resolve_plan(plan, self.loaded.layers, self.stats)

@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from moeviz.compression.registry import METRICS, nm_of, parse_nm
+from moeviz.registry import METRICS, nm_of, parse_nm
 from moeviz.errors import PlanError
 
 QUANT_METHODS = ("rtn", "gptq")
@@ -283,6 +283,19 @@ def _check_index(layer, expert, num_experts, where: str) -> None:
         raise PlanError(f"{where}: layer {layer} does not exist; the model has {len(num_experts)} MoE layers")
     if expert is not None and not 0 <= expert < num_experts[layer]:
         raise PlanError(f"{where}: expert {expert} does not exist; layer {layer} has {num_experts[layer]} experts")
+
+
+def plan_key(plan: "CompressionPlan | dict") -> str:
+    """A plan's identity: canonical JSON (sorted keys) without its free-text name. Fields a stored plan
+    predates count with their defaults (the same plan, the same key); a dict that is not a readable plan
+    is compared as given. The run store finds duplicate runs by it, the Compressor caches second-order
+    results by it (with the calibration windows), the app tells a stale result by it."""
+    d = plan.to_dict() if isinstance(plan, CompressionPlan) else plan or {}
+    try:
+        d = CompressionPlan.from_dict(d).to_dict()
+    except Exception:  # noqa: BLE001 - not a readable plan: compared as given
+        pass
+    return json.dumps({k: v for k, v in d.items() if k != "name"}, sort_keys=True, allow_nan=False)
 
 
 def method_name(plan: dict) -> str:

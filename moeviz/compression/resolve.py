@@ -21,7 +21,7 @@ import numpy as np
 from moeviz.calibration.stats import CalibrationStats
 from moeviz.compression.allocation import allocate_sparsity
 from moeviz.compression.plan import CompressionPlan
-from moeviz.compression.registry import metric_needs_stats
+from moeviz.registry import metric_needs_stats
 from moeviz.compression.steps import LayerSettings
 from moeviz.errors import PlanError
 from moeviz.models.layers import MoELayer

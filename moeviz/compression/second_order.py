@@ -24,7 +24,6 @@ identity Hessian (SparseGPT then prunes by magnitude, GPTQ rounds to nearest).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -95,13 +94,6 @@ class SecondOrderResult:
         """Memory held by the compressed tensors and masks."""
         tensors = [t for d in self.tensors.values() for t in d.values()] + list(self.masks.values())
         return sum(t.numel() * t.element_size() for t in tensors) + sum(g.nbytes() for g in self.grids.values())
-
-
-def plan_key(plan, samples) -> str:
-    """Cache key: everything in the plan but its name, and the calibration windows."""
-    d = plan.to_dict()
-    d.pop("name", None)
-    return json.dumps(d, sort_keys=True) + "|" + str(samples.fingerprint)
 
 
 def compress_second_order(compressor, resolved: ResolvedPlan, samples, batch_size: int = 8,
