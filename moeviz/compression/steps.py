@@ -167,7 +167,7 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
     ties = rt is not None and bool(rt.tie[:, g].any())  # once per matrix, not per block
     fused = keep_out is None and 0 < k < n and fused_prune.supports(w, w if src is None else src)
     if fused and finite and (t is not None or rt is not None):
-        return _prune_known(w, src, factor, k, t, rt, g, ties)
+        return prune_known(w, src, factor, k, t, rt, g, ties)
     # Each block's buffers are views of one block-sized buffer per kind (the last block may be shorter).
     full = (min(rows, out_f), n)
     bufs = {key: scratch.get(key, full, dt, w.device) for key, dt in
@@ -183,7 +183,7 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
         table.put(built)
         if built.finite:
             g = built.column(k)
-            return _prune_known(w, src, factor, k, None, built, g, bool(built.tie[:, g].any()))
+            return prune_known(w, src, factor, k, None, built, g, bool(built.tie[:, g].any()))
         builder = None  # an inf / NaN weight: select on the fly below, as without a table
     parts = []
     for r0 in range(0, out_f, rows):
@@ -223,9 +223,9 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
                          torch.cat([p.need for p in parts]))
 
 
-def _prune_known(w: torch.Tensor, src: torch.Tensor | None, factor: torch.Tensor | None, k: int,
-                 t: RowThresholds | None, rt, g: int | None, ties: bool,
-                 keep_thresholds: bool = True, threads: int | None = None) -> RowThresholds | None:
+def prune_known(w: torch.Tensor, src: torch.Tensor | None, factor: torch.Tensor | None, k: int,
+                t: RowThresholds | None, rt, g: int | None, ties: bool,
+                keep_thresholds: bool = True, threads: int | None = None) -> RowThresholds | None:
     """`prune_rows` when every row's threshold is known (this plan's `t`, or column g of the shared table
     `rt`) and every weight is finite: one fused pass (`fused_prune`), then the rows with a tie at their
     threshold again, with the tie rule of `masks.mask_in_scores_`. Returns the thresholds (None with
