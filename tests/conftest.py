@@ -31,6 +31,26 @@ def tiny_model_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_model():
+    """The bundled demo MoE (sample_data/demo-moe) through moeviz.load_model, once per session (read-only:
+    compression works on structural copies, and tests check the base is never touched)."""
+    from moeviz.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_threads():
+    """A module that changes torch's thread count (benchmark-like tests, one-thread fixtures) gets it back
+    at its end, so the next module runs with the count the session started with."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
 def loaded_tiny(tiny_model_dirs):
     """family -> LoadedModel, loaded through moeviz.load_model (cached for the session; read-only)."""
     from moeviz.models import load_model

@@ -1,4 +1,4 @@
-"""The common start of the memory tests' subprocess scripts (tests/test_memory.py, tests/test_scale.py).
+"""The common start of the memory tests' subprocess scripts (tests/test_memory.py, tests/test_lazy.py).
 
 Each measurement runs in a fresh process (`python -c PREAMBLE + body`, argv[1] = the tests folder) so
 that its RSS is its own. The preamble imports the libraries (numba included: it loads once per process,

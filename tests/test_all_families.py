@@ -19,15 +19,15 @@ from moeviz.calibration import calibrate
 from moeviz.compression import CompressionPlan, PruningSettings
 from moeviz.compression.apply import Compressor
 from moeviz.compression.removal import experts_to_remove
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import MoevizError, PlanError
 from moeviz.evaluation import EvalSettings, Evaluator
 from moeviz.export import export_model
 from moeviz.models import load_model
+from documents import documents
 
 MODEL_TYPES = moe_causal_lm_model_types()
-DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 8, "prose"),
-        Document("x = [i * i for i in range(10)]\n" * 8, "code")]
+DOCS = documents(8)
 # A floor, not the list under test: families that must keep working (moeviz's original eight and the
 # ones issue 12 named), so a regression cannot hide as an "accurate refusal".
 MUST_WORK = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe", "phimoe", "gpt_oss",

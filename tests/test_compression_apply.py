@@ -11,13 +11,11 @@ from moeviz.calibration import calibrate
 from moeviz.compression import CompressionPlan, Override, PruningSettings, QuantSettings
 from moeviz.compression.apply import Compressor
 from moeviz.compression.removal import experts_to_remove
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import PlanError
+from documents import varied_documents
 
-DOCS = [
-    Document("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 12, "prose"),
-    Document("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n" * 8, "code"),
-]
+DOCS = varied_documents(12, 8)
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,13 @@ import torch.nn.functional as F
 from moeviz.calibration import calibrate
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.apply import Compressor
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.evaluation import EvalSettings, Evaluator, grid_plans, run_sweep
 from moeviz.evaluation.evaluate import _balanced_subset
 from moeviz.store import RunStore
+from documents import varied_documents
 
-DOCS = [
-    Document("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 30, "prose"),
-    Document("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n" * 20, "code"),
-]
+DOCS = varied_documents(30, 20)
 FAST = EvalSettings(batch_size=4, record_tokens=128, measure_latency=False)
 
 

@@ -10,13 +10,13 @@ from moeviz.calibration import calibrate
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.apply import Compressor
 from moeviz.compression.removal import experts_to_remove
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import MoevizError
 from moeviz.export import export_model
 from moeviz.models import load_model
+from documents import documents
 
-DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
-        Document("x = [i * i for i in range(10)]\n" * 20, "code")]
+DOCS = documents(20)
 
 
 def folder_bytes(path):
@@ -81,13 +81,13 @@ def test_refusals_and_atomicity(loaded_tiny, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no temporary folder left either
 
 
-def test_demo_export_reproduces_in_app_metrics(tmp_path):
+def test_demo_export_reproduces_in_app_metrics(tmp_path, demo_model):
     """The exported demo model, reloaded through load_model and evaluated like any model, gives the
     perplexity and accuracy the app showed for the plan."""
     from moeviz.compression.apply import Compressor
     from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
 
-    lm = load_model()
+    lm = demo_model
     samples = tokenize_documents(DOCS, lm.tokenizer, 4, 64)
     stats = calibrate(lm, samples)
     plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5),

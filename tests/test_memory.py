@@ -1,8 +1,9 @@
-"""Issue 13, memory: loading holds the checkpoint once, export streams one decoder layer at a time.
+"""Memory: loading holds the checkpoint once (moeviz.models.loading), export streams one decoder layer at a time
+(moeviz.export).
 
 Each measurement runs in its own process on a ~150 M-parameter 2-layer Mixtral (float32, ~0.6 GB):
 the peak is the kernel's high-water mark (`VmHWM`, reset with /proc/self/clear_refs before the step),
-so no sampling can miss it. `MALLOC_MMAP_THRESHOLD_` is fixed, as in tests/test_scale.py: glibc would
+so no sampling can miss it. `MALLOC_MMAP_THRESHOLD_` is fixed, as in tests/test_lazy.py: glibc would
 otherwise keep freed temporaries in its heap and RSS would count memory no longer held.
 """
 

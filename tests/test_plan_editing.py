@@ -1,4 +1,5 @@
-"""Issue 16: typed ratios, N:M notes, bulk edits and the plan's bytes without compressing."""
+"""Plan editing: moeviz.compression.table (typed ratios, N:M notes, bulk edits), moeviz.compression.preview (the
+plan's bytes without compressing) and moeviz.latency_ab (back-to-back timing, its verdict)."""
 
 import pytest
 

@@ -13,15 +13,15 @@ from moeviz.compression.apply import Compressor
 from moeviz.compression.resolve import resolve_plan
 from moeviz.compression.masks import prune_counts
 from moeviz.compression.second_order import compress_second_order
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import PlanError
 from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
 from moeviz.export import export_model
 from moeviz.models.runtime import install_experts_runtime
 from moeviz.models.layers import find_moe_layers
+from documents import documents
 
-DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
-        Document("x = [i * i for i in range(10)]\n" * 20, "code")]
+DOCS = documents(20)
 
 
 def _brute_force_inputs(model, layers):
@@ -124,14 +124,16 @@ def test_plan_settings_validate_and_stay_backwards_compatible():
 # ---------------------------------------------------------------------------------------------- demo
 
 @pytest.fixture(scope="module")
-def demo():
-    torch.set_num_threads(1)
-    lm = moeviz.load_model()
+def demo(demo_model):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as this module always ran (one thread); restored at its end
+    lm = demo_model
     # 32 windows: with 16 (about 512 routed tokens per expert for 128 columns) GPTQ overfits them
     cal = moeviz.load_calibration_data(lm.tokenizer, n_samples=32, seq_len=128, seed=0)
     stats = moeviz.calibrate(lm, cal)
     ev = Evaluator(lm, load_eval_samples(lm.tokenizer, seq_len=128, max_samples=16), EvalSettings(measure_latency=False))
-    return lm, stats, cal, ev, Compressor(lm, stats)
+    yield lm, stats, cal, ev, Compressor(lm, stats)
+    torch.set_num_threads(threads)
 
 
 def _snapshot(model):

@@ -142,6 +142,7 @@ def test_open_waits_for_a_lock_held_while_switching_to_wal(tmp_path):
     other.close()
 
 
+@pytest.mark.slow  # spawns many interpreters: about a minute on 2 cores
 def test_many_processes_open_a_new_store_at_once(tmp_path):
     # Four writers create and migrate the same new file at the same moment, three times over.
     for attempt in range(3):

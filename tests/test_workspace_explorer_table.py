@@ -8,13 +8,13 @@ import torch
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.apply import Compressor
 from moeviz.compression.table import apply_table_edits, expert_table
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import CalibrationDataError
 from moeviz.explorer import route_text
 from moeviz.workspace import calibrate_cached
+from documents import documents
 
-DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
-        Document("x = [i * i for i in range(10)]\n" * 20, "code")]
+DOCS = documents(20)
 
 
 def test_calibration_cache_reuses_saved_stats(loaded_tiny, tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""Issue 13: lazy per-layer compression, runtime modules instead of patched forwards, memory."""
+"""moeviz.compression.lazy: lazy per-expert compression equals the materialised model (also offloaded,
+transposed layouts, export), the runtime modules instead of patched forwards, and its memory."""
 
 from __future__ import annotations
 
@@ -17,16 +18,14 @@ from moeviz.calibration.collect import calibrate
 from moeviz.compression import threshold_table
 from moeviz.compression.apply import Compressor
 from moeviz.compression.plan import CompressionPlan, Override, PruningSettings, QuantSettings
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.evaluation import EvalSettings, Evaluator
 from moeviz.models.runtime import experts_runtime, patched_forwards
 from moeviz.recovery.distill import RecoverySettings, recover
+from documents import varied_documents
 
 ALL = list(FAMILIES)
-DOCS = [
-    Document("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 12, "prose"),
-    Document("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n" * 8, "code"),
-]
+DOCS = varied_documents(12, 8)
 
 
 def _removal(family, n_layers):
