@@ -126,28 +126,33 @@ class CompressionPlan:
         """(N, M) for N:M structure, None for unstructured."""
         return nm_of(self.pruning.structure)
 
-    def second_order(self) -> bool:
-        """True when the plan may prune some expert with SparseGPT or quantize one with GPTQ (materialised,
-        needs calibration samples); False when those settings compress nothing (e.g. "sparsegpt" at
-        sparsity 0, "gptq" at 16 bits): the usual path then runs (live proxy, no windows).
+    def uses_second_order(self, prunes: bool, quantizes: bool) -> bool:
+        """The one rule for "second order": SparseGPT prunes some expert, or GPTQ quantizes one below 16 bits
+        (then experts are compressed layer by layer with Hessians, materialised, from calibration samples).
+        `second_order()` applies it to the plan alone, `ResolvedPlan.second_order` to the resolved experts."""
+        return (self.pruning.metric == "sparsegpt" and prunes) or (self.quant.method == "gptq" and quantizes)
 
-        From the plan alone, so conservative: True whenever `Compressor.apply`'s test on the resolved
-        per-expert settings (some expert pruned by SparseGPT / quantized below 16 bits by GPTQ) can be
-        true. It may be True where that test is False (overrides undoing every expert, e.g. a 4-bit GPTQ
-        plan whose every layer is overridden to 16 bits, or every pruned expert removed), never the reverse."""
-        return self.prunes_with_sparsegpt() or self.quantizes_with_gptq()
+    def second_order(self) -> bool:
+        """`uses_second_order` from the plan alone, before resolving, so conservative: it may be True where the
+        resolved plan compresses nothing that way (overrides undoing every expert, e.g. a 4-bit GPTQ plan whose
+        every layer is overridden to 16 bits, or every pruned expert removed), never the reverse. False when
+        those settings compress nothing (e.g. "sparsegpt" at sparsity 0): the usual path then runs."""
+        return self.uses_second_order(self.may_prune(), self.may_quantize())
+
+    def may_prune(self) -> bool:
+        """Some expert may be pruned: N:M, a global sparsity > 0 or an override > 0."""
+        p = self.pruning
+        return p.structure != "unstructured" or p.sparsity > 0 or any((o.sparsity or 0) > 0 for o in self.overrides)
+
+    def may_quantize(self) -> bool:
+        """Some expert may be quantized: fewer than 16 bits globally or in an override."""
+        return self.quant.bits < 16 or any(o.bits is not None and o.bits < 16 for o in self.overrides)
 
     def prunes_with_sparsegpt(self) -> bool:
-        """SparseGPT may prune some expert: metric "sparsegpt" and a sparsity > 0 somewhere (global, N:M or
-        an override)."""
-        p = self.pruning
-        return p.metric == "sparsegpt" and (
-            p.structure != "unstructured" or p.sparsity > 0 or any((o.sparsity or 0) > 0 for o in self.overrides))
+        return self.uses_second_order(prunes=self.may_prune(), quantizes=False)
 
     def quantizes_with_gptq(self) -> bool:
-        """GPTQ may quantize some expert: method "gptq" and fewer than 16 bits somewhere (global or an override)."""
-        q = self.quant
-        return q.method == "gptq" and (q.bits < 16 or any(o.bits is not None and o.bits < 16 for o in self.overrides))
+        return self.uses_second_order(prunes=False, quantizes=self.may_quantize())
 
     def is_identity(self) -> bool:
         return (

@@ -40,13 +40,11 @@ class ResolvedPlan:
 
     @property
     def second_order(self) -> bool:
-        """Some expert is actually pruned by SparseGPT or quantized below 16 bits by GPTQ (then the plan is
-        compressed layer by layer with Hessians and needs calibration samples). `CompressionPlan.second_order()`
-        answers the same question from the plan alone, before resolving: it may say True where this is False
-        (overrides undoing every expert), never the reverse."""
-        plan = self.plan
-        return bool((plan.pruning.metric == "sparsegpt" and (self.sparsity > 0).any())
-                    or (plan.quant.method == "gptq" and (self.bits[~self.removed] < 16).any()))
+        """`CompressionPlan.uses_second_order` on the resolved experts: some expert is actually pruned by
+        SparseGPT or quantized below 16 bits by GPTQ (`plan.second_order()` asks the plan alone: it may say
+        True where this is False, never the reverse)."""
+        return self.plan.uses_second_order(prunes=bool((self.sparsity > 0).any()),
+                                           quantizes=bool((self.bits[~self.removed] < 16).any()))
 
     @property
     def needs_stats(self) -> bool:
