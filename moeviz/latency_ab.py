@@ -3,8 +3,8 @@
 Timing the base model once and each compressed model later lets a busy moment on a shared machine
 land on one side only (the same plan measured 5 and 38 ms/token). Here both are timed in the same
 loop, alternating A B B A …, each repeat one greedy generation with the KV cache through the same
-code path as `moeviz.evaluation.latency.measure_latency` (`moeviz.models.generation.timed_generation`), after one discarded warm-up
-generation of each. Every evaluation measures this way (`Evaluator.evaluate`); the Compress page can
+code path as `moeviz.evaluation.latency.measure_latency` (`models.generation.timed_generation`), after
+one discarded warm-up generation of each. Every evaluation measures this way (`Evaluator.evaluate`); the Compress page can
 repeat it with more repeats. Reported per model: the median of the per-token decode times and the
 spread (first and third quartiles, min and max), whether the two spreads overlap (then the difference
 is within this machine's noise) and whether the machine looked busy (load average, or a spread wider
@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
