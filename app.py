@@ -5,7 +5,10 @@ The pages under pages/ are thin: they describe the UI and call the `moeviz` libr
 
 import streamlit as st
 
+from moeviz import runtime_config
 from pages._state import init_session, restore_from_url, sync_url
+
+runtime_config.configure()  # the process-wide settings (allocator, loader reads, kernels): once, idempotent
 
 st.set_page_config(page_title="moeviz", page_icon="🧩", layout="wide")
 init_session()

@@ -20,6 +20,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     parser.add_argument("--only", default="", help="comma-separated benchmark names (file names without bench_)")
     args = parser.parse_args()
+    from moeviz import runtime_config
+
+    runtime_config.configure()  # as the app and the CLI run
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = sorted(p.stem[len("bench_"):] for p in Path(__file__).parent.glob("bench_*.py"))

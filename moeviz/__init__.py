@@ -3,6 +3,7 @@
 The public API, shared by the Streamlit app, the CLI and notebooks:
 
     import moeviz
+    from moeviz import runtime_config; runtime_config.configure()  # optional: as the app and the CLI (memory)
     lm = moeviz.load_model()                            # the bundled demo MoE (or a folder / hub id)
     data = moeviz.load_calibration_data(lm.tokenizer)   # bundled text, a .txt/.jsonl file, documents
     stats = moeviz.calibrate(lm, data)                  # one streaming pass

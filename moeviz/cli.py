@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moeviz import runtime_config
+from moeviz.registry import METRICS, NM_PATTERNS, SCORE_METRICS
 from moeviz.errors import MoevizError
 
 DEFAULT_SEQ_LEN = 128  # calibration windows
@@ -177,7 +179,7 @@ def _add_method_args(p: argparse.ArgumentParser, sweep: bool = False) -> None:
     """Second-order settings (SparseGPT / GPTQ, moeviz.compression.second_order) on top of the plan."""
     if not sweep:
         p.add_argument("--method", default=None,
-                       help="pruning metric instead of the plan's (magnitude, wanda, moe_pruner, sparsegpt)")
+                       help=f"pruning metric instead of the plan's ({', '.join(METRICS)})")
     p.add_argument("--quant-method", default=None, choices=["rtn", "gptq"],
                    help="weight quantization method instead of the plan's (rtn, gptq)")
     p.add_argument("--hessian", default=None, choices=["router_weighted", "plain"],
@@ -458,11 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="evaluate a method × sparsity × bits grid; runs stored, table to CSV")
     add_eval_args(p)
-    p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "moe_pruner"],
-                   help="pruning metrics (magnitude, wanda, moe_pruner, sparsegpt)")
+    p.add_argument("--methods", nargs="+", default=list(SCORE_METRICS), help=f"pruning metrics ({', '.join(METRICS)})")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.25, 0.5, 0.75], help="global sparsities in [0, 1)")
     p.add_argument("--bits", nargs="+", type=int, default=[16], help="expert weight bits (2, 3, 4, 8, 16)")
-    p.add_argument("--structure", default="unstructured", help="unstructured or N:M such as 2:4")
+    p.add_argument("--structure", default="unstructured", help=f"unstructured or N:M such as {', '.join(NM_PATTERNS)}")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size (-1 = whole row)")
     p.add_argument("--csv", default="moeviz_sweep.csv", help="output table (default moeviz_sweep.csv)")
     _add_method_args(p, sweep=True)
@@ -472,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_args(p)
     p.add_argument("--sens-samples", type=int, default=16,
                    help="calibration windows the sensitivity is measured on (the first N; default 16)")
-    p.add_argument("--metric", default="moe_pruner", help="pruning metric (magnitude, wanda, moe_pruner)")
+    p.add_argument("--metric", default="moe_pruner", help=f"pruning metric ({', '.join(SCORE_METRICS)})")
     p.add_argument("--sparsities", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.9], help="grid sparsities")
     p.add_argument("--bits", nargs="+", type=int, default=[16, 8, 4, 3, 2], help="grid bit widths")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size (-1 = whole row)")
@@ -527,6 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    runtime_config.configure()  # the process-wide settings (allocator, loader reads, kernels), env switches
     try:
         return args.func(args)
     except MoevizError as e:

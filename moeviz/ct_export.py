@@ -1,5 +1,5 @@
 """What a compressed-tensors export writes for a plan: one scheme per MoE layer, and the packing of each
-expert projection as the streamed export produces it (see `moeviz.export`, `moeviz.ct_format`).
+expert projection as the streamed export produces it (see `moeviz.export`, `moeviz.compression.ct_pack`).
 
 The export streams one decoder layer at a time in checkpoint format (per-expert 2-D keys). `ExpertPacker`
 plugs into that stream: `layout` turns a unit's planned meta tensors into the packed ones (so the shard
@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from moeviz.compression.apply import CompressedModel, resolve_settings
+from moeviz.compression.apply import CompressedModel
 from moeviz.compression.plan import CompressionPlan
-from moeviz.ct_format import (EXPERT_KEY, PROJECTION_OF, PackScheme, expert_target, pack_projection, packed_layout,
+from moeviz.compression.resolve import resolve_plan
+from moeviz.compression.ct_pack import (EXPERT_KEY, PROJECTION_OF, PackScheme, expert_target, pack_projection, packed_layout,
                               quantization_config, unpack_projection)
-from moeviz.deployability import layer_schemes
+from moeviz.compression.deployability import layer_schemes
 from moeviz.errors import MoevizError
 from moeviz.models.layers import MoELayer
 
@@ -29,8 +30,8 @@ def plan_bits(plan: CompressionPlan, layers: list[MoELayer]) -> tuple[np.ndarray
     d = plan.to_dict()
     d["pruning"]["sparsity"] = 0.0
     d["overrides"] = [dict(o, sparsity=None) for o in d["overrides"]]
-    _, bits, removed = resolve_settings(CompressionPlan.from_dict(d), layers, None)
-    return bits, removed
+    resolved = resolve_plan(CompressionPlan.from_dict(d), layers, None)
+    return resolved.bits, resolved.removed
 
 
 @dataclass

@@ -473,7 +473,7 @@ def export_model(loaded: LoadedModel, compressed: CompressedModel, out: str | Pa
 
     format: "dense" (every weight in the model dtype: pruned zeros, dequantized values) or
     "compressed-tensors" (quantized experts packed as llm-compressor writes them and vLLM serves them,
-    `moeviz.ct_format`; the rest dense). Every refusal happens before anything is written."""
+    `moeviz.compression.ct_pack`; the rest dense). Every refusal happens before anything is written."""
     from transformers import AutoModelForCausalLM
 
     if format not in EXPORT_FORMATS:

@@ -3,8 +3,8 @@
 Timing the base model once and each compressed model later lets a busy moment on a shared machine
 land on one side only (the same plan measured 5 and 38 ms/token). Here both are timed in the same
 loop, alternating A B B A …, each repeat one greedy generation with the KV cache through the same
-code path as `moeviz.evaluation.latency.measure_latency` (`_generate`), after one discarded warm-up
-generation of each. Every evaluation measures this way (`Evaluator.evaluate`); the Compress page can
+code path as `moeviz.evaluation.latency.measure_latency` (`models.generation.timed_generation`), after
+one discarded warm-up generation of each. Every evaluation measures this way (`Evaluator.evaluate`); the Compress page can
 repeat it with more repeats. Reported per model: the median of the per-token decode times and the
 spread (first and third quartiles, min and max), whether the two spreads overlap (then the difference
 is within this machine's noise) and whether the machine looked busy (load average, or a spread wider
@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from moeviz.models.generation import device_name, timed_generation
 from moeviz.models.offload import execution_device
 
 # A spread (IQR) wider than this share of the median, or a load average above this share of the
@@ -94,11 +94,11 @@ def interleaved_decode_latency(base_model, compressed_model, input_ids: torch.Te
     try:
         for m in models.values():
             m.eval()
-            _generate(m, ids, min(2, decode_tokens), device)  # warm-up, discarded
+            timed_generation(m, ids, min(2, decode_tokens), device)  # warm-up, discarded
         for r in range(repeats):
             order = ("base", "compressed") if r % 2 == 0 else ("compressed", "base")
             for k in order:
-                pre_s, dec_s = _generate(models[k], ids, decode_tokens, device)
+                pre_s, dec_s = timed_generation(models[k], ids, decode_tokens, device)
                 times[k].append(dec_s / decode_tokens * 1e3)
                 prefill[k].append(pre_s * 1e3)
             if progress is not None:
@@ -110,7 +110,7 @@ def interleaved_decode_latency(base_model, compressed_model, input_ids: torch.Te
     for k in models:
         out[k]["prefill_ms"] = statistics.median(prefill[k])
     out.update(decode_tokens=decode_tokens, repeats=repeats, prompt_tokens=int(ids.shape[-1]),
-               batch_size=int(ids.shape[0]), device=_device_name(device), torch_threads=torch.get_num_threads(),
+               batch_size=int(ids.shape[0]), device=device_name(device), torch_threads=torch.get_num_threads(),
                dtype=str(next(base_model.parameters()).dtype).replace("torch.", ""))
     return out
 
@@ -145,8 +145,3 @@ def verdict(ab: dict) -> str:
     if ab["busy"]:
         text += f" The machine looked busy ({ab['busy_reason']}): measure again when it is idle."
     return text
-
-
-# Imported last: moeviz.evaluation (imported for these two) imports this module's functions above, so
-# `import moeviz.latency_ab` as the first import would otherwise find them not yet defined (a cycle).
-from moeviz.evaluation.latency import _device_name, _generate  # noqa: E402

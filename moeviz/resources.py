@@ -9,6 +9,8 @@ finds its demo model and app without the checkout. The copy of the app is data f
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -25,3 +27,18 @@ def shipped_path(relative: str) -> Path:
 
 SAMPLE_DATA_DIR = shipped_path("sample_data")
 APP_FILE = shipped_path("app.py")
+
+
+def data_dir() -> Path:
+    """Where moeviz keeps its files: ``$MOEVIZ_DATA_DIR``, else the platform's user cache dir."""
+    env = os.environ.get("MOEVIZ_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    home = Path.home()
+    if sys.platform == "darwin":
+        return home / "Library" / "Caches" / "moeviz"
+    if sys.platform == "win32":
+        local = os.environ.get("LOCALAPPDATA")
+        return (Path(local) if local else home / "AppData" / "Local") / "moeviz" / "Cache"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else home / ".cache") / "moeviz"

@@ -28,6 +28,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from moeviz.compression.plan import plan_key as canonical_plan_key
+from moeviz.resources import data_dir  # noqa: F401  (moeviz.store.data_dir: where the run store lives)
+
 DB_FILENAME = "runs.sqlite"
 BUSY_TIMEOUT_MS = 30_000
 
@@ -109,16 +112,8 @@ _BASE_COLUMNS = (
 
 
 def plan_key(plan: dict) -> str:
-    """Canonical JSON of a plan for identity: sorted keys, without its free-text name. Fields a plan was
-    stored without (it predates them) count with their defaults: the same plan, the same key."""
-    d = _jsonable(plan or {})
-    try:
-        from moeviz.compression.plan import CompressionPlan
-
-        d = _jsonable(CompressionPlan.from_dict(d).to_dict())
-    except Exception:  # noqa: BLE001 - not a readable plan: compared as stored
-        pass
-    return json.dumps({k: v for k, v in d.items() if k != "name"}, sort_keys=True, allow_nan=False)
+    """`compression.plan.plan_key` of a stored plan (arrays, numpy numbers and NaN made plain JSON first)."""
+    return canonical_plan_key(_jsonable(plan or {}))
 
 
 def _tags(raw) -> list[str]:
@@ -135,21 +130,6 @@ def clean_tags(tags) -> list[str]:
         if t and t not in out:
             out.append(t)
     return out
-
-
-def data_dir() -> Path:
-    """Where moeviz keeps its files: ``$MOEVIZ_DATA_DIR``, else the platform's user cache dir."""
-    env = os.environ.get("MOEVIZ_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    home = Path.home()
-    if sys.platform == "darwin":
-        return home / "Library" / "Caches" / "moeviz"
-    if sys.platform == "win32":
-        local = os.environ.get("LOCALAPPDATA")
-        return (Path(local) if local else home / "AppData" / "Local") / "moeviz" / "Cache"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else home / ".cache") / "moeviz"
 
 
 @dataclass
@@ -397,22 +377,6 @@ class RunStore:
         for m in DENORMALISED_METRICS:
             df[m] = pd.to_numeric(df[m], errors="coerce")
         return df
-
-    def pareto(
-        self,
-        model_fingerprint: str,
-        x: str = "compression_ratio",
-        y: str = "accuracy",
-        maximize_x: bool = True,
-        maximize_y: bool = True,
-    ):
-        """The model's runs on the Pareto front of (x, y), sorted by x (runs lacking x or y excluded)."""
-        from moeviz.evaluation.pareto import pareto_front
-
-        df = self.runs(model_fingerprint=model_fingerprint)
-        if df.empty or x not in df or y not in df:
-            return df.iloc[0:0]
-        return pareto_front(df, x, y, maximize_x=maximize_x, maximize_y=maximize_y)
 
     def delete_run(self, run_id: int) -> bool:
         """Delete a run (recovery runs that pointed at it keep existing, with parent_run_id NULL)."""

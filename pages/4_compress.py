@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from moeviz import figures
-from moeviz.deployability import export_note
+from moeviz.compression.deployability import export_note
 from moeviz.figures._common import readable
 from moeviz.compression.apply import check_plan_fits
 from moeviz.compression.plan import (

@@ -4,7 +4,7 @@ import json
 
 import streamlit as st
 
-from moeviz.deployability import deployability_table
+from moeviz.compression.deployability import deployability_table
 from moeviz.export import check_destination, default_export_folder, export_model, exported_files
 from moeviz.compression.preview import format_bytes, plan_storage
 from moeviz.runview import runs_csv

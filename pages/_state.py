@@ -5,7 +5,7 @@ every computation is a `moeviz` library call).
   every browser session; nothing ever mutates it (compression works on structural copies).
 - The evaluator (the base model's outputs on the held-out text) is shared the same way.
 - Calibration statistics are cached on disk by fingerprint (`moeviz.workspace`).
-- Each session has its own plan, its own `Compressor` (rank caches on small models only) and its own
+- Each session has its own plan, its own `Compressor` (cached column factors and second-order results) and its own
   results; results belong to the model they were computed on (`MODEL_SCOPED`) and are dropped when the
   model changes.
 """

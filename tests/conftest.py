@@ -17,12 +17,37 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import FAMILIES, save_tiny_model  # noqa: E402
 
+from moeviz import runtime_config  # noqa: E402
+
+# The suite runs as the app and the CLI do (moeviz.runtime_config: plain reads, fixed mmap threshold).
+runtime_config.configure()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
     """family -> folder of a saved tiny random model (built once per test session)."""
     root = tmp_path_factory.mktemp("tiny_models")
     return {family: save_tiny_model(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The bundled demo MoE (sample_data/demo-moe) through moeviz.load_model, once per session (read-only:
+    compression works on structural copies, and tests check the base is never touched)."""
+    from moeviz.models import load_model
+
+    return load_model()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_threads():
+    """A module that changes torch's thread count (benchmark-like tests, one-thread fixtures) gets it back
+    at its end, so the next module runs with the count the session started with."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

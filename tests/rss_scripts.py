@@ -1,4 +1,4 @@
-"""The common start of the memory tests' subprocess scripts (tests/test_memory.py, tests/test_scale.py).
+"""The common start of the memory tests' subprocess scripts (tests/test_memory.py, tests/test_lazy.py).
 
 Each measurement runs in a fresh process (`python -c PREAMBLE + body`, argv[1] = the tests folder) so
 that its RSS is its own. The preamble imports the libraries (numba included: it loads once per process,
@@ -32,6 +32,7 @@ import atexit, gc, json, os, shutil, sys, tempfile, threading, time, torch, tran
 sys.path.insert(0, sys.argv[1])
 from tiny_models import tiny_tokenizer
 import moeviz
+from moeviz import runtime_config; runtime_config.configure()  # as the app and the CLI run
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings, fused_prune
 from moeviz.compression.apply import Compressor
 from moeviz.data import TokenSamples

@@ -19,21 +19,20 @@ from moeviz.calibration import calibrate
 from moeviz.compression import CompressionPlan, PruningSettings
 from moeviz.compression.apply import Compressor
 from moeviz.compression.removal import experts_to_remove
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import MoevizError, PlanError
 from moeviz.evaluation import EvalSettings, Evaluator
 from moeviz.export import export_model
 from moeviz.models import load_model
+from documents import documents
 
 MODEL_TYPES = moe_causal_lm_model_types()
-DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 8, "prose"),
-        Document("x = [i * i for i in range(10)]\n" * 8, "code")]
+DOCS = documents(8)
 # A floor, not the list under test: families that must keep working (moeviz's original eight and the
 # ones issue 12 named), so a regression cannot hide as an "accurate refusal".
 MUST_WORK = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe", "phimoe", "gpt_oss",
              "llama4_text", "inkling_text", "afmoe", "gemma4_text", "hunyuan_v1_moe", "longcat_flash", "zaya",
              "glm4_moe", "minimax_m2", "lfm2_moe", "nemotron_h", "sarvam_mla", "dots1", "deepseek_v32"}
-OUTCOMES: dict[str, str] = {}  # model_type -> "works ..." / "refused: ..." (printed at the end of the sweep)
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +99,12 @@ def _removal(lm, stats) -> list[tuple[int, int]]:
 def test_family_works_end_to_end_or_is_refused(model_type, family_folder, loaded_family, tmp_path):
     made = family_folder(model_type)
     if isinstance(made, str):
-        OUTCOMES[model_type] = made
         pytest.skip(made)
     folder, arch = made
     lm = loaded_family(model_type)
     if isinstance(lm, MoevizError):
         assert model_type not in MUST_WORK, f"{model_type} must work but was refused: {lm}"
         _assert_accurate_refusal(lm, arch)
-        OUTCOMES[model_type] = f"refused: {lm}"
         return
     samples = tokenize_documents(DOCS, lm.tokenizer, 4, 12)
     stats = calibrate(lm, samples, batch_size=4)
@@ -133,9 +130,7 @@ def test_family_works_end_to_end_or_is_refused(model_type, family_folder, loaded
     reloaded = load_model(out)
     removed = len(plan.removed_experts) // len(lm.layers)
     assert reloaded.layers[0].num_experts == lm.layers[0].num_experts - removed
-    OUTCOMES[model_type] = (f"works: {lm.info.family} ({lm.info.distribution})"
-                            + (f", removal {removed}/layer" if removed else ", no removal (rule not verified)")
-                            + ("" if result.latency_measured else f", measured latency unavailable"))
+
 
 
 def _weight_kind(logits: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> str | None:
@@ -211,10 +206,3 @@ def test_sweep_discovers_moe_families_only():
         assert t in MODEL_TYPES
     assert "llama" not in MODEL_TYPES and "gpt2" not in MODEL_TYPES
     assert len(MODEL_TYPES) >= 40
-
-
-def test_print_outcomes():
-    """Runs last in this module: the families table (visible with -s)."""
-    print()
-    for t in sorted(OUTCOMES):
-        print(f"{t:24s} {OUTCOMES[t]}")

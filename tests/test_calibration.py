@@ -6,18 +6,16 @@ import torch
 from moeviz.calibration import CalibrationStats, calibrate
 from moeviz.calibration.collect import _LayerCollector
 from moeviz.calibration.stats import stats_fingerprint
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.models.experts import experts_forward, gate_on_input
 from moeviz.models.layers import find_moe_layers
 from moeviz.models.routing import full_distribution
 from moeviz.models.views import structural_copy
 from tiny_models import FAMILIES
+from documents import varied_documents
 
 ALL = list(FAMILIES)
-DOCS = [
-    Document("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 12, "prose"),
-    Document("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n" * 8, "code"),
-]
+DOCS = varied_documents(12, 8)
 
 
 def samples_for(lm, n=6, seq_len=16, seed=0):

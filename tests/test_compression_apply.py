@@ -9,15 +9,13 @@ import transformers
 
 from moeviz.calibration import calibrate
 from moeviz.compression import CompressionPlan, Override, PruningSettings, QuantSettings
-from moeviz.compression.apply import Compressor, apply_plan
+from moeviz.compression.apply import Compressor
 from moeviz.compression.removal import experts_to_remove
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import PlanError
+from documents import varied_documents
 
-DOCS = [
-    Document("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 12, "prose"),
-    Document("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n" * 8, "code"),
-]
+DOCS = varied_documents(12, 8)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +64,7 @@ def test_plan_json_round_trip():
 def test_invalid_plans_name_the_field(mixtral, kw, message):
     lm, _, stats = mixtral
     with pytest.raises(PlanError, match=message):
-        apply_plan(lm, stats, plan(**kw))
+        Compressor(lm, stats).apply(plan(**kw))
 
 
 def test_unknown_plan_field_and_bad_json():
@@ -79,14 +77,14 @@ def test_unknown_plan_field_and_bad_json():
 def test_metric_needing_stats_without_stats(mixtral):
     lm, _, _ = mixtral
     with pytest.raises(PlanError, match="needs calibration statistics"):
-        apply_plan(lm, None, plan(metric="wanda", sparsity=0.5))
-    assert apply_plan(lm, None, plan(metric="magnitude", sparsity=0.5)).storage.experts_bytes > 0
+        Compressor(lm, None).apply(plan(metric="wanda", sparsity=0.5))
+    assert Compressor(lm, None).apply(plan(metric="magnitude", sparsity=0.5)).storage.experts_bytes > 0
 
 
 @pytest.mark.parametrize("metric", ["magnitude", "wanda", "moe_pruner"])
 def test_unstructured_exact_fraction_per_row_and_masks_equal_brute_force(mixtral, metric):
     lm, _, stats = mixtral
-    cm = apply_plan(lm, stats, plan(metric=metric, sparsity=0.5))
+    cm = Compressor(lm, stats).apply(plan(metric=metric, sparsity=0.5))
     norms = {"wanda": ("input_sq", "down_sq"), "moe_pruner": ("input_sq_weighted", "down_sq_weighted")}
     for layer, base_layer, ls in zip(cm.layers, lm.layers, stats.layers):
         for proj in ("gate", "up", "down"):
@@ -112,7 +110,7 @@ def test_unstructured_exact_fraction_per_row_and_masks_equal_brute_force(mixtral
 def test_nm_pattern_in_every_group(mixtral, structure):
     lm, _, stats = mixtral
     n, m = map(int, structure.split(":"))
-    cm = apply_plan(lm, stats, plan(metric="moe_pruner", structure=structure))
+    cm = Compressor(lm, stats).apply(plan(metric="moe_pruner", structure=structure))
     for layer in cm.layers:
         for proj in ("gate", "up", "down"):
             w = layer.weight(proj)
@@ -128,9 +126,9 @@ def test_moe_pruner_equals_wanda_when_gate_weights_are_equal(mixtral):
     for ls in equal.layers:  # as if every routed token had gate weight 0.5: Σ(g x)² = 0.25 Σ x²
         ls.input_sq_weighted = ls.input_sq * 0.25
         ls.down_sq_weighted = ls.down_sq * 0.25
-    a = apply_plan(lm, equal, plan(metric="moe_pruner", sparsity=0.6))
-    b = apply_plan(lm, equal, plan(metric="wanda", sparsity=0.6))
-    c = apply_plan(lm, stats, plan(metric="moe_pruner", sparsity=0.6))
+    a = Compressor(lm, equal).apply(plan(metric="moe_pruner", sparsity=0.6))
+    b = Compressor(lm, equal).apply(plan(metric="wanda", sparsity=0.6))
+    c = Compressor(lm, stats).apply(plan(metric="moe_pruner", sparsity=0.6))
     for la, lb, lc in zip(a.layers, b.layers, c.layers):
         assert torch.equal(la.experts.gate_up_proj, lb.experts.gate_up_proj)
         assert torch.equal(la.experts.down_proj, lb.experts.down_proj)
@@ -141,7 +139,7 @@ def test_moe_pruner_equals_wanda_when_gate_weights_are_equal(mixtral):
 @pytest.mark.parametrize("allocation", ["uniform", "utilization"])
 def test_allocation_hits_global_target(mixtral, allocation):
     lm, _, stats = mixtral
-    cm = apply_plan(lm, stats, plan(metric="wanda", sparsity=0.4, allocation=allocation,
+    cm = Compressor(lm, stats).apply(plan(metric="wanda", sparsity=0.4, allocation=allocation,
                                     allocation_bounds=(0.05, 0.9)))
     per_expert = lm.layers[0].expert_param_count()
     ratios = torch.tensor([e.sparsity for e in cm.experts], dtype=torch.float64)
@@ -162,7 +160,7 @@ def test_overrides_win_and_quantization_is_on_the_grid(mixtral):
     lm, _, stats = mixtral
     p = plan(metric="magnitude", sparsity=0.5, q_bits=4, q_group_size=8,
              overrides=[Override(0, sparsity=0.25), Override(0, 2, sparsity=0.0, bits=16), Override(1, 3, bits=2)])
-    cm = apply_plan(lm, stats, p)
+    cm = Compressor(lm, stats).apply(p)
     table = {(e.layer, e.expert): e for e in cm.experts}
     assert table[0, 0].sparsity == 0.25 and table[0, 2].sparsity == 0.0 and table[0, 2].bits == 16
     assert table[1, 3].bits == 2 and table[1, 0].bits == 4 and table[1, 0].sparsity == 0.5
@@ -175,7 +173,7 @@ def test_overrides_win_and_quantization_is_on_the_grid(mixtral):
 
 def test_all_16_bit_zero_sparsity_is_identity_and_shares_every_tensor(mixtral):
     lm, samples, stats = mixtral
-    cm = apply_plan(lm, stats, CompressionPlan())
+    cm = Compressor(lm, stats).apply(CompressionPlan())
     assert cm.replaced_tensors == []
     for (n, p), (_, q) in zip(lm.model.named_parameters(), cm.model.named_parameters()):
         assert p is q, n  # shared, not copied
@@ -185,7 +183,7 @@ def test_all_16_bit_zero_sparsity_is_identity_and_shares_every_tensor(mixtral):
 
 def test_only_touched_tensors_are_copied(mixtral):
     lm, _, stats = mixtral
-    cm = apply_plan(lm, stats, plan(metric="magnitude", overrides=[Override(1, 0, sparsity=0.5)]))
+    cm = Compressor(lm, stats).apply(plan(metric="magnitude", overrides=[Override(1, 0, sparsity=0.5)]))
     assert cm.replaced_tensors == ["model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj"]
     assert cm.layers[0].experts.gate_up_proj is lm.layers[0].experts.gate_up_proj
     assert cm.layers[1].experts.gate_up_proj is not lm.layers[1].experts.gate_up_proj
@@ -198,7 +196,7 @@ def test_base_model_bit_identical_after_apply_evaluate_discard(mixtral):
     for p in [plan(metric="moe_pruner", sparsity=0.7, q_bits=3, q_group_size=8, removed_experts=[(0, 1), (1, 2)],
                    router_sparsity=0.5, router_bits=4, activation_bits=4),
               plan(structure="2:4", metric="wanda", sequential=True)]:
-        cm = apply_plan(lm, stats, p, samples=samples)
+        cm = Compressor(lm, stats).apply(p, samples=samples)
         cm.model(input_ids=samples.input_ids)
         calibrate_after = calibrate(lm, samples, batch_size=4)  # the base still calibrates the same
         del cm
@@ -229,7 +227,7 @@ def test_expert_removal_reroutes_and_equals_a_physically_smaller_model(mixtral):
     assert len(removed) == 2 and {l for l, _ in removed} == {0, 1}
     for layer, e in removed:  # the least used expert of its layer
         assert stats.layers[layer].utilization()[e] == stats.layers[layer].utilization().min()
-    cm = apply_plan(lm, stats, plan(removed_experts=removed))
+    cm = Compressor(lm, stats).apply(plan(removed_experts=removed))
     from moeviz.models.loading import LoadedModel
 
     comp_stats = calibrate(LoadedModel(cm.model, lm.tokenizer, cm.layers, lm.info), samples, batch_size=4)
@@ -257,7 +255,7 @@ def test_reap_scores_pick_lowest_router_weighted_output_norm(mixtral):
 
 def test_router_pruning_and_quantization(mixtral):
     lm, _, stats = mixtral
-    cm = apply_plan(lm, stats, plan(router_sparsity=0.5, router_bits=8, q_group_size=-1))
+    cm = Compressor(lm, stats).apply(plan(router_sparsity=0.5, router_bits=8, q_group_size=-1))
     for layer, base in zip(cm.layers, lm.layers):
         w = layer.router.weight
         assert ((w == 0).sum(1) == w.shape[1] // 2).all()
@@ -270,22 +268,22 @@ def test_router_pruning_and_quantization(mixtral):
 
 def test_activation_quantization_changes_outputs_but_not_weights(mixtral):
     lm, samples, stats = mixtral
-    cm = apply_plan(lm, stats, plan(activation_bits=4))
+    cm = Compressor(lm, stats).apply(plan(activation_bits=4))
     assert cm.replaced_tensors == []
     out = cm.model(input_ids=samples.input_ids).logits
     base = lm.model(input_ids=samples.input_ids).logits
     assert not torch.equal(out, base) and torch.isfinite(out).all()
-    assert torch.equal(apply_plan(lm, stats, plan(activation_bits=16)).model(input_ids=samples.input_ids).logits, base)
+    assert torch.equal(Compressor(lm, stats).apply(plan(activation_bits=16)).model(input_ids=samples.input_ids).logits, base)
 
 
 def test_sequential_recalibrates_later_layers(mixtral):
     lm, samples, stats = mixtral
-    one_pass = apply_plan(lm, stats, plan(metric="wanda", sparsity=0.5))
-    seq = apply_plan(lm, stats, plan(metric="wanda", sparsity=0.5, sequential=True), samples=samples)
+    one_pass = Compressor(lm, stats).apply(plan(metric="wanda", sparsity=0.5))
+    seq = Compressor(lm, stats).apply(plan(metric="wanda", sparsity=0.5, sequential=True), samples=samples)
     assert torch.equal(one_pass.layers[0].experts.down_proj, seq.layers[0].experts.down_proj)  # same inputs
     assert not torch.equal(one_pass.layers[1].experts.down_proj, seq.layers[1].experts.down_proj)
     with pytest.raises(PlanError, match="needs the calibration samples"):
-        apply_plan(lm, stats, plan(metric="wanda", sparsity=0.5, sequential=True))
+        Compressor(lm, stats).apply(plan(metric="wanda", sparsity=0.5, sequential=True))
 
 
 def _hand_keep(w0: torch.Tensor, col_sq: torch.Tensor, structure: str) -> torch.Tensor:
@@ -346,25 +344,9 @@ def test_sequential_equals_layer_by_layer_recalibration_by_hand(mixtral, metric,
     assert not torch.allclose(layer_stats.input_sq, stats.layers[1].input_sq)
     if ":" not in structure:  # a second sequential plan on the same Compressor re-calibrates afresh
         other = plan(metric=metric, sparsity=0.3, sequential=True)
-        fresh = apply_plan(lm, stats, other, samples=samples)
+        fresh = Compressor(lm, stats).apply(other, samples=samples)
         assert torch.equal(comp.apply(other, samples=samples).layers[1].experts.gate_up_proj,
                            fresh.layers[1].experts.gate_up_proj)
-
-
-def test_compressor_reuses_cached_ranks_only_when_asked(mixtral):
-    lm, _, stats = mixtral
-    c = Compressor(lm, stats, cache_ranks=True)
-    a = c.apply(plan(metric="moe_pruner", sparsity=0.3))
-    n_cached = len(c._ranks)
-    b = c.apply(plan(metric="moe_pruner", sparsity=0.6))
-    assert len(c._ranks) == n_cached > 0
-    fresh = apply_plan(lm, stats, plan(metric="moe_pruner", sparsity=0.6))  # thresholds on the fly, no cache
-    assert torch.equal(b.layers[1].experts.gate_up_proj, fresh.layers[1].experts.gate_up_proj)
-    assert torch.equal(b.layers[0].experts.down_proj, fresh.layers[0].experts.down_proj)
-    assert a.storage.experts_bytes > b.storage.experts_bytes
-    default = Compressor(lm, stats)
-    default.apply(plan(metric="moe_pruner", sparsity=0.6))
-    assert default._ranks == {}  # no per-weight cache by default
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe", "granitemoe", "olmoe", "qwen3_moe"])
@@ -373,7 +355,7 @@ def test_every_family_compresses_and_removes_experts(family, loaded_tiny):
     samples = tokenize_documents(DOCS, lm.tokenizer, 4, 16, seed=0)
     stats = calibrate(lm, samples, batch_size=4)
     removed = experts_to_remove(stats, 1, "reap")
-    cm = apply_plan(lm, stats, plan(metric="moe_pruner", sparsity=0.5, q_bits=4, q_group_size=-1,
+    cm = Compressor(lm, stats).apply(plan(metric="moe_pruner", sparsity=0.5, q_bits=4, q_group_size=-1,
                                     removed_experts=removed))
     out = cm.model(input_ids=samples.input_ids).logits
     assert torch.isfinite(out).all()
@@ -400,7 +382,7 @@ def test_group_size_matters_only_for_quantized_tensors(loaded_tiny):
     prune_only = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5),
                                  quant=QuantSettings(bits=16, group_size=20))
     check_plan_fits(prune_only, lm.layers)
-    cm = apply_plan(lm, None, prune_only)
+    cm = Compressor(lm, None).apply(prune_only)
     assert cm.storage.summary()["experts_compression_ratio"] > 1.0
     for quantizing in (CompressionPlan(quant=QuantSettings(bits=4, group_size=20)),
                        CompressionPlan(quant=QuantSettings(bits=16, group_size=20), overrides=[Override(layer=1, expert=2, bits=4)]),
@@ -408,4 +390,4 @@ def test_group_size_matters_only_for_quantized_tensors(loaded_tiny):
         with pytest.raises(PlanError, match="does not divide"):
             check_plan_fits(quantizing, lm.layers)
         with pytest.raises(PlanError, match="does not divide"):
-            apply_plan(lm, None, quantizing)
+            Compressor(lm, None).apply(quantizing)

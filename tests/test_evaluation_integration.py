@@ -9,15 +9,13 @@ import torch.nn.functional as F
 from moeviz.calibration import calibrate
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.apply import Compressor
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.evaluation import EvalSettings, Evaluator, grid_plans, run_sweep
 from moeviz.evaluation.evaluate import _balanced_subset
 from moeviz.store import RunStore
+from documents import varied_documents
 
-DOCS = [
-    Document("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 30, "prose"),
-    Document("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n" * 20, "code"),
-]
+DOCS = varied_documents(30, 20)
 FAST = EvalSettings(batch_size=4, record_tokens=128, measure_latency=False)
 
 
@@ -142,8 +140,8 @@ def test_every_evaluation_times_base_and_compressed_back_to_back(loaded_tiny, mo
     ev = Evaluator(lm, held, EvalSettings(batch_size=2, record_tokens=16, latency_prompt_tokens=8,
                                           latency_decode_tokens=2, latency_repeats=4))
     comp = Compressor(lm)
-    calls, original = [], latency_ab._generate
-    monkeypatch.setattr(latency_ab, "_generate",
+    calls, original = [], latency_ab.timed_generation
+    monkeypatch.setattr(latency_ab, "timed_generation",
                         lambda model, *a: calls.append("base" if model is lm.model else "compressed") or original(model, *a))
     store = RunStore(tmp_path / "runs.sqlite")
     for s in (0.3, 0.6):

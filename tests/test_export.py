@@ -8,15 +8,15 @@ import transformers
 
 from moeviz.calibration import calibrate
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
-from moeviz.compression.apply import apply_plan
+from moeviz.compression.apply import Compressor
 from moeviz.compression.removal import experts_to_remove
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import MoevizError
 from moeviz.export import export_model
 from moeviz.models import load_model
+from documents import documents
 
-DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
-        Document("x = [i * i for i in range(10)]\n" * 20, "code")]
+DOCS = documents(20)
 
 
 def folder_bytes(path):
@@ -34,7 +34,7 @@ def test_round_trip_reproduces_the_compressed_model(family, loaded_tiny, tmp_pat
         removed = experts_to_remove(stats, 1, "frequency")
     plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5),
                            quant=QuantSettings(bits=4, group_size=-1), removed_experts=removed)
-    cm = apply_plan(lm, stats, plan)
+    cm = Compressor(lm, stats).apply(plan)
     out = export_model(lm, cm, tmp_path / "out")
     back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
@@ -52,21 +52,21 @@ def test_round_trip_reproduces_the_compressed_model(family, loaded_tiny, tmp_pat
 
 def test_deepseek_uneven_group_removal_is_refused(loaded_tiny, tmp_path):
     lm = loaded_tiny("deepseek_v3")
-    cm = apply_plan(lm, None, CompressionPlan(removed_experts=[(0, 1), (0, 2), (1, 1), (1, 2)]))
+    cm = Compressor(lm, None).apply(CompressionPlan(removed_experts=[(0, 1), (0, 2), (1, 1), (1, 2)]))
     with pytest.raises(MoevizError, match=r"removes \[2, 0\] experts from its 2 routing groups"):
         export_model(lm, cm, tmp_path / "out")
 
 
 def test_refusals_and_atomicity(loaded_tiny, tmp_path, monkeypatch):
     lm = loaded_tiny("mixtral")
-    cm = apply_plan(lm, None, CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.3)))
+    cm = Compressor(lm, None).apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.3)))
     with pytest.raises(MoevizError, match="source model's folder"):
         export_model(lm, cm, lm.info.source + "/sub")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "results.csv").write_text("a,b")  # an empty folder would be used as is
     with pytest.raises(MoevizError, match="already exists"):
         export_model(lm, cm, tmp_path / "taken")
-    uneven = apply_plan(lm, None, CompressionPlan(removed_experts=[(0, 1)]))
+    uneven = Compressor(lm, None).apply(CompressionPlan(removed_experts=[(0, 1)]))
     with pytest.raises(MoevizError, match=r"removed experts per layer are \[1, 0\]"):
         export_model(lm, uneven, tmp_path / "uneven")
 
@@ -81,13 +81,13 @@ def test_refusals_and_atomicity(loaded_tiny, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["taken"]  # no temporary folder left either
 
 
-def test_demo_export_reproduces_in_app_metrics(tmp_path):
+def test_demo_export_reproduces_in_app_metrics(tmp_path, demo_model):
     """The exported demo model, reloaded through load_model and evaluated like any model, gives the
     perplexity and accuracy the app showed for the plan."""
     from moeviz.compression.apply import Compressor
     from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
 
-    lm = load_model()
+    lm = demo_model
     samples = tokenize_documents(DOCS, lm.tokenizer, 4, 64)
     stats = calibrate(lm, samples)
     plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5),

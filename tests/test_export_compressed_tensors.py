@@ -12,7 +12,7 @@ import torch
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.apply import Compressor
 from moeviz.ct_export import plan_bits
-from moeviz.deployability import assess
+from moeviz.compression.deployability import assess
 from moeviz.errors import MoevizError
 from moeviz.export import export_model, exported_files
 from moeviz.models import load_model

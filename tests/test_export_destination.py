@@ -12,7 +12,7 @@ import pytest
 import moeviz
 from moeviz.cli import main
 from moeviz.compression import CompressionPlan, PruningSettings
-from moeviz.compression.apply import apply_plan
+from moeviz.compression.apply import Compressor
 from moeviz.data import SAMPLE_DATA_DIR
 from moeviz.destination import EXPORT_MARKER, check_destination
 from moeviz.errors import MoevizError
@@ -39,7 +39,7 @@ def user_folder(tiny_model_dirs, tmp_path):
 
 def test_overwrite_into_the_parent_of_the_source_model_is_refused_and_nothing_is_lost(user_folder):
     lm = load_model(user_folder / "my-moe")
-    cm = apply_plan(lm, None, CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5)))
+    cm = Compressor(lm, None).apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5)))
     before = snapshot(user_folder)
     for out in (user_folder, user_folder.parent):
         with pytest.raises(MoevizError, match="contains the source model's folder"):
@@ -128,9 +128,9 @@ def test_a_symlink_to_the_source_is_refused(tmp_path):
 def test_re_export_replaces_a_previous_export_atomically(loaded_tiny, tmp_path):
     lm = loaded_tiny("mixtral")
     out = tmp_path / "exported"
-    export_model(lm, apply_plan(lm, None, CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.3))), out)
+    export_model(lm, Compressor(lm, None).apply(CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.3))), out)
     plan = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.6))
-    export_model(lm, apply_plan(lm, None, plan), out, overwrite=True)
+    export_model(lm, Compressor(lm, None).apply(plan), out, overwrite=True)
     assert CompressionPlan.from_json((out / EXPORT_MARKER).read_text()) == plan
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # no temporary or old folder left
 

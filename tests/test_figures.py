@@ -191,10 +191,12 @@ def _assert_valid_dot(dot: str):
 def test_moe_layer_dot_plan_colouring_and_removed():
     info = dict(index=1, num_experts=8, top_k=2, routing_rule="softmax → top-k → renormalise",
                 hidden_size=64, intermediate_size=32, shared_expert_paths=["model.layers.1.mlp.shared_expert"])
-    plan = dict(pruning=dict(sparsity=0.5, structure="unstructured"), quant=dict(bits=4),
-                overrides=[dict(layer=1, expert=2, sparsity=0.25, bits=8), dict(layer=0, expert=None, sparsity=0.9)],
-                removed_experts=[[1, 5], [0, 3]], router_sparsity=0.2, router_bits=8)
-    dot = moe_layer_dot(info, plan=plan)
+    plan = dict(router_sparsity=0.2, router_bits=8)
+    # layer 1 resolved: 50 % / 4 bits, expert 2 overridden to 25 % / 8 bits, expert 5 removed
+    resolved = [dict(layer=1, expert=e, sparsity=0.25 if e == 2 else 0.0 if e == 5 else 0.5,
+                     bits=8 if e == 2 else 4, removed=e == 5) for e in range(8)]
+    others = [dict(layer=0, expert=e, sparsity=0.9, bits=4, removed=e == 3) for e in range(8)]
+    dot = moe_layer_dot(info, expert_states=others + resolved, plan=plan)
     _assert_valid_dot(dot)
     labels = _labels(dot)
     experts = {k: v for k, v in labels.items() if re.fullmatch(r"e\d+", k)}
@@ -209,16 +211,17 @@ def test_moe_layer_dot_plan_colouring_and_removed():
     assert "20% pruned · 8b" in labels["router"] and "softmax" in labels["router"]
     assert "shared0" in labels and "<B>legend</B>" in dot and "e5 -> sum" not in dot
     assert all(t in dot for t in ("weights within experts", "the router", "whole experts"))
-    # expert states (applied plan) take precedence; other layers' states are ignored
+    # an applied plan's ExpertState dicts draw the same way; other layers' states are ignored, an expert
+    # without a state is drawn dense (the figure never resolves a plan itself)
     states = [dict(layer=1, expert=0, sparsity=0.75, bits=3, removed=False, zero_fraction=0.7),
               dict(layer=0, expert=1, sparsity=0.1, bits=2, removed=True, zero_fraction=0)]
     labels2 = _labels(moe_layer_dot(info, expert_states=states, plan=plan))
-    assert labels2["e0"] == "e0 · 75% · 3b" and labels2["e1"] == "e1 · 50% · 4b"
+    assert labels2["e0"] == "e0 · 75% · 3b" and labels2["e1"] == "e1 · 0% · 16b"
 
 
 def test_moe_layer_dot_elides_many_experts():
     dot = moe_layer_dot(dict(index=0, num_experts=64, top_k=8, routing_rule="sigmoid"),
-                        plan=dict(removed_experts=[[0, 20]]))
+                        expert_states=[dict(layer=0, expert=20, sparsity=0.0, bits=16, removed=True)])
     _assert_valid_dot(dot)
     experts = sorted(int(k[1:]) for k in _labels(dot) if re.fullmatch(r"e\d+", k))
     assert experts == list(range(12)) + [62, 63]

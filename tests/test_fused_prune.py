@@ -8,12 +8,22 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moeviz import runtime_config
 from moeviz.compression import fused_prune, steps
 from moeviz.compression.scores import column_factor, importance_scores
 from moeviz.compression.scratch import Scratch
 from moeviz.compression.threshold_table import TableCache, grid_counts, slot
 
-pytestmark = pytest.mark.skipif(not fused_prune.enabled(), reason="numba not installed")
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """set(fused=...): the runtime configuration's one switch between the kernel and the torch path, for
+    this test only."""
+    def set(fused: bool = True, threads: int = 0):
+        monkeypatch.setattr(runtime_config, "current", lambda: runtime_config.RuntimeConfig(
+            plain_reads=False, fixed_mmap_threshold=False, fused_kernels=fused, prune_threads=threads))
+    return set
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -29,9 +39,9 @@ def _brute_keep(scores: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
-def _prune(base, factor, k, *, fused: bool, monkeypatch, inplace: bool, plan_t: bool = False):
+def _prune(base, factor, k, *, fused: bool, kernels, inplace: bool, plan_t: bool = False):
     """prune_rows from a built table (k on the grid), or with this plan's thresholds `t` (plan_t)."""
-    monkeypatch.setenv("MOEVIZ_NO_NUMBA", "0" if fused else "1")
+    kernels(fused)
     cache, scratch = TableCache(), Scratch()
     s = slot(base, "gate", 0, factor, cache)
     first = torch.empty_like(base)
@@ -50,7 +60,7 @@ def _prune(base, factor, k, *, fused: bool, monkeypatch, inplace: bool, plan_t: 
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("metric", ["magnitude", "moe_pruner"])
 @pytest.mark.parametrize("row_stride", [1, 2])
-def test_fused_equals_torch_path_bit_for_bit_and_brute_force(dtype, ties, metric, row_stride, monkeypatch):
+def test_fused_equals_torch_path_bit_for_bit_and_brute_force(dtype, ties, metric, row_stride, monkeypatch, kernels):
     """row_stride 2: rows of a wider tensor (row-strided views, the kernel's second compiled layout)."""
     g = torch.Generator().manual_seed(3)
     n = 96
@@ -70,43 +80,43 @@ def test_fused_equals_torch_path_bit_for_bit_and_brute_force(dtype, ties, metric
         for inplace in (False, True):
             for plan_t in (False, True):
                 calls.clear()
-                got, t = _prune(base, factor, k, fused=True, monkeypatch=monkeypatch, inplace=inplace, plan_t=plan_t)
+                got, t = _prune(base, factor, k, fused=True, kernels=kernels, inplace=inplace, plan_t=plan_t)
                 assert calls, "the fused kernel did not run"
-                ref, t_ref = _prune(base, factor, k, fused=False, monkeypatch=monkeypatch, inplace=inplace,
+                ref, t_ref = _prune(base, factor, k, fused=False, kernels=kernels, inplace=inplace,
                                     plan_t=plan_t)
                 assert torch.equal(_bits(got), _bits(ref)), (k, inplace, plan_t)
                 assert torch.equal(_bits(got), _bits(want)), (k, inplace, plan_t)
                 assert torch.equal(t.v, t_ref.v) and torch.equal(t.bad, t_ref.bad) and torch.equal(t.need, t_ref.need)
 
 
-def test_non_finite_weights_take_the_torch_path(monkeypatch):
+def test_non_finite_weights_take_the_torch_path(monkeypatch, kernels):
     """A NaN or inf weight: the table records it and the torch path (NaN * 0 = NaN) runs, not the kernel."""
     base = torch.randn(6, 64).to(torch.bfloat16)
     base[1, 2], base[4, 5] = float("nan"), float("inf")
     monkeypatch.setattr(fused_prune, "prune_known_rows", lambda *a: pytest.fail("kernel used on non-finite weights"))
-    got, _ = _prune(base, None, 32, fused=True, monkeypatch=monkeypatch, inplace=False)
+    got, _ = _prune(base, None, 32, fused=True, kernels=kernels, inplace=False)
     assert torch.isnan(got[1, 2])  # pruned (a NaN score is never kept) and NaN, as torch's product gives
 
 
-def test_kernel_switch_and_shapes(monkeypatch):
-    """MOEVIZ_NO_NUMBA turns it off; only CPU bf16 / float32 with contiguous rows is taken."""
+def test_kernel_switch_and_shapes(kernels):
+    """The runtime configuration's fused_kernels=False turns it off; only CPU bf16 / float32 with contiguous rows is taken."""
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
     assert fused_prune.supports(w, w)
     assert not fused_prune.supports(w.half(), w.half())
     assert not fused_prune.supports(w.mT, w.mT)  # strided rows
-    monkeypatch.setenv("MOEVIZ_NO_NUMBA", "1")
+    kernels(fused=False)
     assert not fused_prune.enabled() and not fused_prune.supports(w, w)
 
 
-def test_rows_split_across_threads_give_the_same_weights(monkeypatch):
+def test_rows_split_across_threads_give_the_same_weights(monkeypatch, kernels):
     """With several torch threads the rows are split over a pool: the same bits as one call."""
     g = torch.Generator().manual_seed(4)
     base = torch.randn(37, 64, generator=g).to(torch.bfloat16)
     factor, v = torch.rand(1, 64, generator=g) + 0.1, torch.rand(37, generator=g)
     one, split = torch.empty_like(base), torch.empty_like(base)
-    monkeypatch.setenv("MOEVIZ_PRUNE_THREADS", "1")
+    kernels(threads=1)
     fused_prune.prune_known_rows(one, base, factor, v)
-    monkeypatch.setenv("MOEVIZ_PRUNE_THREADS", "3")
+    kernels(threads=3)
     monkeypatch.setattr(fused_prune, "PARALLEL_MIN_ELEMENTS", 1)
     assert fused_prune._parts(37, base.numel()) == [(0, 12), (12, 24), (24, 37)]
     assert fused_prune._parts(37, base.numel(), threads=1) == [(0, 37)]  # an explicit count wins (lazy forward)

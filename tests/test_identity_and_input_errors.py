@@ -1,4 +1,4 @@
-"""Issue 12, items 4 and 5: a loaded model's identity includes dtype and device, session results
+"""Identity and input errors: a loaded model's identity includes dtype and device, session results
 belong to one model, and bad input gives one clear line (exit 2 from the CLI), never a traceback,
 and plan errors come before the model loads or calibrates."""
 

@@ -1,8 +1,9 @@
-"""Issue 13, memory: loading holds the checkpoint once, export streams one decoder layer at a time.
+"""Memory: loading holds the checkpoint once (moeviz.models.loading), export streams one decoder layer at a time
+(moeviz.export).
 
 Each measurement runs in its own process on a ~150 M-parameter 2-layer Mixtral (float32, ~0.6 GB):
 the peak is the kernel's high-water mark (`VmHWM`, reset with /proc/self/clear_refs before the step),
-so no sampling can miss it. `MALLOC_MMAP_THRESHOLD_` is fixed, as in tests/test_scale.py: glibc would
+so no sampling can miss it. `MALLOC_MMAP_THRESHOLD_` is fixed, as in tests/test_lazy.py: glibc would
 otherwise keep freed temporaries in its heap and RSS would count memory no longer held.
 """
 
@@ -184,7 +185,7 @@ print(json.dumps(dict(before=before, peak=peak, after=rss())))
 
 
 def test_freed_temporaries_are_given_back_after_loading():
-    """After load_model (without MALLOC_MMAP_THRESHOLD_ set), memory of freed multi-MB temporaries goes
+    """After load_model with the runtime configuration applied (without MALLOC_MMAP_THRESHOLD_ set), memory of freed multi-MB temporaries goes
     back to the system even when small long-lived tensors sit between them: glibc's raised mmap threshold
     would put them on the heap and keep them (the 5.8 GB RSS growth of a lazy evaluation, docs/SCALE.md)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}

@@ -1,4 +1,5 @@
-"""Issue 16: typed ratios, N:M notes, bulk edits and the plan's bytes without compressing."""
+"""Plan editing: moeviz.compression.table (typed ratios, N:M notes, bulk edits), moeviz.compression.preview (the
+plan's bytes without compressing) and moeviz.latency_ab (back-to-back timing, its verdict)."""
 
 import pytest
 
@@ -219,7 +220,7 @@ def test_apply_reports_progress_per_layer_for_an_eta(loaded_tiny):
 
 def test_interleaved_latency_alternates_abba_and_its_statistics_match_a_brute_force(monkeypatch):
     """The timing loop calls base and compressed as AB BA AB … after one warm-up each (recorded by a fake
-    `_generate`); medians and quartiles are numpy's (linear interpolation = 'inclusive' quartiles)."""
+    `timed_generation`); medians and quartiles are numpy's (linear interpolation = 'inclusive' quartiles)."""
     import numpy as np
     import torch
 
@@ -241,7 +242,7 @@ def test_interleaved_latency_alternates_abba_and_its_statistics_match_a_brute_fo
         k = sum(c == model.name for c in calls[2:]) - 1
         return 0.001 * next(clock), decode_s[model.name][k] * n
 
-    monkeypatch.setattr(lab, "_generate", fake_generate)
+    monkeypatch.setattr(lab, "timed_generation", fake_generate)
     ab = lab.interleaved_decode_latency(Fake("base"), Fake("compressed"), torch.arange(4), decode_tokens=4, repeats=7)
     assert calls[:2] == ["base", "compressed"]
     pairs = [tuple(calls[i:i + 2]) for i in range(2, len(calls), 2)]

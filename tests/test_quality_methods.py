@@ -9,18 +9,19 @@ import transformers
 
 import moeviz
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
-from moeviz.compression.apply import Compressor, resolve_settings
+from moeviz.compression.apply import Compressor
+from moeviz.compression.resolve import resolve_plan
 from moeviz.compression.masks import prune_counts
 from moeviz.compression.second_order import compress_second_order
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import PlanError
 from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
 from moeviz.export import export_model
 from moeviz.models.runtime import install_experts_runtime
 from moeviz.models.layers import find_moe_layers
+from documents import documents
 
-DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
-        Document("x = [i * i for i in range(10)]\n" * 20, "code")]
+DOCS = documents(20)
 
 
 def _brute_force_inputs(model, layers):
@@ -48,8 +49,7 @@ def _recorded_hessians_and_routed_inputs(lm, comp, plan, samples, keep_masks=Fal
     """(the Hessians the second-order job recorded, the compressed model, what each of its experts received
     in a plain forward over the same windows: layer -> [(hidden, ids, gates)]), for brute-force sums."""
     record: dict = {}
-    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
-    compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    compress_second_order(comp, resolve_plan(plan, lm.layers, None), samples, batch_size=4, hessians=record)
     cm = comp.apply(plan, samples, keep_masks=keep_masks)
     seen = _brute_force_inputs(cm.model, cm.layers)
     with torch.no_grad():
@@ -124,14 +124,16 @@ def test_plan_settings_validate_and_stay_backwards_compatible():
 # ---------------------------------------------------------------------------------------------- demo
 
 @pytest.fixture(scope="module")
-def demo():
-    torch.set_num_threads(1)
-    lm = moeviz.load_model()
+def demo(demo_model):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as this module always ran (one thread); restored at its end
+    lm = demo_model
     # 32 windows: with 16 (about 512 routed tokens per expert for 128 columns) GPTQ overfits them
     cal = moeviz.load_calibration_data(lm.tokenizer, n_samples=32, seq_len=128, seed=0)
     stats = moeviz.calibrate(lm, cal)
     ev = Evaluator(lm, load_eval_samples(lm.tokenizer, seq_len=128, max_samples=16), EvalSettings(measure_latency=False))
-    return lm, stats, cal, ev, Compressor(lm, stats)
+    yield lm, stats, cal, ev, Compressor(lm, stats)
+    torch.set_num_threads(threads)
 
 
 def _snapshot(model):
@@ -264,7 +266,7 @@ def test_auto_evaluation_never_starts_a_second_order_job(tiny_model_dirs):
 def test_decoder_layers_called_one_by_one_reproduce_the_model(family, loaded_tiny):
     from moeviz.calibration.hessians import capture_decoder_inputs
     from moeviz.models.views import structural_copy
-    from moeviz.sensitivity.measure import decoder_layers
+    from moeviz.models.layers import decoder_layers
 
     lm = loaded_tiny(family)
     samples = tokenize_documents(DOCS, lm.tokenizer, 4, 32)  # longer than gpt_oss's sliding window (16)
@@ -547,8 +549,8 @@ def test_old_metric_mask_with_gptq_is_compensated_from_the_base_weights(loaded_t
     plan = CompressionPlan(pruning=PruningSettings(metric="wanda", sparsity=0.5),
                            quant=QuantSettings(bits=4, group_size=-1, method="gptq"))
     record: dict = {}
-    sparsity, bits, removed = resolve_settings(plan, lm.layers, comp.stats)
-    result = compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    result = compress_second_order(comp, resolve_plan(plan, lm.layers, comp.stats), samples, batch_size=4,
+                                   hessians=record)
     assert not result.warnings  # enough tokens per expert: no extra damping below
     cm = comp.apply(plan, samples, keep_masks=True)
     spec = QuantSpec(4, -1, True)
@@ -579,8 +581,8 @@ def test_routed_inputs_held_for_a_group_of_experts_at_a_time_give_the_same_resul
     samples = tokenize_documents(DOCS, lm.tokenizer, 8, 16)
     plan = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5),
                            quant=QuantSettings(bits=4, group_size=-1, method="gptq"), removed_experts=[(0, 1)])
-    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
-    whole = compress_second_order(Compressor(lm, None), plan, sparsity, bits, removed, samples)
+    resolved = resolve_plan(plan, lm.layers, None)
+    whole = compress_second_order(Compressor(lm, None), resolved, samples)
     held = []
 
     class Spy(RoutedInputs):
@@ -591,7 +593,7 @@ def test_routed_inputs_held_for_a_group_of_experts_at_a_time_give_the_same_resul
     monkeypatch.setattr(so, "RoutedInputs", Spy)
     monkeypatch.setattr(so, "ROUTED_INPUT_BYTES", 1)  # one expert per group
     assert [len(g) for g in so.expert_groups(lm.layers[0], samples.n_tokens, 4)] == [1] * lm.layers[0].num_experts
-    grouped = compress_second_order(Compressor(lm, None), plan, sparsity, bits, removed, samples)
+    grouped = compress_second_order(Compressor(lm, None), resolved, samples)
     assert held and max(held) == 1
     assert whole.tensors.keys() == grouped.tensors.keys() and whole.masks.keys() == grouped.masks.keys()
     for l in whole.tensors:
@@ -711,8 +713,7 @@ def test_act_order_applies_to_an_old_metric_mask_with_gptq(loaded_tiny):
     plan = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5),
                            quant=QuantSettings(bits=3, group_size=8, symmetric=False, method="gptq"), act_order=True)
     record: dict = {}
-    sparsity, bits, removed = resolve_settings(plan, lm.layers, None)
-    compress_second_order(comp, plan, sparsity, bits, removed, samples, batch_size=4, hessians=record)
+    compress_second_order(comp, resolve_plan(plan, lm.layers, None), samples, batch_size=4, hessians=record)
     cm = comp.apply(plan, samples, keep_masks=True)
     plain = comp.apply(CompressionPlan.from_dict({**plan.to_dict(), "act_order": False}), samples)
     spec = QuantSpec(3, 8, False)

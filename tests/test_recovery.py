@@ -11,13 +11,13 @@ from moeviz.calibration import calibrate
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
 from moeviz.compression.apply import Compressor
 from moeviz.compression.quantize import quantize_weight
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.recovery import DistillationSession, RecoveryError, RecoverySettings, recover
 from moeviz.recovery.losses import balanced_lambda, expert_mse, next_token_cross_entropy, router_kl
+from documents import documents
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "granitemoe", "phimoe", "gpt_oss"]
-DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 30, "prose"),
-        Document("x = [i * i for i in range(10)]\n" * 30, "code")]
+DOCS = documents(30)
 
 
 def fingerprint(model) -> str:
@@ -170,11 +170,11 @@ def test_zero_router_lambda_skips_the_teacher_pass(loaded_tiny):
 
 # ----------------------------------------------------------------------------- the demo model
 @pytest.fixture(scope="module")
-def demo():
+def demo(demo_model):
     import moeviz
     from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
 
-    lm = moeviz.load_model()
+    lm = demo_model
     cal = moeviz.load_calibration_data(lm.tokenizer, None, n_samples=64, seq_len=256, seed=0)
     stats = calibrate(lm, cal)
     evaluator = Evaluator(lm, load_eval_samples(lm.tokenizer, seq_len=256, max_samples=16),

@@ -9,21 +9,21 @@ import torch
 import moeviz
 from moeviz.calibration import calibrate
 from moeviz.compression.apply import Compressor
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import SettingsError
 from moeviz.sensitivity import ExpertSensitivity, SensitivityGrid, measure_sensitivity, spearman
 from moeviz.sensitivity.budget import Budget, optimise_plan, solve_mckp
 from moeviz.sensitivity.cache import sensitivity_cached
 from moeviz.sensitivity.measure import first_windows
+from documents import documents
 
-DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
-        Document("x = [i * i for i in range(10)]\n" * 20, "code")]
+DOCS = documents(20)
 
 
 @pytest.fixture(scope="module")
-def demo():
+def demo(demo_model):
     torch.manual_seed(0)
-    lm = moeviz.load_model()
+    lm = demo_model
     data = moeviz.load_calibration_data(lm.tokenizer, n_samples=16, seq_len=128)
     return lm, calibrate(lm, data), data
 

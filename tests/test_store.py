@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from moeviz import store as store_mod
+from moeviz.evaluation.pareto import pareto_front
 from moeviz.store import RunRecord, RunStore, data_dir, new_sweep_id
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,9 +76,9 @@ def test_round_trip_and_queries(tmp_path):
     assert s.runs(model_fingerprint="nope").empty
 
     # Pareto on model-a: run 0 (cr 1.0, acc .5) and run 1 (cr 1.5, acc .49) trade off; the NaN run has neither.
-    front = s.pareto("model-a")
-    assert list(front["id"]) == [id0, id1]
-    assert list(s.pareto("model-a", y="perplexity", maximize_y=False)["id"]) == [id0, id1]
+    runs = s.runs(model_fingerprint="model-a")
+    assert list(pareto_front(runs, "compression_ratio", "accuracy")["id"]) == [id0, id1]
+    assert list(pareto_front(runs, "compression_ratio", "perplexity", maximize_y=False)["id"]) == [id0, id1]
 
     assert s.delete_run(id0) is True and s.delete_run(id0) is False
     assert s.get_run(id2).parent_run_id is None  # child kept, link cleared
@@ -141,6 +142,7 @@ def test_open_waits_for_a_lock_held_while_switching_to_wal(tmp_path):
     other.close()
 
 
+@pytest.mark.slow  # spawns many interpreters: about a minute on 2 cores
 def test_many_processes_open_a_new_store_at_once(tmp_path):
     # Four writers create and migrate the same new file at the same moment, three times over.
     for attempt in range(3):

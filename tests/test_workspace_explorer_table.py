@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from moeviz.compression import CompressionPlan, PruningSettings, QuantSettings
-from moeviz.compression.apply import apply_plan
+from moeviz.compression.apply import Compressor
 from moeviz.compression.table import apply_table_edits, expert_table
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.errors import CalibrationDataError
 from moeviz.explorer import route_text
 from moeviz.workspace import calibrate_cached
+from documents import documents
 
-DOCS = [Document("The quick brown fox jumps over the lazy dog. " * 20, "prose"),
-        Document("x = [i * i for i in range(10)]\n" * 20, "code")]
+DOCS = documents(20)
 
 
 def test_calibration_cache_reuses_saved_stats(loaded_tiny, tmp_path, monkeypatch):
@@ -124,7 +124,7 @@ def test_table_edits_become_overrides_and_removals(loaded_tiny):
     assert {(o.layer, o.expert, o.sparsity, o.bits) for o in new.overrides} == {(0, 1, 0.9, None), (0, 2, None, 4)}
     rows = expert_table(new, lm.layers, stats)
     assert rows[1]["sparsity"] == 0.9 and rows[2]["bits"] == 4 and rows[7]["remove"] and rows[0]["sparsity"] == 0.5
-    cm = apply_plan(lm, stats, new)
+    cm = Compressor(lm, stats).apply(new)
     states = {(e.layer, e.expert): e for e in cm.experts}
     assert states[0, 1].zero_fraction > 0.85 and states[1, 3].removed
     assert apply_table_edits(plan, before, before) == plan  # no edit, same plan

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .allocation import validate_ratio
-from .masks import _parse_nm
+from .masks import check_nm_shape
 from .quantize import check_bits
 
 NM_METADATA = ("combinatorial", "per_value")
@@ -177,7 +177,7 @@ def storage_for(
             kept = n_rows * (in_features - round(s * in_features))  # exact per-row count, as the mask
         sparse = result("bitmask", kept, kept, _ceil_bytes(kept * b), _ceil_bytes(numel), scale_bytes)
     else:  # "n:m"
-        _parse_nm(n, m, in_features)
+        check_nm_shape(n, m, in_features)
         n_groups_nm = numel // m
         kept = n_groups_nm * (m - n)
         if nm_metadata == "combinatorial":

@@ -14,10 +14,12 @@ w * 0 gives for a finite w (zero with w's sign). Weights that are inf or NaN wou
 NaN), so the caller uses the kernel only where the threshold table found every score finite. Rows
 with a tie at the threshold are fixed up by the caller (`steps.prune_rows`), as before.
 
-numba is optional: without it (or with MOEVIZ_NO_NUMBA=1) `available()` is False and the torch path
-runs. It is imported and compiled (or read from numba's cache: about 0.6 s in all) on first use, so
-importing moeviz does not pay for it; `steps.prune_rows` asks for it while building the first
-threshold table (the cold pass), not in the first new sparsity.
+numba is a dependency: a numba that fails to import or compile raises (it is not silently replaced).
+The one switch to the plain torch path is `moeviz.runtime_config` (`fused_kernels=False`, or
+`MOEVIZ_NO_NUMBA=1` at an entry point); the tests compare both paths bit for bit. The kernels are
+compiled (or read from numba's cache: about 0.6 s in all) on first use, so importing moeviz does not
+pay for it; `steps.prune_rows` asks for them while building the first threshold table (the cold pass),
+not in the first new sparsity.
 """
 
 from __future__ import annotations
@@ -28,26 +30,23 @@ import threading
 import numpy as np
 import torch
 
+from moeviz import runtime_config
+
 _lock = threading.Lock()
 _kernels: dict | None = None
-_failed = False
 
 
 def enabled() -> bool:
-    """True if the kernel can be used in this process (numba importable, not switched off)."""
-    return os.environ.get("MOEVIZ_NO_NUMBA", "").lower() not in ("1", "true", "yes") and _load() is not None
+    """True unless the runtime configuration switches the kernel off (then compiles it on first use)."""
+    return runtime_config.current().fused_kernels and _load() is not None
 
 
-def _load() -> dict | None:
-    global _kernels, _failed
-    if _kernels is not None or _failed:
-        return _kernels
-    with _lock:
-        if _kernels is None and not _failed:
-            try:
+def _load() -> dict:
+    global _kernels
+    if _kernels is None:
+        with _lock:
+            if _kernels is None:
                 _kernels = _compile()
-            except Exception:  # no numba (or an unusable one): the torch path is always there
-                _failed = True
     return _kernels
 
 
@@ -184,9 +183,9 @@ _executor = None
 
 
 def _parts(rows: int, size: int, threads: int | None = None) -> list[tuple[int, int]]:
-    """Row ranges for `threads`, else MOEVIZ_PRUNE_THREADS, else torch's thread count (one range for small
-    matrices or one thread)."""
-    threads = threads or int(os.environ.get("MOEVIZ_PRUNE_THREADS", "0")) or torch.get_num_threads()
+    """Row ranges for `threads`, else the runtime configuration's `prune_threads`, else torch's thread count
+    (one range for small matrices or one thread)."""
+    threads = threads or runtime_config.current().prune_threads or torch.get_num_threads()
     if threads <= 1 or size < PARALLEL_MIN_ELEMENTS or rows < 2:
         return [(0, rows)]
     cuts = np.linspace(0, rows, min(threads, rows) + 1).astype(int)

@@ -21,7 +21,7 @@ from moeviz.compression import fused_prune, threshold_table
 from moeviz.compression.masks import prune_counts
 from moeviz.compression.scores import column_factor
 from moeviz.compression.scratch import Scratch, thread_scratch
-from moeviz.compression.steps import LayerSettings, _prune_known, compress_experts, layer_norms
+from moeviz.compression.steps import LayerSettings, prune_known, compress_experts, layer_norms
 from moeviz.models.layers import MoELayer
 
 
@@ -124,7 +124,7 @@ class LazyExpertWeights:
         the plan only prunes it (unstructured, no quantization, not removed) and every pruned projection's
         per-row thresholds are in the shared tables (a slider sparsity once the first evaluation built
         them): one fused pass per projection, the general path's bookkeeping skipped (measured on the
-        demo's 32 experts: 4 vs 20 ms a plan). Bit-identical to `compressed` (same `steps._prune_known`);
+        demo's 32 experts: 4 vs 20 ms a plan). Bit-identical to `compressed` (same `steps.prune_known`);
         None where any of that does not hold, and the caller takes the general path (which fills the
         tables)."""
         s, layer, names, tables = self.settings, self.layer, self._pruned_names, threshold_table.TABLES
@@ -150,7 +150,7 @@ class LazyExpertWeights:
                 g = None if tab is None or not tab.finite else tab.column(k)
                 if g is None:  # a count off the grid, or no table yet
                     return None
-                _prune_known(w, sw, factor, k, None, tab, g, bool(tab.tie[:, g].any()), keep_thresholds=False,
+                prune_known(w, sw, factor, k, None, tab, g, bool(tab.tie[:, g].any()), keep_thresholds=False,
                              threads=threads)
             out[name] = dst
         return out

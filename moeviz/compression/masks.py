@@ -235,7 +235,8 @@ def mask_from_ranks(ranks: torch.Tensor, sparsity: float | torch.Tensor) -> torc
     return ranks >= k.to(device=ranks.device, dtype=ranks.dtype)[..., None, None]
 
 
-def _parse_nm(n: int, m: int, in_features: int) -> None:
+def check_nm_shape(n: int, m: int, in_features: int) -> None:
+    """ValueError unless N:M (0 < n < m, integers) fits rows of `in_features` columns (m divides it)."""
     if not (isinstance(n, int) and isinstance(m, int)) or isinstance(n, bool) or isinstance(m, bool):
         raise ValueError(f"N:M needs integer n and m, got n={n!r}, m={m!r}")
     if not 0 < n < m:
@@ -258,7 +259,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     and ``in % m == 0``. Ties: lower column index pruned first (module docstring).
     """
     _check_scores(scores)
-    _parse_nm(n, m, scores.shape[-1])
+    check_nm_shape(n, m, scores.shape[-1])
     # [..., out, in] -> [..., out, in/m, m]: one group per last-dim slice.
     groups = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
     if m > _PAIRWISE_MAX_M:

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .masks import _parse_nm, nm_mask, prune_counts
+from .masks import check_nm_shape, nm_mask, prune_counts
 from .quantize import _effective_group_size, check_bits, quantize_weight
 
 
@@ -445,7 +445,7 @@ def sparsegpt_prune(
         if not isinstance(nm, (tuple, list)) or len(nm) != 2:
             raise ValueError(f"nm must be a pair (n, m), got {nm!r}")
         n_, m_ = nm
-        _parse_nm(n_, m_, n_cols)
+        check_nm_shape(n_, m_, n_cols)
         if sparsity is not None and abs(float(sparsity) - n_ / m_) > 1e-9:
             raise ValueError(f"sparsity {sparsity!r} contradicts nm={n_}:{m_} (pass None or {n_ / m_})")
         if blocksize % m_ != 0:

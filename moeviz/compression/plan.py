@@ -19,9 +19,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
+from moeviz.registry import METRICS, nm_of, parse_nm
 from moeviz.errors import PlanError
 
-METRICS = ("magnitude", "wanda", "moe_pruner", "sparsegpt")
 QUANT_METHODS = ("rtn", "gptq")
 HESSIANS = ("router_weighted", "plain")
 ALLOCATIONS = ("uniform", "utilization")
@@ -124,34 +124,35 @@ class CompressionPlan:
     # ------------------------------------------------------------------ structure helpers
     def nm(self) -> tuple[int, int] | None:
         """(N, M) for N:M structure, None for unstructured."""
-        s = self.pruning.structure
-        if s == "unstructured":
-            return None
-        n, m = parse_nm(s, "pruning.structure")
-        return n, m
+        return nm_of(self.pruning.structure)
+
+    def uses_second_order(self, prunes: bool, quantizes: bool) -> bool:
+        """The one rule for "second order": SparseGPT prunes some expert, or GPTQ quantizes one below 16 bits
+        (then experts are compressed layer by layer with Hessians, materialised, from calibration samples).
+        `second_order()` applies it to the plan alone, `ResolvedPlan.second_order` to the resolved experts."""
+        return (self.pruning.metric == "sparsegpt" and prunes) or (self.quant.method == "gptq" and quantizes)
 
     def second_order(self) -> bool:
-        """True when the plan may prune some expert with SparseGPT or quantize one with GPTQ (materialised,
-        needs calibration samples); False when those settings compress nothing (e.g. "sparsegpt" at
-        sparsity 0, "gptq" at 16 bits): the usual path then runs (live proxy, no windows).
+        """`uses_second_order` from the plan alone, before resolving, so conservative: it may be True where the
+        resolved plan compresses nothing that way (overrides undoing every expert, e.g. a 4-bit GPTQ plan whose
+        every layer is overridden to 16 bits, or every pruned expert removed), never the reverse. False when
+        those settings compress nothing (e.g. "sparsegpt" at sparsity 0): the usual path then runs."""
+        return self.uses_second_order(self.may_prune(), self.may_quantize())
 
-        From the plan alone, so conservative: True whenever `Compressor.apply`'s test on the resolved
-        per-expert settings (some expert pruned by SparseGPT / quantized below 16 bits by GPTQ) can be
-        true. It may be True where that test is False (overrides undoing every expert, e.g. a 4-bit GPTQ
-        plan whose every layer is overridden to 16 bits, or every pruned expert removed), never the reverse."""
-        return self.prunes_with_sparsegpt() or self.quantizes_with_gptq()
+    def may_prune(self) -> bool:
+        """Some expert may be pruned: N:M, a global sparsity > 0 or an override > 0."""
+        p = self.pruning
+        return p.structure != "unstructured" or p.sparsity > 0 or any((o.sparsity or 0) > 0 for o in self.overrides)
+
+    def may_quantize(self) -> bool:
+        """Some expert may be quantized: fewer than 16 bits globally or in an override."""
+        return self.quant.bits < 16 or any(o.bits is not None and o.bits < 16 for o in self.overrides)
 
     def prunes_with_sparsegpt(self) -> bool:
-        """SparseGPT may prune some expert: metric "sparsegpt" and a sparsity > 0 somewhere (global, N:M or
-        an override)."""
-        p = self.pruning
-        return p.metric == "sparsegpt" and (
-            p.structure != "unstructured" or p.sparsity > 0 or any((o.sparsity or 0) > 0 for o in self.overrides))
+        return self.uses_second_order(prunes=self.may_prune(), quantizes=False)
 
     def quantizes_with_gptq(self) -> bool:
-        """GPTQ may quantize some expert: method "gptq" and fewer than 16 bits somewhere (global or an override)."""
-        q = self.quant
-        return q.method == "gptq" and (q.bits < 16 or any(o.bits is not None and o.bits < 16 for o in self.overrides))
+        return self.uses_second_order(prunes=False, quantizes=self.may_quantize())
 
     def is_identity(self) -> bool:
         return (
@@ -282,21 +283,24 @@ def check_bits(value, name: str) -> int:
     return int(value)
 
 
-def parse_nm(structure: str, name: str) -> tuple[int, int]:
-    try:
-        n, m = (int(v) for v in str(structure).split(":"))
-    except ValueError:
-        raise PlanError(f"{name}: {structure!r} is neither 'unstructured' nor 'N:M' (e.g. '2:4')") from None
-    if not 0 < n < m:
-        raise PlanError(f"{name}: {structure!r} needs 0 < N < M (N of every M weights are zeroed)")
-    return n, m
-
-
 def _check_index(layer, expert, num_experts, where: str) -> None:
     if not 0 <= layer < len(num_experts):
         raise PlanError(f"{where}: layer {layer} does not exist; the model has {len(num_experts)} MoE layers")
     if expert is not None and not 0 <= expert < num_experts[layer]:
         raise PlanError(f"{where}: expert {expert} does not exist; layer {layer} has {num_experts[layer]} experts")
+
+
+def plan_key(plan: "CompressionPlan | dict") -> str:
+    """A plan's identity: canonical JSON (sorted keys) without its free-text name. Fields a stored plan
+    predates count with their defaults (the same plan, the same key); a dict that is not a readable plan
+    is compared as given. The run store finds duplicate runs by it, the Compressor caches second-order
+    results by it (with the calibration windows), the app tells a stale result by it."""
+    d = plan.to_dict() if isinstance(plan, CompressionPlan) else plan or {}
+    try:
+        d = CompressionPlan.from_dict(d).to_dict()
+    except Exception:  # noqa: BLE001 - not a readable plan: compared as given
+        pass
+    return json.dumps({k: v for k, v in d.items() if k != "name"}, sort_keys=True, allow_nan=False)
 
 
 def method_name(plan: dict) -> str:

@@ -4,15 +4,16 @@ update the compression ratio and each expert's bytes while the plan is being edi
 
 from __future__ import annotations
 
-from moeviz.compression.apply import Compressor, StorageReport, check_plan_fits, resolve_settings
+from moeviz.compression.apply import Compressor
+from moeviz.compression.resolve import check_plan_fits, resolve_plan
+from moeviz.compression.storage import StorageReport, storage_report
 
 
 def plan_storage(compressor: Compressor, plan) -> StorageReport:
-    """The StorageReport that `compressor.apply(plan)` would report (same formats, same numbers)."""
+    """The StorageReport that `compressor.apply(plan)` would report (same resolution, same formats)."""
     layers = compressor.loaded.layers
     check_plan_fits(plan, layers)
-    sparsity, bits, removed = resolve_settings(plan, layers, compressor.stats)
-    return compressor._storage(layers, plan, sparsity, bits, removed)
+    return storage_report(compressor.loaded.model, layers, resolve_plan(plan, layers, compressor.stats))
 
 
 def expert_bytes(report: StorageReport) -> dict[tuple[int, int], int]:

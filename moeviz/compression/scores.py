@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-METRICS = ("magnitude", "wanda", "moe_pruner")
+from moeviz.registry import SCORE_METRICS as METRICS  # the first-order metrics scored here
 
 
 def importance_scores(

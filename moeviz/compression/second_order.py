@@ -24,7 +24,6 @@ identity Hessian (SparseGPT then prunes by magnitude, GPTQ rounds to nearest).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -33,11 +32,13 @@ import numpy as np
 import torch
 
 from moeviz.calibration.hessians import RoutedInputs, capture_decoder_inputs, expert_hessian, token_weights
+from moeviz.compression.install import install_experts, install_layer_routing
 from moeviz.compression.quantize import quantize_weight
+from moeviz.compression.resolve import ResolvedPlan, check_layer
 from moeviz.compression.steps import LayerSettings, layer_norms, prune, remove
 from moeviz.errors import PlanError
 from moeviz.models.experts import expert_output, gate_on_input
-from moeviz.models.layers import find_moe_layers
+from moeviz.models.layers import decoder_layers, find_moe_layers
 from moeviz.models.offload import module_weights
 from moeviz.models.runtime import install_experts_runtime
 from moeviz.models.views import structural_copy
@@ -95,27 +96,18 @@ class SecondOrderResult:
         return sum(t.numel() * t.element_size() for t in tensors) + sum(g.nbytes() for g in self.grids.values())
 
 
-def plan_key(plan, samples) -> str:
-    """Cache key: everything in the plan but its name, and the calibration windows."""
-    d = plan.to_dict()
-    d.pop("name", None)
-    return json.dumps(d, sort_keys=True) + "|" + str(samples.fingerprint)
-
-
-def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarray, removed: np.ndarray,
-                          samples, batch_size: int = 8, progress: ProgressFn | None = None,
-                          cancel: Callable[[], bool] | None = None,
+def compress_second_order(compressor, resolved: ResolvedPlan, samples, batch_size: int = 8,
+                          progress: ProgressFn | None = None, cancel: Callable[[], bool] | None = None,
                           hessians: dict | None = None) -> SecondOrderResult:
-    """The compressed expert tensors of every layer `plan` touches (see the module docstring).
+    """The compressed expert tensors of every layer the plan touches (see the module docstring).
 
-    compressor: the `Compressor` (its loaded model, statistics and per-layer settings);
-    sparsity, bits, removed: the plan resolved per expert ([L, E], `resolve_settings`).
+    compressor: the `Compressor` (its `loaded` model and calibration `stats`);
+    resolved: the plan resolved per expert on the compressor's layers (`resolve_plan`).
     hessians: if given, receives every undamped Hessian, (layer, expert, "in" | "down") -> [d, d] (tests)."""
-    from moeviz.sensitivity.measure import decoder_layers  # import here: sensitivity imports apply
-
     start = time.perf_counter()
+    plan = resolved.plan
     loaded = compressor.loaded
-    check_refit_cost(plan, loaded.layers, sparsity, removed)  # before any forward: fail in milliseconds
+    check_refit_cost(plan, loaded.layers, resolved.sparsity, resolved.removed)  # before any forward: fail in ms
     view = structural_copy(loaded.model)
     view.eval()
     layers = find_moe_layers(view, loaded.layers)
@@ -137,12 +129,10 @@ def compress_second_order(compressor, plan, sparsity: np.ndarray, bits: np.ndarr
         layer = moe_at.get(j)
         if layer is not None:
             l = layer.index
-            s = compressor.layer_settings(layer, plan, sparsity[l], bits[l], removed[l])
-            compressor._check_layer(layer, s, compressor.stats)
-            compressor._install_common(layer, plan, s, None)  # routing the compressed model will use
+            s = resolved.layer(layer)
+            check_layer(layer, s, compressor.stats)
+            install_layer_routing(layer, plan, s, None)  # routing the compressed model will use
             if s.touched_names(layer):
-                from moeviz.compression.apply import install_experts
-
                 with module_weights(layer.experts):  # offloaded: loaded for this layer only
                     new, masks = _start_layer(compressor, layer, s)
                 # Routed inputs of a group of experts at a time (ROUTED_INPUT_BYTES): the layer runs once per group

@@ -23,7 +23,7 @@ import torch
 
 from moeviz.compression import fused_prune
 from moeviz.compression.masks import (
-    RowThresholds, mask_from_ranks, mask_in_scores_, nm_mask, prune_counts, row_thresholds,
+    RowThresholds, mask_in_scores_, nm_mask, prune_counts, row_thresholds,
 )
 from moeviz.compression.quantize import quantize_weight
 from moeviz.compression.scores import column_factor, importance_scores, scores_from_factor
@@ -68,13 +68,10 @@ class LayerSettings:
 # Per-projection statistics of the selected experts: projection -> [n, in] squared column norms, or None
 # for magnitude (the caller slices CalibrationStats so a step never sees other experts' statistics).
 NormsFn = Callable[[str], torch.Tensor | None]
-# Optional cache of row ranks per projection for the selected experts (the app's opt-in speed-up).
-RanksFn = Callable[[str, torch.Tensor], torch.Tensor] | None
 
 
 def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings, norms: NormsFn,
-          masks: dict[str, torch.Tensor] | None = None, ranks: RanksFn = None,
-          thresholds: dict | None = None, scratch: Scratch | None = None,
+          masks: dict[str, torch.Tensor] | None = None, thresholds: dict | None = None, scratch: Scratch | None = None,
           tables: Callable[[str, int, torch.Tensor | None], TableSlot] | None = None,
           src: dict[str, torch.Tensor] | None = None) -> list[str]:
     """Zero the lowest-score weights of each row of the selected experts' pruned projections.
@@ -98,8 +95,8 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
             continue
         w = layer.view(proj, fused[layer.fused_name(proj)])  # [n, out, in] view into the fused clone
         src_w = layer.view(proj, src[layer.fused_name(proj)]) if src and layer.fused_name(proj) in src else None
-        if s.nm is None and ranks is None:
-            # Unstructured, no rank cache: one expert at a time, rows in cache-sized blocks, temporaries
+        if s.nm is None:
+            # Unstructured: one expert at a time, rows in cache-sized blocks, temporaries
             # in reused buffers (`prune_rows`). One expert (lazy path): the per-row thresholds are kept
             # per plan, so later batches only compare.
             one = thresholds is not None and len(sel) == 1
@@ -123,11 +120,8 @@ def prune(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: L
                 masks[proj] = keep
             changed.append(layer.fused_name(proj))
             continue
-        if s.nm is None:  # the app's opt-in rank cache: one comparison per weight
-            keep = mask_from_ranks(ranks(proj, w), torch.as_tensor(sparsity, dtype=torch.float64))
-        else:
-            keep = nm_mask(importance_scores(w, s.metric, norms(proj)), *s.nm)
-            keep |= torch.as_tensor(sparsity == 0, device=keep.device)[:, None, None]  # dense experts
+        keep = nm_mask(importance_scores(w, s.metric, norms(proj)), *s.nm)
+        keep |= torch.as_tensor(sparsity == 0, device=keep.device)[:, None, None]  # dense experts
         w.mul_(keep)
         if masks is not None:
             masks[proj] = keep
@@ -173,7 +167,7 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
     ties = rt is not None and bool(rt.tie[:, g].any())  # once per matrix, not per block
     fused = keep_out is None and 0 < k < n and fused_prune.supports(w, w if src is None else src)
     if fused and finite and (t is not None or rt is not None):
-        return _prune_known(w, src, factor, k, t, rt, g, ties)
+        return prune_known(w, src, factor, k, t, rt, g, ties)
     # Each block's buffers are views of one block-sized buffer per kind (the last block may be shorter).
     full = (min(rows, out_f), n)
     bufs = {key: scratch.get(key, full, dt, w.device) for key, dt in
@@ -189,7 +183,7 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
         table.put(built)
         if built.finite:
             g = built.column(k)
-            return _prune_known(w, src, factor, k, None, built, g, bool(built.tie[:, g].any()))
+            return prune_known(w, src, factor, k, None, built, g, bool(built.tie[:, g].any()))
         builder = None  # an inf / NaN weight: select on the fly below, as without a table
     parts = []
     for r0 in range(0, out_f, rows):
@@ -229,9 +223,9 @@ def prune_rows(w: torch.Tensor, factor: torch.Tensor | None, k: int, t: RowThres
                          torch.cat([p.need for p in parts]))
 
 
-def _prune_known(w: torch.Tensor, src: torch.Tensor | None, factor: torch.Tensor | None, k: int,
-                 t: RowThresholds | None, rt, g: int | None, ties: bool,
-                 keep_thresholds: bool = True, threads: int | None = None) -> RowThresholds | None:
+def prune_known(w: torch.Tensor, src: torch.Tensor | None, factor: torch.Tensor | None, k: int,
+                t: RowThresholds | None, rt, g: int | None, ties: bool,
+                keep_thresholds: bool = True, threads: int | None = None) -> RowThresholds | None:
     """`prune_rows` when every row's threshold is known (this plan's `t`, or column g of the shared table
     `rt`) and every weight is finite: one fused pass (`fused_prune`), then the rows with a tie at their
     threshold again, with the tie rule of `masks.mask_in_scores_`. Returns the thresholds (None with
@@ -303,7 +297,7 @@ def remove(layer: MoELayer, fused: dict[str, torch.Tensor], sel: np.ndarray, s: 
 
 def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.ndarray, s: LayerSettings,
                      norms: NormsFn, masks: dict[str, torch.Tensor] | None = None,
-                     ranks: RanksFn = None, thresholds: dict | None = None,
+                     thresholds: dict | None = None,
                      scratch: Scratch | None = None, tables: TableCache | None = None,
                      out: dict[str, torch.Tensor] | None = None, work: Scratch | None = None) -> dict[str, torch.Tensor]:
     """The compressed fused tensors of experts `sel`: prune, quantize, remove on clones of `base`
@@ -318,7 +312,7 @@ def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.nda
     idx = torch.as_tensor(sel)
     contiguous = len(sel) and sel[-1] - sel[0] + 1 == len(sel)
     fused, src, done = {}, {}, set()  # done: pruned already (in the stored layout, `_prune_stored`)
-    whole = _pruned_whole(layer, s, sel, ranks)
+    whole = _pruned_whole(layer, s, sel)
     if scratch is None and layer.transposed and whole and base[next(iter(whole))].device.type == "cpu":
         return _compress_transposed(layer, base, sel, s, norms, masks, tables, out, work)
     for name in s.touched_names(layer):
@@ -350,7 +344,7 @@ def compress_experts(layer: MoELayer, base: dict[str, torch.Tensor], sel: np.nda
     # Projections pruned already in the stored layout are left out of `prune`.
     rest = dataclasses.replace(s, projections=tuple(p for p in s.projections if layer.fused_name(p) not in done)) \
         if done else s
-    prune(layer, fused, sel, rest, norms, masks, ranks, thresholds, scratch, table_fn, src)
+    prune(layer, fused, sel, rest, norms, masks, thresholds, scratch, table_fn, src)
     quantize(layer, fused, sel, s)
     remove(layer, fused, sel, s)
     return fused
@@ -500,9 +494,9 @@ def _rows_norms(norms: NormsFn, i0: int, i1: int) -> NormsFn:
     return sub
 
 
-def _pruned_whole(layer: MoELayer, s: LayerSettings, sel: np.ndarray, ranks: RanksFn) -> set[str]:
+def _pruned_whole(layer: MoELayer, s: LayerSettings, sel: np.ndarray) -> set[str]:
     """Fused tensors whose every projection the unstructured path of `prune` writes for experts `sel`."""
-    if s.nm is not None or ranks is not None or not (s.sparsity[sel] > 0).any():
+    if s.nm is not None or not (s.sparsity[sel] > 0).any():
         return set()
     names = {layer.fused_name(p) for p in s.projections if p in layer.projections()}
     return {n for n in names if all(p in s.projections for p in layer.projections() if layer.fused_name(p) == n)}

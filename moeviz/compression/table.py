@@ -6,7 +6,7 @@ import copy
 import math
 
 from moeviz.calibration.stats import CalibrationStats
-from moeviz.compression.apply import resolve_settings
+from moeviz.compression.resolve import resolve_plan
 from moeviz.compression.plan import SUPPORTED_BITS, CompressionPlan, Override
 from moeviz.errors import PlanError
 from moeviz.models.layers import MoELayer
@@ -16,19 +16,19 @@ COLUMNS = ("layer", "expert", "utilization", "mean_gate", "sparsity", "bits", "r
 
 def expert_table(plan: CompressionPlan, layers: list[MoELayer], stats: CalibrationStats | None) -> list[dict]:
     """One row per (layer, expert): what the plan resolves to, next to the expert's routing stats."""
-    sparsity, bits, removed = resolve_settings(plan, layers, stats)
+    resolved = resolve_plan(plan, layers, stats)
     rows = []
     for layer in layers:
         ls = stats.layers[layer.index] if stats is not None else None
         util = ls.utilization() if ls is not None else None
         gate = ls.mean_gate() if ls is not None else None
-        for e in range(layer.num_experts):
+        for d in resolved.experts(layer.index):
+            e = d["expert"]
             rows.append(dict(
                 layer=layer.index, expert=e,
                 utilization=round(float(util[e]), 4) if util is not None else None,
                 mean_gate=round(float(gate[e]), 4) if gate is not None else None,
-                sparsity=round(float(sparsity[layer.index, e]), 4), bits=int(bits[layer.index, e]),
-                remove=bool(removed[layer.index, e]),
+                sparsity=round(d["sparsity"], 4), bits=d["bits"], remove=d["removed"],
             ))
     return rows
 

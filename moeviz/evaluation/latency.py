@@ -34,13 +34,13 @@ decode with the KV cache), median over repeats after a warm-up.
 
 from __future__ import annotations
 
-import platform
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
+from moeviz.models.generation import device_name, timed_generation
 
 
 @dataclass(frozen=True)
@@ -249,40 +249,6 @@ class MeasuredLatency:
                 f"(measured, {self.device}, {self.torch_threads} threads)")
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda: {torch.cuda.get_device_name(device)}"
-    cpu = platform.processor() or platform.machine()
-    return f"{device.type}: {cpu}" if cpu else device.type
-
-
-def _sync(device: torch.device) -> None:
-    # CUDA/MPS kernels run asynchronously; without a sync the clock would stop before they finish.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-@torch.no_grad()
-def _generate(model, input_ids: torch.Tensor, decode_tokens: int, device: torch.device) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of one greedy generation with the KV cache."""
-    _sync(device)
-    t0 = time.perf_counter()
-    out = model(input_ids=input_ids, use_cache=True)
-    next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True)
-    _sync(device)
-    t1 = time.perf_counter()
-    cache = out.past_key_values
-    for _ in range(decode_tokens):
-        out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True)
-    _sync(device)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
-
-
 def measure_latency(model, input_ids: torch.Tensor, decode_tokens: int = 16, repeats: int = 3) -> MeasuredLatency:
     """Wall-clock prefill throughput and greedy decode latency of any transformers causal LM, here.
 
@@ -299,8 +265,8 @@ def measure_latency(model, input_ids: torch.Tensor, decode_tokens: int = 16, rep
     was_training = model.training
     model.eval()
     try:
-        _generate(model, ids, min(2, decode_tokens), device)  # warm-up
-        runs = [_generate(model, ids, decode_tokens, device) for _ in range(repeats)]
+        timed_generation(model, ids, min(2, decode_tokens), device)  # warm-up
+        runs = [timed_generation(model, ids, decode_tokens, device) for _ in range(repeats)]
     finally:
         model.train(was_training)
     prefill_s = statistics.median(r[0] for r in runs)
@@ -308,7 +274,7 @@ def measure_latency(model, input_ids: torch.Tensor, decode_tokens: int = 16, rep
     b, s = ids.shape
     return MeasuredLatency(
         kind="measured",
-        device=_device_name(device),
+        device=device_name(device),
         torch_threads=torch.get_num_threads(),
         dtype=str(param.dtype).replace("torch.", ""),
         batch_size=b,

@@ -7,7 +7,7 @@
     recovery      the three recovery loss terms per step
 """
 
-from moeviz.figures.architecture import expert_label, moe_layer_dot, resolve_plan_experts, sparsity_color
+from moeviz.figures.architecture import expert_label, moe_layer_dot, sparsity_color
 from moeviz.figures.routing import (
     coactivation_heatmap, coactivation_matrix, domain_specialization, domain_specialization_matrix,
     load_balance_comparison, load_balance_cv_bars, router_probability_histogram, utilization_heatmap,
@@ -21,7 +21,7 @@ from moeviz.figures.tradeoffs import (
 __all__ = [
     "add_recovery_arrows", "coactivation_heatmap", "coactivation_matrix", "cv_vs_ratio", "domain_specialization",
     "domain_specialization_matrix", "drift_per_layer", "expert_label", "load_balance_comparison",
-    "load_balance_cv_bars", "moe_layer_dot", "pareto_chart", "perplexity_vs_ratio", "recovery_losses", "resolve_plan_experts",
+    "load_balance_cv_bars", "moe_layer_dot", "pareto_chart", "perplexity_vs_ratio", "recovery_losses",
     "router_probability_histogram", "sparsity_color", "token_routing_html", "token_routing_table",
     "tradeoff_chart", "utilization_heatmap",
 ]

@@ -37,42 +37,6 @@ def sparsity_color(sparsity: float) -> str:
     return interpolate_hex(LIGHT, DARK, sparsity)
 
 
-def _nm_sparsity(structure: str) -> float | None:
-    if structure and ":" in structure:
-        n, m = (int(x) for x in structure.split(":"))
-        return n / m
-    return None
-
-
-def resolve_plan_experts(plan: dict, layer: int, num_experts: int) -> list[dict]:
-    """Per-expert {expert, sparsity, bits, removed} for one layer from a ``CompressionPlan.to_dict()``:
-    global pruning/quant settings, then layer overrides, then (layer, expert) overrides, as the plan
-    documents. Requested sparsity only: an "utilization" allocation is resolved by `apply` with
-    calibration statistics, so pass the `ExpertState`s of an applied plan for exact values."""
-    pruning, quant = plan.get("pruning", {}) or {}, plan.get("quant", {}) or {}
-    base_s = _nm_sparsity(pruning.get("structure", "unstructured"))
-    base_s = float(pruning.get("sparsity", 0.0)) if base_s is None else base_s
-    base_b = int(quant.get("bits", 16))
-    removed = {(int(l), int(e)) for l, e in plan.get("removed_experts", [])}
-    out = []
-    for e in range(num_experts):
-        s, b = base_s, base_b
-        for scope in ("layer", "expert"):
-            for o in plan.get("overrides", []) or []:
-                if int(o.get("layer", -1)) != layer:
-                    continue
-                if (scope == "layer") != (o.get("expert") is None):
-                    continue
-                if scope == "expert" and int(o["expert"]) != e:
-                    continue
-                if o.get("sparsity") is not None:
-                    s = float(o["sparsity"])
-                if o.get("bits") is not None:
-                    b = int(o["bits"])
-        out.append(dict(expert=e, sparsity=s, bits=b, removed=(layer, e) in removed))
-    return out
-
-
 def expert_label(expert: int, sparsity: float = 0.0, bits: int = 16, removed: bool = False) -> str:
     """"e3 · 50% · 4b", or "e3 ✗ removed"."""
     if removed:
@@ -93,15 +57,16 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
 
     layer_info: one entry of ``ModelInfo.layers`` (``MoELayer.to_dict()``): num_experts, top_k,
         routing_rule, hidden_size, intermediate_size, shared_expert_paths, index, path, family.
-    expert_states: ``asdict(ExpertState)`` dicts of an applied plan (others' layers are ignored);
-        they take precedence over `plan` for expert sparsity / bits / removal.
-    plan: ``CompressionPlan.to_dict()``; gives router sparsity / bits and, without expert_states,
-        the requested per-expert settings (see `resolve_plan_experts`).
+    expert_states: per-expert {layer, expert, sparsity, bits, removed} dicts — what the plan resolved to
+        (`ResolvedPlan.experts(layer)`, the rows of `compression.table.expert_table`) or what an applied
+        plan did (`CompressedModel.expert_table()`); other layers' entries are ignored, an expert without
+        one is drawn dense. This figure never resolves a plan itself, so it cannot disagree with `apply`.
+    plan: ``CompressionPlan.to_dict()``; gives the router's sparsity / bits.
     """
     E = int(layer_info["num_experts"])
     k = int(layer_info.get("top_k", 0))
     li = int(layer_info.get("index", 0))
-    per = {d["expert"]: d for d in resolve_plan_experts(plan or {}, li, E)}
+    per = {e: dict(expert=e, sparsity=0.0, bits=16, removed=False) for e in range(E)}
     for st in expert_states or []:
         if int(st.get("layer", li)) == li and 0 <= int(st["expert"]) < E:
             per[int(st["expert"])] = dict(expert=int(st["expert"]), sparsity=float(st.get("sparsity", 0.0)),
@@ -193,4 +158,4 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     return g.source
 
 
-__all__ = ["expert_label", "moe_layer_dot", "resolve_plan_experts", "sparsity_color"]
+__all__ = ["expert_label", "moe_layer_dot", "sparsity_color"]

@@ -27,32 +27,15 @@ from plotly.subplots import make_subplots
 from moeviz.compression.plan import method_name
 from moeviz.evaluation.pareto import pareto_mask
 from moeviz.figures._common import BASE_COLOR, color_for, empty_figure
+from moeviz.registry import RESULT_METRICS
 
 _TEMPLATE = "plotly_white"
 # Compression ratios a chart's x axis can count (the base is 1.0 on each)
 RATIO_COLUMNS = ("compression_ratio", "compression_ratio_bf16", "export_compression_ratio", "experts_compression_ratio")
 
-# column -> (axis title with unit, display scale)
-COLUMNS: dict[str, tuple[str, float]] = {
-    "accuracy": ("Next-token accuracy (%)", 100.0),
-    "perplexity": ("Perplexity (held-out, exp of mean NLL; lower is better)", 1.0),
-    "perplexity_increase": ("Perplexity increase over base (%)", 100.0),
-    "compression_ratio": ("Compression ratio on paper (× smaller, documented formats vs the checkpoint dtype)", 1.0),
-    "compression_ratio_bf16": ("Compression ratio on paper vs bf16 (× smaller, how papers count)", 1.0),
-    "export_compression_ratio": ("Compression ratio of the best exportable format (× smaller, bytes written)", 1.0),
-    "experts_compression_ratio": ("Experts compression ratio (× smaller, expert weight bytes)", 1.0),
-    "projected_decode_ms": ("Decode latency, projected (device) (ms/token)", 1.0),
-    "measured_decode_ms": ("Decode latency, measured (this machine) (ms/token)", 1.0),
-    "interleaved_decode_ms": ("Decode latency, measured back to back with base (ms/token)", 1.0),
-    "mean_cv": ("Load-balance CV, mean over layers (std/mean, unitless)", 1.0),
-    "mean_topk_overlap": ("Top-k overlap with base, mean over layers (%)", 100.0),
-    "mean_top1_change": ("Top-1 change rate vs base, mean over layers (%)", 100.0),
-    "mean_kl": ("Router KL(base ‖ compressed), mean over layers (nats)", 1.0),
-    "parameter_bytes": ("Stored parameters (bytes)", 1.0),
-    "sparsity": ("Sparsity (%)", 100.0),
-}
-MINIMIZE = {"perplexity", "perplexity_increase", "projected_decode_ms", "measured_decode_ms", "interleaved_decode_ms", "mean_cv",
-            "mean_kl", "mean_top1_change", "parameter_bytes"}
+# column -> (axis title with unit, display scale), and the columns where lower is better (moeviz.registry)
+COLUMNS: dict[str, tuple[str, float]] = {m.name: (m.label, m.scale) for m in RESULT_METRICS}
+MINIMIZE = {m.name for m in RESULT_METRICS if not m.higher_is_better}
 
 
 def axis_title(col: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moeviz.errors import NotAnMoEModelError
+from moeviz.errors import NotAnMoEModelError, PlanError
 from moeviz.models.adapters import GENERIC, FamilyAdapter
 from moeviz.models.experts import takes_routing
 
@@ -266,6 +266,25 @@ def find_moe_layers(model: nn.Module, like: list[MoELayer] | None = None) -> lis
         if like is not None and i < len(like):
             layers[-1].routing_rule = like[i].routing_rule
     return layers
+
+
+def decoder_layers(model: nn.Module, layers) -> list[tuple[nn.ModuleList, int]]:
+    """For each MoE layer, (the ModuleList of decoder layers, index of the decoder layer holding it)."""
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    found = []
+    for layer in layers:
+        best = None
+        for name, ml in lists:
+            prefix = f"{name}." if name else ""
+            for i in range(len(ml)):
+                p = f"{prefix}{i}"
+                if layer.path == p or layer.path.startswith(p + "."):
+                    if best is None or len(p) > len(best[2]):
+                        best = (ml, i, p)
+        if best is None:
+            raise PlanError(f"sensitivity: cannot find the decoder layer that holds {layer.path}")
+        found.append(best[:2])
+    return found
 
 
 def require_moe_layers(model: nn.Module) -> list[MoELayer]:

@@ -6,14 +6,10 @@ layers (found on a meta-device copy built from the config), and fits in the memo
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import logging
 import os
 import re
-import sys
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -347,74 +343,6 @@ def inspect_model(source: str | os.PathLike | None = None, trust_remote_code: bo
     return ModelShape(require_moe_layers(_skeleton(config, trust_remote_code)), context_length(config))
 
 
-_READ_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _plain_reads():
-    """transformers 5 reads safetensors through one mmap per file and keeps the tensors it does not
-    convert (attention, norms, embeddings) as views into that mapping. Those views keep the whole
-    mapping alive, so every page read while fusing per-expert tensors (`MergeModulelist` +
-    `Concatenate` copy them into new `[E, out, in]` tensors) stays in the process's RSS as file pages,
-    on top of the fused anon copy: RSS after loading ≈ 2 × the checkpoint (measured: 1.93 GB for a
-    0.84 GB checkpoint, of which 0.88 GB file pages).
-
-    Inside this context transformers' loader reads with `pread` (safetensors' `backend="pread"`: each
-    tensor is read into its own memory, nothing stays mapped) and materialises one parameter's tensors
-    at a time (`HF_DEACTIVATE_ASYNC_LOAD`: its thread pool would otherwise read the whole checkpoint
-    ahead of the conversions). Peak ≈ checkpoint + one fused tensor's temporaries; RSS after ≈ 1 ×.
-    Weight conversions, dtype casts, device maps and offload are transformers' own, unchanged.
-
-    Both switches are process-wide, hence the lock; without transformers' `safe_open` name (another
-    version) loading simply keeps the mmap."""
-    import transformers.modeling_utils as modeling_utils
-
-    original = getattr(modeling_utils, "safe_open", None)
-    with _READ_LOCK:
-        if original is None:
-            yield
-            return
-
-        def pread_open(filename, framework, device="cpu", **kwargs):
-            if str(device) == "cpu":
-                kwargs["backend"] = "pread"
-            return original(filename, framework=framework, device=device, **kwargs)
-
-        previous = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
-        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
-        modeling_utils.safe_open = pread_open
-        try:
-            yield
-        finally:
-            modeling_utils.safe_open = original
-            if previous is None:
-                os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
-            else:
-                os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = previous
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-_MMAP_THRESHOLD = 128 * 1024  # glibc's default value
-
-
-def give_back_freed_memory() -> None:
-    """Make glibc return large freed blocks to the system (fixed mmap threshold).
-
-    glibc raises its mmap threshold (up to 32 MiB) each time a large mmapped block is freed. Loading
-    frees hundreds of per-expert tensors (stacked into fused ones), and lazy evaluation and export free
-    per-expert temporaries; after the first such free every temporary below the raised threshold comes
-    from the heap, which keeps it when freed. Measured on 2 OLMoE-shaped layers (1.7 GB, bf16): RSS grew
-    from 2.4 to 8.2 GB during one lazy evaluation, versus 2.4 GB with the threshold fixed at glibc's
-    default (which also stops the raising). Process-wide, so: skipped when the user set
-    MALLOC_MMAP_THRESHOLD_ and where the C library is not glibc."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-    except (OSError, AttributeError):  # musl and others: no mallopt
-        pass
-
-
 def load_model(
     source: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = "auto",
@@ -439,7 +367,6 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM
 
-    give_back_freed_memory()
     if max_memory is not None:
         device_map = device_map or "auto"
         check_memory_first = False  # the budget is the caller's: offload takes what does not fit
@@ -477,8 +404,7 @@ def load_model(
         hf_logging.disable_progress_bar()
     try:
         tokenizer = _load_tokenizer(source, trust_remote_code)  # first: it is quick, the weights are not
-        with _plain_reads():
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)  # memory: see moeviz.runtime_config
     except OSError as e:
         raise ModelSourceError(f"cannot load {source}: {str(e).splitlines()[0]}") from e
     except SafetensorError as e:  # a truncated download or a file that is not safetensors at all
@@ -522,14 +448,13 @@ def load_model(
 
 def _dense_if_compressed(local: Path) -> Path:
     """The folder to read: `local` itself, or for a compressed-tensors checkpoint (moeviz's exports, llm-compressor's
-    output) its dense copy in moeviz's data folder (`moeviz.ct_format.dense_copy`)."""
-    from moeviz import ct_format
+    output) its dense copy in moeviz's data folder (`moeviz.models.ct_checkpoint.dense_copy`)."""
+    from moeviz.models import ct_checkpoint
+    from moeviz.resources import data_dir
 
-    if ct_format.compressed_tensors_config(local) is None:
+    if ct_checkpoint.compressed_tensors_config(local) is None:
         return local
-    from moeviz.store import data_dir
-
-    return ct_format.dense_copy(local, data_dir() / "dequantized")
+    return ct_checkpoint.dense_copy(local, data_dir() / "dequantized", fingerprint_folder(local))
 
 
 def verify_model_layers(model: nn.Module, layers: list[MoELayer]) -> None:

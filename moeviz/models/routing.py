@@ -21,26 +21,6 @@ def _mask_logits(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Te
     return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
-def softmax_then_topk(
-    logits: torch.Tensor,
-    top_k: int,
-    normalize: bool,
-    allowed: torch.Tensor | None = None,
-    cast_back: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mixtral, Qwen2/3-MoE, OLMoE: softmax over all experts, keep the k largest, optionally renormalise.
-
-    `cast_back`: Qwen/OLMoE cast the weights back to the logits' dtype; Mixtral keeps float32.
-    """
-    probs = F.softmax(_mask_logits(logits, allowed), dim=-1, dtype=torch.float)
-    weights, indices = torch.topk(probs, top_k, dim=-1)
-    if normalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    if cast_back:
-        weights = weights.to(logits.dtype)
-    return weights, indices
-
-
 def topk_then_softmax(
     logits: torch.Tensor, top_k: int, allowed: torch.Tensor | None = None, weights_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

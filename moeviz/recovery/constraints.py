@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from moeviz.compression.apply import CompressedModel, group_size_for
+from moeviz.compression.apply import CompressedModel
+from moeviz.compression.resolve import group_size_for
 from moeviz.compression.quantize import quantize_on_grid, quantize_weight
 from moeviz.models.layers import MoELayer
 

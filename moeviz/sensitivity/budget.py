@@ -35,7 +35,8 @@ from functools import reduce
 
 import numpy as np
 
-from moeviz.compression.apply import Compressor, group_size_for
+from moeviz.compression.apply import Compressor
+from moeviz.compression.resolve import group_size_for
 from moeviz.compression.formats import storage_for
 from moeviz.compression.plan import CompressionPlan, Override, PruningSettings, QuantSettings
 from moeviz.errors import SettingsError

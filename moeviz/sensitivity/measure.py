@@ -50,6 +50,7 @@ from moeviz.compression.apply import Compressor
 from moeviz.compression.plan import CompressionPlan, PruningSettings, QuantSettings, check_bits, check_ratio
 from moeviz.data import TokenSamples
 from moeviz.errors import PlanError, SettingsError
+from moeviz.models.layers import decoder_layers
 from moeviz.models.loading import LoadedModel
 
 SENSITIVITY_FORMAT_VERSION = 1
@@ -217,25 +218,6 @@ def _avg_ranks(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- model plumbing
-
-def decoder_layers(model: nn.Module, layers) -> list[tuple[nn.ModuleList, int]]:
-    """For each MoE layer, (the ModuleList of decoder layers, index of the decoder layer holding it)."""
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    found = []
-    for layer in layers:
-        best = None
-        for name, ml in lists:
-            prefix = f"{name}." if name else ""
-            for i in range(len(ml)):
-                p = f"{prefix}{i}"
-                if layer.path == p or layer.path.startswith(p + "."):
-                    if best is None or len(p) > len(best[2]):
-                        best = (ml, i, p)
-        if best is None:
-            raise PlanError(f"sensitivity: cannot find the decoder layer that holds {layer.path}")
-        found.append(best[:2])
-    return found
-
 
 def _call_args(args: tuple, kwargs: dict):
     names = ("hidden_states", "top_k_index", "top_k_weights")

@@ -1,4 +1,5 @@
-"""Issue 13: lazy per-layer compression, runtime modules instead of patched forwards, memory."""
+"""moeviz.compression.lazy: lazy per-expert compression equals the materialised model (also offloaded,
+transposed layouts, export), the runtime modules instead of patched forwards, and its memory."""
 
 from __future__ import annotations
 
@@ -17,16 +18,14 @@ from moeviz.calibration.collect import calibrate
 from moeviz.compression import threshold_table
 from moeviz.compression.apply import Compressor
 from moeviz.compression.plan import CompressionPlan, Override, PruningSettings, QuantSettings
-from moeviz.data import Document, tokenize_documents
+from moeviz.data import tokenize_documents
 from moeviz.evaluation import EvalSettings, Evaluator
 from moeviz.models.runtime import experts_runtime, patched_forwards
 from moeviz.recovery.distill import RecoverySettings, recover
+from documents import varied_documents
 
 ALL = list(FAMILIES)
-DOCS = [
-    Document("The quick brown fox jumps over the lazy dog while the cat sleeps. " * 12, "prose"),
-    Document("def add(a, b):\n    return a + b\n\nfor i in range(10):\n    print(add(i, 2))\n" * 8, "code"),
-]
+DOCS = varied_documents(12, 8)
 
 
 def _removal(family, n_layers):
@@ -331,8 +330,6 @@ def test_transposed_experts_with_known_thresholds_are_pruned_in_the_stored_layou
     from moeviz.compression import fused_prune
     from moeviz.models import load_model
 
-    if not fused_prune.enabled():
-        pytest.skip("numba not installed")
     monkeypatch.setattr(threshold_table, "TABLES", threshold_table.TableCache())
     lm = loaded_tiny("gpt_oss")
     if ties:
@@ -376,7 +373,7 @@ def test_materialised_and_exported_transposed_layers_equal_the_strided_steps(loa
     import numpy as np
 
     from moeviz.compression import steps
-    from moeviz.compression.apply import resolve_settings
+    from moeviz.compression.resolve import resolve_plan
 
     monkeypatch.setattr(steps, "BLOCK_ELEMENTS", 40)  # several row blocks
     monkeypatch.setattr(steps, "STRIP", 5)  # several strips, the last one shorter
@@ -389,7 +386,7 @@ def test_materialised_and_exported_transposed_layers_equal_the_strided_steps(loa
                            overrides=[Override(layer=0, expert=1, sparsity=0.0), Override(layer=1, expert=2, bits=4),
                                       Override(layer=1, expert=3, sparsity=0.7)],
                            removed_experts=[(0, 2)])
-    sparsity, bits, removed = resolve_settings(plan, lm.layers, stats)
+    resolved = resolve_plan(plan, lm.layers, stats)
     rounds = []  # experts per row-major copy: the materialising paths take the row-major route
     rowmajor_copy = steps._rowmajor_copy
     monkeypatch.setattr(steps, "_rowmajor_copy", lambda part, buf: rounds.append(len(part)) or rowmajor_copy(part, buf))
@@ -398,7 +395,7 @@ def test_materialised_and_exported_transposed_layers_equal_the_strided_steps(loa
     lazy = comp.apply(plan, lazy=True)
     for layer in lm.layers:
         assert layer.transposed
-        s = comp.layer_settings(layer, plan, sparsity[layer.index], bits[layer.index], removed[layer.index])
+        s = resolved.layer(layer)
         sel = np.arange(layer.num_experts)
         norms = steps.layer_norms(stats.layers[layer.index], s.metric, sel, "cpu")
         # Reference: the steps on strided [E, out, in] views of clones of the stored tensors.

@@ -1,5 +1,5 @@
-"""compressed-tensors `pack-quantized` checkpoints: moeviz's quantized experts written in the format
-llm-compressor writes and vLLM serves, and any such folder read back as dense weights.
+"""compressed-tensors `pack-quantized` tensors: moeviz's quantized experts written in the format llm-compressor
+writes and vLLM serves (reading such folders back: `moeviz.models.ct_checkpoint`).
 
 Layout (compressed-tensors 0.20, written by its own `PackedQuantizationCompressor`):
 
@@ -21,11 +21,8 @@ back the very same weights): a weight that is not on its grid is refused, never 
 
 from __future__ import annotations
 
-import json
 import re
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -195,101 +192,3 @@ def quantization_config(groups: dict[PackScheme, list[str]], ignore: list[str]) 
         format="pack-quantized", quantization_status="compressed", ignore=ignore)
     return {"quant_method": "compressed-tensors", "version": compressed_tensors.__version__,
             "sparsity_config": {}, "transform_config": {}, **qc.model_dump(exclude=["quant_method"])}
-
-
-# ---- reading any compressed-tensors folder ------------------------------------------------------------
-
-def compressed_tensors_config(folder: Path) -> dict | None:
-    """The folder's compressed-tensors `quantization_config`, or None for any other checkpoint."""
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    q = config.get("quantization_config") or {}
-    return q if q.get("quant_method") == "compressed-tensors" else None
-
-
-def _scheme_of(module: str, qconfig: dict):
-    """The config group that quantizes `module` (compressed-tensors' own name matching: `re:` targets match
-    from the start of the name; a class-name target such as "Linear" matches every packed module), or None
-    when `ignore` names it."""
-    from compressed_tensors.quantization import QuantizationScheme
-    from compressed_tensors.utils.match import match_name
-
-    if any(match_name(module, t) for t in qconfig.get("ignore") or []):
-        return None
-    for group in (qconfig.get("config_groups") or {}).values():
-        targets = group.get("targets") or []
-        if any(match_name(module, t) if t.startswith("re:") else True for t in targets):
-            return QuantizationScheme.model_validate(group)
-    return None
-
-
-def dequantize_folder(src: Path, dst: Path) -> Path:
-    """Write a dense copy of the compressed-tensors folder `src` into `dst` (config without its
-    quantization_config, every packed module decompressed by compressed-tensors itself to the config's
-    dtype, one module at a time; tokenizer and other files copied). Atomic: `dst` appears complete or not."""
-    from compressed_tensors.compressors import BaseCompressor
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    src, dst = Path(src), Path(dst)
-    qconfig = compressed_tensors_config(src)
-    if qconfig is None:
-        raise MoevizError(f"{src} is not a compressed-tensors checkpoint (no quantization_config with "
-                          "quant_method compressed-tensors)")
-    fmt = qconfig.get("format")
-    config = json.loads((src / "config.json").read_text())
-    dtype = getattr(torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"))
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy2(f, tmp / f.name)
-    config.pop("quantization_config")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    weight_map = {}
-    for shard in sorted(src.glob("*.safetensors")):
-        out: dict[str, torch.Tensor] = {}
-        with safe_open(shard, "pt") as f:
-            keys = list(f.keys())
-            packed_modules = sorted({k[: -len(".weight_packed")] for k in keys if k.endswith(".weight_packed")})
-            for module in packed_modules:
-                scheme = _scheme_of(module, qconfig)
-                if scheme is None:
-                    raise MoevizError(f"{src}: {module} is packed but no config group of its quantization_config "
-                                      "targets it")
-                names = [n for n in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point",
-                                     "weight_g_idx") if f"{module}.{n}" in keys]
-                state = {n: f.get_tensor(f"{module}.{n}") for n in names}
-                try:
-                    compressor = BaseCompressor.get_value_from_registry(scheme.format or fmt)
-                    dense = compressor.decompress(state, scheme)["weight"]
-                except Exception as e:  # an unsupported format or scheme: one line, the module named
-                    raise MoevizError(f"{src}: cannot decompress {module} ({scheme.format or fmt}): {e}") from e
-                out[f"{module}.weight"] = dense.to(dtype)
-            done = {f"{m}.{n}" for m in packed_modules for n in ("weight_packed", "weight_scale", "weight_shape",
-                                                                  "weight_zero_point", "weight_g_idx")}
-            for k in keys:
-                if k not in done:
-                    out[k] = f.get_tensor(k)
-        save_file(out, tmp / shard.name, metadata={"format": "pt"})
-        weight_map.update({k: shard.name for k in out})
-    if (src / "model.safetensors.index.json").exists():
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
-    return dst
-
-
-def dense_copy(folder: Path, cache_root: Path) -> Path:
-    """A dense copy of a compressed-tensors folder, made once per folder content under `cache_root`
-    (transformers applies one experts scheme to a whole model and ignores zero points: moeviz decompresses
-    every module with its own config group instead, so per-layer schemes and asymmetric experts load exact)."""
-    from moeviz.models.loading import fingerprint_folder
-
-    dst = Path(cache_root) / f"dense-{fingerprint_folder(Path(folder))}"
-    if not (dst / "config.json").exists():
-        dequantize_folder(folder, dst)
-    return dst

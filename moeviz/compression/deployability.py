@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from moeviz.compression.plan import CompressionPlan
-from moeviz.ct_format import PackScheme, scheme_for
+from moeviz.compression.ct_pack import PackScheme, scheme_for
 from moeviz.errors import MoevizError
 from moeviz.models.layers import MoELayer
 
@@ -98,7 +98,7 @@ def layer_schemes(plan: CompressionPlan, layers: list[MoELayer], bits: np.ndarra
 
 
 def _packed_bytes(out: int, n: int, s: PackScheme, dtype_bytes: int) -> int:
-    """Bytes compressed-tensors writes for one packed [out, n] projection (see ct_format.packed_layout)."""
+    """Bytes compressed-tensors writes for one packed [out, n] projection (see ct_pack.packed_layout)."""
     groups = 1 if s.group_size == -1 else n // s.group_size
     b = out * -(-n * s.bits // 32) * 4 + out * groups * dtype_bytes + SHAPE_BYTES
     if not s.symmetric:
