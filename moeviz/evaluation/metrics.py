@@ -210,6 +210,8 @@ class TokenLossAccumulator:
         self.n_tokens = 0
         self.correct = 0
         self.per_domain: dict[str, dict] = {}
+        # Per sequence, in the order added: the units a bootstrap resamples (moeviz.evaluation.uncertainty).
+        self.windows: dict[str, list] = {"nll": [], "tokens": [], "correct": []}
 
     def _domain_key(self, d) -> str:
         if isinstance(d, torch.Tensor):
@@ -257,6 +259,9 @@ class TokenLossAccumulator:
         self.nll_sum += float(seq_nll.sum())
         self.n_tokens += int(seq_n.sum())
         self.correct += int(seq_hit.sum())
+        self.windows["nll"] += seq_nll.tolist()
+        self.windows["tokens"] += seq_n.tolist()
+        self.windows["correct"] += seq_hit.tolist()
         if domains is None:
             return
         if len(domains) != logits.shape[0]:
