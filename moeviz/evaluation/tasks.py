@@ -178,8 +178,14 @@ def evaluate_tasks(model, tokenizer, settings: TaskSettings, lazy: bool = False,
     from lm_eval.models.huggingface import HFLM
 
     names, manager = resolve_tasks(settings)
+    import lm_eval.evaluator as lm_evaluator
+
     start = time.perf_counter()
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    # simple_evaluate records the environment (torch's collect_env runs pip, conda, nvidia-smi, git in
+    # subprocesses: ~1 s per call, more than 3 items of the demo take) into results moeviz does not keep.
+    env_info = lm_evaluator.add_env_info, lm_evaluator.get_git_commit_hash
+    lm_evaluator.add_env_info, lm_evaluator.get_git_commit_hash = (lambda results: None), (lambda: None)
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer,
                   batch_size=max(settings.batch_size, LAZY_BATCH_SIZE) if lazy else settings.batch_size)
@@ -194,6 +200,7 @@ def evaluate_tasks(model, tokenizer, settings: TaskSettings, lazy: bool = False,
         raise TasksUnavailableError(f"lm-eval could not run {', '.join(settings.tasks)}: {type(e).__name__}: "
                                     f"{first}") from e
     finally:
+        lm_evaluator.add_env_info, lm_evaluator.get_git_commit_hash = env_info
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.set_rng_state(states[2])
