@@ -365,9 +365,10 @@ def _task_eval_changed():
     s._task_eval = s.task_eval_toggle
 
 
-# Task accuracy asked for but the result shown has none: Evaluate adds it (the plan's run is evaluated again).
-tasks = TaskSettings() if s.task_eval_toggle else None
-missing_tasks = tasks is not None and last is not None and not is_stale and not last.get("tasks")
+# Task accuracy asked for but the result shown has none (or other items): Evaluate adds it (a new run).
+tasks = TaskSettings(limit=s.get("_task_limit") or None) if s.task_eval_toggle else None
+missing_tasks = (tasks is not None and last is not None and not is_stale
+                 and (not last.get("tasks") or (last.get("task_settings") or {}).get("limit") != tasks.limit))
 c1, c2 = st.columns([1, 3])
 go_eval = c1.button("Evaluate", type="primary", disabled=last is not None and not is_stale and not missing_tasks,
                     help="The result shown is this plan's" if last is not None and not is_stale else None)
@@ -380,6 +381,10 @@ c2.toggle("Task accuracy (lm-eval-harness on the bundled multiple-choice tasks)"
                 "moeviz builds from its held-out text (sample_data/tasks, 4 choices, chance 25 %), zero-shot, "
                 "acc and acc_norm with their standard error. Several seconds per evaluation." if has_lm_eval else
                 f"Needs lm-eval-harness, not installed here: {INSTALL_HINT}"))
+if s.task_eval_toggle:
+    c2.number_input("Items per task (0 = all)", min_value=0, value=int(s.get("_task_limit") or 0), step=10,
+                    key="task_limit_input", on_change=lambda: s.__setitem__("_task_limit", s.task_limit_input),
+                    help="The first N items of each task (lm-eval's --limit): a quick look; report all items")
 job_hint = st.empty()  # cleared once this plan is evaluated
 if plan.second_order() and (last is None or is_stale):
     # The time of the last SparseGPT / GPTQ job on this model (any plan): said before a long job starts.

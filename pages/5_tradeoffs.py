@@ -41,6 +41,8 @@ with st.form("sweep_form"):
         "Task accuracy (lm-eval-harness on the bundled multiple-choice tasks)", value=False, disabled=not has_lm_eval,
         help=("Each plan (and the base, once) is also scored on moeviz's offline tasks: acc ± stderr per task; "
               "several seconds per plan" if has_lm_eval else f"Needs lm-eval-harness: {INSTALL_HINT}"))
+    task_limit = st.number_input("Items per task (0 = all)", min_value=0, value=0, step=10, disabled=not has_lm_eval,
+                                 help="The first N items of each task (lm-eval's --limit): a quick look")
     go = st.form_submit_button("Run sweep", type="primary")
 if s.pop("_sweep_running", None) is not None and not go:
     # The last run of this script was a sweep interrupted by "Stop sweep" (or by another click).
@@ -56,7 +58,7 @@ if go:
         start = time.perf_counter()
         df = run_sweep(compressor(lm, stats), evaluator, plans, store=store,
                        samples=plan_samples(lm, stats, plans[0]) if "sparsegpt" in methods else None,
-                       tasks=TaskSettings() if with_tasks and has_lm_eval else None,
+                       tasks=TaskSettings(limit=int(task_limit) or None) if with_tasks and has_lm_eval else None,
                        progress=lambda d, t, row: bar.progress(
                            d / t, text=f"Sweep: {d}/{t} plans · {row['name']}{eta_text(time.perf_counter() - start, d, t)}"))
         bar.empty()

@@ -195,6 +195,11 @@ def evaluate_tasks(model, tokenizer, settings: TaskSettings, lazy: bool = False,
             torch_random_seed=settings.seed, fewshot_random_seed=settings.seed, verbosity="ERROR")
     except MoevizError:
         raise
+    except AssertionError as e:  # lm-eval's checks on an item, with no message
+        context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        raise TasksUnavailableError(
+            f"lm-eval refused an item of {', '.join(settings.tasks)}: an answer longer than the model's context "
+            f"({context} tokens) or a context that is blank; choose tasks whose items fit this model") from e
     except Exception as e:  # a data set that cannot be loaded (offline, gated), a malformed YAML, ...
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise TasksUnavailableError(f"lm-eval could not run {', '.join(settings.tasks)}: {type(e).__name__}: "
