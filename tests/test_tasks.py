@@ -174,3 +174,47 @@ def test_cli_evaluate_and_sweep_report_tasks(demo, tmp_path, capsys):
     assert {r["name"] for r in sweep["tasks"]} == {"magnitude 50%", "magnitude 70%"}
     rows = RunStore(store).task_results()
     assert len(rows) == 2 * 2 * 2 and set(rows["model"]) == {"compressed", "base"} and set(rows["n"]) == {2}
+
+
+def test_a_stored_run_is_reused_only_with_the_same_tasks(demo, tmp_path):
+    from moeviz.data import Document, tokenize_documents
+    from moeviz.evaluation import EvalSettings, Evaluator, evaluate_plan
+    from moeviz.store import RunStore
+
+    held = tokenize_documents([Document("def f(x):\n    return x + 1\n" * 40, "code")], demo.tokenizer, 2, 32)
+    ev, store, comp = Evaluator(demo, held, EvalSettings(measure_latency=False)), RunStore(tmp_path / "r.sqlite"), \
+        Compressor(demo, None)
+    plan = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5))
+    plain, first = evaluate_plan(comp, ev, plan, store)
+    assert plain.tasks is None
+    two = TaskSettings(tasks=["moeviz_tabular_cloze"], limit=2)
+    with_tasks, second = evaluate_plan(comp, ev, plan, store, tasks=two)
+    assert second != first and with_tasks.tasks["moeviz_tabular_cloze"]["n"] == 2
+    assert with_tasks.base_tasks["moeviz_tabular_cloze"]["n"] == 2 and with_tasks.task_settings["limit"] == 2
+    assert evaluate_plan(comp, ev, plan, store, tasks=two)[1] == second  # same tasks: reused
+    assert evaluate_plan(comp, ev, plan, store)[1] == second  # no tasks asked for: any run of the plan
+    three = TaskSettings(tasks=["moeviz_tabular_cloze"], limit=3)
+    assert evaluate_plan(comp, ev, plan, store, tasks=three)[1] not in (first, second)
+
+
+def test_quality_view_axes_error_bars_and_task_table():
+    import pandas as pd
+
+    from moeviz.qualityview import accuracy_choices, task_rows, with_accuracy_spread
+
+    df = pd.DataFrame({"accuracy": [0.5, 0.4], "accuracy_lo": [0.45, 0.35], "accuracy_hi": [0.55, 0.45],
+                       "task_acc[a]": [0.6, 0.5], "task_acc_stderr[a]": [0.05, 0.04],
+                       "base_task_acc[a]": [0.7, 0.7], "base_task_acc_stderr[a]": [0.03, 0.03],
+                       "task_acc[b]": [0.8, None], "task_acc_stderr[b]": [0.1, None],
+                       "task_average": [0.7, None], "task_average_stderr": [0.056, None]})
+    assert list(accuracy_choices(df)) == ["accuracy", "task_average", "task_acc[a]", "task_acc[b]"]
+    assert with_accuracy_spread(df, "accuracy")[1] == ("accuracy_lo", "accuracy_hi")
+    out, (lo, hi) = with_accuracy_spread(df, "task_acc[a]")
+    assert list(out[lo]) == pytest.approx([0.55, 0.46]) and list(out[hi]) == pytest.approx([0.65, 0.54])
+    assert list(out[f"base_{lo}"]) == pytest.approx([0.67, 0.67]) and list(out[f"base_{hi}"]) == pytest.approx([0.73, 0.73])
+    result = {"tasks": {"a": dict(acc=0.6, acc_stderr=0.05, n=10), "b": dict(acc=0.8, acc_stderr=0.1, n=20)},
+              "base_tasks": {"a": dict(acc=0.7, acc_stderr=0.03, n=10), "b": dict(acc=0.9, acc_stderr=0.1, n=20)}}
+    rows = task_rows(result)
+    assert [r["task"] for r in rows] == ["a", "b", "average of 2 tasks"]
+    assert rows[0]["difference"] == pytest.approx(-10.0) and rows[2]["accuracy"] == pytest.approx(70.0)
+    assert rows[2]["stderr"] == pytest.approx(100 * (0.05 ** 2 + 0.1 ** 2) ** 0.5 / 2) and rows[2]["n"] == 30
