@@ -43,7 +43,7 @@ from moeviz.resources import SAMPLE_DATA_DIR
 BUNDLED_TASKS_DIR = SAMPLE_DATA_DIR / "tasks"
 TAG = "moeviz_bundled"  # lm-eval tag naming every bundled task
 VERSION = 1  # bump when the items change (recorded with every result)
-CONTEXT_CHARS = 200
+CONTEXT_CHARS = 140
 SPAN_WORDS = 5
 N_CHOICES = 4
 
