@@ -218,3 +218,20 @@ def test_quality_view_axes_error_bars_and_task_table():
     assert [r["task"] for r in rows] == ["a", "b", "average of 2 tasks"]
     assert rows[0]["difference"] == pytest.approx(-10.0) and rows[2]["accuracy"] == pytest.approx(70.0)
     assert rows[2]["stderr"] == pytest.approx(100 * (0.05 ** 2 + 0.1 ** 2) ** 0.5 / 2) and rows[2]["n"] == 30
+
+
+def test_an_offloaded_model_is_evaluated_where_its_hooks_compute(tiny_model_dirs, tmp_path):
+    """accelerate offload leaves the parameters on "meta": the inputs go to the hooks' execution device, and
+    the loglikelihoods are those of the same plan on the model held in memory."""
+    from moeviz.models import load_model
+
+    settings = TaskSettings(tasks=["moeviz_tabular_cloze"], limit=3)
+    plan = CompressionPlan(pruning=PruningSettings(metric="magnitude", sparsity=0.5))
+    full = load_model(tiny_model_dirs["mixtral"])
+    off = load_model(tiny_model_dirs["mixtral"], max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload")
+    assert off.model.device.type == "meta"
+    a = evaluate_tasks(Compressor(full, None).apply(plan).model, full.tokenizer, settings, keep_samples=True)
+    b = evaluate_tasks(Compressor(off, None).apply(plan, lazy=True).model, off.tokenizer, settings, lazy=True,
+                       keep_samples=True)
+    assert [s["loglikelihoods"] for s in a.samples["moeviz_tabular_cloze"]] == \
+        [s["loglikelihoods"] for s in b.samples["moeviz_tabular_cloze"]]
