@@ -177,6 +177,8 @@ def evaluate_tasks(model, tokenizer, settings: TaskSettings, lazy: bool = False,
     import torch
     from lm_eval.models.huggingface import HFLM
 
+    from moeviz.models.offload import execution_device
+
     names, manager = resolve_tasks(settings)
     import lm_eval.evaluator as lm_evaluator
 
@@ -189,6 +191,9 @@ def evaluate_tasks(model, tokenizer, settings: TaskSettings, lazy: bool = False,
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer,
                   batch_size=max(settings.batch_size, LAZY_BATCH_SIZE) if lazy else settings.batch_size)
+        # HFLM sends the inputs to `model.device`, its first parameter's: "meta" for a model offloaded by
+        # accelerate. Its hooks compute on their execution device: the inputs go there.
+        lm._device = execution_device(model)
         out = lm_eval.simple_evaluate(
             model=lm, tasks=names, task_manager=manager, num_fewshot=settings.num_fewshot, limit=settings.limit,
             log_samples=keep_samples, random_seed=settings.seed, numpy_random_seed=settings.seed,
