@@ -14,7 +14,7 @@ $(PY):
 # Re-install when the project's dependencies change.
 $(STAMP): $(PY) pyproject.toml setup.py scripts/install_torch.sh
 	bash scripts/install_torch.sh $(PY)
-	$(PY) -m pip install --disable-pip-version-check -q -e ".[test]"
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[test,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -6,6 +6,7 @@
                      [--method sparsegpt] [--quant-method gptq] [--hessian plain] [--act-order]
                                                        (also export / sweep: second-order methods on top of the plan)
     moeviz sweep     --methods ... --sparsities ... --bits ...   evaluate a grid, store runs, write a CSV
+                     (evaluate / sweep: --tasks bundled,NAME --include-path DIR --limit N: lm-eval task accuracy)
     moeviz export    --plan plan.json --out DIR        write the compressed model (HF folder) + plan + report
     moeviz recover   --plan plan.json [--steps N]      distil the compressed model from the base; both runs stored
     moeviz sensitivity [--budget-sparsity R | --budget-bits B | --budget-ratio X] [--plan-out plan.json]
@@ -158,6 +159,21 @@ def _check_before_load(args) -> None:
     _eval_settings(args)
     _check_counts(args)
     _check_data_files(args)
+    _task_settings(args)
+
+
+def _task_settings(args):
+    """TaskSettings of --tasks / --include-path / --limit / --num-fewshot / --task-seed (None without
+    --tasks); without lm-eval installed, one line naming the extra. Task names are checked here too."""
+    if not hasattr(args, "tasks"):
+        return None
+    from moeviz.evaluation.tasks import TaskSettings, require_lm_eval, resolve_tasks
+
+    settings = TaskSettings.from_cli(args.tasks, args.include_path, args.limit, args.num_fewshot, args.task_seed)
+    if settings is not None:
+        require_lm_eval()
+        resolve_tasks(settings)
+    return settings
 
 
 def _read_plan(path: str):
@@ -238,15 +254,22 @@ def cmd_evaluate(args) -> int:
     lm = _load(args)
     _check_loaded(lm, [plan])
     stats, samples = _calibrated(args, lm)
+    tasks = _task_settings(args)
     result, run_id = evaluate_plan(Compressor(lm, stats), _evaluator(args, lm), plan,
-                                   None if args.no_store else RunStore(args.store), samples=samples)
+                                   None if args.no_store else RunStore(args.store), samples=samples, tasks=tasks)
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
     m = result.metrics()
-    print(json.dumps({k: m[k] for k in ("perplexity", "base_perplexity", "accuracy", "base_accuracy",
-                                        "compression_ratio", "compression_ratio_bf16", "export_compression_ratio",
-                                        "experts_compression_ratio", "projected_decode_ms",
-                                        "mean_cv", "mean_topk_overlap", "mean_kl")} | {"run_id": run_id}, indent=2))
+    summary = {k: m[k] for k in ("perplexity", "base_perplexity", "accuracy", "base_accuracy",
+                                 "compression_ratio", "compression_ratio_bf16", "export_compression_ratio",
+                                 "experts_compression_ratio", "projected_decode_ms",
+                                 "mean_cv", "mean_topk_overlap", "mean_kl")}
+    summary.update({f"{k}_95ci": [m.get(f"{k}_lo"), m.get(f"{k}_hi")] for k in ("perplexity", "accuracy", "mean_kl")})
+    if result.tasks:
+        summary["tasks"] = {name: {k: t[k] for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")}
+                            for name, t in result.tasks.items()}
+        summary["task_average"], summary["task_average_stderr"] = m.get("task_average"), m.get("task_average_stderr")
+    print(json.dumps(summary | {"run_id": run_id}, indent=2))
     return 0
 
 
@@ -267,10 +290,18 @@ def cmd_sweep(args) -> int:
     _check_loaded(lm, plans)
     stats, samples = _calibrated(args, lm)
     evaluator = _evaluator(args, lm)
+    tasks = _task_settings(args)
     with tqdm(total=len(plans), desc="sweep", unit="plan", file=sys.stderr) as bar:
         df = run_sweep(Compressor(lm, stats), evaluator, plans, store=None if args.no_store else RunStore(args.store),
-                       progress=lambda d, t, row: bar.update(d - bar.n), samples=samples)
+                       progress=lambda d, t, row: bar.update(d - bar.n), samples=samples, tasks=tasks)
     df.to_csv(args.csv, index=False)
+    if args.json:  # every plan's task scores (with the base's) and intervals, for a paper's table
+        keep = [c for c in df.columns if c != "plan_json"]
+        Path(args.json).write_text(json.dumps(dict(
+            sweep_id=df.attrs.get("sweep_id"), task_settings=None if tasks is None else tasks.to_dict(),
+            runs=[{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
+                  for row in df[keep].to_dict("records")],
+            tasks=df.attrs.get("task_results", [])), indent=2, default=str))
     print(f"{len(df)} plans evaluated; results in {args.csv}" + (f"; sweep {df.attrs['sweep_id']}" if df.attrs.get("sweep_id") else ""))
     return 0
 
@@ -451,11 +482,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", default=None, help="run store file (default: runs.sqlite in $MOEVIZ_DATA_DIR)")
         p.add_argument("--no-store", action="store_true", help="do not store the run(s)")
 
+    def add_task_args(p):
+        g = p.add_argument_group("task accuracy (lm-eval-harness: pip install 'moeviz[eval]')")
+        g.add_argument("--tasks", default=None, metavar="A,B",
+                       help="lm-eval tasks run on the base and compressed model: 'bundled' (moeviz's offline "
+                            "tasks from its held-out text), task names / tags from --include-path, or lm-eval's "
+                            "standard tasks when their data sets are available (online or cached)")
+        g.add_argument("--include-path", default=None, metavar="DIR", help="folder of lm-eval task YAML files")
+        g.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N items of each task")
+        g.add_argument("--num-fewshot", type=int, default=0, help="few-shot examples per item (default 0)")
+        g.add_argument("--task-seed", type=int, default=1234, help="lm-eval's seeds (default 1234, lm-eval's)")
+
     p = sub.add_parser("evaluate", help="apply a plan (JSON) and evaluate it against the base model")
     add_eval_args(p)
     p.add_argument("--plan", required=True, help="plan file written by the app's Export page or CompressionPlan.to_json")
     p.add_argument("--json", default=None, help="also write every detail of the result to this JSON file")
     _add_method_args(p)
+    add_task_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sweep", help="evaluate a method × sparsity × bits grid; runs stored, table to CSV")
@@ -466,7 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure", default="unstructured", help=f"unstructured or N:M such as {', '.join(NM_PATTERNS)}")
     p.add_argument("--group-size", type=int, default=128, help="quantization group size (-1 = whole row)")
     p.add_argument("--csv", default="moeviz_sweep.csv", help="output table (default moeviz_sweep.csv)")
+    p.add_argument("--json", default=None, help="also write every plan's metrics and task scores to this JSON file")
     _add_method_args(p, sweep=True)
+    add_task_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("sensitivity", help="measure each expert's Δ loss at a grid of settings; fit a plan to a budget")

@@ -54,7 +54,17 @@ _V3_METRICS = (
     "measured_decode_q3_ms",
     "latency_busy",
 )
-DENORMALISED_METRICS = _V1_METRICS + _V3_METRICS
+# Version 4: task accuracy (lm-eval-harness, moeviz.evaluation.tasks): the unweighted task average and its
+# standard error, and the bootstrap intervals of perplexity and accuracy (moeviz.evaluation.uncertainty).
+_V4_METRICS = (
+    "task_average",
+    "task_average_stderr",
+    "perplexity_lo",
+    "perplexity_hi",
+    "accuracy_lo",
+    "accuracy_hi",
+)
+DENORMALISED_METRICS = _V1_METRICS + _V3_METRICS + _V4_METRICS
 
 _MIGRATION_1 = [
     """
@@ -102,8 +112,36 @@ _MIGRATION_3 = [f"ALTER TABLE runs ADD COLUMN {m} REAL" for m in _V3_METRICS] + 
     for m in _V3_METRICS
 ]
 
+# Version 4: the task / interval columns (filled from older runs' metrics where present), and one row per
+# (run, model, task) in run_tasks: model is "compressed" or "base" (the base model's score on the same
+# task, run with the same settings), with everything needed to report it (version, n, few-shot, seed).
+_MIGRATION_4 = [f"ALTER TABLE runs ADD COLUMN {m} REAL" for m in _V4_METRICS] + [
+    f"UPDATE runs SET {m} = json_extract(metrics_json, '$.{m}') "
+    f"WHERE json_valid(metrics_json) AND typeof(json_extract(metrics_json, '$.{m}')) IN ('real', 'integer')"
+    for m in _V4_METRICS
+] + [
+    """
+    CREATE TABLE run_tasks (
+        run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+        model TEXT NOT NULL,
+        task TEXT NOT NULL,
+        version TEXT,
+        acc REAL,
+        acc_stderr REAL,
+        acc_norm REAL,
+        acc_norm_stderr REAL,
+        n INTEGER,
+        num_fewshot INTEGER,
+        seed INTEGER,
+        item_limit INTEGER,
+        PRIMARY KEY (run_id, model, task)
+    )
+    """,
+    "CREATE INDEX run_tasks_task ON run_tasks(task)",
+]
+
 # MIGRATIONS[i] upgrades a database from schema version i to i + 1 (a list of SQL statements).
-MIGRATIONS: list[list[str]] = [_MIGRATION_1, _MIGRATION_2, _MIGRATION_3]
+MIGRATIONS: list[list[str]] = [_MIGRATION_1, _MIGRATION_2, _MIGRATION_3, _MIGRATION_4]
 
 _BASE_COLUMNS = (
     "id", "sweep_id", "parent_run_id", "name", "model_fingerprint", "calibration_fingerprint",
@@ -186,6 +224,34 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[key] = float(v)
     return out
+
+
+def _task_scores(metrics: dict) -> list[tuple[str, str, dict]]:
+    """(model, task, scores) of a run's task results: metrics["tasks"] / ["base_tasks"], else those of
+    metrics["details"] (an EvalResult as stored by `store_result`)."""
+    details = metrics.get("details") if isinstance(metrics.get("details"), dict) else {}
+    out = []
+    for model, key in (("compressed", "tasks"), ("base", "base_tasks")):
+        tasks = metrics.get(key) if isinstance(metrics.get(key), dict) else details.get(key)
+        for task, scores in (tasks or {}).items():
+            if isinstance(scores, dict):
+                out.append((model, str(task), scores))
+    return out
+
+
+def _write_tasks(conn: sqlite3.Connection, run_id: int, metrics: dict) -> None:
+    rows = _task_scores(metrics)
+    if not rows:
+        return
+    conn.execute("DELETE FROM run_tasks WHERE run_id = ?", (int(run_id),))
+    for model, task, sc in rows:
+        version = sc.get("version")
+        conn.execute(
+            "INSERT INTO run_tasks (run_id, model, task, version, acc, acc_stderr, acc_norm, acc_norm_stderr, n, "
+            "num_fewshot, seed, item_limit) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (int(run_id), model, task, None if version is None else str(version),
+             *[_number(sc.get(k)) for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")],
+             *[None if sc.get(k) is None else int(sc[k]) for k in ("n", "num_fewshot", "seed", "limit")]))
 
 
 def _is_lock_error(e: sqlite3.OperationalError) -> bool:
@@ -326,6 +392,7 @@ class RunStore:
         marks = ", ".join("?" for _ in row)
         with self._write() as conn:
             run_id = conn.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", tuple(row.values())).lastrowid
+            _write_tasks(conn, run_id, metrics)
         record.id, record.created_at, record.moeviz_version = run_id, created, version
         return run_id
 
@@ -408,7 +475,30 @@ class RunStore:
             conn.execute(f"UPDATE runs SET {''.join(f'{m} = ?, ' for m in cols)}metrics_json = ? WHERE id = ?",
                          (*[_number(metrics[m]) for m in cols], json.dumps(metrics, allow_nan=False, sort_keys=True),
                           int(run_id)))
+            _write_tasks(conn, run_id, _jsonable(extra))
         return metrics
+
+    def task_results(self, model_fingerprint: str | None = None, run_id: int | None = None):
+        """pandas.DataFrame of task scores, one row per (run, model, task): run_id, run name, model
+        ("compressed" / "base"), task, version, acc, acc_stderr, acc_norm, acc_norm_stderr, n, num_fewshot,
+        seed, item_limit."""
+        import pandas as pd
+
+        clauses, params = [], []
+        if model_fingerprint is not None:
+            clauses.append("r.model_fingerprint = ?")
+            params.append(model_fingerprint)
+        if run_id is not None:
+            clauses.append("t.run_id = ?")
+            params.append(int(run_id))
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        with self._lock:
+            cur = self._conn.execute(
+                f"SELECT t.run_id, r.name, t.model, t.task, t.version, t.acc, t.acc_stderr, t.acc_norm, "
+                f"t.acc_norm_stderr, t.n, t.num_fewshot, t.seed, t.item_limit FROM run_tasks t "
+                f"JOIN runs r ON r.id = t.run_id {where} ORDER BY t.run_id, t.model DESC, t.task", tuple(params))
+            names = [c[0] for c in cur.description]
+            return pd.DataFrame(cur.fetchall(), columns=names)
 
     def rename_run(self, run_id: int, name: str) -> None:
         name = str(name).strip()

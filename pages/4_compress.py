@@ -24,11 +24,13 @@ from moeviz.compression.table import (
     prune_below_utilization, set_layer,
 )
 from moeviz.errors import MoevizError
+from moeviz.evaluation.tasks import INSTALL_HINT, TaskSettings, lm_eval_available
 from moeviz.figures.units import bits_label, format_time_ms
 from moeviz.figures.latency import latency_spread_chart
 from moeviz.latency_ab import ab_metrics, interleaved_decode_latency
 from moeviz.latency_ab import verdict as latency_verdict
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
+from moeviz.qualityview import interval_caption, task_rows
 from moeviz.store import plan_key
 from pages._state import (
     base_evaluator, calibration_samples, compressor, current_plan, evaluate_or_reuse, plan_samples, require_model,
@@ -361,12 +363,34 @@ def _auto_eval_changed():
     s._auto_eval = s.auto_eval_toggle
 
 
+has_lm_eval = lm_eval_available()
+s.task_eval_toggle = bool(s.get("_task_eval", False)) and has_lm_eval  # kept across pages
+
+
+def _task_eval_changed():
+    s._task_eval = s.task_eval_toggle
+
+
+# Task accuracy asked for but the result shown has none (or other items): Evaluate adds it (a new run).
+tasks = TaskSettings(limit=s.get("_task_limit") or None) if s.task_eval_toggle else None
+missing_tasks = (tasks is not None and last is not None and not is_stale
+                 and (not last.get("tasks") or (last.get("task_settings") or {}).get("limit") != tasks.limit))
 c1, c2 = st.columns([1, 3])
-go_eval = c1.button("Evaluate", type="primary", disabled=last is not None and not is_stale,
+go_eval = c1.button("Evaluate", type="primary", disabled=last is not None and not is_stale and not missing_tasks,
                     help="The result shown is this plan's" if last is not None and not is_stale else None)
 c2.toggle("Re-evaluate on every change", key="auto_eval_toggle", on_change=_auto_eval_changed,
           help="On by default when evaluating a plan of this model took under 2 s. Not for SparseGPT / GPTQ plans: "
                "each is a layer-by-layer job, started with Evaluate")
+c2.toggle("Task accuracy (lm-eval-harness on the bundled multiple-choice tasks)", key="task_eval_toggle",
+          on_change=_task_eval_changed, disabled=not has_lm_eval,
+          help=("Also runs lm-eval-harness on the compressed model in memory (and once on the base): the tasks "
+                "moeviz builds from its held-out text (sample_data/tasks, 4 choices, chance 25 %), zero-shot, "
+                "acc and acc_norm with their standard error. Several seconds per evaluation." if has_lm_eval else
+                f"Needs lm-eval-harness, not installed here: {INSTALL_HINT}"))
+if s.task_eval_toggle:
+    c2.number_input("Items per task (0 = all)", min_value=0, value=int(s.get("_task_limit") or 0), step=10,
+                    key="task_limit_input", on_change=lambda: s.__setitem__("_task_limit", s.task_limit_input),
+                    help="The first N items of each task (lm-eval's --limit): a quick look; report all items")
 job_hint = st.empty()  # cleared once this plan is evaluated
 if plan.second_order() and (last is None or is_stale):
     # The time of the last SparseGPT / GPTQ job on this model (any plan): said before a long job starts.
@@ -405,7 +429,7 @@ if go_eval or (s.get("_auto_eval", False) and not plan.second_order() and (last 
                                                     "then timing base and compressed back to back")
 
     with user_errors(), st.spinner(message + (" Sequential plans re-calibrate layer by layer: slower." if plan.sequential else "")):
-        result_dict, run_id, reused = evaluate_or_reuse(lm, stats, plan, progress=eval_progress)
+        result_dict, run_id, reused = evaluate_or_reuse(lm, stats, plan, progress=eval_progress, tasks=tasks)
     stop_slot.empty()
     bar.empty()
     job_hint.empty()
@@ -454,6 +478,16 @@ if result is not None:
     st.caption(f"Stored as run #{s.last_run_id}{reused_note}. Evaluated on {m['eval_tokens']:,} held-out tokens in "
                f"{m['seconds']:.1f} s (apply " + (f"{m['apply_seconds']:.1f} s)." if m["apply_seconds"] >= 1
                                                 else f"{m['apply_seconds'] * 1000:.0f} ms)."))
+    caption = interval_caption(m)
+    if caption:
+        st.caption(caption)
+    if m.get("tasks"):
+        ts = m.get("task_settings") or {}
+        st.markdown("**Task accuracy** (lm-eval-harness " + str(ts.get("lm_eval_version", "")) + ", "
+                    f"{ts.get('num_fewshot', 0)}-shot, seed {ts.get('seed')}; ± one standard error)")
+        st.dataframe(pd.DataFrame(task_rows(m)), hide_index=True, width="stretch", column_config={
+            c: st.column_config.NumberColumn(c.replace("_", " "), format="%.1f %%")
+            for c in ("accuracy", "stderr", "base_accuracy", "base_stderr", "difference", "acc_norm")})
     so = m.get("second_order")
     if so:
         rp = CompressionPlan.from_dict(m["plan"])

@@ -9,7 +9,9 @@ from moeviz import figures
 from moeviz.figures._common import readable
 from moeviz.compression.plan import METRICS, SUPPORTED_BITS, CompressionPlan
 from moeviz.evaluation import grid_plans, run_sweep
+from moeviz.evaluation.tasks import INSTALL_HINT, TaskSettings, lm_eval_available
 from moeviz.figures.units import bits_label, eta_text, format_time_ms
+from moeviz.qualityview import accuracy_choices, paired_rows, with_accuracy_spread
 from moeviz.runview import (
     filter_runs, latency_notes, metric_diff, plan_diff, tag_list, with_facets, with_measured_latency,
 )
@@ -35,6 +37,13 @@ with st.form("sweep_form"):
     sparsities = c2.multiselect("Sparsities", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8], default=[0.3, 0.5, 0.7],
                                 format_func=lambda v: f"{v:.0%}")
     bits = c3.multiselect("Bits", SUPPORTED_BITS, default=[16], format_func=dtype_bits_label)
+    has_lm_eval = lm_eval_available()
+    with_tasks = st.checkbox(
+        "Task accuracy (lm-eval-harness on the bundled multiple-choice tasks)", value=False, disabled=not has_lm_eval,
+        help=("Each plan (and the base, once) is also scored on moeviz's offline tasks: acc ± stderr per task; "
+              "several seconds per plan" if has_lm_eval else f"Needs lm-eval-harness: {INSTALL_HINT}"))
+    task_limit = st.number_input("Items per task (0 = all)", min_value=0, value=0, step=10, disabled=not has_lm_eval,
+                                 help="The first N items of each task (lm-eval's --limit): a quick look")
     go = st.form_submit_button("Run sweep", type="primary")
 if s.pop("_sweep_running", None) is not None and not go:
     # The last run of this script was a sweep interrupted by "Stop sweep" (or by another click).
@@ -50,6 +59,7 @@ if go:
         start = time.perf_counter()
         df = run_sweep(compressor(lm, stats), evaluator, plans, store=store,
                        samples=plan_samples(lm, stats, plans[0]) if "sparsegpt" in methods else None,
+                       tasks=TaskSettings(limit=int(task_limit) or None) if with_tasks and has_lm_eval else None,
                        progress=lambda d, t, row: bar.progress(
                            d / t, text=f"Sweep: {d}/{t} plans · {row['name']}{eta_text(time.perf_counter() - start, d, t)}"))
         bar.empty()
@@ -135,8 +145,15 @@ ratio = st.radio("Compression ratio", [r for r in RATIOS if r in df.columns and 
                  help="On paper: the documented formats (sparse formats included) against the checkpoint as stored; "
                       "vs bf16: the same counted on a bf16 checkpoint; exportable: what `moeviz export` writes for the "
                       "smallest format a target can hold (pruning counts nothing there)")
+choices = accuracy_choices(df)
+accuracy_col = st.selectbox("Accuracy", list(choices), format_func=choices.get,
+                            help="Next-token accuracy on the held-out text with its 95 % bootstrap interval, or the "
+                                 "accuracy of an lm-eval task (or the average of the tasks) ± its standard error: "
+                                 "error bars; a series whose bars all overlap is drawn as points")
+df_acc, accuracy_spread = with_accuracy_spread(df, accuracy_col)
 take_selection("tradeoff", st.plotly_chart(readable(figures.tradeoff_chart(
-    df, latency_col=latency, latency_kind="projected" if latency.startswith("projected") else "measured",
+    df_acc, accuracy_col=accuracy_col, accuracy_spread=accuracy_spread,
+    latency_col=latency, latency_kind="projected" if latency.startswith("projected") else "measured",
     latency_spread=spread, ratio_col=ratio)), width="stretch",
                                            on_select="rerun", selection_mode="points", key="tradeoff"))
 log_y = st.checkbox("Log scale for perplexity", value=True)  # above both columns: the two charts' titles align
@@ -148,7 +165,7 @@ take_selection("cv", c2.plotly_chart(readable(figures.cv_vs_ratio(df, ratio_col=
 
 st.subheader("Pareto front")
 c1, c2 = st.columns(2)
-y = c1.selectbox("Quality axis", ["accuracy", "perplexity"])
+y = c1.selectbox("Quality axis", [*choices, "perplexity"], format_func=lambda c: choices.get(c, c))
 x = c2.selectbox("Cost axis", [ratio, "projected_decode_ms", "measured_decode_ms"],
                  format_func=lambda c: {ratio: f"compression ratio, {RATIOS[ratio]}",
                                         "projected_decode_ms": "decode latency, projected",
@@ -261,3 +278,12 @@ if others:
         c2.markdown("**Metrics**")
         c2.dataframe(pd.DataFrame(metric_diff(record.metrics, b.metrics)), hide_index=True, width="stretch",
                      column_config={c: st.column_config.NumberColumn(c, format="%.4g") for c in ("a", "b", "b − a")})
+        paired = paired_rows(record.metrics, b.metrics)
+        if paired:
+            st.markdown("**Paired differences (b − a) on the same held-out windows**, 95 % bootstrap interval")
+            st.dataframe(pd.DataFrame(paired), hide_index=True, width="stretch",
+                         column_config={c: st.column_config.NumberColumn(c, format="%.4g")
+                                        for c in ("a", "b", "difference", "lo", "hi")})
+        else:
+            st.caption("No paired comparison: one of the runs was stored without its per-window figures, or the two "
+                       "were evaluated on different held-out text.")

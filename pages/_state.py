@@ -195,20 +195,27 @@ def set_plan(plan: CompressionPlan) -> None:
     sync_url()
 
 
-def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None):
+def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None, tasks=None):
     """(result dict, run id, reused): the stored run of this exact plan on this model, calibration and
     held-out text when there is one, else a new evaluation stored as a run. progress(stage, done, total)
-    while evaluating ("apply", then "evaluate" with batches done / total)."""
+    while evaluating ("apply", then "evaluate" with batches done / total). tasks: TaskSettings to also run
+    lm-eval tasks (a stored run without them is not reused)."""
     import time
 
-    from moeviz.evaluation.sweep import store_result
+    from moeviz.evaluation.evaluate import EvalResult
+    from moeviz.evaluation.sweep import has_tasks, store_result
 
     evaluator = base_evaluator(loaded.fingerprint, loaded)
     store = run_store()
     found = store.find_run(loaded.fingerprint, plan.to_dict(), stats.fingerprint if stats is not None else None,
                            evaluator.fingerprint)
     if found is not None and found.metrics.get("details"):
-        return found.metrics["details"], found.id, True
+        try:
+            complete = has_tasks(EvalResult(**found.metrics["details"]), tasks)
+        except TypeError:  # stored by a moeviz whose EvalResult had other fields
+            complete = tasks is None
+        if complete:
+            return found.metrics["details"], found.id, True
     samples = plan_samples(loaded, stats, plan)
     start = time.perf_counter()
     if progress is not None:
@@ -218,7 +225,8 @@ def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None):
     # materialise whatever `lazy` says (see Compressor.apply)
     compressed = comp.apply(plan, samples, lazy=not small_experts(loaded),
                             progress=(lambda d, t, left=None: progress("apply", d, t, left)) if progress else None)
-    result = evaluator.evaluate(compressed, progress=(lambda d, t: progress("evaluate", d, t)) if progress else None)
+    result = evaluator.evaluate(compressed, progress=(lambda d, t: progress("evaluate", d, t)) if progress else None,
+                                tasks=tasks)
     run_id = store_result(store, result, plan, loaded.fingerprint, stats.fingerprint if stats is not None else None,
                           duration_s=time.perf_counter() - start)
     return result.to_dict(), run_id, False

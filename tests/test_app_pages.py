@@ -574,3 +574,43 @@ def test_experts_with_too_few_calibration_tokens_are_named_after_a_second_order_
                for w in at.warning)
     table = next(d.value for d in at.dataframe if "tokens" in d.value.columns)
     assert len(table) == len(warned) and (table["tokens"] < table["columns"]).all()
+
+
+def test_task_accuracy_on_compress_and_as_the_trade_offs_accuracy_axis_with_paired_comparison():
+    """Compress: the task toggle runs the bundled lm-eval tasks (2 items each here) with the plan and shows
+    them ± stderr, plus the 95 % intervals; Trade-offs: the accuracy axis offers each task and the task
+    average (error bars), and comparing two runs shows their paired differences."""
+    pytest.importorskip("lm_eval")
+    at = new_app()  # the demo MoE: the bundled items fit its context (the tiny test models' is 64 tokens)
+    at.number_input[0].set_value(8)
+    at.number_input[1].set_value(32)
+    button(at, "Run calibration").click().run()
+    at.switch_page("pages/4_compress.py").run()
+    ok(at)
+    at.session_state["_auto_eval"] = False
+    next(t for t in at.toggle if t.label.startswith("Task accuracy")).set_value(True).run()
+    next(n for n in at.number_input if n.label.startswith("Items per task")).set_value(2).run()
+    at.slider[0].set_value(0.5).run()
+    button(at, "Evaluate").click().run()
+    ok(at)
+    first = at.session_state["last_run_id"]
+    table = next(d.value for d in at.dataframe if "task" in d.value.columns)
+    assert len(table) == 6 and set(table["n"].iloc[:5]) == {2} and "average of 5 tasks" in list(table["task"])
+    assert any("bootstrap over" in c.value for c in at.caption)
+    at.slider[0].set_value(0.8).run()
+    button(at, "Evaluate").click().run()
+    ok(at)
+    at.switch_page("pages/5_tradeoffs.py").run()
+    ok(at)
+    axis = next(s for s in at.selectbox if s.label == "Accuracy")
+    assert "task_average" in axis.options or "task average (5 tasks, ± stderr)" in axis.options
+    axis.set_value("task_average").run()
+    ok(at)
+    chart = at.get("plotly_chart")[0].proto.spec
+    assert "Task accuracy, average over tasks" in chart and '"error_y"' in chart
+    at.session_state["selected_run_id"] = first
+    at.run()
+    next(s for s in at.selectbox if s.label == "Compare with").set_value(at.session_state["last_run_id"]).run()
+    ok(at)
+    paired = next(d.value for d in at.dataframe if "verdict" in d.value.columns)
+    assert set(paired["metric"]) >= {"perplexity", "accuracy", "mean_kl"}

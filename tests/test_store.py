@@ -308,3 +308,31 @@ def test_version_2_file_gets_the_latency_columns_filled_from_its_runs(tmp_path, 
     new = s.add_run(RunRecord(name="new", model_fingerprint="m", plan={}, metrics={"latency_busy": 0.0,
                                                                                     "measured_decode_q3_ms": 2.0}))
     assert s.get_run(new).extra["latency_busy"] == 0.0 and s.get_run(new).extra["measured_decode_q3_ms"] == 2.0
+
+
+def test_version_3_file_gets_task_rows_and_interval_columns(tmp_path, monkeypatch):
+    """Migration 4: the task / interval columns filled from old runs' metrics, a run_tasks table; a run's task
+    scores (compressed and base, from its details) become rows, replaced on update, deleted with the run."""
+    path = tmp_path / "runs.sqlite"
+    monkeypatch.setattr(store_mod, "MIGRATIONS", store_mod.MIGRATIONS[:3])
+    old = RunStore(path)
+    old._conn.execute("INSERT INTO runs (name, model_fingerprint, plan_json, metrics_json, created_at) "
+                      "VALUES ('old', 'm', '{}', ?, 'then')", (json.dumps({"perplexity_lo": 9.5}),))
+    old.close()
+    monkeypatch.undo()
+    s = RunStore(path)
+    assert s.schema_version == len(store_mod.MIGRATIONS) >= 4
+    assert s._conn.execute("SELECT perplexity_lo, task_average FROM runs").fetchall() == [(9.5, None)]
+    assert s.task_results().empty
+    score = dict(acc=0.5, acc_stderr=0.1, acc_norm=0.25, acc_norm_stderr=0.05, n=40, version=1.0, num_fewshot=0,
+                 seed=1234, limit=None)
+    run = s.add_run(RunRecord(name="t", model_fingerprint="m", plan={}, metrics={
+        "task_average": 0.5, "details": {"tasks": {"a": score}, "base_tasks": {"a": dict(score, acc=0.75)}}}))
+    rows = s.task_results(run_id=run).set_index("model")
+    assert rows.loc["compressed", "acc"] == 0.5 and rows.loc["base", "acc"] == 0.75
+    assert rows.loc["base", "n"] == 40 and rows.loc["base", "version"] == "1.0" and rows.loc["base", "seed"] == 1234
+    assert s.get_run(run).extra["task_average"] == 0.5
+    s.update_metrics(run, {"tasks": {"b": score}})
+    assert set(s.task_results(run_id=run)["task"]) == {"b"}
+    s.delete_run(run)
+    assert s.task_results().empty

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, list[str]]] = [
      ["moeviz.store", "moeviz.runview", "moeviz.latency_ab", "moeviz.explorer"]),
     ("evaluation", ["moeviz.evaluation"]),
     ("presentation and caches: figures, calibration cache, export destinations",
-     ["moeviz.figures", "moeviz.workspace", "moeviz.destination"]),
+     ["moeviz.figures", "moeviz.qualityview", "moeviz.workspace", "moeviz.destination"]),
     ("workflows on a compressed model: recovery, sensitivity, export",
      ["moeviz.recovery", "moeviz.sensitivity", "moeviz.export", "moeviz.ct_export"]),
     ("entry points", ["moeviz.cli", "moeviz.__main__"]),

@@ -29,6 +29,7 @@ from moeviz.evaluation.latency import (
 )
 from moeviz.latency_ab import ab_metrics, as_measured_latency, interleaved_decode_latency
 from moeviz.evaluation.metrics import TokenLossAccumulator, load_balance_cv, routing_drift, utilization_shift
+from moeviz.evaluation.uncertainty import drift_windows, interval_metrics, per_token_drift, quality_intervals
 from moeviz.models.loading import LoadedModel
 
 DEFAULT_ACCELERATOR = "NVIDIA H100 SXM"
@@ -73,6 +74,7 @@ class ModelRun:
     measured_latency: dict | None
     seconds: float
     latency_unavailable: str | None = None  # why measured latency is None although it was asked for
+    windows: dict | None = None  # per held-out window: nll, tokens, correct (TokenLossAccumulator.windows)
 
 
 @dataclass
@@ -106,6 +108,19 @@ class EvalResult:
     # SparseGPT / GPTQ plans: CompressedModel.second_order (seconds, threads, warnings: experts with fewer
     # routed calibration tokens than columns, whose Hessian was damped more)
     second_order: dict | None = None
+    # Confidence intervals (moeviz.evaluation.uncertainty.quality_intervals: seeded bootstrap over the
+    # held-out windows): {metric: {value, lo, hi}} for perplexity, accuracy, their base values, the paired
+    # perplexity increase / accuracy change, the drift means; "settings" says how.
+    intervals: dict | None = None
+    # The per-window sums the intervals come from (base, compressed, drift, seq_len, fingerprint): two runs
+    # on the same windows are compared pairwise (uncertainty.paired_differences).
+    windows: dict | None = None
+    # Task accuracy (moeviz.evaluation.tasks, lm-eval-harness) when asked for: {task: {acc, acc_stderr,
+    # acc_norm, acc_norm_stderr, n, version, num_fewshot, seed, limit}} of the compressed and base model,
+    # and the TaskSettings (+ lm_eval_version) they were run with.
+    tasks: dict | None = None
+    base_tasks: dict | None = None
+    task_settings: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,6 +157,11 @@ class EvalResult:
         for name, d in self.per_domain.items():
             m[f"perplexity[{name}]"] = d["perplexity"]
             m[f"accuracy[{name}]"] = d["accuracy"]
+        from moeviz.evaluation.tasks import task_metrics
+
+        m.update(interval_metrics(self.intervals))
+        m.update(task_metrics(self.tasks))
+        m.update(task_metrics(self.base_tasks, prefix="base_"))
         return m
 
 
@@ -228,6 +248,7 @@ class Evaluator:
         check_seq_len(samples.seq_len, loaded.max_context)  # before the base run, not after it
         self.base = self._run(loaded, progress)
         self._base_projected = None
+        self._base_tasks: dict = {}  # TaskSettings.key() -> the base model's TaskResults
 
     @property
     def fingerprint(self) -> str:
@@ -242,7 +263,16 @@ class Evaluator:
         routing = calibrate(loaded, self.samples, batch_size=batch_size or s.batch_size, record_tokens=s.record_tokens,
                             expert_stats=False,
                             progress=progress, on_batch=lambda ids, dom, logits: acc.add(logits, ids, dom.tolist()))
-        return ModelRun(acc.result(), routing, None, time.perf_counter() - start)
+        return ModelRun(acc.result(), routing, None, time.perf_counter() - start, windows=acc.windows)
+
+    def base_tasks(self, tasks):
+        """The base model's task scores for these TaskSettings (run once per settings, then cached)."""
+        from moeviz.evaluation.tasks import evaluate_tasks
+
+        key = tasks.key()
+        if key not in self._base_tasks:
+            self._base_tasks[key] = evaluate_tasks(self.loaded.model, self.loaded.tokenizer, tasks)
+        return self._base_tasks[key]
 
     def _latency(self, compressed: CompressedModel) -> tuple[dict | None, str | None]:
         """(back-to-back measurement of base and compressed, None) or (None, why it is unavailable)."""
@@ -266,7 +296,9 @@ class Evaluator:
                                         active_flops_per_token(em, ks, util, dense_m), self.settings.accelerator)
         return asdict(proj)
 
-    def evaluate(self, compressed: CompressedModel, progress=None) -> EvalResult:
+    def evaluate(self, compressed: CompressedModel, progress=None, tasks=None) -> EvalResult:
+        """tasks: TaskSettings (moeviz.evaluation.tasks) to also run lm-eval tasks on the compressed
+        model (and, once per settings, on the base); None: none."""
         start = time.perf_counter()
         view = LoadedModel(compressed.model, self.loaded.tokenizer, compressed.layers, self.loaded.info)
         # A lazy model compresses each expert whenever a forward batch reaches it: as few batches as memory allows.
@@ -274,11 +306,12 @@ class Evaluator:
                         if compressed.lazy else None)
         ab, no_latency = self._latency(compressed)
         base, comp = self.base.routing, run.routing
-        drift, balance, u_base, u_comp, u_shift = [], [], [], [], []
+        drift, balance, u_base, u_comp, u_shift, token_drift = [], [], [], [], [], []
         for i, (lb, lc) in enumerate(zip(base.layers, comp.layers)):
-            d = routing_drift(lb.record_topk, lc.record_topk, lb.record_probs, lc.record_probs,
-                              _top1(lb.record_topk, lb.record_probs), _top1(lc.record_topk, lc.record_probs))
+            top1 = _top1(lb.record_topk, lb.record_probs), _top1(lc.record_topk, lc.record_probs)
+            d = routing_drift(lb.record_topk, lc.record_topk, lb.record_probs, lc.record_probs, *top1)
             drift.append(dict(layer=i, **asdict(d)))
+            token_drift.append(per_token_drift(lb.record_topk, lc.record_topk, lb.record_probs, lc.record_probs, *top1))
             active = compressed.allowed_experts(i)
             balance.append(dict(
                 layer=i,
@@ -294,6 +327,15 @@ class Evaluator:
 
             identity = Compressor(self.loaded).apply(CompressionPlan(), lazy=True)  # storage only: no weight read
             self._base_projected = self._projected(identity.storage.tensors, base)
+        windows = dict(seq_len=self.samples.seq_len, fingerprint=self.samples.fingerprint, base=self.base.windows,
+                       compressed=run.windows, drift=drift_windows(token_drift, self.samples.seq_len))
+        task_fields = {}
+        if tasks is not None:
+            from moeviz.evaluation.tasks import evaluate_tasks
+
+            done = evaluate_tasks(compressed.model, self.loaded.tokenizer, tasks, lazy=compressed.lazy)
+            task_fields = dict(tasks=done.tasks, base_tasks=self.base_tasks(tasks).tasks,
+                               task_settings={**tasks.to_dict(), "lm_eval_version": done.lm_eval_version})
         return EvalResult(
             plan=compressed.plan.to_dict(),
             perplexity=run.loss["perplexity"], accuracy=run.loss["accuracy"], per_domain=run.loss["per_domain"],
@@ -310,6 +352,7 @@ class Evaluator:
             second_order=getattr(compressed, "second_order", None),
             eval_tokens=self.samples.n_tokens, eval_fingerprint=self.samples.fingerprint,
             latency_unavailable=no_latency, latency_ab=ab,
+            intervals=quality_intervals(windows), windows=windows, **task_fields,
         )
 
 

@@ -40,7 +40,7 @@ class RoutingDrift:
     kl_epsilon: float = KL_EPSILON
 
 
-def _kl_rows(p: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
+def kl_rows(p: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
     """[N] KL(p_i ‖ q_i) in nats, both rows clamped at `eps` and renormalised (see `routing_drift`)."""
     p = p.double().clamp_min(eps)
     q = q.double().clamp_min(eps)
@@ -104,7 +104,7 @@ def routing_drift(
     c1 = comp_topk[:, 0] if comp_top1 is None else comp_top1.reshape(-1)
     changed = (b1.long().cpu() != c1.long().cpu()).double()
 
-    kl = _kl_rows(base_probs.cpu(), comp_probs.cpu(), eps)
+    kl = kl_rows(base_probs.cpu(), comp_probs.cpu(), eps)
     return RoutingDrift(
         topk_overlap=float(overlap.mean()),
         top1_change_rate=float(changed.mean()),
@@ -210,6 +210,8 @@ class TokenLossAccumulator:
         self.n_tokens = 0
         self.correct = 0
         self.per_domain: dict[str, dict] = {}
+        # Per sequence, in the order added: the units a bootstrap resamples (moeviz.evaluation.uncertainty).
+        self.windows: dict[str, list] = {"nll": [], "tokens": [], "correct": []}
 
     def _domain_key(self, d) -> str:
         if isinstance(d, torch.Tensor):
@@ -257,6 +259,9 @@ class TokenLossAccumulator:
         self.nll_sum += float(seq_nll.sum())
         self.n_tokens += int(seq_n.sum())
         self.correct += int(seq_hit.sum())
+        self.windows["nll"] += seq_nll.tolist()
+        self.windows["tokens"] += seq_n.tolist()
+        self.windows["correct"] += seq_hit.tolist()
         if domains is None:
             return
         if len(domains) != logits.shape[0]:

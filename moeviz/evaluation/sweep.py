@@ -98,36 +98,52 @@ def calibration_fingerprint(compressor: Compressor, plan: CompressionPlan, sampl
     return fp
 
 
+def has_tasks(result: EvalResult, tasks) -> bool:
+    """Whether `result` holds task scores run with these TaskSettings (None: no tasks asked for)."""
+    if tasks is None:
+        return True
+    stored = dict(result.task_settings or {})
+    stored.pop("lm_eval_version", None)
+    try:
+        return bool(result.tasks) and type(tasks)(**stored).key() == tasks.key()
+    except TypeError:
+        return False
+
+
 def stored_result(store: RunStore, compressor: Compressor, evaluator: Evaluator,
-                  plan: CompressionPlan, samples=None) -> tuple[EvalResult, int] | None:
+                  plan: CompressionPlan, samples=None, tasks=None) -> tuple[EvalResult, int] | None:
     """(EvalResult, run id) of the stored evaluation of this exact plan (its name aside) on the same model,
-    calibration (`calibration_fingerprint`) and held-out text (`RunStore.find_run`), or None."""
+    calibration (`calibration_fingerprint`) and held-out text (`RunStore.find_run`), or None; with
+    `tasks` (TaskSettings), only a run that has these tasks' scores."""
     found = store.find_run(compressor.loaded.fingerprint, plan.to_dict(),
                            calibration_fingerprint(compressor, plan, samples), evaluator.fingerprint)
     if found is None or not found.metrics.get("details"):
         return None
     try:
-        return EvalResult(**found.metrics["details"]), found.id
+        result = EvalResult(**found.metrics["details"])
     except TypeError:  # stored by a moeviz whose EvalResult had other fields: evaluate again
         return None
+    return (result, found.id) if has_tasks(result, tasks) else None
 
 
 def evaluate_plan(compressor: Compressor, evaluator: Evaluator, plan: CompressionPlan,
                   store: RunStore | None = None, sweep_id: str | None = None, samples=None,
-                  lazy: bool | None = None, reuse: bool = True):
+                  lazy: bool | None = None, reuse: bool = True, tasks=None):
     """Apply + evaluate (+ store) one plan: returns (EvalResult, run id or None).
+    tasks: TaskSettings to also run lm-eval tasks (moeviz.evaluation.tasks); a stored run is reused
+    only if it has them.
 
     With a store and `reuse`, a plan already evaluated on this model, calibration and held-out text
     returns its stored run instead of storing a duplicate (the run keeps its own sweep id).
     lazy: compress each expert while the forward reaches it (None: when the experts exceed
     LAZY_ABOVE_BYTES); the result is the same either way."""
     if store is not None and reuse:
-        found = stored_result(store, compressor, evaluator, plan, samples)
+        found = stored_result(store, compressor, evaluator, plan, samples, tasks)
         if found is not None:
             return found
     start = time.perf_counter()
     compressed = compressor.apply(plan, samples, lazy=use_lazy(compressor) if lazy is None else lazy)
-    result = evaluator.evaluate(compressed)
+    result = evaluator.evaluate(compressed, tasks=tasks)
     run_id = None
     if store is not None:
         run_id = store_result(store, result, plan, compressor.loaded.fingerprint,
@@ -139,31 +155,37 @@ def evaluate_plan(compressor: Compressor, evaluator: Evaluator, plan: Compressio
 def run_sweep(compressor: Compressor, evaluator: Evaluator, plans: Sequence[CompressionPlan],
               store: RunStore | None = None, sweep_id: str | None = None,
               progress: Callable[[int, int, dict], None] | None = None,
-              should_stop: Callable[[], bool] | None = None, samples=None, reuse: bool = True) -> pd.DataFrame:
+              should_stop: Callable[[], bool] | None = None, samples=None, reuse: bool = True,
+              tasks=None) -> pd.DataFrame:
     """Evaluate `plans` in order; one DataFrame row per finished plan.
 
     A plan evaluated before (same model, calibration, held-out text) reuses its stored run (column
-    ``reused``): repeating a sweep stores no duplicates.
+    ``reused``): repeating a sweep stores no duplicates. tasks: TaskSettings to also run lm-eval tasks
+    on every plan (columns task_acc[name], task_average, ... and their stderr).
 
     progress(done, total, row) after each plan; should_stop() is checked before each plan and a
     True stops the sweep (the returned frame then has `attrs["cancelled"] = True`).
     """
     sweep_id = sweep_id or (new_sweep_id() if store is not None else None)
-    rows, cancelled = [], False
+    rows, task_rows, cancelled = [], [], False
     for i, plan in enumerate(plans):
         if should_stop is not None and should_stop():
             cancelled = True
             break
-        found = stored_result(store, compressor, evaluator, plan, samples) if store is not None and reuse else None
+        found = stored_result(store, compressor, evaluator, plan, samples, tasks) if store is not None and reuse else None
         reused = found is not None
-        result, run_id = found or evaluate_plan(compressor, evaluator, plan, store, sweep_id, samples, reuse=False)
+        result, run_id = found or evaluate_plan(compressor, evaluator, plan, store, sweep_id, samples, reuse=False,
+                                                tasks=tasks)
         row = dict(run_id=run_id, reused=reused, name=plan_label(plan), method=method_name(plan.to_dict()), structure=plan.pruning.structure,
                    sparsity=plan.pruning.sparsity if plan.nm() is None else plan.nm()[0] / plan.nm()[1],
                    bits=plan.quant.bits, removed_experts=len(plan.removed_experts), **result.metrics(),
                    plan_json=plan.to_json(indent=None))
         rows.append(row)
+        if result.tasks:
+            task_rows.append(dict(name=row["name"], run_id=run_id, tasks=result.tasks, base_tasks=result.base_tasks,
+                                  task_settings=result.task_settings))
         if progress is not None:
             progress(i + 1, len(plans), row)
     df = pd.DataFrame(rows)
-    df.attrs.update(cancelled=cancelled, sweep_id=sweep_id)
+    df.attrs.update(cancelled=cancelled, sweep_id=sweep_id, task_results=task_rows)
     return df

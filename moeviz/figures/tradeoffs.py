@@ -38,12 +38,23 @@ COLUMNS: dict[str, tuple[str, float]] = {m.name: (m.label, m.scale) for m in RES
 MINIMIZE = {m.name for m in RESULT_METRICS if not m.higher_is_better}
 
 
+def _task_column(col: str) -> tuple[str, float] | None:
+    """Task accuracy columns (moeviz.evaluation.tasks.task_metrics): task_acc[name], task_acc_norm[name],
+    task_average; shown in %."""
+    if col == "task_average":
+        return "Task accuracy, average over tasks (%)", 100.0
+    for prefix, what in (("task_acc_norm[", "acc_norm"), ("task_acc[", "acc")):
+        if col.startswith(prefix) and col.endswith("]"):
+            return f"Task accuracy, {col[len(prefix):-1]} ({what}, %)", 100.0
+    return None
+
+
 def axis_title(col: str) -> str:
-    return COLUMNS.get(col, (col, 1.0))[0]
+    return (_task_column(col) or COLUMNS.get(col, (col, 1.0)))[0]
 
 
 def _scale(col: str) -> float:
-    return COLUMNS.get(col, (col, 1.0))[1]
+    return (_task_column(col) or COLUMNS.get(col, (col, 1.0)))[1]
 
 
 def _fmt(col: str) -> str:
@@ -229,7 +240,7 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
                    ratio_col: str = "compression_ratio", latency_kind: str | None = None,
                    method_col: str | None = None, device: str | None = None,
                    show_recovery: bool = True, latency_spread: tuple[str, str] | None = None,
-                   busy_col: str = "latency_busy") -> go.Figure:
+                   busy_col: str = "latency_busy", accuracy_spread: tuple[str, str] | None = None) -> go.Figure:
     """Compression ratio (x) vs accuracy (left y, solid lines, circles) and decode latency (right y,
     dotted lines, diamonds), one colour per method, each method sorted by ratio. The base model is a
     black star at ratio 1 on both axes. The right axis says "projected (device)" or "measured (this
@@ -239,6 +250,9 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     base star gets ``base_<low>`` / ``base_<high>``); a series whose spreads all overlap is drawn as points
     with a note, never a line. Runs with `busy_col` = 1 (timed while the machine was busy) are open diamonds.
     A sweep over budgets (optimised plans) is its own series, "<method> · optimised".
+    `accuracy_spread`: (low, high) columns of the accuracy (a confidence interval, or ± a task's stderr),
+    drawn the same way: error bars, the base star's from ``base_<low>`` / ``base_<high>``, and a series
+    whose intervals all overlap drawn as points, not a line.
     """
     kind = latency_kind or infer_latency_kind(latency_col)
     title = "Accuracy and latency vs compression"
@@ -260,6 +274,8 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     ytitle2 = latency_axis_title(kind, device, lat_unit)
     shown_legend: set[str] = set()
     spread_cols = latency_spread if latency_spread and all(c in df.columns for c in latency_spread) else None
+    acc_spread = accuracy_spread if accuracy_spread and all(c in df.columns for c in accuracy_spread) else None
+    noise_acc = []
     busy = (_num(df, busy_col) == 1) if busy_col in df.columns else np.zeros(len(df), dtype=bool)
     noise_series = []
     for m, series_rows in series:
@@ -289,6 +305,16 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
                     noise_series.append(m)
                 notes = [n + (f"<br>IQR {a:.3g}–{b:.3g}{unit}" if math.isfinite(a) and math.isfinite(b) else "")
                          for n, a, b in zip(notes, lo, hi)]
+            if what == "accuracy" and acc_spread:
+                lo, hi = (_num(df, c)[keep] * _scale(col) for c in acc_spread)
+                error = dict(type="data", symmetric=False, array=np.nan_to_num(hi - values[keep]),
+                             arrayminus=np.nan_to_num(values[keep] - lo), color=color, thickness=1.5, width=4)
+                ok = np.isfinite(lo) & np.isfinite(hi)
+                if joined and ok.sum() > 1 and np.nanmax(lo[ok]) <= np.nanmin(hi[ok]):
+                    joined = False  # every interval overlaps every other: no trend beyond the noise
+                    noise_acc.append(m)
+                notes = [n + (f"<br>{a:.2f}–{b:.2f}{unit}" if math.isfinite(a) and math.isfinite(b) else "")
+                         for n, a, b in zip(notes, lo, hi)]
             fig.add_trace(go.Scatter(
                 error_y=error,
                 x=xr[keep], y=values[keep], mode="lines+markers" if joined else "markers", name=name,
@@ -302,7 +328,15 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
             shown_legend.add(name)
     b_acc = base_value(df, accuracy_col)
     if b_acc is not None:
+        acc_error = None
+        if acc_spread and all(f"base_{c}" in df.columns for c in acc_spread):
+            blo, bhi = (base_value(df, c) for c in acc_spread)
+            if blo is not None and bhi is not None:
+                k = _scale(accuracy_col)
+                acc_error = dict(type="data", symmetric=False, array=[(bhi - b_acc) * k], arrayminus=[(b_acc - blo) * k],
+                                 color=BASE_COLOR, thickness=1.5, width=4)
         fig.add_trace(go.Scatter(x=[1.0], y=[b_acc * _scale(accuracy_col)], mode="markers", name="base model",
+                                 error_y=acc_error,
                                  legendgroup="base", marker=dict(symbol="star", size=14, color=BASE_COLOR),
                                  hovertemplate="<b>base model</b><br>accuracy %{y:.2f}%<extra></extra>"),
                       secondary_y=False)
@@ -332,6 +366,12 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
                   "drawn as points, not a trend (within this machine's noise)"),
             xref="paper", yref="paper", x=0, xanchor="left", y=1.0, yanchor="bottom", showarrow=False,
             font=dict(size=11, color="#8a4b00"), name="latency-noise")
+    if noise_acc:
+        fig.add_annotation(
+            text=(f"Accuracy intervals overlap within {', '.join(dict.fromkeys(noise_acc))}: drawn as points, "
+                  "not a trend (within the noise of the items)"),
+            xref="paper", yref="paper", x=0, xanchor="left", y=1.05, yanchor="bottom", showarrow=False,
+            font=dict(size=11, color="#8a4b00"), name="accuracy-noise")
     if busy.any() and has_latency:
         fig.add_annotation(text="open diamonds: timed while the machine was busy", xref="paper", yref="paper", x=1,
                            xanchor="right", y=-0.12, yanchor="top", showarrow=False, font=dict(size=11, color="#777777"))
@@ -369,7 +409,8 @@ def _band_axes(fig: go.Figure, share: float = 0.42) -> None:
 
 
 # ---------------------------------------------------------------------------------- per-method lines
-def _per_method_lines(df, y: str, x: str, method_col, log_y: bool, title: str) -> go.Figure:
+def _per_method_lines(df, y: str, x: str, method_col, log_y: bool, title: str,
+                      spread: tuple[str, str] | None = None) -> go.Figure:
     guard = _guard(df, [x, y], title)
     if guard is not None:
         return guard
@@ -383,7 +424,13 @@ def _per_method_lines(df, y: str, x: str, method_col, log_y: bool, title: str) -
         rows = sorted((i for i in series_rows if math.isfinite(xs[i]) and math.isfinite(ys[i])), key=lambda i: xs[i])
         if not rows:
             continue
+        error = None
+        if spread and all(c in df.columns for c in spread):  # (low, high) columns: a confidence interval
+            lo, hi = (_num(df, c)[rows] * _scale(y) for c in spread)
+            error = dict(type="data", symmetric=False, array=np.nan_to_num(hi - ys[rows]),
+                         arrayminus=np.nan_to_num(ys[rows] - lo), color=color, thickness=1.5, width=4)
         fig.add_trace(go.Scatter(
+            error_y=error,
             x=xs[rows], y=ys[rows], mode="lines+markers" if len(rows) > 1 else "markers", name=m, legendgroup=m,
             showlegend=m not in shown_legend, line=dict(color=color),
             marker=dict(size=8, color=color), customdata=_custom(ids, names, rows),
@@ -410,9 +457,11 @@ def _per_method_lines(df, y: str, x: str, method_col, log_y: bool, title: str) -
 
 
 def perplexity_vs_ratio(df: pd.DataFrame, log_y: bool = False, ratio_col: str = "compression_ratio",
-                        method_col: str | None = None) -> go.Figure:
-    """Perplexity vs compression ratio, one line per method (sorted by ratio); base as a dashed line."""
-    return _per_method_lines(df, "perplexity", ratio_col, method_col, log_y, "Perplexity vs compression")
+                        method_col: str | None = None,
+                        spread: tuple[str, str] | None = ("perplexity_lo", "perplexity_hi")) -> go.Figure:
+    """Perplexity vs compression ratio, one line per method (sorted by ratio); base as a dashed line;
+    `spread` columns (the 95 % bootstrap interval, where runs have it) as error bars."""
+    return _per_method_lines(df, "perplexity", ratio_col, method_col, log_y, "Perplexity vs compression", spread)
 
 
 def cv_vs_ratio(df: pd.DataFrame, ratio_col: str = "compression_ratio", method_col: str | None = None) -> go.Figure:
