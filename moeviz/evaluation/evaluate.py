@@ -22,6 +22,7 @@ import torch
 from moeviz.calibration.collect import calibrate
 from moeviz.calibration.stats import CalibrationStats
 from moeviz.compression.apply import CompressedModel
+from moeviz.compression.packed import NoKernel, kernel_experts, pack_compressed
 from moeviz.data import TokenSamples, check_seq_len
 from moeviz.errors import SettingsError
 from moeviz.evaluation.latency import (
@@ -32,8 +33,8 @@ from moeviz.evaluation.metrics import TokenLossAccumulator, load_balance_cv, rou
 from moeviz.models.loading import LoadedModel
 
 DEFAULT_ACCELERATOR = "NVIDIA H100 SXM"
-LAZY_LATENCY = ("not measured on a lazily compressed model (its experts are compressed during the forward); "
-                "apply the plan with lazy=False to measure it")
+LAZY_LATENCY = ("not measured on a lazily compressed model whose experts have no low-bit kernel (they are "
+                "compressed during the forward); apply the plan with lazy=False to measure it")
 
 
 @dataclass
@@ -106,6 +107,10 @@ class EvalResult:
     # SparseGPT / GPTQ plans: CompressedModel.second_order (seconds, threads, warnings: experts with fewer
     # routed calibration tokens than columns, whose Hessian was damped more)
     second_order: dict | None = None
+    # The packed low-bit model whose decode was timed (`moeviz.compression.packed.PackReport.summary()`:
+    # kernels -> experts, resident bytes of the packed experts vs the storage report); None where the plan
+    # quantizes no expert to a width with a kernel (the compressed model itself was timed, dense)
+    packed: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,6 +141,8 @@ class EvalResult:
             m["base_measured_decode_ms"] = self.base_latency_measured["decode_ms_per_token"]
         if self.latency_ab:
             m.update(ab_metrics(self.latency_ab))
+        if self.packed:
+            m["packed_expert_bytes"] = self.packed["resident_bytes"]
         for name, d in self.per_domain.items():
             m[f"perplexity[{name}]"] = d["perplexity"]
             m[f"accuracy[{name}]"] = d["accuracy"]
@@ -241,19 +248,30 @@ class Evaluator:
                             progress=progress, on_batch=lambda ids, dom, logits: acc.add(logits, ids, dom.tolist()))
         return ModelRun(acc.result(), routing, None, time.perf_counter() - start)
 
-    def _latency(self, compressed: CompressedModel) -> tuple[dict | None, str | None]:
-        """(back-to-back measurement of base and compressed, None) or (None, why it is unavailable)."""
+    def _latency(self, compressed: CompressedModel) -> tuple[dict | None, str | None, dict | None]:
+        """(back-to-back measurement of base and compressed, None, packing report) or (None, why it is
+        unavailable, None). The compressed side runs the packed low-bit runtime (`compression.packed`) where
+        the plan quantizes experts to a width with a kernel; else the compressed model itself (dense)."""
         s = self.settings
         if not s.measure_latency:
-            return None, None
-        if compressed.lazy:  # its experts are compressed during the forward: timing it would time that
-            return None, LAZY_LATENCY
+            return None, None, None
+        target, packed = compressed.model, None
+        if kernel_experts(compressed):
+            try:  # a lazy model: only if every compressed expert has a kernel (no dense copies of a large model)
+                packed = pack_compressed(compressed, allow_dense=not compressed.lazy)
+            except NoKernel as e:
+                return None, f"{LAZY_LATENCY} ({e})", None
+            target = packed.model
+        elif compressed.lazy:  # its experts are compressed during the forward: timing it would time that
+            return None, LAZY_LATENCY, None
         prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
         try:
-            return interleaved_decode_latency(self.loaded.model, compressed.model, prompt, s.latency_decode_tokens,
-                                              s.latency_repeats), None
+            ab = interleaved_decode_latency(self.loaded.model, target, prompt, s.latency_decode_tokens,
+                                            s.latency_repeats)
         except Exception as e:  # e.g. a cache that cannot decode: only this measurement is lost
-            return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", None
+        ab["runtime"] = "packed" if packed is not None else "dense"
+        return ab, None, packed.report.summary() if packed is not None else None
 
     def _projected(self, storage_tensors, routing: CalibrationStats) -> dict:
         eb, em, dense_b, dense_m = _latency_inputs(self.loaded, storage_tensors, [l.num_experts for l in self.loaded.layers])
@@ -269,7 +287,7 @@ class Evaluator:
         # A lazy model compresses each expert whenever a forward batch reaches it: as few batches as memory allows.
         run = self._run(view, progress, batch_size=lazy_batch_size(self.loaded, self.samples, self.settings)
                         if compressed.lazy else None)
-        ab, no_latency = self._latency(compressed)
+        ab, no_latency, packed = self._latency(compressed)
         base, comp = self.base.routing, run.routing
         drift, balance, u_base, u_comp, u_shift = [], [], [], [], []
         for i, (lb, lc) in enumerate(zip(base.layers, comp.layers)):
@@ -306,7 +324,7 @@ class Evaluator:
             seconds=time.perf_counter() - start, apply_seconds=compressed.seconds,
             second_order=getattr(compressed, "second_order", None),
             eval_tokens=self.samples.n_tokens, eval_fingerprint=self.samples.fingerprint,
-            latency_unavailable=no_latency, latency_ab=ab,
+            latency_unavailable=no_latency, latency_ab=ab, packed=packed,
         )
 
 
