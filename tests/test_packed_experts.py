@@ -109,6 +109,20 @@ def _packed_weights_equal_reference(cm, pm):
     return checked
 
 
+def assert_packed_within_bound(lm, ids) -> dict:
+    """int8 per channel (every projection has a kernel whatever its width) on `lm`: the packed logits within
+    LOGITS_BOUND of the reference's, every expert on the kernel; tests/test_all_families.py runs it on every
+    MoE family of the installed transformers."""
+    cm = Compressor(lm).apply(CompressionPlan.from_dict(dict(quant=dict(bits=8, group_size=-1))))
+    pm = pack_compressed(cm)
+    with torch.no_grad():
+        ref, got = cm.model(input_ids=ids, use_cache=False).logits, pm.model(input_ids=ids, use_cache=False).logits
+    err = (got - ref).abs().max().item()
+    assert err <= LOGITS_BOUND * ref.abs().max().item(), err
+    assert pm.report.kernels == {"int8 channel": sum(l.num_experts for l in lm.layers)}, pm.report.kernels
+    return pm.report.kernels
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_packed_logits_within_bound_on_every_family(family, loaded_tiny):
     lm = loaded_tiny(family)

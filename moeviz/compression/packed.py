@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from moeviz.errors import MoevizError
 from moeviz.compression.quantize import QuantCodes, codes_on_grid, quantize_codes
 from moeviz.models.layers import MoELayer
 from moeviz.models.offload import module_weights
@@ -87,7 +88,7 @@ class PackedLinear:
         return "int8 channel" if self.kernel == INT8 else f"int4 g{self.group_size}"
 
 
-class NoKernel(Exception):
+class NoKernel(MoevizError):
     """This projection's setting has no low-bit kernel here (the message says why)."""
 
 
@@ -131,9 +132,13 @@ def pack_codes(q: QuantCodes, dtype: torch.dtype, device: torch.device | str | N
         u = u.to(torch.int32)
         if device.type == "cpu":
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 2)
-        else:  # two codes a byte, high nibble first, then the tinygemm tile layout
-            packed = torch.ops.aten._convert_weight_to_int4pack(
-                (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8).contiguous(), _int4_inner_k_tiles(in_f))
+        else:  # two codes a byte, even column in the high nibble, then the tinygemm tile layout
+            tiles = _int4_inner_k_tiles(in_f)
+            try:
+                packed = torch.ops.aten._convert_weight_to_int4pack(
+                    (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8).contiguous(), tiles)
+            except RuntimeError:  # torch before 2.5 took the int32 codes themselves
+                packed = torch.ops.aten._convert_weight_to_int4pack(u.contiguous(), tiles)
         return PackedLinear(INT4, out_f, in_f, q.group_size, packed, sz, dtype, kg)
     raise NoKernel(f"{q.bits}-bit: no {q.bits}-bit kernel in torch")
 
@@ -369,3 +374,34 @@ def pack_compressed(compressed, device: torch.device | str | None = None, allow_
     report = PackReport(rows, resident, packed_bytes, compressed.storage.experts_bytes, n_packed, n_dense, kernels,
                         dev_name, time.perf_counter() - start)
     return PackedModel(view, layers, report)
+
+
+LAZY_DENSE = ("not measured on a lazily compressed model whose experts have no low-bit kernel (they are "
+              "compressed during the forward); apply the plan with lazy=False to measure it")
+
+
+def timing_model(compressed) -> tuple[nn.Module | None, PackReport | None, str | None]:
+    """What to time as the compressed side of a latency measurement: (model, packing report, None), or (None,
+    None, why not). The packed model where the plan quantizes experts to a width with a kernel (a lazy model:
+    only if every compressed expert has one, so no dense copy of a large model is made); else the compressed
+    model itself (dense: pruning alone runs the dense kernel, so it measures what that costs)."""
+    if kernel_experts(compressed):
+        try:
+            packed = pack_compressed(compressed, allow_dense=not compressed.lazy)
+        except NoKernel as e:
+            return None, None, f"{LAZY_DENSE} ({e})"
+        return packed.model, packed.report, None
+    if compressed.lazy:  # its experts are compressed during the forward: timing it would time that
+        return None, None, LAZY_DENSE
+    return compressed.model, None, None
+
+
+def packed_note(summary: dict) -> str:
+    """One sentence on what the compressed side of a latency measurement ran (`PackReport.summary()`)."""
+    from moeviz.compression.preview import format_bytes
+
+    kernels = "; ".join(f"{label}: {n} expert{'s' if n != 1 else ''}" for label, n in summary["kernels"].items())
+    return (f"Compressed decode timed on packed low-bit kernels ({summary['device']}): {kernels}. Resident packed "
+            f"experts {format_bytes(summary['resident_bytes'])} vs {format_bytes(summary['storage_bytes'])} in the "
+            f"storage report ({summary['resident_over_storage']:.2f}×); packed in {summary['seconds']:.1f} s. "
+            "Perplexity and accuracy are computed on the dequantized reference weights.")

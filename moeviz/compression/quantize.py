@@ -96,18 +96,20 @@ def _codes(weight: torch.Tensor, bits: int, gs: int, symmetric: bool):
     weights (`quantize_weight`) and the packed low-bit kernels (`quantize_codes`) use the same codes."""
     # [..., out, in] -> [..., out, in/gs, gs]: statistics are taken over the last dim.
     w = weight.detach().to(torch.float32).reshape(*weight.shape[:-1], weight.shape[-1] // gs, gs)
+    # In-place rounding on one fresh [.., gs] tensor (q), min / max from one aminmax: the same values as
+    # round(w / scale) etc. with fewer full-size temporaries (w may be the caller's float32 tensor: not touched).
+    lo, hi = w.aminmax(dim=-1, keepdim=True)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = w.abs().amax(dim=-1, keepdim=True) / qmax
+        scale = torch.maximum(-lo, hi) / qmax  # max |w|
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        return torch.clamp(torch.round(w / scale), -qmax, qmax), scale, None
+        return torch.div(w, scale).round_().clamp_(-qmax, qmax), scale, None
     qmax = 2**bits - 1
-    w_min = w.amin(dim=-1, keepdim=True).clamp(max=0.0)
-    w_max = w.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    w_min, w_max = lo.clamp(max=0.0), hi.clamp(min=0.0)
     scale = (w_max - w_min) / qmax
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.clamp(torch.round(-w_min / scale), 0, qmax)
-    return torch.clamp(torch.round(w / scale) + zero, 0, qmax), scale, zero
+    return torch.div(w, scale).round_().add_(zero).clamp_(0, qmax), scale, zero
 
 
 @dataclass

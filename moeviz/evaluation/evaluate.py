@@ -22,7 +22,7 @@ import torch
 from moeviz.calibration.collect import calibrate
 from moeviz.calibration.stats import CalibrationStats
 from moeviz.compression.apply import CompressedModel
-from moeviz.compression.packed import NoKernel, kernel_experts, pack_compressed
+from moeviz.compression.packed import LAZY_DENSE, timing_model
 from moeviz.data import TokenSamples, check_seq_len
 from moeviz.errors import SettingsError
 from moeviz.evaluation.latency import (
@@ -33,8 +33,7 @@ from moeviz.evaluation.metrics import TokenLossAccumulator, load_balance_cv, rou
 from moeviz.models.loading import LoadedModel
 
 DEFAULT_ACCELERATOR = "NVIDIA H100 SXM"
-LAZY_LATENCY = ("not measured on a lazily compressed model whose experts have no low-bit kernel (they are "
-                "compressed during the forward); apply the plan with lazy=False to measure it")
+LAZY_LATENCY = LAZY_DENSE  # why a lazy model without kernels is not timed
 
 
 @dataclass
@@ -255,15 +254,9 @@ class Evaluator:
         s = self.settings
         if not s.measure_latency:
             return None, None, None
-        target, packed = compressed.model, None
-        if kernel_experts(compressed):
-            try:  # a lazy model: only if every compressed expert has a kernel (no dense copies of a large model)
-                packed = pack_compressed(compressed, allow_dense=not compressed.lazy)
-            except NoKernel as e:
-                return None, f"{LAZY_LATENCY} ({e})", None
-            target = packed.model
-        elif compressed.lazy:  # its experts are compressed during the forward: timing it would time that
-            return None, LAZY_LATENCY, None
+        target, packed, why = timing_model(compressed)
+        if target is None:
+            return None, why, None
         prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
         try:
             ab = interleaved_decode_latency(self.loaded.model, target, prompt, s.latency_decode_tokens,
@@ -271,7 +264,8 @@ class Evaluator:
         except Exception as e:  # e.g. a cache that cannot decode: only this measurement is lost
             return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", None
         ab["runtime"] = "packed" if packed is not None else "dense"
-        return ab, None, packed.report.summary() if packed is not None else None
+        ab["kernels"] = packed.kernels if packed is not None else None  # label -> experts
+        return ab, None, packed.summary() if packed is not None else None
 
     def _projected(self, storage_tensors, routing: CalibrationStats) -> dict:
         eb, em, dense_b, dense_m = _latency_inputs(self.loaded, storage_tensors, [l.num_experts for l in self.loaded.layers])
