@@ -574,3 +574,22 @@ def test_experts_with_too_few_calibration_tokens_are_named_after_a_second_order_
                for w in at.warning)
     table = next(d.value for d in at.dataframe if "tokens" in d.value.columns)
     assert len(table) == len(warned) and (table["tokens"] < table["columns"]).all()
+
+
+def test_an_8_bit_plan_is_timed_on_the_packed_kernels_and_measured_latency_is_the_default(tiny_model_dirs):
+    at = compress_page(tiny_model_dirs)
+    at.session_state["_auto_eval"] = False
+    at.slider[0].set_value(0.0)
+    next(b for b in at.selectbox if b.label == "Expert weight bits").set_value(8)
+    next(b for b in at.selectbox if b.label == "Group size").set_value(-1)
+    at.run()
+    button(at, "Evaluate").click().run()
+    ok(at)
+    result = at.session_state["last_result"]
+    assert result["latency_measured"]["runtime"] == "packed" and result["packed"]["kernels"] == {"int8 channel": 8}
+    assert any("packed low-bit kernels" in c.value for c in at.caption)
+    labels = [m.label for m in at.metric]
+    assert labels.index("Decode, measured") < next(i for i, l in enumerate(labels) if l.startswith("Decode, projected on"))
+    at.switch_page("pages/5_tradeoffs.py").run()
+    ok(at)
+    assert next(r for r in at.radio if r.label == "Latency").value == "measured_decode_ms"
