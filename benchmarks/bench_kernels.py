@@ -10,8 +10,9 @@ layers, vocabulary 512), both in bf16, at MOEVIZ_BENCH_THREADS torch threads (de
   with both sides' quartiles;
 * ``resident_over_storage``: resident bytes of the packed experts / the storage report's expert bytes
   (`moeviz.compression.formats`);
-* ``logits``: max |packed − reference| / max |reference| on [2, 32] tokens and the share of positions
-  whose top-1 token agrees (the reference: the same plan's dequantized weights, what quality is measured on);
+* ``logits``: ‖packed − reference‖ / ‖reference‖ (relative RMS), max |packed − reference| / max |reference| on
+  [2, 32] tokens and the share of positions whose top-1 token agrees (the reference: the same plan's
+  dequantized weights, what quality is measured on);
 * ``kernels``: experts per kernel label (dense ones say why).
 
 Plans: int8 per channel, int4 g128 (both symmetric RTN), and two without a kernel, to show that latency stays
@@ -22,10 +23,12 @@ Targets (issue 24, OLMoE shape, 1 thread): int8 channel ≤ 0.65 ×, int4 g128 �
 expert bytes within 5 % of the storage report (int8, int4 g128); packed logits within the bf16 bound below.
 
 The bf16 logits bound: the reference computes each expert as bf16 F.linear on bf16 dequantized weights; the
-kernels use the same codes with scales rounded to bf16 (2⁻⁹ relative) and round their outputs to bf16 in
-another accumulation order, so the two differ by a few bf16 roundings per layer: max |Δ| ≤ 5 % of max |logits|
-and top-1 agreement ≥ 90 % on random-weight models (whose logits are nearly tied: a real model's margins
-are wider). The float32 bound (1e-4, exact values) is tests/test_packed_experts.py's.
+kernels use the same codes with scales rounded to bf16 (2⁻⁹ relative, one per row or group) and round their
+outputs to bf16 after accumulating in another order. So the packed model differs from the reference by bf16
+roundings, and the bound is bf16's own rounding on the same model: the relative RMS difference of the packed
+logits from the reference's is at most that of the base in bf16 from the same base in float32
+(``base_bf16_vs_float32``, measured here on the same tokens). The float32 bound (1e-4 of max |logits|: the
+packed values are exactly the reference's there) is tests/test_packed_experts.py's.
 
     python -m benchmarks --only kernels
     MOEVIZ_KERNELS_MODELS=olmoe-1b-7b MOEVIZ_BENCH_THREADS=1 python -m benchmarks --only kernels
@@ -46,7 +49,7 @@ from benchmarks import verdict
 
 THREADS = int(os.environ.get("MOEVIZ_BENCH_THREADS", "1"))
 MODELS = os.environ.get("MOEVIZ_KERNELS_MODELS", "demo-moe,olmoe-1b-7b").split(",")
-REPEATS = int(os.environ.get("MOEVIZ_KERNELS_REPEATS", "7"))
+REPEATS = int(os.environ.get("MOEVIZ_KERNELS_REPEATS", "11"))
 DECODE_TOKENS = 16
 PROMPT_TOKENS = 64
 PLANS = {
@@ -55,8 +58,6 @@ PLANS = {
     "50% unstructured (no kernel)": dict(pruning=dict(sparsity=0.5, metric="magnitude")),
     "3-bit g128 (no kernel)": dict(quant=dict(bits=3, group_size=128)),
 }
-LOGITS_BOUND_BF16 = 0.05
-TOP1_AGREEMENT = 0.9
 
 
 def _median_us(fn, n=50) -> float:
@@ -84,6 +85,13 @@ def projection_us() -> dict:
     with torch.no_grad():
         return dict(bf16_linear_us=_median_us(lambda: torch.nn.functional.linear(x, wb)),
                     int8_channel_us=_median_us(lambda: p8(x)), int4_g128_us=_median_us(lambda: p4(x)))
+
+
+def _logit_diff(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    """How far logits `got` are from `ref` (float32 tensors [B, T, V]): relative RMS, relative max, top-1 agreement."""
+    return dict(logits_rel_rms=((got - ref).norm() / ref.norm()).item(),
+                logits_max_rel_diff=((got - ref).abs().max() / ref.abs().max()).item(),
+                top1_agreement=(got.argmax(-1) == ref.argmax(-1)).float().mean().item())
 
 
 def _load(name: str, tmp: Path):
@@ -137,11 +145,14 @@ def measure_model(name: str) -> dict:
                 got = pm.model(input_ids=ids).logits.float()
             row.update(kernels=r.kernels, pack_seconds=pack_s, resident_expert_bytes=r.resident_bytes,
                        resident_over_storage=r.resident_bytes / r.storage_bytes,
-                       logits_max_rel_diff=((got - ref).abs().max() / ref.abs().max()).item(),
-                       top1_agreement=(got.argmax(-1) == ref.argmax(-1)).float().mean().item())
+                           **_logit_diff(got, ref))
         out["plans"][label] = row
         del cm, pm, target
         gc.collect()
+    # bf16's own rounding on this model, for scale: the base in bf16 against the same weights in float32
+    with torch.no_grad():
+        base_bf16 = lm.model(input_ids=ids).logits.float()
+        out["base_bf16_vs_float32"] = _logit_diff(base_bf16, lm.model.float()(input_ids=ids).logits)
     del lm, comp
     gc.collect()
     return out
@@ -163,6 +174,6 @@ def run() -> dict:
             targets[f"{name} {plan} resident within 5% of storage"] = verdict(
                 abs(p[plan]["resident_over_storage"] - 1) <= 0.05)
             targets[f"{name} {plan} logits within bound"] = verdict(
-                p[plan]["logits_max_rel_diff"] <= LOGITS_BOUND_BF16 and p[plan]["top1_agreement"] >= TOP1_AGREEMENT)
+                p[plan]["logits_rel_rms"] <= m["base_bf16_vs_float32"]["logits_rel_rms"])
     result["targets"] = targets
     return result

@@ -77,11 +77,10 @@ def projection(dev) -> dict:
 
 
 def _logits(cm, pm, ids) -> dict:
+    from benchmarks.bench_kernels import _logit_diff
+
     with torch.no_grad():
-        ref = cm.model(input_ids=ids).logits.float()
-        got = pm.model(input_ids=ids).logits.float()
-    return dict(logits_max_rel_diff=((got - ref).abs().max() / ref.abs().max()).item(),
-                top1_agreement=(got.argmax(-1) == ref.argmax(-1)).float().mean().item())
+        return _logit_diff(pm.model(input_ids=ids).logits.float(), cm.model(input_ids=ids).logits.float())
 
 
 def demo_evaluation(dev) -> dict:
