@@ -110,6 +110,10 @@ def pack_codes(q: QuantCodes, dtype: torch.dtype, device: torch.device | str | N
     if q.bits == 8:
         if q.group_size != in_f:
             raise NoKernel(f"8-bit with groups of {q.group_size}: the int8 kernel takes one scale per channel")
+        if device.type == "cpu" and dtype == torch.bfloat16 and in_f % 16:
+            # measured (torch 2.13): its bf16 path reads 16 columns at a time, past the row's end otherwise
+            # (wrong results at 24, 40, 72 columns; a crash in a model)
+            raise NoKernel(f"{in_f} input columns: the CPU int8 kernel needs a multiple of 16 in bf16")
         if zeros is None:
             qweight, offset = codes.to(torch.int8), None  # [-127, 127]
         else:  # [0, 255] -> [-128, 127]; (q - z) s = (q - 128) s - (z - 128) s
@@ -120,6 +124,8 @@ def pack_codes(q: QuantCodes, dtype: torch.dtype, device: torch.device | str | N
         kg = next((g for g in INT4_KERNEL_GROUPS if q.group_size % g == 0), None)
         if kg is None:
             raise NoKernel(f"int4 with groups of {q.group_size}: the int4 kernel takes groups of 32, 64, 128 or 256")
+        if out_f % 16:
+            raise NoKernel(f"{out_f} output rows: the int4 kernel packs rows 16 at a time (CUDA: 8)")
         dtype = dtype if device.type == "cpu" else torch.bfloat16
         if zeros is None:
             u, zero = codes + 8, torch.zeros_like(scales)  # c in [-7, 7] -> u in [1, 15]
@@ -342,8 +348,11 @@ def pack_compressed(compressed, device: torch.device | str | None = None, allow_
                         problem = kernel_problem(bits, s.symmetric, dev, dtype)
                         if problem is not None:
                             raise NoKernel(problem)
-                        p = pack_codes(_codes_of(layer, n, e, pre[i], None if ref is None else ref[i], bits, s,
+                        try:
+                            p = pack_codes(_codes_of(layer, n, e, pre[i], None if ref is None else ref[i], bits, s,
                                                      compressed.grids), dtype, dev)
+                        except (RuntimeError, NotImplementedError) as err:  # a shape this device's kernel refuses
+                            raise NoKernel(f"{(str(err).splitlines() or [''])[0][:160]}") from None
                         projs.append(p)
                         b_exp += p.nbytes
                         packed_bytes += p.nbytes
