@@ -7,9 +7,11 @@ The logits bound. On these float32 models the packed projections hold exactly th
 (codes × float32 scales: checked weight by weight below), so the only difference is the order in which
 the kernels accumulate (int8 / int4 kernels sum blocks of the dot product in their own order; float32
 round-off ~K·2⁻²⁴ relative per dot product, K ≤ 48 here) propagated through two layers: the bound is
-|Δ logits| ≤ 1e-4 · max|logits| (observed ~1e-6, ~100× headroom). In bf16 (the benchmarks' OLMoE shape)
-the scales are rounded to bf16 (2⁻⁹ relative) and the kernels round their outputs to bf16, so the
-difference is of the order of bf16 rounding itself; `benchmarks/bench_kernels.py` reports it there.
+|Δ logits| ≤ 1e-4 · max|logits| (observed ~1e-6, ~100× headroom). In bf16 the scales are rounded to bf16
+(2⁻⁹ relative: about one more rounding of each weight than the reference's bf16(q·s)) and the kernels round
+their outputs to bf16 like the reference, so against the exact quantized model (same codes and scales, float32)
+the packed logits are at most twice as far as the bf16 reference's (relative RMS); checked here on a tiny
+bf16 Mixtral and by `benchmarks/bench_kernels.py` on the demo and the OLMoE shape.
 """
 
 import numpy as np
@@ -239,7 +241,7 @@ def test_evaluation_times_the_packed_model_and_keeps_quality_on_the_reference(lo
     assert res.latency_measured["runtime"] == "dense" and res.packed is None
 
 
-def test_bf16_scales_are_moevizs_own_and_logits_within_bf16s_own_rounding(tiny_model_dirs, loaded_tiny):
+def test_bf16_scales_are_moevizs_own_and_logits_within_bf16s_own_rounding(tiny_model_dirs):
     from moeviz.models import load_model
 
     lm = load_model(tiny_model_dirs["mixtral"], dtype="bfloat16")
@@ -255,9 +257,14 @@ def test_bf16_scales_are_moevizs_own_and_logits_within_bf16s_own_rounding(tiny_m
             # RTN's scales of the base weights (not re-derived from the bf16-rounded dequantized ones)
             assert torch.equal(p_in.scales, quantize_codes(layer.experts.gate_up_proj[e], 8, -1).scales[:, 0].to(torch.bfloat16))
     ids = _ids(lm)
+    # the exact quantized model: the same bf16 base values in float32, the same plan (same codes and scales)
+    exact_lm = load_model(tiny_model_dirs["mixtral"], dtype="bfloat16")
+    exact_lm.model.float()
+    exact_cm = Compressor(exact_lm).apply(CompressionPlan.from_dict(dict(quant=dict(bits=8, group_size=-1))))
     with torch.no_grad():
         ref, got = cm.model(input_ids=ids).logits.float(), pm.model(input_ids=ids).logits.float()
-        f32 = loaded_tiny("mixtral").model(input_ids=ids).logits
-        base = lm.model(input_ids=ids).logits.float()
-    # the bound in bf16: no further from the reference than bf16 itself puts the base from float32
-    assert (got - ref).norm() / ref.norm() <= (base - f32).norm() / f32.norm()
+        exact = exact_cm.model(input_ids=ids).logits
+    # the bound in bf16 (docs/LATENCY.md): at most twice as far from the exact model as the bf16 reference is
+    # (bf16 scales are about one more bf16 rounding of each weight; outputs rounded to bf16 like the reference's)
+    assert (got - exact).norm() <= 2 * (ref - exact).norm()
+    assert (ref - exact).norm() > 0  # the reference itself is not exact in bf16 (else the bound would say nothing)

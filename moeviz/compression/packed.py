@@ -292,6 +292,7 @@ def pack_compressed(compressed, device: torch.device | str | None = None, allow_
     from moeviz.models.layers import find_moe_layers
 
     layers = find_moe_layers(view, compressed.layers)
+    recovered = getattr(compressed, "recovery", None) is not None
     rows, resident, packed_bytes, n_packed, n_dense, kernels, dev_name = [], 0, 0, 0, 0, {}, "cpu"
     for layer in layers:
         src = sources.get(layer.index)
@@ -334,11 +335,15 @@ def pack_compressed(compressed, device: torch.device | str | None = None, allow_
                 sparse = bool(s.sparsity[e] > 0)
                 # A lazy model's reference weights are computed in this thread's scratch buffers, which the
                 # pre-quantization provider below reuses: kept as copies (one expert), and only if needed.
-                ref = tuple(getattr(layer.experts, n)[e] for n in names) if ref_provider is None else \
+                ref = tuple(getattr(layer.experts, n)[e].detach() for n in names) if ref_provider is None else \
                     (tuple(t.detach().clone() for t in ref_provider(layer.experts, e))
                      if bits >= 16 or compressed.grids or kernel_problem(bits, s.symmetric, dev, dtype) else None)
                 pre = pre_provider(src.layer.experts, e) if bits < 16 and not all(
                     f"{layer.index}.{p}" in compressed.grids for p in layer.projections()) else (None, None)
+                if recovered and ref is not None:
+                    # distillation moved the weights (on their grid, `recovery.constraints`): the codes of the
+                    # trained weights themselves (RTN on weights already on a grid returns that grid)
+                    pre = ref
                 projs, why, b_exp = [], None, 0
                 for i, n in enumerate(names):
                     try:
