@@ -138,7 +138,8 @@ def measure_model(name: str) -> dict:
         row = dict(ratio=ab["compressed"]["median"] / ab["base"]["median"],
                    compressed_ms=ab["compressed"]["median"], base_ms=ab["base"]["median"],
                    compressed_iqr_ms=[ab["compressed"]["q1"], ab["compressed"]["q3"]],
-                   base_iqr_ms=[ab["base"]["q1"], ab["base"]["q3"]], busy=ab["busy"], busy_reason=ab["busy_reason"],
+                   base_iqr_ms=[ab["base"]["q1"], ab["base"]["q3"]], spreads_overlap=ab["spreads_overlap"],
+                   busy=ab["busy"], busy_reason=ab["busy_reason"],
                    runtime="packed" if pm is not None else "dense", storage_expert_bytes=cm.storage.experts_bytes)
         if pm is not None:
             r = pm.report
