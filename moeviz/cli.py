@@ -243,7 +243,11 @@ def cmd_evaluate(args) -> int:
     m = result.metrics()
     print(json.dumps({k: m[k] for k in ("perplexity", "base_perplexity", "accuracy", "base_accuracy",
                                         "compression_ratio", "experts_compression_ratio", "projected_decode_ms",
-                                        "mean_cv", "mean_topk_overlap", "mean_kl")} | {"run_id": run_id}, indent=2))
+                                        "mean_cv", "mean_topk_overlap", "mean_kl")}
+                     # measured on this machine, back to back; the compressed side on low-bit kernels where it has them
+                     | {k: m[k] for k in ("measured_decode_ms", "base_measured_decode_ms", "packed_expert_bytes") if k in m}
+                     | {"latency_kernels": result.packed["kernels"] if result.packed else None, "run_id": run_id},
+                     indent=2))
     return 0
 
 
