@@ -612,3 +612,4 @@ def test_tradeoff_chart_defaults_to_measured_latency_and_names_the_projected_acc
     # on the chart itself (title and axis), not only in a hover text
     assert "NVIDIA H100 SXM" in fig.layout.title.text and "NVIDIA H100 SXM" in fig.layout.yaxis2.title.text
     assert "projected" in tradeoff_chart(df.drop(columns=["measured_decode_ms"])).layout.yaxis2.title.text
+    assert "NVIDIA H100 SXM" in pareto_chart(df, x="projected_decode_ms").layout.xaxis.title.text

@@ -542,9 +542,15 @@ def pareto_chart(df: pd.DataFrame, x: str = "compression_ratio", y: str = "accur
         # No clickmode/dragmode here: with "event+select" / "select", Streamlit's on_select returned no
         # points for a click, so clicking a run never loaded its plan.
         title=title, template=_TEMPLATE, legend=dict(title="Runs"),
-        xaxis=dict(title=f"{axis_title(x)} → {arrows(mx)}"), yaxis=dict(title=f"{axis_title(y)} → {arrows(my)}"),
+        xaxis=dict(title=f"{_named_axis(df, x)} → {arrows(mx)}"), yaxis=dict(title=f"{_named_axis(df, y)} → {arrows(my)}"),
     )
     return fig
+
+
+def _named_axis(df: pd.DataFrame, col: str) -> str:
+    """The axis title, a projected latency's with its accelerator named (``projected_device`` column)."""
+    device = projected_device(df) if col == "projected_decode_ms" else None
+    return latency_axis_title("projected", device) if device else axis_title(col)
 
 
 __all__ = [
