@@ -116,7 +116,7 @@ def select_run(run_id: int):
 
 
 # Measured first (the default): quantized experts run on low-bit kernels there, so the number moves with the format.
-LATENCIES = {"measured_decode_ms": "measured on this machine, back to back with the base (median, IQR bars)",
+LATENCIES = {"measured_decode_ms": "measured, back to back with the base, on this machine (median, IQR bars)",
              "projected_decode_ms": f"projected on {figures.projected_device(df) or 'an accelerator'} (roofline)"}
 latency = st.radio("Latency", list(LATENCIES), horizontal=True, format_func=LATENCIES.get,
                    help="Measured: each evaluation times its base and compressed model alternately in one loop "
