@@ -269,6 +269,9 @@ def cmd_evaluate(args) -> int:
         summary["tasks"] = {name: {k: t[k] for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")}
                             for name, t in result.tasks.items()}
         summary["task_average"], summary["task_average_stderr"] = m.get("task_average"), m.get("task_average_stderr")
+    # measured on this machine, back to back; the compressed side on low-bit kernels where it has them
+    summary.update({k: m[k] for k in ("measured_decode_ms", "base_measured_decode_ms", "packed_expert_bytes") if k in m})
+    summary["latency_kernels"] = result.packed["kernels"] if result.packed else None
     print(json.dumps(summary | {"run_id": run_id}, indent=2))
     return 0
 

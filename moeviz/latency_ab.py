@@ -132,7 +132,9 @@ def as_measured_latency(ab: dict, which: str) -> dict:
                 batch_size=b, prompt_tokens=p, decode_tokens=ab["decode_tokens"], repeats=ab["repeats"],
                 prefill_ms=s["prefill_ms"], prefill_tokens_per_s=b * p / (s["prefill_ms"] / 1e3),
                 decode_ms_per_token=s["median"], decode_tokens_per_s=b / (s["median"] / 1e3),
-                decode_q1_ms=s["q1"], decode_q3_ms=s["q3"], interleaved=True, busy=ab["busy"])
+                decode_q1_ms=s["q1"], decode_q3_ms=s["q3"], interleaved=True, busy=ab["busy"],
+                # the compressed side: "packed" (low-bit kernels, moeviz.compression.packed) or "dense"
+                runtime="dense" if which == "base" else ab.get("runtime", "dense"))
 
 
 def verdict(ab: dict) -> str:

@@ -436,9 +436,12 @@ class RunStore:
         for r in rows:
             rec = {c: r[c] for c in base}
             rec["tags"] = ", ".join(_tags(r.get("tags")))
-            for k, v in _flatten(json.loads(r["metrics_json"])).items():
+            metrics = json.loads(r["metrics_json"])
+            for k, v in _flatten(metrics).items():
                 if k not in rec:
                     rec[k] = v
+            # the accelerator the latency was projected on (a string: _flatten keeps numbers only)
+            rec["projected_device"] = ((metrics.get("details") or {}).get("latency_projected") or {}).get("device")
             records.append(rec)
         df = pd.DataFrame.from_records(records, columns=None if records else base + ["tags"])
         for m in DENORMALISED_METRICS:

@@ -27,6 +27,7 @@ from moeviz.errors import MoevizError
 from moeviz.evaluation.tasks import INSTALL_HINT, TaskSettings, lm_eval_available
 from moeviz.figures.units import bits_label, format_time_ms
 from moeviz.figures.latency import latency_spread_chart
+from moeviz.compression.packed import packed_note, timing_model
 from moeviz.latency_ab import ab_metrics, interleaved_decode_latency
 from moeviz.latency_ab import verdict as latency_verdict
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
@@ -454,26 +455,31 @@ if result is not None:
                 f"{(m['accuracy'] - m['base_accuracy']) * 100:+.1f} pts")
     c[2].metric("Compression ratio" + stale, f"{m['compression']['compression_ratio']:.2f}×",
                 f"experts {m['compression']['experts_compression_ratio']:.2f}×", delta_color="off", delta_arrow="off")
+    # Measured on this machine first (the packed low-bit runtime where the plan has kernels); the roofline
+    # projection beside it names its accelerator in the label itself.
     proj, base_proj = m["latency_projected"], m["base_latency_projected"]
-    c[3].metric("Decode, projected" + stale, format_time_ms(proj["ms_per_token"]),
-                f"base {format_time_ms(base_proj['ms_per_token'])}", delta_color="off", delta_arrow="off",
-                help=f"Per generated token. Roofline model for {proj['device']}: active weight bytes / bandwidth "
-                     "vs FLOPs / peak. A projection, not a measurement.")
     if m["latency_measured"]:
         lat, base_measured = m["latency_measured"], m.get("base_latency_measured")
         spread = (f" · IQR {format_time_ms(lat['decode_q1_ms'])}–{format_time_ms(lat['decode_q3_ms'])}"
                   if lat.get("interleaved") else "")
-        c[4].metric("Decode, measured" + stale, format_time_ms(lat["decode_ms_per_token"]),
+        c[3].metric("Decode, measured" + stale, format_time_ms(lat["decode_ms_per_token"]),
                     (f"base {format_time_ms(base_measured['decode_ms_per_token'])}"
                      + (" · within noise" if (m.get("latency_ab") or {}).get("spreads_overlap") else ""))
                     if base_measured else "base unavailable",
                     delta_color="off", delta_arrow="off",
                     help="Per generated token, wall clock on this machine: median of base and compressed timed "
-                         f"alternately in one loop ({lat['repeats']} repeats each){spread}. Fake quantization and "
-                         "zeroed weights bring no speed-up; removed experts can.")
+                         f"alternately in one loop ({lat['repeats']} repeats each){spread}. Quantized experts run "
+                         "on low-bit kernels where one exists (int8 per channel, int4 in groups of 32-256); "
+                         "zeroed weights run the dense kernel and bring no speed-up; removed experts can.")
     elif m.get("latency_unavailable"):
-        c[4].metric("Decode, measured", "unavailable", help=m["latency_unavailable"])
+        c[3].metric("Decode, measured", "unavailable", help=m["latency_unavailable"])
         st.caption(f"Measured latency is unavailable for this model: {m['latency_unavailable']}")
+    c[4].metric(f"Decode, projected on {proj['device']}" + stale, format_time_ms(proj["ms_per_token"]),
+                f"base {format_time_ms(base_proj['ms_per_token'])}", delta_color="off", delta_arrow="off",
+                help=f"Per generated token. Roofline model for {proj['device']}: active weight bytes / bandwidth "
+                     "vs FLOPs / peak. A projection, not a measurement.")
+    if m.get("packed"):
+        st.caption(packed_note(m["packed"]))
     reused_note = " (this plan was evaluated before: its stored run is reused, no duplicate stored)" if s.get("_reused") else ""
     st.caption(f"Stored as run #{s.last_run_id}{reused_note}. Evaluated on {m['eval_tokens']:,} held-out tokens in "
                f"{m['seconds']:.1f} s (apply " + (f"{m['apply_seconds']:.1f} s)." if m["apply_seconds"] >= 1
@@ -543,8 +549,13 @@ if result is not None:
                 left = (time.perf_counter() - t0) / r * (n - r)
                 bar.progress(r / n, text=f"Repeat {r}/{n} · about {left:.0f} s left")
 
-            stored_ab = interleaved_decode_latency(lm.model, model.model, prompt, int(ab_tokens), int(ab_repeats),
+            target, packed, why = timing_model(model)  # the packed low-bit model where the plan has kernels
+            if target is None:
+                raise MoevizError(why)
+            stored_ab = interleaved_decode_latency(lm.model, target, prompt, int(ab_tokens), int(ab_repeats),
                                                    progress=ab_progress)
+            stored_ab.update(runtime="packed" if packed is not None else "dense",
+                             kernels=packed.kernels if packed is not None else None)
             bar.empty()
             if s.last_run_id is not None:
                 run_store().update_metrics(s.last_run_id, {"latency_ab": stored_ab, **ab_metrics(stored_ab)})

@@ -126,11 +126,15 @@ def select_run(run_id: int):
     s._loaded_note = f"Plan of run #{run_id} loaded into Compress."
 
 
-LATENCIES = {"projected_decode_ms": "projected (roofline, H100)",
-             "measured_decode_ms": "measured, back to back with the base (median, IQR bars)"}
+# Measured first (the default): quantized experts run on low-bit kernels there, so the number moves with the format.
+LATENCIES = {"measured_decode_ms": "measured, back to back with the base, on this machine (median, IQR bars)",
+             "projected_decode_ms": f"projected on {figures.projected_device(df) or 'an accelerator'} (roofline)"}
 latency = st.radio("Latency", list(LATENCIES), horizontal=True, format_func=LATENCIES.get,
                    help="Measured: each evaluation times its base and compressed model alternately in one loop "
-                        "(the Compress page can repeat it with more repeats); median and quartiles of the repeats")
+                        "(the Compress page can repeat it with more repeats); median and quartiles of the repeats. "
+                        "The compressed model runs its quantized experts on packed low-bit kernels where one exists "
+                        "(int8 per channel, int4 groups); pruned-only experts run the dense kernel. Projected: a "
+                        "roofline model of the named accelerator, not a measurement")
 spread = None
 if latency == "measured_decode_ms":
     df = with_measured_latency(df)

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from family_configs import build_tiny, moe_causal_lm_model_types
+from test_packed_experts import assert_packed_within_bound
 from tiny_models import tiny_tokenizer
 
 from moeviz.calibration import calibrate
@@ -117,6 +118,7 @@ def test_family_works_end_to_end_or_is_refused(model_type, family_folder, loaded
             Compressor(lm, stats).apply(CompressionPlan(removed_experts=[(0, 0)]))
         assert "\n" not in str(refused.value)
     compressed = Compressor(lm, stats).apply(plan)
+    assert_packed_within_bound(lm, samples.input_ids)  # the packed low-bit runtime (int8 channel) on this family
     settings = EvalSettings(batch_size=4, latency_prompt_tokens=8, latency_decode_tokens=1, latency_repeats=1)
     result = Evaluator(lm, samples, settings).evaluate(compressed)
     assert result.perplexity > 0 and result.compression["experts_compression_ratio"] > 1.5

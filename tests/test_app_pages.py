@@ -614,3 +614,22 @@ def test_task_accuracy_on_compress_and_as_the_trade_offs_accuracy_axis_with_pair
     ok(at)
     paired = next(d.value for d in at.dataframe if "verdict" in d.value.columns)
     assert set(paired["metric"]) >= {"perplexity", "accuracy", "mean_kl"}
+
+
+def test_an_8_bit_plan_is_timed_on_the_packed_kernels_and_measured_latency_is_the_default(tiny_model_dirs):
+    at = compress_page(tiny_model_dirs)
+    at.session_state["_auto_eval"] = False
+    at.slider[0].set_value(0.0)
+    next(b for b in at.selectbox if b.label == "Expert weight bits").set_value(8)
+    next(b for b in at.selectbox if b.label == "Group size").set_value(-1)
+    at.run()
+    button(at, "Evaluate").click().run()
+    ok(at)
+    result = at.session_state["last_result"]
+    assert result["latency_measured"]["runtime"] == "packed" and result["packed"]["kernels"] == {"int8 channel": 8}
+    assert any("packed low-bit kernels" in c.value for c in at.caption)
+    labels = [m.label for m in at.metric]
+    assert labels.index("Decode, measured") < next(i for i, l in enumerate(labels) if l.startswith("Decode, projected on"))
+    at.switch_page("pages/5_tradeoffs.py").run()
+    ok(at)
+    assert next(r for r in at.radio if r.label == "Latency").value == "measured_decode_ms"

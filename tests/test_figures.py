@@ -602,3 +602,17 @@ def test_gptq_and_rtn_runs_of_one_metric_are_different_methods():
     assert with_facets(df.assign(plan_json=[CompressionPlan(pruning=PruningSettings(sparsity=0.5),
                                                             quant=QuantSettings(method="gptq")).to_json()] * 4)
                        )["method"].iloc[0] == "moe_pruner"
+
+
+def test_tradeoff_chart_defaults_to_measured_latency_and_names_the_projected_accelerator():
+    df = _latency_frame([1.9, 1.7, 1.5], [2.1, 1.9, 1.7])
+    fig = tradeoff_chart(df)  # measured values present: measured is the default
+    assert "measured" in fig.layout.yaxis2.title.text and "this machine" in fig.layout.title.text
+    lat = next(t for t in fig.data if t.name == "wanda · latency")
+    assert list(lat.y) == [2.0, 1.8, 1.6]
+    df["projected_device"] = "NVIDIA H100 SXM"
+    fig = tradeoff_chart(df, latency_col="projected_decode_ms")
+    # on the chart itself (title and axis), not only in a hover text
+    assert "NVIDIA H100 SXM" in fig.layout.title.text and "NVIDIA H100 SXM" in fig.layout.yaxis2.title.text
+    assert "projected" in tradeoff_chart(df.drop(columns=["measured_decode_ms"])).layout.yaxis2.title.text
+    assert "NVIDIA H100 SXM" in pareto_chart(df, x="projected_decode_ms").layout.xaxis.title.text

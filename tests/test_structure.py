@@ -38,10 +38,11 @@ LAYERS: list[tuple[str, list[str]]] = [
 PRIVATE_ALLOWED = {
     ("moeviz.compression.threshold_table", "_version"):
         "torch.Tensor._version, the in-place version counter: torch's only way to tell a tensor changed",
-    ("moeviz.compression.obs", "_effective_group_size"):
-        "TODO(issue 22): make quantize._effective_group_size public once the packed-runtime branch (which adds "
-        "callers in quantize.py) is merged",
 }
+# torch's low-bit matmul kernels are only exposed as private aten ops (torch.ops.aten._weight_int8pack_mm, …)
+PRIVATE_ALLOWED.update({("moeviz.compression.packed", op): "torch's low-bit kernels have no public name"
+                        for op in ("_weight_int8pack_mm", "_weight_int4pack_mm", "_weight_int4pack_mm_for_cpu",
+                                   "_convert_weight_to_int4pack", "_convert_weight_to_int4pack_for_cpu")})
 
 PAGE_LIMIT = 250
 # TODO(issue 22, item 2): slim these pages below PAGE_LIMIT (the session object); then empty this list.

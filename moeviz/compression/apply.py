@@ -92,6 +92,10 @@ class CompressedModel:
     # GPTQ's grids ("layer.proj" -> second_order.GptqGrid: per expert, row and group scale / zero point), shared
     # with the Compressor's cached result (read-only): recovery rounds on them, so it stays on GPTQ's grid
     grids: dict = field(default_factory=dict, repr=False)
+    # MoE layer -> the lazy provider of its resolved settings (holds no weights; lazy or not): what the packed
+    # low-bit runtime re-derives each expert's integer codes from (`moeviz.compression.packed`). Not for
+    # sequential plans (their statistics are re-calibrated per layer).
+    expert_sources: dict = field(default_factory=dict, repr=False)
 
     def expert_table(self) -> list[dict]:
         return [asdict(e) for e in self.experts]
@@ -185,9 +189,11 @@ class Compressor:
         else:
             experts = self._expert_states(layers, resolved)
         storage = storage_report(self.loaded.model, layers, resolved)
+        sources = {} if plan.sequential else {  # settings only, no weight read (see CompressedModel)
+            l.index: self._lazy_weights(l, resolved.layer(l)) for l in layers}
         return CompressedModel(view, layers, plan, experts, storage, time.perf_counter() - start, replaced,
                                masks or {}, lazy=lazy, second_order=second.summary() if second is not None else None,
-                               grids=dict(second.grids) if second is not None else {})
+                               grids=dict(second.grids) if second is not None else {}, expert_sources=sources)
 
     def second_order(self, plan: CompressionPlan, samples: TokenSamples, resolved: ResolvedPlan | None = None,
                      progress=None, cancel=None):

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 
 from .masks import check_nm_shape, nm_mask, prune_counts
-from .quantize import _effective_group_size, check_bits, quantize_weight
+from .quantize import effective_group_size, check_bits, quantize_weight
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def _check_quant(quant, in_features: int):
         raise ValueError(f"quant must be a QuantSpec, got {type(quant).__name__}")
     if quant.bits == 16:
         return None, None
-    return quant, _effective_group_size(quant.group_size, in_features)
+    return quant, effective_group_size(quant.group_size, in_features)
 
 
 def _lowest_per_row(head: torch.Tensor, sal: torch.Tensor, k: torch.Tensor, use_numpy: bool | None = None) -> torch.Tensor:

@@ -61,7 +61,7 @@ def check_bits(bits) -> int:
     return int(bits)
 
 
-def _effective_group_size(group_size, in_features: int) -> int:
+def effective_group_size(group_size, in_features: int) -> int:
     if group_size is None or group_size == -1:
         return in_features
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
@@ -82,31 +82,82 @@ def quantize_weight(
     if weight.dim() < 2:
         raise ValueError(f"weight must be at least 2-D [..., out, in], got shape {tuple(weight.shape)}")
     in_features = weight.shape[-1]
-    gs = _effective_group_size(group_size, in_features)
+    gs = effective_group_size(group_size, in_features)
     if bits == 16:
         return QuantizedWeight(weight.detach().clone(), None, None, 16, gs, symmetric)
 
+    q, scale, zero = _codes(weight, bits, gs, symmetric)
+    deq = (q * scale if symmetric else (q - zero) * scale).reshape(weight.shape).to(weight.dtype)  # [..., out, in]
+    return QuantizedWeight(deq, scale.squeeze(-1), None if zero is None else zero.squeeze(-1), bits, gs, symmetric)
+
+
+def _codes(weight: torch.Tensor, bits: int, gs: int, symmetric: bool):
+    """(q, scale, zero) of RTN in float32: q [..., out, in/gs, gs] integer-valued codes, scale and zero
+    [..., out, in/gs, 1] (zero None when symmetric). The one place the grid is computed: the fake-quantized
+    weights (`quantize_weight`) and the packed low-bit kernels (`quantize_codes`) use the same codes."""
     # [..., out, in] -> [..., out, in/gs, gs]: statistics are taken over the last dim.
-    w = weight.detach().to(torch.float32).reshape(*weight.shape[:-1], in_features // gs, gs)
+    w = weight.detach().to(torch.float32).reshape(*weight.shape[:-1], weight.shape[-1] // gs, gs)
+    # In-place rounding on one fresh [.., gs] tensor (q), min / max from one aminmax: the same values as
+    # round(w / scale) etc. with fewer full-size temporaries (w may be the caller's float32 tensor: not touched).
+    lo, hi = w.aminmax(dim=-1, keepdim=True)
     if symmetric:
         qmax = 2 ** (bits - 1) - 1
-        scale = w.abs().amax(dim=-1, keepdim=True) / qmax
+        scale = torch.maximum(-lo, hi) / qmax  # max |w|
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return torch.div(w, scale).round_().clamp_(-qmax, qmax), scale, None
+    qmax = 2**bits - 1
+    w_min, w_max = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = (w_max - w_min) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.clamp(torch.round(-w_min / scale), 0, qmax)
+    return torch.div(w, scale).round_().add_(zero).clamp_(0, qmax), scale, zero
+
+
+@dataclass
+class QuantCodes:
+    """The integer grid of :func:`quantize_weight` itself (what a packed low-bit kernel stores).
+
+    ``codes`` float32 ``[..., out, in]``, integer-valued: symmetric in [-qmax, qmax], asymmetric in
+    [0, 2**b - 1]; ``scales`` / ``zero_points`` (None: symmetric) float32 ``[..., out, in / group_size]``.
+    Dequantized: ``codes * scale`` or ``(codes - zero) * scale`` per group."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zero_points: torch.Tensor | None
+    bits: int
+    group_size: int
+    symmetric: bool
+
+
+def quantize_codes(weight: torch.Tensor, bits: int, group_size: int | None = 128,
+                   symmetric: bool = True) -> QuantCodes:
+    """The codes and scales `quantize_weight` rounds ``weight`` to (same float32 ops: same grid)."""
+    bits = check_bits(bits)
+    if bits == 16:
+        raise ValueError("bits=16 is not quantized: no codes")
+    gs = effective_group_size(group_size, weight.shape[-1])
+    q, scale, zero = _codes(weight, bits, gs, symmetric)
+    return QuantCodes(q.reshape(weight.shape), scale.squeeze(-1), None if zero is None else zero.squeeze(-1),
+                      bits, gs, symmetric)
+
+
+def codes_on_grid(weight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                  bits: int) -> QuantCodes:
+    """The codes of ``weight`` ``[..., out, in]`` on a given grid (`quantize_on_grid`'s rounding, e.g. of
+    GPTQ's weights, which lie on it: their codes come back exactly)."""
+    bits = check_bits(bits)
+    n_groups, in_features = scales.shape[-1], weight.shape[-1]
+    gs = in_features // n_groups
+    w = weight.detach().to(torch.float32).reshape(*weight.shape[:-1], n_groups, gs)
+    scale = scales.to(device=w.device, dtype=torch.float32)[..., None]
+    if zero_points is None:
+        qmax = 2 ** (bits - 1) - 1
         q = torch.clamp(torch.round(w / scale), -qmax, qmax)
-        deq = q * scale
         zero = None
     else:
-        qmax = 2**bits - 1
-        w_min = w.amin(dim=-1, keepdim=True).clamp(max=0.0)
-        w_max = w.amax(dim=-1, keepdim=True).clamp(min=0.0)
-        scale = (w_max - w_min) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zero = torch.clamp(torch.round(-w_min / scale), 0, qmax)
-        q = torch.clamp(torch.round(w / scale) + zero, 0, qmax)
-        deq = (q - zero) * scale
-        zero = zero.squeeze(-1)  # [..., out, in/gs]
-    deq = deq.reshape(weight.shape).to(weight.dtype)  # back to [..., out, in]
-    return QuantizedWeight(deq, scale.squeeze(-1), zero, bits, gs, symmetric)
+        zero = zero_points.to(device=w.device, dtype=torch.float32)
+        q = torch.clamp(torch.round(w / scale) + zero[..., None], 0, 2**bits - 1)
+    return QuantCodes(q.reshape(weight.shape), scale[..., 0], zero, bits, gs, zero_points is None)
 
 
 def quantize_on_grid(

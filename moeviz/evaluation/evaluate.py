@@ -22,6 +22,7 @@ import torch
 from moeviz.calibration.collect import calibrate
 from moeviz.calibration.stats import CalibrationStats
 from moeviz.compression.apply import CompressedModel
+from moeviz.compression.packed import LAZY_DENSE, timing_model
 from moeviz.data import TokenSamples, check_seq_len
 from moeviz.errors import SettingsError
 from moeviz.evaluation.latency import (
@@ -33,8 +34,7 @@ from moeviz.evaluation.uncertainty import drift_windows, interval_metrics, per_t
 from moeviz.models.loading import LoadedModel
 
 DEFAULT_ACCELERATOR = "NVIDIA H100 SXM"
-LAZY_LATENCY = ("not measured on a lazily compressed model (its experts are compressed during the forward); "
-                "apply the plan with lazy=False to measure it")
+LAZY_LATENCY = LAZY_DENSE  # why a lazy model without kernels is not timed
 
 
 @dataclass
@@ -121,6 +121,10 @@ class EvalResult:
     tasks: dict | None = None
     base_tasks: dict | None = None
     task_settings: dict | None = None
+    # The packed low-bit model whose decode was timed (`moeviz.compression.packed.PackReport.summary()`:
+    # kernels -> experts, resident bytes of the packed experts vs the storage report); None where the plan
+    # quantizes no expert to a width with a kernel (the compressed model itself was timed, dense)
+    packed: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,6 +158,8 @@ class EvalResult:
             m["base_measured_decode_ms"] = self.base_latency_measured["decode_ms_per_token"]
         if self.latency_ab:
             m.update(ab_metrics(self.latency_ab))
+        if self.packed:
+            m["packed_expert_bytes"] = self.packed["resident_bytes"]
         for name, d in self.per_domain.items():
             m[f"perplexity[{name}]"] = d["perplexity"]
             m[f"accuracy[{name}]"] = d["accuracy"]
@@ -274,19 +280,25 @@ class Evaluator:
             self._base_tasks[key] = evaluate_tasks(self.loaded.model, self.loaded.tokenizer, tasks)
         return self._base_tasks[key]
 
-    def _latency(self, compressed: CompressedModel) -> tuple[dict | None, str | None]:
-        """(back-to-back measurement of base and compressed, None) or (None, why it is unavailable)."""
+    def _latency(self, compressed: CompressedModel) -> tuple[dict | None, str | None, dict | None]:
+        """(back-to-back measurement of base and compressed, None, packing report) or (None, why it is
+        unavailable, None). The compressed side runs the packed low-bit runtime (`compression.packed`) where
+        the plan quantizes experts to a width with a kernel; else the compressed model itself (dense)."""
         s = self.settings
         if not s.measure_latency:
-            return None, None
-        if compressed.lazy:  # its experts are compressed during the forward: timing it would time that
-            return None, LAZY_LATENCY
+            return None, None, None
+        target, packed, why = timing_model(compressed)
+        if target is None:
+            return None, why, None
         prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
         try:
-            return interleaved_decode_latency(self.loaded.model, compressed.model, prompt, s.latency_decode_tokens,
-                                              s.latency_repeats), None
+            ab = interleaved_decode_latency(self.loaded.model, target, prompt, s.latency_decode_tokens,
+                                            s.latency_repeats)
         except Exception as e:  # e.g. a cache that cannot decode: only this measurement is lost
-            return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", None
+        ab["runtime"] = "packed" if packed is not None else "dense"
+        ab["kernels"] = packed.kernels if packed is not None else None  # label -> experts
+        return ab, None, packed.summary() if packed is not None else None
 
     def _projected(self, storage_tensors, routing: CalibrationStats) -> dict:
         eb, em, dense_b, dense_m = _latency_inputs(self.loaded, storage_tensors, [l.num_experts for l in self.loaded.layers])
@@ -304,7 +316,7 @@ class Evaluator:
         # A lazy model compresses each expert whenever a forward batch reaches it: as few batches as memory allows.
         run = self._run(view, progress, batch_size=lazy_batch_size(self.loaded, self.samples, self.settings)
                         if compressed.lazy else None)
-        ab, no_latency = self._latency(compressed)
+        ab, no_latency, packed = self._latency(compressed)
         base, comp = self.base.routing, run.routing
         drift, balance, u_base, u_comp, u_shift, token_drift = [], [], [], [], [], []
         for i, (lb, lc) in enumerate(zip(base.layers, comp.layers)):
@@ -351,7 +363,7 @@ class Evaluator:
             seconds=time.perf_counter() - start, apply_seconds=compressed.seconds,
             second_order=getattr(compressed, "second_order", None),
             eval_tokens=self.samples.n_tokens, eval_fingerprint=self.samples.fingerprint,
-            latency_unavailable=no_latency, latency_ab=ab,
+            latency_unavailable=no_latency, latency_ab=ab, packed=packed,
             intervals=quality_intervals(windows), windows=windows, **task_fields,
         )
 

@@ -15,7 +15,7 @@ from moeviz.figures.routing import (
 from moeviz.figures.recovery import recovery_losses
 from moeviz.figures.tokens import token_routing_html, token_routing_table
 from moeviz.figures.tradeoffs import (
-    add_recovery_arrows, cv_vs_ratio, drift_per_layer, pareto_chart, perplexity_vs_ratio, tradeoff_chart,
+    add_recovery_arrows, cv_vs_ratio, drift_per_layer, pareto_chart, perplexity_vs_ratio, projected_device, tradeoff_chart,
 )
 
 __all__ = [
@@ -23,5 +23,5 @@ __all__ = [
     "domain_specialization_matrix", "drift_per_layer", "expert_label", "load_balance_comparison",
     "load_balance_cv_bars", "moe_layer_dot", "pareto_chart", "perplexity_vs_ratio", "recovery_losses",
     "router_probability_histogram", "sparsity_color", "token_routing_html", "token_routing_table",
-    "tradeoff_chart", "utilization_heatmap",
+    "projected_device", "tradeoff_chart", "utilization_heatmap",
 ]

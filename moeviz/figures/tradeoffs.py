@@ -236,7 +236,24 @@ def latency_axis_title(kind: str, device: str | None = None, unit: str = "ms/tok
     raise ValueError("latency_kind must be 'measured' or 'projected'")
 
 
-def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col: str = "projected_decode_ms",
+def default_latency_col(df) -> str:
+    """The measured latency (this machine; compressed experts on low-bit kernels where the plan has them)
+    where any run has it, else the roofline projection."""
+    if isinstance(df, pd.DataFrame) and "measured_decode_ms" in df.columns and \
+            pd.to_numeric(df["measured_decode_ms"], errors="coerce").notna().any():
+        return "measured_decode_ms"
+    return "projected_decode_ms"
+
+
+def projected_device(df) -> str | None:
+    """The accelerator(s) the runs' latency was projected on (``projected_device`` column), or None."""
+    if not isinstance(df, pd.DataFrame) or "projected_device" not in df.columns:
+        return None
+    devices = [str(d) for d in dict.fromkeys(df["projected_device"]) if isinstance(d, str) and d]
+    return ", ".join(devices) or None
+
+
+def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col: str | None = None,
                    ratio_col: str = "compression_ratio", latency_kind: str | None = None,
                    method_col: str | None = None, device: str | None = None,
                    show_recovery: bool = True, latency_spread: tuple[str, str] | None = None,
@@ -253,8 +270,12 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     `accuracy_spread`: (low, high) columns of the accuracy (a confidence interval, or ± a task's stderr),
     drawn the same way: error bars, the base star's from ``base_<low>`` / ``base_<high>``, and a series
     whose intervals all overlap drawn as points, not a line.
+    latency_col None: measured where the runs have it, else projected (`default_latency_col`). A projected
+    latency names its accelerator in the chart title and axis (`device`, else the ``projected_device`` column).
     """
+    latency_col = latency_col or default_latency_col(df)
     kind = latency_kind or infer_latency_kind(latency_col)
+    device = device or (projected_device(df) if kind == "projected" else None)
     title = "Accuracy and latency vs compression"
     guard = _guard(df, [ratio_col, accuracy_col], title)
     if guard is not None:
@@ -375,7 +396,8 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     if busy.any() and has_latency:
         fig.add_annotation(text="open diamonds: timed while the machine was busy", xref="paper", yref="paper", x=1,
                            xanchor="right", y=-0.12, yanchor="top", showarrow=False, font=dict(size=11, color="#777777"))
-    fig.update_layout(title=title + f" (latency {kind})", template=_TEMPLATE, legend=dict(title="Method · metric", orientation="h", yanchor="top", y=-0.2),
+    where = (f" on {device}, roofline" if device else ", roofline") if kind == "projected" else " on this machine"
+    fig.update_layout(title=title + f" (latency {kind}{where})", template=_TEMPLATE, legend=dict(title="Method · metric", orientation="h", yanchor="top", y=-0.2),
                       hovermode="closest")
     if has_latency:
         _band_axes(fig)
@@ -556,9 +578,15 @@ def pareto_chart(df: pd.DataFrame, x: str = "compression_ratio", y: str = "accur
         # No clickmode/dragmode here: with "event+select" / "select", Streamlit's on_select returned no
         # points for a click, so clicking a run never loaded its plan.
         title=title, template=_TEMPLATE, legend=dict(title="Runs"),
-        xaxis=dict(title=f"{axis_title(x)} → {arrows(mx)}"), yaxis=dict(title=f"{axis_title(y)} → {arrows(my)}"),
+        xaxis=dict(title=f"{_named_axis(df, x)} → {arrows(mx)}"), yaxis=dict(title=f"{_named_axis(df, y)} → {arrows(my)}"),
     )
     return fig
+
+
+def _named_axis(df: pd.DataFrame, col: str) -> str:
+    """The axis title, a projected latency's with its accelerator named (``projected_device`` column)."""
+    device = projected_device(df) if col == "projected_decode_ms" else None
+    return latency_axis_title("projected", device) if device else axis_title(col)
 
 
 __all__ = [

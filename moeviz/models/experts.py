@@ -59,8 +59,11 @@ class GroupedActivations:
 LayerObserver = Callable[[GroupedActivations], None]
 
 
-def _project(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
-    out = x @ w if transposed else nn.functional.linear(x, w)
+def _project(x: torch.Tensor, w, b: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    if not isinstance(w, torch.Tensor):  # a packed low-bit projection (moeviz.compression.packed): x Wᵀ itself
+        out = w(x)
+    else:
+        out = x @ w if transposed else nn.functional.linear(x, w)
     return out + b if b is not None else out
 
 
@@ -129,7 +132,9 @@ def expert_output(experts: nn.Module, e: int, x: torch.Tensor,
     w_in, w_out = weights
     b_in = (experts.gate_up_proj_bias if has_gate else experts.up_proj_bias) if has_bias else None
     b_out = experts.down_proj_bias if has_bias else None
-    n, xp = x.shape[0], _bucketed(x)  # xp: [m >= n, H]; the padding rows are dropped below
+    # xp: [m >= n, H]; the padding rows are dropped below. Packed low-bit kernels are not oneDNN's (no
+    # kernel built per shape): not padded, a decode step's single row stays one row.
+    n, xp = x.shape[0], (_bucketed(x) if isinstance(w_in, torch.Tensor) else x)
     h = _gated(experts, _project(xp, w_in, b_in[e] if b_in is not None else None, transposed))
     y = _project(h, w_out, b_out[e] if b_out is not None else None, transposed)
     return (h, y) if xp is x else (h[:n], y[:n])
