@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from moeviz.compression.apply import CompressedModel
+from moeviz.compression.ct_pack import EXPERT_KEY
 from moeviz.ct_export import ExpertPacker
 from moeviz.destination import check_destination
 from moeviz.errors import MoevizError
@@ -165,6 +166,9 @@ class _Unit:
     keys: list[str]  # model state keys
     planned: dict[str, torch.Tensor]  # checkpoint-format meta tensors
     separable: bool  # converting each key alone gives the same checkpoint tensors as converting all together
+    # model keys whose conversion is a per-expert split (fused [E, ...] -> `…experts.<e>.…` keys, each expert
+    # from its own rows): converted a few experts at a time, so no full per-expert copy of the layer exists
+    per_expert: frozenset = frozenset()
 
 
 @dataclass
@@ -183,14 +187,41 @@ def _plan_units(skeleton: nn.Module, meta: dict[str, torch.Tensor], packer: Expe
     units = []
     for keys in _units(list(meta)):
         planned = _checkpoint_format(skeleton, {k: meta[k] for k in keys})
-        alone = {}
+        alone, per_expert = {}, set()
         for k in keys:
-            alone.update(_checkpoint_format(skeleton, {k: meta[k]}))
+            out = _checkpoint_format(skeleton, {k: meta[k]})
+            if _splits_by_expert(out, meta[k].shape[0] if meta[k].dim() else 0):
+                per_expert.add(k)
+            alone.update(out)
         separable = _layout(alone) == _layout(planned)
         if packer is not None:
             planned = packer.layout(keys, planned)
-        units.append(_Unit(keys, planned, separable))
+        units.append(_Unit(keys, planned, separable, frozenset(per_expert)))
     return units
+
+
+def _splits_by_expert(converted: dict[str, torch.Tensor], rows: int) -> bool:
+    """Whether a fused tensor of `rows` experts converted to exactly one set of per-expert keys per expert."""
+    if rows < 2 or not converted:
+        return False
+    found = [EXPERT_KEY.match(k) for k in converted]
+    if not all(found):
+        return False
+    experts = sorted({int(m.group("expert")) for m in found})
+    return experts == list(range(rows)) and len(converted) % rows == 0
+
+
+EXPERTS_PER_CONVERSION = 8  # a fused expert tensor is converted this many experts at a time
+
+
+def _expert_chunks(skeleton: nn.Module, key: str, t: torch.Tensor):
+    """`{checkpoint key: tensor}` of a fused [E, ...] tensor, EXPERTS_PER_CONVERSION experts at a time: each
+    slice converts as a model with that many experts would, and its expert indices are shifted to where the
+    slice starts (so only a slice's per-expert copies exist at once, not the whole layer's)."""
+    for start in range(0, t.shape[0], EXPERTS_PER_CONVERSION):
+        part = _checkpoint_format(skeleton, {key: t[start:start + EXPERTS_PER_CONVERSION]})
+        yield {EXPERT_KEY.sub(lambda m: f"{m.group('prefix')}.{int(m.group('expert')) + start}.{m.group('name')}.weight", k): v
+               for k, v in part.items()}
 
 
 def _plan_shards(units: list[_Unit], max_shard_bytes: int) -> list[_Shard]:
@@ -265,12 +296,13 @@ def _write_unit(f, shard: _Shard, skeleton: nn.Module, unit: _Unit, tensors, pac
     """Convert a unit's (key, tensor) stream to checkpoint format (and pack its quantized experts, with a
     packer) and write each result at its offset."""
     if unit.separable:
-        batches = ({k: t} for k, t in tensors)
+        batches = (b for k, t in tensors for b in (_expert_chunks(skeleton, k, t) if k in unit.per_expert
+                                                    else [_checkpoint_format(skeleton, {k: t})]))
     else:
-        batches = iter([dict(tensors)])
+        batches = iter([_checkpoint_format(skeleton, dict(tensors))])
     written = {}
     for batch in batches:
-        out = _checkpoint_format(skeleton, batch)
+        out = batch
         if packer is not None:
             out = packer.pack(unit.keys, out)
         del batch
