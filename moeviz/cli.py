@@ -357,6 +357,27 @@ def cmd_sensitivity(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Evaluate a checkpoint compressed elsewhere against its base (--model) exactly as a moeviz plan is."""
+    from moeviz.compare import external_checkpoint
+    from moeviz.evaluation.sweep import store_result
+    from moeviz.store import RunStore
+
+    lm = _load(args)
+    compressed = external_checkpoint(lm, args.compressed, name=args.name)
+    result = _evaluator(args, lm).evaluate(compressed)
+    run_id = None if args.no_store else store_result(RunStore(args.store), result, compressed.plan, lm.fingerprint,
+                                                      None, name=compressed.plan.name)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
+    m = result.metrics()
+    keys = ("perplexity", "base_perplexity", "accuracy", "base_accuracy", "compression_ratio",
+            "experts_compression_ratio", "mean_cv", "base_mean_cv", "mean_topk_overlap", "mean_kl",
+            "measured_decode_ms", "base_measured_decode_ms")
+    print(json.dumps({k: m[k] for k in keys if k in m} | {"run_id": run_id}, indent=2))
+    return 0
+
+
 def cmd_export(args) -> int:
     from moeviz.compression.apply import Compressor
     from moeviz.export import check_destination, export_format, export_model, exported_files
@@ -536,6 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the fitted plan must export to: hf-dense (default: the same removal count in every "
                         "layer), vllm (also one bit width per layer among 4, 8, 16), any (no constraint; may not export)")
     p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("compare", help="evaluate a checkpoint compressed by another tool (compressed-tensors or dense, "
+                                       "same architecture) against its base (--model), as a plan is; run stored")
+    add_eval_args(p)
+    p.add_argument("--compressed", required=True, help="the compressed checkpoint: folder or hub id")
+    p.add_argument("--name", default=None, help="run name (default: external: <folder name>)")
+    p.add_argument("--json", default=None, help="also write the whole result to this JSON file")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="apply a plan and save the compressed model as a Hugging Face folder")
     add_eval_args(p)

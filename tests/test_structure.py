@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("presentation and caches: figures, calibration cache, export destinations",
      ["moeviz.figures", "moeviz.qualityview", "moeviz.workspace", "moeviz.destination"]),
     ("workflows on a compressed model: recovery, sensitivity, export",
-     ["moeviz.recovery", "moeviz.sensitivity", "moeviz.export", "moeviz.ct_export"]),
+     ["moeviz.recovery", "moeviz.sensitivity", "moeviz.export", "moeviz.ct_export", "moeviz.compare"]),
     ("entry points", ["moeviz.cli", "moeviz.__main__"]),
 ]
 

@@ -27,7 +27,7 @@ def compressed_tensors_config(folder: Path) -> dict | None:
     return q if q.get("quant_method") == "compressed-tensors" else None
 
 
-def _scheme_of(module: str, qconfig: dict):
+def scheme_of(module: str, qconfig: dict):
     """The config group that quantizes `module` (compressed-tensors' own name matching: `re:` targets match
     from the start of the name; a class-name target such as "Linear" matches every packed module), or None
     when `ignore` names it."""
@@ -74,7 +74,7 @@ def dequantize_folder(src: Path, dst: Path) -> Path:
             keys = list(f.keys())
             packed_modules = sorted({k[: -len(".weight_packed")] for k in keys if k.endswith(".weight_packed")})
             for module in packed_modules:
-                scheme = _scheme_of(module, qconfig)
+                scheme = scheme_of(module, qconfig)
                 if scheme is None:
                     raise MoevizError(f"{src}: {module} is packed but no config group of its quantization_config "
                                       "targets it")
