@@ -118,8 +118,10 @@ def storage_report(model: nn.Module, layers: list[MoELayer], resolved: ResolvedP
     numel = sum(p.numel() for p in params)
     # What an export writes besides the experts and per-expert tensors: the saved state (tied tensors once,
     # persistent buffers included) minus those
-    saved = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
-    rest = sum(saved.values()) - exp_base - per_expert_bytes(layers)
+    # (parameters() lists a tied parameter once; shapes only, so offloaded / meta tensors count too)
+    persistent = set(model.state_dict().keys())
+    buffers = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n in persistent)
+    rest = total + buffers - exp_base - per_expert_bytes(layers)
     down = layers[0].weight("down")
     return StorageReport(tensors, exp_base, exp_bytes, r_base, r_bytes, other,
                          checkpoint_dtype=str(down.dtype).replace("torch.", ""),
