@@ -259,3 +259,17 @@ def test_fused_experts_converted_a_few_at_a_time_write_the_same_file(demo, forma
     sliced = load_file(export_model(demo, cm, tmp_path / "sliced", format=format) / "model.safetensors")
     assert whole.keys() == sliced.keys()
     assert all(torch.equal(whole[k], sliced[k]) for k in whole)
+
+
+def test_compress_page_note_warns_only_when_a_plan_loses_something(demo):
+    from moeviz.compression.deployability import export_note
+
+    def note(d):
+        st = Compressor(demo).apply(CompressionPlan.from_dict(d), lazy=True).storage
+        return export_note(st.summary(), st.deployability)
+
+    caption, warning = note({"pruning": {"metric": "magnitude", "sparsity": 0.5}})
+    assert warning is None and "exportable as dense: 1.00×" in caption  # pruning ships as zeros: said, not warned
+    assert note({"quant": {"bits": 4}})[1] is None
+    assert "cannot be packed for vLLM" in note({"quant": {"bits": 3}})[1]
+    assert "cannot be exported" in note({"removed_experts": [[0, 1]]})[1]

@@ -46,6 +46,7 @@ class Deployability:
     verdicts: list[TargetVerdict]
     export_format: str | None  # the smallest format a target can hold: "compressed-tensors", "dense" or None
     export_bytes: int | None  # its tensor bytes (headers excluded)
+    quantized: bool = False  # some kept expert is quantized below 16 bits
 
     def ok(self, target: str) -> bool:
         return any(v.ok for v in self.verdicts if v.target == target)
@@ -171,7 +172,7 @@ def assess(plan: CompressionPlan, layers: list[MoELayer], bits: np.ndarray, remo
     else:
         fmt, experts = None, None
     return Deployability(verdicts, fmt, None if experts is None else experts + per_expert_bytes(layers, removed)
-                         + rest_bytes)
+                         + rest_bytes, quantized)
 
 
 def per_expert_bytes(layers: list[MoELayer], removed: np.ndarray | None = None) -> int:
@@ -201,10 +202,11 @@ def export_note(summary: dict, deploy: Deployability | None) -> tuple[str, str |
         return caption, None
     if deploy.export_format is None:
         return caption, "This plan cannot be exported: " + "; ".join(deploy.verdicts[0].reasons)
-    if deploy.ok("ct-vllm"):
-        return caption, None
+    if deploy.ok("ct-vllm") or not deploy.quantized:
+        return caption, None  # packed for vLLM, or nothing to pack: the dense folder is the format (vLLM serves it)
     why = "; ".join(next(v.reasons for v in deploy.verdicts if v.target == "ct-vllm"))
-    return caption, f"Not servable by vLLM as compressed-tensors: {why}"
+    return caption, (f"Its quantized experts cannot be packed for vLLM ({why}): an export stores them dequantized, "
+                     "no smaller than the base")
 
 
 def deployability_table(deploy: Deployability | None) -> list[dict]:
