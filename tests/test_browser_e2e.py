@@ -269,7 +269,9 @@ def test_default_flow_in_chromium(app_url):
         page.get_by_text("Compression ratio (plan)").wait_for(timeout=60_000)
 
         nav(page, "Export")
-        page.get_by_text("Plan (JSON)").wait_for(timeout=60_000)
+        # exact: "Load a plan (JSON)" on the Compress page contains the text too (the shot was of Compress)
+        page.get_by_text("Plan (JSON)", exact=True).wait_for(timeout=60_000)
+        page.get_by_text("holds this plan").wait_for(timeout=60_000)  # the deployability table
         page.screenshot(path=SHOTS / "6_export.png", full_page=True)
 
         # A per-expert override: the table tints that row's read-only cells and names the cell set by hand.
