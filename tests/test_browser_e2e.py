@@ -271,7 +271,7 @@ def test_default_flow_in_chromium(app_url):
         nav(page, "Export")
         # exact: "Load a plan (JSON)" on the Compress page contains the text too (the shot was of Compress)
         page.get_by_text("Plan (JSON)", exact=True).wait_for(timeout=60_000)
-        page.get_by_text("holds this plan").wait_for(timeout=60_000)  # the deployability table
+        page.get_by_text("the exact call that loads it").wait_for(timeout=60_000)  # the Export page's own caption
         page.screenshot(path=SHOTS / "6_export.png", full_page=True)
 
         # A per-expert override: the table tints that row's read-only cells and names the cell set by hand.
