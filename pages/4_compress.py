@@ -227,7 +227,7 @@ if export_warning:
 if plan.second_order():
     st.caption("Quality proxy (live): not computed for SparseGPT / GPTQ plans, whose weights come from a layer-by-layer "
                "job; Evaluate runs it (then cached for this plan) and measures perplexity.")
-elif not use_lazy(compressor(lm, stats)):
+elif not use_lazy(lm):
     proxy_plan = CompressionPlan.from_dict({**plan.to_dict(), "sequential": False})
     proxy_key = (lm.fingerprint, stats.fingerprint, plan_key(proxy_plan.to_dict()))
     if s.get("_proxy_for") != proxy_key:
