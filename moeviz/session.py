@@ -25,9 +25,10 @@ from moeviz.calibration.stats import CalibrationStats
 from moeviz.compression.apply import Compressor
 from moeviz.compression.plan import CompressionPlan
 from moeviz.data import TokenSamples, load_calibration_data
-from moeviz.errors import PlanError
-from moeviz.evaluation.evaluate import EvalResult, Evaluator
+from moeviz.errors import MoevizError, PlanError
+from moeviz.evaluation.evaluate import EvalResult, Evaluator, back_to_back_latency
 from moeviz.evaluation.sweep import evaluate_plan, run_sweep, stored_result
+from moeviz.latency_ab import ab_metrics
 from moeviz.models.loading import LoadedModel
 from moeviz.store import RunStore
 
@@ -90,6 +91,20 @@ class Session:
         result, run_id = evaluate_plan(self.compressor, self.evaluator, plan, self.store, samples=samples,
                                        reuse=False, tasks=tasks, progress=progress)
         return Evaluation(result, run_id, reused=False)
+
+    def measure_latency(self, plan: CompressionPlan, decode_tokens: int, repeats: int, progress=None,
+                        run_id: int | None = None) -> dict:
+        """Base and `plan` timed back to back again (more repeats than an evaluation's), on a materialised copy;
+        stored with run `run_id` when given. progress(repeat, repeats). MoevizError when the plan's model cannot
+        be timed."""
+        compressed = self.compressor.apply(plan, self.windows_for(plan))
+        ab, why, _ = back_to_back_latency(self.loaded.model, compressed, self.evaluator.latency_prompt(),
+                                          decode_tokens, repeats, progress)
+        if ab is None:
+            raise MoevizError(why)
+        if run_id is not None and self.store is not None:
+            self.store.update_metrics(run_id, {"latency_ab": ab, **ab_metrics(ab)})
+        return ab
 
     def sweep(self, plans: Sequence[CompressionPlan], progress: Callable[[int, int, dict], None] | None = None,
               should_stop: Callable[[], bool] | None = None, tasks=None, reuse: bool = True) -> pd.DataFrame:

@@ -84,3 +84,13 @@ def test_the_shared_evaluator_is_not_changed_by_an_evaluation(parts):
     after = {k: (v, repr(v)) for k, v in vars(ev).items() if k != "_base_tasks"}
     assert after.keys() == before.keys()
     assert all(after[k][0] is before[k][0] and after[k][1] == before[k][1] for k in before)
+
+
+def test_measuring_latency_again_times_both_models_and_stores_it_with_the_run(parts, tmp_path):
+    lm, stats, cal, ev = parts
+    session = Session(lm, ev, RunStore(tmp_path / "runs.sqlite"), stats, cal)
+    run_id = session.evaluate(PLAN).run_id
+    ab = session.measure_latency(PLAN, decode_tokens=2, repeats=3, run_id=run_id)
+    assert len(ab["base"]["samples"]) == len(ab["compressed"]["samples"]) == 3 and ab["runtime"] == "dense"
+    stored = session.store.get_run(run_id)
+    assert stored.metrics["latency_ab"] == ab and stored.extra["measured_decode_q1_ms"] == ab["compressed"]["q1"]

@@ -224,6 +224,20 @@ def _identity_storage(loaded: LoadedModel) -> list[dict]:
     return Compressor(loaded).apply(CompressionPlan(), lazy=True).storage.tensors
 
 
+def back_to_back_latency(base_model, compressed: CompressedModel, prompt: torch.Tensor, decode_tokens: int,
+                         repeats: int, progress=None):
+    """(measurement, None, packing report or None) or (None, why not, None): the base and the compressed model's
+    decode timed alternately in one loop (`latency_ab`); the compressed side on the packed low-bit runtime where
+    the plan has kernels (`compression.packed.timing_model`), labelled with the runtime and kernels it ran."""
+    target, packed, why = timing_model(compressed)
+    if target is None:
+        return None, why, None
+    ab = interleaved_decode_latency(base_model, target, prompt, decode_tokens, repeats, progress=progress)
+    ab["runtime"] = "packed" if packed is not None else "dense"
+    ab["kernels"] = packed.kernels if packed is not None else None  # label -> experts
+    return ab, None, packed
+
+
 def lazy_batch_size(loaded: LoadedModel, samples: TokenSamples, settings: EvalSettings) -> int:
     """Windows per forward batch when evaluating a lazily compressed model.
 
@@ -303,18 +317,16 @@ class Evaluator:
         s = self.settings
         if not s.measure_latency:
             return None, None, None
-        target, packed, why = timing_model(compressed)
-        if target is None:
-            return None, why, None
-        prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
         try:
-            ab = interleaved_decode_latency(self.loaded.model, target, prompt, s.latency_decode_tokens,
-                                            s.latency_repeats)
+            ab, why, packed = back_to_back_latency(self.loaded.model, compressed, self.latency_prompt(),
+                                                   s.latency_decode_tokens, s.latency_repeats)
         except Exception as e:  # e.g. a cache that cannot decode: only this measurement is lost
             return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", None
-        ab["runtime"] = "packed" if packed is not None else "dense"
-        ab["kernels"] = packed.kernels if packed is not None else None  # label -> experts
-        return ab, None, packed.summary() if packed is not None else None
+        return ab, why, packed.summary() if packed is not None else None
+
+    def latency_prompt(self) -> torch.Tensor:
+        """[T] the prompt every latency measurement decodes after: the first held-out window's first tokens."""
+        return self.samples.input_ids[0, : self.settings.latency_prompt_tokens]
 
     def _projected(self, storage_tensors, routing: CalibrationStats) -> dict:
         eb, em, dense_b, dense_m = _latency_inputs(self.loaded, storage_tensors, [l.num_experts for l in self.loaded.layers])
