@@ -34,6 +34,7 @@ from moeviz.compression.packed import packed_note
 from moeviz.latency_ab import verdict as latency_verdict
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
 from moeviz.qualityview import interval_caption, task_rows
+from moeviz.runview import second_order_settings
 from moeviz.store import plan_key
 from pages._state import (
     compressor, current_plan, evaluate_or_reuse, require_model, require_stats, run_store, session, set_plan,
@@ -463,14 +464,11 @@ if result is not None:
             c: st.column_config.NumberColumn(c.replace("_", " "), format="%.1f %%")
             for c in ("accuracy", "stderr", "base_accuracy", "base_stderr", "difference", "acc_norm")})
     so = m.get("second_order")
-    if so:
-        rp = CompressionPlan.from_dict(m["plan"])
-        what = " + ".join(x for x, on in (("SparseGPT", rp.pruning.metric == "sparsegpt"),
-                                          ("GPTQ", rp.quant.method == "gptq")) if on)
-        opts = [f"Hessian {rp.hessian.replace('_', '-')}", f"block {rp.obs_blocksize}", f"percdamp {rp.percdamp:g}"]
-        opts += ["act-order"] if rp.act_order and rp.quant.method == "gptq" else []
-        opts += ["refit"] if rp.refit and rp.pruning.metric == "sparsegpt" else []
-        st.caption(f"{what}: {so['seconds']:.1f} s layer by layer at {so['threads']} torch thread(s) · "
+    rs = second_order_settings(CompressionPlan.from_dict(m["plan"])) if so else None
+    if rs is not None:
+        opts = [f"Hessian {rs['hessian']}", f"block {rs['block']}", f"percdamp {rs['percdamp']:g}"]
+        opts += ["act-order"] * rs["act_order"] + ["refit"] * rs["refit"]
+        st.caption(f"{' + '.join(rs['methods'])}: {so['seconds']:.1f} s layer by layer at {so['threads']} torch thread(s) · "
                    + " · ".join(opts) + ". Cached for this plan in this session.")
         if so.get("warnings"):
             warned = so["warnings"]

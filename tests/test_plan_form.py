@@ -1,4 +1,5 @@
-"""moeviz.compression.plan_form: the Compress page's controls as flat values, and the plan they describe."""
+"""moeviz.compression.plan_form (the Compress page's controls as flat values, and the plan they describe) and
+runview.second_order_settings (what the pages show of a SparseGPT / GPTQ plan)."""
 
 import pytest
 
@@ -31,3 +32,15 @@ def test_settings_of_a_method_not_in_use_stay_at_their_defaults():
     quantized = plan_from_form({**values, "bits": 4}, plan, [])  # now GPTQ acts: its settings count
     assert quantized.quant.method == "gptq" and quantized.act_order and quantized.percdamp == 0.2
     assert not quantized.refit  # SparseGPT's alone
+
+
+def test_second_order_settings_name_only_the_settings_that_act():
+    from moeviz.runview import second_order_label, second_order_settings
+
+    assert second_order_settings(CompressionPlan()) is None and second_order_label(CompressionPlan().to_json()) == ""
+    gptq = CompressionPlan(quant=QuantSettings(bits=4, method="gptq"), act_order=True, refit=True, percdamp=0.05)
+    assert second_order_settings(gptq)["methods"] == ["GPTQ"]
+    assert second_order_label(gptq.to_json()) == "router-weighted · block 128 · damp 0.05 · act-order"  # no refit
+    both = CompressionPlan(pruning=PruningSettings(metric="sparsegpt", sparsity=0.5), quant=gptq.quant, refit=True)
+    assert second_order_settings(both)["methods"] == ["SparseGPT", "GPTQ"]
+    assert second_order_label(both.to_json()).endswith("refit") and second_order_label("{not json") == ""
