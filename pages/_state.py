@@ -114,7 +114,8 @@ def decode_plan(text: str) -> dict:
 
 
 def url_state() -> dict:
-    """What the URL should say for this session's state."""
+    """What the URL should say for this session's state (reads only: a plan too long for a URL is left out
+    here and stored, then referenced by id, by `sync_url`)."""
     s = st.session_state
     q = {"model": s.model_source or "demo"}
     if s.dtype != "auto":
@@ -127,8 +128,6 @@ def url_state() -> dict:
     encoded = encode_plan(s.plan)
     if len(encoded) <= URL_PLAN_MAX:
         q["plan"] = encoded
-    else:
-        q["plan_id"] = run_store().save_plan(s.plan)
     if s.get("selected_run_id") is not None:
         q["run"] = str(s.selected_run_id)
     return q
@@ -136,6 +135,8 @@ def url_state() -> dict:
 
 def sync_url() -> None:
     q = url_state()
+    if "plan" not in q:
+        q["plan_id"] = run_store().save_plan(st.session_state.plan)
     if st.query_params.to_dict() != q:
         st.query_params.from_dict(q)
 
