@@ -38,7 +38,8 @@ FAST_TESTS := \
 	tests/test_expert_buckets.py tests/test_storage_by_hand.py tests/test_evaluation_metrics.py \
 	tests/test_figures.py tests/test_store.py tests/test_plan_editing.py tests/test_model_layer.py \
 	tests/test_family_layouts.py tests/test_calibration.py tests/test_loading_and_data_errors.py \
-	tests/test_identity_and_input_errors.py tests/test_export_destination.py tests/test_workspace_explorer_table.py
+	tests/test_identity_and_input_errors.py tests/test_export_destination.py tests/test_workspace_explorer_table.py \
+	tests/test_plan_form.py tests/test_session.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(FAST_TESTS)

@@ -76,7 +76,7 @@ SHAPES: dict[str, tuple[str, dict, int]] = {
 }
 # The trained demo model shipped in sample_data/ (the targets hold on it too): loaded as is, all its
 # layers (MOEVIZ_SCALE_LAYERS does not apply), and also measured on the path the app takes for it (a
-# materialised compressed copy, so that its decode latency can be measured, `pages/_state.small_experts`;
+# materialised compressed copy, so that its decode latency can be measured, `moeviz.evaluation.sweep.use_lazy`;
 # the thresholds come from the same shared tables).
 DEMO = "demo-moe"
 REPEATS = 3  # the forward and the new sparsity are medians of this many (the sparsities below)

@@ -244,8 +244,7 @@ def _check_loaded(lm, plans) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from moeviz.compression.apply import Compressor
-    from moeviz.evaluation import evaluate_plan
+    from moeviz.session import Session
     from moeviz.store import RunStore
 
     plan = _with_methods(args, _read_plan(args.plan))
@@ -255,8 +254,8 @@ def cmd_evaluate(args) -> int:
     _check_loaded(lm, [plan])
     stats, samples = _calibrated(args, lm)
     tasks = _task_settings(args)
-    result, run_id = evaluate_plan(Compressor(lm, stats), _evaluator(args, lm), plan,
-                                   None if args.no_store else RunStore(args.store), samples=samples, tasks=tasks)
+    session = Session(lm, _evaluator(args, lm), None if args.no_store else RunStore(args.store), stats, samples)
+    result, run_id, _ = session.evaluate(plan, tasks=tasks)
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2))
     m = result.metrics()
@@ -279,9 +278,9 @@ def cmd_evaluate(args) -> int:
 def cmd_sweep(args) -> int:
     from tqdm import tqdm
 
-    from moeviz.compression.apply import Compressor
     from moeviz.compression.plan import CompressionPlan, QuantSettings
-    from moeviz.evaluation import grid_plans, run_sweep
+    from moeviz.evaluation import grid_plans
+    from moeviz.session import Session
     from moeviz.store import RunStore
 
     # Validate the whole grid before loading anything, so bad input fails in a second.
@@ -295,8 +294,8 @@ def cmd_sweep(args) -> int:
     evaluator = _evaluator(args, lm)
     tasks = _task_settings(args)
     with tqdm(total=len(plans), desc="sweep", unit="plan", file=sys.stderr) as bar:
-        df = run_sweep(Compressor(lm, stats), evaluator, plans, store=None if args.no_store else RunStore(args.store),
-                       progress=lambda d, t, row: bar.update(d - bar.n), samples=samples, tasks=tasks)
+        session = Session(lm, evaluator, None if args.no_store else RunStore(args.store), stats, samples)
+        df = session.sweep(plans, progress=lambda d, t, row: bar.update(d - bar.n), tasks=tasks)
     df.to_csv(args.csv, index=False)
     if args.json:  # every plan's task scores (with the base's) and intervals, for a paper's table
         keep = [c for c in df.columns if c != "plan_json"]

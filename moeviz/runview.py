@@ -9,7 +9,7 @@ import math
 
 import pandas as pd
 
-from moeviz.compression.plan import method_name
+from moeviz.compression.plan import CompressionPlan, method_name
 
 COMPARED_METRICS = ("perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",
                     "projected_decode_ms", "measured_decode_ms", "mean_cv", "mean_topk_overlap")
@@ -158,3 +158,27 @@ def runs_csv(df: pd.DataFrame) -> str:
         if col in df.columns:
             out[header] = pd.to_numeric(df[col], errors="coerce") * scale if scale != 1 else df[col]
     return out.to_csv(index=False)
+
+
+def second_order_settings(plan: CompressionPlan) -> dict | None:
+    """The SparseGPT / GPTQ settings that act on `plan`, None for a plan with neither: methods (["SparseGPT",
+    "GPTQ"]), hessian ("router-weighted"), block, percdamp, act_order (GPTQ's only), refit (SparseGPT's only)."""
+    if not plan.second_order():
+        return None
+    sparsegpt, gptq = plan.pruning.metric == "sparsegpt", plan.quant.method == "gptq"
+    return dict(methods=[m for m, on in (("SparseGPT", sparsegpt), ("GPTQ", gptq)) if on],
+                hessian=plan.hessian.replace("_", "-"), block=plan.obs_blocksize, percdamp=plan.percdamp,
+                act_order=plan.act_order and gptq, refit=plan.refit and sparsegpt)
+
+
+def second_order_label(plan_json) -> str:
+    """A run's SparseGPT / GPTQ settings for the runs table, e.g. "router-weighted · block 128 · damp 0.01 ·
+    act-order"; "" for a plan with neither or an unreadable stored plan."""
+    try:
+        s = second_order_settings(CompressionPlan.from_json(plan_json))
+    except Exception:  # an unreadable stored plan: nothing to show
+        return ""
+    if s is None:
+        return ""
+    parts = [s["hessian"], f"block {s['block']}", f"damp {s['percdamp']:g}"]
+    return " · ".join(parts + ["act-order"] * s["act_order"] + ["refit"] * s["refit"])

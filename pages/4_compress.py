@@ -11,7 +11,10 @@ from moeviz.compression.deployability import export_note
 from moeviz.figures._common import readable
 from moeviz.compression.apply import check_plan_fits
 from moeviz.compression.plan import (
-    ALLOCATIONS, HESSIANS, METRICS, QUANT_METHODS, SUPPORTED_BITS, CompressionPlan, PruningSettings, QuantSettings,
+    ALLOCATIONS, HESSIANS, METRICS, QUANT_METHODS, SUPPORTED_BITS, CompressionPlan,
+)
+from moeviz.compression.plan_form import (
+    FORM_GROUP_SIZES, FORM_STRUCTURES, form_values, methods_in_use, plan_from_form,
 )
 from moeviz.compression.preview import expert_bytes, format_bytes, plan_storage
 from moeviz.compression.proxy import layer_errors
@@ -27,15 +30,15 @@ from moeviz.errors import MoevizError
 from moeviz.evaluation.tasks import INSTALL_HINT, TaskSettings, lm_eval_available
 from moeviz.figures.units import bits_label, format_time_ms
 from moeviz.figures.latency import latency_spread_chart
-from moeviz.compression.packed import packed_note, timing_model
-from moeviz.latency_ab import ab_metrics, interleaved_decode_latency
+from moeviz.compression.packed import packed_note
 from moeviz.latency_ab import verdict as latency_verdict
 from moeviz.recovery import RecoverySettings, gap_recovered, recover_and_evaluate
 from moeviz.qualityview import interval_caption, task_rows
+from moeviz.runview import second_order_settings
 from moeviz.store import plan_key
 from pages._state import (
-    base_evaluator, calibration_samples, compressor, current_plan, evaluate_or_reuse, plan_samples, require_model,
-    require_stats, run_store, set_plan, user_errors,
+    compressor, current_plan, evaluate_or_reuse, require_model, require_stats, run_store, session, set_plan,
+    user_errors,
 )
 
 st.header("Compress")
@@ -51,9 +54,6 @@ plan = current_plan()
 dims = ([l.num_experts for l in lm.layers], [l.top_k for l in lm.layers])
 n_layers = max(len(lm.layers), 1)
 max_remove = min(l.num_experts - l.top_k for l in lm.layers)
-STRUCTURES = ["unstructured", "2:4", "4:8"]
-_DEFAULT = CompressionPlan()
-GROUPS = [32, 64, 128, -1]
 
 with st.expander("Load a plan (JSON)"):
     upload = st.file_uploader("Plan JSON (from Export, the CLI or a run)", type=["json"], key="plan_upload")
@@ -71,22 +71,9 @@ with st.expander("Load a plan (JSON)"):
 
 # The controls show the plan; a plan set elsewhere (a run, an upload, a link) refills them, and so does
 # coming back to this page (Streamlit drops a widget's state while the widget is not shown).
-def _plan_widget_values(plan):
-    return dict(
-        pw_metric=plan.pruning.metric, pw_sparsity=float(plan.pruning.sparsity),
-        pw_structure=plan.pruning.structure if plan.pruning.structure in STRUCTURES else "unstructured",
-        pw_allocation=plan.pruning.allocation, pw_bits=plan.quant.bits,
-        pw_group=plan.quant.group_size if plan.quant.group_size in GROUPS else 128,
-        pw_symmetric=plan.quant.symmetric, pw_act_bits=plan.activation_bits,
-        pw_router_sparsity=float(plan.router_sparsity), pw_router_bits=plan.router_bits,
-        pw_n_remove=min(max_remove, len(plan.removed_experts) // n_layers), pw_sequential=plan.sequential,
-        pw_quant_method=plan.quant.method, pw_hessian=plan.hessian, pw_act_order=plan.act_order,
-        pw_blocksize=int(plan.obs_blocksize), pw_percdamp=float(plan.percdamp), pw_refit=plan.refit)
-
-
 # Widgets shown only when they matter (GPTQ options only for quantized weights, ...) lose their state while
 # hidden: those are refilled one by one from the plan, so that a hidden widget never resets the others.
-plan_values = _plan_widget_values(plan)
+plan_values = {f"pw_{k}": v for k, v in form_values(plan, n_layers, max_remove).items()}
 if s.get("_plan_widgets_for") != plan.to_json():
     s.update(plan_values)
     s._plan_widgets_for = plan.to_json()
@@ -105,13 +92,13 @@ c1.selectbox("Pruning metric", METRICS, key="pw_metric",
              help="magnitude |W|; Wanda |W|·‖X‖; MoE-Pruner |W|·‖X·gate‖ (router-weighted); SparseGPT: second "
                   "order, weights updated to compensate (runs as a job, then cached)")
 c2.slider("Global sparsity", 0.0, 0.95, step=0.05, key="pw_sparsity", format="percent")
-c3.selectbox("Structure", STRUCTURES, key="pw_structure",
+c3.selectbox("Structure", FORM_STRUCTURES, key="pw_structure",
              help="N:M zeroes N of every M consecutive input weights of a row (2:4 and 4:8 both prune 50 %)")
 c4.selectbox("Allocation", ALLOCATIONS, key="pw_allocation",
              help="uniform: same ratio everywhere; utilization: less-used experts pruned more")
 c1, c2, c3, c4 = st.columns(4)
 c1.selectbox("Expert weight bits", SUPPORTED_BITS, key="pw_bits", format_func=dtype_bits_label)
-c2.selectbox("Group size", GROUPS, key="pw_group", help="-1 = one group per row")
+c2.selectbox("Group size", FORM_GROUP_SIZES, key="pw_group", help="-1 = one group per row")
 c3.checkbox("Symmetric", key="pw_symmetric")
 c4.selectbox("Activation bits (expert inputs)", SUPPORTED_BITS, key="pw_act_bits", format_func=dtype_bits_label)
 c1, c2, c3, c4 = st.columns(4)
@@ -124,9 +111,7 @@ c4.number_input("Experts to remove per layer", 0, max_remove, key="pw_n_remove",
                      "removed until this number or the score changes.")
 st.checkbox("Sequential (re-calibrate each layer on the compressed layers before it, as the reference Wanda / "
             "MoE-Pruner procedures do; slower)", key="pw_sequential")
-quantized = int(s.pw_bits) < 16 or any(o.bits not in (None, 16) for o in plan.overrides)
-uses_gptq = quantized and s.pw_quant_method == "gptq"
-uses_sparsegpt = s.pw_metric == "sparsegpt"
+quantized, uses_gptq, uses_sparsegpt = methods_in_use({k[3:]: s[k] for k in plan_values}, plan)
 if quantized or uses_sparsegpt:
     # Second-order options, shown only where they act: GPTQ needs quantized weights, the Hessian and the
     # OBS settings a SparseGPT or GPTQ plan.
@@ -172,23 +157,7 @@ if quantized or uses_sparsegpt:
 removed = plan.removed_experts
 if s.pop("_repick_removal", False):
     removed = experts_to_remove(stats, int(s.pw_n_remove), s.get("pw_removal_score", REMOVAL_SCORES[0]))
-live = CompressionPlan(
-    pruning=PruningSettings(metric=s.pw_metric, sparsity=round(float(s.pw_sparsity), 4), structure=s.pw_structure,
-                            allocation=s.pw_allocation, projections=plan.pruning.projections,
-                            allocation_bounds=plan.pruning.allocation_bounds),
-    # Settings of a method the plan does not use are kept at their defaults: the same compression is one plan
-    # (one stored run), and a hidden GPTQ choice never turns a 16-bit plan into a second-order job.
-    quant=QuantSettings(bits=int(s.pw_bits), group_size=int(s.pw_group), symmetric=bool(s.pw_symmetric),
-                        method=s.pw_quant_method if quantized else QuantSettings().method),
-    hessian=s.pw_hessian if uses_sparsegpt or uses_gptq else _DEFAULT.hessian,
-    act_order=bool(s.pw_act_order) if uses_gptq else _DEFAULT.act_order,
-    obs_blocksize=int(s.pw_blocksize) if uses_sparsegpt or uses_gptq else _DEFAULT.obs_blocksize,
-    percdamp=round(float(s.pw_percdamp), 6) if uses_sparsegpt or uses_gptq else _DEFAULT.percdamp,
-    refit=bool(s.pw_refit) if uses_sparsegpt else _DEFAULT.refit,
-    overrides=plan.overrides, removed_experts=[tuple(x) for x in removed],
-    router_sparsity=round(float(s.pw_router_sparsity), 4), router_bits=int(s.pw_router_bits),
-    activation_bits=int(s.pw_act_bits), sequential=bool(s.pw_sequential), name=plan.name,
-)
+live = plan_from_form({k[3:]: s[k] for k in plan_values}, plan, removed)
 if live.to_dict() != plan.to_dict():
     try:
         check_plan_fits(live, lm.layers)
@@ -227,7 +196,7 @@ if export_warning:
 if plan.second_order():
     st.caption("Quality proxy (live): not computed for SparseGPT / GPTQ plans, whose weights come from a layer-by-layer "
                "job; Evaluate runs it (then cached for this plan) and measures perplexity.")
-elif not use_lazy(compressor(lm, stats)):
+elif not use_lazy(lm):
     proxy_plan = CompressionPlan.from_dict({**plan.to_dict(), "sequential": False})
     proxy_key = (lm.fingerprint, stats.fingerprint, plan_key(proxy_plan.to_dict()))
     if s.get("_proxy_for") != proxy_key:
@@ -495,14 +464,11 @@ if result is not None:
             c: st.column_config.NumberColumn(c.replace("_", " "), format="%.1f %%")
             for c in ("accuracy", "stderr", "base_accuracy", "base_stderr", "difference", "acc_norm")})
     so = m.get("second_order")
-    if so:
-        rp = CompressionPlan.from_dict(m["plan"])
-        what = " + ".join(x for x, on in (("SparseGPT", rp.pruning.metric == "sparsegpt"),
-                                          ("GPTQ", rp.quant.method == "gptq")) if on)
-        opts = [f"Hessian {rp.hessian.replace('_', '-')}", f"block {rp.obs_blocksize}", f"percdamp {rp.percdamp:g}"]
-        opts += ["act-order"] if rp.act_order and rp.quant.method == "gptq" else []
-        opts += ["refit"] if rp.refit and rp.pruning.metric == "sparsegpt" else []
-        st.caption(f"{what}: {so['seconds']:.1f} s layer by layer at {so['threads']} torch thread(s) · "
+    rs = second_order_settings(CompressionPlan.from_dict(m["plan"])) if so else None
+    if rs is not None:
+        opts = [f"Hessian {rs['hessian']}", f"block {rs['block']}", f"percdamp {rs['percdamp']:g}"]
+        opts += ["act-order"] * rs["act_order"] + ["refit"] * rs["refit"]
+        st.caption(f"{' + '.join(rs['methods'])}: {so['seconds']:.1f} s layer by layer at {so['threads']} torch thread(s) · "
                    + " · ".join(opts) + ". Cached for this plan in this session.")
         if so.get("warnings"):
             warned = so["warnings"]
@@ -539,9 +505,6 @@ if result is not None:
         go_ab = l3.form_submit_button("Measure base and compressed back to back", disabled=is_stale)
     if go_ab:
         with user_errors():
-            evaluator = base_evaluator(lm.fingerprint, lm)
-            model = compressor(lm, stats).apply(plan, plan_samples(lm, stats, plan))
-            prompt = evaluator.samples.input_ids[0, : evaluator.settings.latency_prompt_tokens]
             bar = st.progress(0.0, text="Timing base and compressed, interleaved…")
             t0 = time.perf_counter()
 
@@ -549,16 +512,9 @@ if result is not None:
                 left = (time.perf_counter() - t0) / r * (n - r)
                 bar.progress(r / n, text=f"Repeat {r}/{n} · about {left:.0f} s left")
 
-            target, packed, why = timing_model(model)  # the packed low-bit model where the plan has kernels
-            if target is None:
-                raise MoevizError(why)
-            stored_ab = interleaved_decode_latency(lm.model, target, prompt, int(ab_tokens), int(ab_repeats),
-                                                   progress=ab_progress)
-            stored_ab.update(runtime="packed" if packed is not None else "dense",
-                             kernels=packed.kernels if packed is not None else None)
+            stored_ab = session(lm, stats).measure_latency(plan, int(ab_tokens), int(ab_repeats), ab_progress,
+                                                           run_id=s.last_run_id)
             bar.empty()
-            if s.last_run_id is not None:
-                run_store().update_metrics(s.last_run_id, {"latency_ab": stored_ab, **ab_metrics(stored_ab)})
     if stored_ab:
         b, cc = stored_ab["base"], stored_ab["compressed"]
         l = st.columns([1, 1, 2])
@@ -610,9 +566,10 @@ if go:
             if i % 10 == 0:  # redraw the curves every 10 steps
                 live.plotly_chart(readable(figures.recovery_losses(so_far)), width="stretch")
 
+        sess = session(lm, stats)
         recovery, recovered, run_id, model = recover_and_evaluate(
-            compressor(lm, stats), base_evaluator(lm.fingerprint, lm), plan, calibration_samples(lm, stats), settings,
-            store=run_store(), parent_run_id=st.session_state.last_run_id, progress=show_progress)
+            sess.compressor, sess.evaluator, plan, sess.calibration_windows(), settings, store=sess.store,
+            parent_run_id=st.session_state.last_run_id, progress=show_progress)
         for placeholder in (bar, hint, live):
             placeholder.empty()
     st.session_state.recovery = dict(run_id=run_id, parent_run_id=st.session_state.last_run_id, plan=plan.to_dict(),

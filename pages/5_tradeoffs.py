@@ -8,15 +8,16 @@ import streamlit as st
 from moeviz import figures
 from moeviz.figures._common import readable
 from moeviz.compression.plan import METRICS, SUPPORTED_BITS, CompressionPlan
-from moeviz.evaluation import grid_plans, run_sweep
+from moeviz.evaluation import grid_plans
 from moeviz.evaluation.tasks import INSTALL_HINT, TaskSettings, lm_eval_available
 from moeviz.figures.units import bits_label, eta_text, format_time_ms
 from moeviz.qualityview import accuracy_choices, paired_rows, with_accuracy_spread
 from moeviz.runview import (
-    filter_runs, latency_notes, metric_diff, plan_diff, tag_list, with_facets, with_measured_latency,
+    filter_runs, latency_notes, metric_diff, plan_diff, second_order_label, tag_list, with_facets,
+    with_measured_latency,
 )
 from pages._state import (
-    base_evaluator, compressor, plan_samples, require_model, require_stats, run_store, set_plan, user_errors,
+    require_model, require_stats, run_store, session, set_plan, user_errors,
 )
 
 st.header("Trade-offs")
@@ -51,17 +52,15 @@ if s.pop("_sweep_running", None) is not None and not go:
 if go:
     with user_errors():
         plans = grid_plans(methods, sparsities, bits, base=CompressionPlan())
-        evaluator = base_evaluator(lm.fingerprint, lm)
         bar = st.progress(0.0, text=f"Sweep: 0/{len(plans)} plans")
         stop = st.empty()
         stop.button("Stop sweep", help="Stops after the plan being evaluated; finished runs are already stored")
         s._sweep_running = True
         start = time.perf_counter()
-        df = run_sweep(compressor(lm, stats), evaluator, plans, store=store,
-                       samples=plan_samples(lm, stats, plans[0]) if "sparsegpt" in methods else None,
-                       tasks=TaskSettings(limit=int(task_limit) or None) if with_tasks and has_lm_eval else None,
-                       progress=lambda d, t, row: bar.progress(
-                           d / t, text=f"Sweep: {d}/{t} plans · {row['name']}{eta_text(time.perf_counter() - start, d, t)}"))
+        df = session(lm, stats).sweep(
+            plans, tasks=TaskSettings(limit=int(task_limit) or None) if with_tasks and has_lm_eval else None,
+            progress=lambda d, t, row: bar.progress(
+                d / t, text=f"Sweep: {d}/{t} plans · {row['name']}{eta_text(time.perf_counter() - start, d, t)}"))
         bar.empty()
         stop.empty()
         s.pop("_sweep_running", None)
@@ -180,21 +179,7 @@ take_selection("pareto", st.plotly_chart(readable(figures.pareto_chart(df, x=x, 
 st.subheader("All runs")
 
 
-def second_order_settings(plan_json) -> str:
-    """SparseGPT / GPTQ settings of a run, e.g. "router-weighted · block 128 · damp 0.01 · act-order"; "" else."""
-    try:
-        p = CompressionPlan.from_json(plan_json)
-    except Exception:  # an unreadable stored plan: nothing to show
-        return ""
-    if not p.second_order():
-        return ""
-    parts = [p.hessian.replace("_", "-"), f"block {p.obs_blocksize}", f"damp {p.percdamp:g}"]
-    parts += ["act-order"] if p.act_order and p.quant.method == "gptq" else []
-    parts += ["refit"] if p.refit and p.pruning.metric == "sparsegpt" else []
-    return " · ".join(parts)
-
-
-df = df.assign(second_order=[second_order_settings(v) for v in df["plan_json"]]) if "plan_json" in df else df
+df = df.assign(second_order=[second_order_label(v) for v in df["plan_json"]]) if "plan_json" in df else df
 if "second_order" in df and not df["second_order"].astype(bool).any():  # no SparseGPT / GPTQ run: no empty column
     df = df.drop(columns="second_order")
 cols = ["id", "parent_run_id", "name", "method", "second_order", "tags", "perplexity", "accuracy", "compression_ratio", "experts_compression_ratio",

@@ -8,8 +8,8 @@ from moeviz.compression.deployability import deployability_table
 from moeviz.export import check_destination, default_export_folder, export_model, exported_files
 from moeviz.compression.preview import format_bytes, plan_storage
 from moeviz.runview import runs_csv
+from moeviz.evaluation.sweep import use_lazy
 from pages._state import compressor, current_plan, plan_samples, require_model, run_store, stats_for, user_errors
-from pages._state import small_experts
 
 st.header("Export")
 st.write("Save the compressed model as a Hugging Face folder, or download the current compression plan (JSON, loadable with `CompressionPlan.from_json` and the CLI) "
@@ -64,7 +64,7 @@ with st.form("export_form"):
                 result = last if last is not None and last["plan"] == plan.to_dict() else None
                 stats = stats_for(lm)
                 # lazy on large models: export compresses one layer at a time instead of holding a copy
-                model = compressor(lm, stats).apply(plan, plan_samples(lm, stats, plan), lazy=not small_experts(lm))
+                model = compressor(lm, stats).apply(plan, plan_samples(lm, stats, plan), lazy=use_lazy(lm))
             out = export_model(lm, model, folder, overwrite=overwrite, result=result, format=fmt, overwrite_hint=hint)
             files = exported_files(out)
         st.success(f"Exported to {out}: {format_bytes(files.file_bytes)} of safetensors ({fmt}), "

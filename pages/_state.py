@@ -26,6 +26,7 @@ from moeviz.compression.apply import Compressor
 from moeviz.compression.plan import CompressionPlan, PruningSettings
 from moeviz.errors import MoevizError, PlanError
 from moeviz.evaluation import EvalSettings, Evaluator, load_eval_samples
+from moeviz.session import Session
 from moeviz.store import RunStore
 
 DEFAULTS = dict(
@@ -47,6 +48,38 @@ DEFAULTS = dict(
     results_model=None,  # fingerprint of the model the MODEL_SCOPED entries belong to
     calibration_settings=None,  # {"n_samples", "seq_len", "seed"} of a calibration on the bundled text (URL-restorable)
 )
+# Every other key a page keeps in st.session_state, with what it holds (tests/test_structure.py fails on a key
+# spelled in a page and declared neither here nor in DEFAULTS; a widget's `key=` declares itself). No default:
+# a page tests for the key's absence (`s.get`, `in s`).
+SESSION_KEYS = {
+    "_url_restored": "True once the URL was read for this browser session",
+    "_restore_calibration": "the URL named a calibration still to load from the on-disk cache",
+    "_url_run": "the run id the URL selected, applied once the model is loaded",
+    "_url_problems": "what could not be restored from the URL, shown once as warnings",
+    "_compressor": "this session's Compressor (its caches: column factors, second-order results)",
+    "_compressor_key": "(model, statistics) fingerprints _compressor was built for",
+    "calibration_source": "the name of the text the statistics were computed on (bundled, a file)",
+    "_model_form_for": "the (source, dtype, device) the model form's widgets were filled from",
+    "_plan_upload_done": "the uploaded plan file already loaded (a rerun does not load it again)",
+    "_plan_widgets_for": "the plan JSON the plan widgets show (another plan refills them)",
+    "_repick_removal": "the removal count / score changed: pick the experts to remove again",
+    "_proxy": "the live quality proxy's per-layer errors for _proxy_for",
+    "_proxy_for": "(model, statistics, plan key) _proxy was computed for",
+    "_bulk_note": "the note of the last bulk edit of the expert table, shown once",
+    "_auto_eval": "the person's choice: evaluate on every plan change",
+    "_last_eval_s": "seconds the last evaluation took (a fast model defaults to auto-evaluate)",
+    "_task_eval": "the person's choice: also run the lm-eval tasks",
+    "_task_limit": "items per task for the lm-eval tasks (0 or None: all)",
+    "_base_evaluated": "fingerprints of the models whose base this session has seen evaluated",
+    "_reused": "last_result is a stored run reused, not a new evaluation",
+    "_sweep_running": "a sweep started in this script run (a rerun without it means it was stopped)",
+    "_sel_*": "the last selection of a chart / table (per chart key), so a rerun does not re-select",
+    "_loaded_note": "the note after loading a run's plan into Compress, shown once",
+    "sensitivity": "the Sensitivity page's last measured per-expert sensitivity",
+    "budget_result": "the Sensitivity page's last budgeted plan and its predicted loss",
+    "optimised_runs": "the Sensitivity page's evaluated budget plans (table rows)",
+    "sequential_comparison": "the Sensitivity page's one-pass vs sequential comparison",
+}
 # Session entries computed on one model: after a switch (another folder, dtype or device) they would
 # show, export or recover another model's evaluation or weights.
 MODEL_SCOPED = ("last_result", "last_run_id", "recovery", "recovered_model", "sweep_df", "selected_run_id")
@@ -81,7 +114,8 @@ def decode_plan(text: str) -> dict:
 
 
 def url_state() -> dict:
-    """What the URL should say for this session's state."""
+    """What the URL should say for this session's state (reads only: a plan too long for a URL is left out
+    here and stored, then referenced by id, by `sync_url`)."""
     s = st.session_state
     q = {"model": s.model_source or "demo"}
     if s.dtype != "auto":
@@ -94,8 +128,6 @@ def url_state() -> dict:
     encoded = encode_plan(s.plan)
     if len(encoded) <= URL_PLAN_MAX:
         q["plan"] = encoded
-    else:
-        q["plan_id"] = run_store().save_plan(s.plan)
     if s.get("selected_run_id") is not None:
         q["run"] = str(s.selected_run_id)
     return q
@@ -103,6 +135,8 @@ def url_state() -> dict:
 
 def sync_url() -> None:
     q = url_state()
+    if "plan" not in q:
+        q["plan_id"] = run_store().save_plan(st.session_state.plan)
     if st.query_params.to_dict() != q:
         st.query_params.from_dict(q)
 
@@ -195,52 +229,20 @@ def set_plan(plan: CompressionPlan) -> None:
     sync_url()
 
 
+def session(loaded, stats) -> Session:
+    """This browser session's `moeviz.session.Session`: the shared base model, evaluator and run store, this
+    session's Compressor and calibration windows. Cheap (references only): built on every call."""
+    samples = st.session_state.get("calibration_samples")
+    keep = stats is not None and samples is not None and samples.fingerprint == stats.data_fingerprint
+    return Session(loaded, base_evaluator(loaded.fingerprint, loaded), run_store(), stats,
+                   samples=samples if keep else None, plan=current_plan(), compressor=compressor(loaded, stats))
+
+
 def evaluate_or_reuse(loaded, stats, plan: CompressionPlan, progress=None, tasks=None):
-    """(result dict, run id, reused): the stored run of this exact plan on this model, calibration and
-    held-out text when there is one, else a new evaluation stored as a run. progress(stage, done, total)
-    while evaluating ("apply", then "evaluate" with batches done / total). tasks: TaskSettings to also run
-    lm-eval tasks (a stored run without them is not reused)."""
-    import time
-
-    from moeviz.evaluation.evaluate import EvalResult
-    from moeviz.evaluation.sweep import has_tasks, store_result
-
-    evaluator = base_evaluator(loaded.fingerprint, loaded)
-    store = run_store()
-    found = store.find_run(loaded.fingerprint, plan.to_dict(), stats.fingerprint if stats is not None else None,
-                           evaluator.fingerprint)
-    if found is not None and found.metrics.get("details"):
-        try:
-            complete = has_tasks(EvalResult(**found.metrics["details"]), tasks)
-        except TypeError:  # stored by a moeviz whose EvalResult had other fields
-            complete = tasks is None
-        if complete:
-            return found.metrics["details"], found.id, True
-    samples = plan_samples(loaded, stats, plan)
-    start = time.perf_counter()
-    if progress is not None:
-        progress("apply", 0, 1)
-    comp = compressor(loaded, stats)
-    # sequential and second-order plans report per decoder layer (done, total[, seconds left]); they
-    # materialise whatever `lazy` says (see Compressor.apply)
-    compressed = comp.apply(plan, samples, lazy=not small_experts(loaded),
-                            progress=(lambda d, t, left=None: progress("apply", d, t, left)) if progress else None)
-    result = evaluator.evaluate(compressed, progress=(lambda d, t: progress("evaluate", d, t)) if progress else None,
-                                tasks=tasks)
-    run_id = store_result(store, result, plan, loaded.fingerprint, stats.fingerprint if stats is not None else None,
-                          duration_s=time.perf_counter() - start)
-    return result.to_dict(), run_id, False
-
-
-# Below this many bytes of expert weights (the demo) a plan is evaluated on a materialised compressed copy
-# of the touched experts (per session, model-sized), so its decode latency can be measured. Above it a
-# session adds O(one layer): lazy evaluation. Either way a new sparsity on the slider reads its per-row
-# thresholds from the process-wide tables (`moeviz.compression.threshold_table`): no per-session rank cache.
-SESSION_CACHE_MAX_BYTES = 256 * 2**20
-
-
-def small_experts(loaded) -> bool:
-    return loaded.info.expert_parameters * next(loaded.model.parameters()).element_size() <= SESSION_CACHE_MAX_BYTES
+    """(result dict, run id, reused): `Session.evaluate` (the stored run of this exact evaluation when there is
+    one, else a new evaluation stored as a run). progress(stage, done, total, seconds left or None)."""
+    done = session(loaded, stats).evaluate(plan, progress=progress, tasks=tasks)
+    return done.result.to_dict(), done.run_id, done.reused
 
 
 def compressor(loaded, stats) -> Compressor:
@@ -260,27 +262,14 @@ def stats_for(loaded):
 
 
 def calibration_samples(loaded, stats):
-    """The token windows the statistics were computed on: kept from calibration in this session,
-    else rebuilt from the bundled text with the statistics' settings (same fingerprint)."""
-    samples = st.session_state.get("calibration_samples")
-    if samples is not None and samples.fingerprint == stats.data_fingerprint:
-        return samples
-    import moeviz
-
-    return moeviz.load_calibration_data(loaded.tokenizer, None, n_samples=stats.settings["n_samples"],
-                                        seq_len=stats.settings["seq_len"], seed=stats.settings["seed"],
-                                        max_seq_len=loaded.max_context)
+    """The token windows the statistics were computed on (`Session.calibration_windows`)."""
+    return session(loaded, stats).calibration_windows()
 
 
 def plan_samples(loaded, stats, plan: CompressionPlan):
-    """What `Compressor.apply` needs besides the plan: the calibration windows for a sequential or
-    second-order plan (it re-calibrates / collects Hessians layer by layer on them), None otherwise."""
-    if not (plan.sequential or plan.second_order()):
-        return None
-    if stats is None:
-        raise PlanError("sequential / SparseGPT / GPTQ: layer-by-layer calibration needs calibration windows; run it "
-                        "on the Model & calibration page first")
-    return calibration_samples(loaded, stats)
+    """The calibration windows a sequential or second-order plan is applied with, None for others
+    (`Session.windows_for`)."""
+    return session(loaded, stats).windows_for(plan)
 
 
 def scope_results_to(loaded) -> None:

@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
      ["moeviz.figures", "moeviz.qualityview", "moeviz.workspace", "moeviz.destination"]),
     ("workflows on a compressed model: recovery, sensitivity, export",
      ["moeviz.recovery", "moeviz.sensitivity", "moeviz.export", "moeviz.ct_export", "moeviz.compare"]),
+    ("the session: one person's model, calibration, plan and evaluation path", ["moeviz.session"]),
     ("entry points", ["moeviz.cli", "moeviz.__main__"]),
 ]
 
@@ -226,3 +227,72 @@ def test_the_fast_lane_lists_test_files_that_exist():
     block = text.split("FAST_TESTS :=", 1)[1].split("\n\n", 1)[0]
     files = re.findall(r"tests/\S+\.py", block)
     assert len(files) >= 10 and all((ROOT / f).is_file() for f in files), files
+
+
+# ---------------------------------------------------------------------------- Streamlit session keys
+STATE_METHODS = {"get", "pop", "setdefault", "to_dict", "keys", "items", "values", "update", "clear",
+                 "__setitem__", "__getitem__", "__contains__", "__delitem__"}
+
+
+def _key_name(node: ast.AST) -> str | None:
+    """A key's name: a string constant, or the constant start of an f-string followed by "*"."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr) and node.values and isinstance(node.values[0], ast.Constant):
+        return node.values[0].value + "*"
+    return None
+
+
+def _session_keys_used(tree: ast.Module) -> tuple[set[str], set[str]]:
+    """(session keys the file reads or writes, widget keys it declares with `key=`). Session state is
+    `st.session_state` or a name assigned from it (`s = st.session_state`)."""
+    aliases = {t.id for node in ast.walk(tree) if isinstance(node, ast.Assign)
+               and ast.unparse(node.value) == "st.session_state" for t in node.targets if isinstance(t, ast.Name)}
+    is_state = lambda n: ast.unparse(n) == "st.session_state" or (isinstance(n, ast.Name) and n.id in aliases)  # noqa: E731
+    used, widgets = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and is_state(node.value) and node.attr not in STATE_METHODS:
+            used.add(node.attr)
+        elif isinstance(node, ast.Subscript) and is_state(node.value):
+            used.add(_key_name(node.slice) or "<computed>")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and is_state(node.func.value) \
+                and node.func.attr in STATE_METHODS and node.args:
+            used.add(_key_name(node.args[0]) or "<computed>")
+        elif isinstance(node, ast.Compare) and any(is_state(c) for c in node.comparators):
+            used.add(_key_name(node.left) or "<computed>")
+        elif isinstance(node, ast.keyword) and node.arg == "key" and _key_name(node.value):
+            widgets.add(_key_name(node.value))
+    return used, widgets
+
+
+def _declared_session_keys() -> set[str]:
+    """DEFAULTS and SESSION_KEYS of pages/_state.py, read from the source."""
+    tree = ast.parse((ROOT / "pages" / "_state.py").read_text(encoding="utf-8"))
+    declared = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) in ("DEFAULTS", "SESSION_KEYS"):
+            if isinstance(node.value, ast.Call):  # DEFAULTS = dict(key=value, ...)
+                declared |= {k.arg for k in node.value.keywords}
+            else:  # SESSION_KEYS = {"key": "what it holds", ...}
+                declared |= {k.value for k in node.value.keys}
+    return declared
+
+
+def test_every_session_key_is_declared_in_state():
+    """A page's session keys are declared in pages/_state.py (DEFAULTS, or SESSION_KEYS with what each holds);
+    a widget's `key=` declares itself. Keys spelled as strings are checked; a key in a variable (a loop over
+    DEFAULTS, over a page's widget keys) cannot be and is left out."""
+    declared = _declared_session_keys()
+    files = sorted((ROOT / "pages").glob("*.py")) + [ROOT / "app.py"]
+    trees = {p.name: ast.parse(p.read_text(encoding="utf-8")) for p in files}
+    widgets = set().union(*(_session_keys_used(t)[1] for t in trees.values()))
+    known = declared | widgets
+    undeclared = sorted(f"{name}: {key}" for name, tree in trees.items() for key in _session_keys_used(tree)[0]
+                        if key not in known and key != "<computed>" and not any(k.endswith("*") and key.startswith(k[:-1]) for k in known))
+    assert undeclared == [], "declare these session keys in pages/_state.py SESSION_KEYS (with what each holds)"
+
+
+def test_session_key_finder_sees_every_spelling():
+    tree = ast.parse("s = st.session_state\ns.a = 1\ns['b']\ns.get('c')\n'd' in s\nst.session_state.e\n"
+                     "s.pop(f'f_{x}')\nst.slider('x', key='w')\ns.__setitem__('g', 1)\n")
+    assert _session_keys_used(tree) == ({"a", "b", "c", "d", "e", "f_*", "g"}, {"w"})

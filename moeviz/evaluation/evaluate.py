@@ -14,6 +14,7 @@ repeats, `moeviz.latency_ab`), with the median, the quartiles and a busy-machine
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -215,6 +216,28 @@ def _latency_inputs(loaded: LoadedModel, storage_tensors: list[dict], layers_E: 
     return expert_bytes, expert_macs, other_bytes + router_bytes, other_params + router_macs
 
 
+def _identity_storage(loaded: LoadedModel) -> list[dict]:
+    """The base model's storage report tensors (the empty plan, applied lazily: storage only, no weight read)."""
+    from moeviz.compression.apply import Compressor
+    from moeviz.compression.plan import CompressionPlan
+
+    return Compressor(loaded).apply(CompressionPlan(), lazy=True).storage.tensors
+
+
+def back_to_back_latency(base_model, compressed: CompressedModel, prompt: torch.Tensor, decode_tokens: int,
+                         repeats: int, progress=None):
+    """(measurement, None, packing report or None) or (None, why not, None): the base and the compressed model's
+    decode timed alternately in one loop (`latency_ab`); the compressed side on the packed low-bit runtime where
+    the plan has kernels (`compression.packed.timing_model`), labelled with the runtime and kernels it ran."""
+    target, packed, why = timing_model(compressed)
+    if target is None:
+        return None, why, None
+    ab = interleaved_decode_latency(base_model, target, prompt, decode_tokens, repeats, progress=progress)
+    ab["runtime"] = "packed" if packed is not None else "dense"
+    ab["kernels"] = packed.kernels if packed is not None else None  # label -> experts
+    return ab, None, packed
+
+
 def lazy_batch_size(loaded: LoadedModel, samples: TokenSamples, settings: EvalSettings) -> int:
     """Windows per forward batch when evaluating a lazily compressed model.
 
@@ -243,7 +266,12 @@ def lazy_batch_size(loaded: LoadedModel, samples: TokenSamples, settings: EvalSe
 
 
 class Evaluator:
-    """Evaluates plans against one base model on one held-out token set; the base is run once."""
+    """Evaluates plans against one base model on one held-out token set; the base is run once.
+
+    Shared: the app keeps one per model for every browser session, so after construction it is read-only
+    (settings, samples, the base run and its projected latency are fixed there) except `base_tasks`, a cache of
+    the base model's task scores keyed by TaskSettings.key() and filled under a lock (thread-safe: each
+    setting's base tasks run once). Other settings mean another Evaluator."""
 
     def __init__(self, loaded: LoadedModel, samples: TokenSamples, settings: EvalSettings | None = None,
                  progress=None):
@@ -253,8 +281,9 @@ class Evaluator:
         self.settings.validate()
         check_seq_len(samples.seq_len, loaded.max_context)  # before the base run, not after it
         self.base = self._run(loaded, progress)
-        self._base_projected = None
-        self._base_tasks: dict = {}  # TaskSettings.key() -> the base model's TaskResults
+        self.base_projected = self._projected(_identity_storage(loaded), self.base.routing)
+        self._base_tasks: dict = {}  # TaskSettings.key() -> the base model's TaskResults (under _tasks_lock)
+        self._tasks_lock = threading.Lock()
 
     @property
     def fingerprint(self) -> str:
@@ -276,9 +305,10 @@ class Evaluator:
         from moeviz.evaluation.tasks import evaluate_tasks
 
         key = tasks.key()
-        if key not in self._base_tasks:
-            self._base_tasks[key] = evaluate_tasks(self.loaded.model, self.loaded.tokenizer, tasks)
-        return self._base_tasks[key]
+        with self._tasks_lock:  # two sessions asking for the same settings: the second waits, then reads
+            if key not in self._base_tasks:
+                self._base_tasks[key] = evaluate_tasks(self.loaded.model, self.loaded.tokenizer, tasks)
+            return self._base_tasks[key]
 
     def _latency(self, compressed: CompressedModel) -> tuple[dict | None, str | None, dict | None]:
         """(back-to-back measurement of base and compressed, None, packing report) or (None, why it is
@@ -287,18 +317,16 @@ class Evaluator:
         s = self.settings
         if not s.measure_latency:
             return None, None, None
-        target, packed, why = timing_model(compressed)
-        if target is None:
-            return None, why, None
-        prompt = self.samples.input_ids[0, : s.latency_prompt_tokens]
         try:
-            ab = interleaved_decode_latency(self.loaded.model, target, prompt, s.latency_decode_tokens,
-                                            s.latency_repeats)
+            ab, why, packed = back_to_back_latency(self.loaded.model, compressed, self.latency_prompt(),
+                                                   s.latency_decode_tokens, s.latency_repeats)
         except Exception as e:  # e.g. a cache that cannot decode: only this measurement is lost
             return None, f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}", None
-        ab["runtime"] = "packed" if packed is not None else "dense"
-        ab["kernels"] = packed.kernels if packed is not None else None  # label -> experts
-        return ab, None, packed.summary() if packed is not None else None
+        return ab, why, packed.summary() if packed is not None else None
+
+    def latency_prompt(self) -> torch.Tensor:
+        """[T] the prompt every latency measurement decodes after: the first held-out window's first tokens."""
+        return self.samples.input_ids[0, : self.settings.latency_prompt_tokens]
 
     def _projected(self, storage_tensors, routing: CalibrationStats) -> dict:
         eb, em, dense_b, dense_m = _latency_inputs(self.loaded, storage_tensors, [l.num_experts for l in self.loaded.layers])
@@ -333,12 +361,6 @@ class Evaluator:
             u_base.append(lb.utilization().tolist())
             u_comp.append(lc.utilization().tolist())
             u_shift.append(utilization_shift(lb.routed_counts, lc.routed_counts).tolist())
-        if self._base_projected is None:
-            from moeviz.compression.apply import Compressor
-            from moeviz.compression.plan import CompressionPlan
-
-            identity = Compressor(self.loaded).apply(CompressionPlan(), lazy=True)  # storage only: no weight read
-            self._base_projected = self._projected(identity.storage.tensors, base)
         windows = dict(seq_len=self.samples.seq_len, fingerprint=self.samples.fingerprint, base=self.base.windows,
                        compressed=run.windows, drift=drift_windows(token_drift, self.samples.seq_len))
         task_fields = {}
@@ -359,7 +381,7 @@ class Evaluator:
             latency_measured=as_measured_latency(ab, "compressed") if ab else None,
             base_latency_measured=as_measured_latency(ab, "base") if ab else None,
             latency_projected=self._projected(compressed.storage.tensors, comp),
-            base_latency_projected=self._base_projected,
+            base_latency_projected=self.base_projected,
             seconds=time.perf_counter() - start, apply_seconds=compressed.seconds,
             second_order=getattr(compressed, "second_order", None),
             eval_tokens=self.samples.n_tokens, eval_fingerprint=self.samples.fingerprint,

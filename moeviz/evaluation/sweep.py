@@ -74,15 +74,25 @@ def store_result(store: RunStore, result: EvalResult, plan: CompressionPlan, mod
     ))
 
 
-# Above this many bytes of expert weights, plans are evaluated lazily (never a compressed copy in memory):
-# lazy evaluation re-compresses each expert per forward batch, which costs more time on small models.
-LAZY_ABOVE_BYTES = 2 * 1024**3
+# The one lazy rule (the app, the CLI, sweeps and exports all ask `use_lazy`): up to this many bytes of expert
+# weights (the demo, tiny test models) a plan is applied to a materialised compressed copy; above it lazily, each
+# expert compressed when the forward reaches it (O(one layer) of memory, the result bit-identical).
+# Why materialise small models: `compression.packed.timing_model` can time a lazy model only when every compressed
+# expert has a low-bit kernel, so a pruning-only plan gets a measured decode latency only when materialised; and a
+# lazy model re-compresses each expert per forward batch, slower on small models. Why 256 MiB and not more: the app
+# serves several browser sessions from one process and each evaluation's copy is held while it runs, so the limit
+# is what many concurrent copies can afford (real MoE checkpoints, gigabytes of experts, are always lazy).
+LAZY_ABOVE_BYTES = 256 * 2**20
 
 
-def use_lazy(compressor: Compressor) -> bool:
-    layers = compressor.loaded.layers
-    expert_bytes = sum(l.expert_param_count() * l.num_experts * l.weight("down").element_size() for l in layers)
-    return expert_bytes > LAZY_ABOVE_BYTES
+def expert_bytes(loaded) -> int:
+    """Bytes of every layer's expert weights, in the checkpoint's dtype."""
+    return sum(l.expert_param_count() * l.num_experts * l.weight("down").element_size() for l in loaded.layers)
+
+
+def use_lazy(loaded) -> bool:
+    """Whether plans on `loaded` (a LoadedModel) are applied lazily: above LAZY_ABOVE_BYTES of experts."""
+    return expert_bytes(loaded) > LAZY_ABOVE_BYTES
 
 
 def calibration_fingerprint(compressor: Compressor, plan: CompressionPlan, samples=None) -> str | None:
@@ -128,22 +138,28 @@ def stored_result(store: RunStore, compressor: Compressor, evaluator: Evaluator,
 
 def evaluate_plan(compressor: Compressor, evaluator: Evaluator, plan: CompressionPlan,
                   store: RunStore | None = None, sweep_id: str | None = None, samples=None,
-                  lazy: bool | None = None, reuse: bool = True, tasks=None):
-    """Apply + evaluate (+ store) one plan: returns (EvalResult, run id or None).
+                  lazy: bool | None = None, reuse: bool = True, tasks=None, progress=None):
+    """Apply + evaluate (+ store) one plan: returns (EvalResult, run id or None). The one evaluation path:
+    `moeviz.session.Session.evaluate` (the app, the CLI) and `run_sweep` come here.
     tasks: TaskSettings to also run lm-eval tasks (moeviz.evaluation.tasks); a stored run is reused
     only if it has them.
 
     With a store and `reuse`, a plan already evaluated on this model, calibration and held-out text
     returns its stored run instead of storing a duplicate (the run keeps its own sweep id).
-    lazy: compress each expert while the forward reaches it (None: when the experts exceed
-    LAZY_ABOVE_BYTES); the result is the same either way."""
+    lazy: compress each expert while the forward reaches it (None: `use_lazy`); the result is the same
+    either way. progress(stage, done, total, seconds left or None): stage "apply" (layers of a sequential or
+    second-order plan; (0, 1) when applying starts), then "evaluate" (held-out batches)."""
     if store is not None and reuse:
         found = stored_result(store, compressor, evaluator, plan, samples, tasks)
         if found is not None:
             return found
     start = time.perf_counter()
-    compressed = compressor.apply(plan, samples, lazy=use_lazy(compressor) if lazy is None else lazy)
-    result = evaluator.evaluate(compressed, tasks=tasks)
+    if progress is not None:
+        progress("apply", 0, 1)
+    compressed = compressor.apply(plan, samples, lazy=use_lazy(compressor.loaded) if lazy is None else lazy,
+                                  progress=(lambda d, t, left=None: progress("apply", d, t, left)) if progress else None)
+    result = evaluator.evaluate(compressed, progress=(lambda d, t: progress("evaluate", d, t)) if progress else None,
+                                tasks=tasks)
     run_id = None
     if store is not None:
         run_id = store_result(store, result, plan, compressor.loaded.fingerprint,
