@@ -381,18 +381,13 @@ def tradeoff_chart(df: pd.DataFrame, accuracy_col: str = "accuracy", latency_col
     if not has_latency:
         fig.add_annotation(text=f"no {kind} latency in these runs", xref="paper", yref="paper", x=1, y=1.06,
                            showarrow=False, font=dict(size=11, color="#777777"))
-    if noise_series:
-        fig.add_annotation(
-            text=(f"Latency spreads (IQR) overlap within {', '.join(dict.fromkeys(noise_series))}: "
-                  "drawn as points, not a trend (within this machine's noise)"),
-            xref="paper", yref="paper", x=0, xanchor="left", y=1.0, yanchor="bottom", showarrow=False,
-            font=dict(size=11, color="#8a4b00"), name="latency-noise")
-    if noise_acc:
-        fig.add_annotation(
-            text=(f"Accuracy intervals overlap within {', '.join(dict.fromkeys(noise_acc))}: drawn as points, "
-                  "not a trend (within the noise of the items)"),
-            xref="paper", yref="paper", x=0, xanchor="left", y=1.05, yanchor="bottom", showarrow=False,
-            font=dict(size=11, color="#8a4b00"), name="accuracy-noise")
+    for series, what, why, y, name in ((noise_series, "Latency spreads (IQR)", "this machine's noise", 1.0, "latency-noise"),
+                                       (noise_acc, "Accuracy intervals", "the noise of the items", 1.05, "accuracy-noise")):
+        if series:
+            fig.add_annotation(
+                text=f"{what} overlap within {', '.join(dict.fromkeys(series))}: drawn as points, not a trend (within {why})",
+                xref="paper", yref="paper", x=0, xanchor="left", y=y, yanchor="bottom", showarrow=False,
+                font=dict(size=11, color="#8a4b00"), name=name)
     if busy.any() and has_latency:
         fig.add_annotation(text="open diamonds: timed while the machine was busy", xref="paper", yref="paper", x=1,
                            xanchor="right", y=-0.12, yanchor="top", showarrow=False, font=dict(size=11, color="#777777"))
