@@ -5,7 +5,7 @@ import streamlit as st
 import moeviz
 from moeviz.data import decode_text, documents_from_hf_dataset, documents_from_jsonl, documents_from_text
 from moeviz.workspace import calibrate_cached
-from pages._state import require_model, sync_url, user_errors
+from pages._state import require_model, sync_url, try_load, user_errors
 
 st.header("Model & calibration")
 st.write("Pick a Mixture-of-Experts model (the bundled demo MoE works offline) and the text that shows "
@@ -35,9 +35,14 @@ with st.form("model_form"):
         new_source = source.strip() if kind != "Bundled demo MoE" else ""
         new = (new_source, dtype, device.strip() or "cpu", trust)
         if new != current:
-            s.model_source, s.dtype, s.device, s.trust_remote_code = new
-            s.stats, s.calibration_settings = None, None
-            s._model_form_for = new
+            # Load before switching: a bad folder or device is refused here, once, and the working model stays.
+            problem = try_load(*new)
+            if problem is None:
+                s.model_source, s.dtype, s.device, s.trust_remote_code = new
+                s.stats, s.calibration_settings = None, None
+                s._model_form_for = new
+            else:
+                st.error(f"{problem} The model loaded before is kept.")
         sync_url()
 
 lm = require_model()

@@ -180,6 +180,16 @@ def run_store() -> RunStore:
     return RunStore()
 
 
+def try_load(source: str, dtype: str, device: str, trust_remote_code: bool) -> str | None:
+    """Load a model the user asked for before the session switches to it: None when it loaded (it is then
+    cached), else the library's message (the session keeps its model)."""
+    try:
+        load_base_model(source, dtype, device, trust_remote_code)
+    except MoevizError as e:
+        return str(e)
+    return None
+
+
 def current_model():
     """The session's base model (the demo MoE unless the user chose another)."""
     s = st.session_state

@@ -1,0 +1,45 @@
+"""Issue 27: the app walked through as a researcher would (AppTest on a tiny Mixtral)."""
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+
+
+def button(at, label):
+    return next(b for b in at.button if b.label == label)
+
+
+def ok(at):
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def calibrated_app(model_dir, n_samples=4, seq_len=16):
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state["model_source"] = str(model_dir)
+    at.run()
+    ok(at)
+    at.number_input[0].set_value(n_samples)
+    at.number_input[1].set_value(seq_len)
+    button(at, "Run calibration").click().run()
+    ok(at)
+    return at
+
+
+def test_a_failed_load_keeps_the_working_model(tiny_model_dirs, tmp_path):
+    at = calibrated_app(tiny_model_dirs["mixtral"])
+    stats = at.session_state["stats"]
+    at.radio[0].set_value("Local folder or hub id")
+    at.text_input[0].set_value(str(tmp_path / "missing"))
+    button(at, "Load model").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and "does not exist" in at.error[0].value and "kept" in at.error[0].value
+    assert at.session_state["model_source"] == str(tiny_model_dirs["mixtral"])
+    assert at.session_state["stats"] is stats  # the calibration stays too
+    assert any("MixtralForCausalLM" in m.value for m in at.markdown)
+    for page in ("pages/2_routing.py", "pages/3_architecture.py", "pages/1_model_and_calibration.py"):
+        at.switch_page(page).run()
+        ok(at)  # every page still works on the model, and the error was shown once
+    assert any("MixtralForCausalLM" in m.value for m in at.markdown)
