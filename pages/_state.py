@@ -157,7 +157,7 @@ def restore_calibration(loaded) -> None:
         s.setdefault("_url_problems", []).append(
             "the calibration in this link is not in this machine's cache; run calibration again")
     else:
-        s.stats, s.calibration_samples, s.calibration_source = stats, samples, "bundled"
+        s.stats, s.calibration_samples, s.calibration_source = stats, samples, "the bundled text"
     sync_url()
 
 

@@ -43,3 +43,23 @@ def test_a_failed_load_keeps_the_working_model(tiny_model_dirs, tmp_path):
         at.switch_page(page).run()
         ok(at)  # every page still works on the model, and the error was shown once
     assert any("MixtralForCausalLM" in m.value for m in at.markdown)
+
+
+def test_invalid_calibration_numbers_are_refused_when_run_is_pressed(tiny_model_dirs):
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.session_state["model_source"] = str(tiny_model_dirs["mixtral"])
+    at.run()
+    ok(at)
+    for field, value, message in ((0, 0, "at least 1"), (1, 100000, "above the model's context of 64")):
+        at.number_input[0].set_value(4)
+        at.number_input[1].set_value(16)
+        at.number_input[field].set_value(value)
+        button(at, "Run calibration").click().run()
+        assert not at.exception and not at.success  # never "Loaded cached statistics" for other numbers
+        assert len(at.error) == 1 and message in at.error[0].value, [e.value for e in at.error]
+        assert at.session_state["stats"] is None
+    assert "64 tokens" in at.number_input[1].help  # the field names the model's context
+    at.number_input[1].set_value(16)
+    button(at, "Run calibration").click().run()
+    ok(at)
+    assert "for the bundled text." in at.success[0].value
