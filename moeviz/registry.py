@@ -97,3 +97,9 @@ RESULT_METRICS: tuple[ResultMetric, ...] = (
     ResultMetric("sparsity", "Sparsity (%)", 100.0, True),
 )
 RESULT_METRIC = {m.name: m for m in RESULT_METRICS}
+
+
+def method_label(name: str) -> str:
+    """A pruning metric as a person reads it ("moe_pruner" -> "MoE-Pruner |W|·‖X·gate‖"); an unknown name
+    (an old run's plan) as it is written."""
+    return next((m.label for m in METHODS if m.name == name), name)

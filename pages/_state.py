@@ -46,6 +46,8 @@ DEFAULTS = dict(
     explorer_text="def greet(name):\n    return f'Hello, {name}!'\n\nThe interpreter reads the source file.",
     results_model=None,  # fingerprint of the model the MODEL_SCOPED entries belong to
     calibration_settings=None,  # {"n_samples", "seq_len", "seed"} of a calibration on the bundled text (URL-restorable)
+    sensitivity=None,  # the ExpertSensitivity shown on the Sensitivity page
+    sensitivity_settings=None,  # {"metric", "group_size", "n_windows"} of that measurement (URL-restorable: on disk)
 )
 # Session entries computed on one model: after a switch (another folder, dtype or device) they would
 # show, export or recover another model's evaluation or weights.
@@ -91,6 +93,9 @@ def url_state() -> dict:
     c = s.get("calibration_settings")
     if c and (s.get("stats") is not None or s.get("_restore_calibration")):
         q["calib"] = f"{c['n_samples']}x{c['seq_len']}s{c['seed']}"
+    m = s.get("sensitivity_settings")
+    if m:
+        q["sens"] = f"{m['metric']}.{m['group_size']}.{m['n_windows']}"
     encoded = encode_plan(s.plan)
     if len(encoded) <= URL_PLAN_MAX:
         q["plan"] = encoded
@@ -128,6 +133,9 @@ def restore_from_url() -> None:
     if m:
         s.calibration_settings = dict(n_samples=int(m[1]), seq_len=int(m[2]), seed=int(m[3]))
         s._restore_calibration = True
+    m = re.fullmatch(r"([a-z_]+)\.(-?\d+)\.(\d+)", q.get("sens", ""))
+    if m:  # the Sensitivity page reloads this measurement from its on-disk cache
+        s.sensitivity_settings = dict(metric=m[1], group_size=int(m[2]), n_windows=int(m[3]))
     try:
         if "plan" in q:
             s.plan = CompressionPlan.from_dict(decode_plan(q["plan"])).validate().to_dict()

@@ -16,7 +16,9 @@ def sensitivity_heatmap(sens: ExpertSensitivity, setting: int, kind: str = "meas
     text = [[("" if not np.isfinite(v) else f"{v:.3g}") for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
         z=z, x=[f"e{e}" for e in range(z.shape[1])], y=[f"L{l}" for l in range(z.shape[0])],
-        colorscale="Reds", text=text, texttemplate="%{text}", colorbar=dict(title="Δ" if kind == "measured" else kind),
+        # Diverging and centred on 0: an expert whose compression *lowers* the loss (Δ < 0) shows blue, not
+        # the white of "no effect"
+        colorscale="RdBu_r", zmid=0.0, text=text, texttemplate="%{text}", colorbar=dict(title="Δ" if kind == "measured" else kind),
         hovertemplate="layer %{y}, expert %{x}: %{z:.4g}<extra></extra>",
     ))
     fig.update_layout(title=f"{what} · only this expert at sparsity {s:.0%}, {b} bits", template="plotly_white",
