@@ -88,3 +88,22 @@ def test_architecture_draws_the_model_until_a_plan_is_chosen_then_n_m_and_remova
     assert "e1 ✗ removed" in labels() and "e0 · 2:4 (50%) · unquantized (float32)" in labels()
     assert "2:4 structured" in spec  # the legend names the border that marks N:M experts
     assert any("2:4 Magnitude" in c.value and "1 expert removed" in c.value for c in at.caption)
+
+
+def test_routing_controls_sit_beside_what_they_control(tiny_model_dirs):
+    at = calibrated_app(tiny_model_dirs["mixtral"])
+    at.switch_page("pages/2_routing.py").run()
+    ok(at)
+    layer = next(s for s in at.selectbox if s.label == "Layer")
+    in_columns = [c for c in at.columns if any(s.label == "Layer" for s in c.selectbox)]
+    # The layer selects three charts in a row below it, so it spans them: not in one column beside another chart
+    assert not in_columns and layer.value == 0
+    charts = lambda: [c.proto.spec for c in at.get("plotly_chart")]  # noqa: E731
+    before = charts()
+    layer.set_value(1).run()
+    ok(at)
+    after = charts()
+    assert before[:2] == after[:2]  # the utilization heatmap and the CV bars (all layers) do not follow the layer
+    assert all(b != a for b, a in zip(before[2:], after[2:]))  # the three charts below it do
+    hist = next(c for c in at.columns if any(b.label == "Log scale" for b in c.checkbox))
+    assert len(hist.get("plotly_chart")) == 1  # the log scale sits with the histogram it scales
