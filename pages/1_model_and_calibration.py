@@ -42,7 +42,7 @@ with st.form("model_form"):
                 s.stats, s.calibration_settings = None, None
                 s._model_form_for = new
             else:
-                st.error(f"{problem} The model loaded before is kept.")
+                st.error(f"{problem.rstrip('.')}. The model loaded before is kept.")
         sync_url()
 
 lm = require_model()

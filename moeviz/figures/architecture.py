@@ -43,11 +43,12 @@ def sparsity_color(sparsity: float) -> str:
 
 def expert_label(expert: int, sparsity: float = 0.0, bits: int = 16, removed: bool = False,
                  dtype: str | None = None, structure: str | None = None) -> str:
-    """"e3 · 50% · 4-bit", "e3 · 2:4 (50%) · unquantized (float32)", or "e3 ✗ removed"."""
+    """"e3 · 50%\\n4-bit", "e3 · 2:4 (50%)\\nunquantized (float32)", or "e3 ✗ removed" (two lines: one long
+    line would widen the drawing, and the chart is scaled to the page width, so every text would shrink)."""
     if removed:
         return f"e{expert} ✗ removed"
     pruned = f"{structure} ({sparsity:.0%})" if structure and sparsity > 0 else f"{sparsity:.0%}"
-    return f"e{expert} · {pruned} · {bits_label(bits, dtype)}"
+    return f"e{expert} · {pruned}\\n{bits_label(bits, dtype)}"
 
 
 def _shown(E: int) -> tuple[list[int], list[int]]:
@@ -149,7 +150,8 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     g.edge("sum", "output")
 
     # The three pruning targets as one key node (its lines keep their order in every Graphviz renderer), and
-    # the legend as one table; both unlinked, so they share the first rank: a narrow column left of the layer.
+    # the legend as one table; both unlinked, stacked in the router's column (rank=same) above and below it:
+    # a column of their own widened the drawing and so shrank every text when scaled to the page.
     key = "pruning targets\\n" + "".join(f"{mark} {what}\\l     ({how})\\l" for mark, what, how in TARGETS)
     g.node("targets", key, shape="note", style="filled", fillcolor="#fff8e1", color="#c9a227", fontsize="15")
     rows = []
@@ -165,6 +167,10 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     g.node("legend", "<<TABLE BORDER=\"0\" CELLBORDER=\"1\" CELLSPACING=\"4\" CELLPADDING=\"4\">"
                      "<TR><TD BORDER=\"0\"><B>legend</B></TD></TR>" + "".join(rows) + "</TABLE>>",
            shape="plaintext", fontsize="14")
+    with g.subgraph() as r:
+        r.attr(rank="same")
+        for name in ("targets", "router", "legend"):
+            r.node(name)
     if hidden:
         g.node("note_elided", f"showing {len(shown)} of {E} experts:\\nfirst {HEAD}, last {TAIL}", shape="plaintext",
                fontsize="14", fontcolor="#666666")
