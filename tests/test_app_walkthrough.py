@@ -107,3 +107,17 @@ def test_routing_controls_sit_beside_what_they_control(tiny_model_dirs):
     assert all(b != a for b, a in zip(before[2:], after[2:]))  # the three charts below it do
     hist = next(c for c in at.columns if any(b.label == "Log scale" for b in c.checkbox))
     assert len(hist.get("plotly_chart")) == 1  # the log scale sits with the histogram it scales
+
+
+def test_method_identifiers_read_as_labels():
+    from moeviz.compression.plan import CompressionPlan, PruningSettings, method_name, plan_summary
+    from moeviz.registry import METHODS, method_display, method_label
+
+    for m in METHODS:
+        assert method_label(m.name) == m.label != m.name
+    plan = CompressionPlan(pruning=PruningSettings(metric="moe_pruner", sparsity=0.5)).to_dict()
+    plan["quant"].update(bits=4, method="gptq")
+    shown = method_display(method_name(plan) + " · optimised")
+    assert shown == "MoE-Pruner |W|·‖X·gate‖ + GPTQ · optimised" and "moe_pruner" not in shown
+    assert method_display("runs") == "runs" and method_label("old_metric") == "old_metric"  # unknown: as written
+    assert "moe_pruner" not in plan_summary(CompressionPlan.from_dict(plan))
