@@ -10,7 +10,7 @@ from moeviz.evaluation import evaluate_plan
 from moeviz.sensitivity import SensitivityGrid
 from moeviz.sensitivity.budget import Budget, optimise_plan
 from moeviz.sensitivity.cache import sensitivity_cached
-from moeviz.sensitivity.figures import choice_heatmap, sensitivity_heatmap
+from moeviz.sensitivity.figures import choice_heatmap, sensitivity_heatmap, value_label
 from moeviz.sensitivity.measure import first_windows, measure_cost
 from moeviz.registry import method_label
 from moeviz.figures.units import MIB, eta_text, format_bytes
@@ -89,7 +89,7 @@ setting = c1.selectbox("Setting", range(len(sens.settings)),
                        format_func=lambda i: f"sparsity {sens.settings[i][0]:.0%}, {sens.settings[i][1]} bits",
                        index=sens.setting_index(0.5, 16) if (0.5, 16) in sens.settings else 0)
 kinds = (["measured"] if sens.measured is not None else []) + sorted(sens.estimated)
-kind = c2.selectbox("Values", kinds, help="measured Δ loss, or a one-backward-pass proxy")
+kind = c2.selectbox("Values", kinds, format_func=value_label, help="measured Δ loss, or a one-backward-pass proxy")
 st.plotly_chart(sensitivity_heatmap(sens, setting, kind), width="stretch")
 if sens.measured is not None:
     rho = sens.rank_correlation("fisher")
@@ -108,7 +108,7 @@ with st.form("budget_form"):
     options = c3.selectbox("Settings the experts may take", ["default", "all", "sparsity", "bits"],
                            help="default: pruning only for a sparsity budget, bit widths only for a bit budget, "
                                 "everything in the grid otherwise (with expert removal where it was measured)")
-    predictor = c4.selectbox("Predicted Δ loss from", kinds,
+    predictor = c4.selectbox("Predicted Δ loss from", kinds, format_func=value_label,
                              help="the measured sensitivity (recommended) or a one-backward proxy")
     target = st.radio("The plan must export to", ["hf-dense", "vllm", "any"], horizontal=True,
                       format_func={"hf-dense": "a Hugging Face folder (same removal count per layer)",

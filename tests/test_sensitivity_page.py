@@ -51,6 +51,8 @@ def test_budget_control_fills_the_plan_to_the_budget(measured, loaded_tiny, tiny
     ok(at)
     plan = CompressionPlan.from_dict(at.session_state["plan"])
     assert plan.overrides and plan.name.startswith("optimised @")
+    fitted = next(s.value for s in at.success if s.value.startswith("Plan **"))
+    assert "iB (" in fitted and " MB" not in fitted  # binary units, as on the Compress page
     scale = 2**20 if label.startswith("model size") else 1  # MiB typed, bytes in the budget
     assert at.session_state["budget_result"]["budget"]["value"] == value * scale  # the typed value, not a default
     model = loaded_tiny("mixtral")
@@ -101,8 +103,9 @@ def test_measuring_needs_the_button_and_survives_a_refresh(measured, tiny_model_
     assert not button(at, "Measure sensitivity").proto.is_form_submitter
     windows = next(n for n in at.number_input if n.label == "Calibration windows measured")
     assert windows.proto.form_id == ""  # not in a form: Enter only reruns, it submits nothing
-    fitted = next(s.value for s in at.success if s.value.startswith("Plan **"))  # a plan the tests above fitted
-    assert "iB (" in fitted and " MB" not in fitted  # binary units, as on the Compress page
+    for label in ("Pruning metric", "Values", "Predicted Δ loss from"):  # labels, not identifiers (moe_pruner)
+        options = next(s for s in at.selectbox if s.label == label).options
+        assert options and not any("_" in o for o in options), options
     params = {k: (v[-1] if isinstance(v, list) else v) for k, v in dict(at.query_params).items()}
     fresh = AppTest.from_file(APP, default_timeout=300)
     for k, v in params.items():
