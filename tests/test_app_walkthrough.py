@@ -121,3 +121,11 @@ def test_method_identifiers_read_as_labels():
     assert shown == "MoE-Pruner |W|·‖X·gate‖ + GPTQ · optimised" and "moe_pruner" not in shown
     assert method_display("runs") == "runs" and method_label("old_metric") == "old_metric"  # unknown: as written
     assert "moe_pruner" not in plan_summary(CompressionPlan.from_dict(plan))
+
+
+def test_bytes_have_one_convention_binary_units():
+    from moeviz.figures.units import MIB, format_bytes
+    from moeviz.sensitivity.budget import Budget
+
+    assert [format_bytes(n) for n in (512, 1536, 3 * MIB, 5 * 2**30)] == ["512 B", "1.5 KiB", "3.00 MiB", "5.00 GiB"]
+    assert Budget("model_bytes", 8 * MIB).label() == "8.00 MiB model"  # the fitted plan's name: same units
