@@ -97,3 +97,17 @@ RESULT_METRICS: tuple[ResultMetric, ...] = (
     ResultMetric("sparsity", "Sparsity (%)", 100.0, True),
 )
 RESULT_METRIC = {m.name: m for m in RESULT_METRICS}
+
+
+def method_label(name: str) -> str:
+    """A pruning metric as a person reads it ("moe_pruner" -> "MoE-Pruner |W|·‖X·gate‖"); an unknown name
+    (an old run's plan) as it is written."""
+    return next((m.label for m in METHODS if m.name == name), name)
+
+
+def method_display(series: str) -> str:
+    """A run's method as `compression.plan.method_name` writes it (an identifier, maybe with suffixes:
+    "moe_pruner + gptq · optimised"), as a person reads it: "MoE-Pruner |W|·‖X·gate‖ + GPTQ · optimised".
+    For legends, filters and tables; the identifier stays the key that groups and colours runs."""
+    head, sep, rest = series.partition(" ")
+    return method_label(head) + sep + rest.replace("+ gptq", "+ GPTQ")

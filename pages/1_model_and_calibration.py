@@ -5,7 +5,7 @@ import streamlit as st
 import moeviz
 from moeviz.data import decode_text, documents_from_hf_dataset, documents_from_jsonl, documents_from_text
 from moeviz.workspace import calibrate_cached
-from pages._state import require_model, sync_url, user_errors
+from pages._state import require_model, sync_url, try_load, user_errors
 
 st.header("Model & calibration")
 st.write("Pick a Mixture-of-Experts model (the bundled demo MoE works offline) and the text that shows "
@@ -35,9 +35,14 @@ with st.form("model_form"):
         new_source = source.strip() if kind != "Bundled demo MoE" else ""
         new = (new_source, dtype, device.strip() or "cpu", trust)
         if new != current:
-            s.model_source, s.dtype, s.device, s.trust_remote_code = new
-            s.stats, s.calibration_settings = None, None
-            s._model_form_for = new
+            # Load before switching: a bad folder or device is refused here, once, and the working model stays.
+            problem = try_load(*new)
+            if problem is None:
+                s.model_source, s.dtype, s.device, s.trust_remote_code = new
+                s.stats, s.calibration_settings = None, None
+                s._model_form_for = new
+            else:
+                st.error(f"{problem.rstrip('.')}. The model loaded before is kept.")
         sync_url()
 
 lm = require_model()
@@ -59,7 +64,7 @@ if not getattr(info, "expert_removal", True):
 st.subheader("Calibration")
 source_kind = st.radio("Calibration text", ["Bundled text", "Upload .txt / .jsonl", "Hugging Face dataset"],
                        horizontal=True)
-documents, data_name = None, "bundled"
+documents, data_name = None, "the bundled text"
 if source_kind == "Upload .txt / .jsonl":
     upload = st.file_uploader("Text file", type=["txt", "jsonl"])
     if upload is not None:
@@ -75,9 +80,13 @@ elif source_kind == "Hugging Face dataset":
     ds_split = d3.text_input("Split", value="train")
     ds_column = d4.text_input("Text column", value="text")
 c1, c2, c3 = st.columns(3)
-n_samples = c1.number_input("Samples", min_value=1, max_value=4096, value=64)
-seq_len = c2.number_input("Sequence length (tokens)", min_value=8, max_value=8192, value=min(128, lm.max_context or 128),
-                          help=f"At most the model's context ({lm.max_context} tokens)" if lm.max_context else None)
+# No min / max on these two: the browser would only turn an out-of-range value red and "Run calibration" would
+# then run silently on the previous value. The library checks them when the button is pressed (samples ≥ 1,
+# 2 ≤ sequence length ≤ the model's context) and says what to type instead.
+n_samples = c1.number_input("Samples", value=64, step=1, help="At least 1; checked when you run calibration")
+seq_len = c2.number_input("Sequence length (tokens)", value=min(128, lm.max_context or 128), step=1,
+                          help=(f"At most the model's context ({lm.max_context} tokens)" if lm.max_context
+                                else "The model states no context length") + "; checked when you run calibration")
 seed = c3.number_input("Seed", min_value=0, value=0)
 
 if st.button("Run calibration", type="primary"):

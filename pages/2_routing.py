@@ -15,14 +15,17 @@ st.write("Which experts the router chooses on the calibration text: utilization 
 lm = require_model()
 stats = require_stats(lm)
 st.plotly_chart(readable(figures.utilization_heatmap(stats)), width="stretch")
+st.plotly_chart(readable(figures.load_balance_cv_bars(stats)), width="stretch")  # every layer: no selector
+
+# Each control sits right above what it controls: the layer above the three per-layer charts, the log scale
+# in the histogram's column (the selector used to sit beside the all-layers CV bars, which it does not change).
+st.subheader("One MoE layer")
+layer = st.selectbox("Layer", range(len(stats.layers)), format_func=lambda i: f"MoE layer {i} ({stats.layers[i].path})")
 c1, c2 = st.columns(2)
-c1.plotly_chart(readable(figures.load_balance_cv_bars(stats)), width="stretch")
-layer = c2.selectbox("Layer", range(len(stats.layers)), format_func=lambda i: f"MoE layer {i} ({stats.layers[i].path})")
-log_y = c2.checkbox("Log scale", value=True)
-c2.plotly_chart(readable(figures.router_probability_histogram(stats, layer, log_y=log_y)), width="stretch")
-c3, c4 = st.columns(2)
-c3.plotly_chart(readable(figures.coactivation_heatmap(stats, layer)), width="stretch")
-c4.plotly_chart(readable(figures.domain_specialization(stats, layer)), width="stretch")
+log_y = c1.checkbox("Log scale", value=True, help="of the router-probability histogram below")
+c1.plotly_chart(readable(figures.router_probability_histogram(stats, layer, log_y=log_y)), width="stretch")
+c2.plotly_chart(readable(figures.coactivation_heatmap(stats, layer)), width="stretch")
+st.plotly_chart(readable(figures.domain_specialization(stats, layer)), width="stretch")
 
 st.subheader("Token explorer")
 text = st.text_area("Text", key="explorer_text", height=120)

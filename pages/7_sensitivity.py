@@ -10,13 +10,14 @@ from moeviz.evaluation import evaluate_plan
 from moeviz.sensitivity import SensitivityGrid
 from moeviz.sensitivity.budget import Budget, optimise_plan
 from moeviz.sensitivity.cache import sensitivity_cached
-from moeviz.sensitivity.figures import choice_heatmap, sensitivity_heatmap
-from moeviz.sensitivity.measure import first_windows
-from moeviz.figures.units import eta_text
+from moeviz.sensitivity.figures import choice_heatmap, sensitivity_heatmap, value_label
+from moeviz.sensitivity.measure import first_windows, measure_cost
+from moeviz.registry import method_label
+from moeviz.figures.units import MIB, eta_text, format_bytes
 from moeviz.store import new_sweep_id
 from pages._state import (
     base_evaluator, calibration_samples, compressor, current_plan, require_model, require_stats, run_store, set_plan,
-    user_errors,
+    sync_url, user_errors,
 )
 
 st.header("Sensitivity")
@@ -36,35 +37,50 @@ if plan.second_order():
             "layer-by-layer Hessians, not one expert at a time): sensitivity is measured with a first-order metric "
             "(chosen below) and round-to-nearest. A fitted plan keeps the metric chosen here; set SparseGPT / GPTQ "
             "again on the Compress page to evaluate it with the second-order methods.")
-with st.form("sensitivity_form"):
-    c1, c2, c3 = st.columns(3)
-    first_order = [m for m in METRICS if m != "sparsegpt"]  # SparseGPT needs layer-by-layer Hessians: not per expert
-    metric = c1.selectbox("Pruning metric", first_order, help="SparseGPT is not offered: see the note above",
-                          index=first_order.index(plan.pruning.metric) if plan.pruning.metric in first_order else 0)
-    group_size = c2.selectbox("Quantization group size", [32, 64, 128, -1],
-                              index=[32, 64, 128, -1].index(plan.quant.group_size) if plan.quant.group_size in (32, 64, 128, -1) else 2)
-    n_windows = c3.number_input("Calibration windows measured", 1, 256, 16,
-                                help="the first N calibration windows; the cost grows with the tokens")
-    measure = st.form_submit_button("Measure sensitivity", type="primary")
-if measure:
-    grid = SensitivityGrid(metric=metric, group_size=int(group_size))
+# Plain widgets and a button, not a form: Enter in a form's number field submits the form, and this
+# submission is a measurement of minutes. The settings of the last measurement are the widgets' defaults
+# (also after a refresh: they are in the URL) and that measurement is reloaded from the on-disk cache.
+first_order = [m for m in METRICS if m != "sparsegpt"]  # SparseGPT needs layer-by-layer Hessians: not per expert
+GROUPS = [32, 64, 128, -1]
+last = st.session_state.sensitivity_settings or dict(
+    metric=plan.pruning.metric if plan.pruning.metric in first_order else first_order[0],
+    group_size=plan.quant.group_size if plan.quant.group_size in GROUPS else 128, n_windows=16)
+c1, c2, c3 = st.columns(3)
+metric = c1.selectbox("Pruning metric", first_order, help="SparseGPT is not offered: see the note above",
+                      index=first_order.index(last["metric"]) if last["metric"] in first_order else 0,
+                      format_func=method_label)
+group_size = c2.selectbox("Quantization group size", GROUPS,
+                          index=GROUPS.index(last["group_size"]) if last["group_size"] in GROUPS else 2)
+n_windows = c3.number_input("Calibration windows measured", 1, 256, int(last["n_windows"]),
+                            help="the first N calibration windows; the time grows in proportion to them")
+chosen = dict(metric=metric, group_size=int(group_size), n_windows=int(n_windows))
+grid = SensitivityGrid(metric=metric, group_size=int(group_size))
+samples = first_windows(calibration_samples(lm, stats), int(n_windows))
+sens = st.session_state.sensitivity
+if sens is None or sens.model_fingerprint != lm.fingerprint or sens.stats_fingerprint != stats.fingerprint:
+    with user_errors():  # a refresh, or settings measured before: from the disk, never measured here
+        sens, _ = sensitivity_cached(lm, stats, samples, grid, cache_only=True)
+    if sens is not None:
+        st.session_state.sensitivity, st.session_state.sensitivity_settings = sens, chosen
+        sync_url()
+if st.button("Measure sensitivity", type="primary"):
     bar = st.progress(0.0, text="Measuring…")
     stop = st.empty()
     stop.button("Stop measuring", help="Cancels the measurement; nothing is cached then")
     t0 = time.perf_counter()
     with user_errors():
-        samples = first_windows(calibration_samples(lm, stats), int(n_windows))
         sens, cached = sensitivity_cached(lm, stats, samples, grid, progress=lambda d, t: bar.progress(
             d / t, text=f"Measuring… {d}/{t} (setting × layer){eta_text(time.perf_counter() - t0, d, t)}"))
     bar.empty()
     stop.empty()
-    st.session_state.sensitivity = sens
+    st.session_state.sensitivity, st.session_state.sensitivity_settings = sens, chosen
+    sync_url()
     st.success(("Loaded from the cache" if cached else f"Measured in {sens.seconds:.1f} s") +
                f": {sum(sens.num_experts)} experts × {len(sens.settings)} settings on {sens.n_tokens} tokens.")
 
-sens = st.session_state.get("sensitivity")
 if sens is None or sens.model_fingerprint != lm.fingerprint or sens.stats_fingerprint != stats.fingerprint:
-    st.info("Measure the sensitivity first (about a minute on the demo model; cached afterwards).")
+    st.info(f"Measure the sensitivity first: {measure_cost(grid, lm, samples)}. Cached afterwards, also across "
+            "a refresh.")
     st.stop()
 
 st.subheader("Sensitivity heatmap")
@@ -73,7 +89,7 @@ setting = c1.selectbox("Setting", range(len(sens.settings)),
                        format_func=lambda i: f"sparsity {sens.settings[i][0]:.0%}, {sens.settings[i][1]} bits",
                        index=sens.setting_index(0.5, 16) if (0.5, 16) in sens.settings else 0)
 kinds = (["measured"] if sens.measured is not None else []) + sorted(sens.estimated)
-kind = c2.selectbox("Values", kinds, help="measured Δ loss, or a one-backward-pass proxy")
+kind = c2.selectbox("Values", kinds, format_func=value_label, help="measured Δ loss, or a one-backward-pass proxy")
 st.plotly_chart(sensitivity_heatmap(sens, setting, kind), width="stretch")
 if sens.measured is not None:
     rho = sens.rank_correlation("fisher")
@@ -82,7 +98,7 @@ if sens.measured is not None:
 
 st.subheader("Fit the plan to a budget")
 KINDS = {"experts compression ratio (×)": "experts_ratio", "model compression ratio (×)": "model_ratio",
-         "model size (MB)": "model_bytes", "mean expert sparsity": "mean_sparsity", "mean bit width": "mean_bits"}
+         "model size (MiB)": "model_bytes", "mean expert sparsity": "mean_sparsity", "mean bit width": "mean_bits"}
 DEFAULT = {"experts_ratio": 4.0, "model_ratio": 2.0, "model_bytes": 8.0, "mean_sparsity": 0.6, "mean_bits": 4.0}
 label = st.selectbox("Budget", list(KINDS))  # outside the form: the value below takes this budget's units
 k = KINDS[label]
@@ -92,7 +108,7 @@ with st.form("budget_form"):
     options = c3.selectbox("Settings the experts may take", ["default", "all", "sparsity", "bits"],
                            help="default: pruning only for a sparsity budget, bit widths only for a bit budget, "
                                 "everything in the grid otherwise (with expert removal where it was measured)")
-    predictor = c4.selectbox("Predicted Δ loss from", kinds,
+    predictor = c4.selectbox("Predicted Δ loss from", kinds, format_func=value_label,
                              help="the measured sensitivity (recommended) or a one-backward proxy")
     target = st.radio("The plan must export to", ["hf-dense", "vllm", "any"], horizontal=True,
                       format_func={"hf-dense": "a Hugging Face folder (same removal count per layer)",
@@ -101,7 +117,7 @@ with st.form("budget_form"):
     fit = st.form_submit_button("Fit the plan to this budget", type="primary")
 if fit:
     with user_errors():
-        budget = Budget(k, float(value) * (1e6 if k == "model_bytes" else 1),
+        budget = Budget(k, float(value) * (MIB if k == "model_bytes" else 1),
                         options=None if options == "default" else options)
         result = optimise_plan(lm, sens, budget, kind=predictor, target=target)
     set_plan(result.plan)
@@ -113,7 +129,7 @@ if fit:
 res = st.session_state.get("budget_result")
 if res is not None:
     st.success(f"Plan **{res['name']}** set: predicted Δ loss {res['predicted_delta']:.4f} nats/token, experts "
-               f"{res['experts_bytes'] / 1e6:.2f} MB ({res['experts_ratio']:.2f}×), mean sparsity "
+               f"{format_bytes(res['experts_bytes'])} ({res['experts_ratio']:.2f}×), mean sparsity "
                f"{res['mean_sparsity']:.1%}, mean bits {res['mean_bits']:.2f} "
                f"({'exact' if res['exact'] else 'Lagrangian'} solver, {res['seconds'] * 1000:.0f} ms).")
     st.plotly_chart(choice_heatmap(res["choice"], [tuple(s) for s in res["settings"]]), width="stretch")

@@ -47,6 +47,8 @@ DEFAULTS = dict(
     explorer_text="def greet(name):\n    return f'Hello, {name}!'\n\nThe interpreter reads the source file.",
     results_model=None,  # fingerprint of the model the MODEL_SCOPED entries belong to
     calibration_settings=None,  # {"n_samples", "seq_len", "seed"} of a calibration on the bundled text (URL-restorable)
+    sensitivity=None,  # the ExpertSensitivity shown on the Sensitivity page
+    sensitivity_settings=None,  # {"metric", "group_size", "n_windows"} of that measurement (URL-restorable: on disk)
 )
 # Every other key a page keeps in st.session_state, with what it holds (tests/test_structure.py fails on a key
 # spelled in a page and declared neither here nor in DEFAULTS; a widget's `key=` declares itself). No default:
@@ -125,6 +127,9 @@ def url_state() -> dict:
     c = s.get("calibration_settings")
     if c and (s.get("stats") is not None or s.get("_restore_calibration")):
         q["calib"] = f"{c['n_samples']}x{c['seq_len']}s{c['seed']}"
+    m = s.get("sensitivity_settings")
+    if m:
+        q["sens"] = f"{m['metric']}.{m['group_size']}.{m['n_windows']}"
     encoded = encode_plan(s.plan)
     if len(encoded) <= URL_PLAN_MAX:
         q["plan"] = encoded
@@ -162,6 +167,9 @@ def restore_from_url() -> None:
     if m:
         s.calibration_settings = dict(n_samples=int(m[1]), seq_len=int(m[2]), seed=int(m[3]))
         s._restore_calibration = True
+    m = re.fullmatch(r"([a-z_]+)\.(-?\d+)\.(\d+)", q.get("sens", ""))
+    if m:  # the Sensitivity page reloads this measurement from its on-disk cache
+        s.sensitivity_settings = dict(metric=m[1], group_size=int(m[2]), n_windows=int(m[3]))
     try:
         if "plan" in q:
             s.plan = CompressionPlan.from_dict(decode_plan(q["plan"])).validate().to_dict()
@@ -191,7 +199,7 @@ def restore_calibration(loaded) -> None:
         s.setdefault("_url_problems", []).append(
             "the calibration in this link is not in this machine's cache; run calibration again")
     else:
-        s.stats, s.calibration_samples, s.calibration_source = stats, samples, "bundled"
+        s.stats, s.calibration_samples, s.calibration_source = stats, samples, "the bundled text"
     sync_url()
 
 
@@ -212,6 +220,16 @@ def base_evaluator(model_fingerprint: str, _loaded, measure_latency: bool = True
 @st.cache_resource
 def run_store() -> RunStore:
     return RunStore()
+
+
+def try_load(source: str, dtype: str, device: str, trust_remote_code: bool) -> str | None:
+    """Load a model the user asked for before the session switches to it: None when it loaded (it is then
+    cached), else the library's message (the session keeps its model)."""
+    try:
+        load_base_model(source, dtype, device, trust_remote_code)
+    except MoevizError as e:
+        return str(e)
+    return None
 
 
 def current_model():

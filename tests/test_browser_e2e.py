@@ -154,7 +154,7 @@ def test_default_flow_in_chromium(app_url):
         page.goto(app_url)
         page.get_by_text("MixtralForCausalLM").wait_for(timeout=60_000)
         page.get_by_role("button", name="Run calibration").click()
-        page.get_by_text("for bundled").wait_for(timeout=120_000)
+        page.get_by_text("for the bundled text").wait_for(timeout=120_000)
         page.screenshot(path=SHOTS / "1_model_and_calibration.png", full_page=True)
 
         nav(page, "Routing")
@@ -300,7 +300,7 @@ def calibrated_page(app_url):
         page = browser.new_page(viewport={"width": 1440, "height": 900})
         page.goto(app_url)
         page.get_by_role("button", name="Run calibration").click()
-        page.get_by_text("for bundled").wait_for(timeout=120_000)
+        page.get_by_text("for the bundled text").wait_for(timeout=120_000)
         yield page
         browser.close()
 
@@ -461,3 +461,67 @@ def test_sparsegpt_job_progress_stop_result_and_its_own_series(app_url):
         nav(page, "Sensitivity")  # it cannot measure SparseGPT / GPTQ: it says so
         page.get_by_text("which this page cannot measure").wait_for(timeout=60_000)
         page.screenshot(path=SHOTS / "7c_sensitivity_second_order_note.png")
+
+
+def test_issue27_walkthrough_fixes(app_url):
+    """Issue 27, in Chromium at 1440x900: a bad folder keeps the working model; out-of-range calibration numbers
+    are refused on Run; Routing's layer selector sits above the charts it controls; Architecture draws the model
+    as loaded with readable labels; on Sensitivity, Enter in a number field measures nothing, and the measurement
+    (with its settings) survives a refresh."""
+    with calibrated_page(app_url) as page:
+        page.get_by_text("Local folder or hub id", exact=True).click()
+        page.get_by_role("textbox", name="Folder or hub id (owner/name)").fill("/no/such/folder")
+        page.get_by_role("button", name="Load model").click()
+        page.get_by_text("The model loaded before is kept").wait_for(timeout=60_000)
+        assert page.get_by_text("MixtralForCausalLM").count() >= 1  # still the demo, still calibrated
+        page.screenshot(path=SHOTS / "27_1_failed_load_keeps_model.png", full_page=True)
+        samples = page.get_by_label("Samples", exact=True).and_(page.get_by_test_id("stNumberInputField"))
+        samples.fill("0")
+        samples.press("Tab")
+        page.get_by_role("button", name="Run calibration").click()
+        page.get_by_text("must be at least 1").wait_for(timeout=60_000)
+        assert page.get_by_text("Loaded cached statistics").count() == 0
+        page.get_by_text("must be at least 1").scroll_into_view_if_needed()
+        page.screenshot(path=SHOTS / "27_2_calibration_refused.png")
+        samples.fill("64")
+        samples.press("Tab")
+        wait_idle(page)
+
+        nav(page, "Routing")
+        page.get_by_role("heading", name="One MoE layer").wait_for(timeout=60_000)
+        wait_for_charts(page, 5)
+        page.get_by_role("heading", name="One MoE layer").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=SHOTS / "27_3_routing_layer_controls.png")
+
+        nav(page, "Architecture")
+        page.locator("[data-testid='stGraphVizChart'] svg text").filter(has_text="pruning targets").first.wait_for(
+            timeout=60_000)
+        page.wait_for_timeout(300)
+        page.screenshot(path=SHOTS / "27_4_architecture_as_loaded.png", full_page=True)
+        label = page.locator("[data-testid='stGraphVizChart'] svg text").filter(has_text="unquantized (bfloat16)")
+        assert label.count() or page.locator("[data-testid='stGraphVizChart'] svg text").filter(
+            has_text="unquantized (float32)").count()
+        size = page.evaluate("""() => { const t = [...document.querySelectorAll("[data-testid='stGraphVizChart'] svg text")]
+            .find(el => el.textContent.startsWith('e0 ')); return t.getBoundingClientRect().height; }""")
+        assert size >= 12, size  # pixels of an expert label as drawn: readable at 1440 px
+
+        nav(page, "Sensitivity")
+        windows = page.get_by_label("Calibration windows measured", exact=True).and_(page.get_by_test_id("stNumberInputField"))
+        windows.fill("2")
+        windows.press("Enter")  # a rerun, not a measurement
+        wait_idle(page)
+        assert page.get_by_text("Measuring…").count() == 0
+        assert page.get_by_role("heading", name="Sensitivity heatmap").count() == 0
+        page.screenshot(path=SHOTS / "27_5_sensitivity_enter_measures_nothing.png")
+        page.get_by_role("button", name="Measure sensitivity").click()
+        page.get_by_role("heading", name="Sensitivity heatmap").wait_for(timeout=300_000)
+        wait_for_charts(page, 1)
+        page.reload()  # a browser refresh: a new session on the same URL
+        page.get_by_role("heading", name="Sensitivity heatmap").wait_for(timeout=120_000)
+        wait_for_charts(page, 1)
+        assert page.get_by_label("Calibration windows measured", exact=True).and_(
+            page.get_by_test_id("stNumberInputField")).input_value() == "2"
+        page.get_by_role("heading", name="Sensitivity heatmap").scroll_into_view_if_needed()
+        page.wait_for_timeout(500)
+        page.screenshot(path=SHOTS / "27_6_sensitivity_after_refresh.png")

@@ -201,7 +201,7 @@ def test_moe_layer_dot_plan_colouring_and_removed():
     labels = _labels(dot)
     experts = {k: v for k, v in labels.items() if re.fullmatch(r"e\d+", k)}
     assert len(experts) == 8
-    assert labels["e0"] == "e0 · 50% · 4b" and labels["e2"] == "e2 · 25% · 8b" and labels["e3"] == "e3 · 50% · 4b"
+    assert labels["e0"] == "e0 · 50%\\n4-bit" and labels["e2"] == "e2 · 25%\\n8-bit" and labels["e3"] == "e3 · 50%\\n4-bit"
     assert "removed" in labels["e5"] and "✗" in labels["e5"]
     e5 = re.search(r"^\s*e5 \[.*$", dot, flags=re.M).group(0)
     assert "dashed" in e5 and "#e0e0e0" in e5
@@ -216,7 +216,7 @@ def test_moe_layer_dot_plan_colouring_and_removed():
     states = [dict(layer=1, expert=0, sparsity=0.75, bits=3, removed=False, zero_fraction=0.7),
               dict(layer=0, expert=1, sparsity=0.1, bits=2, removed=True, zero_fraction=0)]
     labels2 = _labels(moe_layer_dot(info, expert_states=states, plan=plan))
-    assert labels2["e0"] == "e0 · 75% · 3b" and labels2["e1"] == "e1 · 0% · 16b"
+    assert labels2["e0"] == "e0 · 75%\\n3-bit" and labels2["e1"] == "e1 · 0%\\nunquantized"
 
 
 def test_moe_layer_dot_elides_many_experts():

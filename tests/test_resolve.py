@@ -49,7 +49,9 @@ def test_architecture_figure_table_and_apply_agree(name, loaded_tiny):
         info = lm.info.layers[i]
         drawn = _labels(moe_layer_dot(info, planned, plan.to_dict()))
         assert drawn == _labels(moe_layer_dot(info, applied, plan.to_dict()))
-        assert drawn == {f"e{d['expert']}": expert_label(d["expert"], d["sparsity"], d["bits"], d["removed"])
+        nm = None if plan.pruning.structure == "unstructured" else plan.pruning.structure
+        assert drawn == {f"e{d['expert']}": expert_label(d["expert"], d["sparsity"], d["bits"], d["removed"],
+                                                         structure=nm if d["sparsity"] > 0 else None)
                          for d in planned}
         # ... and what the figure says is what the weights are (brute force on the compressed tensors)
         for d in planned:

@@ -19,7 +19,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
-from moeviz.registry import METRICS, nm_of, parse_nm
+from moeviz.registry import METRICS, method_label, nm_of, parse_nm
 from moeviz.errors import PlanError
 
 QUANT_METHODS = ("rtn", "gptq")
@@ -311,3 +311,22 @@ def method_name(plan: dict) -> str:
     quantized = int(quant.get("bits", 16)) < 16 or any(
         (o.get("bits") or 16) < 16 for o in plan.get("overrides", []) if isinstance(o, dict))
     return f"{name} + gptq" if quant.get("method") == "gptq" and quantized else name
+
+
+def plan_summary(plan: CompressionPlan) -> str:
+    """A plan in one line, as a person reads it: "50 % MoE-Pruner |W|·‖X·gate‖ pruning, 4-bit, 2 experts removed",
+    or "compresses nothing"."""
+    p, parts = plan.pruning, []
+    if p.structure != "unstructured":
+        parts.append(f"{p.structure} {method_label(p.metric)} pruning")
+    elif p.sparsity > 0:
+        parts.append(f"{p.sparsity:.0%} {method_label(p.metric)} pruning")
+    if plan.quant.bits < 16:
+        parts.append(f"{plan.quant.bits}-bit")
+    if plan.overrides:
+        parts.append(f"{len(plan.overrides)} per-layer / per-expert settings")
+    if plan.removed_experts:
+        parts.append(f"{len(plan.removed_experts)} expert{'s' * (len(plan.removed_experts) != 1)} removed")
+    if plan.router_sparsity > 0 or plan.router_bits < 16:
+        parts.append("router compressed")
+    return ", ".join(parts) or "compresses nothing"

@@ -6,7 +6,9 @@
 The three pruning targets (① weights within experts, ② the router, ③ whole experts) are numbered on
 the elements themselves (the experts box, the router) and listed in that order in a key left of the
 layer, so no pointer crosses the drawing. Fonts are sized for a projector (the chart is scaled to the
-page width). Expert fill goes light → dark with sparsity; removed experts are grey, dashed, "✗ removed".
+page width). Expert fill goes light → dark with sparsity; N:M-structured experts have a thick purple
+border and say "2:4"; removed experts are grey, dashed, "✗ removed". Bits read as `units.bits_label`
+("4-bit", "unquantized (float32)").
 Returns DOT source only (no Graphviz binary needed); display with ``st.graphviz_chart(dot)``.
 
 Node names: ``input``, ``router``, ``e{i}`` (one per shown expert), ``more_experts`` (ellipsis, when
@@ -20,10 +22,12 @@ import textwrap
 import graphviz
 
 from moeviz.figures._common import interpolate_hex, text_color_on
+from moeviz.figures.units import bits_label
 
 LIGHT, DARK = "#eef4fb", "#08306b"  # sparsity 0 → 1
 REMOVED_FILL, REMOVED_LINE = "#e0e0e0", "#9e9e9e"
 SHARED_FILL = "#fff3c4"
+NM_LINE = "#6a1b9a"  # border of an N:M-structured expert
 MAX_SHOWN = 16  # beyond this: first HEAD, an ellipsis node, last TAIL
 HEAD, TAIL = 12, 2
 # (mark, target, what controls it), in the order the key lists them.
@@ -37,11 +41,14 @@ def sparsity_color(sparsity: float) -> str:
     return interpolate_hex(LIGHT, DARK, sparsity)
 
 
-def expert_label(expert: int, sparsity: float = 0.0, bits: int = 16, removed: bool = False) -> str:
-    """"e3 · 50% · 4b", or "e3 ✗ removed"."""
+def expert_label(expert: int, sparsity: float = 0.0, bits: int = 16, removed: bool = False,
+                 dtype: str | None = None, structure: str | None = None) -> str:
+    """"e3 · 50%\\n4-bit", "e3 · 2:4 (50%)\\nunquantized (float32)", or "e3 ✗ removed" (two lines: one long
+    line would widen the drawing, and the chart is scaled to the page width, so every text would shrink)."""
     if removed:
         return f"e{expert} ✗ removed"
-    return f"e{expert} · {sparsity:.0%} · {bits}b"
+    pruned = f"{structure} ({sparsity:.0%})" if structure and sparsity > 0 else f"{sparsity:.0%}"
+    return f"e{expert} · {pruned}\\n{bits_label(bits, dtype)}"
 
 
 def _shown(E: int) -> tuple[list[int], list[int]]:
@@ -52,7 +59,7 @@ def _shown(E: int) -> tuple[list[int], list[int]]:
 
 
 def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, plan: dict | None = None,
-                  title: str | None = None) -> str:
+                  title: str | None = None, dtype: str | None = None) -> str:
     """DOT source of one MoE layer.
 
     layer_info: one entry of ``ModelInfo.layers`` (``MoELayer.to_dict()``): num_experts, top_k,
@@ -61,7 +68,8 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
         (`ResolvedPlan.experts(layer)`, the rows of `compression.table.expert_table`) or what an applied
         plan did (`CompressedModel.expert_table()`); other layers' entries are ignored, an expert without
         one is drawn dense. This figure never resolves a plan itself, so it cannot disagree with `apply`.
-    plan: ``CompressionPlan.to_dict()``; gives the router's sparsity / bits.
+    plan: ``CompressionPlan.to_dict()``; gives the router's sparsity / bits and the N:M structure.
+    dtype: the checkpoint's dtype, named on unquantized experts ("unquantized (float32)").
     """
     E = int(layer_info["num_experts"])
     k = int(layer_info.get("top_k", 0))
@@ -72,11 +80,13 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
             per[int(st["expert"])] = dict(expert=int(st["expert"]), sparsity=float(st.get("sparsity", 0.0)),
                                           bits=int(st.get("bits", 16)), removed=bool(st.get("removed", False)))
     shown, hidden = _shown(E)
+    structure = str(((plan or {}).get("pruning") or {}).get("structure") or "unstructured")
+    structure = None if structure == "unstructured" else structure
 
     g = graphviz.Digraph("moe_layer", graph_attr=dict(rankdir="LR", compound="true", fontname="Helvetica",
                                                       nodesep="0.15", ranksep="0.4", labelloc="t"))
-    g.attr("node", fontname="Helvetica", fontsize="16", margin="0.15,0.08")
-    g.attr("edge", fontname="Helvetica", fontsize="13", color="#555555")
+    g.attr("node", fontname="Helvetica", fontsize="20", margin="0.15,0.08")
+    g.attr("edge", fontname="Helvetica", fontsize="16", color="#555555")
     head = title or (f"MoE layer {li}" + (f" ({layer_info['path']})" if layer_info.get("path") else ""))
     fam = layer_info.get("family")
     g.attr(label=f"{head}: {E} experts, top-{k}" + (f", {fam}" if fam else ""), fontsize="20")
@@ -112,8 +122,10 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
                        fillcolor=REMOVED_FILL, color=REMOVED_LINE, fontcolor="#616161")
             else:
                 fill = sparsity_color(d["sparsity"])
-                c.node(f"e{e}", expert_label(e, d["sparsity"], d["bits"]), shape="box", style="filled,rounded",
-                       fillcolor=fill, fontcolor=text_color_on(fill))
+                nm = structure if d["sparsity"] > 0 else None
+                c.node(f"e{e}", expert_label(e, d["sparsity"], d["bits"], dtype=dtype, structure=nm), shape="box",
+                       style="filled,rounded", fillcolor=fill, fontcolor=text_color_on(fill),
+                       **(dict(color=NM_LINE, penwidth="4") if nm else {}))
     order = shown[:HEAD] + (["more"] if hidden else []) + shown[HEAD:]
     g.node("sum", "Σ\\ngᵢ·eᵢ(x)", shape="circle", fixedsize="false")
     for e in order:
@@ -138,13 +150,16 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     g.edge("sum", "output")
 
     # The three pruning targets as one key node (its lines keep their order in every Graphviz renderer), and
-    # the legend as one table; both unlinked, so they share the first rank: a narrow column left of the layer.
+    # the legend as one table; both unlinked, stacked in the router's column (rank=same) above and below it:
+    # a column of their own widened the drawing and so shrank every text when scaled to the page.
     key = "pruning targets\\n" + "".join(f"{mark} {what}\\l     ({how})\\l" for mark, what, how in TARGETS)
     g.node("targets", key, shape="note", style="filled", fillcolor="#fff8e1", color="#c9a227", fontsize="15")
     rows = []
     for s in (0.0, 0.5, 0.9):
         fill = sparsity_color(s)
         rows.append(f'<TR><TD BGCOLOR="{fill}"><FONT COLOR="{text_color_on(fill)}">{s:.0%} sparsity</FONT></TD></TR>')
+    if structure:
+        rows.append(f'<TR><TD COLOR="{NM_LINE}" BORDER="4">{structure} structured</TD></TR>')
     rows.append(f'<TR><TD BGCOLOR="{REMOVED_FILL}" STYLE="dashed"><FONT COLOR="#616161">✗ removed expert</FONT></TD></TR>')
     if shared:
         rows.append(f'<TR><TD BGCOLOR="{SHARED_FILL}">shared expert</TD></TR>')
@@ -152,6 +167,10 @@ def moe_layer_dot(layer_info: dict, expert_states: list[dict] | None = None, pla
     g.node("legend", "<<TABLE BORDER=\"0\" CELLBORDER=\"1\" CELLSPACING=\"4\" CELLPADDING=\"4\">"
                      "<TR><TD BORDER=\"0\"><B>legend</B></TD></TR>" + "".join(rows) + "</TABLE>>",
            shape="plaintext", fontsize="14")
+    with g.subgraph() as r:
+        r.attr(rank="same")
+        for name in ("targets", "router", "legend"):
+            r.node(name)
     if hidden:
         g.node("note_elided", f"showing {len(shown)} of {E} experts:\\nfirst {HEAD}, last {TAIL}", shape="plaintext",
                fontsize="14", fontcolor="#666666")

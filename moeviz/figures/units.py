@@ -1,5 +1,5 @@
 """One unit convention for every page and figure: shares in %, times in µs below 1 ms and ms above,
-16 bits labelled as unquantized."""
+16 bits labelled as unquantized, bytes in binary units (KiB, MiB, GiB: what the Compress page's storage report uses)."""
 
 from __future__ import annotations
 
@@ -38,3 +38,18 @@ def eta_text(elapsed_s: float, done: int, total: int) -> str:
         return ""
     left = elapsed_s / done * (total - done)
     return f" · about {left / 60:.0f} min left" if left >= 120 else f" · about {max(left, 1):.0f} s left"
+
+
+MIB = 2**20  # bytes per MiB: a size typed or shown in MiB
+
+
+def format_bytes(n) -> str:
+    """Bytes in binary units: 1536 -> "1.5 KiB", 3 * 2**20 -> "3.00 MiB"."""
+    n = float(n)
+    if abs(n) < 1024:
+        return f"{n:.0f} B"
+    if abs(n) < MIB:
+        return f"{n / 1024:.1f} KiB"
+    if abs(n) < 2**30:
+        return f"{n / MIB:.2f} MiB"
+    return f"{n / 2**30:.2f} GiB"

@@ -40,6 +40,7 @@ from moeviz.compression.resolve import group_size_for
 from moeviz.compression.formats import storage_for
 from moeviz.compression.plan import CompressionPlan, Override, PruningSettings, QuantSettings
 from moeviz.errors import SettingsError
+from moeviz.figures.units import format_bytes
 from moeviz.sensitivity.measure import ExpertSensitivity
 
 REMOVED = (1.0, 0)  # the option "remove the expert" in a settings list (0 bytes, nothing kept)
@@ -80,7 +81,7 @@ class Budget:
 
     def label(self) -> str:
         v = self.value
-        return {"experts_bytes": f"{v / 1e6:.2f} MB experts", "model_bytes": f"{v / 1e6:.2f} MB model",
+        return {"experts_bytes": f"{format_bytes(v)} experts", "model_bytes": f"{format_bytes(v)} model",
                 "experts_ratio": f"{v:.2f}× experts", "model_ratio": f"{v:.2f}× model",
                 "mean_sparsity": f"{v:.0%} sparsity", "mean_bits": f"{v:g} bits"}[self.kind]
 

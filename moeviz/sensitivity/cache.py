@@ -20,9 +20,12 @@ def sensitivity_cache_dir() -> Path:
 
 def sensitivity_cached(loaded: LoadedModel, stats: CalibrationStats | None, samples: TokenSamples,
                        grid: SensitivityGrid | None = None, batch_size: int = 16, progress=None, cancel=None,
-                       cache_dir: Path | None = None, measure: bool = True) -> tuple[ExpertSensitivity, bool]:
+                       cache_dir: Path | None = None, measure: bool = True,
+                       cache_only: bool = False) -> tuple[ExpertSensitivity | None, bool]:
     """(sensitivity, loaded_from_cache). Measured once per (model, stats, data, grid); measure=False
-    computes only the one-backward proxies (for models where the measured loop is too slow)."""
+    computes only the one-backward proxies (for models where the measured loop is too slow).
+    cache_only=True never measures: (None, False) when this measurement is not in the cache (a page
+    reloading a measurement after a browser refresh)."""
     grid = (grid or SensitivityGrid()).validate()
     key = grid.to_dict() | dict(batch_size=batch_size, measure=measure)  # batching decides float rounding, so it is part of the key
     fp = sensitivity_fingerprint(loaded.fingerprint, stats.fingerprint if stats is not None else None,
@@ -33,6 +36,8 @@ def sensitivity_cached(loaded: LoadedModel, stats: CalibrationStats | None, samp
             return ExpertSensitivity.load(folder), True
         except (ValueError, OSError, KeyError):
             shutil.rmtree(folder, ignore_errors=True)  # stale or partial: measure again
+    if cache_only:
+        return None, False
     sens = measure_sensitivity(loaded, stats, samples, grid, batch_size=batch_size, measure=measure,
                                progress=progress, cancel=cancel)
     folder.parent.mkdir(parents=True, exist_ok=True)

@@ -545,3 +545,15 @@ def first_windows(samples: TokenSamples, n: int) -> TokenSamples:
     domains = list(samples.domains[:n])
     return TokenSamples(samples.input_ids[:n], domains, samples.source, samples.seed, fp,
                         [d for d in samples.domain_names if d in set(domains)])
+
+
+def measure_cost(grid: SensitivityGrid, loaded, samples: TokenSamples) -> str:
+    """What the measurement's time grows with, in words (no guessed duration: it depends on the machine):
+    each of the grid's settings is applied to each expert of each MoE layer and the layer's loss recomputed
+    on the windows' tokens."""
+    n_settings = len(grid.settings()) + (1 if grid.removal else 0)
+    experts = sum(layer.num_experts for layer in loaded.layers)
+    tokens = samples.n_samples * samples.seq_len
+    return (f"{n_settings} settings × {experts} experts in {len(loaded.layers)} MoE layers, each on "
+            f"{samples.n_samples} windows ({tokens:,} tokens); the time grows with each of these (a progress bar "
+            "shows the time left once it starts)")
