@@ -335,7 +335,8 @@ def test_sensitivity_heatmap_and_the_optimised_curve(app_url):
         nav(page, "Sensitivity")
         windows = page.get_by_label("Calibration windows measured", exact=True).and_(page.get_by_test_id("stNumberInputField"))
         windows.fill("4")  # a quick measurement: 4 windows of the calibration text
-        windows.press("Enter")
+        windows.press("Enter")  # a rerun (the measurement is a button, not a form's submission)
+        wait_idle(page)
         page.get_by_role("button", name="Measure sensitivity").click()
         page.get_by_role("heading", name="Sensitivity heatmap").wait_for(timeout=300_000)
         wait_for_charts(page, 1)
